@@ -1,0 +1,10 @@
+//! Data-area cryptography: the XTS-AES-256 sector cipher and the DEK secret type.
+//!
+//! Key wrapping (protecting a DEK with a KEK) lives in `kek/`, not here: this
+//! module only knows how to turn plaintext sectors into ciphertext sectors.
+
+mod dek;
+mod xts;
+
+pub use dek::{Dek, DEK_LEN};
+pub use xts::{SectorCipher, XTS_BLOCK};

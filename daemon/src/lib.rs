@@ -1,0 +1,8 @@
+//! hostcryptd: encryption at host for Linux block storage.
+//!
+//! The library behind the `hostcryptd` daemon and the `hostcrypt` CLI:
+//! the XTS sector cipher (`crypto`), key-encryption-key providers (`kek`),
+//! the on-disk volume format and encrypted data path (`volume`), backing
+//! I/O (`io`), the NBD server (`nbd`) and the configuration (`config`).
+
+pub mod crypto;
