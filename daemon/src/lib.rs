@@ -6,3 +6,6 @@
 //! I/O (`io`), the NBD server (`nbd`) and the configuration (`config`).
 
 pub mod crypto;
+pub mod io;
+pub mod kek;
+pub mod volume;

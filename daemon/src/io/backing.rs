@@ -1,0 +1,154 @@
+//! Positional I/O on a volume's backing file or block device (pread/pwrite on
+//! a thread pool; the io_uring engine is a later addition behind the same calls).
+//!
+//! Reads past the end of a shorter-than-expected file return zeros rather than
+//! an error, so a sparse file that was never extended still reads as holes.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct Backing {
+    file: File,
+    path: PathBuf,
+    is_block_device: bool,
+}
+
+impl Backing {
+    /// Opens an existing backing file or block device read-write.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let is_block_device = file.metadata()?.file_type().is_block_device();
+        Ok(Backing {
+            file,
+            path: path.to_owned(),
+            is_block_device,
+        })
+    }
+
+    /// Opens a backing, creating a regular file if it does not exist.
+    pub fn open_or_create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let is_block_device = file.metadata()?.file_type().is_block_device();
+        Ok(Backing {
+            file,
+            path: path.to_owned(),
+            is_block_device,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    /// Current size in bytes (for a block device, its capacity).
+    pub fn len(&self) -> io::Result<u64> {
+        if self.is_block_device {
+            use std::io::Seek;
+            let mut f = &self.file;
+            f.seek(io::SeekFrom::End(0))
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    /// Grows (sparsely) or shrinks a regular file; a block device must already
+    /// be large enough.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            let have = self.len()?;
+            if have < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("block device holds {have} bytes, {len} needed"),
+                ));
+            }
+            return Ok(());
+        }
+        self.file.set_len(len)
+    }
+
+    /// Fills `buf` from `offset`; bytes beyond the end of the file read as zeros.
+    pub fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.file.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Offset of the first allocated byte at or after `from` in a regular
+    /// file (SEEK_DATA), or `None` when only holes remain.
+    pub fn next_data(&self, from: u64) -> io::Result<Option<u64>> {
+        let Ok(from) = i64::try_from(from) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek on a descriptor we own, with plain integer arguments.
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), from, libc::SEEK_DATA) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(err)
+        }
+    }
+
+    /// Deallocates a byte range so it reads back as zeros (a hole).
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate takes a descriptor we own for the call's duration
+        // and plain integers; it touches no memory of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! A lock over byte ranges: writers that touch overlapping sectors take
+//! turns, writers on disjoint sectors never wait for each other.
+//!
+//! A read-modify-write of a partial sector must not interleave with another
+//! write to that sector, or one of them is lost. One mutex guards only the
+//! short list of ranges in flight (held for a few instructions, never across
+//! I/O); waiting happens on a condition variable, so this is not a global
+//! I/O lock. It is used from blocking I/O threads, hence std primitives.
+
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+#[derive(Debug, Default)]
+pub struct RangeLock {
+    held: Mutex<Vec<(u64, u64)>>,
+    released: Condvar,
+}
+
+/// Releases its range on drop.
+#[derive(Debug)]
+pub struct RangeGuard<'a> {
+    lock: &'a RangeLock,
+    range: (u64, u64),
+}
+
+impl RangeLock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits until no held range overlaps `[start, end)`, then holds it.
+    pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
+        let mut held = self.list();
+        while held.iter().any(|&(s, e)| s < end && start < e) {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        held.push((start, end));
+        RangeGuard {
+            lock: self,
+            range: (start, end),
+        }
+    }
+
+    /// The list survives a panic in another holder: entries are only pushed
+    /// and removed whole, so a poisoned list is still consistent.
+    fn list(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.lock.list();
+        if let Some(pos) = held.iter().position(|r| *r == self.range) {
+            held.swap_remove(pos);
+        }
+        drop(held);
+        self.lock.released.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn disjoint_ranges_do_not_block() {
+        let lock = RangeLock::new();
+        let _a = lock.lock(0, 4096);
+        let _b = lock.lock(4096, 8192);
+    }
+
+    #[test]
+    fn overlapping_range_waits_for_release() {
+        let lock = Arc::new(RangeLock::new());
+        let entered = Arc::new(AtomicBool::new(false));
+        let guard = lock.lock(0, 8192);
+        let (l2, e2) = (lock.clone(), entered.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            tx.send(()).unwrap();
+            let _g = l2.lock(4096, 12288);
+            e2.store(true, Ordering::SeqCst);
+        });
+        rx.recv().unwrap();
+        // The waiter cannot have entered while we hold the overlapping range.
+        assert!(!entered.load(Ordering::SeqCst));
+        drop(guard);
+        t.join().unwrap();
+        assert!(entered.load(Ordering::SeqCst));
+    }
+}

@@ -1,0 +1,214 @@
+//! The `local` KEK provider: a 32-byte AES-256 key in a root-only file,
+//! wrapping DEKs with AES key wrap with padding (RFC 5649, `aes-kw` crate).
+//!
+//! The key id is a fingerprint of the key (not the path), so moving the file
+//! keeps volumes openable and pointing the config at the wrong file gives an
+//! error that names both keys instead of a bare integrity failure. There is
+//! one version, "1": rotating a local KEK means `hostcrypt rekey` to a new file.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use aes_kw::KwpAes256;
+use aes_kw::KeyInit;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use super::{KekError, KekRef, KeyProvider, WrappedDek};
+use crate::crypto::{Dek, DEK_LEN};
+
+pub const PROVIDER: &str = "local";
+const KEY_LEN: usize = 32;
+const VERSION: &str = "1";
+
+pub struct LocalKek {
+    path: PathBuf,
+    key: Zeroizing<[u8; KEY_LEN]>,
+    key_id: String,
+}
+
+impl std::fmt::Debug for LocalKek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalKek")
+            .field("path", &self.path)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalKek {
+    /// Creates a new key file with mode 0600; refuses to replace an existing one.
+    pub fn init(path: &Path) -> Result<Self, KekError> {
+        let io_err = |source| KekError::KeyFileIo {
+            path: path.to_owned(),
+            source,
+        };
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        getrandom::fill(&mut key[..]).map_err(KekError::Random)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    KekError::KeyFileExists {
+                        path: path.to_owned(),
+                    }
+                } else {
+                    io_err(e)
+                }
+            })?;
+        file.write_all(&key[..]).map_err(io_err)?;
+        file.sync_all().map_err(io_err)?;
+        Ok(Self::from_key(path, key))
+    }
+
+    /// Loads a key file, refusing one that group or others can access.
+    pub fn load(path: &Path) -> Result<Self, KekError> {
+        let io_err = |source| KekError::KeyFileIo {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KekError::InsecureKeyFile {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        if meta.len() != KEY_LEN as u64 {
+            return Err(KekError::BadKeyFile {
+                path: path.to_owned(),
+                reason: format!("expected {KEY_LEN} bytes, found {}", meta.len()),
+            });
+        }
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        file.read_exact(&mut key[..]).map_err(io_err)?;
+        Ok(Self::from_key(path, key))
+    }
+
+    fn from_key(path: &Path, key: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        let digest = Sha256::new()
+            .chain_update(b"hostcrypt local KEK id\0")
+            .chain_update(&key[..])
+            .finalize();
+        LocalKek {
+            path: path.to_owned(),
+            key,
+            key_id: hex::encode(&digest[..8]),
+        }
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    fn kwp(&self) -> KwpAes256 {
+        KwpAes256::new(&(*self.key).into())
+    }
+}
+
+impl KeyProvider for LocalKek {
+    fn describe(&self) -> String {
+        format!("local key {} ({})", self.key_id, self.path.display())
+    }
+
+    fn wrap(&self, dek: &Dek) -> Result<WrappedDek, KekError> {
+        let mut buf = vec![0u8; DEK_LEN + 16];
+        let wrapped = self
+            .kwp()
+            .wrap_key(dek.expose(), &mut buf)
+            .map_err(|e| KekError::WrapFailed {
+                provider: self.describe(),
+                reason: e.to_string(),
+            })?
+            .to_vec();
+        Ok(WrappedDek {
+            kek: KekRef {
+                provider: PROVIDER.into(),
+                key_id: self.key_id.clone(),
+                key_version: VERSION.into(),
+            },
+            blob: wrapped,
+        })
+    }
+
+    fn unwrap(&self, wrapped: &WrappedDek) -> Result<Dek, KekError> {
+        if wrapped.kek.provider != PROVIDER || wrapped.kek.key_id != self.key_id {
+            return Err(KekError::WrongKey {
+                wrapped_by: wrapped.kek.clone(),
+                configured: self.describe(),
+            });
+        }
+        let mut buf = Zeroizing::new(vec![0u8; wrapped.blob.len()]);
+        let plain = self
+            .kwp()
+            .unwrap_key(&wrapped.blob, &mut buf)
+            .map_err(|_| KekError::UnwrapFailed {
+                provider: self.describe(),
+            })?;
+        Dek::from_slice(plain).ok_or_else(|| KekError::UnwrapFailed {
+            provider: self.describe(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn wrap_unwrap_round_trip_and_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek.key");
+        let kek = LocalKek::init(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dek = Dek::generate().unwrap();
+        let wrapped = kek.wrap(&dek).unwrap();
+        assert_eq!(wrapped.blob.len(), 72);
+        assert!(!wrapped.blob.windows(16).any(|w| dek.expose().windows(16).any(|d| d == w)));
+        let again = LocalKek::load(&path).unwrap();
+        assert_eq!(again.unwrap(&wrapped).unwrap().expose(), dek.expose());
+    }
+
+    #[test]
+    fn tampered_blob_fails_integrity_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("k")).unwrap();
+        let dek = Dek::generate().unwrap();
+        let mut wrapped = kek.wrap(&dek).unwrap();
+        wrapped.blob[10] ^= 1;
+        assert!(matches!(kek.unwrap(&wrapped), Err(KekError::UnwrapFailed { .. })));
+    }
+
+    #[test]
+    fn refuses_group_readable_file_and_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek.key");
+        let kek = LocalKek::init(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = LocalKek::load(&path).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+
+        let other = LocalKek::init(&dir.path().join("other.key")).unwrap();
+        let wrapped = kek.wrap(&Dek::generate().unwrap()).unwrap();
+        let err = other.unwrap(&wrapped).unwrap_err();
+        assert!(matches!(err, KekError::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains(kek.key_id()));
+    }
+
+    #[test]
+    fn init_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek.key");
+        LocalKek::init(&path).unwrap();
+        assert!(matches!(LocalKek::init(&path), Err(KekError::KeyFileExists { .. })));
+    }
+}

@@ -1,0 +1,390 @@
+//! The on-disk header, format version 1: its fields and its byte encoding.
+//!
+//! Hand-written rather than serde+bincode because the byte layout *is* the
+//! product's format: it must stay stable across versions of every dependency
+//! and be describable in a document. One copy is [`HEADER_SIZE`] bytes:
+//!
+//! ```text
+//! off  len  field
+//!   0    8  magic "HCRYPT\x00\x01"
+//!   8    2  format version (1)
+//!  10    2  reserved (0)
+//!  12    8  sequence number (bumped on every update; the newer valid copy wins)
+//!  20   16  volume UUID
+//!  36    8  logical size in bytes
+//!  44    4  encryption sector size (512 or 4096)
+//!  48    1  role (1 = cache, 2 = temp)
+//!  49    8  data offset in bytes
+//!  57    4  active DEK generation
+//!  61    1  re-encryption state (0 = none); 8 checkpoint; 4 target generation
+//!  74    1  keyslot count, then per slot: generation u32, provider, key id,
+//!           key version (each u16 length + UTF-8), wrapped DEK (u16 length + bytes)
+//! 4064  32  SHA-256 of bytes 0..4064
+//! ```
+//! All integers little-endian. Unused bytes are zero. Never a plaintext key.
+//! Where the copies sit and how they are updated is `store.rs`.
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::kek::{KekRef, WrappedDek};
+
+pub const MAGIC: [u8; 8] = *b"HCRYPT\x00\x01";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_SIZE: usize = 4096;
+const CHECKSUM_AT: usize = HEADER_SIZE - 32;
+const MAX_KEYSLOTS: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Cache,
+    Temp,
+}
+
+impl Role {
+    fn code(self) -> u8 {
+        match self {
+            Role::Cache => 1,
+            Role::Temp => 2,
+        }
+    }
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Role::Cache),
+            2 => Some(Role::Temp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Cache => "cache",
+            Role::Temp => "temp",
+        })
+    }
+}
+
+/// A wrapped DEK and the generation of data it encrypts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keyslot {
+    pub generation: u32,
+    pub wrapped: WrappedDek,
+}
+
+/// Progress of an online DEK re-encryption (used from format v1 on so that
+/// adding the feature needs no format change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reencrypt {
+    /// Bytes of the data area below this offset are under the target generation.
+    pub checkpoint: u64,
+    pub target_generation: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub sequence: u64,
+    pub uuid: Uuid,
+    pub size: u64,
+    pub sector_size: u32,
+    pub role: Role,
+    pub data_offset: u64,
+    pub dek_generation: u32,
+    pub reencrypt: Option<Reencrypt>,
+    pub keyslots: Vec<Keyslot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("no hostcrypt magic")]
+    NoMagic,
+    #[error("checksum mismatch")]
+    BadChecksum,
+    #[error("format version {0} is not supported by this build (it reads version {FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("malformed header: {0}")]
+    Malformed(&'static str),
+    #[error("header does not fit in {HEADER_SIZE} bytes")]
+    TooLarge,
+}
+
+impl Header {
+    /// The keyslot for the active generation, if the header has one.
+    pub fn active_keyslot(&self) -> Option<&Keyslot> {
+        self.keyslots
+            .iter()
+            .find(|k| k.generation == self.dek_generation)
+    }
+
+    pub fn encode(&self) -> Result<Box<[u8; HEADER_SIZE]>, HeaderError> {
+        if self.keyslots.len() > MAX_KEYSLOTS {
+            return Err(HeaderError::TooLarge);
+        }
+        let mut w = Writer::default();
+        w.bytes(&MAGIC);
+        w.u16(FORMAT_VERSION);
+        w.u16(0);
+        w.u64(self.sequence);
+        w.bytes(self.uuid.as_bytes());
+        w.u64(self.size);
+        w.u32(self.sector_size);
+        w.u8(self.role.code());
+        w.u64(self.data_offset);
+        w.u32(self.dek_generation);
+        match self.reencrypt {
+            None => {
+                w.u8(0);
+                w.u64(0);
+                w.u32(0);
+            }
+            Some(r) => {
+                w.u8(1);
+                w.u64(r.checkpoint);
+                w.u32(r.target_generation);
+            }
+        }
+        w.u8(self.keyslots.len() as u8);
+        for slot in &self.keyslots {
+            w.u32(slot.generation);
+            w.string(&slot.wrapped.kek.provider)?;
+            w.string(&slot.wrapped.kek.key_id)?;
+            w.string(&slot.wrapped.kek.key_version)?;
+            w.blob(&slot.wrapped.blob)?;
+        }
+        if w.buf.len() > CHECKSUM_AT {
+            return Err(HeaderError::TooLarge);
+        }
+        let mut out = Box::new([0u8; HEADER_SIZE]);
+        out[..w.buf.len()].copy_from_slice(&w.buf);
+        let sum = Sha256::digest(&out[..CHECKSUM_AT]);
+        out[CHECKSUM_AT..].copy_from_slice(&sum);
+        Ok(out)
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<Self, HeaderError> {
+        if raw.len() < HEADER_SIZE || raw[..8] != MAGIC {
+            return Err(HeaderError::NoMagic);
+        }
+        let sum = Sha256::digest(&raw[..CHECKSUM_AT]);
+        if sum[..] != raw[CHECKSUM_AT..HEADER_SIZE] {
+            return Err(HeaderError::BadChecksum);
+        }
+        let mut r = Reader {
+            buf: &raw[..CHECKSUM_AT],
+            pos: 8,
+        };
+        let version = r.u16()?;
+        if version != FORMAT_VERSION {
+            return Err(HeaderError::UnsupportedVersion(version));
+        }
+        r.u16()?;
+        let sequence = r.u64()?;
+        let uuid = Uuid::from_slice(r.take(16)?).map_err(|_| HeaderError::Malformed("uuid"))?;
+        let size = r.u64()?;
+        let sector_size = r.u32()?;
+        if sector_size != 512 && sector_size != 4096 {
+            return Err(HeaderError::Malformed("sector size is neither 512 nor 4096"));
+        }
+        if size % u64::from(sector_size) != 0 {
+            return Err(HeaderError::Malformed("size is not a multiple of the sector size"));
+        }
+        let role = Role::from_code(r.u8()?).ok_or(HeaderError::Malformed("unknown role"))?;
+        let data_offset = r.u64()?;
+        if data_offset < (2 * HEADER_SIZE) as u64 || data_offset % 4096 != 0 {
+            return Err(HeaderError::Malformed("data offset"));
+        }
+        let dek_generation = r.u32()?;
+        let reencrypt = match (r.u8()?, r.u64()?, r.u32()?) {
+            (0, _, _) => None,
+            (1, checkpoint, target_generation) => Some(Reencrypt {
+                checkpoint,
+                target_generation,
+            }),
+            _ => return Err(HeaderError::Malformed("re-encryption state")),
+        };
+        let count = r.u8()? as usize;
+        if count > MAX_KEYSLOTS {
+            return Err(HeaderError::Malformed("too many keyslots"));
+        }
+        let mut keyslots = Vec::with_capacity(count);
+        for _ in 0..count {
+            let generation = r.u32()?;
+            let kek = KekRef {
+                provider: r.string()?,
+                key_id: r.string()?,
+                key_version: r.string()?,
+            };
+            let blob = r.blob()?.to_vec();
+            keyslots.push(Keyslot {
+                generation,
+                wrapped: WrappedDek { kek, blob },
+            });
+        }
+        Ok(Header {
+            sequence,
+            uuid,
+            size,
+            sector_size,
+            role,
+            data_offset,
+            dek_generation,
+            reencrypt,
+            keyslots,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    fn u16(&mut self, v: u16) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn blob(&mut self, b: &[u8]) -> Result<(), HeaderError> {
+        let len = u16::try_from(b.len()).map_err(|_| HeaderError::TooLarge)?;
+        self.u16(len);
+        self.bytes(b);
+        Ok(())
+    }
+    fn string(&mut self, s: &str) -> Result<(), HeaderError> {
+        self.blob(s.as_bytes())
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], HeaderError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(HeaderError::Malformed("field runs past the end"))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u8(&mut self) -> Result<u8, HeaderError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, HeaderError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    fn u32(&mut self) -> Result<u32, HeaderError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn u64(&mut self) -> Result<u64, HeaderError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], HeaderError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+    fn blob(&mut self) -> Result<&'a [u8], HeaderError> {
+        let len = self.u16()? as usize;
+        self.take(len)
+    }
+    fn string(&mut self) -> Result<String, HeaderError> {
+        String::from_utf8(self.blob()?.to_vec()).map_err(|_| HeaderError::Malformed("non-UTF-8 text"))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn sample() -> Header {
+        Header {
+            sequence: 7,
+            uuid: Uuid::new_v4(),
+            size: 1 << 30,
+            sector_size: 4096,
+            role: Role::Cache,
+            data_offset: 1 << 20,
+            dek_generation: 1,
+            reencrypt: None,
+            keyslots: vec![Keyslot {
+                generation: 1,
+                wrapped: WrappedDek {
+                    kek: KekRef {
+                        provider: "local".into(),
+                        key_id: "0011223344556677".into(),
+                        key_version: "1".into(),
+                    },
+                    blob: vec![0x5a; 72],
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut h = sample();
+        h.reencrypt = Some(Reencrypt {
+            checkpoint: 1 << 21,
+            target_generation: 2,
+        });
+        let raw = h.encode().unwrap();
+        assert_eq!(&raw[..8], &MAGIC);
+        assert_eq!(Header::decode(&raw[..]).unwrap(), h);
+    }
+
+    #[test]
+    fn detects_magic_checksum_and_version() {
+        let raw = sample().encode().unwrap();
+        let mut bad = raw.clone();
+        bad[0] ^= 1;
+        assert_eq!(Header::decode(&bad[..]), Err(HeaderError::NoMagic));
+        let mut bad = raw.clone();
+        bad[40] ^= 1;
+        assert_eq!(Header::decode(&bad[..]), Err(HeaderError::BadChecksum));
+        let mut bad = raw.clone();
+        bad[8] = 9;
+        let sum = Sha256::digest(&bad[..CHECKSUM_AT]);
+        bad[CHECKSUM_AT..].copy_from_slice(&sum);
+        assert_eq!(Header::decode(&bad[..]), Err(HeaderError::UnsupportedVersion(9)));
+    }
+
+    proptest! {
+        /// Any single corrupted byte is caught, never mis-parsed.
+        #[test]
+        fn any_flipped_byte_is_rejected(pos in 0usize..HEADER_SIZE, bit in 0u8..8) {
+            let mut raw = sample().encode().unwrap();
+            raw[pos] ^= 1 << bit;
+            prop_assert!(Header::decode(&raw[..]).is_err());
+        }
+
+        /// Arbitrary bytes with a valid checksum never panic the decoder.
+        #[test]
+        fn garbage_with_valid_checksum_never_panics(body in proptest::collection::vec(any::<u8>(), CHECKSUM_AT - 8)) {
+            let mut raw = vec![0u8; HEADER_SIZE];
+            raw[..8].copy_from_slice(&MAGIC);
+            raw[8..CHECKSUM_AT].copy_from_slice(&body);
+            let sum = Sha256::digest(&raw[..CHECKSUM_AT]);
+            raw[CHECKSUM_AT..].copy_from_slice(&sum);
+            let _ = Header::decode(&raw);
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Volumes: formatting a backing, opening it by role, and the encrypted data
+//! path. The byte layout of the header is `header.rs`, the two-copy update
+//! protocol `store.rs`, the sector mapping `data.rs`.
+//!
+//! Roles: a `cache` volume is persistent and its DEK is stored wrapped by the
+//! volume's KEK; a `temp` volume gets a fresh DEK at every start that is never
+//! written anywhere, and its backing is recreated, so a restart erases it
+//! cryptographically. Opening never writes before the key is unwrapped: a
+//! wrong KEK or a corrupt header leaves the disk untouched.
+
+mod data;
+pub mod header;
+mod store;
+
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+pub use data::DataArea;
+pub use header::{Header, HeaderError, Keyslot, Role};
+pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
+
+use crate::crypto::{Dek, SectorCipher};
+use crate::io::Backing;
+use crate::kek::{KekError, KeyProvider};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} does not exist; format it with `hostcrypt --config FILE create VOLUME --size SIZE`")]
+    Missing { path: PathBuf },
+    #[error("{path} is not a hostcrypt volume (no header magic in either copy)")]
+    NotAVolume { path: PathBuf },
+    #[error("{path}: both header copies are corrupt (primary: {primary}; backup: {backup}); refusing to open the volume and writing nothing. Restore the header from a backup of the first 1 MiB")]
+    BothHeadersCorrupt {
+        path: PathBuf,
+        primary: HeaderError,
+        backup: HeaderError,
+    },
+    #[error("{path} already holds a hostcrypt volume ({uuid}); pass --force to destroy it")]
+    AlreadyFormatted { path: PathBuf, uuid: Uuid },
+    #[error("{path} is not empty; pass --force to overwrite it")]
+    NotEmpty { path: PathBuf },
+    #[error("{path} holds a {found} volume, but the config says {expected}")]
+    RoleMismatch {
+        path: PathBuf,
+        found: Role,
+        expected: Role,
+    },
+    #[error("{path}: header says the volume is {found} bytes, but the config says {expected}")]
+    SizeMismatch {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("{path}: header has no wrapped key for DEK generation {generation}")]
+    NoKeyslot { path: PathBuf, generation: u32 },
+    #[error("{path}: {source}")]
+    Kek {
+        path: PathBuf,
+        #[source]
+        source: KekError,
+    },
+    #[error("invalid volume geometry: {0}")]
+    Geometry(String),
+    #[error("random generator failed: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Parameters of a new volume.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    pub size: u64,
+    pub sector_size: u32,
+}
+
+impl Geometry {
+    fn validate(&self) -> Result<(), VolumeError> {
+        if self.sector_size != 512 && self.sector_size != 4096 {
+            return Err(VolumeError::Geometry(format!(
+                "sector size must be 512 or 4096, not {}",
+                self.sector_size
+            )));
+        }
+        if self.size == 0 || self.size % u64::from(self.sector_size) != 0 {
+            return Err(VolumeError::Geometry(format!(
+                "size {} must be a non-zero multiple of the sector size {}",
+                self.size, self.sector_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An open volume, ready to serve.
+#[derive(Debug)]
+pub struct Volume {
+    pub name: String,
+    pub role: Role,
+    pub header: Header,
+    pub data: DataArea,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
+    move |source| VolumeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reads both header copies of a backing without writing anything.
+pub fn read_headers(path: &Path) -> Result<HeaderCopies, VolumeError> {
+    let backing = open_existing(path)?;
+    HeaderCopies::read(&backing).map_err(io_err(path))
+}
+
+/// The newest valid header, or the error that explains why there is none.
+pub fn current_header(path: &Path, copies: &HeaderCopies) -> Result<Header, VolumeError> {
+    if copies.is_foreign() {
+        return Err(VolumeError::NotAVolume {
+            path: path.to_owned(),
+        });
+    }
+    if let Some(h) = copies.current() {
+        return Ok(h.clone());
+    }
+    let reason = |copy: &Result<Header, HeaderError>| copy.as_ref().err().cloned();
+    Err(VolumeError::BothHeadersCorrupt {
+        path: path.to_owned(),
+        primary: reason(&copies.primary).unwrap_or(HeaderError::NoMagic),
+        backup: reason(&copies.backup).unwrap_or(HeaderError::NoMagic),
+    })
+}
+
+fn open_existing(path: &Path) -> Result<Backing, VolumeError> {
+    Backing::open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            VolumeError::Missing {
+                path: path.to_owned(),
+            }
+        } else {
+            io_err(path)(e)
+        }
+    })
+}
+
+/// Formats `path` as a cache volume whose DEK is wrapped by `kek`. Refuses to
+/// overwrite a hostcrypt volume or a non-empty file unless `force`.
+pub fn create(
+    path: &Path,
+    geometry: Geometry,
+    kek: &dyn KeyProvider,
+    force: bool,
+) -> Result<Header, VolumeError> {
+    geometry.validate()?;
+    let backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    if !force {
+        refuse_if_in_use(path, &backing)?;
+    }
+    let dek = Dek::generate().map_err(VolumeError::Random)?;
+    let wrapped = kek.wrap(&dek).map_err(|source| VolumeError::Kek {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut header = new_header(geometry, Role::Cache);
+    header.keyslots.push(Keyslot {
+        generation: 1,
+        wrapped,
+    });
+    lay_out(path, &backing, &mut header)?;
+    Ok(header)
+}
+
+fn new_header(geometry: Geometry, role: Role) -> Header {
+    Header {
+        sequence: 0,
+        uuid: Uuid::new_v4(),
+        size: geometry.size,
+        sector_size: geometry.sector_size,
+        role,
+        data_offset: DATA_OFFSET,
+        dek_generation: 1,
+        reencrypt: None,
+        keyslots: Vec::new(),
+    }
+}
+
+/// Sizes the backing (a regular file is emptied first so no old ciphertext
+/// survives) and writes both header copies.
+fn lay_out(path: &Path, backing: &Backing, header: &mut Header) -> Result<(), VolumeError> {
+    let total = header.data_offset + header.size;
+    if !backing.is_block_device() {
+        backing.set_len(0).map_err(io_err(path))?;
+    }
+    backing.set_len(total).map_err(io_err(path))?;
+    store::write_header(backing, header).map_err(io_err(path))
+}
+
+fn refuse_if_in_use(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
+    let copies = HeaderCopies::read(backing).map_err(io_err(path))?;
+    if let Some(h) = copies.current() {
+        return Err(VolumeError::AlreadyFormatted {
+            path: path.to_owned(),
+            uuid: h.uuid,
+        });
+    }
+    if !copies.is_foreign() || has_data(backing).map_err(io_err(path))? {
+        return Err(VolumeError::NotEmpty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether a backing holds anything but zeros in its first MiB, or (for a
+/// regular file) any allocated data beyond it. Allocated zeros count as data:
+/// erring toward "in use" is what protects an operator's disk.
+fn has_data(backing: &Backing) -> std::io::Result<bool> {
+    let probe = backing.len()?.min(DATA_OFFSET);
+    let mut buf = vec![0u8; probe as usize];
+    backing.read_at(&mut buf, 0)?;
+    if buf.iter().any(|&b| b != 0) {
+        return Ok(true);
+    }
+    Ok(!backing.is_block_device() && backing.next_data(probe)?.is_some())
+}
+
+/// Opens a cache volume: reads the header, unwraps its DEK with `kek`, and
+/// only then repairs a damaged header copy.
+pub fn open_cache(
+    name: &str,
+    path: &Path,
+    expected_size: Option<u64>,
+    kek: &dyn KeyProvider,
+) -> Result<Volume, VolumeError> {
+    let backing = open_existing(path)?;
+    let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
+    let header = current_header(path, &copies)?;
+    if header.role != Role::Cache {
+        return Err(VolumeError::RoleMismatch {
+            path: path.to_owned(),
+            found: header.role,
+            expected: Role::Cache,
+        });
+    }
+    if let Some(expected) = expected_size.filter(|&s| s != header.size) {
+        return Err(VolumeError::SizeMismatch {
+            path: path.to_owned(),
+            found: header.size,
+            expected,
+        });
+    }
+    let slot = header
+        .active_keyslot()
+        .ok_or_else(|| VolumeError::NoKeyslot {
+            path: path.to_owned(),
+            generation: header.dek_generation,
+        })?;
+    let dek = kek
+        .unwrap(&slot.wrapped)
+        .map_err(|source| VolumeError::Kek {
+            path: path.to_owned(),
+            source,
+        })?;
+    if let Some(damage) = copies.damage() {
+        tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
+        copies.repair(&backing).map_err(io_err(path))?;
+    }
+    let cipher = SectorCipher::new(&dek, header.sector_size as usize);
+    let data = DataArea::new(backing, cipher, header.size, header.data_offset);
+    Ok(Volume {
+        name: name.to_owned(),
+        role: Role::Cache,
+        header,
+        data,
+    })
+}
+
+/// Opens a temp volume: recreates the backing with a fresh in-memory DEK.
+/// Refuses a backing that holds a cache volume or foreign data, so a config
+/// typo cannot wipe a persistent disk.
+pub fn open_temp(name: &str, path: &Path, geometry: Geometry) -> Result<Volume, VolumeError> {
+    geometry.validate()?;
+    if path.exists() {
+        let backing = open_existing(path)?;
+        let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
+        match copies.current() {
+            Some(h) if h.role != Role::Temp => {
+                return Err(VolumeError::RoleMismatch {
+                    path: path.to_owned(),
+                    found: h.role,
+                    expected: Role::Temp,
+                })
+            }
+            Some(_) => {}
+            None if copies.is_foreign() && !has_data(&backing).map_err(io_err(path))? => {}
+            None => {
+                return Err(VolumeError::NotEmpty {
+                    path: path.to_owned(),
+                })
+            }
+        }
+        if !backing.is_block_device() {
+            std::fs::remove_file(path).map_err(io_err(path))?;
+        }
+    }
+    let backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    let mut header = new_header(geometry, Role::Temp);
+    lay_out(path, &backing, &mut header)?;
+    let dek = Dek::generate().map_err(VolumeError::Random)?;
+    let cipher = SectorCipher::new(&dek, geometry.sector_size as usize);
+    let data = DataArea::new(backing, cipher, header.size, header.data_offset);
+    Ok(Volume {
+        name: name.to_owned(),
+        role: Role::Temp,
+        header,
+        data,
+    })
+}
