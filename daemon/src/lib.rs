@@ -5,7 +5,10 @@
 //! the on-disk volume format and encrypted data path (`volume`), backing
 //! I/O (`io`), the NBD server (`nbd`) and the configuration (`config`).
 
+pub mod config;
 pub mod crypto;
 pub mod io;
 pub mod kek;
+pub mod nbd;
+pub mod service;
 pub mod volume;

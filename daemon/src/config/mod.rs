@@ -1,0 +1,250 @@
+//! The daemon's TOML configuration: its shape (serde, unknown keys refused)
+//! and the checks serde cannot express, each reported with the key and the
+//! line it is on.
+
+mod size;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+pub use size::ByteSize;
+
+use crate::volume::Role;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}, line {line}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub kek: BTreeMap<String, KekConfig>,
+    #[serde(default, rename = "volume")]
+    pub volumes: Vec<VolumeConfig>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Path of the NBD Unix socket.
+    pub unix: Option<PathBuf>,
+    /// Address of the NBD TCP listener, e.g. `127.0.0.1:10809`.
+    pub tcp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
+pub enum KekConfig {
+    /// A KEK in a root-only file on this host.
+    Local { path: PathBuf },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    /// The NBD export name.
+    pub name: Spanned<String>,
+    pub backing: Spanned<PathBuf>,
+    pub role: Role,
+    pub kek: Option<Spanned<String>>,
+    pub size: Option<Spanned<ByteSize>>,
+    #[serde(default = "default_sector_size", deserialize_with = "sector_size")]
+    pub sector_size: u32,
+    #[serde(default)]
+    pub allow_discards: bool,
+    pub description: Option<String>,
+}
+
+fn default_sector_size() -> u32 {
+    4096
+}
+
+fn sector_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = u32::deserialize(d)?;
+    if v == 512 || v == 4096 {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "sector_size must be 512 or 4096, not {v}"
+        )))
+    }
+}
+
+impl VolumeConfig {
+    pub fn size_bytes(&self) -> Option<u64> {
+        self.size.as_ref().map(|s| s.get_ref().0)
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates; `path` only labels errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate(text, path)?;
+        Ok(config)
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumeConfig> {
+        self.volumes.iter().find(|v| v.name.get_ref() == name)
+    }
+
+    fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: line_of(text, span.start),
+            key: key.to_string(),
+            message,
+        };
+        if self.server.unix.is_none() && self.server.tcp.is_none() {
+            return Err(invalid(0..0, "server", "set `unix` or `tcp` (or both) so clients can connect".into()));
+        }
+        if self.volumes.is_empty() {
+            return Err(invalid(0..0, "volume", "no [[volume]] is configured".into()));
+        }
+        let mut names = HashSet::new();
+        let mut backings = HashSet::new();
+        for v in &self.volumes {
+            let name = v.name.get_ref();
+            if name.is_empty() || name.len() > 256 || name.contains('\0') {
+                return Err(invalid(v.name.span(), "name", "export names are 1 to 256 bytes".into()));
+            }
+            if !names.insert(name.clone()) {
+                return Err(invalid(v.name.span(), "name", format!("volume {name:?} is defined twice")));
+            }
+            if !backings.insert(v.backing.get_ref().clone()) {
+                return Err(invalid(
+                    v.backing.span(),
+                    "backing",
+                    format!("{} is the backing of another volume", v.backing.get_ref().display()),
+                ));
+            }
+            match (v.role, &v.kek) {
+                (Role::Cache, None) => {
+                    return Err(invalid(v.name.span(), "kek", format!("cache volume {name:?} needs `kek = \"NAME\"` naming a [kek.NAME] table")));
+                }
+                (Role::Cache, Some(kek)) if !self.kek.contains_key(kek.get_ref()) => {
+                    return Err(invalid(kek.span(), "kek", format!("no [kek.{}] table is defined", kek.get_ref())));
+                }
+                (Role::Temp, Some(kek)) => {
+                    return Err(invalid(kek.span(), "kek", "temp volumes use a fresh in-memory key at every start and take no KEK".into()));
+                }
+                _ => {}
+            }
+            match (&v.size, v.role) {
+                (None, Role::Temp) => {
+                    return Err(invalid(v.name.span(), "size", format!("temp volume {name:?} needs a size, e.g. size = \"8G\"")));
+                }
+                (Some(size), _) if size.get_ref().0 == 0 || size.get_ref().0 % u64::from(v.sector_size) != 0 => {
+                    return Err(invalid(size.span(), "size", format!("must be a non-zero multiple of the sector size {}", v.sector_size)));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+unix = "/run/hostcrypt/nbd.sock"
+tcp  = "127.0.0.1:10809"
+
+[kek.main]
+provider = "local"
+path = "/etc/hostcrypt/kek.key"
+
+[[volume]]
+name = "cache0"
+backing = "/var/lib/hostcrypt/cache0.img"
+role = "cache"
+kek = "main"
+
+[[volume]]
+name = "scratch"
+backing = "/var/lib/hostcrypt/scratch.img"
+role = "temp"
+size = "8G"
+sector_size = 512
+allow_discards = true
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.volumes.len(), 2);
+        assert_eq!(c.volumes[1].size_bytes(), Some(8 << 30));
+        assert_eq!(c.volumes[0].sector_size, 4096);
+        assert!(matches!(c.kek["main"], KekConfig::Local { .. }));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = GOOD.replace("allow_discards = true", "allow_discard = true");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("allow_discard") && err.contains("line 22"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_line() {
+        let err = parse(&GOOD.replace("sector_size = 512", "sector_size = 1000"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("512 or 4096") && err.contains("line 21"), "{err}");
+        let err = parse(&GOOD.replace("kek = \"main\"", "kek = \"nope\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 14") && err.contains("[kek.nope]"), "{err}");
+        let err = parse(&GOOD.replace("size = \"8G\"", "size = \"8X\"")).unwrap_err().to_string();
+        assert!(err.contains("unknown unit") && err.contains("line 20"), "{err}");
+        let err = parse(&GOOD.replace("provider = \"local\"", "provider = \"nope\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+        let err = parse(&GOOD.replace("size = \"8G\"\n", "")).unwrap_err().to_string();
+        assert!(err.contains("needs a size"), "{err}");
+    }
+}

@@ -1,0 +1,222 @@
+//! The fixed-newstyle handshake: option haggling up to the point where a
+//! client picks an export (OPT_GO or EXPORT_NAME) or leaves.
+//!
+//! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO with NBD_INFO_EXPORT / NAME /
+//! DESCRIPTION / BLOCK_SIZE. Every other option, STARTTLS and structured
+//! replies included for now, gets NBD_REP_ERR_UNSUP so the client falls back.
+//! A violation of a MUST in the protocol (bad magic, unknown client flags, an
+//! absurd option length) ends this connection only.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::exports::{Export, Exports};
+use super::proto::*;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client sent bad option magic {0:#018x}")]
+    BadMagic(u64),
+    #[error("client sent unknown flags {0:#x}")]
+    UnknownClientFlags(u32),
+    #[error("client sent an option of {0} bytes (limit {MAX_OPTION_LEN})")]
+    OptionTooLong(u32),
+    #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
+    UnknownExport(String),
+}
+
+/// How the handshake ended.
+pub enum Outcome {
+    /// The client chose this export; transmission follows.
+    Transmission(Arc<Export>),
+    /// The client aborted or disconnected politely.
+    Closed,
+}
+
+pub async fn negotiate<S>(stream: &mut S, exports: &Exports) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    stream.write_all(&hello).await?;
+    stream.flush().await?;
+
+    let client_flags = stream.read_u32().await?;
+    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(HandshakeError::UnknownClientFlags(client_flags));
+    }
+    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+
+    loop {
+        let magic = match stream.read_u64().await {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
+            Err(e) => return Err(e.into()),
+        };
+        if magic != IHAVEOPT {
+            return Err(HandshakeError::BadMagic(magic));
+        }
+        let option = stream.read_u32().await?;
+        let len = stream.read_u32().await?;
+        if len > MAX_OPTION_LEN {
+            return Err(HandshakeError::OptionTooLong(len));
+        }
+        let mut data = vec![0u8; len as usize];
+        stream.read_exact(&mut data).await?;
+
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(export) = exports.find(&name) else {
+                    return Err(HandshakeError::UnknownExport(name));
+                };
+                let mut reply = Vec::with_capacity(134);
+                reply.extend_from_slice(&export.size().to_be_bytes());
+                reply.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    reply.extend_from_slice(&[0u8; 124]);
+                }
+                stream.write_all(&reply).await?;
+                stream.flush().await?;
+                return Ok(Outcome::Transmission(export));
+            }
+            OPT_ABORT => {
+                // The client may already be gone; its ACK is a courtesy.
+                let _ = reply(stream, option, REP_ACK, &[]).await;
+                return Ok(Outcome::Closed);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    error(stream, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                    continue;
+                }
+                for export in exports.iter() {
+                    let name = export.name().as_bytes();
+                    let mut body = Vec::with_capacity(4 + name.len());
+                    body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                    body.extend_from_slice(name);
+                    reply(stream, option, REP_SERVER, &body).await?;
+                }
+                reply(stream, option, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, requests)) = parse_info_request(&data) else {
+                    error(stream, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO").await?;
+                    continue;
+                };
+                let Some(export) = exports.find(&name) else {
+                    let msg = format!("no export named {name:?}");
+                    error(stream, option, REP_ERR_UNKNOWN, &msg).await?;
+                    continue;
+                };
+                send_info(stream, option, &export, &requests).await?;
+                reply(stream, option, REP_ACK, &[]).await?;
+                if option == OPT_GO {
+                    return Ok(Outcome::Transmission(export));
+                }
+            }
+            OPT_STARTTLS => {
+                error(stream, option, REP_ERR_UNSUP, "TLS is not configured on this server").await?;
+            }
+            _ => {
+                error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
+            }
+        }
+    }
+}
+
+/// Parses `u32 name length, name, u16 count, count × u16 info type`.
+fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let name_len = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let name_end = 4usize.checked_add(name_len)?;
+    let name = std::str::from_utf8(data.get(4..name_end)?).ok()?.to_owned();
+    let count = u16::from_be_bytes(data.get(name_end..name_end + 2)?.try_into().ok()?) as usize;
+    let list = data.get(name_end + 2..)?;
+    if list.len() != count * 2 {
+        return None;
+    }
+    let requests = list
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    Some((name, requests))
+}
+
+async fn send_info<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    option: u32,
+    export: &Export,
+    requests: &[u16],
+) -> std::io::Result<()> {
+    let mut body = Vec::with_capacity(12);
+    body.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    body.extend_from_slice(&export.size().to_be_bytes());
+    body.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    reply(stream, option, REP_INFO, &body).await?;
+    for &request in requests {
+        let mut body = request.to_be_bytes().to_vec();
+        match request {
+            INFO_NAME => body.extend_from_slice(export.name().as_bytes()),
+            INFO_DESCRIPTION => body.extend_from_slice(export.description.as_bytes()),
+            INFO_BLOCK_SIZE => {
+                let (min, preferred, max) = export.block_sizes();
+                for v in [min, preferred, max] {
+                    body.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+            _ => continue,
+        }
+        reply(stream, option, REP_INFO, &body).await?;
+    }
+    Ok(())
+}
+
+async fn reply<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    option: u32,
+    kind: u32,
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(20 + body.len());
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    stream.write_all(&out).await?;
+    stream.flush().await
+}
+
+/// An error reply carrying a human-readable message, as the spec allows.
+async fn error<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    option: u32,
+    kind: u32,
+    message: &str,
+) -> std::io::Result<()> {
+    reply(stream, option, kind, message.as_bytes()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_request_parsing_is_bounds_checked() {
+        let mut ok = Vec::new();
+        ok.extend_from_slice(&3u32.to_be_bytes());
+        ok.extend_from_slice(b"abc");
+        ok.extend_from_slice(&1u16.to_be_bytes());
+        ok.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        assert_eq!(parse_info_request(&ok), Some(("abc".into(), vec![INFO_BLOCK_SIZE])));
+        assert_eq!(parse_info_request(&ok[..ok.len() - 1]), None);
+        let mut huge = ok.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_info_request(&huge), None);
+    }
+}

@@ -1,0 +1,168 @@
+//! Listening sockets and the accept loop: one task per connection running
+//! the handshake and then the transmission phase, and a bounded drain of
+//! live connections at shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::exports::Exports;
+use super::handshake::{negotiate, Outcome};
+use super::transmission::serve;
+
+/// How long a client may take to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for in-flight requests before dropping connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub enum Listener {
+    Unix { listener: UnixListener, path: PathBuf },
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Binds a Unix socket, replacing a stale socket file left by a crash
+    /// but refusing to remove anything that is not a socket.
+    pub fn bind_unix(path: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running server", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        Ok(Listener::Unix {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub async fn bind_tcp(addr: &str) -> std::io::Result<Self> {
+        Ok(Listener::Tcp(TcpListener::bind(addr).await?))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Unix { path, .. } => format!("unix:{}", path.display()),
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp:{a}"),
+                Err(_) => "tcp:?".into(),
+            },
+        }
+    }
+}
+
+/// Accepts connections on every listener until `shutdown` turns true, then
+/// waits (bounded) for connections to finish their in-flight requests.
+pub async fn run(listeners: Vec<Listener>, exports: Exports, shutdown: watch::Receiver<bool>) {
+    let exports = Arc::new(exports);
+    let mut accept_loops = JoinSet::new();
+    for listener in listeners {
+        accept_loops.spawn(accept_loop(listener, exports.clone(), shutdown.clone()));
+    }
+    while accept_loops.join_next().await.is_some() {}
+}
+
+async fn accept_loop(listener: Listener, exports: Arc<Exports>, mut shutdown: watch::Receiver<bool>) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            // Reap finished connections so the set does not grow forever.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = accept(&listener) => match accepted {
+                Ok(Accepted::Unix(stream)) => {
+                    let peer = "unix".to_string();
+                    let (r, w) = stream.into_split();
+                    connections.spawn(connection(r, w, peer, exports.clone(), shutdown.clone()));
+                }
+                Ok(Accepted::Tcp(stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (r, w) = stream.into_split();
+                    connections.spawn(connection(r, w, addr.to_string(), exports.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = listener.describe(), "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    if let Listener::Unix { path, .. } = &listener {
+        let _ = std::fs::remove_file(path);
+    }
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");
+        connections.abort_all();
+    }
+}
+
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    match listener {
+        Listener::Unix { listener, .. } => Ok(Accepted::Unix(listener.accept().await?.0)),
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            Ok(Accepted::Tcp(s, a))
+        }
+    }
+}
+
+async fn connection<R, W>(
+    reader: R,
+    writer: W,
+    peer: String,
+    exports: Arc<Exports>,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stream = tokio::io::join(reader, writer);
+    let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, &exports)).await;
+    let export = match outcome {
+        Ok(Ok(Outcome::Transmission(export))) => export,
+        Ok(Ok(Outcome::Closed)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(peer, "handshake failed: {e}; closing this connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer, "handshake timed out; closing this connection");
+            return;
+        }
+    };
+    tracing::info!(peer, export = export.name(), "client connected");
+    let (reader, writer) = stream.into_inner();
+    match serve(reader, writer, export.clone(), shutdown, &peer).await {
+        Ok(()) => tracing::info!(peer, export = export.name(), "client disconnected"),
+        Err(e) => tracing::warn!(peer, export = export.name(), "connection ended: {e}"),
+    }
+}

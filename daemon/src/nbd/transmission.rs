@@ -1,0 +1,264 @@
+//! The transmission phase of one connection: read requests, run each on the
+//! blocking pool as soon as it arrives, send replies in completion order.
+//!
+//! The reader task only parses headers and payloads, so many requests are in
+//! flight per connection and replies may overtake each other, as the protocol
+//! allows. A byte budget (a semaphore in 4 KiB units, released when a reply has
+//! been written) bounds the memory one connection can pin. A request the
+//! server cannot honour gets an error reply; a request it cannot even frame
+//! (bad magic, truncated) ends this connection and no other.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::exports::Export;
+use super::proto::*;
+
+/// Per-connection in-flight budget: 64 MiB in 4 KiB units.
+const BUDGET_UNITS: u32 = 16 * 1024;
+const UNIT: u32 = 4096;
+
+struct Reply {
+    header: [u8; 16],
+    data: Vec<u8>,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Serves requests until the client disconnects, sends garbage, or the
+/// server shuts down; then waits for in-flight requests and their replies.
+pub async fn serve<R, W>(
+    mut reader: R,
+    writer: W,
+    export: Arc<Export>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: &str,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+
+    let result = loop {
+        let mut raw = [0u8; REQUEST_LEN];
+        tokio::select! {
+            read = reader.read_exact(&mut raw) => match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e),
+            },
+            _ = shutdown.changed() => break Ok(()),
+        }
+        let Some(req) = Request::parse(&raw) else {
+            tracing::warn!(peer, export = export.name(), "bad request magic; closing this connection");
+            break Ok(());
+        };
+        // Only payload-carrying commands pin memory; zeroing and trimming
+        // a large range costs one unit.
+        let units = match req.kind {
+            CMD_READ | CMD_WRITE => req.length.div_ceil(UNIT).clamp(1, BUDGET_UNITS),
+            _ => 1,
+        };
+        let permit = if req.kind == CMD_WRITE && req.length > MAX_PAYLOAD {
+            None
+        } else {
+            match budget.clone().acquire_many_owned(units).await {
+                Ok(p) => Some(p),
+                Err(_) => break Ok(()),
+            }
+        };
+        let ctx = Ctx {
+            req,
+            tx: tx.clone(),
+            export: export.clone(),
+        };
+        match req.kind {
+            CMD_DISC => break Ok(()),
+            CMD_WRITE => {
+                let Some(permit) = permit else {
+                    // Oversized: consume the payload so the stream stays framed.
+                    if let Err(e) = discard(&mut reader, req.length).await {
+                        break Err(e);
+                    }
+                    let permit = match budget.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => break Ok(()),
+                    };
+                    ctx.fail(EOVERFLOW, permit);
+                    continue;
+                };
+                let mut data = vec![0u8; req.length as usize];
+                if let Err(e) = reader.read_exact(&mut data).await {
+                    tracing::warn!(peer, export = export.name(), "connection ended inside a write payload: {e}");
+                    break Ok(());
+                }
+                handle_write(ctx, data, permit);
+            }
+            _ => match permit {
+                Some(permit) => handle(ctx, permit),
+                None => break Ok(()),
+            },
+        }
+    };
+
+    drop(tx);
+    match writer_task.await {
+        Ok(Err(e)) => tracing::debug!(peer, "reply stream closed: {e}"),
+        Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    result
+}
+
+struct Ctx {
+    req: Request,
+    tx: mpsc::UnboundedSender<Reply>,
+    export: Arc<Export>,
+}
+
+impl Ctx {
+    fn respond(&self, error: u32, data: Vec<u8>, budget: OwnedSemaphorePermit) {
+        // A send fails only when the writer is gone (client hung up).
+        let _ = self.tx.send(Reply {
+            header: simple_reply(error, self.req.cookie),
+            data,
+            _budget: budget,
+        });
+    }
+
+    fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
+        self.respond(error, Vec::new(), budget);
+    }
+
+    fn in_range(&self) -> bool {
+        self.req
+            .offset
+            .checked_add(u64::from(self.req.length))
+            .is_some_and(|end| end <= self.export.size())
+    }
+
+    /// Runs `op` on the blocking pool, then a flush if the request has FUA,
+    /// and replies with its outcome.
+    fn run<F>(self, budget: OwnedSemaphorePermit, op: F)
+    where
+        F: FnOnce(&Export, &Request) -> std::io::Result<Vec<u8>> + Send + 'static,
+    {
+        tokio::task::spawn_blocking(move || {
+            let fua = self.req.flags & CMD_FLAG_FUA != 0;
+            let outcome = op(&self.export, &self.req).and_then(|data| {
+                if fua {
+                    self.export.volume.data.flush()?;
+                }
+                Ok(data)
+            });
+            match outcome {
+                Ok(data) => self.respond(0, data, budget),
+                Err(e) => {
+                    let code = errno_for(&e);
+                    tracing::warn!(
+                        export = self.export.name(),
+                        command = self.req.kind,
+                        offset = self.req.offset,
+                        length = self.req.length,
+                        "request failed: {e}"
+                    );
+                    self.fail(code, budget);
+                }
+            }
+        });
+    }
+}
+
+fn handle_write(ctx: Ctx, data: Vec<u8>, budget: OwnedSemaphorePermit) {
+    if !ctx.in_range() {
+        return ctx.fail(ENOSPC, budget);
+    }
+    ctx.run(budget, move |export, req| {
+        export.volume.data.write(req.offset, data)?;
+        Ok(Vec::new())
+    });
+}
+
+fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
+    let req = ctx.req;
+    match req.kind {
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD {
+                return ctx.fail(EOVERFLOW, budget);
+            }
+            if !ctx.in_range() {
+                return ctx.fail(EINVAL, budget);
+            }
+            ctx.run(budget, |export, req| {
+                export.volume.data.read(req.offset, req.length as usize)
+            });
+        }
+        CMD_FLUSH => ctx.run(budget, |export, _| {
+            export.volume.data.flush()?;
+            Ok(Vec::new())
+        }),
+        CMD_WRITE_ZEROES => {
+            if !ctx.in_range() {
+                return ctx.fail(ENOSPC, budget);
+            }
+            ctx.run(budget, |export, req| {
+                let punch = export.allow_discards && req.flags & CMD_FLAG_NO_HOLE == 0;
+                export
+                    .volume
+                    .data
+                    .write_zeroes(req.offset, u64::from(req.length), punch)?;
+                Ok(Vec::new())
+            });
+        }
+        CMD_TRIM => {
+            if !ctx.export.allow_discards {
+                return ctx.fail(EINVAL, budget);
+            }
+            if !ctx.in_range() {
+                return ctx.fail(ENOSPC, budget);
+            }
+            ctx.run(budget, |export, req| {
+                export.volume.data.trim(req.offset, u64::from(req.length))?;
+                Ok(Vec::new())
+            });
+        }
+        CMD_CACHE => {
+            let code = if ctx.in_range() { 0 } else { EINVAL };
+            ctx.fail(code, budget);
+        }
+        _ => ctx.fail(EINVAL, budget),
+    }
+}
+
+/// Reads and drops `len` bytes of a payload we refuse.
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> std::io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(u64::from(len)), &mut tokio::io::sink()).await?;
+    if copied < u64::from(len) {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(256 * 1024, writer);
+    while let Some(reply) = rx.recv().await {
+        out.write_all(&reply.header).await?;
+        if !reply.data.is_empty() {
+            out.write_all(&reply.data).await?;
+        }
+        drop(reply);
+        // Batch replies that are already waiting into one write.
+        if rx.is_empty() {
+            out.flush().await?;
+        }
+    }
+    out.flush().await?;
+    out.shutdown().await
+}
