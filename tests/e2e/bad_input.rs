@@ -1,0 +1,194 @@
+//! Malformed and hostile NBD traffic: each bad client gets an error reply or
+//! loses its own connection, and a well-behaved client is served meanwhile.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use hostcrypt_e2e::*;
+
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+
+fn connect(fx: &Fixture) -> UnixStream {
+    let s = UnixStream::connect(&fx.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads the server greeting and sends fixed-newstyle + no-zeroes flags.
+fn greet(s: &mut UnixStream) {
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], b"NBDMAGIC");
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+}
+
+fn send_option(s: &mut UnixStream, option: u32, data: &[u8]) {
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&option.to_be_bytes());
+    m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    m.extend_from_slice(data);
+    s.write_all(&m).unwrap();
+}
+
+/// Returns (option, reply type, payload).
+fn read_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut body = vec![0u8; len as usize];
+    s.read_exact(&mut body).unwrap();
+    (option, kind, body)
+}
+
+/// The server closed the connection: a read returns EOF (or a reset).
+fn assert_closed(s: &mut UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn good_client_works(fx: &Fixture) {
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 4096 4096", "-c", "read -P 0x33 4096 4096"]).arg(fx.uri("v")));
+}
+
+fn go(s: &mut UnixStream, name: &str) {
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    send_option(s, 7, &data);
+    loop {
+        let (_, kind, _) = read_reply(s);
+        if kind == 1 {
+            return;
+        }
+        assert_eq!(kind, 3, "expected NBD_REP_INFO or ACK");
+    }
+}
+
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut m = 0x2560_9513u32.to_be_bytes().to_vec();
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m
+}
+
+fn setup() -> (Fixture, Daemon) {
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.create("v", "16M", 4096);
+    let d = fx.start();
+    (fx, d)
+}
+
+#[test]
+fn garbage_handshake_drops_only_that_client() {
+    let (fx, d) = setup();
+    let mut bad = connect(&fx);
+    greet(&mut bad);
+    bad.write_all(b"this is not an NBD option at all, just noise").unwrap();
+    // While the bad client is being thrown out, a good one is served.
+    good_client_works(&fx);
+    assert_closed(&mut bad);
+
+    let mut flags = connect(&fx);
+    let mut hello = [0u8; 18];
+    flags.read_exact(&mut hello).unwrap();
+    flags.write_all(&0xffff_0000u32.to_be_bytes()).unwrap();
+    assert_closed(&mut flags);
+
+    let mut huge = connect(&fx);
+    greet(&mut huge);
+    let mut m = IHAVEOPT.to_be_bytes().to_vec();
+    m.extend_from_slice(&7u32.to_be_bytes());
+    m.extend_from_slice(&u32::MAX.to_be_bytes());
+    huge.write_all(&m).unwrap();
+    assert_closed(&mut huge);
+
+    good_client_works(&fx);
+    assert!(d.stderr().contains("handshake failed"), "{}", d.stderr());
+}
+
+#[test]
+fn unknown_option_gets_err_unsup_and_negotiation_continues() {
+    let (fx, _d) = setup();
+    let mut s = connect(&fx);
+    greet(&mut s);
+    send_option(&mut s, 0x7777, b"whatever");
+    let (option, kind, _) = read_reply(&mut s);
+    assert_eq!((option, kind), (0x7777, 0x8000_0001));
+    send_option(&mut s, 5, b""); // STARTTLS, not configured
+    assert_eq!(read_reply(&mut s).1, 0x8000_0001);
+    // OPT_INFO for an unknown export: ERR_UNKNOWN.
+    let mut data = 4u32.to_be_bytes().to_vec();
+    data.extend_from_slice(b"nope");
+    data.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, 6, &data);
+    assert_eq!(read_reply(&mut s).1, 0x8000_0006);
+    // OPT_LIST names the export, then the client can still GO.
+    send_option(&mut s, 3, b"");
+    let (_, kind, body) = read_reply(&mut s);
+    assert_eq!(kind, 2);
+    assert_eq!(&body[4..], b"v");
+    assert_eq!(read_reply(&mut s).1, 1);
+    go(&mut s, "v");
+    s.write_all(&request(0, 42, 0, 512)).unwrap();
+    let mut reply = [0u8; 16 + 512];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 42);
+}
+
+#[test]
+fn truncated_request_and_bad_magic_close_only_that_connection() {
+    let (fx, d) = setup();
+    let mut s = connect(&fx);
+    greet(&mut s);
+    go(&mut s, "v");
+    // Half a request header, then hang up on our side of the write.
+    s.write_all(&request(0, 1, 0, 4096)[..13]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_closed(&mut s);
+
+    let mut s = connect(&fx);
+    greet(&mut s);
+    go(&mut s, "v");
+    // A write whose payload never fully arrives.
+    s.write_all(&request(1, 2, 0, 8192)).unwrap();
+    s.write_all(&[0u8; 100]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_closed(&mut s);
+
+    let mut s = connect(&fx);
+    greet(&mut s);
+    go(&mut s, "v");
+    let mut bad = request(0, 3, 0, 4096);
+    bad[0] = 0;
+    s.write_all(&bad).unwrap();
+    assert_closed(&mut s);
+
+    good_client_works(&fx);
+    assert!(d.stderr().contains("bad request magic"), "{}", d.stderr());
+}
+
+/// Protocol-level errors through libnbd with strict mode off, so the client
+/// library sends what we ask instead of refusing locally.
+#[test]
+fn out_of_range_and_oversized_requests_get_errors_libnbd() {
+    let (fx, _d) = setup();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/bad_requests.py");
+    let out = run_ok(Command::new("/usr/bin/python3").arg(script).arg(fx.uri("v")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ALL OK"), "{text}");
+    good_client_works(&fx);
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: real NBD clients (nbdcopy, qemu-io, fio, nbdfuse with
+//! a real ext4 filesystem, libnbd's Python bindings) against a real
+//! `hostcryptd`, plus the break-glass oracle (OpenSSL decrypts the data
+//! area given the DEK) and fault cases. One test binary, one module per area.
+
+mod bad_input;
+mod breakglass;
+mod clients;
+mod filesystem;
+mod headers;
+mod temp;

@@ -1,0 +1,235 @@
+//! Test harness for the end-to-end suite: builds configs in a temporary
+//! directory, starts and stops real `hostcryptd` processes, runs real client
+//! tools, and waits for conditions with deadlines (never bare sleeps).
+//! Every process a test starts is killed when its handle drops.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's built binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HOSTCRYPT_BIN_DIR") {
+        return dir.into();
+    }
+    // target/<profile>/deps/e2e-<hash> → target/<profile>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile> directory")
+        .to_owned()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the test script does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(5);
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Runs a command to completion and returns its output, failing the test
+/// with its stderr when it does not succeed.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A scratch directory with a local KEK and a config describing volumes.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub kek: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    volumes: Vec<String>,
+}
+
+impl Default for Fixture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("hostcrypt-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let kek = dir.path().join("kek.key");
+        run_ok(Command::new(bin("hostcrypt")).args(["kek", "init-local"]).arg(&kek));
+        Fixture {
+            socket: dir.path().join("nbd.sock"),
+            config: dir.path().join("hostcryptd.toml"),
+            kek,
+            dir,
+            volumes: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Adds a `[[volume]]` table; `extra` is appended verbatim (e.g. `size = "64M"`).
+    pub fn volume(&mut self, name: &str, role: &str, extra: &str) -> PathBuf {
+        let backing = self.path(&format!("{name}.img"));
+        let kek = if role == "cache" { "kek = \"main\"\n" } else { "" };
+        self.volumes.push(format!(
+            "[[volume]]\nname = \"{name}\"\nbacking = \"{}\"\nrole = \"{role}\"\n{kek}{extra}\n",
+            backing.display()
+        ));
+        self.write_config("");
+        backing
+    }
+
+    /// (Re)writes the config; `server_extra` lines go into `[server]`.
+    pub fn write_config(&self, server_extra: &str) {
+        let text = format!(
+            "[server]\nunix = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}",
+            self.socket.display(),
+            self.kek.display(),
+            self.volumes.join("\n")
+        );
+        std::fs::write(&self.config, text).expect("write config");
+    }
+
+    /// Formats a cache volume with the CLI.
+    pub fn create(&self, name: &str, size: &str, sector_size: u32) {
+        run_ok(
+            Command::new(bin("hostcrypt"))
+                .arg("--config")
+                .arg(&self.config)
+                .args(["create", name, "--size", size, "--sector-size"])
+                .arg(sector_size.to_string()),
+        );
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    /// Starts the daemon and waits until it accepts connections.
+    pub fn start(&self) -> Daemon {
+        let mut daemon = self.spawn();
+        let socket = self.socket.clone();
+        let started = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return daemon;
+            }
+            if let Some(status) = daemon.child.try_wait().expect("try_wait") {
+                panic!("hostcryptd exited early ({status}):\n{}", daemon.stderr());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "hostcryptd did not listen within 30 s:\n{}", daemon.stderr());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the daemon without waiting (for start-up failure tests).
+    pub fn spawn(&self) -> Daemon {
+        let log = self.path(&format!("hostcryptd-{}.log", unique()));
+        let child = Command::new(bin("hostcryptd"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--log", "debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn hostcryptd");
+        Daemon { child, log }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A running `hostcryptd`; killed on drop if still running.
+pub struct Daemon {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; returns the exit code.
+    pub fn stop(mut self) -> i32 {
+        // SAFETY: kill(2) with our own child's pid and a valid signal number.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// Waits for the process to exit by itself; returns the exit code.
+    pub fn wait(&mut self, deadline: Duration) -> i32 {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(start.elapsed() < deadline, "hostcryptd did not exit within {deadline:?}:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(path));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether a tool is on PATH; tests that need it fail loudly when it is not,
+/// because the test script installs every tool.
+pub fn require_tool(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed; run scripts/test.sh, which installs the test tools");
+}
