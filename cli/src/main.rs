@@ -14,10 +14,19 @@ use hostcryptd::kek::{KeyProvider, LocalKek};
 use hostcryptd::volume::{self, Geometry, Header, HeaderCopies, HeaderError, Role};
 
 #[derive(Parser, Debug)]
-#[command(name = "hostcrypt", version, about = "Operate hostcrypt encrypted volumes")]
+#[command(
+    name = "hostcrypt",
+    version,
+    about = "Operate hostcrypt encrypted volumes"
+)]
 struct Cli {
     /// Daemon configuration file.
-    #[arg(long, short, global = true, default_value = "/etc/hostcrypt/hostcryptd.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        default_value = "/etc/hostcrypt/hostcryptd.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -84,7 +93,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             command: KekCommand::InitLocal { path },
         } => {
             let kek = LocalKek::init(&path)?;
-            println!("created local KEK {} (key id {})", path.display(), kek.key_id());
+            println!(
+                "created local KEK {} (key id {})",
+                path.display(),
+                kek.key_id()
+            );
             Ok(())
         }
         Command::Create {
@@ -106,14 +119,24 @@ fn create(
 ) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let Some(v) = config.volume(name) else {
-        let known: Vec<_> = config.volumes.iter().map(|v| v.name.get_ref().as_str()).collect();
-        bail!("no volume {name:?} in {}; configured: {}", config_path.display(), known.join(", "));
+        let known: Vec<_> = config
+            .volumes
+            .iter()
+            .map(|v| v.name.get_ref().as_str())
+            .collect();
+        bail!(
+            "no volume {name:?} in {}; configured: {}",
+            config_path.display(),
+            known.join(", ")
+        );
     };
     if v.role == Role::Temp {
         bail!("{name:?} is a temp volume: hostcryptd recreates it with a fresh key at every start; nothing to create");
     }
     let size = match (size, v.size_bytes()) {
-        (Some(s), Some(c)) if s.0 != c => bail!("--size {} disagrees with size = {} in the config", s.0, c),
+        (Some(s), Some(c)) if s.0 != c => {
+            bail!("--size {} disagrees with size = {} in the config", s.0, c)
+        }
         (Some(s), _) => s.0,
         (None, Some(c)) => c,
         (None, None) => bail!("give --size (e.g. --size 8G) or set size in the config"),
@@ -122,7 +145,11 @@ fn create(
         Some(s) => s.parse().context("sector size")?,
         None => v.sector_size,
     };
-    let kek_name = v.kek.as_ref().map(|k| k.get_ref().clone()).unwrap_or_default();
+    let kek_name = v
+        .kek
+        .as_ref()
+        .map(|k| k.get_ref().clone())
+        .unwrap_or_default();
     let kek: Box<dyn KeyProvider> = match config.kek.get(&kek_name) {
         Some(KekConfig::Local { path }) => Box::new(LocalKek::load(path)?),
         None => bail!("volume {name:?} names KEK {kek_name:?}, which is not configured"),
@@ -144,7 +171,10 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     let copies = volume::read_headers(path)?;
     let header = volume::current_header(path, &copies)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&header_json(path, &header, &copies))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&header_json(path, &header, &copies))?
+        );
         return Ok(());
     }
     println!("backing:        {}", path.display());
@@ -156,10 +186,17 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     println!("data offset:    {}", header.data_offset);
     println!("DEK generation: {}", header.dek_generation);
     match header.reencrypt {
-        Some(r) => println!("re-encryption:  to generation {} at byte {}", r.target_generation, r.checkpoint),
+        Some(r) => println!(
+            "re-encryption:  to generation {} at byte {}",
+            r.target_generation, r.checkpoint
+        ),
         None => println!("re-encryption:  none"),
     }
-    println!("header copies:  primary {}, backup {}", copy_state(&copies.primary), copy_state(&copies.backup));
+    println!(
+        "header copies:  primary {}, backup {}",
+        copy_state(&copies.primary),
+        copy_state(&copies.backup)
+    );
     for slot in &header.keyslots {
         println!(
             "keyslot:        generation {}, {} ({} wrapped bytes)",

@@ -56,7 +56,18 @@ fn assert_closed(s: &mut UnixStream) {
 }
 
 fn good_client_works(fx: &Fixture) {
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 4096 4096", "-c", "read -P 0x33 4096 4096"]).arg(fx.uri("v")));
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x33 4096 4096",
+                "-c",
+                "read -P 0x33 4096 4096",
+            ])
+            .arg(fx.uri("v")),
+    );
 }
 
 fn go(s: &mut UnixStream, name: &str) {
@@ -96,7 +107,8 @@ fn garbage_handshake_drops_only_that_client() {
     let (fx, d) = setup();
     let mut bad = connect(&fx);
     greet(&mut bad);
-    bad.write_all(b"this is not an NBD option at all, just noise").unwrap();
+    bad.write_all(b"this is not an NBD option at all, just noise")
+        .unwrap();
     // While the bad client is being thrown out, a good one is served.
     good_client_works(&fx);
     assert_closed(&mut bad);
@@ -187,7 +199,11 @@ fn truncated_request_and_bad_magic_close_only_that_connection() {
 fn out_of_range_and_oversized_requests_get_errors_libnbd() {
     let (fx, _d) = setup();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/py/bad_requests.py");
-    let out = run_ok(Command::new("/usr/bin/python3").arg(script).arg(fx.uri("v")));
+    let out = run_ok(
+        Command::new("/usr/bin/python3")
+            .arg(script)
+            .arg(fx.uri("v")),
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ALL OK"), "{text}");
     good_client_works(&fx);

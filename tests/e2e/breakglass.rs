@@ -39,14 +39,24 @@ fn openssl_decrypts_the_data_area_given_the_dek() {
         let copies = volume::read_headers(&backing).unwrap();
         let header = volume::current_header(&backing, &copies).unwrap();
         let kek = LocalKek::load(&fx.kek).unwrap();
-        let dek = kek.unwrap(&header.active_keyslot().unwrap().wrapped).unwrap();
+        let dek = kek
+            .unwrap(&header.active_keyslot().unwrap().wrapped)
+            .unwrap();
 
         let raw = std::fs::read(&backing).unwrap();
         let area = &raw[header.data_offset as usize..];
         assert_eq!(area.len(), data.len());
-        for (i, (ct, pt)) in area.chunks(sector_size).zip(data.chunks(sector_size)).enumerate() {
+        for (i, (ct, pt)) in area
+            .chunks(sector_size)
+            .zip(data.chunks(sector_size))
+            .enumerate()
+        {
             assert_ne!(ct, pt);
-            assert_eq!(openssl_decrypt_sector(dek.expose(), ct, i as u64), pt, "sector {i} ({sector_size}-byte sectors)");
+            assert_eq!(
+                openssl_decrypt_sector(dek.expose(), ct, i as u64),
+                pt,
+                "sector {i} ({sector_size}-byte sectors)"
+            );
         }
     }
 }

@@ -29,7 +29,10 @@ fn nbdcopy_256m_round_trip_and_no_plaintext_on_disk() {
 
     assert_eq!(daemon.stop(), 0);
     let raw = std::fs::read(&backing).unwrap();
-    assert!(memchr::memmem::find(&raw, marker).is_none(), "plaintext marker found in the backing file");
+    assert!(
+        memchr::memmem::find(&raw, marker).is_none(),
+        "plaintext marker found in the backing file"
+    );
     assert!(memchr::memmem::find(&raw, &data[4096..4096 + 64]).is_none());
 }
 
@@ -42,26 +45,60 @@ fn qemu_io_aligned_and_unaligned_patterns() {
         fx.create("v", "64M", sector);
         let _daemon = fx.start();
         let uri = fx.uri("v");
-        let out = run_ok(Command::new("qemu-io").args(["-f", "raw"]).args([
-            "-c", "write -P 0xa5 0 1M",
-            "-c", "write -P 0x3c 333 1000",
-            "-c", "write -P 0x77 8191 2",
-            "-c", "write -P 0x42 65536 4096",
-            "-c", "read -P 0xa5 0 333",
-            "-c", "read -P 0x3c 333 1000",
-            "-c", "read -P 0xa5 1333 6858",
-            "-c", "read -P 0x77 8191 2",
-            "-c", "read -P 0xa5 8193 57343",
-            "-c", "read -P 0x42 65536 4096",
-            "-c", "read -P 0 1048576 4096",
-            "-c", "flush",
-        ]).arg(&uri));
+        let out = run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "raw"])
+                .args([
+                    "-c",
+                    "write -P 0xa5 0 1M",
+                    "-c",
+                    "write -P 0x3c 333 1000",
+                    "-c",
+                    "write -P 0x77 8191 2",
+                    "-c",
+                    "write -P 0x42 65536 4096",
+                    "-c",
+                    "read -P 0xa5 0 333",
+                    "-c",
+                    "read -P 0x3c 333 1000",
+                    "-c",
+                    "read -P 0xa5 1333 6858",
+                    "-c",
+                    "read -P 0x77 8191 2",
+                    "-c",
+                    "read -P 0xa5 8193 57343",
+                    "-c",
+                    "read -P 0x42 65536 4096",
+                    "-c",
+                    "read -P 0 1048576 4096",
+                    "-c",
+                    "flush",
+                ])
+                .arg(&uri),
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(!text.contains("Pattern verification failed"), "sector {sector}: {text}");
+        assert!(
+            !text.contains("Pattern verification failed"),
+            "sector {sector}: {text}"
+        );
         // The same bytes must still be there from a fresh connection.
-        let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x3c 333 1000", "-c", "read -P 0x77 8191 2"]).arg(&uri));
+        let out = run_ok(
+            Command::new("qemu-io")
+                .args([
+                    "-f",
+                    "raw",
+                    "-c",
+                    "read -P 0x3c 333 1000",
+                    "-c",
+                    "read -P 0x77 8191 2",
+                ])
+                .arg(&uri),
+        );
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(!text.contains("Pattern verification failed"), "sector {sector}: {text}");
+        assert!(
+            !text.contains("Pattern verification failed"),
+            "sector {sector}: {text}"
+        );
     }
 }
 
@@ -88,13 +125,23 @@ fn fio_verify_two_connections_qd16() {
         "--output-format=json",
     ]));
     // fio may print engine notices before the JSON document.
-    let start = out.stdout.iter().position(|&b| b == b'{').expect("fio printed no JSON");
+    let start = out
+        .stdout
+        .iter()
+        .position(|&b| b == b'{')
+        .expect("fio printed no JSON");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).expect("fio JSON");
     let jobs = report["jobs"].as_array().expect("jobs");
     assert_eq!(jobs.len(), 2);
     for job in jobs {
         assert_eq!(job["error"], 0, "{job}");
-        assert!(job["write"]["io_bytes"].as_u64().unwrap() >= 32 << 20, "{job}");
-        assert!(job["read"]["io_bytes"].as_u64().unwrap() >= 32 << 20, "verify pass did not read: {job}");
+        assert!(
+            job["write"]["io_bytes"].as_u64().unwrap() >= 32 << 20,
+            "{job}"
+        );
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap() >= 32 << 20,
+            "verify pass did not read: {job}"
+        );
     }
 }

@@ -31,14 +31,30 @@ impl Mounted {
             .spawn()
             .expect("nbdfuse");
         let file = fuse_dir.join("nbd");
-        wait_until("nbdfuse to expose the export", Duration::from_secs(30), || {
-            std::fs::metadata(&file).map(|m| m.len() > 0).unwrap_or(false)
-        });
+        wait_until(
+            "nbdfuse to expose the export",
+            Duration::from_secs(30),
+            || {
+                std::fs::metadata(&file)
+                    .map(|m| m.len() > 0)
+                    .unwrap_or(false)
+            },
+        );
         let out = run_ok(Command::new("losetup").args(["-f", "--show"]).arg(&file));
         let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let mut m = Mounted { fuse_dir, fuse, loop_dev, mount_dir, mounted: false };
+        let mut m = Mounted {
+            fuse_dir,
+            fuse,
+            loop_dev,
+            mount_dir,
+            mounted: false,
+        };
         if mkfs {
-            run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&m.loop_dev));
+            run_ok(
+                Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&m.loop_dev),
+            );
         } else {
             // A clean fsck proves every block came back exactly as written.
             run_ok(Command::new("e2fsck").args(["-f", "-n"]).arg(&m.loop_dev));
@@ -112,7 +128,11 @@ fn ext4_on_nbdfuse_survives_daemon_restart() {
     std::fs::write(m.dir().join("random.bin"), &payload).unwrap();
     std::fs::create_dir(m.dir().join("sub")).unwrap();
     for i in 0..50 {
-        std::fs::write(m.dir().join("sub").join(format!("f{i}.txt")), format!("file {i}\n").repeat(i + 1)).unwrap();
+        std::fs::write(
+            m.dir().join("sub").join(format!("f{i}.txt")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .unwrap();
     }
     m.unmount();
     assert_eq!(daemon.stop(), 0);

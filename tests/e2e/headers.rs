@@ -14,7 +14,11 @@ fn corrupt(path: &std::path::Path, at: u64) {
 }
 
 fn inspect_json(path: &std::path::Path) -> serde_json::Value {
-    let out = run_ok(Command::new(bin("hostcrypt")).args(["inspect", "--json"]).arg(path));
+    let out = run_ok(
+        Command::new(bin("hostcrypt"))
+            .args(["inspect", "--json"])
+            .arg(path),
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -24,20 +28,43 @@ fn corrupt_primary_is_repaired_from_backup_and_data_survives() {
     let backing = fx.volume("h", "cache", "");
     fx.create("h", "16M", 4096);
     let d = fx.start();
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x61 0 64k"]).arg(fx.uri("h")));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x61 0 64k"])
+            .arg(fx.uri("h")),
+    );
     assert_eq!(d.stop(), 0);
 
     corrupt(&backing, PRIMARY_AT);
     let report = inspect_json(&backing);
-    assert!(report["header_copies"]["primary"].as_str().unwrap().starts_with("INVALID"), "{report}");
+    assert!(
+        report["header_copies"]["primary"]
+            .as_str()
+            .unwrap()
+            .starts_with("INVALID"),
+        "{report}"
+    );
 
     let d = fx.start();
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x61 0 64k"]).arg(fx.uri("h")));
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 0x61 0 64k"])
+            .arg(fx.uri("h")),
+    );
     let log = d.stderr();
-    assert!(log.contains("primary header copy is invalid") && log.contains("repairing"), "{log}");
+    assert!(
+        log.contains("primary header copy is invalid") && log.contains("repairing"),
+        "{log}"
+    );
     assert_eq!(d.stop(), 0);
     let report = inspect_json(&backing);
-    assert!(report["header_copies"]["primary"].as_str().unwrap().starts_with("valid"), "{report}");
+    assert!(
+        report["header_copies"]["primary"]
+            .as_str()
+            .unwrap()
+            .starts_with("valid"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -50,9 +77,17 @@ fn both_headers_corrupt_is_refused_and_nothing_written() {
     let before = sha256_file(&backing);
     let mut d = fx.spawn();
     assert_eq!(d.wait(Duration::from_secs(30)), 1);
-    assert!(d.stderr().contains("both header copies are corrupt"), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("both header copies are corrupt"),
+        "{}",
+        d.stderr()
+    );
     assert_eq!(sha256_file(&backing), before);
-    let out = Command::new(bin("hostcrypt")).args(["inspect"]).arg(&backing).output().unwrap();
+    let out = Command::new(bin("hostcrypt"))
+        .args(["inspect"])
+        .arg(&backing)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("both header copies are corrupt"));
 }
@@ -66,11 +101,19 @@ fn wrong_kek_is_refused_naming_both_keys_and_nothing_written() {
     corrupt(&backing, PRIMARY_AT);
     let before = sha256_file(&backing);
     std::fs::remove_file(&fx.kek).unwrap();
-    run_ok(Command::new(bin("hostcrypt")).args(["kek", "init-local"]).arg(&fx.kek));
+    run_ok(
+        Command::new(bin("hostcrypt"))
+            .args(["kek", "init-local"])
+            .arg(&fx.kek),
+    );
     let mut d = fx.spawn();
     assert_eq!(d.wait(Duration::from_secs(30)), 1);
     let log = d.stderr();
-    assert!(log.contains("the data key was wrapped by local key") && log.contains("but the configured KEK is local key"), "{log}");
+    assert!(
+        log.contains("the data key was wrapped by local key")
+            && log.contains("but the configured KEK is local key"),
+        "{log}"
+    );
     assert_eq!(sha256_file(&backing), before);
     assert!(!fx.socket.exists());
 }
@@ -79,13 +122,32 @@ fn wrong_kek_is_refused_naming_both_keys_and_nothing_written() {
 fn bad_config_names_key_and_line() {
     let mut fx = Fixture::new();
     fx.volume("h", "cache", "sector_size = 1000");
-    let out = Command::new(bin("hostcryptd")).arg("--config").arg(&fx.config).arg("--check").output().unwrap();
+    let out = Command::new(bin("hostcryptd"))
+        .arg("--config")
+        .arg(&fx.config)
+        .arg("--check")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("sector_size must be 512 or 4096") && err.contains("line"), "{err}");
+    assert!(
+        err.contains("sector_size must be 512 or 4096") && err.contains("line"),
+        "{err}"
+    );
 
-    std::fs::write(&fx.config, std::fs::read_to_string(&fx.config).unwrap().replace("sector_size = 1000", "colour = \"blue\"")).unwrap();
-    let out = Command::new(bin("hostcryptd")).arg("--config").arg(&fx.config).arg("--check").output().unwrap();
+    std::fs::write(
+        &fx.config,
+        std::fs::read_to_string(&fx.config)
+            .unwrap()
+            .replace("sector_size = 1000", "colour = \"blue\""),
+    )
+    .unwrap();
+    let out = Command::new(bin("hostcryptd"))
+        .arg("--config")
+        .arg(&fx.config)
+        .arg("--check")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("colour") && err.contains("line"), "{err}");
@@ -98,7 +160,9 @@ fn create_refuses_existing_volume_and_nonempty_file_without_force() {
     fx.create("h", "16M", 4096);
     let create = |force: bool| {
         let mut c = Command::new(bin("hostcrypt"));
-        c.arg("--config").arg(&fx.config).args(["create", "h", "--size", "16M"]);
+        c.arg("--config")
+            .arg(&fx.config)
+            .args(["create", "h", "--size", "16M"]);
         if force {
             c.arg("--force");
         }
@@ -119,5 +183,8 @@ fn create_refuses_existing_volume_and_nonempty_file_without_force() {
     assert_eq!(report["size"], 16 << 20);
     assert_eq!(report["keyslots"][0]["provider"], "local");
     let text = report.to_string();
-    assert!(!text.contains("blob"), "inspect must not print wrapped key bytes: {text}");
+    assert!(
+        !text.contains("blob"),
+        "inspect must not print wrapped key bytes: {text}"
+    );
 }

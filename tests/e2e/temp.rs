@@ -11,7 +11,18 @@ fn temp_volume_contents_are_gone_after_restart() {
     let backing = fx.volume("scratch", "temp", "size = \"32M\"");
     let daemon = fx.start();
     let marker = "0x5d";
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", &format!("write -P {marker} 0 4M"), "-c", &format!("read -P {marker} 0 4M")]).arg(fx.uri("scratch")));
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {marker} 0 4M"),
+                "-c",
+                &format!("read -P {marker} 0 4M"),
+            ])
+            .arg(fx.uri("scratch")),
+    );
     assert_eq!(daemon.stop(), 0);
     // Ciphertext only on disk while stopped.
     let raw = std::fs::read(&backing).unwrap();
@@ -22,9 +33,15 @@ fn temp_volume_contents_are_gone_after_restart() {
     run_ok(Command::new("nbdcopy").arg(fx.uri("scratch")).arg(&out));
     let after = std::fs::read(&out).unwrap();
     assert_eq!(after.len(), 32 << 20);
-    assert!(memchr::memmem::find(&after[..4 << 20], &[0x5d; 64]).is_none(), "old plaintext readable after restart");
+    assert!(
+        memchr::memmem::find(&after[..4 << 20], &[0x5d; 64]).is_none(),
+        "old plaintext readable after restart"
+    );
     let raw = std::fs::read(&backing).unwrap();
-    assert!(raw[1 << 20..].iter().all(|&b| b == 0), "old ciphertext left in a recreated temp backing");
+    assert!(
+        raw[1 << 20..].iter().all(|&b| b == 0),
+        "old ciphertext left in a recreated temp backing"
+    );
 }
 
 #[test]
@@ -45,6 +62,10 @@ fn temp_volume_refuses_a_cache_backing() {
     .unwrap();
     let mut d = fx.spawn();
     assert_eq!(d.wait(std::time::Duration::from_secs(30)), 1);
-    assert!(d.stderr().contains("holds a cache volume"), "{}", d.stderr());
+    assert!(
+        d.stderr().contains("holds a cache volume"),
+        "{}",
+        d.stderr()
+    );
     assert_eq!(sha256_file(&backing), before);
 }

@@ -36,7 +36,10 @@ pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool
     let start = Instant::now();
     let mut pause = Duration::from_millis(5);
     while !cond() {
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(100));
     }
@@ -45,7 +48,9 @@ pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool
 /// Runs a command to completion and returns its output, failing the test
 /// with its stderr when it does not succeed.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -78,7 +83,11 @@ impl Fixture {
             .tempdir()
             .expect("temp dir");
         let kek = dir.path().join("kek.key");
-        run_ok(Command::new(bin("hostcrypt")).args(["kek", "init-local"]).arg(&kek));
+        run_ok(
+            Command::new(bin("hostcrypt"))
+                .args(["kek", "init-local"])
+                .arg(&kek),
+        );
         Fixture {
             socket: dir.path().join("nbd.sock"),
             config: dir.path().join("hostcryptd.toml"),
@@ -95,7 +104,11 @@ impl Fixture {
     /// Adds a `[[volume]]` table; `extra` is appended verbatim (e.g. `size = "64M"`).
     pub fn volume(&mut self, name: &str, role: &str, extra: &str) -> PathBuf {
         let backing = self.path(&format!("{name}.img"));
-        let kek = if role == "cache" { "kek = \"main\"\n" } else { "" };
+        let kek = if role == "cache" {
+            "kek = \"main\"\n"
+        } else {
+            ""
+        };
         self.volumes.push(format!(
             "[[volume]]\nname = \"{name}\"\nbacking = \"{}\"\nrole = \"{role}\"\n{kek}{extra}\n",
             backing.display()
@@ -142,7 +155,11 @@ impl Fixture {
             if let Some(status) = daemon.child.try_wait().expect("try_wait") {
                 panic!("hostcryptd exited early ({status}):\n{}", daemon.stderr());
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "hostcryptd did not listen within 30 s:\n{}", daemon.stderr());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "hostcryptd did not listen within 30 s:\n{}",
+                daemon.stderr()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -200,7 +217,11 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status.code().unwrap_or(-1);
             }
-            assert!(start.elapsed() < deadline, "hostcryptd did not exit within {deadline:?}:\n{}", self.stderr());
+            assert!(
+                start.elapsed() < deadline,
+                "hostcryptd did not exit within {deadline:?}:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -231,5 +252,8 @@ pub fn require_tool(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed; run scripts/test.sh, which installs the test tools");
+    assert!(
+        found,
+        "{tool} is not installed; run scripts/test.sh, which installs the test tools"
+    );
 }

@@ -14,7 +14,11 @@ use hostcryptd::service;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
-#[command(name = "hostcryptd", version, about = "Encryption at host: encrypted volumes served over NBD")]
+#[command(
+    name = "hostcryptd",
+    version,
+    about = "Encryption at host: encrypted volumes served over NBD"
+)]
 struct Args {
     /// Configuration file (TOML). Without it, the embedded demo set-up is used.
     #[arg(long, short)]
@@ -71,7 +75,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     if args.check {
         service::open_providers(&config)?;
-        println!("{}: OK ({} volume(s))", config_path.display(), config.volumes.len());
+        println!(
+            "{}: OK ({} volume(s))",
+            config_path.display(),
+            config.volumes.len()
+        );
         return Ok(());
     }
     let exports = service::open_exports(&config)?;
@@ -112,7 +120,9 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
 }
 
 fn print_demo_help(config: &Config) {
-    let Some(sock) = service::unix_socket(config) else { return };
+    let Some(sock) = service::unix_socket(config) else {
+        return;
+    };
     let sock = sock.display();
     let name = service::demo::DEMO_VOLUME;
     println!(

@@ -121,33 +121,53 @@ impl Config {
     }
 
     fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            line: line_of(text, span.start),
-            key: key.to_string(),
-            message,
-        };
+        let invalid =
+            |span: std::ops::Range<usize>, key: &str, message: String| ConfigError::Invalid {
+                path: path.to_owned(),
+                line: line_of(text, span.start),
+                key: key.to_string(),
+                message,
+            };
         if self.server.unix.is_none() && self.server.tcp.is_none() {
-            return Err(invalid(0..0, "server", "set `unix` or `tcp` (or both) so clients can connect".into()));
+            return Err(invalid(
+                0..0,
+                "server",
+                "set `unix` or `tcp` (or both) so clients can connect".into(),
+            ));
         }
         if self.volumes.is_empty() {
-            return Err(invalid(0..0, "volume", "no [[volume]] is configured".into()));
+            return Err(invalid(
+                0..0,
+                "volume",
+                "no [[volume]] is configured".into(),
+            ));
         }
         let mut names = HashSet::new();
         let mut backings = HashSet::new();
         for v in &self.volumes {
             let name = v.name.get_ref();
             if name.is_empty() || name.len() > 256 || name.contains('\0') {
-                return Err(invalid(v.name.span(), "name", "export names are 1 to 256 bytes".into()));
+                return Err(invalid(
+                    v.name.span(),
+                    "name",
+                    "export names are 1 to 256 bytes".into(),
+                ));
             }
             if !names.insert(name.clone()) {
-                return Err(invalid(v.name.span(), "name", format!("volume {name:?} is defined twice")));
+                return Err(invalid(
+                    v.name.span(),
+                    "name",
+                    format!("volume {name:?} is defined twice"),
+                ));
             }
             if !backings.insert(v.backing.get_ref().clone()) {
                 return Err(invalid(
                     v.backing.span(),
                     "backing",
-                    format!("{} is the backing of another volume", v.backing.get_ref().display()),
+                    format!(
+                        "{} is the backing of another volume",
+                        v.backing.get_ref().display()
+                    ),
                 ));
             }
             match (v.role, &v.kek) {
@@ -155,19 +175,42 @@ impl Config {
                     return Err(invalid(v.name.span(), "kek", format!("cache volume {name:?} needs `kek = \"NAME\"` naming a [kek.NAME] table")));
                 }
                 (Role::Cache, Some(kek)) if !self.kek.contains_key(kek.get_ref()) => {
-                    return Err(invalid(kek.span(), "kek", format!("no [kek.{}] table is defined", kek.get_ref())));
+                    return Err(invalid(
+                        kek.span(),
+                        "kek",
+                        format!("no [kek.{}] table is defined", kek.get_ref()),
+                    ));
                 }
                 (Role::Temp, Some(kek)) => {
-                    return Err(invalid(kek.span(), "kek", "temp volumes use a fresh in-memory key at every start and take no KEK".into()));
+                    return Err(invalid(
+                        kek.span(),
+                        "kek",
+                        "temp volumes use a fresh in-memory key at every start and take no KEK"
+                            .into(),
+                    ));
                 }
                 _ => {}
             }
             match (&v.size, v.role) {
                 (None, Role::Temp) => {
-                    return Err(invalid(v.name.span(), "size", format!("temp volume {name:?} needs a size, e.g. size = \"8G\"")));
+                    return Err(invalid(
+                        v.name.span(),
+                        "size",
+                        format!("temp volume {name:?} needs a size, e.g. size = \"8G\""),
+                    ));
                 }
-                (Some(size), _) if size.get_ref().0 == 0 || size.get_ref().0 % u64::from(v.sector_size) != 0 => {
-                    return Err(invalid(size.span(), "size", format!("must be a non-zero multiple of the sector size {}", v.sector_size)));
+                (Some(size), _)
+                    if size.get_ref().0 == 0
+                        || size.get_ref().0 % u64::from(v.sector_size) != 0 =>
+                {
+                    return Err(invalid(
+                        size.span(),
+                        "size",
+                        format!(
+                            "must be a non-zero multiple of the sector size {}",
+                            v.sector_size
+                        ),
+                    ));
                 }
                 _ => {}
             }
@@ -225,7 +268,10 @@ allow_discards = true
     fn unknown_key_names_key_and_line() {
         let text = GOOD.replace("allow_discards = true", "allow_discard = true");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("allow_discard") && err.contains("line 22"), "{err}");
+        assert!(
+            err.contains("allow_discard") && err.contains("line 22"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -233,18 +279,31 @@ allow_discards = true
         let err = parse(&GOOD.replace("sector_size = 512", "sector_size = 1000"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("512 or 4096") && err.contains("line 21"), "{err}");
+        assert!(
+            err.contains("512 or 4096") && err.contains("line 21"),
+            "{err}"
+        );
         let err = parse(&GOOD.replace("kek = \"main\"", "kek = \"nope\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("line 14") && err.contains("[kek.nope]"), "{err}");
-        let err = parse(&GOOD.replace("size = \"8G\"", "size = \"8X\"")).unwrap_err().to_string();
-        assert!(err.contains("unknown unit") && err.contains("line 20"), "{err}");
+        assert!(
+            err.contains("line 14") && err.contains("[kek.nope]"),
+            "{err}"
+        );
+        let err = parse(&GOOD.replace("size = \"8G\"", "size = \"8X\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown unit") && err.contains("line 20"),
+            "{err}"
+        );
         let err = parse(&GOOD.replace("provider = \"local\"", "provider = \"nope\""))
             .unwrap_err()
             .to_string();
         assert!(err.contains("nope"), "{err}");
-        let err = parse(&GOOD.replace("size = \"8G\"\n", "")).unwrap_err().to_string();
+        let err = parse(&GOOD.replace("size = \"8G\"\n", ""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs a size"), "{err}");
     }
 }

@@ -83,7 +83,10 @@ impl SectorCipher {
         let mut tweaks = [0u128; MAX_BATCH_BLOCKS];
         for chunk in sector.chunks_mut(MAX_BATCH_BLOCKS * XTS_BLOCK) {
             let n = chunk.len() / XTS_BLOCK;
-            for (slot, block) in tweaks[..n].iter_mut().zip(chunk.chunks_exact_mut(XTS_BLOCK)) {
+            for (slot, block) in tweaks[..n]
+                .iter_mut()
+                .zip(chunk.chunks_exact_mut(XTS_BLOCK))
+            {
                 *slot = tweak;
                 xor_block(block, tweak);
                 tweak = mul_alpha(tweak);
@@ -137,22 +140,22 @@ mod tests {
     /// IEEE 1619-2007 Annex B vector 10: XTS-AES-256, 512-byte data unit,
     /// data unit sequence number 0xff, plaintext bytes 0..=255 twice.
     const IEEE_V10_CIPHERTEXT: [&str; 16] = [
-    "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b",
-    "5d31e276f8fe4a8d66b317f9ac683f44680a86ac35adfc3345befecb4bb188fd",
-    "5776926c49a3095eb108fd1098baec70aaa66999a72a82f27d848b21d4a741b0",
-    "c5cd4d5fff9dac89aeba122961d03a757123e9870f8acf1000020887891429ca",
-    "2a3e7a7d7df7b10355165c8b9a6d0a7de8b062c4500dc4cd120c0f7418dae3d0",
-    "b5781c34803fa75421c790dfe1de1834f280d7667b327f6c8cd7557e12ac3a0f",
-    "93ec05c52e0493ef31a12d3d9260f79a289d6a379bc70c50841473d1a8cc81ec",
-    "583e9645e07b8d9670655ba5bbcfecc6dc3966380ad8fecb17b6ba02469a020a",
-    "84e18e8f84252070c13e9f1f289be54fbc481457778f616015e1327a02b140f1",
-    "505eb309326d68378f8374595c849d84f4c333ec4423885143cb47bd71c5edae",
-    "9be69a2ffeceb1bec9de244fbe15992b11b77c040f12bd8f6a975a44a0f90c29",
-    "a9abc3d4d893927284c58754cce294529f8614dcd2aba991925fedc4ae74ffac",
-    "6e333b93eb4aff0479da9a410e4450e0dd7ae4c6e2910900575da401fc07059f",
-    "645e8b7e9bfdef33943054ff84011493c27b3429eaedb4ed5376441a77ed4385",
-    "1ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa",
-    "773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151",
+        "1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b",
+        "5d31e276f8fe4a8d66b317f9ac683f44680a86ac35adfc3345befecb4bb188fd",
+        "5776926c49a3095eb108fd1098baec70aaa66999a72a82f27d848b21d4a741b0",
+        "c5cd4d5fff9dac89aeba122961d03a757123e9870f8acf1000020887891429ca",
+        "2a3e7a7d7df7b10355165c8b9a6d0a7de8b062c4500dc4cd120c0f7418dae3d0",
+        "b5781c34803fa75421c790dfe1de1834f280d7667b327f6c8cd7557e12ac3a0f",
+        "93ec05c52e0493ef31a12d3d9260f79a289d6a379bc70c50841473d1a8cc81ec",
+        "583e9645e07b8d9670655ba5bbcfecc6dc3966380ad8fecb17b6ba02469a020a",
+        "84e18e8f84252070c13e9f1f289be54fbc481457778f616015e1327a02b140f1",
+        "505eb309326d68378f8374595c849d84f4c333ec4423885143cb47bd71c5edae",
+        "9be69a2ffeceb1bec9de244fbe15992b11b77c040f12bd8f6a975a44a0f90c29",
+        "a9abc3d4d893927284c58754cce294529f8614dcd2aba991925fedc4ae74ffac",
+        "6e333b93eb4aff0479da9a410e4450e0dd7ae4c6e2910900575da401fc07059f",
+        "645e8b7e9bfdef33943054ff84011493c27b3429eaedb4ed5376441a77ed4385",
+        "1ad77f16f541dfd269d50d6a5f14fb0aab1cbb4c1550be97f7ab4066193c4caa",
+        "773dad38014bd2092fa755c824bb5e54c4f36ffda9fcea70b9c6e693e148c151",
     ];
 
     fn cipher(key: &[u8], sector: usize) -> SectorCipher {
@@ -205,7 +208,12 @@ mod tests {
             Aes256::new_from_slice(&key[32..]).unwrap(),
         );
         let mut out = data.to_vec();
-        xts.encrypt_area(&mut out, sector_size, first as u128, xts_mode::get_tweak_default);
+        xts.encrypt_area(
+            &mut out,
+            sector_size,
+            first as u128,
+            xts_mode::get_tweak_default,
+        );
         out
     }
 

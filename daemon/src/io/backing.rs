@@ -54,7 +54,7 @@ impl Backing {
     }
 
     /// Current size in bytes (for a block device, its capacity).
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn size(&self) -> io::Result<u64> {
         if self.is_block_device {
             use std::io::Seek;
             let mut f = &self.file;
@@ -68,7 +68,7 @@ impl Backing {
     /// be large enough.
     pub fn set_len(&self, len: u64) -> io::Result<()> {
         if self.is_block_device {
-            let have = self.len()?;
+            let have = self.size()?;
             if have < len {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use aes_kw::KwpAes256;
 use aes_kw::KeyInit;
+use aes_kw::KwpAes256;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -173,7 +173,10 @@ mod tests {
         let dek = Dek::generate().unwrap();
         let wrapped = kek.wrap(&dek).unwrap();
         assert_eq!(wrapped.blob.len(), 72);
-        assert!(!wrapped.blob.windows(16).any(|w| dek.expose().windows(16).any(|d| d == w)));
+        assert!(!wrapped
+            .blob
+            .windows(16)
+            .any(|w| dek.expose().windows(16).any(|d| d == w)));
         let again = LocalKek::load(&path).unwrap();
         assert_eq!(again.unwrap(&wrapped).unwrap().expose(), dek.expose());
     }
@@ -185,7 +188,10 @@ mod tests {
         let dek = Dek::generate().unwrap();
         let mut wrapped = kek.wrap(&dek).unwrap();
         wrapped.blob[10] ^= 1;
-        assert!(matches!(kek.unwrap(&wrapped), Err(KekError::UnwrapFailed { .. })));
+        assert!(matches!(
+            kek.unwrap(&wrapped),
+            Err(KekError::UnwrapFailed { .. })
+        ));
     }
 
     #[test]
@@ -209,6 +215,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kek.key");
         LocalKek::init(&path).unwrap();
-        assert!(matches!(LocalKek::init(&path), Err(KekError::KeyFileExists { .. })));
+        assert!(matches!(
+            LocalKek::init(&path),
+            Err(KekError::KeyFileExists { .. })
+        ));
     }
 }

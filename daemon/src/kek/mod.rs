@@ -59,8 +59,13 @@ pub enum KekError {
     #[error("KEK file {path} already exists; refusing to overwrite a key")]
     KeyFileExists { path: PathBuf },
     #[error("the data key was wrapped by {wrapped_by}, but the configured KEK is {configured}")]
-    WrongKey { wrapped_by: KekRef, configured: String },
-    #[error("{provider} could not unwrap the data key: the wrapped key is corrupt or the KEK is wrong")]
+    WrongKey {
+        wrapped_by: KekRef,
+        configured: String,
+    },
+    #[error(
+        "{provider} could not unwrap the data key: the wrapped key is corrupt or the KEK is wrong"
+    )]
     UnwrapFailed { provider: String },
     #[error("{provider} could not wrap the data key: {reason}")]
     WrapFailed { provider: String, reason: String },

@@ -92,7 +92,13 @@ where
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    error(stream, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                    error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    )
+                    .await?;
                     continue;
                 }
                 for export in exports.iter() {
@@ -121,7 +127,13 @@ where
                 }
             }
             OPT_STARTTLS => {
-                error(stream, option, REP_ERR_UNSUP, "TLS is not configured on this server").await?;
+                error(
+                    stream,
+                    option,
+                    REP_ERR_UNSUP,
+                    "TLS is not configured on this server",
+                )
+                .await?;
             }
             _ => {
                 error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
@@ -213,7 +225,10 @@ mod tests {
         ok.extend_from_slice(b"abc");
         ok.extend_from_slice(&1u16.to_be_bytes());
         ok.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(parse_info_request(&ok), Some(("abc".into(), vec![INFO_BLOCK_SIZE])));
+        assert_eq!(
+            parse_info_request(&ok),
+            Some(("abc".into(), vec![INFO_BLOCK_SIZE]))
+        );
         assert_eq!(parse_info_request(&ok[..ok.len() - 1]), None);
         let mut huge = ok.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());

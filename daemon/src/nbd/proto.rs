@@ -141,7 +141,10 @@ mod tests {
         raw[16..24].copy_from_slice(&4096u64.to_be_bytes());
         raw[24..28].copy_from_slice(&512u32.to_be_bytes());
         let req = Request::parse(&raw).unwrap();
-        assert_eq!((req.kind, req.cookie, req.offset, req.length), (CMD_WRITE, 7, 4096, 512));
+        assert_eq!(
+            (req.kind, req.cookie, req.offset, req.length),
+            (CMD_WRITE, 7, 4096, 512)
+        );
         raw[0] ^= 1;
         assert!(Request::parse(&raw).is_none());
     }

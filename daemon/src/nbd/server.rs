@@ -21,7 +21,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub enum Listener {
-    Unix { listener: UnixListener, path: PathBuf },
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
     Tcp(TcpListener),
 }
 
@@ -81,7 +84,11 @@ pub async fn run(listeners: Vec<Listener>, exports: Exports, shutdown: watch::Re
     while accept_loops.join_next().await.is_some() {}
 }
 
-async fn accept_loop(listener: Listener, exports: Arc<Exports>, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: Listener,
+    exports: Arc<Exports>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {

@@ -54,7 +54,11 @@ where
             _ = shutdown.changed() => break Ok(()),
         }
         let Some(req) = Request::parse(&raw) else {
-            tracing::warn!(peer, export = export.name(), "bad request magic; closing this connection");
+            tracing::warn!(
+                peer,
+                export = export.name(),
+                "bad request magic; closing this connection"
+            );
             break Ok(());
         };
         // Only payload-carrying commands pin memory; zeroing and trimming
@@ -93,7 +97,11 @@ where
                 };
                 let mut data = vec![0u8; req.length as usize];
                 if let Err(e) = reader.read_exact(&mut data).await {
-                    tracing::warn!(peer, export = export.name(), "connection ended inside a write payload: {e}");
+                    tracing::warn!(
+                        peer,
+                        export = export.name(),
+                        "connection ended inside a write payload: {e}"
+                    );
                     break Ok(());
                 }
                 handle_write(ctx, data, permit);

@@ -27,7 +27,7 @@ pub enum ServiceError {
     Volume {
         name: String,
         #[source]
-        source: VolumeError,
+        source: Box<VolumeError>,
     },
     #[error("volume {volume:?} names KEK {kek:?}, which is not configured")]
     UnknownKek { volume: String, kek: String },
@@ -68,15 +68,17 @@ pub fn open_exports(config: &Config) -> Result<Exports, ServiceError> {
         let backing = v.backing.get_ref();
         let wrap = |source| ServiceError::Volume {
             name: name.clone(),
-            source,
+            source: Box::new(source),
         };
         let opened = match v.role {
             Role::Cache => {
                 let kek_name = v.kek.as_ref().map(|k| k.get_ref().as_str()).unwrap_or("");
-                let kek = providers.get(kek_name).ok_or_else(|| ServiceError::UnknownKek {
-                    volume: name.clone(),
-                    kek: kek_name.to_string(),
-                })?;
+                let kek = providers
+                    .get(kek_name)
+                    .ok_or_else(|| ServiceError::UnknownKek {
+                        volume: name.clone(),
+                        kek: kek_name.to_string(),
+                    })?;
                 volume::open_cache(&name, backing, v.size_bytes(), kek.as_ref()).map_err(wrap)?
             }
             Role::Temp => {
@@ -114,16 +116,22 @@ pub fn open_exports(config: &Config) -> Result<Exports, ServiceError> {
 pub async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
     let mut listeners = Vec::new();
     if let Some(path) = &config.server.unix {
-        listeners.push(Listener::bind_unix(path).map_err(|source| ServiceError::Bind {
-            what: format!("unix:{}", path.display()),
-            source,
-        })?);
+        listeners.push(
+            Listener::bind_unix(path).map_err(|source| ServiceError::Bind {
+                what: format!("unix:{}", path.display()),
+                source,
+            })?,
+        );
     }
     if let Some(addr) = &config.server.tcp {
-        listeners.push(Listener::bind_tcp(addr).await.map_err(|source| ServiceError::Bind {
-            what: format!("tcp:{addr}"),
-            source,
-        })?);
+        listeners.push(
+            Listener::bind_tcp(addr)
+                .await
+                .map_err(|source| ServiceError::Bind {
+                    what: format!("tcp:{addr}"),
+                    source,
+                })?,
+        );
     }
     Ok(listeners)
 }
@@ -133,7 +141,8 @@ pub async fn serve(listeners: Vec<Listener>, exports: Exports, shutdown: watch::
     crate::nbd::run(listeners, exports.clone(), shutdown).await;
     for export in exports.iter() {
         let export = export.clone();
-        let flushed = tokio::task::spawn_blocking(move || export.volume.data.flush().map(|_| export)).await;
+        let flushed =
+            tokio::task::spawn_blocking(move || export.volume.data.flush().map(|_| export)).await;
         match flushed {
             Ok(Ok(export)) => tracing::info!(volume = export.name(), "flushed"),
             Ok(Err(e)) => tracing::error!("flush at shutdown failed: {e}"),

@@ -152,10 +152,8 @@ impl DataArea {
                 }
                 {
                     let _guard = self.writers.lock(first_whole, last_whole);
-                    self.backing.punch_hole(
-                        self.data_offset + first_whole,
-                        last_whole - first_whole,
-                    )?;
+                    self.backing
+                        .punch_hole(self.data_offset + first_whole, last_whole - first_whole)?;
                 }
                 if last_whole < offset + len {
                     self.write(last_whole, vec![0; (offset + len - last_whole) as usize])?;
@@ -225,7 +223,10 @@ mod tests {
     #[test]
     fn beyond_end_is_invalid_input() {
         let (_d, a) = area(512, 8192);
-        assert_eq!(a.read(8000, 500).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            a.read(8000, 500).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
         assert_eq!(
             a.write(u64::MAX - 2, vec![1; 4]).unwrap_err().kind(),
             io::ErrorKind::InvalidInput

@@ -102,7 +102,9 @@ pub enum HeaderError {
     NoMagic,
     #[error("checksum mismatch")]
     BadChecksum,
-    #[error("format version {0} is not supported by this build (it reads version {FORMAT_VERSION})")]
+    #[error(
+        "format version {0} is not supported by this build (it reads version {FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u16),
     #[error("malformed header: {0}")]
     Malformed(&'static str),
@@ -185,10 +187,14 @@ impl Header {
         let size = r.u64()?;
         let sector_size = r.u32()?;
         if sector_size != 512 && sector_size != 4096 {
-            return Err(HeaderError::Malformed("sector size is neither 512 nor 4096"));
+            return Err(HeaderError::Malformed(
+                "sector size is neither 512 nor 4096",
+            ));
         }
         if size % u64::from(sector_size) != 0 {
-            return Err(HeaderError::Malformed("size is not a multiple of the sector size"));
+            return Err(HeaderError::Malformed(
+                "size is not a multiple of the sector size",
+            ));
         }
         let role = Role::from_code(r.u8()?).ok_or(HeaderError::Malformed("unknown role"))?;
         let data_offset = r.u64()?;
@@ -306,7 +312,8 @@ impl<'a> Reader<'a> {
         self.take(len)
     }
     fn string(&mut self) -> Result<String, HeaderError> {
-        String::from_utf8(self.blob()?.to_vec()).map_err(|_| HeaderError::Malformed("non-UTF-8 text"))
+        String::from_utf8(self.blob()?.to_vec())
+            .map_err(|_| HeaderError::Malformed("non-UTF-8 text"))
     }
 }
 
@@ -364,7 +371,10 @@ pub(crate) mod tests {
         bad[8] = 9;
         let sum = Sha256::digest(&bad[..CHECKSUM_AT]);
         bad[CHECKSUM_AT..].copy_from_slice(&sum);
-        assert_eq!(Header::decode(&bad[..]), Err(HeaderError::UnsupportedVersion(9)));
+        assert_eq!(
+            Header::decode(&bad[..]),
+            Err(HeaderError::UnsupportedVersion(9))
+        );
     }
 
     proptest! {

@@ -32,7 +32,9 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} does not exist; format it with `hostcrypt --config FILE create VOLUME --size SIZE`")]
+    #[error(
+        "{path} does not exist; format it with `hostcrypt --config FILE create VOLUME --size SIZE`"
+    )]
     Missing { path: PathBuf },
     #[error("{path} is not a hostcrypt volume (no header magic in either copy)")]
     NotAVolume { path: PathBuf },
@@ -221,7 +223,7 @@ fn refuse_if_in_use(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
 /// regular file) any allocated data beyond it. Allocated zeros count as data:
 /// erring toward "in use" is what protects an operator's disk.
 fn has_data(backing: &Backing) -> std::io::Result<bool> {
-    let probe = backing.len()?.min(DATA_OFFSET);
+    let probe = backing.size()?.min(DATA_OFFSET);
     let mut buf = vec![0u8; probe as usize];
     backing.read_at(&mut buf, 0)?;
     if buf.iter().any(|&b| b != 0) {

@@ -127,10 +127,14 @@ mod tests {
         let mut newer = h.clone();
         newer.sequence += 1;
         newer.size *= 2;
-        b.write_at(&newer.encode().unwrap()[..], PRIMARY_AT).unwrap();
+        b.write_at(&newer.encode().unwrap()[..], PRIMARY_AT)
+            .unwrap();
         let copies = HeaderCopies::read(&b).unwrap();
         assert_eq!(copies.current(), Some(&newer));
-        assert!(copies.damage().unwrap().contains("backup header copy is stale"));
+        assert!(copies
+            .damage()
+            .unwrap()
+            .contains("backup header copy is stale"));
         copies.repair(&b).unwrap();
         let again = HeaderCopies::read(&b).unwrap();
         assert!(again.damage().is_none());
@@ -145,7 +149,10 @@ mod tests {
         b.write_at(&[0xff; 100], PRIMARY_AT + 50).unwrap();
         let copies = HeaderCopies::read(&b).unwrap();
         assert_eq!(copies.current(), Some(&h));
-        assert!(copies.damage().unwrap().contains("primary header copy is invalid"));
+        assert!(copies
+            .damage()
+            .unwrap()
+            .contains("primary header copy is invalid"));
     }
 
     #[test]

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (when missing), then runs all checks
+# and tests: formatting, clippy, unit/property tests, end-to-end tests with
+# real NBD clients. The README's test command and .ci/run both call this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnbd-bin \
+            nbdfuse:nbdfuse fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs \
+            losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
+done
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)
+dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> build binaries for the end-to-end tests"
+cargo build --workspace --bins --locked
+echo "==> tests"
+# Two threads: each end-to-end test runs its own daemon and clients, and the
+# machines this runs on have two cores.
+cargo test --workspace --locked -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}"
