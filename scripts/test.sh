@@ -29,4 +29,12 @@ cargo build --workspace --bins --locked
 echo "==> tests"
 # Two threads: each end-to-end test runs its own daemon and clients, and the
 # machines this runs on have two cores.
-cargo test --workspace --locked -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (cargo prints one per binary,
+# and the last is often an empty doc-test run).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

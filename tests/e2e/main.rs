@@ -8,4 +8,5 @@ mod breakglass;
 mod clients;
 mod filesystem;
 mod headers;
+mod protocol;
 mod temp;

@@ -1,0 +1,135 @@
+//! What clients see of the protocol: negotiated flags and block sizes, the
+//! TCP transport, and discards when a volume opts in.
+
+use std::process::Command;
+
+use hostcrypt_e2e::*;
+
+fn nbdinfo_json(uri: &str) -> serde_json::Value {
+    let out = run_ok(Command::new("nbdinfo").arg("--json").arg(uri));
+    serde_json::from_slice(&out.stdout).expect("nbdinfo JSON")
+}
+
+#[test]
+fn nbdinfo_sees_block_sizes_and_flags() {
+    require_tool("nbdinfo");
+    let mut fx = Fixture::new();
+    fx.volume("plain", "cache", "description = \"build cache\"");
+    fx.volume(
+        "disc",
+        "temp",
+        "size = \"8M\"\nsector_size = 512\nallow_discards = true",
+    );
+    fx.create("plain", "16M", 4096);
+    let _d = fx.start();
+
+    let info = nbdinfo_json(&fx.uri("plain"));
+    let export = &info["exports"][0];
+    assert_eq!(export["export-size"], 16 << 20);
+    assert_eq!(export["description"], "build cache");
+    assert_eq!(export["block_size_minimum"], 1);
+    assert_eq!(export["block_size_preferred"], 4096);
+    assert_eq!(export["block_size_maximum"], 32 << 20);
+    assert_eq!(export["can_multi_conn"], true);
+    assert_eq!(export["can_flush"], true);
+    assert_eq!(export["can_fua"], true);
+    assert_eq!(export["can_zero"], true);
+    assert_eq!(
+        export["can_trim"], false,
+        "TRIM must be off unless allow_discards"
+    );
+
+    let info = nbdinfo_json(&fx.uri("disc"));
+    assert_eq!(info["exports"][0]["can_trim"], true);
+    assert_eq!(info["exports"][0]["block_size_preferred"], 512);
+
+    // The empty export name selects the first volume.
+    let out = run_ok(
+        Command::new("nbdinfo")
+            .arg("--size")
+            .arg(format!("nbd+unix:///?socket={}", fx.socket.display())),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (16u64 << 20).to_string()
+    );
+    let out = run_ok(
+        Command::new("nbdinfo")
+            .arg("--list")
+            .arg(format!("nbd+unix://?socket={}", fx.socket.display())),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("plain") && text.contains("disc"), "{text}");
+}
+
+#[test]
+fn discards_punch_holes_and_read_back_as_zeros() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("disc", "temp", "size = \"16M\"\nallow_discards = true");
+    let _d = fx.start();
+    let script = r#"
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\xee" * (8 << 20), 0)
+h.flush()
+h.trim(2 << 20, 4 << 20)
+h.zero(1000, 1 << 20)
+assert h.pread(2 << 20, 4 << 20) == b"\0" * (2 << 20)
+assert h.pread(1 << 20, 1 << 20) == b"\0" * 1000 + b"\xee" * ((1 << 20) - 1000)
+assert h.pread(1 << 20, 0) == b"\xee" * (1 << 20)
+h.flush()
+print("OK")
+"#;
+    let out = run_ok(
+        Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(fx.uri("disc")),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    // The trimmed 2 MiB really became a hole: fewer blocks than 8 MiB of data.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
+    assert!(
+        allocated < (7 << 20),
+        "backing still holds {allocated} bytes after trim"
+    );
+}
+
+#[test]
+fn tcp_listener_serves_qemu() {
+    require_tool("qemu-io");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut fx = Fixture::new();
+    fx.volume("net", "cache", "");
+    fx.write_config(&format!("tcp = \"127.0.0.1:{port}\""));
+    fx.create("net", "16M", 4096);
+    let _d = fx.start();
+    wait_until("TCP listener", std::time::Duration::from_secs(30), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let uri = format!("nbd://127.0.0.1:{port}/net");
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x19 12345 100000",
+                "-c",
+                "read -P 0x19 12345 100000",
+            ])
+            .arg(&uri),
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("verification failed"));
+    // The same data through the Unix socket: one volume, two transports.
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read -P 0x19 12345 100000"])
+            .arg(fx.uri("net")),
+    );
+}
