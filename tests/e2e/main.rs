@@ -6,6 +6,7 @@
 mod bad_input;
 mod breakglass;
 mod clients;
+mod faults;
 mod filesystem;
 mod headers;
 mod protocol;

@@ -104,6 +104,12 @@ impl Fixture {
     /// Adds a `[[volume]]` table; `extra` is appended verbatim (e.g. `size = "64M"`).
     pub fn volume(&mut self, name: &str, role: &str, extra: &str) -> PathBuf {
         let backing = self.path(&format!("{name}.img"));
+        self.volume_at(name, role, &backing, extra);
+        backing
+    }
+
+    /// Like [`Fixture::volume`] with the backing at `backing`.
+    pub fn volume_at(&mut self, name: &str, role: &str, backing: &Path, extra: &str) {
         let kek = if role == "cache" {
             "kek = \"main\"\n"
         } else {
@@ -114,7 +120,6 @@ impl Fixture {
             backing.display()
         ));
         self.write_config("");
-        backing
     }
 
     /// (Re)writes the config; `server_extra` lines go into `[server]`.

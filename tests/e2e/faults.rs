@@ -1,0 +1,122 @@
+//! Faults below and around the daemon: a full backing filesystem and a
+//! kill -9. The daemon answers with an error and keeps serving; flushed
+//! writes survive a crash.
+
+use std::process::Command;
+
+use hostcrypt_e2e::*;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
+}
+
+#[test]
+fn full_backing_filesystem_gives_enospc_and_the_daemon_stays_up() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let mut fx = Fixture::new();
+    let small = fx.path("small");
+    std::fs::create_dir(&small).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&small),
+    );
+    let _guard = SmallFs(small.clone());
+    // A 32 MiB sparse volume on a 4 MiB filesystem, beside a healthy one.
+    fx.volume_at("v", "temp", &small.join("v.img"), "size = \"32M\"");
+    fx.volume("other", "temp", "size = \"8M\"");
+    let d = fx.start();
+    let script = r#"
+import errno, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    for i in range(16):
+        h.pwrite(b"\x42" * (1 << 20), i << 20)
+    sys.exit("filled 16 MiB on a 4 MiB filesystem without an error")
+except nbd.Error as e:
+    code = e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), None)
+    assert code == errno.ENOSPC, e
+# The connection still works for reads of what was written.
+assert h.pread(4096, 0) == b"\x42" * 4096
+print("OK")
+"#;
+    let out = run_ok(
+        Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .arg(fx.uri("v")),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    // Other volumes and new connections are unaffected.
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x11 0 1M",
+                "-c",
+                "read -P 0x11 0 1M",
+            ])
+            .arg(fx.uri("other")),
+    );
+    assert!(d.stderr().contains("request failed"), "{}", d.stderr());
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn flushed_writes_survive_kill_9() {
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.create("v", "32M", 4096);
+    let mut d = fx.start();
+    run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x6b 0 4M",
+                "-c",
+                "write -P 0x21 1000 5000",
+                "-c",
+                "flush",
+                "-c",
+                "write -f -P 0x7e 8M 64k",
+            ])
+            .arg(fx.uri("v")),
+    );
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    let _d = fx.start();
+    let out = run_ok(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                "read -P 0x6b 0 1000",
+                "-c",
+                "read -P 0x21 1000 5000",
+                "-c",
+                "read -P 0x6b 6000 1000",
+                "-c",
+                "read -P 0x7e 8M 64k",
+            ])
+            .arg(fx.uri("v")),
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("verification failed"));
+}
