@@ -56,17 +56,9 @@ fn assert_closed(s: &mut UnixStream) {
 }
 
 fn good_client_works(fx: &Fixture) {
-    run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x33 4096 4096",
-                "-c",
-                "read -P 0x33 4096 4096",
-            ])
-            .arg(fx.uri("v")),
+    qemu_io(
+        &fx.uri("v"),
+        &["write -P 0x33 4096 4096", "read -P 0x33 4096 4096"],
     );
 }
 

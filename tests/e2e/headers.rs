@@ -28,11 +28,7 @@ fn corrupt_primary_is_repaired_from_backup_and_data_survives() {
     let backing = fx.volume("h", "cache", "");
     fx.create("h", "16M", 4096);
     let d = fx.start();
-    run_ok(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "write -P 0x61 0 64k"])
-            .arg(fx.uri("h")),
-    );
+    qemu_io(&fx.uri("h"), &["write -P 0x61 0 64k"]);
     assert_eq!(d.stop(), 0);
 
     corrupt(&backing, PRIMARY_AT);
@@ -46,11 +42,7 @@ fn corrupt_primary_is_repaired_from_backup_and_data_survives() {
     );
 
     let d = fx.start();
-    run_ok(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read -P 0x61 0 64k"])
-            .arg(fx.uri("h")),
-    );
+    qemu_io(&fx.uri("h"), &["read -P 0x61 0 64k"]);
     let log = d.stderr();
     assert!(
         log.contains("primary header copy is invalid") && log.contains("repairing"),
@@ -118,10 +110,8 @@ fn wrong_kek_is_refused_naming_both_keys_and_nothing_written() {
     assert!(!fx.socket.exists());
 }
 
-#[test]
-fn bad_config_names_key_and_line() {
-    let mut fx = Fixture::new();
-    fx.volume("h", "cache", "sector_size = 1000");
+/// Runs `hostcryptd --check`, expects exit code 1, returns stderr.
+fn check_fails(fx: &Fixture) -> String {
     let out = Command::new(bin("hostcryptd"))
         .arg("--config")
         .arg(&fx.config)
@@ -129,7 +119,14 @@ fn bad_config_names_key_and_line() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_config_names_key_and_line() {
+    let mut fx = Fixture::new();
+    fx.volume("h", "cache", "sector_size = 1000");
+    let err = check_fails(&fx);
     assert!(
         err.contains("sector_size must be 512 or 4096") && err.contains("line"),
         "{err}"
@@ -142,14 +139,7 @@ fn bad_config_names_key_and_line() {
             .replace("sector_size = 1000", "colour = \"blue\""),
     )
     .unwrap();
-    let out = Command::new(bin("hostcryptd"))
-        .arg("--config")
-        .arg(&fx.config)
-        .arg("--check")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = check_fails(&fx);
     assert!(err.contains("colour") && err.contains("line"), "{err}");
 }
 

@@ -68,7 +68,6 @@ fn discards_punch_holes_and_read_back_as_zeros() {
     let backing = fx.volume("disc", "temp", "size = \"16M\"\nallow_discards = true");
     let _d = fx.start();
     let script = r#"
-import sys, nbd
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 h.pwrite(b"\xee" * (8 << 20), 0)
@@ -81,12 +80,7 @@ assert h.pread(1 << 20, 0) == b"\xee" * (1 << 20)
 h.flush()
 print("OK")
 "#;
-    let out = run_ok(
-        Command::new("/usr/bin/python3")
-            .args(["-c", script])
-            .arg(fx.uri("disc")),
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    python_nbd(script, &fx.uri("disc"));
     // The trimmed 2 MiB really became a hole: fewer blocks than 8 MiB of data.
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(&backing).unwrap().blocks() * 512;
@@ -113,23 +107,10 @@ fn tcp_listener_serves_qemu() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     let uri = format!("nbd://127.0.0.1:{port}/net");
-    let out = run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                "write -P 0x19 12345 100000",
-                "-c",
-                "read -P 0x19 12345 100000",
-            ])
-            .arg(&uri),
+    qemu_io(
+        &uri,
+        &["write -P 0x19 12345 100000", "read -P 0x19 12345 100000"],
     );
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("verification failed"));
     // The same data through the Unix socket: one volume, two transports.
-    run_ok(
-        Command::new("qemu-io")
-            .args(["-f", "raw", "-c", "read -P 0x19 12345 100000"])
-            .arg(fx.uri("net")),
-    );
+    qemu_io(&fx.uri("net"), &["read -P 0x19 12345 100000"]);
 }

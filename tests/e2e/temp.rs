@@ -11,17 +11,12 @@ fn temp_volume_contents_are_gone_after_restart() {
     let backing = fx.volume("scratch", "temp", "size = \"32M\"");
     let daemon = fx.start();
     let marker = "0x5d";
-    run_ok(
-        Command::new("qemu-io")
-            .args([
-                "-f",
-                "raw",
-                "-c",
-                &format!("write -P {marker} 0 4M"),
-                "-c",
-                &format!("read -P {marker} 0 4M"),
-            ])
-            .arg(fx.uri("scratch")),
+    qemu_io(
+        &fx.uri("scratch"),
+        &[
+            &format!("write -P {marker} 0 4M"),
+            &format!("read -P {marker} 0 4M"),
+        ],
     );
     assert_eq!(daemon.stop(), 0);
     // Ciphertext only on disk while stopped.

@@ -241,6 +241,42 @@ impl Drop for Daemon {
     }
 }
 
+/// Runs qemu-io on `uri` with one `-c` per command; fails the test if
+/// qemu-io fails or any `read -P` finds a different pattern. Returns stdout.
+pub fn qemu_io(uri: &str, commands: &[impl AsRef<str>]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.args(["-c", c.as_ref()]);
+    }
+    let out = run_ok(cmd.arg(uri));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("verification failed"), "{uri}: {text}");
+    text
+}
+
+/// Runs a Python libnbd script with the connection URI as argv[1] and an
+/// `errno_of(e)` helper in scope (libnbd reports errno as a name in some
+/// versions, a number in others); the script must print OK.
+pub fn python_nbd(script: &str, uri: &str) -> String {
+    let prelude = "import errno, sys, nbd\n\
+def errno_of(e):\n    \
+return e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), None)\n";
+    let out = run_ok(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(format!("{prelude}{script}"))
+            .arg(uri),
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.trim() == "OK" || l.trim() == "ALL OK"),
+        "{text}"
+    );
+    text
+}
+
 /// SHA-256 of a file, hex.
 pub fn sha256_file(path: &Path) -> String {
     let out = run_ok(Command::new("sha256sum").arg(path));
