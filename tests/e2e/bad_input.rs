@@ -200,3 +200,39 @@ fn out_of_range_and_oversized_requests_get_errors_libnbd() {
     assert!(text.contains("ALL OK"), "{text}");
     good_client_works(&fx);
 }
+
+/// Old clients pick an export with NBD_OPT_EXPORT_NAME instead of OPT_GO;
+/// an unknown name there can only be answered by closing the connection.
+#[test]
+fn export_name_fallback_enters_transmission() {
+    let (fx, _d) = setup();
+    let mut s = connect(&fx);
+    greet(&mut s); // negotiates NO_ZEROES: the reply is size + flags only
+    send_option(&mut s, 1, b"v");
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 16 << 20);
+    let flags = u16::from_be_bytes(reply[8..].try_into().unwrap());
+    assert_eq!(
+        flags & 0x0101,
+        0x0101,
+        "HAS_FLAGS and CAN_MULTI_CONN: {flags:#x}"
+    );
+    let mut write = request(1, 9, 4096, 4);
+    write.extend_from_slice(b"abcd");
+    s.write_all(&write).unwrap();
+    let mut ack = [0u8; 16];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(u32::from_be_bytes(ack[4..8].try_into().unwrap()), 0);
+    s.write_all(&request(0, 10, 4096, 4)).unwrap();
+    let mut data = [0u8; 20];
+    s.read_exact(&mut data).unwrap();
+    assert_eq!(&data[16..], b"abcd");
+    s.write_all(&request(2, 11, 0, 0)).unwrap(); // NBD_CMD_DISC
+    assert_closed(&mut s);
+
+    let mut s = connect(&fx);
+    greet(&mut s);
+    send_option(&mut s, 1, b"no-such-export");
+    assert_closed(&mut s);
+}
