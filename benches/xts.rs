@@ -38,6 +38,15 @@ fn hostcrypt_encrypt(bencher: Bencher, len: usize) {
 }
 
 #[divan::bench(args = SIZES)]
+fn hostcrypt_portable_encrypt(bencher: Bencher, len: usize) {
+    let xts = SectorCipher::portable(&key(), sector_for(len));
+    let mut buf = vec![0x5au8; len];
+    bencher
+        .counter(BytesCount::new(len))
+        .bench_local(|| xts.encrypt(divan::black_box(&mut buf), 7));
+}
+
+#[divan::bench(args = SIZES)]
 fn hostcrypt_decrypt(bencher: Bencher, len: usize) {
     let xts = SectorCipher::new(&key(), sector_for(len));
     let mut buf = vec![0x5au8; len];

@@ -5,6 +5,8 @@
 
 mod dek;
 mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 pub use dek::{Dek, DEK_LEN};
 pub use xts::{SectorCipher, XTS_BLOCK};

@@ -32,13 +32,37 @@ pub struct SectorCipher {
     data: Aes256,
     tweak: Aes256,
     sector_size: usize,
+    /// The VAES kernel's key schedule, when the CPU has VAES + AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    vaes: Option<super::xts_vaes::VaesKeys>,
 }
 
 impl SectorCipher {
-    /// Builds the cipher; `sector_size` must be a non-zero multiple of 16.
+    /// Builds the cipher with the fastest kernel this CPU supports;
+    /// `sector_size` must be a non-zero multiple of 16.
     pub fn new(dek: &Dek, sector_size: usize) -> Self {
+        let mut cipher = Self::portable(dek, sector_size);
+        #[cfg(target_arch = "x86_64")]
+        if super::xts_vaes::VaesKeys::fits(sector_size) {
+            cipher.vaes = super::xts_vaes::VaesKeys::new(arr32(&dek.expose()[..32]));
+        }
+        cipher
+    }
+
+    /// Which kernel [`SectorCipher::new`] picked, for logs and benchmarks.
+    pub fn kernel(&self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if self.vaes.is_some() {
+            return "vaes-avx512";
+        }
+        "aes-ni (aes crate)"
+    }
+
+    /// The portable kernel (the `aes` crate's batch API, which itself uses
+    /// AES-NI when present); also the oracle the vector kernel is tested against.
+    pub fn portable(dek: &Dek, sector_size: usize) -> Self {
         assert!(
-            sector_size > 0 && sector_size % XTS_BLOCK == 0,
+            sector_size > 0 && sector_size.is_multiple_of(XTS_BLOCK),
             "sector size {sector_size} is not a multiple of 16"
         );
         let key = dek.expose();
@@ -46,6 +70,8 @@ impl SectorCipher {
             data: Aes256::new(&Array::from(*arr32(&key[..32]))),
             tweak: Aes256::new(&Array::from(*arr32(&key[32..]))),
             sector_size,
+            #[cfg(target_arch = "x86_64")]
+            vaes: None,
         }
     }
 
@@ -79,6 +105,14 @@ impl SectorCipher {
         let mut t = Array::from((index as u128).to_le_bytes());
         self.tweak.encrypt_block(&mut t);
         let mut tweak = u128::from_le_bytes(t.into());
+        #[cfg(target_arch = "x86_64")]
+        if let Some(vaes) = &self.vaes {
+            match direction {
+                Direction::Encrypt => vaes.encrypt(sector, tweak),
+                Direction::Decrypt => vaes.decrypt(sector, tweak),
+            }
+            return;
+        }
 
         let mut tweaks = [0u128; MAX_BATCH_BLOCKS];
         for chunk in sector.chunks_mut(MAX_BATCH_BLOCKS * XTS_BLOCK) {
@@ -174,6 +208,17 @@ mod tests {
         assert_eq!(buf, plaintext);
     }
 
+    #[test]
+    fn picks_the_vector_kernel_when_the_cpu_has_it() {
+        let xts = SectorCipher::new(&Dek::generate().unwrap(), 4096);
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("vaes") && is_x86_feature_detected!("avx512f") {
+            assert_eq!(xts.kernel(), "vaes-avx512");
+            return;
+        }
+        assert_eq!(xts.kernel(), "aes-ni (aes crate)");
+    }
+
     /// Sector `n` of a multi-sector buffer uses tweak `first + n`.
     #[test]
     fn consecutive_sectors_use_consecutive_tweaks() {
@@ -234,6 +279,19 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever kernel `new` picks agrees with the portable one.
+        #[test]
+        fn dispatched_kernel_matches_portable(key in key_strategy(), (size, data) in sectors_strategy(), first in any::<u64>()) {
+            let dek = Dek::from_slice(&key).unwrap();
+            let (fast, portable) = (SectorCipher::new(&dek, size), SectorCipher::portable(&dek, size));
+            let (mut a, mut b) = (data.clone(), data.clone());
+            fast.encrypt(&mut a, first);
+            portable.encrypt(&mut b, first);
+            prop_assert_eq!(&a, &b);
+            fast.decrypt(&mut a, first);
+            prop_assert_eq!(a, data);
+        }
 
         #[test]
         fn matches_openssl(key in key_strategy(), (size, data) in sectors_strategy(), first in any::<u64>()) {

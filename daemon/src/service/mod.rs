@@ -94,6 +94,7 @@ pub fn open_exports(config: &Config) -> Result<Exports, ServiceError> {
             role = %opened.role,
             size = opened.header.size,
             sector_size = opened.header.sector_size,
+            xts = opened.data.cipher_kernel(),
             backing = %backing.display(),
             "volume open"
         );

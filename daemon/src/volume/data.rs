@@ -60,6 +60,11 @@ impl DataArea {
         self.sector
     }
 
+    /// Which XTS kernel encrypts this volume (e.g. `vaes-avx512`).
+    pub fn cipher_kernel(&self) -> &'static str {
+        self.cipher.kernel()
+    }
+
     pub fn backing(&self) -> &Backing {
         &self.backing
     }

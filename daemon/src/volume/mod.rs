@@ -89,7 +89,7 @@ impl Geometry {
                 self.sector_size
             )));
         }
-        if self.size == 0 || self.size % u64::from(self.sector_size) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(u64::from(self.sector_size)) {
             return Err(VolumeError::Geometry(format!(
                 "size {} must be a non-zero multiple of the sector size {}",
                 self.size, self.sector_size
