@@ -5,7 +5,10 @@
 //! ciphertext.
 
 mod backing;
+mod buffers;
 mod range_lock;
+pub mod workers;
 
 pub use backing::Backing;
+pub use buffers::IoBuf;
 pub use range_lock::{RangeGuard, RangeLock};

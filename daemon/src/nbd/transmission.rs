@@ -1,5 +1,5 @@
 //! The transmission phase of one connection: read requests, run each on the
-//! blocking pool as soon as it arrives, send replies in completion order.
+//! I/O workers as soon as it arrives, send replies in completion order.
 //!
 //! The reader task only parses headers and payloads, so many requests are in
 //! flight per connection and replies may overtake each other, as the protocol
@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
 use super::proto::*;
+use crate::io::IoBuf;
 
 /// Per-connection in-flight budget: 64 MiB in 4 KiB units.
 const BUDGET_UNITS: u32 = 16 * 1024;
@@ -22,7 +23,7 @@ const UNIT: u32 = 4096;
 
 struct Reply {
     header: [u8; 16],
-    data: Vec<u8>,
+    data: Option<IoBuf>,
     _budget: OwnedSemaphorePermit,
 }
 
@@ -95,7 +96,7 @@ where
                     ctx.fail(EOVERFLOW, permit);
                     continue;
                 };
-                let mut data = vec![0u8; req.length as usize];
+                let mut data = IoBuf::new(req.length as usize);
                 if let Err(e) = reader.read_exact(&mut data).await {
                     tracing::warn!(
                         peer,
@@ -129,7 +130,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn respond(&self, error: u32, data: Vec<u8>, budget: OwnedSemaphorePermit) {
+    fn respond(&self, error: u32, data: Option<IoBuf>, budget: OwnedSemaphorePermit) {
         // A send fails only when the writer is gone (client hung up).
         let _ = self.tx.send(Reply {
             header: simple_reply(error, self.req.cookie),
@@ -139,7 +140,7 @@ impl Ctx {
     }
 
     fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
-        self.respond(error, Vec::new(), budget);
+        self.respond(error, None, budget);
     }
 
     fn in_range(&self) -> bool {
@@ -149,13 +150,13 @@ impl Ctx {
             .is_some_and(|end| end <= self.export.size())
     }
 
-    /// Runs `op` on the blocking pool, then a flush if the request has FUA,
+    /// Runs `op` on an I/O worker, then a flush if the request has FUA,
     /// and replies with its outcome.
     fn run<F>(self, budget: OwnedSemaphorePermit, op: F)
     where
-        F: FnOnce(&Export, &Request) -> std::io::Result<Vec<u8>> + Send + 'static,
+        F: FnOnce(&Export, &Request) -> std::io::Result<Option<IoBuf>> + Send + 'static,
     {
-        tokio::task::spawn_blocking(move || {
+        crate::io::workers::spawn(move || {
             let fua = self.req.flags & CMD_FLAG_FUA != 0;
             let outcome = op(&self.export, &self.req).and_then(|data| {
                 if fua {
@@ -181,13 +182,13 @@ impl Ctx {
     }
 }
 
-fn handle_write(ctx: Ctx, data: Vec<u8>, budget: OwnedSemaphorePermit) {
+fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
     if !ctx.in_range() {
         return ctx.fail(ENOSPC, budget);
     }
     ctx.run(budget, move |export, req| {
-        export.volume.data.write(req.offset, data)?;
-        Ok(Vec::new())
+        export.volume.data.write(req.offset, &mut data)?;
+        Ok(None)
     });
 }
 
@@ -202,12 +203,16 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
                 return ctx.fail(EINVAL, budget);
             }
             ctx.run(budget, |export, req| {
-                export.volume.data.read(req.offset, req.length as usize)
+                export
+                    .volume
+                    .data
+                    .read(req.offset, req.length as usize)
+                    .map(Some)
             });
         }
         CMD_FLUSH => ctx.run(budget, |export, _| {
             export.volume.data.flush()?;
-            Ok(Vec::new())
+            Ok(None)
         }),
         CMD_WRITE_ZEROES => {
             if !ctx.in_range() {
@@ -219,7 +224,7 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
                     .volume
                     .data
                     .write_zeroes(req.offset, u64::from(req.length), punch)?;
-                Ok(Vec::new())
+                Ok(None)
             });
         }
         CMD_TRIM => {
@@ -231,7 +236,7 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
             }
             ctx.run(budget, |export, req| {
                 export.volume.data.trim(req.offset, u64::from(req.length))?;
-                Ok(Vec::new())
+                Ok(None)
             });
         }
         CMD_CACHE => {
@@ -258,8 +263,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     while let Some(reply) = rx.recv().await {
         out.write_all(&reply.header).await?;
-        if !reply.data.is_empty() {
-            out.write_all(&reply.data).await?;
+        if let Some(data) = &reply.data {
+            out.write_all(data).await?;
         }
         drop(reply);
         // Batch replies that are already waiting into one write.

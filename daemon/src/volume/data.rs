@@ -15,7 +15,7 @@
 use std::io;
 
 use crate::crypto::SectorCipher;
-use crate::io::{Backing, RangeLock};
+use crate::io::{Backing, IoBuf, RangeLock};
 
 /// Zeroing writes go out in pieces of this size to bound memory.
 const ZERO_CHUNK: u64 = 1024 * 1024;
@@ -104,10 +104,10 @@ impl DataArea {
         self.backing.write_at(buf, self.data_offset + start)
     }
 
-    pub fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    pub fn read(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
         self.check_range(offset, len as u64)?;
         let (start, end) = self.aligned(offset, len as u64);
-        let mut buf = vec![0u8; (end - start) as usize];
+        let mut buf = IoBuf::new((end - start) as usize);
         self.read_sectors(&mut buf, start)?;
         let skip = (offset - start) as usize;
         if skip != 0 || buf.len() != len {
@@ -117,18 +117,19 @@ impl DataArea {
         Ok(buf)
     }
 
-    /// Writes `data` at `offset`. Whole-sector writes are encrypted in place in
-    /// `data`'s own buffer; partial sectors are read, merged and rewritten
-    /// while the range lock keeps other writers off those sectors.
-    pub fn write(&self, offset: u64, mut data: Vec<u8>) -> io::Result<()> {
+    /// Writes `data` at `offset`. Whole-sector writes are encrypted in place
+    /// in `data`'s own buffer (so `data` holds ciphertext afterwards); partial
+    /// sectors are read, merged and rewritten while the range lock keeps
+    /// other writers off those sectors.
+    pub fn write(&self, offset: u64, data: &mut [u8]) -> io::Result<()> {
         let len = data.len() as u64;
         self.check_range(offset, len)?;
         let (start, end) = self.aligned(offset, len);
         let _guard = self.writers.lock(start, end);
         if start == offset && end == offset + len {
-            return self.write_sectors(&mut data, start);
+            return self.write_sectors(data, start);
         }
-        let mut buf = vec![0u8; (end - start) as usize];
+        let mut buf = IoBuf::new((end - start) as usize);
         let ss = self.sector as usize;
         if offset != start {
             self.read_sectors(&mut buf[..ss], start)?;
@@ -139,7 +140,7 @@ impl DataArea {
             self.read_sectors(&mut buf[at..], tail_start)?;
         }
         let at = (offset - start) as usize;
-        buf[at..at + data.len()].copy_from_slice(&data);
+        buf[at..at + data.len()].copy_from_slice(data);
         self.write_sectors(&mut buf, start)
     }
 
@@ -153,7 +154,7 @@ impl DataArea {
             let last_whole = (offset + len) / self.sector * self.sector;
             if first_whole < last_whole {
                 if offset < first_whole {
-                    self.write(offset, vec![0; (first_whole - offset) as usize])?;
+                    self.write(offset, &mut IoBuf::zeroed((first_whole - offset) as usize))?;
                 }
                 {
                     let _guard = self.writers.lock(first_whole, last_whole);
@@ -161,7 +162,10 @@ impl DataArea {
                         .punch_hole(self.data_offset + first_whole, last_whole - first_whole)?;
                 }
                 if last_whole < offset + len {
-                    self.write(last_whole, vec![0; (offset + len - last_whole) as usize])?;
+                    self.write(
+                        last_whole,
+                        &mut IoBuf::zeroed((offset + len - last_whole) as usize),
+                    )?;
                 }
                 return Ok(());
             }
@@ -169,7 +173,7 @@ impl DataArea {
         let mut at = offset;
         while at < offset + len {
             let piece = ZERO_CHUNK.min(offset + len - at);
-            self.write(at, vec![0; piece as usize])?;
+            self.write(at, &mut IoBuf::zeroed(piece as usize))?;
             at += piece;
         }
         Ok(())
@@ -218,11 +222,11 @@ mod tests {
         let (_d, a) = area(4096, 1 << 20);
         assert!(a.read(0, 8192).unwrap().iter().all(|&b| b == 0));
         let text = b"attack at dawn! ".repeat(256);
-        a.write(4096, text.clone()).unwrap();
+        a.write(4096, &mut text.clone()).unwrap();
         let mut raw = vec![0u8; 4096];
         a.backing.read_at(&mut raw, 4096 + 4096).unwrap();
         assert!(!raw.windows(16).any(|w| w == b"attack at dawn! "));
-        assert_eq!(a.read(4096, text.len()).unwrap(), text);
+        assert_eq!(&a.read(4096, text.len()).unwrap()[..], &text[..]);
     }
 
     #[test]
@@ -233,7 +237,7 @@ mod tests {
             io::ErrorKind::InvalidInput
         );
         assert_eq!(
-            a.write(u64::MAX - 2, vec![1; 4]).unwrap_err().kind(),
+            a.write(u64::MAX - 2, &mut [1; 4]).unwrap_err().kind(),
             io::ErrorKind::InvalidInput
         );
     }
@@ -241,7 +245,7 @@ mod tests {
     #[test]
     fn punched_and_written_zeroes_read_as_zero() {
         let (_d, a) = area(4096, 1 << 20);
-        a.write(0, vec![0xee; 1 << 20]).unwrap();
+        a.write(0, &mut vec![0xee; 1 << 20]).unwrap();
         a.write_zeroes(1000, 20000, true).unwrap();
         a.write_zeroes(100_000, 5000, false).unwrap();
         let back = a.read(0, 1 << 20).unwrap();
@@ -264,11 +268,11 @@ mod tests {
             let mut model = vec![0u8; size as usize];
             for (off, len, byte) in ops {
                 let len = len.min((size - off) as usize);
-                a.write(off, vec![byte; len]).unwrap();
+                a.write(off, &mut vec![byte; len]).unwrap();
                 model[off as usize..off as usize + len].fill(byte);
             }
-            prop_assert_eq!(a.read(0, size as usize).unwrap(), model.clone());
-            prop_assert_eq!(a.read(333, 1000).unwrap(), model[333..1333].to_vec());
+            prop_assert_eq!(&a.read(0, size as usize).unwrap()[..], &model[..]);
+            prop_assert_eq!(&a.read(333, 1000).unwrap()[..], &model[333..1333]);
         }
     }
 }
