@@ -39,9 +39,9 @@ fn nbdcopy_256m_round_trip_and_no_plaintext_on_disk() {
 #[test]
 fn qemu_io_aligned_and_unaligned_patterns() {
     require_tool("qemu-io");
-    for sector in [512u32, 4096] {
+    for (sector, direct) in [(512u32, false), (4096, false), (512, true), (4096, true)] {
         let mut fx = Fixture::new();
-        fx.volume("v", "cache", "");
+        fx.volume("v", "cache", &format!("direct = {direct}"));
         fx.create("v", "64M", sector);
         let _daemon = fx.start();
         let uri = fx.uri("v");
@@ -69,11 +69,27 @@ fn qemu_io_aligned_and_unaligned_patterns() {
 
 #[test]
 fn fio_verify_two_connections_qd16() {
+    fio_verify("");
+}
+
+#[test]
+fn fio_verify_two_connections_qd16_o_direct() {
+    fio_verify("direct = true");
+}
+
+fn fio_verify(volume_options: &str) {
     require_tool("fio");
     let mut fx = Fixture::new();
-    fx.volume("fio", "cache", "");
+    fx.volume("fio", "cache", volume_options);
     fx.create("fio", "128M", 4096);
-    let _daemon = fx.start();
+    let daemon = fx.start();
+    if volume_options.contains("direct = true") {
+        assert!(
+            daemon.stderr().contains("direct=true"),
+            "{}",
+            daemon.stderr()
+        );
+    }
     let out = run_ok(Command::new("fio").args([
         "--name=verify",
         "--ioengine=nbd",

@@ -73,6 +73,9 @@ pub struct VolumeConfig {
     pub sector_size: u32,
     #[serde(default)]
     pub allow_discards: bool,
+    /// O_DIRECT on the data area (bypass the host page cache).
+    #[serde(default)]
+    pub direct: bool,
     pub description: Option<String>,
 }
 

@@ -4,6 +4,9 @@
 //! server's CPU on sequential reads. Buffers come in power-of-two classes
 //! from 4 KiB to 32 MiB, are zeroed once when first made, and go back to
 //! their class when dropped, up to a cap on the bytes kept idle.
+//!
+//! Every buffer starts on a 4 KiB boundary and spans whole pages, so the
+//! same buffers serve O_DIRECT backings (which need aligned memory).
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,37 +18,49 @@ const CLASSES: usize = (MAX_CLASS - MIN_CLASS + 1) as usize;
 /// Idle bytes kept for reuse across all classes.
 const MAX_IDLE_BYTES: usize = 256 << 20;
 
-static FREE: [Mutex<Vec<Vec<u8>>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
+static FREE: [Mutex<Vec<Vec<Page>>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
 static IDLE_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+const PAGE: usize = 4096;
+
+/// One page of buffer memory; the alignment is what O_DIRECT needs.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Page([u8; PAGE]);
 
 /// A byte buffer of a requested length, returned to the pool on drop.
 /// Its contents on arrival are whatever the last user left: callers
 /// overwrite before they read.
 pub struct IoBuf {
-    vec: Vec<u8>,
+    /// Invariant: `len <= pages.len() * PAGE`.
+    pages: Vec<Page>,
     len: usize,
+}
+
+fn pages(bytes: usize) -> Vec<Page> {
+    vec![Page([0; PAGE]); bytes.div_ceil(PAGE)]
 }
 
 impl IoBuf {
     /// A buffer of exactly `len` bytes (contents unspecified).
     pub fn new(len: usize) -> Self {
-        let vec = match class_of(len) {
+        let pages = match class_of(len) {
             Some(class) => {
                 let reused = FREE[class]
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .pop();
                 match reused {
-                    Some(v) => {
-                        IDLE_BYTES.fetch_sub(v.len(), Ordering::Relaxed);
-                        v
+                    Some(p) => {
+                        IDLE_BYTES.fetch_sub(p.len() * PAGE, Ordering::Relaxed);
+                        p
                     }
-                    None => vec![0u8; 1 << (class as u32 + MIN_CLASS)],
+                    None => pages(1 << (class as u32 + MIN_CLASS)),
                 }
             }
-            None => vec![0u8; len],
+            None => pages(len),
         };
-        IoBuf { vec, len }
+        IoBuf { pages, len }
     }
 
     /// A buffer of `len` zero bytes.
@@ -73,19 +88,23 @@ fn class_of(len: usize) -> Option<usize> {
 impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.vec[..self.len]
+        // SAFETY: `Page` is `repr(C)` around `[u8; PAGE]` with size PAGE and
+        // no padding, so the vector's pages are `pages.len() * PAGE`
+        // contiguous, initialised bytes; `len` never exceeds that.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
     }
 }
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.vec[..self.len]
+        // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
     }
 }
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        let size = self.vec.len();
+        let size = self.pages.len() * PAGE;
         let Some(class) = class_of(size).filter(|&c| 1usize << (c as u32 + MIN_CLASS) == size)
         else {
             return;
@@ -94,11 +113,11 @@ impl Drop for IoBuf {
             IDLE_BYTES.fetch_sub(size, Ordering::Relaxed);
             return;
         }
-        let vec = std::mem::take(&mut self.vec);
+        let pages = std::mem::take(&mut self.pages);
         FREE[class]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(vec);
+            .push(pages);
     }
 }
 
@@ -116,6 +135,7 @@ mod tests {
     fn lengths_and_reuse() {
         let mut a = IoBuf::new(5000);
         assert_eq!(a.len(), 5000);
+        assert_eq!(a.as_ptr() as usize % PAGE, 0, "buffers are page-aligned");
         a.fill(7);
         let ptr = a.as_ptr();
         drop(a);

@@ -79,14 +79,15 @@ pub fn open_exports(config: &Config) -> Result<Exports, ServiceError> {
                         volume: name.clone(),
                         kek: kek_name.to_string(),
                     })?;
-                volume::open_cache(&name, backing, v.size_bytes(), kek.as_ref()).map_err(wrap)?
+                volume::open_cache(&name, backing, v.size_bytes(), kek.as_ref(), v.direct)
+                    .map_err(wrap)?
             }
             Role::Temp => {
                 let geometry = Geometry {
                     size: v.size_bytes().unwrap_or(0),
                     sector_size: v.sector_size,
                 };
-                volume::open_temp(&name, backing, geometry).map_err(wrap)?
+                volume::open_temp(&name, backing, geometry, v.direct).map_err(wrap)?
             }
         };
         tracing::info!(
@@ -95,6 +96,7 @@ pub fn open_exports(config: &Config) -> Result<Exports, ServiceError> {
             size = opened.header.size,
             sector_size = opened.header.sector_size,
             xts = opened.data.cipher_kernel(),
+            direct = v.direct,
             backing = %backing.display(),
             "volume open"
         );

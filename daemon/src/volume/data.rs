@@ -88,7 +88,7 @@ impl DataArea {
 
     /// Reads whole sectors `[start, end)` and decrypts them into `buf`.
     fn read_sectors(&self, buf: &mut [u8], start: u64) -> io::Result<()> {
-        self.backing.read_at(buf, self.data_offset + start)?;
+        self.backing.read_data(buf, self.data_offset + start)?;
         let first = start / self.sector;
         for (i, sector) in buf.chunks_exact_mut(self.sector as usize).enumerate() {
             if !is_zero(sector) {
@@ -101,7 +101,7 @@ impl DataArea {
     /// Encrypts whole sectors in place and writes them at `start`.
     fn write_sectors(&self, buf: &mut [u8], start: u64) -> io::Result<()> {
         self.cipher.encrypt(buf, start / self.sector);
-        self.backing.write_at(buf, self.data_offset + start)
+        self.backing.write_data(buf, self.data_offset + start)
     }
 
     pub fn read(&self, offset: u64, len: usize) -> io::Result<IoBuf> {

@@ -239,8 +239,9 @@ pub fn open_cache(
     path: &Path,
     expected_size: Option<u64>,
     kek: &dyn KeyProvider,
+    direct: bool,
 ) -> Result<Volume, VolumeError> {
-    let backing = open_existing(path)?;
+    let mut backing = open_existing(path)?;
     let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
     let header = current_header(path, &copies)?;
     if header.role != Role::Cache {
@@ -273,6 +274,9 @@ pub fn open_cache(
         tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
         copies.repair(&backing).map_err(io_err(path))?;
     }
+    if direct {
+        backing.enable_direct().map_err(io_err(path))?;
+    }
     let cipher = SectorCipher::new(&dek, header.sector_size as usize);
     let data = DataArea::new(backing, cipher, header.size, header.data_offset);
     Ok(Volume {
@@ -286,7 +290,12 @@ pub fn open_cache(
 /// Opens a temp volume: recreates the backing with a fresh in-memory DEK.
 /// Refuses a backing that holds a cache volume or foreign data, so a config
 /// typo cannot wipe a persistent disk.
-pub fn open_temp(name: &str, path: &Path, geometry: Geometry) -> Result<Volume, VolumeError> {
+pub fn open_temp(
+    name: &str,
+    path: &Path,
+    geometry: Geometry,
+    direct: bool,
+) -> Result<Volume, VolumeError> {
     geometry.validate()?;
     if path.exists() {
         let backing = open_existing(path)?;
@@ -311,9 +320,12 @@ pub fn open_temp(name: &str, path: &Path, geometry: Geometry) -> Result<Volume, 
             std::fs::remove_file(path).map_err(io_err(path))?;
         }
     }
-    let backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    let mut backing = Backing::open_or_create(path).map_err(io_err(path))?;
     let mut header = new_header(geometry, Role::Temp);
     lay_out(path, &backing, &mut header)?;
+    if direct {
+        backing.enable_direct().map_err(io_err(path))?;
+    }
     let dek = Dek::generate().map_err(VolumeError::Random)?;
     let cipher = SectorCipher::new(&dek, geometry.sector_size as usize);
     let data = DataArea::new(backing, cipher, header.size, header.data_offset);
