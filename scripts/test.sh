@@ -33,6 +33,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
+# The end-to-end suite again on the thread-pool engine (the first pass ran
+# on io_uring where the kernel allows it): both engines pass the same tests.
+echo "==> end-to-end tests on the thread-pool engine"
+HOSTCRYPT_E2E_IO_ENGINE=threads cargo test -p hostcrypt-e2e --locked --test e2e -- \
+  --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee -a "$log" || status=$?
 # One closing line over every test binary (cargo prints one per binary,
 # and the last is often an empty doc-test run).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }

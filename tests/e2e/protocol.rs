@@ -114,3 +114,25 @@ fn tcp_listener_serves_qemu() {
     // The same data through the Unix socket: one volume, two transports.
     qemu_io(&fx.uri("net"), &["read -P 0x19 12345 100000"]);
 }
+
+#[test]
+fn runs_on_the_configured_io_engine() {
+    let mut fx = Fixture::new();
+    fx.volume("e", "temp", "size = \"8M\"");
+    let d = fx.start();
+    qemu_io(&fx.uri("e"), &["write -P 0x44 0 64k", "read -P 0x44 0 64k"]);
+    let log = d.stderr();
+    let expected = match io_engine().as_str() {
+        "auto" => {
+            // auto prefers io_uring and says so when it has to fall back.
+            if log.contains("io_uring is not available") {
+                "threads"
+            } else {
+                "uring"
+            }
+        }
+        other => other,
+    }
+    .to_string();
+    assert!(log.contains(&format!("engine=\"{expected}\"")), "{log}");
+}

@@ -123,10 +123,13 @@ impl Fixture {
     }
 
     /// (Re)writes the config; `server_extra` lines go into `[server]`.
+    /// `HOSTCRYPT_E2E_IO_ENGINE` (auto, uring, threads) picks the I/O
+    /// engine, so the whole suite can run once per engine.
     pub fn write_config(&self, server_extra: &str) {
         let text = format!(
-            "[server]\nunix = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}",
+            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}",
             self.socket.display(),
+            io_engine(),
             self.kek.display(),
             self.volumes.join("\n")
         );
@@ -183,6 +186,11 @@ impl Fixture {
             .expect("spawn hostcryptd");
         Daemon { child, log }
     }
+}
+
+/// The I/O engine the suite runs with (`HOSTCRYPT_E2E_IO_ENGINE`, default auto).
+pub fn io_engine() -> String {
+    std::env::var("HOSTCRYPT_E2E_IO_ENGINE").unwrap_or_else(|_| "auto".into())
 }
 
 fn unique() -> u64 {

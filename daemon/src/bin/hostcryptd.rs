@@ -83,6 +83,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let exports = service::open_exports(&config)?;
+    let engine = hostcryptd::io::engine::init(config.server.io_engine).context(
+        "starting the io_uring engine (set io_engine = \"threads\" where io_uring is not allowed)",
+    )?;
+    tracing::info!(engine = engine.name(), "I/O engine ready");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

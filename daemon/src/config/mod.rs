@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub unix: Option<PathBuf>,
     /// Address of the NBD TCP listener, e.g. `127.0.0.1:10809`.
     pub tcp: Option<String>,
+    /// Backing I/O engine: `auto` (io_uring, else threads), `uring`, `threads`.
+    #[serde(default)]
+    pub io_engine: crate::io::engine::EngineKind,
 }
 
 #[derive(Debug, Deserialize)]

@@ -72,6 +72,12 @@ impl Backing {
         Ok(())
     }
 
+    /// The descriptor data-area I/O uses (O_DIRECT one when enabled), for
+    /// engines that submit I/O themselves.
+    pub fn data_fd(&self) -> std::os::unix::io::RawFd {
+        self.direct.as_ref().unwrap_or(&self.file).as_raw_fd()
+    }
+
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
     }

@@ -1,12 +1,15 @@
-//! Backing I/O: the file or block device under a volume, and the range lock
-//! that serialises read-modify-write cycles on overlapping sectors.
+//! Backing I/O: the file or block device under a volume, the two engines
+//! that run I/O (`uring.rs`, `workers.rs`, chosen in `engine.rs`), pooled
+//! buffers, and the range lock that serialises writers on overlapping sectors.
 //!
 //! Encryption does not happen here; `volume/` encrypts, this module moves
 //! ciphertext.
 
 mod backing;
 mod buffers;
+pub mod engine;
 mod range_lock;
+pub mod uring;
 pub mod workers;
 
 pub use backing::Backing;

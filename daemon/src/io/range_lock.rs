@@ -43,6 +43,28 @@ impl RangeLock {
         }
     }
 
+    /// Holds `[start, end)` if no held range overlaps it; never waits. The
+    /// caller must `release` the same range later (used where a guard cannot
+    /// be kept on a stack, e.g. across an io_uring completion).
+    pub fn try_acquire(&self, start: u64, end: u64) -> bool {
+        let mut held = self.list();
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end));
+        true
+    }
+
+    /// Releases a range taken with `try_acquire`.
+    pub fn release(&self, start: u64, end: u64) {
+        let mut held = self.list();
+        if let Some(pos) = held.iter().position(|r| *r == (start, end)) {
+            held.swap_remove(pos);
+        }
+        drop(held);
+        self.released.notify_all();
+    }
+
     /// The list survives a panic in another holder: entries are only pushed
     /// and removed whole, so a poisoned list is still consistent.
     fn list(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
@@ -52,12 +74,7 @@ impl RangeLock {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.lock.list();
-        if let Some(pos) = held.iter().position(|r| *r == self.range) {
-            held.swap_remove(pos);
-        }
-        drop(held);
-        self.lock.released.notify_all();
+        self.lock.release(self.range.0, self.range.1);
     }
 }
 
@@ -72,6 +89,16 @@ mod tests {
         let lock = RangeLock::new();
         let _a = lock.lock(0, 4096);
         let _b = lock.lock(4096, 8192);
+    }
+
+    #[test]
+    fn try_acquire_refuses_overlap_until_release() {
+        let lock = RangeLock::new();
+        assert!(lock.try_acquire(0, 4096));
+        assert!(!lock.try_acquire(1000, 2000));
+        assert!(lock.try_acquire(4096, 8192));
+        lock.release(0, 4096);
+        assert!(lock.try_acquire(1000, 2000));
     }
 
     #[test]

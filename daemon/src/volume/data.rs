@@ -13,8 +13,10 @@
 //! re-checks and answers `InvalidInput` rather than trusting its caller.
 
 use std::io;
+use std::sync::Arc;
 
 use crate::crypto::SectorCipher;
+use crate::io::uring::Ring;
 use crate::io::{Backing, IoBuf, RangeLock};
 
 /// Zeroing writes go out in pieces of this size to bound memory.
@@ -89,13 +91,18 @@ impl DataArea {
     /// Reads whole sectors `[start, end)` and decrypts them into `buf`.
     fn read_sectors(&self, buf: &mut [u8], start: u64) -> io::Result<()> {
         self.backing.read_data(buf, self.data_offset + start)?;
+        self.decrypt_sectors(buf, start);
+        Ok(())
+    }
+
+    /// Decrypts whole sectors that were read from `start`, in place.
+    fn decrypt_sectors(&self, buf: &mut [u8], start: u64) {
         let first = start / self.sector;
         for (i, sector) in buf.chunks_exact_mut(self.sector as usize).enumerate() {
             if !is_zero(sector) {
                 self.cipher.decrypt(sector, first + i as u64);
             }
         }
-        Ok(())
     }
 
     /// Encrypts whole sectors in place and writes them at `start`.
@@ -109,12 +116,86 @@ impl DataArea {
         let (start, end) = self.aligned(offset, len as u64);
         let mut buf = IoBuf::new((end - start) as usize);
         self.read_sectors(&mut buf, start)?;
-        let skip = (offset - start) as usize;
-        if skip != 0 || buf.len() != len {
-            buf.copy_within(skip..skip + len, 0);
-            buf.truncate(len);
+        Ok(trim_to(buf, (offset - start) as usize, len))
+    }
+
+    /// `read` through an io_uring worker: the read is submitted to `ring`,
+    /// and decryption runs on the ring's thread when it completes.
+    pub fn read_on_ring<F>(self: Arc<Self>, ring: &mut Ring, offset: u64, len: usize, done: F)
+    where
+        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+    {
+        if let Err(e) = self.check_range(offset, len as u64) {
+            return done(Err(e));
         }
-        Ok(buf)
+        let (start, end) = self.aligned(offset, len as u64);
+        let fd = self.backing.data_fd();
+        let at = self.data_offset + start;
+        let buf = IoBuf::new((end - start) as usize);
+        ring.read(
+            fd,
+            buf,
+            at,
+            Box::new(move |_, result| {
+                done(result.map(|mut buf| {
+                    self.decrypt_sectors(&mut buf, start);
+                    trim_to(buf, (offset - start) as usize, len)
+                }))
+            }),
+        );
+    }
+
+    /// `write` (plus a flush when `fua`) through an io_uring worker. Whole
+    /// sectors on an idle range are encrypted here and written by the ring;
+    /// partial sectors (read-modify-write) and ranges another writer holds
+    /// must wait, which a ring thread never does, so they go to the thread
+    /// pool instead.
+    pub fn write_on_ring<F>(
+        self: Arc<Self>,
+        ring: &mut Ring,
+        offset: u64,
+        mut data: IoBuf,
+        fua: bool,
+        done: F,
+    ) where
+        F: FnOnce(io::Result<()>) + Send + 'static,
+    {
+        let len = data.len() as u64;
+        if let Err(e) = self.check_range(offset, len) {
+            return done(Err(e));
+        }
+        let (start, end) = self.aligned(offset, len);
+        if start != offset || end != offset + len || !self.writers.try_acquire(start, end) {
+            crate::io::workers::spawn(move || {
+                let result =
+                    self.write(offset, &mut data)
+                        .and_then(|()| if fua { self.flush() } else { Ok(()) });
+                done(result);
+            });
+            return;
+        }
+        self.cipher.encrypt(&mut data, start / self.sector);
+        let fd = self.backing.data_fd();
+        let at = self.data_offset + start;
+        ring.write(
+            fd,
+            data,
+            at,
+            Box::new(move |ring, result| {
+                self.writers.release(start, end);
+                match result {
+                    // The inner continuation keeps the volume (and so `fd`) alive.
+                    Ok(_) if fua => ring.fsync(
+                        fd,
+                        Box::new(move |_, r| {
+                            let _volume = &self;
+                            done(r.map(drop))
+                        }),
+                    ),
+                    other => done(other.map(drop)),
+                }
+            }),
+        );
     }
 
     /// Writes `data` at `offset`. Whole-sector writes are encrypted in place
@@ -197,6 +278,15 @@ impl DataArea {
     pub fn flush(&self) -> io::Result<()> {
         self.backing.sync()
     }
+}
+
+/// The `len` bytes at `skip` of a sector-aligned read, moved to the front.
+fn trim_to(mut buf: IoBuf, skip: usize, len: usize) -> IoBuf {
+    if skip != 0 || buf.len() != len {
+        buf.copy_within(skip..skip + len, 0);
+        buf.truncate(len);
+    }
+    buf
 }
 
 fn is_zero(buf: &[u8]) -> bool {

@@ -105,7 +105,7 @@ pub struct Volume {
     pub name: String,
     pub role: Role,
     pub header: Header,
-    pub data: DataArea,
+    pub data: std::sync::Arc<DataArea>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
@@ -278,7 +278,12 @@ pub fn open_cache(
         backing.enable_direct().map_err(io_err(path))?;
     }
     let cipher = SectorCipher::new(&dek, header.sector_size as usize);
-    let data = DataArea::new(backing, cipher, header.size, header.data_offset);
+    let data = std::sync::Arc::new(DataArea::new(
+        backing,
+        cipher,
+        header.size,
+        header.data_offset,
+    ));
     Ok(Volume {
         name: name.to_owned(),
         role: Role::Cache,
@@ -328,7 +333,12 @@ pub fn open_temp(
     }
     let dek = Dek::generate().map_err(VolumeError::Random)?;
     let cipher = SectorCipher::new(&dek, geometry.sector_size as usize);
-    let data = DataArea::new(backing, cipher, header.size, header.data_offset);
+    let data = std::sync::Arc::new(DataArea::new(
+        backing,
+        cipher,
+        header.size,
+        header.data_offset,
+    ));
     Ok(Volume {
         name: name.to_owned(),
         role: Role::Temp,

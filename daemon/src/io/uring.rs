@@ -1,0 +1,303 @@
+//! The io_uring engine: one worker thread per core, each owning a ring.
+//! Requests are handed to a worker as closures; a closure submits reads,
+//! writes and fsyncs to that worker's ring and names a continuation, which
+//! runs on the same thread when the completion arrives (decrypting in place,
+//! then replying). Many operations are in flight per worker and every
+//! wake-up submits all queued work with one `io_uring_enter`.
+//!
+//! Built on the `io-uring` crate (0.7) directly. Not `tokio-uring`: it has
+//! had no release since 2024, pins io-uring 0.6, and its `UnixListener::bind`
+//! fails on current kernels (SO_REUSEPORT on AF_UNIX). Not `compio`: we only
+//! need positional file I/O on our own threads, and owning the loop lets
+//! the cipher run where the completion lands. Buffers are not registered
+//! (IORING_OP_READ_FIXED): the pool in `buffers.rs` grows on demand and
+//! registration wants one fixed arena; with page-cached files the copy, not
+//! the page pinning, is the cost.
+//!
+//! Soundness: an operation's buffer (`IoBuf`, heap pages that do not move
+//! when the `IoBuf` value moves) and its file descriptor (kept open by the
+//! `Arc` the continuation holds) live in the pending table until the kernel
+//! reports the completion, so the kernel never touches freed memory.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+
+use io_uring::{opcode, types, IoUring};
+
+use super::IoBuf;
+
+/// Runs when an operation completes, on the ring's thread.
+pub type Continuation = Box<dyn FnOnce(&mut Ring, io::Result<IoBuf>) + Send>;
+type Job = Box<dyn FnOnce(&mut Ring) + Send>;
+
+const RING_ENTRIES: u32 = 512;
+const WAKE_TAG: u64 = u64::MAX;
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Read,
+    Write,
+    Fsync,
+}
+
+struct Pending {
+    op: Op,
+    fd: RawFd,
+    buf: IoBuf,
+    offset: u64,
+    done: usize,
+    cont: Continuation,
+}
+
+/// One worker's ring and its table of operations in flight.
+pub struct Ring {
+    ring: IoUring,
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+}
+
+impl Ring {
+    fn new() -> io::Result<Self> {
+        Ok(Ring {
+            ring: IoUring::new(RING_ENTRIES)?,
+            pending: Vec::new(),
+            free: Vec::new(),
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; bytes past end of file read as zeros.
+    pub fn read(&mut self, fd: RawFd, buf: IoBuf, offset: u64, cont: Continuation) {
+        self.start(Op::Read, fd, buf, offset, cont);
+    }
+
+    /// Writes all of `buf` at `offset`.
+    pub fn write(&mut self, fd: RawFd, buf: IoBuf, offset: u64, cont: Continuation) {
+        self.start(Op::Write, fd, buf, offset, cont);
+    }
+
+    /// fdatasync; the continuation gets back an empty buffer.
+    pub fn fsync(&mut self, fd: RawFd, cont: Continuation) {
+        self.start(Op::Fsync, fd, IoBuf::new(0), 0, cont);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len() - self.free.len()
+    }
+
+    fn start(&mut self, op: Op, fd: RawFd, buf: IoBuf, offset: u64, cont: Continuation) {
+        let slot = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.pending.push(None);
+                self.pending.len() - 1
+            }
+        };
+        self.pending[slot] = Some(Pending {
+            op,
+            fd,
+            buf,
+            offset,
+            done: 0,
+            cont,
+        });
+        self.submit_slot(slot);
+    }
+
+    /// Queues the (remaining part of the) operation in `slot`.
+    fn submit_slot(&mut self, slot: usize) {
+        let Some(p) = self.pending[slot].as_mut() else {
+            return;
+        };
+        let rest = p.buf.len() - p.done;
+        let len = u32::try_from(rest).unwrap_or(u32::MAX);
+        let at = p.offset + p.done as u64;
+        let fd = types::Fd(p.fd);
+        let entry = match p.op {
+            Op::Read => {
+                // SAFETY: `p.done <= p.buf.len()`, so the pointer stays inside the buffer.
+                let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
+                opcode::Read::new(fd, ptr, len).offset(at).build()
+            }
+            Op::Write => {
+                // SAFETY: as for reads.
+                let ptr = unsafe { p.buf.as_ptr().add(p.done) };
+                opcode::Write::new(fd, ptr, len).offset(at).build()
+            }
+            Op::Fsync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        }
+        .user_data(slot as u64);
+        loop {
+            // SAFETY: the entry's buffer and descriptor stay valid until its
+            // completion is reaped (see the module comment).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Submission queue full: hand the queued entries to the kernel.
+            if let Err(e) = self.ring.submit() {
+                if e.raw_os_error() != Some(libc::EBUSY) && e.kind() != io::ErrorKind::Interrupted {
+                    self.fail(slot, e);
+                    return;
+                }
+                self.reap();
+            }
+        }
+    }
+
+    fn fail(&mut self, slot: usize, err: io::Error) {
+        if let Some(p) = self.pending[slot].take() {
+            self.free.push(slot);
+            (p.cont)(self, Err(err));
+        }
+    }
+
+    /// Handles one completion.
+    fn complete(&mut self, slot: usize, result: i32) {
+        let Some(p) = self.pending.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        if result < 0 {
+            let err = io::Error::from_raw_os_error(-result);
+            if err.kind() == io::ErrorKind::Interrupted {
+                return self.submit_slot(slot);
+            }
+            return self.fail(slot, err);
+        }
+        let n = result as usize;
+        match p.op {
+            Op::Fsync => {}
+            Op::Read if n == 0 => {
+                let done = p.done;
+                p.buf[done..].fill(0);
+                p.done = p.buf.len();
+            }
+            Op::Write if n == 0 => {
+                return self.fail(slot, io::ErrorKind::WriteZero.into());
+            }
+            Op::Read | Op::Write => p.done += n,
+        }
+        if !matches!(p.op, Op::Fsync) && p.done < p.buf.len() {
+            return self.submit_slot(slot);
+        }
+        if let Some(p) = self.pending[slot].take() {
+            self.free.push(slot);
+            (p.cont)(self, Ok(p.buf));
+        }
+    }
+
+    /// Collects and handles every completion that is ready.
+    fn reap(&mut self) -> bool {
+        let ready: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        let mut woken = false;
+        for (tag, result) in ready {
+            if tag == WAKE_TAG {
+                woken = true;
+            } else {
+                self.complete(tag as usize, result);
+            }
+        }
+        woken
+    }
+}
+
+struct Worker {
+    jobs: Sender<Job>,
+    wake: OwnedFd,
+}
+
+/// The set of ring workers.
+pub struct UringEngine {
+    workers: Vec<Worker>,
+    next: AtomicUsize,
+}
+
+impl UringEngine {
+    /// Starts one worker per core; fails if io_uring is not permitted here.
+    pub fn start(threads: usize) -> io::Result<Self> {
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads.max(1) {
+            let ring = Ring::new()?;
+            // SAFETY: eventfd takes integers and returns a new descriptor or -1.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+            if raw < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `raw` is a fresh descriptor we exclusively own.
+            let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+            let (tx, rx) = channel();
+            let wake_fd = wake.as_raw_fd();
+            std::thread::Builder::new()
+                .name(format!("hostcrypt-uring-{i}"))
+                .spawn(move || worker_loop(ring, rx, wake_fd))?;
+            workers.push(Worker { jobs: tx, wake });
+        }
+        Ok(UringEngine {
+            workers,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `job` on a ring worker (round robin).
+    pub fn submit(&self, job: impl FnOnce(&mut Ring) + Send + 'static) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
+        let worker = &self.workers[i];
+        if worker.jobs.send(Box::new(job)).is_ok() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live array to our eventfd.
+            unsafe { libc::write(worker.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+}
+
+fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd) {
+    // The wake-up read's target must outlive any read the kernel may still
+    // complete as the ring shuts down, so it is never freed.
+    let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
+    let arm = |ring: &mut Ring, buf: *mut u8| {
+        let entry = opcode::Read::new(types::Fd(wake), buf, 8)
+            .build()
+            .user_data(WAKE_TAG);
+        // SAFETY: `buf` is the leaked 8-byte array; the eventfd lives as long
+        // as the engine, which outlives this thread's useful work.
+        while unsafe { ring.ring.submission().push(&entry) }.is_err() {
+            let _ = ring.ring.submit();
+        }
+    };
+    let buf_ptr = wake_buf.as_mut_ptr();
+    arm(&mut ring, buf_ptr);
+    let mut closing = false;
+    loop {
+        loop {
+            match jobs.try_recv() {
+                Ok(job) => job(&mut ring),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    closing = true;
+                    break;
+                }
+            }
+        }
+        if closing && ring.in_flight() == 0 {
+            return;
+        }
+        match ring.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => {
+                tracing::error!("io_uring wait failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        if ring.reap() {
+            arm(&mut ring, buf_ptr);
+        }
+    }
+}
