@@ -27,14 +27,7 @@ pub struct Backing {
 impl Backing {
     /// Opens an existing backing file or block device read-write.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let is_block_device = file.metadata()?.file_type().is_block_device();
-        Ok(Backing {
-            file,
-            direct: None,
-            path: path.to_owned(),
-            is_block_device,
-        })
+        Self::from_file(OpenOptions::new().read(true).write(true).open(path)?, path)
     }
 
     /// Opens a backing, creating a regular file if it does not exist.
@@ -45,6 +38,10 @@ impl Backing {
             .create(true)
             .truncate(false)
             .open(path)?;
+        Self::from_file(file, path)
+    }
+
+    fn from_file(file: File, path: &Path) -> io::Result<Self> {
         let is_block_device = file.metadata()?.file_type().is_block_device();
         Ok(Backing {
             file,

@@ -241,7 +241,7 @@ pub fn open_cache(
     kek: &dyn KeyProvider,
     direct: bool,
 ) -> Result<Volume, VolumeError> {
-    let mut backing = open_existing(path)?;
+    let backing = open_existing(path)?;
     let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
     let header = current_header(path, &copies)?;
     if header.role != Role::Cache {
@@ -274,21 +274,29 @@ pub fn open_cache(
         tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
         copies.repair(&backing).map_err(io_err(path))?;
     }
+    ready(name, path, backing, header, &dek, direct)
+}
+
+/// The last step of opening either role: O_DIRECT if asked, the cipher,
+/// the data area.
+fn ready(
+    name: &str,
+    path: &Path,
+    mut backing: Backing,
+    header: Header,
+    dek: &Dek,
+    direct: bool,
+) -> Result<Volume, VolumeError> {
     if direct {
         backing.enable_direct().map_err(io_err(path))?;
     }
-    let cipher = SectorCipher::new(&dek, header.sector_size as usize);
-    let data = std::sync::Arc::new(DataArea::new(
-        backing,
-        cipher,
-        header.size,
-        header.data_offset,
-    ));
+    let cipher = SectorCipher::new(dek, header.sector_size as usize);
+    let data = DataArea::new(backing, cipher, header.size, header.data_offset);
     Ok(Volume {
         name: name.to_owned(),
-        role: Role::Cache,
+        role: header.role,
         header,
-        data,
+        data: std::sync::Arc::new(data),
     })
 }
 
@@ -325,24 +333,9 @@ pub fn open_temp(
             std::fs::remove_file(path).map_err(io_err(path))?;
         }
     }
-    let mut backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    let backing = Backing::open_or_create(path).map_err(io_err(path))?;
     let mut header = new_header(geometry, Role::Temp);
     lay_out(path, &backing, &mut header)?;
-    if direct {
-        backing.enable_direct().map_err(io_err(path))?;
-    }
     let dek = Dek::generate().map_err(VolumeError::Random)?;
-    let cipher = SectorCipher::new(&dek, geometry.sector_size as usize);
-    let data = std::sync::Arc::new(DataArea::new(
-        backing,
-        cipher,
-        header.size,
-        header.data_offset,
-    ));
-    Ok(Volume {
-        name: name.to_owned(),
-        role: Role::Temp,
-        header,
-        data,
-    })
+    ready(name, path, backing, header, &dek, direct)
 }
