@@ -24,6 +24,9 @@ pub const XTS_BLOCK: usize = 16;
 /// Largest sector we batch on the stack (4096 bytes = 256 tweaks).
 const MAX_BATCH_BLOCKS: usize = 256;
 
+/// Sectors whose initial tweaks are encrypted in one batch.
+const TWEAK_BATCH: usize = 256;
+
 /// An XTS-AES-256 cipher bound to one DEK and one sector size.
 ///
 /// The expanded AES key schedules are zeroized on drop by the `aes` crate's
@@ -44,7 +47,8 @@ impl SectorCipher {
         let mut cipher = Self::portable(dek, sector_size);
         #[cfg(target_arch = "x86_64")]
         if super::xts_vaes::VaesKeys::fits(sector_size) {
-            cipher.vaes = super::xts_vaes::VaesKeys::new(arr32(&dek.expose()[..32]));
+            let key = dek.expose();
+            cipher.vaes = super::xts_vaes::VaesKeys::new(arr32(&key[..32]), arr32(&key[32..]));
         }
         cipher
     }
@@ -96,15 +100,42 @@ impl SectorCipher {
             0,
             "buffer is not a whole number of sectors"
         );
-        for (i, sector) in buf.chunks_exact_mut(self.sector_size).enumerate() {
-            self.apply_sector(sector, first_sector + i as u64, direction);
+        // The initial tweaks of up to TWEAK_BATCH sectors are encrypted in
+        // one pipelined call: one block per sector, serially, cost ~15% of a
+        // 4 KiB sector's time in profiles.
+        let mut initial = [0u8; 16 * TWEAK_BATCH];
+        for (c, group) in buf.chunks_mut(self.sector_size * TWEAK_BATCH).enumerate() {
+            let first = first_sector.wrapping_add((c * TWEAK_BATCH) as u64);
+            let n = group.len() / self.sector_size;
+            // Rounded up to whole 64-byte vectors; the extra tweaks are unused.
+            let used = &mut initial[..(16 * n).next_multiple_of(64)];
+            for (i, t) in used.chunks_exact_mut(16).enumerate() {
+                t.copy_from_slice(&(first.wrapping_add(i as u64) as u128).to_le_bytes());
+            }
+            self.encrypt_tweaks(used);
+            for (sector, t) in group
+                .chunks_exact_mut(self.sector_size)
+                .zip(used.chunks_exact(16))
+            {
+                let tweak = u128::from_le_bytes(t.try_into().expect("16-byte chunk"));
+                self.apply_sector(sector, tweak, direction);
+            }
         }
     }
 
-    fn apply_sector(&self, sector: &mut [u8], index: u64, direction: Direction) {
-        let mut t = Array::from((index as u128).to_le_bytes());
-        self.tweak.encrypt_block(&mut t);
-        let mut tweak = u128::from_le_bytes(t.into());
+    /// Encrypts 16-byte sector numbers into initial tweaks, in place.
+    fn encrypt_tweaks(&self, blocks: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(vaes) = &self.vaes {
+            vaes.encrypt_tweaks(blocks);
+            return;
+        }
+        let (blocks, _) = Array::slice_as_chunks_mut(blocks);
+        self.tweak.encrypt_blocks(blocks);
+    }
+
+    /// Applies XTS to one sector whose encrypted initial tweak is `tweak`.
+    fn apply_sector(&self, sector: &mut [u8], mut tweak: u128, direction: Direction) {
         #[cfg(target_arch = "x86_64")]
         if let Some(vaes) = &self.vaes {
             match direction {
@@ -228,6 +259,23 @@ mod tests {
         let mut two = [plaintext.clone(), plaintext.clone()].concat();
         xts.encrypt(&mut two, 0xfe);
         assert_eq!(hex::encode(&two[512..]), IEEE_V10_CIPHERTEXT.concat());
+    }
+
+    /// Buffers longer than one tweak batch, with a partial last batch whose
+    /// sector count is not a multiple of four, match OpenSSL sector by sector.
+    #[test]
+    fn long_buffers_cross_tweak_batches() {
+        let key: Vec<u8> = (0..DEK_LEN as u8).collect();
+        for (size, count) in [(512, TWEAK_BATCH * 2 + 5), (4096, TWEAK_BATCH + 1)] {
+            let data: Vec<u8> = (0..size * count)
+                .map(|i| (i * 7 + i / 4096) as u8)
+                .collect();
+            let mut ours = data.clone();
+            cipher(&key, size).encrypt(&mut ours, 1000);
+            assert_eq!(ours, openssl_xts(&key, &data, size, 1000, true));
+            cipher(&key, size).decrypt(&mut ours, 1000);
+            assert_eq!(ours, data);
+        }
     }
 
     fn openssl_xts(key: &[u8], data: &[u8], sector_size: usize, first: u64, enc: bool) -> Vec<u8> {

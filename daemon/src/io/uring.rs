@@ -21,8 +21,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
@@ -210,6 +211,9 @@ impl Ring {
 struct Worker {
     jobs: Sender<Job>,
     wake: OwnedFd,
+    /// True while the worker is (about to be) blocked in the kernel; only
+    /// then does a new job need an eventfd write to wake it.
+    sleeping: Arc<AtomicBool>,
 }
 
 /// The set of ring workers.
@@ -233,10 +237,16 @@ impl UringEngine {
             let wake = unsafe { OwnedFd::from_raw_fd(raw) };
             let (tx, rx) = channel();
             let wake_fd = wake.as_raw_fd();
+            let sleeping = Arc::new(AtomicBool::new(false));
+            let flag = sleeping.clone();
             std::thread::Builder::new()
                 .name(format!("hostcrypt-uring-{i}"))
-                .spawn(move || worker_loop(ring, rx, wake_fd))?;
-            workers.push(Worker { jobs: tx, wake });
+                .spawn(move || worker_loop(ring, rx, wake_fd, &flag))?;
+            workers.push(Worker {
+                jobs: tx,
+                wake,
+                sleeping,
+            });
         }
         Ok(UringEngine {
             workers,
@@ -248,7 +258,13 @@ impl UringEngine {
     pub fn submit(&self, job: impl FnOnce(&mut Ring) + Send + 'static) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
         let worker = &self.workers[i];
-        if worker.jobs.send(Box::new(job)).is_ok() {
+        if worker.jobs.send(Box::new(job)).is_err() {
+            return;
+        }
+        // Pairs with the fence in `worker_loop`: either the worker sees this
+        // job before it sleeps, or we see that it sleeps and wake it.
+        fence(Ordering::SeqCst);
+        if worker.sleeping.swap(false, Ordering::SeqCst) {
             let one = 1u64.to_ne_bytes();
             // SAFETY: writes 8 bytes from a live array to our eventfd.
             unsafe { libc::write(worker.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
@@ -256,7 +272,7 @@ impl UringEngine {
     }
 }
 
-fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd) {
+fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd, sleeping: &AtomicBool) {
     // The wake-up read's target must outlive any read the kernel may still
     // complete as the ring shuts down, so it is never freed.
     let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
@@ -274,16 +290,22 @@ fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd) {
     arm(&mut ring, buf_ptr);
     let mut closing = false;
     loop {
-        loop {
+        let drain = |ring: &mut Ring| loop {
             match jobs.try_recv() {
-                Ok(job) => job(&mut ring),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    closing = true;
-                    break;
-                }
+                Ok(job) => job(ring),
+                Err(TryRecvError::Empty) => return false,
+                Err(TryRecvError::Disconnected) => return true,
             }
+        };
+        closing |= drain(&mut ring);
+        if closing && ring.in_flight() == 0 {
+            return;
         }
+        // Announce the sleep, then look once more: a job sent before the
+        // announcement is seen here, one sent after it finds the flag set.
+        sleeping.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        closing |= drain(&mut ring);
         if closing && ring.in_flight() == 0 {
             return;
         }
@@ -296,6 +318,7 @@ fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
+        sleeping.store(false, Ordering::SeqCst);
         if ring.reap() {
             arm(&mut ring, buf_ptr);
         }
