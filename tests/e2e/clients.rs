@@ -103,6 +103,7 @@ fn fio_verify(volume_options: &str) {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     // fio may print engine notices before the JSON document.

@@ -90,3 +90,49 @@ fn flushed_writes_survive_kill_9() {
         ],
     );
 }
+
+#[test]
+fn reencrypt_on_a_full_filesystem_is_refused_cleanly_and_works_once_space_returns() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let mut fx = Fixture::new();
+    let small = fx.path("small");
+    std::fs::create_dir(&small).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&small),
+    );
+    let _guard = SmallFs(small.clone());
+    fx.volume_at("v", "cache", &small.join("v.img"), "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("v", "16M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("v"), &["write -P 0x3e 0 2M"]);
+    // Fill the filesystem to the last block.
+    let filler = small.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let out = fx.cli(&["reencrypt", "v", "--no-wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = output_text(&out);
+    assert!(
+        text.contains("re-encryption journal") && text.contains("free some space"),
+        "{text}"
+    );
+    // Nothing changed: still generation 1, no re-encryption in the header.
+    let header = inspect_json(&small.join("v.img"));
+    assert!(header["reencrypt"].is_null(), "{header}");
+    qemu_io(&fx.uri("v"), &["read -P 0x3e 0 2M"]);
+
+    std::fs::remove_file(&filler).unwrap();
+    let out = fx.cli(&["reencrypt", "v"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(inspect_json(&small.join("v.img"))["dek_generation"], 2);
+    qemu_io(&fx.uri("v"), &["read -P 0x3e 0 2M"]);
+    assert_eq!(d.stop(), 0);
+}

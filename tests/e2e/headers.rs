@@ -13,15 +13,6 @@ fn corrupt(path: &std::path::Path, at: u64) {
     f.write_all_at(&[0xff; 200], at + 100).unwrap();
 }
 
-fn inspect_json(path: &std::path::Path) -> serde_json::Value {
-    let out = run_ok(
-        Command::new(bin("hostcrypt"))
-            .args(["inspect", "--json"])
-            .arg(path),
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn corrupt_primary_is_repaired_from_backup_and_data_survives() {
     let mut fx = Fixture::new();

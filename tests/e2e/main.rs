@@ -3,11 +3,18 @@
 //! `hostcryptd`, plus the break-glass oracle (OpenSSL decrypts the data
 //! area given the DEK) and fault cases. One test binary, one module per area.
 
+mod azure;
 mod bad_input;
 mod breakglass;
 mod clients;
+mod double;
 mod faults;
 mod filesystem;
 mod headers;
+mod operate;
+mod pkcs11;
 mod protocol;
+mod reencrypt;
+mod systemd;
 mod temp;
+mod vault;

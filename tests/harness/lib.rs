@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod azure;
+pub mod bao;
+pub mod softhsm;
+
 /// Directory holding the workspace's built binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HOSTCRYPT_BIN_DIR") {
@@ -67,6 +71,13 @@ pub struct Fixture {
     pub kek: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// The `[kek.NAME]` cache volumes added from now on use (default `main`).
+    pub default_kek: String,
+    /// Extra `[kek.NAME]` tables written into the config.
+    pub kek_tables: Vec<String>,
+    /// Environment for every `hostcrypt`/`hostcryptd` the fixture runs
+    /// (e.g. `SOFTHSM2_CONF`; tests run in parallel, so never the test's own).
+    pub env: Vec<(String, String)>,
     volumes: Vec<String>,
 }
 
@@ -93,6 +104,9 @@ impl Fixture {
             config: dir.path().join("hostcryptd.toml"),
             kek,
             dir,
+            default_kek: "main".into(),
+            kek_tables: Vec::new(),
+            env: Vec::new(),
             volumes: Vec::new(),
         }
     }
@@ -111,9 +125,9 @@ impl Fixture {
     /// Like [`Fixture::volume`] with the backing at `backing`.
     pub fn volume_at(&mut self, name: &str, role: &str, backing: &Path, extra: &str) {
         let kek = if role == "cache" {
-            "kek = \"main\"\n"
+            format!("kek = \"{}\"\n", self.default_kek)
         } else {
-            ""
+            String::new()
         };
         self.volumes.push(format!(
             "[[volume]]\nname = \"{name}\"\nbacking = \"{}\"\nrole = \"{role}\"\n{kek}{extra}\n",
@@ -122,15 +136,36 @@ impl Fixture {
         self.write_config("");
     }
 
+    /// `[server]` lines for a control socket and an audit log in the
+    /// fixture's directory (see [`Fixture::audit_log`]).
+    pub fn control_and_audit(&self) -> String {
+        format!(
+            "control = \"{}\"\naudit_log = \"{}\"",
+            self.path("control.sock").display(),
+            self.audit_log().display()
+        )
+    }
+
+    pub fn audit_log(&self) -> PathBuf {
+        self.path("audit.log")
+    }
+
+    /// Drops a `[[volume]]` from the config (call `write_config` after).
+    pub fn remove_volume(&mut self, name: &str) {
+        let head = format!("[[volume]]\nname = \"{name}\"\n");
+        self.volumes.retain(|v| !v.starts_with(&head));
+    }
+
     /// (Re)writes the config; `server_extra` lines go into `[server]`.
     /// `HOSTCRYPT_E2E_IO_ENGINE` (auto, uring, threads) picks the I/O
     /// engine, so the whole suite can run once per engine.
     pub fn write_config(&self, server_extra: &str) {
         let text = format!(
-            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}",
+            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
             self.socket.display(),
             io_engine(),
             self.kek.display(),
+            self.kek_tables.join("\n"),
             self.volumes.join("\n")
         );
         std::fs::write(&self.config, text).expect("write config");
@@ -140,10 +175,54 @@ impl Fixture {
     pub fn create(&self, name: &str, size: &str, sector_size: u32) {
         run_ok(
             Command::new(bin("hostcrypt"))
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .arg("--config")
                 .arg(&self.config)
                 .args(["create", name, "--size", size, "--sector-size"])
                 .arg(sector_size.to_string()),
+        );
+    }
+
+    /// Runs `hostcrypt --config CONFIG ARGS`; returns the output whatever the outcome.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("hostcrypt"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run hostcrypt")
+    }
+
+    /// `hostcrypt status --json` from the running daemon.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "hostcrypt status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The key state (`serving`, `key-lost`, ...) of one volume.
+    pub fn key_state(&self, volume: &str) -> String {
+        let status = self.status();
+        status["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["name"] == volume))
+            .and_then(|v| v["key"]["state"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// Waits (up to 20 s: a few 1 s key-check intervals plus provider
+    /// retries) until a volume's key state is `state`.
+    pub fn wait_key_state(&self, volume: &str, state: &str) {
+        wait_until(
+            &format!("{volume}: key state {state}"),
+            Duration::from_secs(20),
+            || self.key_state(volume) == state,
         );
     }
 
@@ -176,6 +255,7 @@ impl Fixture {
     pub fn spawn(&self) -> Daemon {
         let log = self.path(&format!("hostcryptd-{}.log", unique()));
         let child = Command::new(bin("hostcryptd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("--config")
             .arg(&self.config)
             .args(["--log", "debug"])
@@ -283,6 +363,35 @@ return e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), Non
         "{text}"
     );
     text
+}
+
+/// stdout followed by stderr, for assertions on what a command said.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// qemu-io against an export whose key is gone: the read must fail with EIO.
+pub fn read_fails_with_eio(uri: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 64k", uri])
+        .output()
+        .expect("qemu-io");
+    let text = output_text(&out);
+    assert!(text.contains("Input/output error"), "{text}");
+}
+
+/// `hostcrypt inspect --json BACKING`.
+pub fn inspect_json(backing: &Path) -> serde_json::Value {
+    let out = run_ok(
+        Command::new(bin("hostcrypt"))
+            .args(["inspect", "--json"])
+            .arg(backing),
+    );
+    serde_json::from_slice(&out.stdout).expect("inspect JSON")
 }
 
 /// SHA-256 of a file, hex.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use hostcryptd::config::Config;
-use hostcryptd::service;
+use hostcryptd::{control, service};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
@@ -40,25 +40,39 @@ fn main() -> std::process::ExitCode {
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("hostcryptd: {e:#}");
+            let report = hostcryptd::report::error_chain(e.as_ref());
+            tracing::error!("{report}");
+            eprintln!("hostcryptd: {report}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// Human format on a terminal; under systemd (JOURNAL_STREAM set) the
+/// native journal protocol, so each line keeps its priority and fields;
+/// otherwise plain lines without timestamps (the supervisor stamps them).
 fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let filter = match filter {
         Some(f) => EnvFilter::new(f),
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald.with_syslog_identifier("hostcryptd".into()))
+                .init();
+            return;
+        }
+    }
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(terminal);
-    // Under systemd the journal stamps every line; do not stamp twice.
     if terminal {
         builder.init();
     } else {
@@ -82,17 +96,39 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let exports = service::open_exports(&config)?;
+    let providers = service::open_providers(&config)?;
+    let audit = service::open_audit(&config)?;
+    let exports = service::open_exports(&config, &providers, &audit)?;
     let engine = hostcryptd::io::engine::init(config.server.io_engine).context(
         "starting the io_uring engine (set io_engine = \"threads\" where io_uring is not allowed)",
     )?;
     tracing::info!(engine = engine.name(), "I/O engine ready");
+    let mut activated = service::systemd::activated_sockets(config.server.control.as_deref())
+        .context("reading the sockets passed by systemd (LISTEN_FDS)")?;
+    if !activated.is_empty() {
+        tracing::info!(
+            nbd = activated.unix.len() + activated.tcp.len(),
+            control = activated.control.is_some(),
+            "socket activation: using the sockets systemd passed"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listeners = service::bind(&config).await?;
+        let listeners = if activated.unix.is_empty() && activated.tcp.is_empty() {
+            service::bind(&config).await?
+        } else {
+            let mut listeners = Vec::new();
+            for (socket, path) in std::mem::take(&mut activated.unix) {
+                listeners.push(service::Listener::from_std_unix(socket, path)?);
+            }
+            for socket in std::mem::take(&mut activated.tcp) {
+                listeners.push(service::Listener::from_std_tcp(socket)?);
+            }
+            listeners
+        };
         for l in &listeners {
             tracing::info!(listener = l.describe(), "listening");
         }
@@ -100,17 +136,128 @@ fn run(args: Args) -> anyhow::Result<()> {
             print_demo_help(&config);
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let reloader = std::sync::Arc::new(service::reload::Reloader::new(
+            config_path.clone(),
+            config.clone(),
+            providers,
+            exports.clone(),
+            audit.clone(),
+        ));
+        let (monitor_stop, monitor_rx) = std::sync::mpsc::channel::<()>();
+        let monitor = service::keys::spawn_monitor(exports.clone(), monitor_rx)
+            .context("starting the key-check thread")?;
+        let gid = match &config.server.control_group {
+            Some(g) => Some(
+                control::server::resolve_group(g)
+                    .with_context(|| format!("control_group {g:?}"))?,
+            ),
+            None => None,
+        };
+        let control_socket = match (activated.control.take(), &config.server.control) {
+            (Some((socket, path)), _) => {
+                socket.set_nonblocking(true)?;
+                Some((tokio::net::UnixListener::from_std(socket)?, path, false))
+            }
+            (None, Some(path)) => Some((
+                control::server::bind(path, gid)
+                    .with_context(|| format!("control socket {}", path.display()))?,
+                path.clone(),
+                true,
+            )),
+            (None, None) => None,
+        };
+        let control = match control_socket {
+            Some((listener, path, owned)) => {
+                tracing::info!(control = %path.display(), "control socket ready");
+                let state = std::sync::Arc::new(control::server::ControlState {
+                    started: std::time::Instant::now(),
+                    engine: engine.name(),
+                    exports: exports.clone(),
+                    reloader: reloader.clone(),
+                    allowed_gid: gid,
+                });
+                let task = tokio::spawn(control::server::run(listener, state, stop_rx.clone()));
+                Some((task, path, owned))
+            }
+            None => None,
+        };
+        let (metrics_stop, metrics_rx) = std::sync::mpsc::channel::<()>();
+        let metrics = match config.server.metrics {
+            Some(addr) => {
+                let collector = control::metrics::DaemonCollector {
+                    exports: exports.clone(),
+                    engine: engine.name(),
+                    started: std::time::Instant::now(),
+                };
+                let thread = control::metrics::spawn(addr, collector, metrics_rx)
+                    .with_context(|| format!("metrics endpoint {addr}"))?;
+                tracing::info!(%addr, "metrics endpoint ready (GET /metrics)");
+                Some(thread)
+            }
+            None => None,
+        };
+        let summary = format!(
+            "serving {} volume(s) on {}",
+            exports.iter().count(),
+            listeners
+                .iter()
+                .map(|l| l.describe())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let exports_for_shutdown = exports.clone();
         let server = tokio::spawn(service::serve(listeners, exports, stop_rx));
-        wait_for_stop_signal().await?;
+        service::systemd::ready(&summary);
+        let watchdog = service::systemd::watchdog_interval().map(|every| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    service::systemd::watchdog();
+                }
+            })
+        });
+        wait_for_stop_signal(reloader).await?;
         tracing::info!("stopping: draining in-flight requests");
+        service::systemd::stopping();
         let _ = stop_tx.send(true);
+        drop(monitor_stop);
+        let exports_at_stop = exports_for_shutdown.clone();
         server.await.context("server task")?;
+        // Re-encryptions stop between windows; the header records where.
+        let _ = tokio::task::spawn_blocking(move || {
+            for export in exports_at_stop.iter() {
+                if let Some(keys) = &export.keys {
+                    keys.stop_reencrypt();
+                }
+            }
+        })
+        .await;
+        if let Some((control, path, owned)) = control {
+            let _ = control.await;
+            if owned {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Some(watchdog) = watchdog {
+            watchdog.abort();
+        }
+        drop(metrics_stop);
+        if let Some(metrics) = metrics {
+            let _ = tokio::task::spawn_blocking(move || metrics.join()).await;
+        }
+        // A check in progress finishes first (bounded by the provider's timeouts).
+        let _ = tokio::task::spawn_blocking(move || monitor.join()).await;
         tracing::info!("stopped");
         Ok(())
     })
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM/SIGINT; SIGHUP reloads the config (like `hostcrypt
+/// reload`) and keeps waiting.
+async fn wait_for_stop_signal(
+    reloader: std::sync::Arc<service::reload::Reloader>,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
@@ -118,7 +265,25 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
-            _ = hup.recv() => tracing::warn!("SIGHUP: live config reload is not available in this version; restart to apply changes"),
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                service::systemd::reloading();
+                let reloader = reloader.clone();
+                match tokio::task::spawn_blocking(move || reloader.reload()).await {
+                    Ok(Ok(report)) => service::systemd::status(&format!(
+                        "reloaded: {} added, {} removed, {} not applied",
+                        report.added.len(),
+                        report.removed.len(),
+                        report.not_applied.len()
+                    )),
+                    Ok(Err(e)) => {
+                        tracing::error!("reload failed, nothing changed: {}", hostcryptd::report::error_chain(&e));
+                        service::systemd::status("reload failed; serving the previous config");
+                    }
+                    Err(e) => tracing::error!("reload task failed: {e}"),
+                }
+                service::systemd::ready_again();
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -44,7 +44,7 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Path of the NBD Unix socket.
@@ -54,16 +54,41 @@ pub struct ServerConfig {
     /// Backing I/O engine: `auto` (io_uring, else threads), `uring`, `threads`.
     #[serde(default)]
     pub io_engine: crate::io::engine::EngineKind,
+    /// Append-only JSON-lines audit log of every key operation.
+    pub audit_log: Option<PathBuf>,
+    /// Path of the control socket (`hostcrypt` talks to the daemon here).
+    pub control: Option<PathBuf>,
+    /// Group (name or gid) whose members may use the control socket besides root.
+    pub control_group: Option<String>,
+    /// Address of the Prometheus/OpenMetrics endpoint, e.g. `127.0.0.1:9310`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
 pub enum KekConfig {
     /// A KEK in a root-only file on this host.
     Local { path: PathBuf },
+    /// An OpenBao / Vault transit key.
+    Vault(crate::kek::VaultConfig),
+    /// A key on a PKCS#11 token (HSM, SoftHSM2).
+    Pkcs11(crate::kek::Pkcs11Config),
+    /// An RSA key in Azure Key Vault or Managed HSM.
+    Azure(crate::kek::AzureConfig),
 }
 
-#[derive(Debug, Deserialize)]
+impl KekConfig {
+    pub fn provider_name(&self) -> &'static str {
+        match self {
+            KekConfig::Local { .. } => "local",
+            KekConfig::Vault(_) => "vault",
+            KekConfig::Pkcs11(_) => "pkcs11",
+            KekConfig::Azure(_) => "azure",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
     /// The NBD export name.
@@ -71,6 +96,8 @@ pub struct VolumeConfig {
     pub backing: Spanned<PathBuf>,
     pub role: Role,
     pub kek: Option<Spanned<String>>,
+    /// Double encryption: a second XTS layer whose DEK this other KEK wraps.
+    pub kek_inner: Option<Spanned<String>>,
     pub size: Option<Spanned<ByteSize>>,
     #[serde(default = "default_sector_size", deserialize_with = "sector_size")]
     pub sector_size: u32,
@@ -80,6 +107,37 @@ pub struct VolumeConfig {
     #[serde(default)]
     pub direct: bool,
     pub description: Option<String>,
+    /// What to do when the KEK becomes unusable: `stop` or `until-restart`.
+    #[serde(default)]
+    pub on_key_loss: crate::volume::OnKeyLoss,
+    /// Rewrap to the provider's newest key version at every key check.
+    #[serde(default)]
+    pub auto_rotate: bool,
+    /// How often the daemon verifies it can still unwrap the DEK (`60s`, `1s`, ...).
+    #[serde(default = "default_key_check", deserialize_with = "duration")]
+    pub key_check_interval: std::time::Duration,
+}
+
+fn default_key_check() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
+}
+
+/// `"90s"`, `"1m"`, `"500ms"` (humantime) or a number of seconds; at least 1 s.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    let value = match Raw::deserialize(d)? {
+        Raw::Seconds(s) => std::time::Duration::from_secs(s),
+        Raw::Text(t) => humantime::parse_duration(&t).map_err(serde::de::Error::custom)?,
+    };
+    if value < std::time::Duration::from_secs(1) {
+        return Err(serde::de::Error::custom("must be at least 1s"));
+    }
+    Ok(value)
 }
 
 fn default_sector_size() -> u32 {
@@ -197,6 +255,20 @@ impl Config {
                 }
                 _ => {}
             }
+            if let Some(inner) = &v.kek_inner {
+                let problem = if v.role == Role::Temp {
+                    Some("temp volumes take no KEK, so no inner KEK either".to_string())
+                } else if !self.kek.contains_key(inner.get_ref()) {
+                    Some(format!("no [kek.{}] table is defined", inner.get_ref()))
+                } else if v.kek.as_ref().map(|k| k.get_ref()) == Some(inner.get_ref()) {
+                    Some("kek_inner must name a different KEK than kek: double encryption needs two independent keys".to_string())
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    return Err(invalid(inner.span(), "kek_inner", problem));
+                }
+            }
             match (&v.size, v.role) {
                 (None, Role::Temp) => {
                     return Err(invalid(
@@ -268,6 +340,35 @@ allow_discards = true
         assert_eq!(c.volumes[1].size_bytes(), Some(8 << 30));
         assert_eq!(c.volumes[0].sector_size, 4096);
         assert!(matches!(c.kek["main"], KekConfig::Local { .. }));
+    }
+
+    #[test]
+    fn kek_inner_must_be_another_defined_kek_on_a_cache_volume() {
+        let with_inner = |inner: &str| {
+            GOOD.replace(
+                "kek = \"main\"\n",
+                &format!("kek = \"main\"\nkek_inner = \"{inner}\"\n"),
+            )
+            .replace(
+                "[[volume]]\nname = \"cache0\"",
+                "[kek.hsm]\nprovider = \"local\"\npath = \"/etc/hostcrypt/second.key\"\n\n[[volume]]\nname = \"cache0\"",
+            )
+        };
+        let c = parse(&with_inner("hsm")).unwrap();
+        assert_eq!(c.volumes[0].kek_inner.as_ref().unwrap().get_ref(), "hsm");
+        let err = parse(&with_inner("main")).unwrap_err().to_string();
+        assert!(
+            err.contains("kek_inner") && err.contains("different KEK"),
+            "{err}"
+        );
+        let err = parse(&with_inner("nope")).unwrap_err().to_string();
+        assert!(err.contains("[kek.nope]"), "{err}");
+        let temp = GOOD.replace(
+            "role = \"temp\"\n",
+            "role = \"temp\"\nkek_inner = \"main\"\n",
+        );
+        let err = parse(&temp).unwrap_err().to_string();
+        assert!(err.contains("temp volumes"), "{err}");
     }
 
     #[test]

@@ -114,6 +114,10 @@ impl LocalKek {
 }
 
 impl KeyProvider for LocalKek {
+    fn owns(&self, kek: &KekRef) -> bool {
+        kek.provider == PROVIDER && kek.key_id == self.key_id
+    }
+
     fn describe(&self) -> String {
         format!("local key {} ({})", self.key_id, self.path.display())
     }
@@ -139,7 +143,7 @@ impl KeyProvider for LocalKek {
     }
 
     fn unwrap(&self, wrapped: &WrappedDek) -> Result<Dek, KekError> {
-        if wrapped.kek.provider != PROVIDER || wrapped.kek.key_id != self.key_id {
+        if !self.owns(&wrapped.kek) {
             return Err(KekError::WrongKey {
                 wrapped_by: wrapped.kek.clone(),
                 configured: self.describe(),

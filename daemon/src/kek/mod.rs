@@ -6,9 +6,15 @@
 //! Vault) are driven from control threads or `spawn_blocking`, and the I/O
 //! path holds its unwrapped DEK in memory, so a slow provider can delay a
 //! volume opening or a key check but never a read or a write.
-//! Concrete providers live one per file (`local.rs`, ...).
+//! Concrete providers live one per file (`local.rs`, `vault.rs`, ...); the
+//! audit log is `audit.rs`.
 
+pub mod audit;
+mod azure;
+mod http;
 mod local;
+mod pkcs11;
+mod vault;
 
 use std::path::PathBuf;
 
@@ -16,7 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::crypto::Dek;
 
+pub use azure::{AzureAuth, AzureConfig, AzureKek};
 pub use local::LocalKek;
+pub use pkcs11::{Pkcs11Config, Pkcs11Kek};
+pub use vault::{VaultConfig, VaultKek};
 
 /// Which key wrapped a DEK: provider kind, key id, key version. Stored in the
 /// header beside every wrapped DEK so a volume always says which key it needs.
@@ -52,7 +61,7 @@ pub enum KekError {
         #[source]
         source: std::io::Error,
     },
-    #[error("KEK file {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`")]
+    #[error("secret file {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`")]
     InsecureKeyFile { path: PathBuf, mode: u32 },
     #[error("KEK file {path} is not a local KEK: {reason}")]
     BadKeyFile { path: PathBuf, reason: String },
@@ -71,6 +80,40 @@ pub enum KekError {
     WrapFailed { provider: String, reason: String },
     #[error("operating system random generator failed: {0}")]
     Random(getrandom::Error),
+    /// The provider refused: revoked credentials or a missing permission.
+    #[error("{provider} denied access: {reason}")]
+    AccessDenied { provider: String, reason: String },
+    /// The key (or the key version the volume needs) is gone or disabled.
+    #[error("{provider}: key unavailable: {reason}")]
+    KeyGone { provider: String, reason: String },
+    /// The provider could not be reached or kept failing after retries.
+    #[error("{provider} is unavailable: {reason}")]
+    Unavailable { provider: String, reason: String },
+    #[error("{provider} cannot {operation}")]
+    Unsupported {
+        provider: String,
+        operation: &'static str,
+    },
+    #[error("{provider}: cannot read secret file {path}: {source}")]
+    SecretFile {
+        provider: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl KekError {
+    /// A short machine-readable class for audit lines and status output.
+    pub fn class(&self) -> &'static str {
+        match self {
+            KekError::AccessDenied { .. } => "access-denied",
+            KekError::KeyGone { .. } => "key-gone",
+            KekError::Unavailable { .. } => "unavailable",
+            KekError::WrongKey { .. } | KekError::UnwrapFailed { .. } => "wrong-key",
+            _ => "error",
+        }
+    }
 }
 
 /// One key-encryption key, as configured in a `[kek.NAME]` table.
@@ -79,9 +122,92 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
     /// Never contains secret material.
     fn describe(&self) -> String;
 
+    /// Whether a DEK wrapped under `kek` is this provider's to unwrap
+    /// (same provider kind and key; any version).
+    fn owns(&self, kek: &KekRef) -> bool;
+
     /// Wraps `dek` under the provider's current key version.
     fn wrap(&self, dek: &Dek) -> Result<WrappedDek, KekError>;
 
     /// Unwraps a DEK previously wrapped by this provider (any version it still holds).
     fn unwrap(&self, wrapped: &WrappedDek) -> Result<Dek, KekError>;
+
+    /// Re-wraps under the newest key version (or `to_version`). The default
+    /// unwraps and wraps locally; providers that can rewrap server-side
+    /// (Vault transit) override it so the DEK never leaves the daemon again.
+    fn rewrap(
+        &self,
+        wrapped: &WrappedDek,
+        to_version: Option<&str>,
+    ) -> Result<WrappedDek, KekError> {
+        if to_version.is_some() {
+            return Err(KekError::Unsupported {
+                provider: self.describe(),
+                operation: "wrap under a chosen key version",
+            });
+        }
+        let dek = self.unwrap(wrapped)?;
+        self.wrap(&dek)
+    }
+
+    /// Proves the provider can still unwrap `wrapped`, for key checks.
+    fn check(&self, wrapped: &WrappedDek) -> Result<(), KekError> {
+        self.unwrap(wrapped).map(drop)
+    }
+}
+
+/// A DEK from the bytes a provider unwrapped (zeroized here, whatever
+/// happens); anything but a DEK's length means the unwrap failed.
+pub(crate) fn dek_from(
+    raw: Option<Vec<u8>>,
+    provider: impl FnOnce() -> String,
+) -> Result<Dek, KekError> {
+    let raw = zeroize::Zeroizing::new(raw.unwrap_or_default());
+    Dek::from_slice(&raw).ok_or_else(|| KekError::UnwrapFailed {
+        provider: provider(),
+    })
+}
+
+/// `"3"` or `"v3"` → 3, for providers whose versions are numbers.
+pub(crate) fn numeric_version(
+    version: &str,
+    provider: impl FnOnce() -> String,
+) -> Result<u64, KekError> {
+    version
+        .trim_start_matches('v')
+        .parse()
+        .map_err(|_| KekError::Unsupported {
+            provider: provider(),
+            operation: "use a non-numeric key version",
+        })
+}
+
+/// Remote providers: attempts for retryable failures (429, 5xx, sealed,
+/// connection errors) and the per-request timeout in seconds.
+pub(crate) fn default_attempts() -> u32 {
+    4
+}
+pub(crate) fn default_timeout() -> u64 {
+    10
+}
+
+/// Refuses a secret file (KEK, token, PIN, client secret) that group or
+/// others may read. A missing file passes: reading it reports that better.
+pub(crate) fn check_secret_file(path: &std::path::Path) -> Result<(), KekError> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.mode() & 0o077 != 0 => Err(KekError::InsecureKeyFile {
+            path: path.to_owned(),
+            mode: m.mode() & 0o7777,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Compares key versions numerically where both are numbers (`"10" > "9"`).
+pub fn version_newer(candidate: &str, than: &str) -> bool {
+    match (candidate.parse::<u64>(), than.parse::<u64>()) {
+        (Ok(a), Ok(b)) => a > b,
+        _ => candidate != than,
+    }
 }

@@ -4,14 +4,20 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
+use super::metrics::ExportMetrics;
 use super::proto::*;
-use crate::volume::Volume;
+use crate::volume::{Volume, VolumeKeys};
 
 #[derive(Debug)]
 pub struct Export {
     pub volume: Volume,
     pub description: String,
     pub allow_discards: bool,
+    /// Key lifecycle of a cache volume (`None` for temp volumes).
+    pub keys: Option<Arc<VolumeKeys>>,
+    pub metrics: ExportMetrics,
 }
 
 impl Export {
@@ -49,24 +55,36 @@ impl Export {
     }
 }
 
+/// The served exports. Clones share one list, which `hostcrypt reload`
+/// replaces as a whole: a connection keeps the export it opened, new
+/// connections see the new list.
 #[derive(Debug, Default, Clone)]
 pub struct Exports {
-    list: Vec<Arc<Export>>,
+    list: Arc<ArcSwap<Vec<Arc<Export>>>>,
 }
 
 impl Exports {
     pub fn new(list: Vec<Arc<Export>>) -> Self {
-        Exports { list }
+        Exports {
+            list: Arc::new(ArcSwap::from_pointee(list)),
+        }
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<Export>> {
+        let list = self.list.load();
         if name.is_empty() {
-            return self.list.first().cloned();
+            return list.first().cloned();
         }
-        self.list.iter().find(|e| e.name() == name).cloned()
+        list.iter().find(|e| e.name() == name).cloned()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Export>> {
-        self.list.iter()
+    /// A snapshot of the current exports.
+    pub fn iter(&self) -> std::vec::IntoIter<Arc<Export>> {
+        self.list.load_full().as_ref().clone().into_iter()
+    }
+
+    /// Replaces the list (reload).
+    pub fn replace(&self, list: Vec<Arc<Export>>) {
+        self.list.store(Arc::new(list));
     }
 }

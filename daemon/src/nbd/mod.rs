@@ -1,6 +1,7 @@
 //! The NBD server: wire constants (`proto.rs`), the export set
 //! (`exports.rs`), the fixed-newstyle handshake (`handshake.rs`), the
-//! transmission phase (`transmission.rs`) and listeners (`server.rs`).
+//! transmission phase (`transmission.rs`), listeners (`server.rs`) and
+//! per-export request metrics (`metrics.rs`).
 //!
 //! Hand-written rather than built on the `nbd` crate: that crate speaks only
 //! the old EXPORT_NAME handshake and serves one request at a time, while we
@@ -9,6 +10,7 @@
 
 mod exports;
 mod handshake;
+pub mod metrics;
 pub mod proto;
 mod server;
 mod transmission;

@@ -24,6 +24,9 @@ pub enum Listener {
     Unix {
         listener: UnixListener,
         path: PathBuf,
+        /// Whether we bound it (and so remove the socket file at shutdown);
+        /// a socket passed in by systemd belongs to systemd.
+        owned: bool,
     },
     Tcp(TcpListener),
 }
@@ -55,7 +58,27 @@ impl Listener {
         Ok(Listener::Unix {
             listener,
             path: path.to_owned(),
+            owned: true,
         })
+    }
+
+    /// Wraps a listening Unix socket passed in by the service manager.
+    pub fn from_std_unix(
+        listener: std::os::unix::net::UnixListener,
+        path: PathBuf,
+    ) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Listener::Unix {
+            listener: UnixListener::from_std(listener)?,
+            path,
+            owned: false,
+        })
+    }
+
+    /// Wraps a listening TCP socket passed in by the service manager.
+    pub fn from_std_tcp(listener: std::net::TcpListener) -> std::io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Listener::Tcp(TcpListener::from_std(listener)?))
     }
 
     pub async fn bind_tcp(addr: &str) -> std::io::Result<Self> {
@@ -114,7 +137,10 @@ async fn accept_loop(
             },
         }
     }
-    if let Listener::Unix { path, .. } = &listener {
+    if let Listener::Unix {
+        path, owned: true, ..
+    } = &listener
+    {
         let _ = std::fs::remove_file(path);
     }
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {

@@ -9,6 +9,7 @@
 //! (bad magic, truncated) ends this connection and no other.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -42,6 +43,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let _connected = export.metrics.connect();
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
@@ -82,10 +84,12 @@ where
                 Err(_) => break Ok(()),
             }
         };
+        export.metrics.begin();
         let ctx = Ctx {
             req,
             tx: tx.clone(),
             export: export.clone(),
+            started: Instant::now(),
         };
         match req.kind {
             CMD_DISC => break Ok(()),
@@ -133,10 +137,23 @@ struct Ctx {
     req: Request,
     tx: mpsc::UnboundedSender<Reply>,
     export: Arc<Export>,
+    started: Instant,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        self.export.metrics.end();
+    }
 }
 
 impl Ctx {
     fn respond(&self, error: u32, data: Option<IoBuf>, budget: OwnedSemaphorePermit) {
+        self.export.metrics.complete(
+            self.req.kind,
+            self.req.length,
+            error,
+            self.started.elapsed(),
+        );
         // A send fails only when the writer is gone (client hung up).
         let _ = self.tx.send(Reply {
             header: simple_reply(error, self.req.cookie),

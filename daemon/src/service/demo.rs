@@ -52,6 +52,7 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, DemoError> {
                 sector_size: 4096,
             },
             &kek,
+            None,
             false,
         )?;
     }

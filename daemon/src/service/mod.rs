@@ -1,8 +1,12 @@
 //! Running the daemon: open every configured volume, bind the listeners,
 //! serve until told to stop, then drain connections and flush volumes.
-//! The embedded demo defaults live in `demo.rs`.
+//! The embedded demo defaults live in `demo.rs`, the key-check monitor in
+//! `keys.rs`.
 
 pub mod demo;
+pub mod keys;
+pub mod reload;
+pub mod systemd;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,9 +15,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::{Config, KekConfig};
-use crate::kek::{KekError, KeyProvider, LocalKek};
-use crate::nbd::{Export, Exports, Listener};
-use crate::volume::{self, Geometry, Role, VolumeError};
+use crate::kek::audit::{AuditLog, Event};
+use crate::kek::{AzureKek, KekError, KeyProvider, LocalKek, Pkcs11Kek, VaultKek};
+pub use crate::nbd::Listener;
+use crate::nbd::{Export, Exports};
+use crate::volume::{self, Geometry, KeyPolicy, Layer, LayerKek, Role, VolumeError, VolumeKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -31,6 +37,14 @@ pub enum ServiceError {
     },
     #[error("volume {volume:?} names KEK {kek:?}, which is not configured")]
     UnknownKek { volume: String, kek: String },
+    #[error("audit log {path}: {source}")]
+    Audit {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reload: {0}")]
+    Reload(String),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -43,76 +57,222 @@ pub enum ServiceError {
 pub fn open_providers(
     config: &Config,
 ) -> Result<BTreeMap<String, Arc<dyn KeyProvider>>, ServiceError> {
-    let mut providers: BTreeMap<String, Arc<dyn KeyProvider>> = BTreeMap::new();
-    for (name, kek) in &config.kek {
-        let provider: Arc<dyn KeyProvider> = match kek {
-            KekConfig::Local { path } => {
-                Arc::new(LocalKek::load(path).map_err(|source| ServiceError::Kek {
-                    name: name.clone(),
-                    source,
-                })?)
-            }
-        };
-        providers.insert(name.clone(), provider);
+    config
+        .kek
+        .iter()
+        .map(|(name, kek)| Ok((name.clone(), open_provider(name, kek)?)))
+        .collect()
+}
+
+/// Loads one key provider (the CLI opens only the one it needs).
+pub fn open_provider(name: &str, kek: &KekConfig) -> Result<Arc<dyn KeyProvider>, ServiceError> {
+    let provider: Result<Arc<dyn KeyProvider>, KekError> = match kek {
+        KekConfig::Local { path } => LocalKek::load(path).map(|k| Arc::new(k) as _),
+        KekConfig::Vault(vault) => VaultKek::new(vault.clone()).map(|k| Arc::new(k) as _),
+        KekConfig::Pkcs11(p) => Pkcs11Kek::new(p.clone()).map(|k| Arc::new(k) as _),
+        KekConfig::Azure(a) => AzureKek::new(a.clone()).map(|k| Arc::new(k) as _),
+    };
+    provider.map_err(|source| ServiceError::Kek {
+        name: name.to_owned(),
+        source,
+    })
+}
+
+/// Opens the audit log the config names (or a tracing-only one).
+pub fn open_audit(config: &Config) -> Result<AuditLog, ServiceError> {
+    match &config.server.audit_log {
+        Some(path) => AuditLog::open(path).map_err(|source| ServiceError::Audit {
+            path: path.clone(),
+            source,
+        }),
+        None => Ok(AuditLog::disabled()),
     }
-    Ok(providers)
+}
+
+/// The provider that holds one layer's DEK: the configured one, or — after
+/// `hostcrypt rekey` moved the DEK and the config was not yet updated — the
+/// configured provider that owns the header's keyslot.
+fn provider_for(
+    volume: &str,
+    header: Option<&volume::Header>,
+    layer: Layer,
+    configured: &str,
+    providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
+) -> LayerKek {
+    let default = LayerKek {
+        name: configured.to_owned(),
+        provider: providers[configured].clone(),
+    };
+    let Some(slot_kek) = header
+        .and_then(|h| h.active_slot(layer))
+        .map(|s| s.wrapped.kek.clone())
+    else {
+        return default;
+    };
+    if default.provider.owns(&slot_kek) {
+        return default;
+    }
+    match providers.iter().find(|(_, p)| p.owns(&slot_kek)) {
+        Some((name, provider)) => {
+            let key = match layer {
+                Layer::Outer => "kek",
+                Layer::Inner => "kek_inner",
+            };
+            tracing::warn!(
+                volume,
+                configured,
+                wrapped_by = %name,
+                "the {layer} DEK is wrapped by KEK {name:?} (moved by `hostcrypt rekey`); using it — set {key} = {name:?} for this volume in the config"
+            );
+            LayerKek {
+                name: name.clone(),
+                provider: provider.clone(),
+            }
+        }
+        None => default,
+    }
+}
+
+fn configured_kek<'a>(
+    volume: &str,
+    kek: Option<&'a toml::Spanned<String>>,
+    providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
+) -> Result<&'a str, ServiceError> {
+    let name = kek.map(|k| k.get_ref().as_str()).unwrap_or("");
+    if !providers.contains_key(name) {
+        return Err(ServiceError::UnknownKek {
+            volume: volume.to_owned(),
+            kek: name.to_string(),
+        });
+    }
+    Ok(name)
 }
 
 /// Opens every volume in the config. Any failure aborts start-up: a daemon
 /// that silently serves fewer volumes than configured hides a key problem.
-pub fn open_exports(config: &Config) -> Result<Exports, ServiceError> {
-    let providers = open_providers(config)?;
-    let mut exports = Vec::new();
-    for v in &config.volumes {
-        let name = v.name.get_ref().clone();
-        let backing = v.backing.get_ref();
-        let wrap = |source| ServiceError::Volume {
-            name: name.clone(),
-            source: Box::new(source),
-        };
-        let opened = match v.role {
-            Role::Cache => {
-                let kek_name = v.kek.as_ref().map(|k| k.get_ref().as_str()).unwrap_or("");
-                let kek = providers
-                    .get(kek_name)
-                    .ok_or_else(|| ServiceError::UnknownKek {
-                        volume: name.clone(),
-                        kek: kek_name.to_string(),
-                    })?;
-                volume::open_cache(&name, backing, v.size_bytes(), kek.as_ref(), v.direct)
-                    .map_err(wrap)?
-            }
-            Role::Temp => {
-                let geometry = Geometry {
-                    size: v.size_bytes().unwrap_or(0),
-                    sector_size: v.sector_size,
-                };
-                volume::open_temp(&name, backing, geometry, v.direct).map_err(wrap)?
-            }
-        };
-        tracing::info!(
-            volume = %name,
-            role = %opened.role,
-            size = opened.header.size,
-            sector_size = opened.header.sector_size,
-            xts = opened.data.cipher_kernel(),
-            direct = v.direct,
-            backing = %backing.display(),
-            "volume open"
-        );
-        let description = v.description.clone().unwrap_or_else(|| {
-            format!(
-                "hostcrypt {} volume, XTS-AES-256, {}-byte sectors",
-                opened.role, opened.header.sector_size
-            )
-        });
-        exports.push(Arc::new(Export {
-            volume: opened,
-            description,
-            allow_discards: v.allow_discards,
-        }));
-    }
+pub fn open_exports(
+    config: &Config,
+    providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
+    audit: &AuditLog,
+) -> Result<Exports, ServiceError> {
+    let exports = config
+        .volumes
+        .iter()
+        .map(|v| open_export(v, providers, audit))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Exports::new(exports))
+}
+
+/// Opens one configured volume as an export.
+pub fn open_export(
+    v: &crate::config::VolumeConfig,
+    providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
+    audit: &AuditLog,
+) -> Result<Arc<Export>, ServiceError> {
+    let name = v.name.get_ref().clone();
+    let backing = v.backing.get_ref();
+    let wrap = |source| ServiceError::Volume {
+        name: name.clone(),
+        source: Box::new(source),
+    };
+    let mut keys = None;
+    let opened = match v.role {
+        Role::Cache => {
+            // Read once to find which configured KEKs own the keyslots.
+            let header = volume::read_headers(backing)
+                .ok()
+                .and_then(|copies| volume::current_header(backing, &copies).ok());
+            let configured = configured_kek(&name, v.kek.as_ref(), providers)?;
+            let outer = provider_for(&name, header.as_ref(), Layer::Outer, configured, providers);
+            let inner = match &v.kek_inner {
+                Some(k) => {
+                    let configured = configured_kek(&name, Some(k), providers)?;
+                    Some(provider_for(
+                        &name,
+                        header.as_ref(),
+                        Layer::Inner,
+                        configured,
+                        providers,
+                    ))
+                }
+                None => None,
+            };
+            let opened = volume::open_cache(
+                &name,
+                backing,
+                v.size_bytes(),
+                outer.provider.as_ref(),
+                inner.as_ref().map(|k| k.provider.as_ref()),
+                v.direct,
+            );
+            let kek_names = match &inner {
+                Some(i) => format!("keks {} (outer) and {} (inner)", outer.name, i.name),
+                None => format!("kek {}", outer.name),
+            };
+            let mut event =
+                Event::new(&name, "unwrap", if opened.is_ok() { "ok" } else { "error" })
+                    .detail(format!("open with {kek_names}"));
+            if let Err(e) = &opened {
+                event = event.error(e);
+            }
+            let slot_kek = opened
+                .as_ref()
+                .ok()
+                .and_then(|o| o.header.active_keyslot())
+                .map(|s| s.wrapped.kek.clone());
+            if let Some(k) = &slot_kek {
+                event = event.key(k);
+            }
+            audit.record(&event);
+            let opened = opened.map_err(wrap)?;
+            let volume_keys = Arc::new(VolumeKeys::new(
+                backing,
+                &opened,
+                outer,
+                inner,
+                KeyPolicy {
+                    on_key_loss: v.on_key_loss,
+                    auto_rotate: v.auto_rotate,
+                    check_interval: v.key_check_interval,
+                },
+                audit.clone(),
+            ));
+            volume_keys.resume_reencrypt();
+            keys = Some(volume_keys);
+            opened
+        }
+        Role::Temp => {
+            let geometry = Geometry {
+                size: v.size_bytes().unwrap_or(0),
+                sector_size: v.sector_size,
+            };
+            volume::open_temp(&name, backing, geometry, v.direct).map_err(wrap)?
+        }
+    };
+    tracing::info!(
+        volume = %name,
+        role = %opened.role,
+        size = opened.header.size,
+        sector_size = opened.header.sector_size,
+        xts = opened.data.cipher_kernel(),
+        layers = opened.data.layers(),
+        direct = v.direct,
+        backing = %backing.display(),
+        "volume open"
+    );
+    let description = v.description.clone().unwrap_or_else(|| {
+        format!(
+            "hostcrypt {} volume, XTS-AES-256, {}-byte sectors",
+            opened.role, opened.header.sector_size
+        )
+    });
+    Ok(Arc::new(Export {
+        volume: opened,
+        description,
+        allow_discards: v.allow_discards,
+        keys,
+        metrics: Default::default(),
+    }))
 }
 
 /// Binds the configured listeners.

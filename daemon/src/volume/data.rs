@@ -11,20 +11,52 @@
 //!
 //! Range checks against the export size happen in the NBD layer; this layer
 //! re-checks and answers `InvalidInput` rather than trusting its caller.
+//!
+//! During an online re-encryption (`reencrypt.rs` drives it) two key sets
+//! are loaded: sectors below the checkpoint use the target generation, the
+//! rest the current one. Every request then holds the range lock on its
+//! sectors (reads too), and the re-encryption holds it on the window it
+//! rewrites, so a request waits only when it touches that window and never
+//! sees the checkpoint move under it. Requests take the thread pool rather
+//! than the ring meanwhile: a ring thread must never wait on a lock.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::crypto::SectorCipher;
+use arc_swap::ArcSwapOption;
+
+use super::cipher::VolumeCipher;
+use crate::crypto::Dek;
 use crate::io::uring::Ring;
 use crate::io::{Backing, IoBuf, RangeLock};
 
 /// Zeroing writes go out in pieces of this size to bound memory.
 const ZERO_CHUNK: u64 = 1024 * 1024;
 
+/// The ciphers in use: the current DEK generation's, and while
+/// re-encrypting the target generation's.
+pub struct DataKeys {
+    pub current: Arc<VolumeCipher>,
+    pub target: Option<Arc<VolumeCipher>>,
+}
+
+/// A generation's DEKs: the outer layer's, and the inner's when double-encrypted.
+pub type GenerationDeks<'a> = (&'a Dek, Option<&'a Dek>);
+
 pub struct DataArea {
     backing: Backing,
-    cipher: SectorCipher,
+    /// `None` while the volume's key is lost (`on_key_loss = "stop"`): the
+    /// key schedules are dropped (and zeroized) and I/O fails with EIO.
+    cipher: ArcSwapOption<DataKeys>,
+    /// Bytes of the data area below this are under the target generation
+    /// (meaningful only while re-encrypting).
+    checkpoint: AtomicU64,
+    kernel: &'static str,
+    layers: usize,
+    /// Time spent in the cipher, for metrics.
+    crypto_nanos: AtomicU64,
     size: u64,
     sector: u64,
     data_offset: u64,
@@ -42,11 +74,18 @@ impl std::fmt::Debug for DataArea {
 }
 
 impl DataArea {
-    pub fn new(backing: Backing, cipher: SectorCipher, size: u64, data_offset: u64) -> Self {
+    pub fn new(backing: Backing, cipher: VolumeCipher, size: u64, data_offset: u64) -> Self {
         let sector = cipher.sector_size() as u64;
         DataArea {
             backing,
-            cipher,
+            kernel: cipher.kernel(),
+            layers: cipher.layers(),
+            crypto_nanos: AtomicU64::new(0),
+            checkpoint: AtomicU64::new(0),
+            cipher: ArcSwapOption::from_pointee(DataKeys {
+                current: Arc::new(cipher),
+                target: None,
+            }),
             size,
             sector,
             data_offset,
@@ -64,7 +103,175 @@ impl DataArea {
 
     /// Which XTS kernel encrypts this volume (e.g. `vaes-avx512`).
     pub fn cipher_kernel(&self) -> &'static str {
-        self.cipher.kernel()
+        self.kernel
+    }
+
+    /// Encryption layers: 1, or 2 with double encryption.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Seconds spent encrypting and decrypting since the volume opened.
+    pub fn crypto_seconds(&self) -> f64 {
+        self.crypto_nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// Runs one cipher pass, adding its time to the crypto counter.
+    fn timed<T>(&self, pass: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let out = pass();
+        self.crypto_nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+
+    /// Whether the data key is loaded (I/O possible).
+    pub fn key_loaded(&self) -> bool {
+        self.cipher.load().is_some()
+    }
+
+    /// Drops the key schedule: every request fails with EIO from now on.
+    /// Requests already holding the cipher finish with it.
+    pub fn unload_key(&self) {
+        self.cipher.store(None);
+    }
+
+    /// (Re)loads the keys after a recovery: the current generation's, and
+    /// the target generation's while re-encrypting.
+    pub fn load_keys(&self, current: GenerationDeks<'_>, target: Option<GenerationDeks<'_>>) {
+        let cipher = |(outer, inner): GenerationDeks<'_>| {
+            Arc::new(VolumeCipher::new(outer, inner, self.sector as usize))
+        };
+        self.cipher.store(Some(Arc::new(DataKeys {
+            current: cipher(current),
+            target: target.map(cipher),
+        })));
+    }
+
+    /// Starts (or resumes at `checkpoint`) a re-encryption to `target`.
+    pub fn begin_reencrypt(&self, target: VolumeCipher, checkpoint: u64) -> io::Result<()> {
+        let keys = self.cipher()?;
+        self.checkpoint.store(checkpoint, Ordering::SeqCst);
+        self.cipher.store(Some(Arc::new(DataKeys {
+            current: keys.current.clone(),
+            target: Some(Arc::new(target)),
+        })));
+        Ok(())
+    }
+
+    /// The target generation becomes the current one.
+    pub fn finish_reencrypt(&self) -> io::Result<()> {
+        let keys = self.cipher()?;
+        if let Some(target) = &keys.target {
+            self.cipher.store(Some(Arc::new(DataKeys {
+                current: target.clone(),
+                target: None,
+            })));
+        }
+        self.checkpoint.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether a re-encryption is in progress (its keys loaded).
+    pub fn reencrypting(&self) -> bool {
+        self.cipher
+            .load()
+            .as_ref()
+            .is_some_and(|k| k.target.is_some())
+    }
+
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.load(Ordering::SeqCst)
+    }
+
+    /// Re-encrypts `[checkpoint, checkpoint + len)` under the range lock:
+    /// reads it, turns each written sector from the current generation's
+    /// ciphertext into the target's, hands the result to `journal` (which
+    /// must make it durable), writes it in place, syncs, lets `commit`
+    /// record the new checkpoint, and only then releases the window.
+    ///
+    /// The window is released early only while nothing in place has
+    /// changed, and then with the journal record cleared (`clear_journal`),
+    /// so a later replay can never overwrite writes clients make meanwhile.
+    /// Once the in-place write has begun, failures are retried with the
+    /// window held (I/O into it waits) until they succeed or `stop` says
+    /// the daemon is going down; the journal then stays valid for the
+    /// replay at the next open.
+    pub fn rewrite_window(
+        &self,
+        checkpoint: u64,
+        len: u64,
+        journal: impl FnOnce(&[u8]) -> io::Result<()>,
+        clear_journal: impl Fn() -> io::Result<()>,
+        commit: impl Fn(u64) -> io::Result<()>,
+        stop: impl Fn() -> bool,
+    ) -> io::Result<()> {
+        let _window = self.writers.lock(checkpoint, checkpoint + len);
+        let keys = self.cipher()?;
+        let target = keys
+            .target
+            .clone()
+            .ok_or_else(|| io::Error::other("no re-encryption in progress"))?;
+        let mut buf = IoBuf::new(len as usize);
+        self.backing
+            .read_data(&mut buf, self.data_offset + checkpoint)?;
+        let first = checkpoint / self.sector;
+        self.timed(|| {
+            for (i, sector) in buf.chunks_exact_mut(self.sector as usize).enumerate() {
+                // Never-written sectors stay holes/zeros: they read as zeros
+                // under any key.
+                if !is_zero(sector) {
+                    keys.current.decrypt(sector, first + i as u64);
+                    target.encrypt(sector, first + i as u64);
+                }
+            }
+        });
+        if let Err(e) = journal(&buf) {
+            // Nothing in place changed; the record must not outlive the lock.
+            retry_until(&stop, &clear_journal)?;
+            return Err(e);
+        }
+        retry_until(&stop, || {
+            self.backing
+                .write_data(&buf, self.data_offset + checkpoint)?;
+            self.backing.sync()
+        })?;
+        retry_until(&stop, || commit(checkpoint + len))?;
+        self.checkpoint.store(checkpoint + len, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Bytes from `start` (within `len`) that are under the target key.
+    fn target_part(&self, keys: &DataKeys, start: u64, len: usize) -> usize {
+        if keys.target.is_none() {
+            return 0;
+        }
+        (self.checkpoint().saturating_sub(start) as usize).min(len)
+    }
+
+    fn decrypt_range(&self, keys: &DataKeys, buf: &mut [u8], start: u64) {
+        let split = self.target_part(keys, start, buf.len());
+        let (low, high) = buf.split_at_mut(split);
+        if let Some(target) = &keys.target {
+            decrypt_sectors(target, self.sector, low, start);
+        }
+        decrypt_sectors(&keys.current, self.sector, high, start + split as u64);
+    }
+
+    fn encrypt_range(&self, keys: &DataKeys, buf: &mut [u8], start: u64) {
+        let split = self.target_part(keys, start, buf.len());
+        let (low, high) = buf.split_at_mut(split);
+        if let Some(target) = &keys.target {
+            target.encrypt(low, start / self.sector);
+        }
+        keys.current
+            .encrypt(high, (start + split as u64) / self.sector);
+    }
+
+    fn cipher(&self) -> io::Result<Arc<DataKeys>> {
+        self.cipher.load_full().ok_or_else(|| {
+            io::Error::other("the volume's key is unavailable (key lost); I/O is stopped")
+        })
     }
 
     pub fn backing(&self) -> &Backing {
@@ -90,24 +297,16 @@ impl DataArea {
 
     /// Reads whole sectors `[start, end)` and decrypts them into `buf`.
     fn read_sectors(&self, buf: &mut [u8], start: u64) -> io::Result<()> {
+        let cipher = self.cipher()?;
         self.backing.read_data(buf, self.data_offset + start)?;
-        self.decrypt_sectors(buf, start);
+        self.timed(|| self.decrypt_range(&cipher, buf, start));
         Ok(())
-    }
-
-    /// Decrypts whole sectors that were read from `start`, in place.
-    fn decrypt_sectors(&self, buf: &mut [u8], start: u64) {
-        let first = start / self.sector;
-        for (i, sector) in buf.chunks_exact_mut(self.sector as usize).enumerate() {
-            if !is_zero(sector) {
-                self.cipher.decrypt(sector, first + i as u64);
-            }
-        }
     }
 
     /// Encrypts whole sectors in place and writes them at `start`.
     fn write_sectors(&self, buf: &mut [u8], start: u64) -> io::Result<()> {
-        self.cipher.encrypt(buf, start / self.sector);
+        let keys = self.cipher()?;
+        self.timed(|| self.encrypt_range(&keys, buf, start));
         self.backing.write_data(buf, self.data_offset + start)
     }
 
@@ -115,6 +314,7 @@ impl DataArea {
         self.check_range(offset, len as u64)?;
         let (start, end) = self.aligned(offset, len as u64);
         let mut buf = IoBuf::new((end - start) as usize);
+        let _window = self.reencrypting().then(|| self.writers.lock(start, end));
         self.read_sectors(&mut buf, start)?;
         Ok(trim_to(buf, (offset - start) as usize, len))
     }
@@ -125,9 +325,17 @@ impl DataArea {
     where
         F: FnOnce(io::Result<IoBuf>) + Send + 'static,
     {
-        if let Err(e) = self.check_range(offset, len as u64) {
-            return done(Err(e));
+        if self.reencrypting() {
+            crate::io::workers::spawn(move || done(self.read(offset, len)));
+            return;
         }
+        let cipher = match self
+            .check_range(offset, len as u64)
+            .and_then(|()| self.cipher())
+        {
+            Ok(c) => c.current.clone(),
+            Err(e) => return done(Err(e)),
+        };
         let (start, end) = self.aligned(offset, len as u64);
         let fd = self.backing.data_fd();
         let at = self.data_offset + start;
@@ -137,8 +345,14 @@ impl DataArea {
             buf,
             at,
             Box::new(move |_, result| {
+                // A re-encryption that began while this read was in flight
+                // may have rewritten these sectors: read again, locked.
+                if self.reencrypting() {
+                    crate::io::workers::spawn(move || done(self.read(offset, len)));
+                    return;
+                }
                 done(result.map(|mut buf| {
-                    self.decrypt_sectors(&mut buf, start);
+                    self.timed(|| decrypt_sectors(&cipher, self.sector, &mut buf, start));
                     trim_to(buf, (offset - start) as usize, len)
                 }))
             }),
@@ -161,11 +375,16 @@ impl DataArea {
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
         let len = data.len() as u64;
-        if let Err(e) = self.check_range(offset, len) {
-            return done(Err(e));
-        }
+        let cipher = match self.check_range(offset, len).and_then(|()| self.cipher()) {
+            Ok(c) => c,
+            Err(e) => return done(Err(e)),
+        };
         let (start, end) = self.aligned(offset, len);
-        if start != offset || end != offset + len || !self.writers.try_acquire(start, end) {
+        if cipher.target.is_some()
+            || start != offset
+            || end != offset + len
+            || !self.writers.try_acquire(start, end)
+        {
             crate::io::workers::spawn(move || {
                 let result =
                     self.write(offset, &mut data)
@@ -174,7 +393,8 @@ impl DataArea {
             });
             return;
         }
-        self.cipher.encrypt(&mut data, start / self.sector);
+        self.timed(|| cipher.current.encrypt(&mut data, start / self.sector));
+        drop(cipher);
         let fd = self.backing.data_fd();
         let at = self.data_offset + start;
         ring.write(
@@ -289,6 +509,35 @@ fn trim_to(mut buf: IoBuf, skip: usize, len: usize) -> IoBuf {
     buf
 }
 
+/// Decrypts whole sectors that were read from `start`, in place.
+fn decrypt_sectors(cipher: &VolumeCipher, sector_size: u64, buf: &mut [u8], start: u64) {
+    let first = start / sector_size;
+    for (i, sector) in buf.chunks_exact_mut(sector_size as usize).enumerate() {
+        if !is_zero(sector) {
+            cipher.decrypt(sector, first + i as u64);
+        }
+    }
+}
+
+/// Runs `step` until it succeeds; between failures waits (1 s, growing to
+/// 30 s) unless `stop` is true, in which case the last error is returned.
+fn retry_until(stop: &impl Fn() -> bool, step: impl Fn() -> io::Result<()>) -> io::Result<()> {
+    let mut pause = std::time::Duration::from_secs(1);
+    loop {
+        match step() {
+            Ok(()) => return Ok(()),
+            Err(e) if stop() => return Err(e),
+            Err(e) => {
+                tracing::error!(
+                    "re-encryption window: {e}; retrying in {pause:?} (I/O into this window waits)"
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 fn is_zero(buf: &[u8]) -> bool {
     buf.iter().all(|&b| b == 0)
 }
@@ -303,7 +552,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backing = Backing::open_or_create(&dir.path().join("d.img")).unwrap();
         backing.set_len(4096 + size).unwrap();
-        let cipher = SectorCipher::new(&Dek::generate().unwrap(), sector);
+        let cipher = VolumeCipher::new(&Dek::generate().unwrap(), None, sector);
         (dir, DataArea::new(backing, cipher, size, 4096))
     }
 

@@ -17,7 +17,8 @@
 //!  49    8  data offset in bytes
 //!  57    4  active DEK generation
 //!  61    1  re-encryption state (0 = none); 8 checkpoint; 4 target generation
-//!  74    1  keyslot count, then per slot: generation u32, provider, key id,
+//!  74    1  keyslot count, then per slot: generation u32 (top bit set = the
+//!           inner layer of a double-encrypted volume), provider, key id,
 //!           key version (each u16 length + UTF-8), wrapped DEK (u16 length + bytes)
 //! 4064  32  SHA-256 of bytes 0..4064
 //! ```
@@ -67,10 +68,34 @@ impl std::fmt::Display for Role {
     }
 }
 
-/// A wrapped DEK and the generation of data it encrypts.
+/// Which encryption layer a keyslot's DEK serves. Single-layer volumes have
+/// only outer slots; `kek_inner` adds an inner layer (encrypted first on
+/// write, decrypted last on read) whose DEK another KEK wraps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer {
+    #[default]
+    Outer,
+    Inner,
+}
+
+impl std::fmt::Display for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Layer::Outer => "outer",
+            Layer::Inner => "inner",
+        })
+    }
+}
+
+/// Marks an inner-layer slot in the encoded generation.
+const INNER_LAYER_BIT: u32 = 1 << 31;
+
+/// A wrapped DEK, the layer it serves and the generation of data it encrypts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Keyslot {
     pub generation: u32,
+    pub layer: Layer,
     pub wrapped: WrappedDek,
 }
 
@@ -113,11 +138,42 @@ pub enum HeaderError {
 }
 
 impl Header {
-    /// The keyslot for the active generation, if the header has one.
+    /// The outer keyslot for the active generation, if the header has one.
     pub fn active_keyslot(&self) -> Option<&Keyslot> {
+        self.active_slot(Layer::Outer)
+    }
+
+    /// The active generation's keyslot of one layer.
+    pub fn active_slot(&self, layer: Layer) -> Option<&Keyslot> {
         self.keyslots
             .iter()
-            .find(|k| k.generation == self.dek_generation)
+            .find(|k| k.generation == self.dek_generation && k.layer == layer)
+    }
+
+    /// Records that a re-encryption's window ending at `next` is done;
+    /// at the end of the data area the target generation becomes the only
+    /// one. Returns whether the re-encryption is complete.
+    pub fn advance_reencrypt(&mut self, next: u64) -> bool {
+        let Some(r) = self.reencrypt else {
+            return true;
+        };
+        if next >= self.size {
+            self.dek_generation = r.target_generation;
+            self.keyslots
+                .retain(|k| k.generation == r.target_generation);
+            self.reencrypt = None;
+            return true;
+        }
+        self.reencrypt = Some(Reencrypt {
+            checkpoint: next,
+            ..r
+        });
+        false
+    }
+
+    /// Whether the volume is double-encrypted (has an inner layer).
+    pub fn has_inner_layer(&self) -> bool {
+        self.keyslots.iter().any(|k| k.layer == Layer::Inner)
     }
 
     pub fn encode(&self) -> Result<Box<[u8; HEADER_SIZE]>, HeaderError> {
@@ -149,7 +205,13 @@ impl Header {
         }
         w.u8(self.keyslots.len() as u8);
         for slot in &self.keyslots {
-            w.u32(slot.generation);
+            if slot.generation & INNER_LAYER_BIT != 0 {
+                return Err(HeaderError::Malformed("generation out of range"));
+            }
+            w.u32(match slot.layer {
+                Layer::Outer => slot.generation,
+                Layer::Inner => slot.generation | INNER_LAYER_BIT,
+            });
             w.string(&slot.wrapped.kek.provider)?;
             w.string(&slot.wrapped.kek.key_id)?;
             w.string(&slot.wrapped.kek.key_version)?;
@@ -216,7 +278,13 @@ impl Header {
         }
         let mut keyslots = Vec::with_capacity(count);
         for _ in 0..count {
-            let generation = r.u32()?;
+            let encoded = r.u32()?;
+            let layer = if encoded & INNER_LAYER_BIT != 0 {
+                Layer::Inner
+            } else {
+                Layer::Outer
+            };
+            let generation = encoded & !INNER_LAYER_BIT;
             let kek = KekRef {
                 provider: r.string()?,
                 key_id: r.string()?,
@@ -225,6 +293,7 @@ impl Header {
             let blob = r.blob()?.to_vec();
             keyslots.push(Keyslot {
                 generation,
+                layer,
                 wrapped: WrappedDek { kek, blob },
             });
         }
@@ -333,6 +402,7 @@ pub(crate) mod tests {
             dek_generation: 1,
             reencrypt: None,
             keyslots: vec![Keyslot {
+                layer: Layer::Outer,
                 generation: 1,
                 wrapped: WrappedDek {
                     kek: KekRef {
@@ -356,6 +426,51 @@ pub(crate) mod tests {
         let raw = h.encode().unwrap();
         assert_eq!(&raw[..8], &MAGIC);
         assert_eq!(Header::decode(&raw[..]).unwrap(), h);
+    }
+
+    #[test]
+    fn advancing_a_reencryption_ends_with_only_the_new_generation() {
+        let mut h = sample();
+        let mut new_slot = h.keyslots[0].clone();
+        new_slot.generation = 2;
+        h.keyslots.push(new_slot);
+        h.reencrypt = Some(Reencrypt {
+            checkpoint: 0,
+            target_generation: 2,
+        });
+        assert!(!h.advance_reencrypt(h.size / 2));
+        assert_eq!(h.reencrypt.unwrap().checkpoint, h.size / 2);
+        assert_eq!(h.dek_generation, 1);
+        assert!(h.advance_reencrypt(h.size));
+        assert_eq!((h.dek_generation, h.reencrypt), (2, None));
+        assert_eq!(h.keyslots.len(), 1);
+        assert_eq!(h.keyslots[0].generation, 2);
+    }
+
+    #[test]
+    fn inner_layer_slots_round_trip() {
+        let mut h = sample();
+        let mut inner = h.keyslots[0].clone();
+        inner.layer = Layer::Inner;
+        inner.wrapped.kek.provider = "vault".into();
+        h.keyslots.push(inner);
+        let decoded = Header::decode(&h.encode().unwrap()[..]).unwrap();
+        assert_eq!(decoded, h);
+        assert!(decoded.has_inner_layer());
+        assert_eq!(
+            decoded
+                .active_slot(Layer::Inner)
+                .unwrap()
+                .wrapped
+                .kek
+                .provider,
+            "vault"
+        );
+        assert_eq!(
+            decoded.active_keyslot().unwrap().wrapped.kek.provider,
+            "local"
+        );
+        assert!(!sample().has_inner_layer());
     }
 
     #[test]

@@ -8,19 +8,26 @@
 //! cryptographically. Opening never writes before the key is unwrapped: a
 //! wrong KEK or a corrupt header leaves the disk untouched.
 
+mod cipher;
 mod data;
 pub mod header;
+mod journal;
+pub mod keys;
+pub mod reencrypt;
 mod store;
 
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+pub use cipher::VolumeCipher;
 pub use data::DataArea;
-pub use header::{Header, HeaderError, Keyslot, Role};
+pub use header::{Header, HeaderError, Keyslot, Layer, Role};
+pub use keys::{InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, VolumeKeys};
+pub use reencrypt::{ReencryptAction, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
 
-use crate::crypto::{Dek, SectorCipher};
+use crate::crypto::Dek;
 use crate::io::Backing;
 use crate::kek::{KekError, KeyProvider};
 
@@ -68,6 +75,10 @@ pub enum VolumeError {
         #[source]
         source: KekError,
     },
+    #[error("{path} is double-encrypted (its inner layer's DEK is wrapped by {inner}); set kek_inner for this volume to the KEK that holds it")]
+    InnerKekMissing { path: PathBuf, inner: String },
+    #[error("{path} has a single encryption layer, but the config sets kek_inner; double encryption is chosen at `hostcrypt create` (remove kek_inner, or re-create the volume)")]
+    InnerLayerMissing { path: PathBuf },
     #[error("invalid volume geometry: {0}")]
     Geometry(String),
     #[error("random generator failed: {0}")]
@@ -151,12 +162,14 @@ fn open_existing(path: &Path) -> Result<Backing, VolumeError> {
     })
 }
 
-/// Formats `path` as a cache volume whose DEK is wrapped by `kek`. Refuses to
+/// Formats `path` as a cache volume whose DEK is wrapped by `kek` (and,
+/// for double encryption, with a second DEK wrapped by `inner`). Refuses to
 /// overwrite a hostcrypt volume or a non-empty file unless `force`.
 pub fn create(
     path: &Path,
     geometry: Geometry,
     kek: &dyn KeyProvider,
+    inner: Option<&dyn KeyProvider>,
     force: bool,
 ) -> Result<Header, VolumeError> {
     geometry.validate()?;
@@ -164,16 +177,21 @@ pub fn create(
     if !force {
         refuse_if_in_use(path, &backing)?;
     }
-    let dek = Dek::generate().map_err(VolumeError::Random)?;
-    let wrapped = kek.wrap(&dek).map_err(|source| VolumeError::Kek {
-        path: path.to_owned(),
-        source,
-    })?;
     let mut header = new_header(geometry, Role::Cache);
-    header.keyslots.push(Keyslot {
-        generation: 1,
-        wrapped,
-    });
+    let layers = [(Layer::Outer, Some(kek)), (Layer::Inner, inner)];
+    for (layer, provider) in layers {
+        let Some(provider) = provider else { continue };
+        let dek = Dek::generate().map_err(VolumeError::Random)?;
+        let wrapped = provider.wrap(&dek).map_err(|source| VolumeError::Kek {
+            path: path.to_owned(),
+            source,
+        })?;
+        header.keyslots.push(Keyslot {
+            generation: 1,
+            layer,
+            wrapped,
+        });
+    }
     lay_out(path, &backing, &mut header)?;
     Ok(header)
 }
@@ -239,6 +257,7 @@ pub fn open_cache(
     path: &Path,
     expected_size: Option<u64>,
     kek: &dyn KeyProvider,
+    inner: Option<&dyn KeyProvider>,
     direct: bool,
 ) -> Result<Volume, VolumeError> {
     let backing = open_existing(path)?;
@@ -258,23 +277,114 @@ pub fn open_cache(
             expected,
         });
     }
-    let slot = header
-        .active_keyslot()
-        .ok_or_else(|| VolumeError::NoKeyslot {
-            path: path.to_owned(),
-            generation: header.dek_generation,
-        })?;
-    let dek = kek
-        .unwrap(&slot.wrapped)
-        .map_err(|source| VolumeError::Kek {
-            path: path.to_owned(),
-            source,
-        })?;
+    let unwrap_generation = |generation: u32, layer: Layer, provider: &dyn KeyProvider| {
+        let slot = header
+            .keyslots
+            .iter()
+            .find(|k| k.generation == generation && k.layer == layer)
+            .ok_or_else(|| VolumeError::NoKeyslot {
+                path: path.to_owned(),
+                generation,
+            })?;
+        provider
+            .unwrap(&slot.wrapped)
+            .map_err(|source| VolumeError::Kek {
+                path: path.to_owned(),
+                source,
+            })
+    };
+    let unwrap = |layer: Layer, provider: &dyn KeyProvider| {
+        unwrap_generation(header.dek_generation, layer, provider)
+    };
+    let inner_dek = match (inner, header.active_slot(Layer::Inner)) {
+        (Some(provider), Some(_)) => Some(unwrap(Layer::Inner, provider)?),
+        (None, None) => None,
+        (None, Some(slot)) => {
+            return Err(VolumeError::InnerKekMissing {
+                path: path.to_owned(),
+                inner: slot.wrapped.kek.to_string(),
+            })
+        }
+        (Some(_), None) => {
+            return Err(VolumeError::InnerLayerMissing {
+                path: path.to_owned(),
+            })
+        }
+    };
+    let dek = unwrap(Layer::Outer, kek)?;
+    // Mid-re-encryption: the target generation's keys too.
+    let target = match header.reencrypt {
+        Some(r) => {
+            let outer = unwrap_generation(r.target_generation, Layer::Outer, kek)?;
+            let inner = match inner {
+                Some(provider) => Some(unwrap_generation(
+                    r.target_generation,
+                    Layer::Inner,
+                    provider,
+                )?),
+                None => None,
+            };
+            Some((outer, inner))
+        }
+        None => None,
+    };
     if let Some(damage) = copies.damage() {
         tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
         copies.repair(&backing).map_err(io_err(path))?;
     }
-    ready(name, path, backing, header, &dek, direct)
+    let mut header = header;
+    if header.reencrypt.is_some() {
+        replay_journal(name, path, &backing, &mut header)?;
+    }
+    // A replay that completed the re-encryption makes the target current.
+    let finished = target.is_some() && header.reencrypt.is_none();
+    let current = match (&target, finished) {
+        (Some((outer, inner)), true) => (outer, inner.as_ref()),
+        _ => (&dek, inner_dek.as_ref()),
+    };
+    let volume = ready(name, path, backing, header, current, direct)?;
+    if let (Some((outer, inner)), Some(r)) = (&target, volume.header.reencrypt) {
+        let cipher = VolumeCipher::new(outer, inner.as_ref(), volume.header.sector_size as usize);
+        volume
+            .data
+            .begin_reencrypt(cipher, r.checkpoint)
+            .map_err(io_err(path))?;
+    }
+    Ok(volume)
+}
+
+/// After a crash mid-re-encryption: if the journal holds the window at the
+/// header's checkpoint, put it in place and move the checkpoint past it
+/// (finishing the re-encryption if it was the last window).
+fn replay_journal(
+    name: &str,
+    path: &Path,
+    backing: &Backing,
+    header: &mut Header,
+) -> Result<(), VolumeError> {
+    let Some(r) = header.reencrypt else {
+        return Ok(());
+    };
+    let key = journal::JournalKey {
+        uuid: header.uuid,
+        checkpoint: r.checkpoint,
+        target_generation: r.target_generation,
+    };
+    let Some(window) = journal::read(backing, key).map_err(io_err(path))? else {
+        return Ok(());
+    };
+    tracing::warn!(
+        volume = name,
+        checkpoint = r.checkpoint,
+        len = window.len(),
+        "re-encryption was interrupted inside a window; replaying it from the journal"
+    );
+    backing
+        .write_at(&window, header.data_offset + r.checkpoint)
+        .and_then(|()| backing.sync())
+        .map_err(io_err(path))?;
+    header.advance_reencrypt(r.checkpoint + window.len() as u64);
+    store::write_header(backing, header).map_err(io_err(path))
 }
 
 /// The last step of opening either role: O_DIRECT if asked, the cipher,
@@ -284,13 +394,13 @@ fn ready(
     path: &Path,
     mut backing: Backing,
     header: Header,
-    dek: &Dek,
+    (dek, inner): (&Dek, Option<&Dek>),
     direct: bool,
 ) -> Result<Volume, VolumeError> {
     if direct {
         backing.enable_direct().map_err(io_err(path))?;
     }
-    let cipher = SectorCipher::new(dek, header.sector_size as usize);
+    let cipher = VolumeCipher::new(dek, inner, header.sector_size as usize);
     let data = DataArea::new(backing, cipher, header.size, header.data_offset);
     Ok(Volume {
         name: name.to_owned(),
@@ -337,5 +447,5 @@ pub fn open_temp(
     let mut header = new_header(geometry, Role::Temp);
     lay_out(path, &backing, &mut header)?;
     let dek = Dek::generate().map_err(VolumeError::Random)?;
-    ready(name, path, backing, header, &dek, direct)
+    ready(name, path, backing, header, (&dek, None), direct)
 }

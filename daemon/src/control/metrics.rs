@@ -1,0 +1,235 @@
+//! The metrics endpoint (`metrics = "127.0.0.1:9310"` in `[server]`):
+//! `GET /metrics` answers OpenMetrics text, which Prometheus scrapes.
+//!
+//! The `prometheus-client` crate does the encoding through a collector that
+//! reads the daemon's own atomics at scrape time (`nbd/metrics.rs`, the data
+//! area's crypto time, the key lifecycle's counters), so serving I/O never
+//! touches a registry or a lock. `tiny_http` serves the one endpoint on its
+//! own thread: a scrape never competes with the NBD runtime.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::nbd::metrics::{CommandTotals, COMMAND_NAMES};
+use crate::nbd::Exports;
+
+/// Reads every export's counters at scrape time.
+#[derive(Debug)]
+pub struct DaemonCollector {
+    pub exports: Exports,
+    pub engine: &'static str,
+    pub started: Instant,
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+/// A per-command counter: name, help, which commands have it, how to read it.
+type CommandCounter = (
+    &'static str,
+    &'static str,
+    fn(&str) -> bool,
+    fn(&CommandTotals) -> u64,
+);
+/// A per-volume gauge: name, help, how to read it.
+type VolumeGauge = (&'static str, &'static str, fn(&crate::nbd::Export) -> f64);
+
+impl Collector for DaemonCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let version = env!("CARGO_PKG_VERSION");
+        let info: Labels = vec![("version", version), ("engine", self.engine)];
+        ConstGauge::new(1i64).encode(
+            encoder
+                .encode_descriptor(
+                    "hostcrypt_info",
+                    "Daemon version and I/O engine",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_family(&info)?,
+        )?;
+        ConstGauge::new(self.started.elapsed().as_secs_f64()).encode(
+            encoder.encode_descriptor(
+                "hostcrypt_uptime_seconds",
+                "Seconds since the daemon started",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+
+        let per_command: [CommandCounter; 3] = [
+            (
+                "hostcrypt_requests",
+                "NBD requests answered, by volume and command",
+                |_| true,
+                |c| c.requests,
+            ),
+            (
+                "hostcrypt_request_errors",
+                "NBD requests answered with an error, by volume and command",
+                |_| true,
+                |c| c.errors,
+            ),
+            (
+                "hostcrypt_request_bytes",
+                "Bytes read, written, zeroed or trimmed by successful requests",
+                |name| matches!(name, "read" | "write" | "trim" | "write_zeroes"),
+                |c| c.bytes,
+            ),
+        ];
+        for (name, help, counted, value) in per_command {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for e in self.exports.iter() {
+                for c in e.metrics.commands().filter(|c| counted(c.name)) {
+                    let labels: Labels = vec![("volume", e.name()), ("command", c.name)];
+                    ConstCounter::new(value(&c)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_request_duration_seconds",
+            "Time from a request's arrival to its reply being queued",
+            None,
+            MetricType::Histogram,
+        )?;
+        for e in self.exports.iter() {
+            for (i, name) in COMMAND_NAMES.iter().enumerate() {
+                let (sum, count, buckets) = e.metrics.latency(i).snapshot();
+                let labels: Labels = vec![("volume", e.name()), ("command", name)];
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<Labels>(sum, count, &buckets, None)?;
+            }
+        }
+        let gauges: [VolumeGauge; 5] = [
+            (
+                "hostcrypt_requests_in_flight",
+                "Requests received and not yet answered",
+                |e| e.metrics.in_flight() as f64,
+            ),
+            ("hostcrypt_connections", "Open NBD connections", |e| {
+                e.metrics.connections() as f64
+            }),
+            (
+                "hostcrypt_volume_size_bytes",
+                "Logical size of the volume",
+                |e| e.size() as f64,
+            ),
+            (
+                "hostcrypt_reencrypt_progress_ratio",
+                "Share of the data area under the new DEK during a re-encryption (0 when none runs)",
+                reencrypt_progress,
+            ),
+            (
+                "hostcrypt_key_lost",
+                "1 while the volume's key is lost (I/O stopped or serving until restart)",
+                |e| f64::from(u8::from(e.keys.as_ref().is_some_and(|k| k.is_lost()))),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for e in self.exports.iter() {
+                let labels: Labels = vec![("volume", e.name())];
+                ConstGauge::new(value(&e)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_crypto_seconds",
+            "CPU time spent in XTS encryption and decryption",
+            None,
+            MetricType::Counter,
+        )?;
+        for e in self.exports.iter() {
+            let labels: Labels = vec![("volume", e.name())];
+            ConstCounter::new(e.volume.data.crypto_seconds())
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_key_checks",
+            "Key checks by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for e in self.exports.iter() {
+            let Some(keys) = &e.keys else { continue };
+            let (ok, failed) = keys.check_counts();
+            for (outcome, n) in [("ok", ok), ("failed", failed)] {
+                let labels: Labels = vec![("volume", e.name()), ("outcome", outcome)];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reencrypt_progress(export: &crate::nbd::Export) -> f64 {
+    export.keys.as_ref().map_or(0.0, |keys| {
+        let status = keys.reencrypt_status();
+        match status.target_generation {
+            Some(_) if status.size > 0 => status.checkpoint as f64 / status.size as f64,
+            _ => 0.0,
+        }
+    })
+}
+
+/// Serves `GET /metrics` on `addr` from a thread until `stop` is dropped or sends.
+pub fn spawn(
+    addr: SocketAddr,
+    collector: DaemonCollector,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(collector));
+    let registry = Arc::new(registry);
+    std::thread::Builder::new()
+        .name("hostcrypt-metrics".into())
+        .spawn(move || loop {
+            match stop.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                _ => return,
+            }
+            let request = match server.recv_timeout(Duration::from_millis(200)) {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("metrics endpoint: {e}");
+                    continue;
+                }
+            };
+            let response = answer(&registry, request.method(), request.url());
+            let _ = request.respond(response);
+        })
+}
+
+fn answer(
+    registry: &Registry,
+    method: &tiny_http::Method,
+    url: &str,
+) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
+    let path = url.split('?').next().unwrap_or("");
+    if *method != tiny_http::Method::Get || path != "/metrics" {
+        return tiny_http::Response::from_string("only GET /metrics is served here\n")
+            .with_status_code(404);
+    }
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, registry) {
+        return tiny_http::Response::from_string(format!("encoding failed: {e}\n"))
+            .with_status_code(500);
+    }
+    let content_type = tiny_http::Header::from_bytes(
+        &b"Content-Type"[..],
+        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+    );
+    let mut response = tiny_http::Response::from_string(text);
+    if let Ok(header) = content_type {
+        response = response.with_header(header);
+    }
+    response
+}

@@ -1,0 +1,126 @@
+//! Control-socket messages: one JSON object per line, one request and one
+//! response per connection. JSON lines rather than HTTP: there is nothing to
+//! route, no client but our own CLI, and `socat`/`nc -U` can drive it by
+//! hand; serde types shared through the library keep both ends in step.
+//! Never carries key material.
+
+use serde::{Deserialize, Serialize};
+
+use crate::kek::KekRef;
+use crate::volume::{KeyStatus, Layer, ReencryptAction};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Daemon and per-volume state.
+    Status,
+    /// Verify key access now (all volumes, or one).
+    CheckKey { volume: Option<String> },
+    /// Rewrap a volume's DEK under the newest (or given) KEK version.
+    RotateKek {
+        volume: String,
+        to_version: Option<String>,
+        /// Which layer of a double-encrypted volume (default outer).
+        #[serde(default)]
+        layer: Layer,
+    },
+    /// Re-read the config file: add and remove volumes, leave the others.
+    Reload,
+    /// Start, pause, resume or report an online DEK re-encryption.
+    Reencrypt {
+        volume: String,
+        action: ReencryptAction,
+        /// Rate limit in MB/s (0 = unlimited); kept until changed.
+        rate_mbps: Option<f64>,
+    },
+    /// Move a volume's DEK under another configured KEK.
+    Rekey {
+        volume: String,
+        kek: String,
+        #[serde(default)]
+        layer: Layer,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub result: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(result: impl Serialize) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            result: serde_json::to_value(result).unwrap_or_default(),
+        }
+    }
+
+    pub fn error(message: impl std::fmt::Display) -> Self {
+        Response {
+            ok: false,
+            error: Some(message.to_string()),
+            result: serde_json::Value::Null,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_secs: u64,
+    pub engine: String,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub role: String,
+    pub size: u64,
+    pub sector_size: u64,
+    /// Absent for temp volumes (their key never leaves memory).
+    pub key: Option<KeyStatus>,
+    #[serde(default)]
+    pub io: IoStatus,
+    /// The re-encryption in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reencrypt: Option<crate::volume::ReencryptStatus>,
+}
+
+/// A volume's traffic since the daemon started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct IoStatus {
+    pub connections: i64,
+    pub in_flight: i64,
+    pub read_ops: u64,
+    pub read_bytes: u64,
+    pub write_ops: u64,
+    pub write_bytes: u64,
+    /// Requests of any kind answered with an error.
+    pub errors: u64,
+}
+
+/// Result of a check: per volume, `ok` or the error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub volume: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyChange {
+    pub volume: String,
+    #[serde(default)]
+    pub layer: Layer,
+    pub kek: KekRef,
+}

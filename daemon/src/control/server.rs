@@ -1,0 +1,302 @@
+//! The daemon side of the control socket: bind it private (0600, or 0660
+//! with `control_group`), check every peer with SO_PEERCRED (root, the
+//! daemon's own uid, or a member of `control_group`), log each request with
+//! the peer's uid and pid, and run it on a blocking thread (key providers
+//! block; the async runtime must not).
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::protocol::{CheckResult, IoStatus, KeyChange, Status, VolumeStatus, MAX_REQUEST};
+use super::{Request, Response};
+use crate::nbd::Exports;
+use crate::service::reload::Reloader;
+use crate::volume::LayerKek;
+
+/// How long a peer may take to send its request line.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What control requests act on.
+pub struct ControlState {
+    pub started: Instant,
+    pub engine: &'static str,
+    pub exports: Exports,
+    /// Config reloads, and the KEK providers configured now.
+    pub reloader: Arc<Reloader>,
+    pub allowed_gid: Option<u32>,
+}
+
+/// Binds the control socket, replacing a stale one, mode 0600 (0660 and
+/// group-owned when `group` is set).
+pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another daemon is answering on this control socket",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    let mode = if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Resolves `control_group` (a name from /etc/group or a numeric gid).
+pub fn resolve_group(group: &str) -> io::Result<u32> {
+    if let Ok(gid) = group.parse() {
+        return Ok(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(':');
+            Some((f.next()?, f.nth(1)?))
+        })
+        .find(|(name, _)| *name == group)
+        .and_then(|(_, gid)| gid.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no group named {group:?}")))
+}
+
+pub async fn run(
+    listener: UnixListener,
+    state: Arc<ControlState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream, state.clone()));
+                }
+                Err(e) => tracing::warn!("control socket accept: {e}"),
+            },
+        }
+    }
+}
+
+async fn serve(stream: UnixStream, state: Arc<ControlState>) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("control: cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    let allowed = uid == 0
+        || uid == daemon_euid()
+        || state
+            .allowed_gid
+            .is_some_and(|gid| cred.gid() == gid || in_group(pid, gid));
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    // The request is read before anything is answered, refusals included:
+    // a client still writing when the socket closed would see EPIPE
+    // instead of the reason. Bounded in size and time.
+    let mut line = String::new();
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match read {
+        Err(_) => Response::error("no complete request line within 10 s"),
+        Ok(Ok(0)) => return,
+        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+        Ok(Ok(_)) if !allowed => {
+            tracing::warn!(
+                uid,
+                pid,
+                "control: refused a peer that is neither root nor in control_group"
+            );
+            Response::error(
+                "permission denied: only root or members of control_group may use the control socket",
+            )
+        }
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                tracing::info!(uid, pid, request = ?request, "control request");
+                let state = state.clone();
+                tokio::task::spawn_blocking(move || handle(&state, request, uid))
+                    .await
+                    .unwrap_or_else(|e| Response::error(format!("request failed: {e}")))
+            }
+            Err(e) => Response::error(format!("malformed request: {e}")),
+        },
+    };
+    let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
+    text.push('\n');
+    let _ = write.write_all(text.as_bytes()).await;
+}
+
+/// The daemon's effective uid (a plain getter; no memory is touched).
+fn daemon_euid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether process `pid` has `gid` among its supplementary groups.
+fn in_group(pid: i32, gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
+/// Runs one request (blocking: providers may talk to remote servers).
+pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
+    let uid = Some(uid);
+    match request {
+        Request::Status => Response::ok(status(state)),
+        Request::CheckKey { volume } => {
+            let mut results = Vec::new();
+            for export in state.exports.iter() {
+                if volume.as_deref().is_some_and(|v| v != export.name()) {
+                    continue;
+                }
+                let Some(keys) = &export.keys else { continue };
+                let outcome = keys.check(uid);
+                results.push(CheckResult {
+                    volume: export.name().to_owned(),
+                    ok: outcome.is_ok(),
+                    error: outcome.err().map(|e| e.to_string()),
+                    state: keys.status().state,
+                });
+            }
+            if let Some(v) = &volume {
+                if results.is_empty() {
+                    return Response::error(unknown_volume(state, v));
+                }
+            }
+            Response::ok(results)
+        }
+        Request::RotateKek {
+            volume,
+            to_version,
+            layer,
+        } => match find_keys(state, &volume) {
+            Err(e) => Response::error(e),
+            Ok(keys) => match keys.rotate(layer, to_version.as_deref(), uid) {
+                Ok(kek) => Response::ok(KeyChange { volume, layer, kek }),
+                Err(e) => Response::error(e),
+            },
+        },
+        Request::Reencrypt {
+            volume,
+            action,
+            rate_mbps,
+        } => match find_keys(state, &volume) {
+            Err(e) => Response::error(e),
+            Ok(keys) => match keys.reencrypt(action, rate_mbps, uid) {
+                Ok(status) => Response::ok(status),
+                Err(e) => Response::error(e),
+            },
+        },
+        Request::Reload => match state.reloader.reload() {
+            Ok(report) => Response::ok(report),
+            Err(e) => Response::error(crate::report::error_chain(&e)),
+        },
+        Request::Rekey { volume, kek, layer } => {
+            let Some(provider) = state.reloader.provider(&kek) else {
+                return Response::error(format!(
+                    "no [kek.{kek}] is configured in the running daemon; add it and restart"
+                ));
+            };
+            match find_keys(state, &volume) {
+                Err(e) => Response::error(e),
+                Ok(keys) => match keys.rekey(
+                    layer,
+                    LayerKek {
+                        name: kek,
+                        provider,
+                    },
+                    uid,
+                ) {
+                    Ok(kek) => Response::ok(KeyChange { volume, layer, kek }),
+                    Err(e) => Response::error(e),
+                },
+            }
+        }
+    }
+}
+
+fn find_keys(state: &ControlState, volume: &str) -> Result<Arc<crate::volume::VolumeKeys>, String> {
+    let export = state
+        .exports
+        .iter()
+        .find(|e| e.name() == volume)
+        .ok_or_else(|| unknown_volume(state, volume))?;
+    export
+        .keys
+        .clone()
+        .ok_or_else(|| format!("volume {volume:?} is a temp volume: its key is never stored, so there is nothing to rotate"))
+}
+
+fn unknown_volume(state: &ControlState, volume: &str) -> String {
+    let names: Vec<_> = state.exports.iter().map(|e| e.name().to_owned()).collect();
+    format!(
+        "no volume {volume:?} is served (volumes: {})",
+        names.join(", ")
+    )
+}
+
+fn status(state: &ControlState) -> Status {
+    Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        engine: state.engine.into(),
+        volumes: state
+            .exports
+            .iter()
+            .map(|e| VolumeStatus {
+                name: e.name().to_owned(),
+                role: e.volume.role.to_string(),
+                size: e.size(),
+                sector_size: e.volume.data.sector_size(),
+                key: e.keys.as_ref().map(|k| k.status()),
+                io: io_status(&e),
+                reencrypt: e
+                    .keys
+                    .as_ref()
+                    .map(|k| k.reencrypt_status())
+                    .filter(|r| r.target_generation.is_some()),
+            })
+            .collect(),
+    }
+}
+
+fn io_status(export: &crate::nbd::Export) -> IoStatus {
+    let mut io = IoStatus {
+        connections: export.metrics.connections(),
+        in_flight: export.metrics.in_flight(),
+        ..IoStatus::default()
+    };
+    for c in export.metrics.commands() {
+        io.errors += c.errors;
+        match c.name {
+            "read" => (io.read_ops, io.read_bytes) = (c.requests, c.bytes),
+            "write" => (io.write_ops, io.write_bytes) = (c.requests, c.bytes),
+            _ => {}
+        }
+    }
+    io
+}

@@ -1,0 +1,563 @@
+//! The `azure` KEK provider: an RSA key in Azure Key Vault or Managed HSM,
+//! through the data-plane REST API (`wrapkey` / `unwrapkey` with
+//! `RSA-OAEP-256`, api-version 7.4 by default).
+//!
+//! Versions: with `key_version` set every wrap uses that version; without
+//! it, the current version is looked up (`GET keys/NAME`, which needs the
+//! `keys/get` permission) before each wrap, so rotating the key in Azure and
+//! then `hostcrypt rotate-kek` (or `auto_rotate`) moves volumes to it. The
+//! version is the last segment of the `kid` the service returns, stored in
+//! the header; unwrap always names that version.
+//!
+//! Tokens: a managed identity via IMDS (`Metadata: true`, optional
+//! `client_id`; 404/410/429/5xx retried with exponential backoff, as
+//! Microsoft's IMDS guidance asks) or client credentials (tenant, client id,
+//! secret read from `client_secret_file` at each token request). Tokens are
+//! cached until five minutes before expiry; a 401 drops the cached token and
+//! retries once. Endpoints (IMDS, authority) are overridable for tests and
+//! sovereign clouds.
+//!
+//! Failure classes: 401 after a fresh token, and 403, are access denied (a
+//! 403 on a disabled key is key loss); 404 is key loss; 429/5xx/transport
+//! errors are retried, then unavailable. Key checks unwrap (Key Vault has
+//! no rewrap), so the DEK crosses TLS once per `key_check_interval`.
+//!
+//! Blocking HTTP, like the vault provider: providers run on control threads.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::{KekError, KekRef, KeyProvider, WrappedDek};
+use crate::crypto::Dek;
+
+pub const PROVIDER: &str = "azure";
+const ALGORITHM: &str = "RSA-OAEP-256";
+
+/// How the daemon gets its Entra ID token.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AzureAuth {
+    #[default]
+    ManagedIdentity,
+    ClientCredentials,
+}
+
+/// The `[kek.NAME]` table of an `azure` provider.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureConfig {
+    /// e.g. `https://myvault.vault.azure.net` or `https://myhsm.managedhsm.azure.net`
+    pub vault_url: String,
+    pub key_name: String,
+    /// Pin one key version; absent = always the current version.
+    pub key_version: Option<String>,
+    #[serde(default)]
+    pub auth: AzureAuth,
+    /// Managed identity: which user-assigned identity (optional).
+    /// Client credentials: the application (client) id (required).
+    pub client_id: Option<String>,
+    /// Client credentials: the directory (tenant) id.
+    pub tenant_id: Option<String>,
+    /// Client credentials: file holding the client secret (mode 0600).
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM bundle of CAs to trust in addition to the system roots
+    /// (private endpoints, TLS-inspecting proxies).
+    pub ca_file: Option<PathBuf>,
+    /// Token audience; `https://managedhsm.azure.net` for Managed HSM.
+    #[serde(default = "default_resource")]
+    pub resource: String,
+    #[serde(default = "default_api_version")]
+    pub api_version: String,
+    #[serde(default = "default_imds")]
+    pub imds_endpoint: String,
+    #[serde(default = "default_authority")]
+    pub authority: String,
+    /// Attempts for retryable failures.
+    #[serde(default = "super::default_attempts")]
+    pub attempts: u32,
+    #[serde(default = "super::default_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_resource() -> String {
+    "https://vault.azure.net".into()
+}
+fn default_api_version() -> String {
+    "7.4".into()
+}
+fn default_imds() -> String {
+    "http://169.254.169.254".into()
+}
+fn default_authority() -> String {
+    "https://login.microsoftonline.com".into()
+}
+
+struct CachedToken {
+    value: Zeroizing<String>,
+    refresh_at: Instant,
+}
+
+pub struct AzureKek {
+    config: AzureConfig,
+    http: reqwest::blocking::Client,
+    token: Mutex<Option<CachedToken>>,
+}
+
+impl std::fmt::Debug for AzureKek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AzureKek")
+            .field("vault_url", &self.config.vault_url)
+            .field("key_name", &self.config.key_name)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Failure {
+    /// HTTP status, error code, message.
+    Status(u16, String, String),
+    Transport(String),
+    /// No token: already retried by the token request itself.
+    Token(KekError),
+}
+
+impl AzureKek {
+    pub fn new(config: AzureConfig) -> Result<Self, KekError> {
+        let provider = format!("azure key {}", config.key_name);
+        if config.auth == AzureAuth::ClientCredentials {
+            let missing = [
+                ("tenant_id", config.tenant_id.is_none()),
+                ("client_id", config.client_id.is_none()),
+                ("client_secret_file", config.client_secret_file.is_none()),
+            ]
+            .iter()
+            .filter(|(_, m)| *m)
+            .map(|(n, _)| *n)
+            .collect::<Vec<_>>();
+            if !missing.is_empty() {
+                return Err(KekError::Unsupported {
+                    provider: format!(
+                        "{provider} (auth = \"client-credentials\" needs {})",
+                        missing.join(", ")
+                    ),
+                    operation: "authenticate without them",
+                });
+            }
+        }
+        if let Some(secret) = &config.client_secret_file {
+            super::check_secret_file(secret)?;
+        }
+        let http = super::http::client(&provider, config.timeout_secs, config.ca_file.as_deref())?;
+        Ok(AzureKek {
+            config,
+            http,
+            token: Mutex::new(None),
+        })
+    }
+
+    fn vault(&self) -> &str {
+        self.config.vault_url.trim_end_matches('/')
+    }
+
+    fn key_id(&self) -> String {
+        format!("{}/keys/{}", self.vault(), self.config.key_name)
+    }
+
+    fn kek_ref(&self, version: String) -> KekRef {
+        KekRef {
+            provider: PROVIDER.into(),
+            key_id: self.key_id(),
+            key_version: version,
+        }
+    }
+
+    /// A bearer token, from the cache or freshly fetched.
+    fn bearer(&self) -> Result<Zeroizing<String>, KekError> {
+        let mut cached = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok(t.value.clone());
+        }
+        let (value, expires_in) = match self.config.auth {
+            AzureAuth::ManagedIdentity => self.imds_token()?,
+            AzureAuth::ClientCredentials => self.client_credentials_token()?,
+        };
+        // Refresh five minutes early (or halfway through short lifetimes).
+        let margin = Duration::from_secs(300).min(expires_in / 2);
+        *cached = Some(CachedToken {
+            value: value.clone(),
+            refresh_at: Instant::now() + expires_in - margin,
+        });
+        Ok(value)
+    }
+
+    fn forget_token(&self) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn imds_token(&self) -> Result<(Zeroizing<String>, Duration), KekError> {
+        let url = format!(
+            "{}/metadata/identity/oauth2/token",
+            self.config.imds_endpoint.trim_end_matches('/')
+        );
+        let mut query = vec![
+            ("api-version", "2018-02-01"),
+            ("resource", self.config.resource.as_str()),
+        ];
+        if let Some(id) = &self.config.client_id {
+            query.push(("client_id", id.as_str()));
+        }
+        self.token_request("managed identity (IMDS)", || {
+            self.http.get(&url).header("Metadata", "true").query(&query)
+        })
+    }
+
+    fn client_credentials_token(&self) -> Result<(Zeroizing<String>, Duration), KekError> {
+        let (Some(tenant), Some(client_id), Some(secret_file)) = (
+            &self.config.tenant_id,
+            &self.config.client_id,
+            &self.config.client_secret_file,
+        ) else {
+            return Err(KekError::Unsupported {
+                provider: self.describe(),
+                operation:
+                    "use client credentials without tenant_id, client_id and client_secret_file",
+            });
+        };
+        let secret = Zeroizing::new(
+            std::fs::read_to_string(secret_file)
+                .map_err(|source| KekError::SecretFile {
+                    provider: self.describe(),
+                    path: secret_file.clone(),
+                    source,
+                })?
+                .trim()
+                .to_string(),
+        );
+        let url = format!(
+            "{}/{tenant}/oauth2/v2.0/token",
+            self.config.authority.trim_end_matches('/')
+        );
+        let scope = format!("{}/.default", self.config.resource.trim_end_matches('/'));
+        self.token_request("client credentials", || {
+            self.http.post(&url).form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id.as_str()),
+                ("client_secret", secret.as_str()),
+                ("scope", scope.as_str()),
+            ])
+        })
+    }
+
+    /// Sends a token request with retries on 404/410/429/5xx.
+    fn token_request(
+        &self,
+        source: &str,
+        request: impl Fn() -> reqwest::blocking::RequestBuilder,
+    ) -> Result<(Zeroizing<String>, Duration), KekError> {
+        let attempts = self.config.attempts.max(1);
+        let mut delay = Duration::from_millis(200);
+        let mut last = String::new();
+        for attempt in 1..=attempts {
+            match request().send() {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let body: Value = resp.json().unwrap_or(Value::Null);
+                    if status == 200 {
+                        let token = body["access_token"].as_str().unwrap_or_default();
+                        if token.is_empty() {
+                            last = "token response without access_token".into();
+                        } else {
+                            // IMDS sends expires_in as a string, Entra ID as a number.
+                            let expires_in = body["expires_in"]
+                                .as_u64()
+                                .or_else(|| {
+                                    body["expires_in"].as_str().and_then(|s| s.parse().ok())
+                                })
+                                .unwrap_or(300);
+                            return Ok((
+                                Zeroizing::new(token.to_string()),
+                                Duration::from_secs(expires_in.max(1)),
+                            ));
+                        }
+                    } else {
+                        let detail = body["error_description"]
+                            .as_str()
+                            .or(body["error"].as_str())
+                            .unwrap_or_default()
+                            .chars()
+                            .take(300)
+                            .collect::<String>();
+                        last = format!("HTTP {status}: {detail}");
+                        if !(matches!(status, 404 | 410 | 429) || status >= 500) {
+                            return Err(KekError::AccessDenied {
+                                provider: self.describe(),
+                                reason: format!("{source} token request refused: {last}"),
+                            });
+                        }
+                    }
+                }
+                Err(e) => last = e.without_url().to_string(),
+            }
+            if attempt < attempts {
+                tracing::warn!(
+                    provider = PROVIDER,
+                    attempt,
+                    "{source} token: {last}; retrying in {delay:?}"
+                );
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+        Err(KekError::Unavailable {
+            provider: self.describe(),
+            reason: format!("{source} token: {last} (after {attempts} attempts)"),
+        })
+    }
+
+    /// One Key Vault request.
+    fn exchange(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Failure> {
+        let token = self.bearer().map_err(Failure::Token)?;
+        let mut req = self
+            .http
+            .request(method, format!("{}/{path}", self.vault()))
+            .query(&[("api-version", self.config.api_version.as_str())])
+            .bearer_auth(token.as_str());
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let resp = req
+            .send()
+            .map_err(|e| Failure::Transport(e.without_url().to_string()))?;
+        let status = resp.status().as_u16();
+        let value: Value = resp.json().unwrap_or(Value::Null);
+        if (200..300).contains(&status) {
+            return Ok(value);
+        }
+        let code = value["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let inner = value["error"]["innererror"]["code"]
+            .as_str()
+            .unwrap_or_default();
+        let mut message: String = value["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(300)
+            .collect();
+        if !inner.is_empty() {
+            message = format!("{message} ({inner})");
+        }
+        Err(Failure::Status(status, code, message))
+    }
+
+    /// A Key Vault request with one token refresh on 401 and retries for
+    /// transient failures; failures classified.
+    fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, KekError> {
+        let attempts = self.config.attempts.max(1);
+        let mut delay = Duration::from_millis(200);
+        let mut last;
+        let mut refreshed = false;
+        let mut attempt = 1;
+        loop {
+            match self.exchange(method.clone(), path, body) {
+                Ok(v) => return Ok(v),
+                Err(Failure::Status(401, code, msg)) if !refreshed => {
+                    tracing::info!(
+                        provider = PROVIDER,
+                        "401 {code}: {msg}; fetching a fresh token"
+                    );
+                    self.forget_token();
+                    refreshed = true;
+                    continue;
+                }
+                Err(Failure::Status(status, code, msg)) if status == 429 || status >= 500 => {
+                    last = format!("HTTP {status} {code}: {msg}");
+                }
+                Err(Failure::Status(status, code, msg)) => {
+                    return Err(self.classify(status, &code, msg))
+                }
+                Err(Failure::Transport(msg)) => last = msg,
+                Err(Failure::Token(e)) => return Err(e),
+            }
+            if attempt >= attempts {
+                break;
+            }
+            tracing::warn!(provider = PROVIDER, %path, attempt, "{last}; retrying in {delay:?}");
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(5));
+            attempt += 1;
+        }
+        Err(KekError::Unavailable {
+            provider: self.describe(),
+            reason: format!("{last} (after {attempts} attempts)"),
+        })
+    }
+
+    fn classify(&self, status: u16, code: &str, msg: String) -> KekError {
+        let provider = self.describe();
+        let reason = format!("HTTP {status} {code}: {msg}");
+        let disabled = msg.to_lowercase().contains("disabled");
+        match status {
+            404 => KekError::KeyGone { provider, reason },
+            403 | 400 | 409 if disabled => KekError::KeyGone { provider, reason },
+            401 | 403 => KekError::AccessDenied { provider, reason },
+            _ => KekError::WrapFailed { provider, reason },
+        }
+    }
+
+    /// The version wraps use now: the pinned one, or the key's current one.
+    fn target_version(&self) -> Result<String, KekError> {
+        if let Some(v) = &self.config.key_version {
+            return Ok(v.clone());
+        }
+        let bundle = self.call(
+            reqwest::Method::GET,
+            &format!("keys/{}", self.config.key_name),
+            None,
+        )?;
+        if bundle["attributes"]["enabled"].as_bool() == Some(false) {
+            return Err(KekError::KeyGone {
+                provider: self.describe(),
+                reason: "the current key version is disabled".into(),
+            });
+        }
+        bundle["key"]["kid"]
+            .as_str()
+            .and_then(version_of_kid)
+            .ok_or_else(|| KekError::WrapFailed {
+                provider: self.describe(),
+                reason: "the key bundle has no kid".into(),
+            })
+    }
+
+    fn wrap_version(&self, dek: &Dek, version: &str) -> Result<WrappedDek, KekError> {
+        let value =
+            Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(dek.expose()));
+        let body = json!({ "alg": ALGORITHM, "value": value.as_str() });
+        let result = self.call(
+            reqwest::Method::POST,
+            &format!("keys/{}/{version}/wrapkey", self.config.key_name),
+            Some(&body),
+        )?;
+        let kid_version = result["kid"].as_str().and_then(version_of_kid);
+        let blob = result["value"]
+            .as_str()
+            .and_then(decode_base64url)
+            .ok_or_else(|| KekError::WrapFailed {
+                provider: self.describe(),
+                reason: "the wrapkey response has no value".into(),
+            })?;
+        Ok(WrappedDek {
+            kek: self.kek_ref(kid_version.unwrap_or_else(|| version.to_string())),
+            blob,
+        })
+    }
+}
+
+impl KeyProvider for AzureKek {
+    fn describe(&self) -> String {
+        format!("azure key {} in {}", self.config.key_name, self.vault())
+    }
+
+    fn owns(&self, kek: &KekRef) -> bool {
+        kek.provider == PROVIDER && kek.key_id == self.key_id()
+    }
+
+    fn wrap(&self, dek: &Dek) -> Result<WrappedDek, KekError> {
+        let version = self.target_version()?;
+        self.wrap_version(dek, &version)
+    }
+
+    fn unwrap(&self, wrapped: &WrappedDek) -> Result<Dek, KekError> {
+        if !self.owns(&wrapped.kek) {
+            return Err(KekError::WrongKey {
+                wrapped_by: wrapped.kek.clone(),
+                configured: self.describe(),
+            });
+        }
+        let body = json!({
+            "alg": ALGORITHM,
+            "value": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&wrapped.blob),
+        });
+        let result = self.call(
+            reqwest::Method::POST,
+            &format!(
+                "keys/{}/{}/unwrapkey",
+                self.config.key_name, wrapped.kek.key_version
+            ),
+            Some(&body),
+        )?;
+        let raw = result["value"].as_str().and_then(decode_base64url);
+        super::dek_from(raw, || self.describe())
+    }
+
+    fn rewrap(
+        &self,
+        wrapped: &WrappedDek,
+        to_version: Option<&str>,
+    ) -> Result<WrappedDek, KekError> {
+        let dek = self.unwrap(wrapped)?;
+        let version = match to_version {
+            Some(v) => v.to_string(),
+            None => self.target_version()?,
+        };
+        if version == wrapped.kek.key_version {
+            return Ok(wrapped.clone());
+        }
+        self.wrap_version(&dek, &version)
+    }
+}
+
+/// `https://v.vault.azure.net/keys/name/0123abcd` → `0123abcd`.
+fn version_of_kid(kid: &str) -> Option<String> {
+    let mut parts = kid.trim_end_matches('/').rsplit('/');
+    let version = parts.next()?;
+    let _name = parts.next()?;
+    (parts.next()? == "keys" && !version.is_empty()).then(|| version.to_string())
+}
+
+/// Key Vault sends base64url without padding; accept padding too.
+fn decode_base64url(text: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(text.trim_end_matches('='))
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_comes_from_the_kid() {
+        assert_eq!(
+            version_of_kid("https://v.vault.azure.net/keys/kek/78deebed173b48e48f55abf87ed4cf71")
+                .as_deref(),
+            Some("78deebed173b48e48f55abf87ed4cf71")
+        );
+        assert_eq!(version_of_kid("https://v.vault.azure.net/keys/kek"), None);
+        assert_eq!(version_of_kid("nonsense"), None);
+    }
+
+    #[test]
+    fn base64url_with_or_without_padding() {
+        assert_eq!(decode_base64url("_-8").as_deref(), Some(&[0xff, 0xef][..]));
+        assert_eq!(decode_base64url("_-8=").as_deref(), Some(&[0xff, 0xef][..]));
+    }
+}

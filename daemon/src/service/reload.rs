@@ -1,0 +1,196 @@
+//! Live config reload (`hostcrypt reload`, SIGHUP): re-read the config file
+//! and add or remove volumes without touching the others.
+//!
+//! A volume counts as the same when every setting that shapes it (backing,
+//! role, KEKs, size, sector size, discards, O_DIRECT, key policy,
+//! description) is unchanged; such volumes keep serving untouched. New names
+//! are opened (a failure to open one is reported and nothing else changes);
+//! vanished names leave the export list, so new connections cannot reach
+//! them, and are flushed — connections already open finish on them. A
+//! changed volume is left as it is and reported: applying it means removing
+//! it in one reload and adding it back in the next. `[server]` changes need
+//! a restart and are reported too. Reloading the same file twice changes
+//! nothing the second time.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use super::{open_export, open_provider, ServiceError};
+use crate::config::{Config, VolumeConfig};
+use crate::kek::audit::AuditLog;
+use crate::kek::KeyProvider;
+use crate::nbd::Exports;
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Changes seen but not applied, each with what to do.
+    pub not_applied: Vec<String>,
+}
+
+/// The running daemon's view of its config, for reloads.
+pub struct Reloader {
+    config_path: PathBuf,
+    exports: Exports,
+    audit: AuditLog,
+    state: Mutex<State>,
+}
+
+struct State {
+    config: Config,
+    providers: BTreeMap<String, Arc<dyn KeyProvider>>,
+}
+
+impl Reloader {
+    pub fn new(
+        config_path: PathBuf,
+        config: Config,
+        providers: BTreeMap<String, Arc<dyn KeyProvider>>,
+        exports: Exports,
+        audit: AuditLog,
+    ) -> Self {
+        Reloader {
+            config_path,
+            exports,
+            audit,
+            state: Mutex::new(State { config, providers }),
+        }
+    }
+
+    /// The provider configured under `name` now.
+    pub fn provider(&self, name: &str) -> Option<Arc<dyn KeyProvider>> {
+        self.lock().providers.get(name).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-reads the config file and applies volume additions and removals.
+    pub fn reload(&self) -> Result<ReloadReport, ServiceError> {
+        let new =
+            Config::load(&self.config_path).map_err(|e| ServiceError::Reload(e.to_string()))?;
+        let mut state = self.lock();
+        let mut report = ReloadReport::default();
+        if format!("{:?}", state.config.server) != format!("{:?}", new.server) {
+            report
+                .not_applied
+                .push("[server] changed: restart hostcryptd to apply it".into());
+        }
+
+        // Providers: keep the live object for an unchanged [kek.NAME] table
+        // (volumes hold it), open the new and the changed ones.
+        let mut providers = BTreeMap::new();
+        for (name, kek) in &new.kek {
+            let same = state
+                .config
+                .kek
+                .get(name)
+                .is_some_and(|old| format!("{old:?}") == format!("{kek:?}"));
+            let provider = match (same, state.providers.get(name)) {
+                (true, Some(p)) => p.clone(),
+                _ => open_provider(name, kek)?,
+            };
+            providers.insert(name.clone(), provider);
+        }
+
+        let old_volumes: BTreeMap<&str, &VolumeConfig> = state
+            .config
+            .volumes
+            .iter()
+            .map(|v| (v.name.get_ref().as_str(), v))
+            .collect();
+        let mut list = Vec::new();
+        let mut kept_config = Vec::new();
+        for v in &new.volumes {
+            let name = v.name.get_ref().as_str();
+            match old_volumes.get(name) {
+                Some(old) if fingerprint(old) == fingerprint(v) => {
+                    list.extend(self.exports.find(name));
+                    report.unchanged.push(name.into());
+                }
+                Some(_) => {
+                    list.extend(self.exports.find(name));
+                    report.not_applied.push(format!(
+                        "volume {name:?} changed: remove it, reload, then add it back and reload again"
+                    ));
+                }
+                None => {
+                    list.push(open_export(v, &providers, &self.audit)?);
+                    report.added.push(name.into());
+                }
+            }
+            kept_config.push(name.to_owned());
+        }
+        let removed: Vec<_> = self
+            .exports
+            .iter()
+            .filter(|e| !kept_config.iter().any(|n| n == e.name()))
+            .collect();
+        self.exports.replace(list);
+        for export in removed {
+            if let Some(keys) = &export.keys {
+                keys.stop_reencrypt();
+            }
+            if let Err(e) = export.volume.data.flush() {
+                tracing::error!(
+                    volume = export.name(),
+                    "flush of a removed volume failed: {e}"
+                );
+            }
+            report.removed.push(export.name().to_owned());
+        }
+        // Changed volumes stay as they were: keep their old settings, so the
+        // next reload still sees the difference.
+        let mut config = new;
+        for v in config.volumes.iter_mut() {
+            let name = v.name.get_ref().clone();
+            if let Some(old) = state
+                .config
+                .volumes
+                .iter()
+                .position(|o| o.name.get_ref() == &name)
+            {
+                if fingerprint(&state.config.volumes[old]) != fingerprint(v) {
+                    std::mem::swap(v, &mut state.config.volumes[old]);
+                }
+            }
+        }
+        config.server = std::mem::replace(&mut state.config.server, config.server);
+        state.config = config;
+        state.providers = providers;
+        tracing::info!(
+            added = ?report.added,
+            removed = ?report.removed,
+            not_applied = ?report.not_applied,
+            "config reloaded"
+        );
+        Ok(report)
+    }
+}
+
+/// Every setting that shapes a served volume, without source positions.
+fn fingerprint(v: &VolumeConfig) -> String {
+    format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}",
+        v.backing.get_ref(),
+        v.role,
+        v.kek.as_ref().map(|k| k.get_ref()),
+        v.kek_inner.as_ref().map(|k| k.get_ref()),
+        v.size_bytes(),
+        v.sector_size,
+        v.allow_discards,
+        v.direct,
+        v.auto_rotate,
+        v.on_key_loss,
+        v.key_check_interval,
+        v.description.clone().unwrap_or_default(),
+        v.name.get_ref(),
+    )
+}

@@ -1,0 +1,545 @@
+//! A cache volume's key lifecycle while it is served: periodic key checks,
+//! key loss and recovery, rotation to a newer KEK version (by hand or
+//! `auto_rotate`), and migration to another KEK (`rekey`). Every step is
+//! audited. What the providers do is `kek/`; when checks run is the
+//! monitor in `service/keys.rs`.
+//!
+//! Key loss with `on_key_loss = "stop"` drops the volume's key schedule
+//! (zeroized), so every request fails with EIO until a check succeeds again;
+//! the DEK is then unwrapped afresh from the header. With `"until-restart"`
+//! the in-memory key keeps serving and only the state says the key is lost.
+//!
+//! Header updates (rotation, rekey) rewrite the keyslot of the active DEK
+//! generation through the two-copy protocol (`store.rs`): a crash leaves
+//! either the old or the new wrapping, both of which unwrap the same DEK.
+//!
+//! A double-encrypted volume (`kek_inner`) has two layers, each with its own
+//! DEK and KEK; checks cover both (losing either is key loss), rotation and
+//! rekey act on one layer at a time.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{store, DataArea, Header, Layer};
+use crate::kek::audit::{AuditLog, Event};
+use crate::kek::{version_newer, KekError, KekRef, KeyProvider, WrappedDek};
+
+/// What a volume does when its KEK becomes unusable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnKeyLoss {
+    /// Stop I/O (EIO) and wipe the key from memory until access returns.
+    #[default]
+    Stop,
+    /// Keep serving with the in-memory key until the daemon restarts.
+    UntilRestart,
+}
+
+/// The key policy of one volume, from its config.
+#[derive(Debug, Clone)]
+pub struct KeyPolicy {
+    pub on_key_loss: OnKeyLoss,
+    pub auto_rotate: bool,
+    pub check_interval: Duration,
+}
+
+/// The configured KEK serving one layer of a volume.
+#[derive(Clone)]
+pub struct LayerKek {
+    /// The `[kek.NAME]` table name.
+    pub name: String,
+    pub provider: Arc<dyn KeyProvider>,
+}
+
+/// A point-in-time view of a volume's key, for status output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// `serving`, `key-lost` (I/O stopped) or `key-lost-serving` (until restart).
+    pub state: String,
+    pub kek_name: String,
+    pub kek: KekRef,
+    /// The inner layer's KEK of a double-encrypted volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner: Option<InnerStatus>,
+    pub on_key_loss: OnKeyLoss,
+    pub auto_rotate: bool,
+    pub check_interval_ms: u64,
+    /// Seconds since the epoch of the last check, if any.
+    pub last_check: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InnerStatus {
+    pub kek_name: String,
+    pub kek: KekRef,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyOpError {
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    #[error("{path}: writing the header failed: {source}")]
+    Header {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the header has no {0} keyslot for the active DEK generation")]
+    NoKeyslot(Layer),
+    #[error("the volume is not double-encrypted: it has no inner layer")]
+    NoInnerLayer,
+    #[error("KEK {0:?} already wraps the volume's other layer; double encryption needs two different KEKs")]
+    SameKekBothLayers(String),
+    #[error("a re-encryption is in progress; rotate or rekey after it finishes (hostcrypt reencrypt VOLUME --status)")]
+    Reencrypting,
+    #[error("the volume's key is lost; restore access to the KEK first")]
+    KeyLost,
+    #[error("{0}")]
+    Refused(String),
+}
+
+pub(super) struct Current {
+    pub(super) header: Header,
+    outer: LayerKek,
+    inner: Option<LayerKek>,
+    last_check: Option<SystemTime>,
+    last_error: Option<String>,
+}
+
+impl Current {
+    pub(super) fn kek(&self, layer: Layer) -> Option<&LayerKek> {
+        match layer {
+            Layer::Outer => Some(&self.outer),
+            Layer::Inner => self.inner.as_ref(),
+        }
+    }
+
+    /// Every wrapped DEK the volume needs now, with the KEK that holds it:
+    /// each layer of the active generation, and while re-encrypting each
+    /// layer of the target generation too.
+    fn slots(&self) -> Vec<Slot> {
+        let target = self.header.reencrypt.map(|r| r.target_generation);
+        let generations = std::iter::once(self.header.dek_generation).chain(target);
+        let mut slots = Vec::new();
+        for generation in generations {
+            for layer in [Layer::Outer, Layer::Inner] {
+                let (Some(kek), Some(slot)) = (
+                    self.kek(layer),
+                    self.header
+                        .keyslots
+                        .iter()
+                        .find(|k| k.generation == generation && k.layer == layer),
+                ) else {
+                    continue;
+                };
+                slots.push(Slot {
+                    target: Some(generation) == target,
+                    layer,
+                    kek: kek.clone(),
+                    wrapped: slot.wrapped.clone(),
+                });
+            }
+        }
+        slots
+    }
+}
+
+/// One wrapped DEK the volume needs.
+struct Slot {
+    /// Whether it belongs to the re-encryption's target generation.
+    target: bool,
+    layer: Layer,
+    kek: LayerKek,
+    wrapped: WrappedDek,
+}
+
+/// The key side of one served cache volume.
+pub struct VolumeKeys {
+    pub(super) name: String,
+    pub(super) path: PathBuf,
+    pub(super) data: Arc<DataArea>,
+    policy: KeyPolicy,
+    pub(super) audit: AuditLog,
+    lost: AtomicBool,
+    checks_ok: AtomicU64,
+    checks_failed: AtomicU64,
+    /// Serialises checks, rotations, rekeys and re-encryption header
+    /// updates of this volume.
+    current: Mutex<Current>,
+    /// The online re-encryption's controls (`reencrypt.rs`).
+    pub(super) reencryption: super::reencrypt::Controls,
+}
+
+impl std::fmt::Debug for VolumeKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeKeys")
+            .field("name", &self.name)
+            .field("lost", &self.lost)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VolumeKeys {
+    pub fn new(
+        path: &Path,
+        volume: &super::Volume,
+        outer: LayerKek,
+        inner: Option<LayerKek>,
+        policy: KeyPolicy,
+        audit: AuditLog,
+    ) -> Self {
+        VolumeKeys {
+            name: volume.name.clone(),
+            path: path.to_owned(),
+            data: volume.data.clone(),
+            policy,
+            audit,
+            lost: AtomicBool::new(false),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            reencryption: Default::default(),
+            current: Mutex::new(Current {
+                header: volume.header.clone(),
+                outer,
+                inner,
+                last_check: None,
+                last_error: None,
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn policy(&self) -> &KeyPolicy {
+        &self.policy
+    }
+
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Key checks so far: (succeeded, failed).
+    pub fn check_counts(&self) -> (u64, u64) {
+        (
+            self.checks_ok.load(Ordering::Relaxed),
+            self.checks_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> KeyStatus {
+        let cur = self.lock();
+        let state = match (self.is_lost(), self.data.key_loaded()) {
+            (false, _) => "serving",
+            (true, true) => "key-lost-serving",
+            (true, false) => "key-lost",
+        };
+        let kek_of = |layer| {
+            cur.header.active_slot(layer).map_or_else(
+                || KekRef {
+                    provider: String::new(),
+                    key_id: String::new(),
+                    key_version: String::new(),
+                },
+                |s| s.wrapped.kek.clone(),
+            )
+        };
+        KeyStatus {
+            state: state.into(),
+            kek_name: cur.outer.name.clone(),
+            kek: kek_of(Layer::Outer),
+            inner: cur.inner.as_ref().map(|k| InnerStatus {
+                kek_name: k.name.clone(),
+                kek: kek_of(Layer::Inner),
+            }),
+            on_key_loss: self.policy.on_key_loss,
+            auto_rotate: self.policy.auto_rotate,
+            check_interval_ms: self.policy.check_interval.as_millis() as u64,
+            last_check: cur
+                .last_check
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            last_error: cur.last_error.clone(),
+        }
+    }
+
+    /// One key check: can every layer's provider still unwrap its DEK?
+    /// Handles loss, recovery and `auto_rotate`. Returns the check's own
+    /// outcome.
+    pub fn check(&self, uid: Option<u32>) -> Result<(), KekError> {
+        let mut cur = self.lock();
+        cur.last_check = Some(SystemTime::now());
+        let slots = cur.slots();
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let outcome = self.check_slots(&slots);
+        let counter = if outcome.is_ok() {
+            &self.checks_ok
+        } else {
+            &self.checks_failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match &outcome {
+            Ok(()) => {
+                cur.last_error = None;
+                for slot in &slots {
+                    self.audit.record(
+                        &Event::new(&self.name, "check", "ok")
+                            .key(&slot.wrapped.kek)
+                            .uid(uid),
+                    );
+                }
+                if self.lost.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(volume = %self.name, "key access restored; serving again");
+                    self.audit.record(
+                        &Event::new(&self.name, "recovery", "ok")
+                            .key(&slots[0].wrapped.kek)
+                            .detail("key access restored; I/O resumed"),
+                    );
+                }
+            }
+            Err((failed, e)) => {
+                let failed = &slots[*failed].wrapped.kek;
+                cur.last_error = Some(e.to_string());
+                self.audit.record(
+                    &Event::new(&self.name, "check", "error")
+                        .key(failed)
+                        .error(e)
+                        .detail(e.class())
+                        .uid(uid),
+                );
+                if !self.lost.swap(true, Ordering::SeqCst) {
+                    let action = match self.policy.on_key_loss {
+                        OnKeyLoss::Stop => {
+                            self.data.unload_key();
+                            "I/O stopped and the key wiped from memory"
+                        }
+                        OnKeyLoss::UntilRestart => "serving with the in-memory key until restart",
+                    };
+                    tracing::error!(volume = %self.name, "key lost: {e}; {action}");
+                    self.audit.record(
+                        &Event::new(&self.name, "key-loss", "lost")
+                            .key(failed)
+                            .error(e)
+                            .detail(action),
+                    );
+                }
+            }
+        }
+        // Not while re-encrypting: the new DEKs are wrapped under the
+        // newest version anyway, and the header belongs to the re-encryption.
+        if outcome.is_ok() && self.policy.auto_rotate && cur.header.reencrypt.is_none() {
+            // A failed automatic rotation is audited and retried next check.
+            for slot in slots.iter().filter(|s| !s.target) {
+                let _ = self.rewrap_locked(&mut cur, slot.layer, None, "auto-rotate", uid);
+            }
+        }
+        outcome.map_err(|(_, e)| e)
+    }
+
+    /// Checks each needed DEK; reloads the keys if they were wiped. On
+    /// failure, the index of the slot that failed.
+    fn check_slots(&self, slots: &[Slot]) -> Result<(), (usize, KekError)> {
+        if self.data.key_loaded() {
+            for (i, slot) in slots.iter().enumerate() {
+                slot.kek.provider.check(&slot.wrapped).map_err(|e| (i, e))?;
+            }
+            return Ok(());
+        }
+        let mut deks = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter().enumerate() {
+            let dek = slot
+                .kek
+                .provider
+                .unwrap(&slot.wrapped)
+                .map_err(|e| (i, e))?;
+            deks.push((slot.target, slot.layer, dek));
+        }
+        let find = |target: bool, layer: Layer| {
+            deks.iter()
+                .find(|(t, l, _)| *t == target && *l == layer)
+                .map(|(_, _, d)| d)
+        };
+        let generation =
+            |target: bool| find(target, Layer::Outer).map(|o| (o, find(target, Layer::Inner)));
+        if let Some(current) = generation(false) {
+            self.data.load_keys(current, generation(true));
+        }
+        Ok(())
+    }
+
+    /// Rewraps one layer's DEK under the newest (or the given) version of
+    /// its KEK. Idempotent: nothing is written when the version is already
+    /// the target.
+    pub fn rotate(
+        &self,
+        layer: Layer,
+        to_version: Option<&str>,
+        uid: Option<u32>,
+    ) -> Result<KekRef, KeyOpError> {
+        let mut cur = self.lock();
+        if cur.header.reencrypt.is_some() {
+            return Err(KeyOpError::Reencrypting);
+        }
+        self.rewrap_locked(&mut cur, layer, to_version, "rotate", uid)
+    }
+
+    fn rewrap_locked(
+        &self,
+        cur: &mut Current,
+        layer: Layer,
+        to_version: Option<&str>,
+        operation: &str,
+        uid: Option<u32>,
+    ) -> Result<KekRef, KeyOpError> {
+        let kek = cur.kek(layer).cloned().ok_or(KeyOpError::NoInnerLayer)?;
+        let old = cur
+            .header
+            .active_slot(layer)
+            .map(|s| s.wrapped.clone())
+            .ok_or(KeyOpError::NoKeyslot(layer))?;
+        let new = match kek.provider.rewrap(&old, to_version) {
+            Ok(new) => new,
+            Err(e) => {
+                self.audit.record(
+                    &Event::new(&self.name, operation, "error")
+                        .key(&old.kek)
+                        .error(&e)
+                        .detail(format!("{layer} layer"))
+                        .uid(uid),
+                );
+                return Err(e.into());
+            }
+        };
+        let changed = new.kek != old.kek;
+        let auto_noop = operation == "auto-rotate"
+            && !version_newer(&new.kek.key_version, &old.kek.key_version);
+        if !changed || auto_noop {
+            if operation != "auto-rotate" {
+                self.audit.record(
+                    &Event::new(&self.name, operation, "ok")
+                        .key(&old.kek)
+                        .detail(format!("{layer} layer already at the target version"))
+                        .uid(uid),
+                );
+            }
+            return Ok(old.kek);
+        }
+        self.store_wrapped(cur, layer, new.clone())?;
+        tracing::info!(volume = %self.name, %layer, from = %old.kek, to = %new.kek, "{operation}: DEK rewrapped");
+        self.audit.record(
+            &Event::new(&self.name, operation, "ok")
+                .key(&new.kek)
+                .detail(format!(
+                    "{layer} layer from version {}",
+                    old.kek.key_version
+                ))
+                .uid(uid),
+        );
+        Ok(new.kek)
+    }
+
+    /// Moves one layer's DEK under another configured KEK (e.g. local → vault).
+    pub fn rekey(
+        &self,
+        layer: Layer,
+        target: LayerKek,
+        uid: Option<u32>,
+    ) -> Result<KekRef, KeyOpError> {
+        let mut cur = self.lock();
+        if cur.header.reencrypt.is_some() {
+            return Err(KeyOpError::Reencrypting);
+        }
+        let current = cur.kek(layer).cloned().ok_or(KeyOpError::NoInnerLayer)?;
+        let other = match layer {
+            Layer::Outer => cur.inner.as_ref(),
+            Layer::Inner => Some(&cur.outer),
+        };
+        if other.is_some_and(|o| o.name == target.name) {
+            return Err(KeyOpError::SameKekBothLayers(target.name));
+        }
+        let old = cur
+            .header
+            .active_slot(layer)
+            .map(|s| s.wrapped.clone())
+            .ok_or(KeyOpError::NoKeyslot(layer))?;
+        let result = current
+            .provider
+            .unwrap(&old)
+            .and_then(|dek| target.provider.wrap(&dek));
+        let new = match result {
+            Ok(new) => new,
+            Err(e) => {
+                self.audit.record(
+                    &Event::new(&self.name, "rekey", "error")
+                        .key(&old.kek)
+                        .error(&e)
+                        .detail(format!("{layer} layer to kek {}", target.name))
+                        .uid(uid),
+                );
+                return Err(e.into());
+            }
+        };
+        self.store_wrapped(&mut cur, layer, new.clone())?;
+        let target_name = target.name.clone();
+        match layer {
+            Layer::Outer => cur.outer = target,
+            Layer::Inner => cur.inner = Some(target),
+        }
+        tracing::info!(volume = %self.name, %layer, from = %old.kek, to = %new.kek, "rekey: DEK moved to KEK {target_name}");
+        self.audit.record(
+            &Event::new(&self.name, "rekey", "ok")
+                .key(&new.kek)
+                .detail(format!(
+                    "{layer} layer from {} (kek {}) to kek {target_name}",
+                    old.kek, current.name
+                ))
+                .uid(uid),
+        );
+        Ok(new.kek)
+    }
+
+    fn store_wrapped(
+        &self,
+        cur: &mut Current,
+        layer: Layer,
+        wrapped: WrappedDek,
+    ) -> Result<(), KeyOpError> {
+        let mut header = cur.header.clone();
+        let generation = header.dek_generation;
+        let slot = header
+            .keyslots
+            .iter_mut()
+            .find(|k| k.generation == generation && k.layer == layer)
+            .ok_or(KeyOpError::NoKeyslot(layer))?;
+        slot.wrapped = wrapped;
+        self.write_header(cur, header)
+    }
+
+    /// Writes `header` through the two-copy protocol and makes it current.
+    pub(super) fn write_header(
+        &self,
+        cur: &mut Current,
+        mut header: Header,
+    ) -> Result<(), KeyOpError> {
+        store::write_header(self.data.backing(), &mut header).map_err(|source| {
+            KeyOpError::Header {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        cur.header = header;
+        Ok(())
+    }
+}

@@ -1,0 +1,399 @@
+//! Online DEK re-encryption (`hostcrypt reencrypt VOLUME`): the whole data
+//! area moves to freshly generated DEKs (one per layer) while the volume
+//! keeps serving, like `cryptsetup reencrypt`.
+//!
+//! Start writes a header that holds both generations' wrapped DEKs and a
+//! checkpoint of 0. A worker thread then walks the data area one window at
+//! a time: under the window's range lock it rewrites the window's sectors
+//! from the old key to the new, through the journal (`journal.rs`), and
+//! records the new checkpoint in the header before releasing the window.
+//! I/O elsewhere goes on; I/O into the window waits for that window only
+//! (`data.rs`). At the end the header keeps only the new generation.
+//!
+//! Crash safety: the header's checkpoint only moves after the window is
+//! durable in place, and the window is durable in the journal before it is
+//! touched in place; opening a volume mid-re-encryption replays a matching
+//! journal, so a `kill -9` at any instant loses no acknowledged write and
+//! leaves no sector between keys. The worker resumes at daemon start.
+//!
+//! Controls: a rate limit (MB/s) so it does not starve the workload, pause
+//! and resume, and a stop at shutdown (between windows). A lost key pauses
+//! the walk until the key is back.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::header::{Keyslot, Layer, Reencrypt};
+use super::journal::{self, JournalKey, WINDOW};
+use super::keys::{KeyOpError, VolumeKeys};
+use super::{store, VolumeCipher};
+use crate::crypto::Dek;
+use crate::kek::audit::Event;
+
+/// What `hostcrypt reencrypt --status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReencryptStatus {
+    pub volume: String,
+    /// `idle` (none in progress), `running`, `paused`, `waiting-for-key`,
+    /// `failed` (see `error`; resume retries) or `done`.
+    pub state: String,
+    /// Bytes of the data area already under the new DEK.
+    pub checkpoint: u64,
+    pub size: u64,
+    pub target_generation: Option<u32>,
+    /// The DEK generation in use (after completion: the new one).
+    pub generation: u32,
+    pub rate_limit_mbps: Option<f64>,
+    /// Measured since the worker last started.
+    pub rate_mbps: f64,
+    pub error: Option<String>,
+}
+
+/// What the operator asks of a re-encryption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReencryptAction {
+    /// Start one (or resume the one in progress).
+    Start,
+    Pause,
+    Resume,
+    Status,
+}
+
+#[derive(Default)]
+struct State {
+    paused: bool,
+    stop: bool,
+    worker: Option<std::thread::JoinHandle<()>>,
+    /// Bytes per second; `None` = as fast as it goes.
+    rate: Option<f64>,
+    phase: &'static str,
+    error: Option<String>,
+    started: Option<Instant>,
+    /// When the walk ended (so the reported rate stops decaying).
+    ended: Option<Instant>,
+    moved: u64,
+}
+
+/// Per-volume re-encryption controls, shared by the worker and the control
+/// requests.
+#[derive(Default)]
+pub struct Controls {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl Controls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `timeout` for a control change (pause, resume, stop).
+    fn wait(&self, timeout: Duration) {
+        let guard = self.lock();
+        let _ = self.changed.wait_timeout(guard, timeout);
+    }
+}
+
+impl VolumeKeys {
+    /// Handles one operator request; every action is safe to repeat.
+    pub fn reencrypt(
+        self: &Arc<Self>,
+        action: ReencryptAction,
+        rate_mbps: Option<f64>,
+        uid: Option<u32>,
+    ) -> Result<ReencryptStatus, KeyOpError> {
+        match action {
+            ReencryptAction::Status => {}
+            ReencryptAction::Pause => {
+                self.reencryption.lock().paused = true;
+                self.reencryption.changed.notify_all();
+                self.audit
+                    .record(&Event::new(&self.name, "reencrypt", "paused").uid(uid));
+            }
+            ReencryptAction::Start | ReencryptAction::Resume => {
+                if action == ReencryptAction::Start {
+                    self.begin(uid)?;
+                }
+                {
+                    let mut state = self.reencryption.lock();
+                    state.paused = false;
+                    if let Some(rate) = rate_mbps {
+                        state.rate = (rate > 0.0).then_some(rate * 1e6);
+                    }
+                }
+                self.reencryption.changed.notify_all();
+                self.ensure_worker();
+            }
+        }
+        Ok(self.reencrypt_status())
+    }
+
+    /// Resumes a re-encryption found in the header at open.
+    pub fn resume_reencrypt(self: &Arc<Self>) {
+        if self.lock().header.reencrypt.is_some() {
+            tracing::info!(volume = %self.name, "resuming the re-encryption in progress");
+            self.ensure_worker();
+        }
+    }
+
+    /// Stops the worker between windows and waits for it (shutdown).
+    pub fn stop_reencrypt(&self) {
+        let worker = {
+            let mut state = self.reencryption.lock();
+            state.stop = true;
+            state.worker.take()
+        };
+        self.reencryption.changed.notify_all();
+        if let Some(worker) = worker {
+            let _ = worker.join();
+        }
+    }
+
+    pub fn reencrypt_status(&self) -> ReencryptStatus {
+        let (header_state, generation) = {
+            let cur = self.lock();
+            (cur.header.reencrypt, cur.header.dek_generation)
+        };
+        let state = self.reencryption.lock();
+        let size = self.data.size();
+        let rate_mbps = match state.started {
+            Some(t) => {
+                let took = state.ended.unwrap_or_else(Instant::now) - t;
+                if took > Duration::ZERO {
+                    state.moved as f64 / took.as_secs_f64() / 1e6
+                } else {
+                    0.0
+                }
+            }
+            None => 0.0,
+        };
+        let phase = match header_state {
+            None if state.phase == "done" => "done",
+            None => "idle",
+            Some(_) if state.error.is_some() => "failed",
+            Some(_) if state.paused => "paused",
+            Some(_) if !self.data.key_loaded() => "waiting-for-key",
+            Some(_) => "running",
+        };
+        ReencryptStatus {
+            volume: self.name.clone(),
+            state: phase.into(),
+            checkpoint: header_state
+                .map_or(if phase == "done" { size } else { 0 }, |r| r.checkpoint),
+            size,
+            target_generation: header_state.map(|r| r.target_generation),
+            generation,
+            rate_limit_mbps: state.rate.map(|r| r / 1e6),
+            rate_mbps,
+            error: state.error.clone(),
+        }
+    }
+
+    /// Writes the header that starts a re-encryption (unless one is in
+    /// progress) and loads the new keys.
+    fn begin(&self, uid: Option<u32>) -> Result<(), KeyOpError> {
+        let mut cur = self.lock();
+        if cur.header.reencrypt.is_some() {
+            return Ok(());
+        }
+        if self.is_lost() || !self.data.key_loaded() {
+            return Err(KeyOpError::KeyLost);
+        }
+        if cur.header.data_offset < journal::JOURNAL_AT + 4096 + WINDOW {
+            return Err(KeyOpError::Refused(
+                "this volume's header area leaves no room for the re-encryption journal".into(),
+            ));
+        }
+        journal::prepare(self.data.backing()).map_err(|e| {
+            KeyOpError::Refused(format!(
+                "cannot allocate the re-encryption journal in {}: {e}; free some space and retry",
+                self.path.display()
+            ))
+        })?;
+        let target = cur.header.dek_generation + 1;
+        let mut new_slots = Vec::new();
+        let mut deks: Vec<(Layer, Dek)> = Vec::new();
+        for layer in [Layer::Outer, Layer::Inner] {
+            let Some(kek) = cur.kek(layer) else { continue };
+            let dek = Dek::generate()
+                .map_err(|e| KeyOpError::Refused(format!("random generator failed: {e}")))?;
+            let wrapped = kek.provider.wrap(&dek)?;
+            new_slots.push(Keyslot {
+                generation: target,
+                layer,
+                wrapped,
+            });
+            deks.push((layer, dek));
+        }
+        let outer = deks
+            .iter()
+            .find(|(l, _)| *l == Layer::Outer)
+            .map(|(_, d)| d)
+            .ok_or(KeyOpError::NoKeyslot(Layer::Outer))?;
+        let inner = deks
+            .iter()
+            .find(|(l, _)| *l == Layer::Inner)
+            .map(|(_, d)| d);
+        let mut header = cur.header.clone();
+        let active = header.dek_generation;
+        header.keyslots.retain(|k| k.generation == active);
+        header.keyslots.extend(new_slots);
+        header.reencrypt = Some(Reencrypt {
+            checkpoint: 0,
+            target_generation: target,
+        });
+        self.write_header(&mut cur, header)?;
+        self.data
+            .begin_reencrypt(
+                VolumeCipher::new(outer, inner, self.data.sector_size() as usize),
+                0,
+            )
+            .map_err(|e| KeyOpError::Refused(e.to_string()))?;
+        {
+            let mut state = self.reencryption.lock();
+            state.error = None;
+            state.phase = "running";
+        }
+        tracing::info!(volume = %self.name, generation = target, "re-encryption started");
+        self.audit.record(
+            &Event::new(&self.name, "reencrypt", "started")
+                .detail(format!("to DEK generation {target}"))
+                .uid(uid),
+        );
+        Ok(())
+    }
+
+    fn ensure_worker(self: &Arc<Self>) {
+        // Lock order everywhere: the header (`current`) before the controls.
+        if self.lock().header.reencrypt.is_none() {
+            return;
+        }
+        let mut state = self.reencryption.lock();
+        if state.worker.as_ref().is_some_and(|w| !w.is_finished()) {
+            return;
+        }
+        state.stop = false;
+        state.error = None;
+        state.started = Some(Instant::now());
+        state.ended = None;
+        state.moved = 0;
+        let keys = self.clone();
+        match std::thread::Builder::new()
+            .name(format!("reencrypt-{}", self.name))
+            .spawn(move || keys.walk())
+        {
+            Ok(worker) => state.worker = Some(worker),
+            Err(e) => state.error = Some(format!("cannot start the worker thread: {e}")),
+        }
+    }
+
+    /// The worker: one window after another until done, stopped or failed.
+    fn walk(&self) {
+        loop {
+            {
+                let mut state = self.reencryption.lock();
+                while state.paused && !state.stop {
+                    state = self
+                        .reencryption
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+                if state.stop {
+                    return;
+                }
+            }
+            if !self.data.key_loaded() {
+                // Key lost: the check that restores it reloads both generations.
+                self.reencryption.wait(Duration::from_secs(1));
+                continue;
+            }
+            let (checkpoint, key) = {
+                let cur = self.lock();
+                let Some(r) = cur.header.reencrypt else {
+                    return;
+                };
+                (
+                    r.checkpoint,
+                    JournalKey {
+                        uuid: cur.header.uuid,
+                        checkpoint: r.checkpoint,
+                        target_generation: r.target_generation,
+                    },
+                )
+            };
+            let len = WINDOW.min(self.data.size() - checkpoint);
+            let started = Instant::now();
+            let result = self.data.rewrite_window(
+                checkpoint,
+                len,
+                |data| journal::write(self.data.backing(), key, data),
+                || journal::clear(self.data.backing()),
+                |next| self.commit(next),
+                || self.reencryption.lock().stop,
+            );
+            if result.is_err() && !self.data.key_loaded() {
+                // The key was lost mid-window: nothing was committed; wait
+                // for it like any other key loss.
+                continue;
+            }
+            if let Err(e) = result {
+                tracing::error!(volume = %self.name, "re-encryption stopped at byte {checkpoint}: {e}; `hostcrypt reencrypt --resume` retries");
+                self.audit.record(
+                    &Event::new(&self.name, "reencrypt", "error")
+                        .error(&e)
+                        .detail(format!("at byte {checkpoint}")),
+                );
+                self.reencryption.lock().error = Some(e.to_string());
+                return;
+            }
+            let rate = {
+                let mut state = self.reencryption.lock();
+                state.moved += len;
+                state.rate
+            };
+            if let Some(rate) = rate {
+                let due = Duration::from_secs_f64(len as f64 / rate);
+                let elapsed = started.elapsed();
+                if due > elapsed {
+                    // Pacing, interruptible by pause/stop.
+                    self.reencryption.wait(due - elapsed);
+                }
+            }
+        }
+    }
+
+    /// Records a finished window in the header (under the window lock);
+    /// at the end, makes the new generation the only one.
+    fn commit(&self, next: u64) -> std::io::Result<()> {
+        let mut cur = self.lock();
+        let mut header = cur.header.clone();
+        let Some(r) = header.reencrypt else {
+            return Err(std::io::Error::other("no re-encryption in progress"));
+        };
+        let done = header.advance_reencrypt(next);
+        store::write_header(self.data.backing(), &mut header)?;
+        cur.header = header;
+        if done {
+            // Fails only while the key is lost; the recovery then loads the
+            // new generation from the header, which already says so.
+            if let Err(e) = self.data.finish_reencrypt() {
+                tracing::warn!(volume = %self.name, "re-encryption finished while the key is unavailable: {e}");
+            }
+            {
+                let mut state = self.reencryption.lock();
+                state.phase = "done";
+                state.ended = Some(Instant::now());
+            }
+            tracing::info!(volume = %self.name, generation = r.target_generation, "re-encryption finished");
+            self.audit.record(
+                &Event::new(&self.name, "reencrypt", "done")
+                    .detail(format!("now DEK generation {}", r.target_generation)),
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,430 @@
+//! The `vault` KEK provider against a real OpenBao dev server: rotation by
+//! hand and automatic, key loss (too-old version, revoked token, soft
+//! delete, sealed server) with both `on_key_loss` policies, recovery
+//! without restart, migration from a local KEK, the audit log, and proof
+//! that no DEK or token reaches any log.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use hostcrypt_e2e::bao::{write_secret, Bao};
+use hostcrypt_e2e::*;
+
+/// Key checks run every second in these tests; a state change must show
+/// within a few intervals (plus provider retries).
+const WITHIN: Duration = Duration::from_secs(20);
+
+struct VaultFixture {
+    fx: Fixture,
+    bao: Bao,
+    token_file: PathBuf,
+    token: String,
+    audit: PathBuf,
+    key: String,
+}
+
+impl VaultFixture {
+    /// A config with `[kek.bao]` on transit key `key` (created with
+    /// `key_type`), control socket and audit log; one cache volume `v`
+    /// using KEK `volume_kek` with the given extra volume settings.
+    fn new(key_type: &str, volume_kek: &str, volume_extra: &str) -> VaultFixture {
+        let mut fx = Fixture::new();
+        let bao = Bao::start(fx.dir.path());
+        let key = "hostcrypt".to_string();
+        bao.create_key(&key, key_type);
+        let token_file = fx.path("bao.token");
+        let token = bao.key_token(&key, &token_file);
+        fx.kek_tables.push(format!(
+            "[kek.bao]\nprovider = \"vault\"\naddress = \"{}\"\nkey = \"{key}\"\ntoken_file = \"{}\"\nattempts = 2\ntimeout_secs = 5\n",
+            bao.addr,
+            token_file.display()
+        ));
+        fx.default_kek = volume_kek.into();
+        fx.volume("v", "cache", volume_extra);
+        let audit = fx.audit_log();
+        let vf = VaultFixture {
+            fx,
+            bao,
+            token_file,
+            token,
+            audit,
+            key,
+        };
+        vf.write_config();
+        vf.fx.create("v", "16M", 4096);
+        vf
+    }
+
+    fn write_config(&self) {
+        self.fx.write_config(&self.fx.control_and_audit());
+    }
+
+    fn backing(&self) -> PathBuf {
+        self.fx.path("v.img")
+    }
+
+    fn header(&self) -> serde_json::Value {
+        inspect_json(&self.backing())
+    }
+
+    fn header_version(&self) -> String {
+        self.header()["keyslots"][0]["key_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    /// Whether the audit log has a line with this operation and outcome.
+    fn audited(&self, operation: &str, outcome: &str) -> bool {
+        self.audit_lines()
+            .iter()
+            .any(|l| l["operation"] == operation && l["outcome"] == outcome)
+    }
+
+    fn wait_state(&self, state: &str) {
+        self.fx.wait_key_state("v", state);
+    }
+
+    fn set_config(&self, key_setting: &str) {
+        self.bao.ok(&[
+            "write",
+            &format!("transit/keys/{}/config", self.key),
+            key_setting,
+        ]);
+    }
+}
+
+fn no_secret_in(path: &Path, secrets: &[&str]) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    for secret in secrets {
+        assert!(
+            !text.contains(secret),
+            "{} contains a secret",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn vault_rotation_online_rewraps_and_keeps_data() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    assert_eq!(vf.header_version(), "1");
+    assert_eq!(vf.header()["keyslots"][0]["provider"], "vault");
+    // `hostcrypt create` audits the first wrap, with the operator's uid.
+    let wrap = vf
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["operation"] == "wrap")
+        .expect("create audited");
+    assert_eq!(wrap["outcome"], "ok");
+    assert_eq!(wrap["key_version"], "1");
+    assert!(wrap["uid"].is_u64() && wrap["time"].is_string(), "{wrap}");
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x5a 0 1M"]);
+
+    vf.bao.rotate_key(&vf.key);
+    let out = vf.fx.cli(&["rotate-kek", "v"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("version 2"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(vf.header_version(), "2");
+    // Serving went on across the rewrap; a second rotation is a no-op.
+    qemu_io(&uri, &["read -P 0x5a 0 1M", "write -P 0x5b 1M 64k"]);
+    let again = vf.fx.cli(&["rotate-kek", "v", "--json"]);
+    assert!(again.status.success(), "{}", output_text(&again));
+    assert_eq!(vf.header_version(), "2");
+    assert!(vf.audited("rotate", "ok"));
+    let rotate = vf
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["operation"] == "rotate" && l["key_version"] == "2")
+        .expect("rotate audited with the new version");
+    assert_eq!(rotate["provider"], "vault");
+
+    // Back to an older version on request, then forward again.
+    let out = vf.fx.cli(&["rotate-kek", "v", "--to-version", "1"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(vf.header_version(), "1");
+    let out = vf.fx.cli(&["rotate-kek", "v"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(vf.header_version(), "2");
+
+    assert_eq!(d.stop(), 0);
+    // A restart unwraps the v2 wrapping; data intact.
+    let d = vf.fx.start();
+    qemu_io(&uri, &["read -P 0x5a 0 1M", "read -P 0x5b 1M 64k"]);
+    assert!(vf.audited("unwrap", "ok"));
+    let log = d.stderr();
+    assert_eq!(d.stop(), 0);
+
+    // No DEK and no token anywhere in our logs.
+    let ciphertext =
+        String::from_utf8(wrapped_blob(&vf.backing())).expect("vault ciphertext is text");
+    let dek_b64 = vf.bao.decrypt(&vf.key, &ciphertext);
+    let dek_hex = hex_of_b64(&dek_b64);
+    let log_file = vf.fx.path("daemon.log");
+    std::fs::write(&log_file, log).expect("save log");
+    for path in [&vf.audit, &log_file] {
+        no_secret_in(path, &[&dek_b64, &dek_hex, &vf.token]);
+    }
+}
+
+/// The wrapped blob of the active keyslot (a `vault:vN:...` string).
+fn wrapped_blob(backing: &Path) -> Vec<u8> {
+    let copies = hostcryptd::volume::read_headers(backing).expect("headers");
+    let header = hostcryptd::volume::current_header(backing, &copies).expect("header");
+    header
+        .active_keyslot()
+        .expect("keyslot")
+        .wrapped
+        .blob
+        .clone()
+}
+
+fn hex_of_b64(b64: &str) -> String {
+    let out = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "printf %s '{b64}' | base64 -d | od -An -tx1 | tr -d ' \\n'"
+    )));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn vault_auto_rotate_follows_new_versions() {
+    let vf = VaultFixture::new(
+        "aes256-gcm96",
+        "bao",
+        "key_check_interval = \"1s\"\nauto_rotate = true",
+    );
+    let d = vf.fx.start();
+    qemu_io(&vf.fx.uri("v"), &["write -P 0x33 0 256k"]);
+    vf.bao.rotate_key(&vf.key);
+    wait_until("auto-rotation to v2", WITHIN, || vf.header_version() == "2");
+    vf.bao.rotate_key(&vf.key);
+    wait_until("auto-rotation to v3", WITHIN, || vf.header_version() == "3");
+    assert!(vf.audited("auto-rotate", "ok"));
+    qemu_io(&vf.fx.uri("v"), &["read -P 0x33 0 256k"]);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn vault_rsa_key_wraps_and_rotates() {
+    let vf = VaultFixture::new("rsa-2048", "bao", "key_check_interval = \"1s\"");
+    let d = vf.fx.start();
+    qemu_io(&vf.fx.uri("v"), &["write -P 0x44 0 128k"]);
+    vf.bao.rotate_key(&vf.key);
+    let out = vf.fx.cli(&["rotate-kek", "v"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(vf.header_version(), "2");
+    assert_eq!(d.stop(), 0);
+    let d = vf.fx.start();
+    qemu_io(&vf.fx.uri("v"), &["read -P 0x44 0 128k"]);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn vault_too_old_version_is_key_loss_until_allowed_again() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x21 0 64k"]);
+    vf.bao.rotate_key(&vf.key);
+    vf.bao.rotate_key(&vf.key);
+    // The header still holds v1; v1 may no longer decrypt.
+    vf.set_config("min_decryption_version=3");
+    vf.wait_state("key-lost");
+    read_fails_with_eio(&uri);
+    let check = vf.fx.cli(&["check-key", "v"]);
+    assert_eq!(check.status.code(), Some(4), "{}", output_text(&check));
+    assert!(
+        output_text(&check).contains("too old"),
+        "{}",
+        output_text(&check)
+    );
+    assert!(vf.audited("key-loss", "lost"));
+
+    vf.set_config("min_decryption_version=1");
+    vf.wait_state("serving");
+    qemu_io(&uri, &["read -P 0x21 0 64k"]);
+    assert!(vf.audited("recovery", "ok"));
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn vault_revoked_token_stops_io_and_a_new_token_resumes_it() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x77 0 64k"]);
+
+    vf.bao.ok(&["token", "revoke", &vf.token]);
+    vf.wait_state("key-lost");
+    read_fails_with_eio(&uri);
+    let status = vf.fx.status();
+    let error = status["volumes"][0]["key"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("revoked"), "{status}");
+
+    // A fresh token in the token file: back without a restart.
+    let new_token = vf.bao.key_token(&vf.key, &vf.token_file);
+    vf.wait_state("serving");
+    qemu_io(&uri, &["read -P 0x77 0 64k"]);
+    let log = d.stderr();
+    assert_eq!(d.stop(), 0);
+    for t in [&vf.token, &new_token] {
+        assert!(!log.contains(t.as_str()), "a token reached the daemon log");
+        no_secret_in(&vf.audit, &[t]);
+    }
+}
+
+#[test]
+fn vault_policy_without_decrypt_is_reported_as_policy_not_revocation() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    // A valid token whose policy lacks the transit paths.
+    let bare = vf
+        .bao
+        .ok(&["token", "create", "-field=token", "-policy=default"]);
+    write_secret(&vf.token_file, &bare);
+    let mut d = vf.fx.spawn();
+    let code = d.wait(Duration::from_secs(30));
+    assert_ne!(code, 0);
+    let log = d.stderr();
+    assert!(log.contains("policy does not allow"), "{log}");
+    assert!(!log.contains(&bare), "the token reached the log");
+}
+
+#[test]
+fn vault_soft_delete_is_key_loss_and_restore_recovers() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x19 0 64k"]);
+    vf.bao
+        .ok(&["delete", &format!("transit/keys/{}/soft-delete", vf.key)]);
+    vf.wait_state("key-lost");
+    read_fails_with_eio(&uri);
+    vf.bao.ok(&[
+        "write",
+        "-f",
+        &format!("transit/keys/{}/soft-delete-restore", vf.key),
+    ]);
+    vf.wait_state("serving");
+    qemu_io(&uri, &["read -P 0x19 0 64k"]);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn vault_sealed_server_is_retried_then_key_loss_until_unsealed() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x42 0 64k"]);
+    vf.bao.ok(&["operator", "seal"]);
+    vf.wait_state("key-lost");
+    read_fails_with_eio(&uri);
+    let log = d.stderr();
+    assert!(log.contains("retrying"), "{log}");
+    assert!(log.contains("after 2 attempts"), "{log}");
+
+    vf.bao.ok(&["operator", "unseal", &vf.bao.unseal_key()]);
+    vf.wait_state("serving");
+    qemu_io(&uri, &["read -P 0x42 0 64k"]);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn vault_until_restart_keeps_serving_then_refuses_to_start() {
+    let vf = VaultFixture::new(
+        "aes256-gcm96",
+        "bao",
+        "key_check_interval = \"1s\"\non_key_loss = \"until-restart\"",
+    );
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x64 0 64k"]);
+    vf.bao.ok(&["token", "revoke", &vf.token]);
+    vf.wait_state("key-lost-serving");
+    // Still serving from the in-memory key.
+    qemu_io(&uri, &["read -P 0x64 0 64k", "write -P 0x65 64k 64k"]);
+    assert_eq!(d.stop(), 0);
+
+    // After a restart the key is needed again, and it is gone.
+    let mut d = vf.fx.spawn();
+    assert_ne!(d.wait(Duration::from_secs(30)), 0);
+    let log = d.stderr();
+    assert!(log.contains("revoked"), "{log}");
+    assert!(vf.audited("unwrap", "error"));
+}
+
+#[test]
+fn rekey_moves_a_local_volume_to_vault_online() {
+    let vf = VaultFixture::new("aes256-gcm96", "main", "key_check_interval = \"1s\"");
+    assert_eq!(vf.header()["keyslots"][0]["provider"], "local");
+    let d = vf.fx.start();
+    let uri = vf.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x3c 0 1M"]);
+    let out = vf.fx.cli(&["rekey", "v", "--kek", "bao"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(vf.header()["keyslots"][0]["provider"], "vault");
+    qemu_io(&uri, &["read -P 0x3c 0 1M"]);
+    let status = vf.fx.status();
+    assert_eq!(status["volumes"][0]["key"]["kek_name"], "bao", "{status}");
+    assert!(vf.audited("rekey", "ok"));
+    assert_eq!(d.stop(), 0);
+
+    // The config still names the local KEK: the daemon finds the provider
+    // that owns the keyslot and says how to update the config.
+    let d = vf.fx.start();
+    qemu_io(&uri, &["read -P 0x3c 0 1M"]);
+    let log = d.stderr();
+    assert!(log.contains("set kek = \"bao\""), "{log}");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn control_commands_report_unknown_volumes_and_missing_daemon() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "");
+    // No daemon: exit code 3 and a hint.
+    let out = vf.fx.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(3), "{}", output_text(&out));
+    assert!(output_text(&out).contains("is hostcryptd running"));
+    let d = vf.fx.start();
+    let out = vf.fx.cli(&["rotate-kek", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        output_text(&out).contains("no volume \"nope\""),
+        "{}",
+        output_text(&out)
+    );
+    let out = vf.fx.cli(&["rekey", "v", "--kek", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        output_text(&out).contains("no [kek.nope]"),
+        "{}",
+        output_text(&out)
+    );
+    let out = vf.fx.cli(&["status"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("serving"),
+        "{}",
+        output_text(&out)
+    );
+    let out = vf.fx.cli(&["check-key"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(d.stop(), 0);
+}
