@@ -152,7 +152,8 @@ fn reencrypt_survives_kill_9_at_20_random_points() {
         });
         d.child.kill().unwrap();
         d.child.wait().unwrap();
-        if d.stderr().contains("replaying it from the journal") {
+        let killed_log = d.stderr();
+        if killed_log.contains("replaying it from the journal") {
             replays += 1;
         }
 
@@ -164,11 +165,19 @@ fn reencrypt_survives_kill_9_at_20_random_points() {
         std::fs::write(&expected_path, &expected).unwrap();
         let out_path = fx.path("out.bin");
         run_ok(Command::new("nbdcopy").arg(fx.uri("k")).arg(&out_path));
-        assert_eq!(
-            sha256_file(&out_path),
-            sha256_file(&expected_path),
-            "round {round}: data differs after kill -9 at checkpoint >= {target}"
-        );
+        let got = std::fs::read(&out_path).unwrap();
+        if let Some(first) = (0..SIZE).find(|&i| got[i] != expected[i]) {
+            let last = (0..SIZE)
+                .rev()
+                .find(|&i| got[i] != expected[i])
+                .unwrap_or(first);
+            panic!(
+                "round {round}: data differs after kill -9 at checkpoint >= {target}: \
+                 bytes {first}..={last} (this round wrote {offset}..{}); killed daemon's log:\n{killed_log}\nrestarted daemon's log:\n{}",
+                offset + 4096,
+                d.stderr()
+            );
+        }
         drop(d);
     }
     // Let the last one finish and check once more.

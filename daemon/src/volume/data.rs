@@ -18,11 +18,21 @@
 //! sectors (reads too), and the re-encryption holds it on the window it
 //! rewrites, so a request waits only when it touches that window and never
 //! sees the checkpoint move under it. Requests take the thread pool rather
-//! than the ring meanwhile: a ring thread must never wait on a lock.
+//! than the ring meanwhile (a ring thread must never wait on a lock);
+//! whole-sector writes stay on the ring when their range is free.
+//!
+//! The keys and the checkpoint are one immutable snapshot (`DataKeys`),
+//! swapped whole, and a request uses the snapshot it loaded *after* taking
+//! its range lock: a separate checkpoint counter let a request pair the old
+//! keys with a checkpoint reset at the end of a re-encryption, which read
+//! (or wrote) a whole window under the wrong key. A request that does not
+//! lock (a read while no re-encryption runs) checks after its backing read
+//! that the snapshot it decrypts with is still the one in place, and
+//! otherwise reads again, locked.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
@@ -36,10 +46,14 @@ use crate::io::{Backing, IoBuf, RangeLock};
 const ZERO_CHUNK: u64 = 1024 * 1024;
 
 /// The ciphers in use: the current DEK generation's, and while
-/// re-encrypting the target generation's.
+/// re-encrypting the target generation's with the checkpoint between them.
+/// Never changed in place: every change stores a new snapshot.
 pub struct DataKeys {
     pub current: Arc<VolumeCipher>,
     pub target: Option<Arc<VolumeCipher>>,
+    /// Bytes of the data area below this are under `target` (meaningful
+    /// only with a target).
+    pub checkpoint: u64,
 }
 
 /// A generation's DEKs: the outer layer's, and the inner's when double-encrypted.
@@ -50,9 +64,9 @@ pub struct DataArea {
     /// `None` while the volume's key is lost (`on_key_loss = "stop"`): the
     /// key schedules are dropped (and zeroized) and I/O fails with EIO.
     cipher: ArcSwapOption<DataKeys>,
-    /// Bytes of the data area below this are under the target generation
-    /// (meaningful only while re-encrypting).
-    checkpoint: AtomicU64,
+    /// Serializes the (rare) snapshot changes, so that a key reload and a
+    /// moving checkpoint never undo each other.
+    rekeying: Mutex<()>,
     kernel: &'static str,
     layers: usize,
     /// Time spent in the cipher, for metrics.
@@ -81,10 +95,11 @@ impl DataArea {
             kernel: cipher.kernel(),
             layers: cipher.layers(),
             crypto_nanos: AtomicU64::new(0),
-            checkpoint: AtomicU64::new(0),
+            rekeying: Mutex::new(()),
             cipher: ArcSwapOption::from_pointee(DataKeys {
                 current: Arc::new(cipher),
                 target: None,
+                checkpoint: 0,
             }),
             size,
             sector,
@@ -133,43 +148,73 @@ impl DataArea {
     /// Drops the key schedule: every request fails with EIO from now on.
     /// Requests already holding the cipher finish with it.
     pub fn unload_key(&self) {
+        let _rekeying = self.rekeying();
         self.cipher.store(None);
     }
 
+    fn rekeying(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.rekeying.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// (Re)loads the keys after a recovery: the current generation's, and
-    /// the target generation's while re-encrypting.
-    pub fn load_keys(&self, current: GenerationDeks<'_>, target: Option<GenerationDeks<'_>>) {
+    /// the target generation's (from `checkpoint` on) while re-encrypting.
+    pub fn load_keys(
+        &self,
+        current: GenerationDeks<'_>,
+        target: Option<(GenerationDeks<'_>, u64)>,
+    ) {
         let cipher = |(outer, inner): GenerationDeks<'_>| {
             Arc::new(VolumeCipher::new(outer, inner, self.sector as usize))
         };
+        let _rekeying = self.rekeying();
         self.cipher.store(Some(Arc::new(DataKeys {
             current: cipher(current),
-            target: target.map(cipher),
+            checkpoint: target.map_or(0, |(_, checkpoint)| checkpoint),
+            target: target.map(|(deks, _)| cipher(deks)),
         })));
     }
 
     /// Starts (or resumes at `checkpoint`) a re-encryption to `target`.
     pub fn begin_reencrypt(&self, target: VolumeCipher, checkpoint: u64) -> io::Result<()> {
+        let _rekeying = self.rekeying();
         let keys = self.cipher()?;
-        self.checkpoint.store(checkpoint, Ordering::SeqCst);
         self.cipher.store(Some(Arc::new(DataKeys {
             current: keys.current.clone(),
             target: Some(Arc::new(target)),
+            checkpoint,
         })));
         Ok(())
     }
 
     /// The target generation becomes the current one.
     pub fn finish_reencrypt(&self) -> io::Result<()> {
+        let _rekeying = self.rekeying();
         let keys = self.cipher()?;
         if let Some(target) = &keys.target {
             self.cipher.store(Some(Arc::new(DataKeys {
                 current: target.clone(),
                 target: None,
+                checkpoint: 0,
             })));
         }
-        self.checkpoint.store(0, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Moves the checkpoint once a window is in place and recorded in the
+    /// header. Called with the header locked, like `load_keys`, so the two
+    /// never disagree; does nothing while the key is lost (the recovery
+    /// loads the checkpoint from the header).
+    pub fn advance_checkpoint(&self, next: u64) {
+        let _rekeying = self.rekeying();
+        if let Some(keys) = self.cipher.load_full() {
+            if keys.target.is_some() {
+                self.cipher.store(Some(Arc::new(DataKeys {
+                    current: keys.current.clone(),
+                    target: keys.target.clone(),
+                    checkpoint: next,
+                })));
+            }
+        }
     }
 
     /// Whether a re-encryption is in progress (its keys loaded).
@@ -178,10 +223,6 @@ impl DataArea {
             .load()
             .as_ref()
             .is_some_and(|k| k.target.is_some())
-    }
-
-    pub fn checkpoint(&self) -> u64 {
-        self.checkpoint.load(Ordering::SeqCst)
     }
 
     /// Re-encrypts `[checkpoint, checkpoint + len)` under the range lock:
@@ -232,12 +273,13 @@ impl DataArea {
             return Err(e);
         }
         retry_until(&stop, || {
-            self.backing
-                .write_data(&buf, self.data_offset + checkpoint)?;
+            for_nonzero_runs(&buf, self.sector as usize, |run, at| {
+                self.backing
+                    .write_data(run, self.data_offset + checkpoint + at)
+            })?;
             self.backing.sync()
         })?;
         retry_until(&stop, || commit(checkpoint + len))?;
-        self.checkpoint.store(checkpoint + len, Ordering::SeqCst);
         Ok(())
     }
 
@@ -246,7 +288,7 @@ impl DataArea {
         if keys.target.is_none() {
             return 0;
         }
-        (self.checkpoint().saturating_sub(start) as usize).min(len)
+        (keys.checkpoint.saturating_sub(start) as usize).min(len)
     }
 
     fn decrypt_range(&self, keys: &DataKeys, buf: &mut [u8], start: u64) {
@@ -314,9 +356,27 @@ impl DataArea {
         self.check_range(offset, len as u64)?;
         let (start, end) = self.aligned(offset, len as u64);
         let mut buf = IoBuf::new((end - start) as usize);
-        let _window = self.reencrypting().then(|| self.writers.lock(start, end));
+        let keys = self.cipher()?;
+        if keys.target.is_none() {
+            self.backing.read_data(&mut buf, self.data_offset + start)?;
+            if self.still_in_place(&keys) {
+                self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
+                return Ok(trim_to(buf, (offset - start) as usize, len));
+            }
+        }
+        let _window = self.writers.lock(start, end);
         self.read_sectors(&mut buf, start)?;
         Ok(trim_to(buf, (offset - start) as usize, len))
+    }
+
+    /// Whether `keys` is still the snapshot in place: then no re-encryption
+    /// has begun (or moved) since it was loaded, and what an unlocked read
+    /// found in the backing is under `keys`.
+    fn still_in_place(&self, keys: &Arc<DataKeys>) -> bool {
+        self.cipher
+            .load()
+            .as_ref()
+            .is_some_and(|now| Arc::ptr_eq(now, keys))
     }
 
     /// `read` through an io_uring worker: the read is submitted to `ring`,
@@ -325,15 +385,15 @@ impl DataArea {
     where
         F: FnOnce(io::Result<IoBuf>) + Send + 'static,
     {
-        if self.reencrypting() {
-            crate::io::workers::spawn(move || done(self.read(offset, len)));
-            return;
-        }
-        let cipher = match self
+        let keys = match self
             .check_range(offset, len as u64)
             .and_then(|()| self.cipher())
         {
-            Ok(c) => c.current.clone(),
+            Ok(keys) if keys.target.is_some() => {
+                crate::io::workers::spawn(move || done(self.read(offset, len)));
+                return;
+            }
+            Ok(keys) => keys,
             Err(e) => return done(Err(e)),
         };
         let (start, end) = self.aligned(offset, len as u64);
@@ -347,12 +407,12 @@ impl DataArea {
             Box::new(move |_, result| {
                 // A re-encryption that began while this read was in flight
                 // may have rewritten these sectors: read again, locked.
-                if self.reencrypting() {
+                if !self.still_in_place(&keys) {
                     crate::io::workers::spawn(move || done(self.read(offset, len)));
                     return;
                 }
                 done(result.map(|mut buf| {
-                    self.timed(|| decrypt_sectors(&cipher, self.sector, &mut buf, start));
+                    self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
                     trim_to(buf, (offset - start) as usize, len)
                 }))
             }),
@@ -375,16 +435,11 @@ impl DataArea {
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
         let len = data.len() as u64;
-        let cipher = match self.check_range(offset, len).and_then(|()| self.cipher()) {
-            Ok(c) => c,
-            Err(e) => return done(Err(e)),
-        };
+        if let Err(e) = self.check_range(offset, len) {
+            return done(Err(e));
+        }
         let (start, end) = self.aligned(offset, len);
-        if cipher.target.is_some()
-            || start != offset
-            || end != offset + len
-            || !self.writers.try_acquire(start, end)
-        {
+        if start != offset || end != offset + len || !self.writers.try_acquire(start, end) {
             crate::io::workers::spawn(move || {
                 let result =
                     self.write(offset, &mut data)
@@ -393,8 +448,17 @@ impl DataArea {
             });
             return;
         }
-        self.timed(|| cipher.current.encrypt(&mut data, start / self.sector));
-        drop(cipher);
+        // Loaded with the range held, so a re-encryption window cannot move
+        // the checkpoint across these sectors while they are written.
+        let keys = match self.cipher() {
+            Ok(keys) => keys,
+            Err(e) => {
+                self.writers.release(start, end);
+                return done(Err(e));
+            }
+        };
+        self.timed(|| self.encrypt_range(&keys, &mut data, start));
+        drop(keys);
         let fd = self.backing.data_fd();
         let at = self.data_offset + start;
         ring.write(
@@ -538,6 +602,32 @@ fn retry_until(stop: &impl Fn() -> bool, step: impl Fn() -> io::Result<()>) -> i
     }
 }
 
+/// Calls `write(run, offset_in_buf)` for each run of sectors of `buf` that
+/// are not all zeros. A re-encrypted window writes only these: an all-zero
+/// sector stays as it was (a hole stays a hole), so re-encrypting a sparse
+/// volume allocates nothing new in its backing filesystem.
+pub(super) fn for_nonzero_runs(
+    buf: &[u8],
+    sector: usize,
+    mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut run_start = None;
+    for (i, chunk) in buf.chunks(sector).enumerate() {
+        match (is_zero(chunk), run_start) {
+            (false, None) => run_start = Some(i * sector),
+            (true, Some(from)) => {
+                write(&buf[from..i * sector], from as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(from) = run_start {
+        write(&buf[from..], from as u64)?;
+    }
+    Ok(())
+}
+
 fn is_zero(buf: &[u8]) -> bool {
     buf.iter().all(|&b| b == 0)
 }
@@ -592,6 +682,21 @@ mod tests {
             let zero = (1000..21000).contains(&i) || (100_000..105_000).contains(&i);
             assert_eq!(b, if zero { 0 } else { 0xee }, "byte {i}");
         }
+    }
+
+    #[test]
+    fn only_nonzero_sector_runs_are_written() {
+        let mut buf = vec![0u8; 8 * 512];
+        buf[512] = 1; // sector 1
+        buf[2 * 512 + 511] = 1; // sector 2
+        buf[7 * 512] = 1; // sector 7
+        let mut runs = Vec::new();
+        for_nonzero_runs(&buf, 512, |run, at| {
+            runs.push((at, run.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(512, 1024), (7 * 512, 512)]);
     }
 
     proptest! {

@@ -283,7 +283,8 @@ impl VolumeKeys {
         if slots.is_empty() {
             return Ok(());
         }
-        let outcome = self.check_slots(&slots);
+        let checkpoint = cur.header.reencrypt.map_or(0, |r| r.checkpoint);
+        let outcome = self.check_slots(&slots, checkpoint);
         let counter = if outcome.is_ok() {
             &self.checks_ok
         } else {
@@ -350,7 +351,7 @@ impl VolumeKeys {
 
     /// Checks each needed DEK; reloads the keys if they were wiped. On
     /// failure, the index of the slot that failed.
-    fn check_slots(&self, slots: &[Slot]) -> Result<(), (usize, KekError)> {
+    fn check_slots(&self, slots: &[Slot], checkpoint: u64) -> Result<(), (usize, KekError)> {
         if self.data.key_loaded() {
             for (i, slot) in slots.iter().enumerate() {
                 slot.kek.provider.check(&slot.wrapped).map_err(|e| (i, e))?;
@@ -374,7 +375,8 @@ impl VolumeKeys {
         let generation =
             |target: bool| find(target, Layer::Outer).map(|o| (o, find(target, Layer::Inner)));
         if let Some(current) = generation(false) {
-            self.data.load_keys(current, generation(true));
+            self.data
+                .load_keys(current, generation(true).map(|t| (t, checkpoint)));
         }
         Ok(())
     }

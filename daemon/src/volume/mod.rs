@@ -379,10 +379,11 @@ fn replay_journal(
         len = window.len(),
         "re-encryption was interrupted inside a window; replaying it from the journal"
     );
-    backing
-        .write_at(&window, header.data_offset + r.checkpoint)
-        .and_then(|()| backing.sync())
-        .map_err(io_err(path))?;
+    data::for_nonzero_runs(&window, header.sector_size as usize, |run, at| {
+        backing.write_at(run, header.data_offset + r.checkpoint + at)
+    })
+    .and_then(|()| backing.sync())
+    .map_err(io_err(path))?;
     header.advance_reencrypt(r.checkpoint + window.len() as u64);
     store::write_header(backing, header).map_err(io_err(path))
 }

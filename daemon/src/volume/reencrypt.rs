@@ -377,6 +377,7 @@ impl VolumeKeys {
         let done = header.advance_reencrypt(next);
         store::write_header(self.data.backing(), &mut header)?;
         cur.header = header;
+        self.data.advance_checkpoint(next);
         if done {
             // Fails only while the key is lost; the recovery then loads the
             // new generation from the header, which already says so.
