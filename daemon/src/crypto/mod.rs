@@ -7,6 +7,8 @@ mod dek;
 mod xts;
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes_avx2;
 
 pub use dek::{Dek, DEK_LEN};
-pub use xts::{SectorCipher, XTS_BLOCK};
+pub use xts::{SectorCipher, XtsKernel, XTS_BLOCK};

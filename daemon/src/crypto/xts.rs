@@ -27,6 +27,26 @@ const MAX_BATCH_BLOCKS: usize = 256;
 /// Sectors whose initial tweaks are encrypted in one batch.
 const TWEAK_BATCH: usize = 256;
 
+/// The XTS implementations; [`SectorCipher::new`] picks the fastest this
+/// CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XtsKernel {
+    /// The `aes` crate's batch API (AES-NI when present, else software).
+    Portable,
+    /// VAES on 256-bit vectors (AVX2).
+    VaesAvx2,
+    /// VAES on 512-bit vectors (AVX-512F).
+    VaesAvx512,
+}
+
+impl XtsKernel {
+    pub const ALL: [XtsKernel; 3] = [
+        XtsKernel::Portable,
+        XtsKernel::VaesAvx2,
+        XtsKernel::VaesAvx512,
+    ];
+}
+
 /// An XTS-AES-256 cipher bound to one DEK and one sector size.
 ///
 /// The expanded AES key schedules are zeroized on drop by the `aes` crate's
@@ -35,7 +55,7 @@ pub struct SectorCipher {
     data: Aes256,
     tweak: Aes256,
     sector_size: usize,
-    /// The VAES kernel's key schedule, when the CPU has VAES + AVX-512.
+    /// The VAES kernel's key schedule, when the CPU has VAES.
     #[cfg(target_arch = "x86_64")]
     vaes: Option<super::xts_vaes::VaesKeys>,
 }
@@ -44,20 +64,47 @@ impl SectorCipher {
     /// Builds the cipher with the fastest kernel this CPU supports;
     /// `sector_size` must be a non-zero multiple of 16.
     pub fn new(dek: &Dek, sector_size: usize) -> Self {
-        let mut cipher = Self::portable(dek, sector_size);
+        [XtsKernel::VaesAvx512, XtsKernel::VaesAvx2]
+            .into_iter()
+            .find_map(|kernel| Self::with_kernel(dek, sector_size, kernel))
+            .unwrap_or_else(|| Self::portable(dek, sector_size))
+    }
+
+    /// The cipher on a given kernel, or `None` when this CPU (or this
+    /// sector size) cannot run it; for tests and benchmarks.
+    pub fn with_kernel(dek: &Dek, sector_size: usize, kernel: XtsKernel) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        if super::xts_vaes::VaesKeys::fits(sector_size) {
+        {
+            use super::xts_vaes::{VaesKeys, Width};
+            let width = match kernel {
+                XtsKernel::Portable => return Some(Self::portable(dek, sector_size)),
+                XtsKernel::VaesAvx2 => Width::Avx2,
+                XtsKernel::VaesAvx512 => Width::Avx512,
+            };
+            if !VaesKeys::fits(sector_size) {
+                return None;
+            }
+            let mut cipher = Self::portable(dek, sector_size);
             let key = dek.expose();
-            cipher.vaes = super::xts_vaes::VaesKeys::new(arr32(&key[..32]), arr32(&key[32..]));
+            cipher.vaes = Some(VaesKeys::with_width(
+                arr32(&key[..32]),
+                arr32(&key[32..]),
+                width,
+            )?);
+            Some(cipher)
         }
-        cipher
+        #[cfg(not(target_arch = "x86_64"))]
+        match kernel {
+            XtsKernel::Portable => Some(Self::portable(dek, sector_size)),
+            _ => None,
+        }
     }
 
     /// Which kernel [`SectorCipher::new`] picked, for logs and benchmarks.
     pub fn kernel(&self) -> &'static str {
         #[cfg(target_arch = "x86_64")]
-        if self.vaes.is_some() {
-            return "vaes-avx512";
+        if let Some(vaes) = &self.vaes {
+            return vaes.width().name();
         }
         "aes-ni (aes crate)"
     }
@@ -240,14 +287,51 @@ mod tests {
     }
 
     #[test]
-    fn picks_the_vector_kernel_when_the_cpu_has_it() {
+    fn picks_the_widest_vector_kernel_the_cpu_has() {
         let xts = SectorCipher::new(&Dek::generate().unwrap(), 4096);
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("vaes") && is_x86_feature_detected!("avx512f") {
             assert_eq!(xts.kernel(), "vaes-avx512");
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("vaes") && is_x86_feature_detected!("avx2") {
+            assert_eq!(xts.kernel(), "vaes-avx2");
+            return;
+        }
         assert_eq!(xts.kernel(), "aes-ni (aes crate)");
+    }
+
+    /// The kernels this CPU runs (at least the portable one), each checked
+    /// on its own below whatever `new` would pick.
+    fn available(dek: &Dek, size: usize) -> Vec<SectorCipher> {
+        let found: Vec<_> = XtsKernel::ALL
+            .into_iter()
+            .filter_map(|k| SectorCipher::with_kernel(dek, size, k))
+            .collect();
+        eprintln!(
+            "XTS kernels on this CPU: {:?}",
+            found.iter().map(|c| c.kernel()).collect::<Vec<_>>()
+        );
+        found
+    }
+
+    #[test]
+    fn every_available_kernel_passes_ieee_1619_vector_10() {
+        let dek = Dek::from_slice(&hex::decode(IEEE_KEY).unwrap()).unwrap();
+        let plaintext: Vec<u8> = (0..512).map(|i| i as u8).collect();
+        for xts in available(&dek, 512) {
+            let mut buf = plaintext.clone();
+            xts.encrypt(&mut buf, 0xff);
+            assert_eq!(
+                hex::encode(&buf),
+                IEEE_V10_CIPHERTEXT.concat(),
+                "{}",
+                xts.kernel()
+            );
+            xts.decrypt(&mut buf, 0xff);
+            assert_eq!(buf, plaintext, "{}", xts.kernel());
+        }
     }
 
     /// Sector `n` of a multi-sector buffer uses tweak `first + n`.
@@ -328,17 +412,19 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
-        /// Whatever kernel `new` picks agrees with the portable one.
+        /// Every kernel this CPU runs agrees with OpenSSL, both ways.
         #[test]
-        fn dispatched_kernel_matches_portable(key in key_strategy(), (size, data) in sectors_strategy(), first in any::<u64>()) {
+        fn every_available_kernel_matches_openssl(key in key_strategy(), (size, data) in sectors_strategy(), first in any::<u64>()) {
+            let first = first.saturating_sub(8);
             let dek = Dek::from_slice(&key).unwrap();
-            let (fast, portable) = (SectorCipher::new(&dek, size), SectorCipher::portable(&dek, size));
-            let (mut a, mut b) = (data.clone(), data.clone());
-            fast.encrypt(&mut a, first);
-            portable.encrypt(&mut b, first);
-            prop_assert_eq!(&a, &b);
-            fast.decrypt(&mut a, first);
-            prop_assert_eq!(a, data);
+            let expected = openssl_xts(&key, &data, size, first, true);
+            for xts in available(&dek, size) {
+                let mut buf = data.clone();
+                xts.encrypt(&mut buf, first);
+                prop_assert_eq!(&buf, &expected, "{}", xts.kernel());
+                xts.decrypt(&mut buf, first);
+                prop_assert_eq!(&buf, &data, "{}", xts.kernel());
+            }
         }
 
         #[test]

@@ -1,8 +1,10 @@
-//! XTS-AES-256 on 512-bit vectors with VAES (AVX-512F + VAES + AES-NI):
-//! sixteen AES blocks in flight per step, tweaks generated in the vector
-//! registers, for x86-64 CPUs that have it (Ice Lake and later, Zen 4 and
-//! later). Chosen at run time by `xts.rs`; other CPUs use the portable path
-//! there, so release binaries need no `-C target-cpu=native`.
+//! The VAES kernels' key schedules and dispatch, and the 512-bit kernel:
+//! XTS-AES-256 with AVX-512F + VAES + AES-NI, sixteen AES blocks per step,
+//! tweaks generated in the vector registers, for x86-64 CPUs that have it
+//! (Ice Lake and later, Zen 4 and later). CPUs with VAES but no AVX-512
+//! (Zen 3, Alder Lake) get the 256-bit loops in `xts_vaes_avx2.rs`. Chosen
+//! at run time by `xts.rs`; other CPUs use the portable path there, so
+//! release binaries need no `-C target-cpu=native`.
 //!
 //! Hand-written because no maintained crate offers a VAES XTS and the cipher
 //! is the product's hot path. Tweak update: for a 128-bit lane t (IEEE 1619
@@ -10,14 +12,42 @@
 //! carry-less product of a 4-bit v with 0x87 is v ⊕ v<<1 ⊕ v<<2 ⊕ v<<7.
 //!
 //! Soundness of the `unsafe` here: every `#[target_feature]` function is
-//! reached only through [`VaesKeys::new`], which returns `None` unless the
-//! CPU reports avx512f, vaes and aes; and every unaligned load or store
+//! reached only through a [`VaesKeys`], which [`VaesKeys::with_width`]
+//! builds only when the CPU reports the features of its width (avx512f or
+//! avx2, plus vaes and aes); and every unaligned load or store
 //! touches `ptr + 64*i .. ptr + 64*(i+1)` with `64*(i+1) <= len`, checked
 //! by the loop bounds on a slice whose length is a multiple of 64.
 
 use std::arch::x86_64::*;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// The vector width a VAES kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Width {
+    /// 512-bit vectors (AVX-512F + VAES).
+    Avx512,
+    /// 256-bit vectors (AVX2 + VAES).
+    Avx2,
+}
+
+impl Width {
+    /// Whether this CPU can run the kernel of this width.
+    pub fn supported(self) -> bool {
+        let wide = match self {
+            Width::Avx512 => is_x86_feature_detected!("avx512f"),
+            Width::Avx2 => is_x86_feature_detected!("avx2"),
+        };
+        wide && is_x86_feature_detected!("vaes") && is_x86_feature_detected!("aes")
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Width::Avx512 => "vaes-avx512",
+            Width::Avx2 => "vaes-avx2",
+        }
+    }
+}
 
 /// Expanded AES-256 round keys (encryption and decryption schedules).
 #[derive(Zeroize, ZeroizeOnDrop)]
@@ -26,22 +56,22 @@ pub struct VaesKeys {
     dec: [[u8; 16]; 15],
     /// Encryption schedule of the tweak key.
     tweak: [[u8; 16]; 15],
+    #[zeroize(skip)]
+    width: Width,
 }
 
 impl VaesKeys {
-    /// The expanded data and tweak keys, or `None` when this CPU lacks
-    /// VAES/AVX-512.
-    pub fn new(data_key: &[u8; 32], tweak_key: &[u8; 32]) -> Option<Self> {
-        if !(is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("vaes")
-            && is_x86_feature_detected!("aes"))
-        {
+    /// The keys for the kernel of `width`, or `None` when this CPU cannot
+    /// run it (tests and benchmarks pick each kernel this way).
+    pub fn with_width(data_key: &[u8; 32], tweak_key: &[u8; 32], width: Width) -> Option<Self> {
+        if !width.supported() {
             return None;
         }
         let empty = || VaesKeys {
             enc: [[0; 16]; 15],
             dec: [[0; 16]; 15],
             tweak: [[0; 16]; 15],
+            width,
         };
         let mut keys = empty();
         let mut tweak = empty();
@@ -60,8 +90,18 @@ impl VaesKeys {
     /// showed up at ~15% of the sector's own cost in profiles.
     pub fn encrypt_tweaks(&self, blocks: &mut [u8]) {
         assert!(Self::fits(blocks.len()));
-        // SAFETY: `self` exists only if the CPU features were detected (new).
-        unsafe { ecb_encrypt(&self.tweak, blocks) }
+        // SAFETY: `self` exists only if the CPU has its width's features
+        // (`with_width`).
+        unsafe {
+            match self.width {
+                Width::Avx512 => ecb_encrypt(&self.tweak, blocks),
+                Width::Avx2 => super::xts_vaes_avx2::ecb_encrypt(&self.tweak, blocks),
+            }
+        }
+    }
+
+    pub fn width(&self) -> Width {
+        self.width
     }
 
     /// Whether a buffer of `len` bytes can take the vector path.
@@ -73,15 +113,26 @@ impl VaesKeys {
     /// initial tweak. `sector.len()` must satisfy [`VaesKeys::fits`].
     pub fn encrypt(&self, sector: &mut [u8], tweak: u128) {
         assert!(Self::fits(sector.len()));
-        // SAFETY: `self` exists only if the CPU features were detected (new).
-        unsafe { xts_vaes::<true>(&self.enc, sector, tweak) }
+        // SAFETY: `self` exists only if the CPU has its width's features
+        // (`with_width`).
+        unsafe {
+            match self.width {
+                Width::Avx512 => xts_vaes::<true>(&self.enc, sector, tweak),
+                Width::Avx2 => super::xts_vaes_avx2::xts::<true>(&self.enc, sector, tweak),
+            }
+        }
     }
 
     /// Decrypts one data unit in place (see [`VaesKeys::encrypt`]).
     pub fn decrypt(&self, sector: &mut [u8], tweak: u128) {
         assert!(Self::fits(sector.len()));
         // SAFETY: as in `encrypt`.
-        unsafe { xts_vaes::<false>(&self.dec, sector, tweak) }
+        unsafe {
+            match self.width {
+                Width::Avx512 => xts_vaes::<false>(&self.dec, sector, tweak),
+                Width::Avx2 => super::xts_vaes_avx2::xts::<false>(&self.dec, sector, tweak),
+            }
+        }
     }
 }
 

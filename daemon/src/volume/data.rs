@@ -573,14 +573,32 @@ fn trim_to(mut buf: IoBuf, skip: usize, len: usize) -> IoBuf {
     buf
 }
 
-/// Decrypts whole sectors that were read from `start`, in place.
+/// Decrypts whole sectors that were read from `start`, in place. Runs of
+/// written sectors go to the cipher in one call, so their initial tweaks
+/// are encrypted in a batch; all-zero sectors (never written) stay zeros.
 fn decrypt_sectors(cipher: &VolumeCipher, sector_size: u64, buf: &mut [u8], start: u64) {
     let first = start / sector_size;
-    for (i, sector) in buf.chunks_exact_mut(sector_size as usize).enumerate() {
-        if !is_zero(sector) {
-            cipher.decrypt(sector, first + i as u64);
-        }
+    let ss = sector_size as usize;
+    let mut from = 0;
+    while let Some((run_start, run_end)) = next_nonzero_run(buf, ss, from) {
+        cipher.decrypt(
+            &mut buf[run_start..run_end],
+            first + (run_start / ss) as u64,
+        );
+        from = run_end;
     }
+}
+
+/// The next run `[start, end)` of whole sectors at or after byte `from`
+/// that are not all zeros.
+fn next_nonzero_run(buf: &[u8], sector: usize, from: usize) -> Option<(usize, usize)> {
+    let nonzero = |at: usize| !is_zero(&buf[at..(at + sector).min(buf.len())]);
+    let start = (from..buf.len()).step_by(sector).find(|&at| nonzero(at))?;
+    let end = (start..buf.len())
+        .step_by(sector)
+        .find(|&at| !nonzero(at))
+        .unwrap_or(buf.len());
+    Some((start, end))
 }
 
 /// Runs `step` until it succeeds; between failures waits (1 s, growing to
@@ -611,19 +629,10 @@ pub(super) fn for_nonzero_runs(
     sector: usize,
     mut write: impl FnMut(&[u8], u64) -> io::Result<()>,
 ) -> io::Result<()> {
-    let mut run_start = None;
-    for (i, chunk) in buf.chunks(sector).enumerate() {
-        match (is_zero(chunk), run_start) {
-            (false, None) => run_start = Some(i * sector),
-            (true, Some(from)) => {
-                write(&buf[from..i * sector], from as u64)?;
-                run_start = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(from) = run_start {
-        write(&buf[from..], from as u64)?;
+    let mut from = 0;
+    while let Some((start, end)) = next_nonzero_run(buf, sector, from) {
+        write(&buf[start..end], start as u64)?;
+        from = end;
     }
     Ok(())
 }
