@@ -6,8 +6,9 @@
 //!
 //! Hand-written for the same reason as the 512-bit kernel (no maintained
 //! crate has a VAES XTS): on Zen 3 the `aes` crate's AES-NI batch path runs
-//! one 128-bit block per instruction, and this kernel is 2.6× faster than
-//! our portable path on it (5.7 vs 2.2 GB/s at 4 KiB).
+//! one 128-bit block per instruction, and this kernel is 2.6–3.3× faster
+//! than our portable path on it (5.7–7.2 vs 2.2 GB/s at 4 KiB). The AES
+//! rounds are inline asm (`middle_rounds`), the rest intrinsics.
 //! Tweak update: each vector holds two consecutive tweaks (t, t·α), so the
 //! next vector is this one times α²; in general t·α^K = (t << K) ⊕ (top K
 //! bits of t)·0x87, the carry-less product of a K-bit v with 0x87 being
@@ -16,15 +17,18 @@
 //! Soundness of the `unsafe` here: both entry points are `unsafe fn`s that
 //! `VaesKeys` calls only after it checked avx2, vaes and aes on this CPU;
 //! every unaligned load or store touches `ptr + 32*i .. ptr + 32*(i+1)` with
-//! `32*(i+1) <= len`, checked by the loop bounds.
+//! `32*(i+1) <= len`, checked by the loop bounds; the asm only reads the
+//! 13 middle round keys of a 15-key array and writes named registers.
 
 use std::arch::x86_64::*;
 
-/// Vectors processed together (16 × 2 blocks = 512 bytes per step), picked
-/// by measurement on a 2-vCPU Zen 3 VM, 4 KiB sectors, one thread:
-/// 4 → 3.9, 8 → 4.3, 12 → 4.9, 16 → 5.7, 24 → 5.0, 32 → 2.8 GB/s (at 32
-/// the tweaks no longer fit in registers and stack traffic dominates).
-const WIDE: usize = 16;
+/// Vectors per step (12 × 2 blocks = 384 bytes): with the key and the
+/// twelve blocks in registers, the three spare ones hold the tweak chain.
+/// Measured on a 2-vCPU Zen 3 VM, 4 KiB, one thread: the round-major Rust
+/// loop peaked at 16 vectors with 5.7 GB/s (LLVM serialized it; see
+/// `middle_rounds`); asm rounds at 8 vectors 5.7–6.9, at 12 plus an
+/// eight-vector tail step 5.7–7.2 GB/s.
+const WIDE: usize = 12;
 
 /// Multiplies each 128-bit lane by α^K in GF(2¹²⁸), for K ≤ 8; `R` must
 /// be 64 − K (two parameters because stable Rust cannot compute it).
@@ -87,6 +91,100 @@ fn rounds<const ENCRYPT: bool>(mut x: __m256i, rk: &[__m256i; 15]) -> __m256i {
     }
 }
 
+/// Defines `$name`: rounds 1..=13 on `$n` vectors, interleaved round by
+/// round. In asm because LLVM's scheduler, short of registers (AVX2 has 16),
+/// turned the round-major Rust loop back into one vector's fourteen
+/// dependent rounds after another, leaving the AES units idle for most of
+/// each latency (4.3 GB/s; 6.3–7.0 with this).
+macro_rules! middle_rounds {
+    ($name:ident, $n:literal, [$($x:ident),+]) => {
+        /// # Safety
+        /// The CPU must have avx2, vaes and aes.
+        #[inline]
+        #[target_feature(enable = "avx2,vaes,aes")]
+        unsafe fn $name<const ENCRYPT: bool>(x: &mut [__m256i; $n], rk: &[__m256i; 15]) {
+            let [$($x),+] = x;
+            macro_rules! rounds_asm {
+                ($op:literal) => {
+                    // SAFETY: reads 13 × 32 bytes from rk[1..14], in bounds
+                    // of the 15-key array; registers only otherwise.
+                    unsafe {
+                        std::arch::asm!(
+                            "2:",
+                            "vmovdqu {key}, ymmword ptr [{p}]",
+                            $(concat!($op, " {", stringify!($x), "}, {", stringify!($x), "}, {key}"),)+
+                            "add {p}, 32",
+                            "dec {n:e}",
+                            "jnz 2b",
+                            p = inout(reg) rk.as_ptr().add(1) => _,
+                            n = inout(reg) 13u32 => _,
+                            key = out(ymm_reg) _,
+                            $($x = inout(ymm_reg) *$x,)+
+                            options(nostack, readonly),
+                        )
+                    }
+                };
+            }
+            if ENCRYPT {
+                rounds_asm!("vaesenc");
+            } else {
+                rounds_asm!("vaesdec");
+            }
+        }
+    };
+}
+
+middle_rounds!(
+    middle_rounds_12,
+    12,
+    [x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11]
+);
+middle_rounds!(middle_rounds_8, 8, [x0, x1, x2, x3, x4, x5, x6, x7]);
+
+/// One step over `N` vectors at `p`: tweaks, whitening, the rounds
+/// (`middle`), whitening again; returns the tweak after the last vector.
+///
+/// # Safety
+/// The CPU must have avx2, vaes and aes; `p .. p + 32 * N` must be valid
+/// for reads and writes.
+#[inline]
+#[target_feature(enable = "avx2,vaes,aes")]
+unsafe fn step<const N: usize, const ENCRYPT: bool>(
+    p: *mut u8,
+    tw: __m256i,
+    rk: &[__m256i; 15],
+    middle: impl Fn(&mut [__m256i; N]),
+) -> __m256i {
+    let mask_lo = _mm256_set_epi64x(0, -1, 0, -1);
+    let mask_hi = _mm256_set_epi64x(-1, 0, -1, 0);
+    // Four independent chains (stride α⁸) instead of one: the serial
+    // multiply chain was the loop's critical path.
+    let mut t = [tw; N];
+    t[1] = mul_alpha::<2, 62>(tw, mask_lo, mask_hi);
+    t[2] = mul_alpha::<4, 60>(tw, mask_lo, mask_hi);
+    t[3] = mul_alpha::<6, 58>(tw, mask_lo, mask_hi);
+    for i in 4..N {
+        t[i] = mul_alpha::<8, 56>(t[i - 4], mask_lo, mask_hi);
+    }
+    let mut x = [_mm256_setzero_si256(); N];
+    for i in 0..N {
+        // SAFETY: i < N, in bounds by the caller's contract.
+        let block = unsafe { _mm256_loadu_si256(p.add(32 * i).cast()) };
+        x[i] = _mm256_xor_si256(_mm256_xor_si256(block, t[i]), rk[0]);
+    }
+    middle(&mut x);
+    for i in 0..N {
+        let y = if ENCRYPT {
+            _mm256_aesenclast_epi128(x[i], rk[14])
+        } else {
+            _mm256_aesdeclast_epi128(x[i], rk[14])
+        };
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_si256(p.add(32 * i).cast(), _mm256_xor_si256(y, t[i])) };
+    }
+    mul_alpha::<2, 62>(t[N - 1], mask_lo, mask_hi)
+}
+
 /// AES-256 ECB encryption of `data` (a multiple of 32 bytes) in place.
 ///
 /// # Safety
@@ -113,7 +211,6 @@ pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut 
     let rk = broadcast(keys);
     let mask_lo = _mm256_set_epi64x(0, -1, 0, -1);
     let mask_hi = _mm256_set_epi64x(-1, 0, -1, 0);
-
     let second = (tweak << 1) ^ ((tweak >> 127) * 0x87);
     let mut first = [0u8; 32];
     first[..16].copy_from_slice(&tweak.to_le_bytes());
@@ -124,46 +221,23 @@ pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut 
     let len = data.len();
     let ptr = data.as_mut_ptr();
     let mut at = 0;
-    // Round-major over WIDE vectors so the AES units always have
-    // independent work.
     while at + 32 * WIDE <= len {
-        // Four independent chains (stride α⁸) instead of one: the serial
-        // multiply chain was the loop's critical path.
-        let mut t = [tw; WIDE];
-        t[1] = mul_alpha::<2, 62>(tw, mask_lo, mask_hi);
-        t[2] = mul_alpha::<4, 60>(tw, mask_lo, mask_hi);
-        t[3] = mul_alpha::<6, 58>(tw, mask_lo, mask_hi);
-        for i in 4..WIDE {
-            t[i] = mul_alpha::<8, 56>(t[i - 4], mask_lo, mask_hi);
-        }
-        tw = mul_alpha::<2, 62>(t[WIDE - 1], mask_lo, mask_hi);
-        // SAFETY: at + 32 * WIDE <= len, so every 32-byte access is in bounds.
-        let p = unsafe { ptr.add(at) };
-        let mut x = [_mm256_setzero_si256(); WIDE];
-        for i in 0..WIDE {
-            // SAFETY: see above.
-            let block = unsafe { _mm256_loadu_si256(p.add(32 * i).cast()) };
-            x[i] = _mm256_xor_si256(_mm256_xor_si256(block, t[i]), rk[0]);
-        }
-        for k in &rk[1..14] {
-            for v in x.iter_mut() {
-                *v = if ENCRYPT {
-                    _mm256_aesenc_epi128(*v, *k)
-                } else {
-                    _mm256_aesdec_epi128(*v, *k)
-                };
-            }
-        }
-        for i in 0..WIDE {
-            let y = if ENCRYPT {
-                _mm256_aesenclast_epi128(x[i], rk[14])
-            } else {
-                _mm256_aesdeclast_epi128(x[i], rk[14])
-            };
-            // SAFETY: see above.
-            unsafe { _mm256_storeu_si256(p.add(32 * i).cast(), _mm256_xor_si256(y, t[i])) };
-        }
+        // SAFETY: at + 32 * WIDE <= len; features as this fn's.
+        tw = unsafe {
+            step::<WIDE, ENCRYPT>(ptr.add(at), tw, &rk, |x| {
+                middle_rounds_12::<ENCRYPT>(x, &rk)
+            })
+        };
         at += 32 * WIDE;
+    }
+    // The rest of a 4 KiB sector (256 bytes) in one eight-vector step:
+    // eight in flight still cover VAES's latency.
+    while at + 32 * 8 <= len {
+        // SAFETY: at + 256 <= len; features as this fn's.
+        tw = unsafe {
+            step::<8, ENCRYPT>(ptr.add(at), tw, &rk, |x| middle_rounds_8::<ENCRYPT>(x, &rk))
+        };
+        at += 32 * 8;
     }
     while at + 32 <= len {
         let t0 = tw;
