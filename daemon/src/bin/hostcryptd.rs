@@ -117,6 +117,29 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        // The control socket is bound before the NBD listeners: whoever
+        // sees NBD accepting (a script, a test, an orchestrator) can use
+        // the control socket at once, never a stale file from a killed run.
+        let gid = match &config.server.control_group {
+            Some(g) => Some(
+                control::server::resolve_group(g)
+                    .with_context(|| format!("control_group {g:?}"))?,
+            ),
+            None => None,
+        };
+        let control_socket = match (activated.control.take(), &config.server.control) {
+            (Some((socket, path)), _) => {
+                socket.set_nonblocking(true)?;
+                Some((tokio::net::UnixListener::from_std(socket)?, path, false))
+            }
+            (None, Some(path)) => Some((
+                control::server::bind(path, gid)
+                    .with_context(|| format!("control socket {}", path.display()))?,
+                path.clone(),
+                true,
+            )),
+            (None, None) => None,
+        };
         let listeners = if activated.unix.is_empty() && activated.tcp.is_empty() {
             service::bind(&config).await?
         } else {
@@ -146,26 +169,6 @@ fn run(args: Args) -> anyhow::Result<()> {
         let (monitor_stop, monitor_rx) = std::sync::mpsc::channel::<()>();
         let monitor = service::keys::spawn_monitor(exports.clone(), monitor_rx)
             .context("starting the key-check thread")?;
-        let gid = match &config.server.control_group {
-            Some(g) => Some(
-                control::server::resolve_group(g)
-                    .with_context(|| format!("control_group {g:?}"))?,
-            ),
-            None => None,
-        };
-        let control_socket = match (activated.control.take(), &config.server.control) {
-            (Some((socket, path)), _) => {
-                socket.set_nonblocking(true)?;
-                Some((tokio::net::UnixListener::from_std(socket)?, path, false))
-            }
-            (None, Some(path)) => Some((
-                control::server::bind(path, gid)
-                    .with_context(|| format!("control socket {}", path.display()))?,
-                path.clone(),
-                true,
-            )),
-            (None, None) => None,
-        };
         let control = match control_socket {
             Some((listener, path, owned)) => {
                 tracing::info!(control = %path.display(), "control socket ready");
