@@ -14,6 +14,25 @@ fn is_root() -> bool {
 /// A tmpfs mounted for the test, unmounted on drop.
 struct SmallFs(std::path::PathBuf);
 
+impl SmallFs {
+    /// Mounts a tmpfs of `size` (e.g. "4m") at the fixture's `small/`, or
+    /// `None` when not root (the test then skips; CI runs as root).
+    fn mount(fx: &Fixture, size: &str) -> Option<SmallFs> {
+        if !is_root() {
+            eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
+            return None;
+        }
+        let small = fx.path("small");
+        std::fs::create_dir(&small).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&small),
+        );
+        Some(SmallFs(small))
+    }
+}
+
 impl Drop for SmallFs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).output();
@@ -22,19 +41,11 @@ impl Drop for SmallFs {
 
 #[test]
 fn full_backing_filesystem_gives_enospc_and_the_daemon_stays_up() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
-        return;
-    }
     let mut fx = Fixture::new();
-    let small = fx.path("small");
-    std::fs::create_dir(&small).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-            .arg(&small),
-    );
-    let _guard = SmallFs(small.clone());
+    let Some(mounted) = SmallFs::mount(&fx, "4m") else {
+        return;
+    };
+    let small = mounted.0.clone();
     // A 32 MiB sparse volume on a 4 MiB filesystem, beside a healthy one.
     fx.volume_at("v", "temp", &small.join("v.img"), "size = \"32M\"");
     fx.volume("other", "temp", "size = \"8M\"");
@@ -93,19 +104,11 @@ fn flushed_writes_survive_kill_9() {
 
 #[test]
 fn reencrypt_on_a_full_filesystem_is_refused_cleanly_and_works_once_space_returns() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root (CI runs as root)");
-        return;
-    }
     let mut fx = Fixture::new();
-    let small = fx.path("small");
-    std::fs::create_dir(&small).unwrap();
-    run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-            .arg(&small),
-    );
-    let _guard = SmallFs(small.clone());
+    let Some(mounted) = SmallFs::mount(&fx, "8m") else {
+        return;
+    };
+    let small = mounted.0.clone();
     fx.volume_at("v", "cache", &small.join("v.img"), "");
     fx.write_config(&fx.control_and_audit());
     fx.create("v", "16M", 4096);
