@@ -33,6 +33,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
+use super::http::Backoff;
 use super::{KekError, KekRef, KeyProvider, WrappedDek};
 use crate::crypto::Dek;
 
@@ -259,18 +260,17 @@ impl AzureKek {
         source: &str,
         request: impl Fn() -> reqwest::blocking::RequestBuilder,
     ) -> Result<(Zeroizing<String>, Duration), KekError> {
-        let attempts = self.config.attempts.max(1);
-        let mut delay = Duration::from_millis(200);
-        let mut last = String::new();
-        for attempt in 1..=attempts {
-            match request().send() {
+        let mut backoff = Backoff::new(self.config.attempts, Duration::from_secs(10));
+        let what = format!("{source} token");
+        loop {
+            let last = match request().send() {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let body: Value = resp.json().unwrap_or(Value::Null);
                     if status == 200 {
                         let token = body["access_token"].as_str().unwrap_or_default();
                         if token.is_empty() {
-                            last = "token response without access_token".into();
+                            "token response without access_token".to_string()
                         } else {
                             // IMDS sends expires_in as a string, Entra ID as a number.
                             let expires_in = body["expires_in"]
@@ -292,31 +292,22 @@ impl AzureKek {
                             .chars()
                             .take(300)
                             .collect::<String>();
-                        last = format!("HTTP {status}: {detail}");
+                        let last = format!("HTTP {status}: {detail}");
                         if !(matches!(status, 404 | 410 | 429) || status >= 500) {
                             return Err(KekError::AccessDenied {
                                 provider: self.describe(),
                                 reason: format!("{source} token request refused: {last}"),
                             });
                         }
+                        last
                     }
                 }
-                Err(e) => last = e.without_url().to_string(),
-            }
-            if attempt < attempts {
-                tracing::warn!(
-                    provider = PROVIDER,
-                    attempt,
-                    "{source} token: {last}; retrying in {delay:?}"
-                );
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(10));
+                Err(e) => e.without_url().to_string(),
+            };
+            if !backoff.wait(PROVIDER, &what, &last) {
+                return Err(backoff.exhausted(self.describe(), &format!("{what}: {last}")));
             }
         }
-        Err(KekError::Unavailable {
-            provider: self.describe(),
-            reason: format!("{source} token: {last} (after {attempts} attempts)"),
-        })
     }
 
     /// One Key Vault request.
@@ -370,13 +361,10 @@ impl AzureKek {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, KekError> {
-        let attempts = self.config.attempts.max(1);
-        let mut delay = Duration::from_millis(200);
-        let mut last;
+        let mut backoff = Backoff::new(self.config.attempts, Duration::from_secs(5));
         let mut refreshed = false;
-        let mut attempt = 1;
         loop {
-            match self.exchange(method.clone(), path, body) {
+            let last = match self.exchange(method.clone(), path, body) {
                 Ok(v) => return Ok(v),
                 Err(Failure::Status(401, code, msg)) if !refreshed => {
                     tracing::info!(
@@ -388,26 +376,18 @@ impl AzureKek {
                     continue;
                 }
                 Err(Failure::Status(status, code, msg)) if status == 429 || status >= 500 => {
-                    last = format!("HTTP {status} {code}: {msg}");
+                    format!("HTTP {status} {code}: {msg}")
                 }
                 Err(Failure::Status(status, code, msg)) => {
                     return Err(self.classify(status, &code, msg))
                 }
-                Err(Failure::Transport(msg)) => last = msg,
+                Err(Failure::Transport(msg)) => msg,
                 Err(Failure::Token(e)) => return Err(e),
+            };
+            if !backoff.wait(PROVIDER, path, &last) {
+                return Err(backoff.exhausted(self.describe(), &last));
             }
-            if attempt >= attempts {
-                break;
-            }
-            tracing::warn!(provider = PROVIDER, %path, attempt, "{last}; retrying in {delay:?}");
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(5));
-            attempt += 1;
         }
-        Err(KekError::Unavailable {
-            provider: self.describe(),
-            reason: format!("{last} (after {attempts} attempts)"),
-        })
     }
 
     fn classify(&self, status: u16, code: &str, msg: String) -> KekError {

@@ -1,12 +1,59 @@
-//! The HTTPS client the remote providers (`vault`, `azure`) share: rustls,
-//! a per-request timeout, our user agent, and extra trusted CAs from a PEM
-//! bundle for private endpoints. Blocking by design: providers run on
-//! control threads, never on the I/O path.
+//! What the remote providers (`vault`, `azure`) share: the HTTPS client
+//! (rustls, a per-request timeout, our user agent, extra trusted CAs from a
+//! PEM bundle for private endpoints) and the retry pacing for transient
+//! failures. Blocking by design: providers run on control threads, never
+//! on the I/O path.
 
 use std::path::Path;
 use std::time::Duration;
 
 use super::KekError;
+
+/// Retry pacing for transient failures: up to `attempts` tries, waiting
+/// 200 ms before the second and doubling up to `cap`.
+pub(crate) struct Backoff {
+    attempts: u32,
+    attempt: u32,
+    delay: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(attempts: u32, cap: Duration) -> Self {
+        Backoff {
+            attempts: attempts.max(1),
+            attempt: 1,
+            delay: Duration::from_millis(200),
+            cap,
+        }
+    }
+
+    /// After a transient failure (`last`) of `what`: waits and returns true
+    /// when another attempt is left, false when they are used up.
+    pub(crate) fn wait(&mut self, provider: &str, what: &str, last: &str) -> bool {
+        if self.attempt >= self.attempts {
+            return false;
+        }
+        tracing::warn!(
+            provider,
+            attempt = self.attempt,
+            "{what}: {last}; retrying in {:?}",
+            self.delay
+        );
+        std::thread::sleep(self.delay);
+        self.delay = (self.delay * 2).min(self.cap);
+        self.attempt += 1;
+        true
+    }
+
+    /// The error once the attempts are used up.
+    pub(crate) fn exhausted(&self, provider: String, last: &str) -> KekError {
+        KekError::Unavailable {
+            provider,
+            reason: format!("{last} (after {} attempts)", self.attempts),
+        }
+    }
+}
 
 pub(crate) fn client(
     provider: &str,

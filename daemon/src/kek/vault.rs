@@ -30,6 +30,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
+use super::http::Backoff;
 use super::{KekError, KekRef, KeyProvider, WrappedDek};
 use crate::crypto::Dek;
 
@@ -189,29 +190,21 @@ impl VaultKek {
 
     /// A request with retries for transient failures, classified on failure.
     fn call(&self, path: &str, body: Value) -> Result<Value, KekError> {
-        let attempts = self.config.attempts.max(1);
-        let mut delay = Duration::from_millis(200);
-        let mut last = String::new();
-        for attempt in 1..=attempts {
-            match self.exchange(reqwest::Method::POST, path, Some(&body)) {
+        let mut backoff = Backoff::new(self.config.attempts, Duration::from_secs(5));
+        loop {
+            let last = match self.exchange(reqwest::Method::POST, path, Some(&body)) {
                 Ok(v) => return Ok(v),
                 Err(Failure::Status(403, msg)) => return Err(self.explain_denied(path, msg)),
                 Err(Failure::Status(status, msg)) if status == 429 || status >= 500 => {
-                    last = format!("HTTP {status}: {msg}");
+                    format!("HTTP {status}: {msg}")
                 }
                 Err(Failure::Status(status, msg)) => return Err(self.classify(status, msg)),
-                Err(Failure::Transport(msg)) => last = msg,
-            }
-            if attempt < attempts {
-                tracing::warn!(provider = PROVIDER, %path, attempt, "{last}; retrying in {delay:?}");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(5));
+                Err(Failure::Transport(msg)) => msg,
+            };
+            if !backoff.wait(PROVIDER, path, &last) {
+                return Err(backoff.exhausted(self.describe(), &last));
             }
         }
-        Err(KekError::Unavailable {
-            provider: self.describe(),
-            reason: format!("{last} (after {attempts} attempts)"),
-        })
     }
 
     /// 403: a revoked/expired token, or a token without the policy?
