@@ -217,14 +217,6 @@ impl DataArea {
         }
     }
 
-    /// Whether a re-encryption is in progress (its keys loaded).
-    pub fn reencrypting(&self) -> bool {
-        self.cipher
-            .load()
-            .as_ref()
-            .is_some_and(|k| k.target.is_some())
-    }
-
     /// Re-encrypts `[checkpoint, checkpoint + len)` under the range lock:
     /// reads it, turns each written sector from the current generation's
     /// ciphertext into the target's, hands the result to `journal` (which
