@@ -366,6 +366,41 @@ fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
         humantime::format_duration(Duration::from_secs(status.uptime_secs)),
         status.engine
     );
+    for l in &status.listeners {
+        let tls = if l.address.starts_with("unix:") {
+            "peers identified by SO_PEERCRED".to_string()
+        } else {
+            format!("tls {}", l.tls)
+        };
+        println!("  listening on {}  ({tls})", l.address);
+    }
+    if let Some(tls) = &status.tls {
+        println!(
+            "  TLS certificate {:?} until {}, from {}; client certificates {}{}",
+            tls.server_subject,
+            tls.server_not_after,
+            tls.dir.display(),
+            if tls.verify_peer {
+                "required"
+            } else {
+                "optional"
+            },
+            tls.crl_revoked
+                .map(|n| format!(", CRL revokes {n}"))
+                .unwrap_or_default()
+        );
+    }
+    let c = &status.connections;
+    println!(
+        "  connections: {} open (max {}, {} per peer); refused: {} over a limit, {} without TLS, {} failed TLS, {} bad handshakes",
+        c.open,
+        c.max,
+        c.max_per_peer,
+        c.refused_limit,
+        c.refused_tls_required,
+        c.tls_failures,
+        c.handshake_failures
+    );
     for v in &status.volumes {
         let key = match &v.key {
             Some(k) => format!(
@@ -390,6 +425,11 @@ fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
         if let Some(r) = &v.reencrypt {
             println!("  {:<16} re-encrypting: {}", "", reencrypt_line(r));
         }
+        let allow = match &v.allow {
+            Some(list) => format!("allow {}", list.join(", ")),
+            None => "allow anyone who can connect".into(),
+        };
+        println!("  {:<16} {allow}; {} refused", "", v.refused);
         println!(
             "  {:<16} {} connection(s), {} in flight; read {} ops {} bytes, write {} ops {} bytes, {} errors",
             "",

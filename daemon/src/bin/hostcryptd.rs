@@ -89,6 +89,27 @@ fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(&config_path)?;
     if args.check {
         service::open_providers(&config)?;
+        if let Some(tls) = service::load_tls(&config)? {
+            let info = &tls.info;
+            println!(
+                "TLS ({}): server certificate {:?} valid until {}{}{}",
+                config.server.tls,
+                info.server_subject,
+                info.server_not_after,
+                match &info.ca_subject {
+                    Some(ca) => format!(", signed by CA {ca:?}"),
+                    None => String::new(),
+                },
+                match info.crl_revoked {
+                    Some(n) => format!(", CRL revokes {n}"),
+                    None => String::new(),
+                }
+            );
+        }
+        for v in &config.volumes {
+            v.allow_list()
+                .with_context(|| format!("volume {:?}: allow", v.name.get_ref()))?;
+        }
         println!(
             "{}: OK ({} volume(s))",
             config_path.display(),
@@ -96,7 +117,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    raise_fd_limit();
     let providers = service::open_providers(&config)?;
+    let gate = service::open_gate(&config)?;
     let audit = service::open_audit(&config)?;
     let exports = service::open_exports(&config, &providers, &audit)?;
     let engine = hostcryptd::io::engine::init(config.server.io_engine).context(
@@ -148,13 +171,30 @@ fn run(args: Args) -> anyhow::Result<()> {
                 listeners.push(service::Listener::from_std_unix(socket, path)?);
             }
             for socket in std::mem::take(&mut activated.tcp) {
+                service::check_activated_tcp(&config, &socket)?;
                 listeners.push(service::Listener::from_std_tcp(socket)?);
             }
             listeners
         };
         for l in &listeners {
-            tracing::info!(listener = l.describe(), "listening");
+            let tls = if l.is_tcp() {
+                config.server.tls.to_string()
+            } else {
+                "unix (SO_PEERCRED)".into()
+            };
+            tracing::info!(listener = l.describe(), tls, "listening");
         }
+        let listener_status: Vec<_> = listeners
+            .iter()
+            .map(|l| control::protocol::ListenerStatus {
+                address: l.describe(),
+                tls: if l.is_tcp() {
+                    config.server.tls
+                } else {
+                    hostcryptd::nbd::tls::TlsMode::Off
+                },
+            })
+            .collect();
         if demo {
             print_demo_help(&config);
         }
@@ -164,6 +204,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             config.clone(),
             providers,
             exports.clone(),
+            gate.clone(),
             audit.clone(),
         ));
         let (monitor_stop, monitor_rx) = std::sync::mpsc::channel::<()>();
@@ -178,6 +219,8 @@ fn run(args: Args) -> anyhow::Result<()> {
                     exports: exports.clone(),
                     reloader: reloader.clone(),
                     allowed_gid: gid,
+                    gate: gate.clone(),
+                    listeners: listener_status,
                 });
                 let task = tokio::spawn(control::server::run(listener, state, stop_rx.clone()));
                 Some((task, path, owned))
@@ -189,6 +232,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             Some(addr) => {
                 let collector = control::metrics::DaemonCollector {
                     exports: exports.clone(),
+                    gate: gate.clone(),
                     engine: engine.name(),
                     started: std::time::Instant::now(),
                 };
@@ -209,7 +253,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .join(", ")
         );
         let exports_for_shutdown = exports.clone();
-        let server = tokio::spawn(service::serve(listeners, exports, stop_rx));
+        let server = tokio::spawn(service::serve(listeners, exports, gate, stop_rx));
         service::systemd::ready(&summary);
         let watchdog = service::systemd::watchdog_interval().map(|every| {
             tokio::spawn(async move {
@@ -286,6 +330,27 @@ async fn wait_for_stop_signal(
                     Err(e) => tracing::error!("reload task failed: {e}"),
                 }
                 service::systemd::ready_again();
+            }
+        }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: every NBD connection
+/// is a descriptor, and `max_connections` (1024 by default) should be what
+/// limits them, not a soft limit of 1024 set for select()-era programs.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass, which
+    // lives on this stack frame for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!("could not raise the open-file limit");
             }
         }
     }

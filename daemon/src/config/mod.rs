@@ -44,7 +44,7 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Path of the NBD Unix socket.
@@ -62,6 +62,82 @@ pub struct ServerConfig {
     pub control_group: Option<String>,
     /// Address of the Prometheus/OpenMetrics endpoint, e.g. `127.0.0.1:9310`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// TLS on the TCP listener: `off`, `on` (optional) or `require`.
+    #[serde(default)]
+    pub tls: crate::nbd::tls::TlsMode,
+    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and
+    /// optionally ca-crl.pem (the layout qemu, nbdkit and libnbd share).
+    pub tls_certificates: Option<Spanned<PathBuf>>,
+    /// Clients must present a certificate signed by ca-cert.pem.
+    #[serde(default = "yes")]
+    pub tls_verify_peer: bool,
+    /// Serve plaintext on a TCP address other hosts can reach.
+    #[serde(default)]
+    pub insecure_plaintext_tcp: bool,
+    /// Open NBD connections at most, over all listeners.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open NBD connections at most from one IP address or one Unix uid.
+    #[serde(default = "default_max_connections_per_peer")]
+    pub max_connections_per_peer: usize,
+    /// How long a client may take from connecting to choosing an export.
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: std::time::Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+
+fn default_max_connections_per_peer() -> usize {
+    256
+}
+
+fn default_handshake_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            unix: None,
+            tcp: None,
+            io_engine: Default::default(),
+            audit_log: None,
+            control: None,
+            control_group: None,
+            metrics: None,
+            tls: Default::default(),
+            tls_certificates: None,
+            tls_verify_peer: true,
+            insecure_plaintext_tcp: false,
+            max_connections: default_max_connections(),
+            max_connections_per_peer: default_max_connections_per_peer(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The gate settings the NBD server runs with.
+    pub fn gate(&self) -> crate::nbd::gate::GateSettings {
+        crate::nbd::gate::GateSettings {
+            tls_mode: self.tls,
+            max_connections: self.max_connections,
+            max_connections_per_peer: self.max_connections_per_peer,
+            handshake_timeout: self.handshake_timeout,
+        }
+    }
+
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.tls_certificates
+            .as_ref()
+            .map(|d| d.get_ref().as_path())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,6 +183,8 @@ pub struct VolumeConfig {
     #[serde(default)]
     pub direct: bool,
     pub description: Option<String>,
+    /// Who may open this volume (nbdkit ip-filter syntax); absent = anyone.
+    pub allow: Option<Vec<Spanned<String>>>,
     /// What to do when the KEK becomes unusable: `stop` or `until-restart`.
     #[serde(default)]
     pub on_key_loss: crate::volume::OnKeyLoss,
@@ -159,6 +237,32 @@ impl VolumeConfig {
     pub fn size_bytes(&self) -> Option<u64> {
         self.size.as_ref().map(|s| s.get_ref().0)
     }
+
+    /// The allow list, with names resolved now (a reload resolves again).
+    pub fn allow_list(
+        &self,
+    ) -> Result<crate::nbd::access::AllowList, crate::nbd::access::RuleError> {
+        let entries: Option<Vec<&str>> = self
+            .allow
+            .as_ref()
+            .map(|l| l.iter().map(|e| e.get_ref().as_str()).collect());
+        crate::nbd::access::AllowList::parse(entries.as_deref())
+    }
+}
+
+/// Whether every address `addr` (`host:port`) names is a loopback address.
+fn is_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+        return a.ip().is_loopback();
+    }
+    match addr.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
 }
 
 impl Config {
@@ -199,6 +303,38 @@ impl Config {
                 "set `unix` or `tcp` (or both) so clients can connect".into(),
             ));
         }
+        let server = &self.server;
+        if server.tls != crate::nbd::tls::TlsMode::Off && server.tls_certificates.is_none() {
+            return Err(invalid(
+                0..0,
+                "tls_certificates",
+                format!(
+                    "tls = \"{}\" needs tls_certificates = DIR (with ca-cert.pem, server-cert.pem, server-key.pem)",
+                    server.tls
+                ),
+            ));
+        }
+        if let Some(tcp) = &server.tcp {
+            if server.tls != crate::nbd::tls::TlsMode::Require
+                && !server.insecure_plaintext_tcp
+                && !is_loopback(tcp)
+            {
+                return Err(invalid(
+                    0..0,
+                    "tcp",
+                    format!(
+                        "{tcp} is reachable from other hosts, and without tls = \"require\" every volume would cross the network decrypted. Set tls = \"require\" and tls_certificates = DIR, listen on 127.0.0.1, or set insecure_plaintext_tcp = true to accept plaintext"
+                    ),
+                ));
+            }
+        }
+        if server.max_connections == 0 || server.max_connections_per_peer == 0 {
+            return Err(invalid(
+                0..0,
+                "max_connections",
+                "max_connections and max_connections_per_peer must be at least 1".into(),
+            ));
+        }
         if self.volumes.is_empty() {
             return Err(invalid(
                 0..0,
@@ -233,6 +369,11 @@ impl Config {
                         v.backing.get_ref().display()
                     ),
                 ));
+            }
+            for entry in v.allow.iter().flatten() {
+                if let Err(e) = crate::nbd::access::Rule::parse(entry.get_ref()) {
+                    return Err(invalid(entry.span(), "allow", e.to_string()));
+                }
             }
             match (v.role, &v.kek) {
                 (Role::Cache, None) => {

@@ -25,6 +25,7 @@ use crate::nbd::Exports;
 #[derive(Debug)]
 pub struct DaemonCollector {
     pub exports: Exports,
+    pub gate: std::sync::Arc<crate::nbd::gate::Gate>,
     pub engine: &'static str,
     pub started: Instant,
 }
@@ -150,6 +151,39 @@ impl Collector for DaemonCollector {
             ConstCounter::new(e.volume.data.crypto_seconds())
                 .encode(family.encode_family(&labels)?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_access_refused",
+            "Clients a volume's allow list turned away",
+            None,
+            MetricType::Counter,
+        )?;
+        for e in self.exports.iter() {
+            let labels: Labels = vec![("volume", e.name())];
+            ConstCounter::new(e.metrics.refused()).encode(family.encode_family(&labels)?)?;
+        }
+        let counters = &self.gate.counters;
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_connections_refused",
+            "NBD connections closed before transmission, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, counter) in [
+            ("limit", &counters.refused_limit),
+            ("tls_required", &counters.tls_required),
+            ("tls_failed", &counters.tls_failures),
+            ("handshake", &counters.handshake_failures),
+        ] {
+            let labels: Labels = vec![("reason", reason)];
+            ConstCounter::new(counter.load(std::sync::atomic::Ordering::Relaxed))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        ConstGauge::new(self.gate.open_connections() as i64).encode(encoder.encode_descriptor(
+            "hostcrypt_open_connections",
+            "NBD connections open now, over all listeners and volumes",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let mut family = encoder.encode_descriptor(
             "hostcrypt_key_checks",
             "Key checks by outcome",

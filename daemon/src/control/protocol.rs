@@ -77,7 +77,34 @@ pub struct Status {
     pub version: String,
     pub uptime_secs: u64,
     pub engine: String,
+    #[serde(default)]
+    pub listeners: Vec<ListenerStatus>,
+    /// The TLS credentials new connections get, when TLS is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::nbd::tls::TlsInfo>,
+    #[serde(default)]
+    pub connections: ConnectionStatus,
     pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub address: String,
+    /// The TCP listener's TLS mode (`off` on Unix sockets, whose peers are
+    /// identified by SO_PEERCRED).
+    pub tls: crate::nbd::tls::TlsMode,
+}
+
+/// Connections open now, the limits, and everyone turned away since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    pub open: usize,
+    pub max: usize,
+    pub max_per_peer: usize,
+    pub refused_limit: u64,
+    pub refused_tls_required: u64,
+    pub tls_failures: u64,
+    pub handshake_failures: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +113,12 @@ pub struct VolumeStatus {
     pub role: String,
     pub size: u64,
     pub sector_size: u64,
+    /// Who may open it (`None`: anyone who can connect).
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// Clients the allow list turned away since start.
+    #[serde(default)]
+    pub refused: u64,
     /// Absent for temp volumes (their key never leaves memory).
     pub key: Option<KeyStatus>,
     #[serde(default)]

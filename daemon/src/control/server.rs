@@ -14,7 +14,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
-use super::protocol::{CheckResult, IoStatus, KeyChange, Status, VolumeStatus, MAX_REQUEST};
+use super::protocol::{
+    CheckResult, ConnectionStatus, IoStatus, KeyChange, Status, VolumeStatus, MAX_REQUEST,
+};
 use super::{Request, Response};
 use crate::nbd::Exports;
 use crate::service::reload::Reloader;
@@ -31,6 +33,8 @@ pub struct ControlState {
     /// Config reloads, and the KEK providers configured now.
     pub reloader: Arc<Reloader>,
     pub allowed_gid: Option<u32>,
+    pub gate: Arc<crate::nbd::gate::Gate>,
+    pub listeners: Vec<super::protocol::ListenerStatus>,
 }
 
 /// Binds the control socket, replacing a stale one, mode 0600 (0660 and
@@ -153,13 +157,7 @@ fn daemon_euid() -> u32 {
 
 /// Whether process `pid` has `gid` among its supplementary groups.
 fn in_group(pid: i32, gid: u32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+    crate::nbd::peer::supplementary_groups(pid).contains(&gid)
 }
 
 /// Runs one request (blocking: providers may talk to remote servers).
@@ -264,6 +262,9 @@ fn status(state: &ControlState) -> Status {
         version: env!("CARGO_PKG_VERSION").into(),
         uptime_secs: state.started.elapsed().as_secs(),
         engine: state.engine.into(),
+        listeners: state.listeners.clone(),
+        tls: state.gate.tls().map(|t| t.info.clone()),
+        connections: connection_status(&state.gate),
         volumes: state
             .exports
             .iter()
@@ -272,6 +273,8 @@ fn status(state: &ControlState) -> Status {
                 role: e.volume.role.to_string(),
                 size: e.size(),
                 sector_size: e.volume.data.sector_size(),
+                allow: e.allow.load().describe(),
+                refused: e.metrics.refused(),
                 key: e.keys.as_ref().map(|k| k.status()),
                 io: io_status(&e),
                 reencrypt: e
@@ -281,6 +284,20 @@ fn status(state: &ControlState) -> Status {
                     .filter(|r| r.target_generation.is_some()),
             })
             .collect(),
+    }
+}
+
+fn connection_status(gate: &crate::nbd::gate::Gate) -> ConnectionStatus {
+    use std::sync::atomic::Ordering::Relaxed;
+    let c = &gate.counters;
+    ConnectionStatus {
+        open: gate.open_connections(),
+        max: gate.settings.max_connections,
+        max_per_peer: gate.settings.max_connections_per_peer,
+        refused_limit: c.refused_limit.load(Relaxed),
+        refused_tls_required: c.tls_required.load(Relaxed),
+        tls_failures: c.tls_failures.load(Relaxed),
+        handshake_failures: c.handshake_failures.load(Relaxed),
     }
 }
 

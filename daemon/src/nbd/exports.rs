@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use super::access::AllowList;
 use super::metrics::ExportMetrics;
 use super::proto::*;
 use crate::volume::{Volume, VolumeKeys};
@@ -15,6 +16,8 @@ pub struct Export {
     pub volume: Volume,
     pub description: String,
     pub allow_discards: bool,
+    /// Who may open it; a reload swaps the list in place.
+    pub allow: ArcSwap<AllowList>,
     /// Key lifecycle of a cache volume (`None` for temp volumes).
     pub keys: Option<Arc<VolumeKeys>>,
     pub metrics: ExportMetrics,

@@ -1,17 +1,27 @@
 //! The fixed-newstyle handshake: option haggling up to the point where a
-//! client picks an export (OPT_GO or EXPORT_NAME) or leaves.
+//! client picks an export (OPT_GO or EXPORT_NAME), asks for TLS (STARTTLS:
+//! the caller upgrades the stream and calls [`negotiate`] again), or leaves.
 //!
 //! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO with NBD_INFO_EXPORT / NAME /
-//! DESCRIPTION / BLOCK_SIZE. Every other option, STARTTLS and structured
-//! replies included for now, gets NBD_REP_ERR_UNSUP so the client falls back.
-//! A violation of a MUST in the protocol (bad magic, unknown client flags, an
-//! absurd option length) ends this connection only.
+//! DESCRIPTION / BLOCK_SIZE, and STARTTLS when the listener offers TLS.
+//! Every other option gets NBD_REP_ERR_UNSUP so the client falls back.
+//! Who may see and open a volume is decided here too, from the peer's
+//! identity and the volume's allow list: refused volumes are absent from
+//! LIST and answer GO/INFO with NBD_REP_ERR_POLICY. A violation of a MUST in
+//! the protocol (bad magic, unknown client flags, an absurd option length)
+//! ends this connection only.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::exports::{Export, Exports};
+use super::peer::{shorten, Peer};
 use super::proto::*;
 use std::sync::Arc;
+
+/// Longest error message sent to a client (the NBD spec's string limit).
+const MAX_MESSAGE: usize = 4096;
+/// How much of a client-supplied name goes into a log line.
+const LOGGED_NAME: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -25,17 +35,48 @@ pub enum HandshakeError {
     OptionTooLong(u32),
     #[error("client asked for unknown export {0:?} with NBD_OPT_EXPORT_NAME")]
     UnknownExport(String),
+    #[error("client asked for export {0:?} with NBD_OPT_EXPORT_NAME and is not in its allow list")]
+    ExportNameRefused(String),
+    #[error("client sent NBD_OPT_EXPORT_NAME before STARTTLS on a listener that requires TLS")]
+    ExportNameWithoutTls,
+}
+
+/// Where TLS stands on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The listener has no TLS: STARTTLS is answered NBD_REP_ERR_UNSUP.
+    Unavailable,
+    /// STARTTLS is accepted; with `required`, nothing else is until then.
+    Offered { required: bool },
+    /// The session runs inside TLS.
+    Active,
+}
+
+/// What the handshake knows about this connection.
+pub struct Session<'a> {
+    pub peer: &'a Peer,
+    pub exports: &'a Exports,
+    pub tls: TlsPhase,
+    /// The client asked for no zero padding after EXPORT_NAME.
+    pub no_zeroes: bool,
 }
 
 /// How the handshake ended.
 pub enum Outcome {
     /// The client chose this export; transmission follows.
     Transmission(Arc<Export>),
+    /// STARTTLS was acknowledged: run the TLS handshake, then continue
+    /// option haggling inside it.
+    StartTls,
     /// The client aborted or disconnected politely.
     Closed,
+    /// The client asked for an option TLS must cover first and was told so
+    /// (counted by the caller).
+    Refused,
 }
 
-pub async fn negotiate<S>(stream: &mut S, exports: &Exports) -> Result<Outcome, HandshakeError>
+/// Sends the server greeting and reads the client flags.
+pub async fn greet<S>(stream: &mut S) -> Result<bool, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -50,12 +91,28 @@ where
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
         return Err(HandshakeError::UnknownClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
 
+/// Option haggling, until the client picks an export, asks for TLS or leaves.
+pub async fn negotiate<S>(
+    stream: &mut S,
+    session: &mut Session<'_>,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut told_tls_required = false;
     loop {
         let magic = match stream.read_u64().await {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(if told_tls_required {
+                    Outcome::Refused
+                } else {
+                    Outcome::Closed
+                })
+            }
             Err(e) => return Err(e.into()),
         };
         if magic != IHAVEOPT {
@@ -64,21 +121,42 @@ where
         let option = stream.read_u32().await?;
         let len = stream.read_u32().await?;
         if len > MAX_OPTION_LEN {
+            // Said before hanging up, so the client learns why.
+            let _ = error(stream, option, REP_ERR_TOO_BIG, "option too long").await;
             return Err(HandshakeError::OptionTooLong(len));
         }
         let mut data = vec![0u8; len as usize];
         stream.read_exact(&mut data).await?;
 
+        let tls_required = session.tls == TlsPhase::Offered { required: true };
+        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                return Err(HandshakeError::ExportNameWithoutTls);
+            }
+            error(
+                stream,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: use STARTTLS (nbds:// URIs, qemu tls-creds)",
+            )
+            .await?;
+            told_tls_required = true;
+            continue;
+        }
+
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = exports.find(&name) else {
-                    return Err(HandshakeError::UnknownExport(name));
+                let Some(export) = session.exports.find(&name) else {
+                    return Err(HandshakeError::UnknownExport(shorten(&name, LOGGED_NAME)));
                 };
+                if !permitted(session.peer, &export) {
+                    return Err(HandshakeError::ExportNameRefused(name));
+                }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
                 reply.extend_from_slice(&export.transmission_flags().to_be_bytes());
-                if !no_zeroes {
+                if !session.no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
                 }
                 stream.write_all(&reply).await?;
@@ -88,7 +166,11 @@ where
             OPT_ABORT => {
                 // The client may already be gone; its ACK is a courtesy.
                 let _ = reply(stream, option, REP_ACK, &[]).await;
-                return Ok(Outcome::Closed);
+                return Ok(if told_tls_required {
+                    Outcome::Refused
+                } else {
+                    Outcome::Closed
+                });
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -101,7 +183,10 @@ where
                     .await?;
                     continue;
                 }
-                for export in exports.iter() {
+                for export in session.exports.iter() {
+                    if !export.allow.load().permits(session.peer) {
+                        continue;
+                    }
                     let name = export.name().as_bytes();
                     let mut body = Vec::with_capacity(4 + name.len());
                     body.extend_from_slice(&(name.len() as u32).to_be_bytes());
@@ -115,31 +200,69 @@ where
                     error(stream, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO").await?;
                     continue;
                 };
-                let Some(export) = exports.find(&name) else {
-                    let msg = format!("no export named {name:?}");
+                let Some(export) = session.exports.find(&name) else {
+                    let msg = format!("no export named {:?}", shorten(&name, LOGGED_NAME));
                     error(stream, option, REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
+                if !permitted(session.peer, &export) {
+                    let msg = format!("access to export {:?} is not allowed", export.name());
+                    error(stream, option, REP_ERR_POLICY, &msg).await?;
+                    continue;
+                }
                 send_info(stream, option, &export, &requests).await?;
                 reply(stream, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
                     return Ok(Outcome::Transmission(export));
                 }
             }
-            OPT_STARTTLS => {
-                error(
-                    stream,
-                    option,
-                    REP_ERR_UNSUP,
-                    "TLS is not configured on this server",
-                )
-                .await?;
-            }
+            OPT_STARTTLS => match session.tls {
+                TlsPhase::Unavailable => {
+                    error(
+                        stream,
+                        option,
+                        REP_ERR_UNSUP,
+                        "TLS is not configured on this listener",
+                    )
+                    .await?;
+                }
+                TlsPhase::Active => {
+                    error(stream, option, REP_ERR_INVALID, "TLS is already active").await?;
+                }
+                TlsPhase::Offered { .. } if !data.is_empty() => {
+                    error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STARTTLS takes no data",
+                    )
+                    .await?;
+                }
+                TlsPhase::Offered { .. } => {
+                    reply(stream, option, REP_ACK, &[]).await?;
+                    return Ok(Outcome::StartTls);
+                }
+            },
             _ => {
                 error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
             }
         }
     }
+}
+
+/// Whether `peer` may open `export`; a refusal is logged with the peer's
+/// identity and counted.
+fn permitted(peer: &Peer, export: &Export) -> bool {
+    if export.allow.load().permits(peer) {
+        return true;
+    }
+    export.metrics.refuse();
+    tracing::warn!(
+        peer = %peer,
+        export = export.name(),
+        "refused: the peer is not in this volume's allow list"
+    );
+    false
 }
 
 /// Parses `u32 name length, name, u16 count, count × u16 info type`.
@@ -211,7 +334,11 @@ async fn error<S: AsyncWrite + Unpin>(
     kind: u32,
     message: &str,
 ) -> std::io::Result<()> {
-    reply(stream, option, kind, message.as_bytes()).await
+    let mut end = message.len().min(MAX_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    reply(stream, option, kind, &message.as_bytes()[..end]).await
 }
 
 #[cfg(test)]

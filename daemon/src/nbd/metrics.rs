@@ -81,6 +81,8 @@ pub struct ExportMetrics {
     latency: [Histogram; COMMAND_NAMES.len()],
     in_flight: AtomicI64,
     connections: AtomicI64,
+    /// Clients refused by the volume's allow list.
+    refused: AtomicU64,
 }
 
 /// One counted command's totals.
@@ -138,6 +140,15 @@ impl ExportMetrics {
 
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client the allow list turned away.
+    pub fn refuse(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     pub fn connections(&self) -> i64 {

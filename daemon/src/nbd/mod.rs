@@ -1,18 +1,26 @@
 //! The NBD server: wire constants (`proto.rs`), the export set
 //! (`exports.rs`), the fixed-newstyle handshake (`handshake.rs`), the
-//! transmission phase (`transmission.rs`), listeners (`server.rs`) and
-//! per-export request metrics (`metrics.rs`).
+//! transmission phase (`transmission.rs`), listeners (`server.rs`), one
+//! connection's life from greeting to goodbye (`connection.rs`), TLS
+//! credentials (`tls.rs`), who the peer is (`peer.rs`), per-volume allow
+//! lists (`access.rs`), connection limits and refusal counters (`gate.rs`)
+//! and per-export request metrics (`metrics.rs`).
 //!
 //! Hand-written rather than built on the `nbd` crate: that crate speaks only
 //! the old EXPORT_NAME handshake and serves one request at a time, while we
 //! need OPT_GO/OPT_INFO, block-size negotiation, many requests in flight and
 //! out-of-order replies. Encryption happens below, in `volume/`.
 
+pub mod access;
+mod connection;
 mod exports;
+pub mod gate;
 mod handshake;
 pub mod metrics;
+pub mod peer;
 pub mod proto;
 mod server;
+pub mod tls;
 mod transmission;
 
 pub use exports::{Export, Exports};

@@ -28,9 +28,12 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR | 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
 pub const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
 
 // Info types for OPT_INFO / OPT_GO.
 pub const INFO_EXPORT: u16 = 0;
@@ -57,6 +60,17 @@ pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+/// The command flags a request of `kind` may carry, given what this server
+/// advertises (FUA on writes, NO_HOLE on WRITE_ZEROES; no structured
+/// replies, so no DF; no FAST_ZERO, no BLOCK_STATUS, so no REQ_ONE).
+pub fn valid_flags(kind: u16) -> u16 {
+    match kind {
+        CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        _ => 0,
+    }
+}
 
 // Errors in simple replies.
 pub const EIO: u32 = 5;

@@ -1,22 +1,19 @@
-//! Listening sockets and the accept loop: one task per connection running
-//! the handshake and then the transmission phase, and a bounded drain of
-//! live connections at shutdown.
+//! Listening sockets and the accept loop: each accepted socket is admitted
+//! by the gate (connection limits) or closed at once, then gets one task
+//! (`connection.rs`); at shutdown, a bounded drain of live connections.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::connection::{self, Stream};
 use super::exports::Exports;
-use super::handshake::{negotiate, Outcome};
-use super::transmission::serve;
-
-/// How long a client may take to finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+use super::gate::Gate;
+use super::peer::Peer;
 /// How long shutdown waits for in-flight requests before dropping connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -85,6 +82,10 @@ impl Listener {
         Ok(Listener::Tcp(TcpListener::bind(addr).await?))
     }
 
+    pub fn is_tcp(&self) -> bool {
+        matches!(self, Listener::Tcp(_))
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Listener::Unix { path, .. } => format!("unix:{}", path.display()),
@@ -98,11 +99,21 @@ impl Listener {
 
 /// Accepts connections on every listener until `shutdown` turns true, then
 /// waits (bounded) for connections to finish their in-flight requests.
-pub async fn run(listeners: Vec<Listener>, exports: Exports, shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    listeners: Vec<Listener>,
+    exports: Exports,
+    gate: Arc<Gate>,
+    shutdown: watch::Receiver<bool>,
+) {
     let exports = Arc::new(exports);
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
-        accept_loops.spawn(accept_loop(listener, exports.clone(), shutdown.clone()));
+        accept_loops.spawn(accept_loop(
+            listener,
+            exports.clone(),
+            gate.clone(),
+            shutdown.clone(),
+        ));
     }
     while accept_loops.join_next().await.is_some() {}
 }
@@ -110,6 +121,7 @@ pub async fn run(listeners: Vec<Listener>, exports: Exports, shutdown: watch::Re
 async fn accept_loop(
     listener: Listener,
     exports: Arc<Exports>,
+    gate: Arc<Gate>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut connections = JoinSet::new();
@@ -119,16 +131,23 @@ async fn accept_loop(
             // Reap finished connections so the set does not grow forever.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = accept(&listener) => match accepted {
-                Ok(Accepted::Unix(stream)) => {
-                    let peer = "unix".to_string();
-                    let (r, w) = stream.into_split();
-                    connections.spawn(connection(r, w, peer, exports.clone(), shutdown.clone()));
-                }
-                Ok(Accepted::Tcp(stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (r, w) = stream.into_split();
-                    connections.spawn(connection(r, w, addr.to_string(), exports.clone(), shutdown.clone()));
-                }
+                Ok((stream, peer)) => match gate.admit(peer.key()) {
+                    Ok(slot) => {
+                        connections.spawn(connection::run(
+                            stream,
+                            peer,
+                            gate.clone(),
+                            exports.clone(),
+                            shutdown.clone(),
+                            slot,
+                        ));
+                    }
+                    // Closed at once: a client over the limit gets no greeting.
+                    Err(refusal) => {
+                        Gate::count(&gate.counters.refused_limit);
+                        tracing::warn!(peer = %peer, "refused: {refusal}");
+                    }
+                },
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(listener = listener.describe(), "accept failed: {e}");
@@ -153,49 +172,17 @@ async fn accept_loop(
     }
 }
 
-enum Accepted {
-    Unix(tokio::net::UnixStream),
-    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
-}
-
-async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+async fn accept(listener: &Listener) -> std::io::Result<(Stream, Peer)> {
     match listener {
-        Listener::Unix { listener, .. } => Ok(Accepted::Unix(listener.accept().await?.0)),
+        Listener::Unix { listener, .. } => {
+            let (s, _) = listener.accept().await?;
+            let peer = Peer::unix(&s);
+            Ok((Stream::Unix(s), peer))
+        }
         Listener::Tcp(l) => {
             let (s, a) = l.accept().await?;
-            Ok(Accepted::Tcp(s, a))
+            let _ = s.set_nodelay(true);
+            Ok((Stream::Tcp(s), Peer::tcp(a)))
         }
-    }
-}
-
-async fn connection<R, W>(
-    reader: R,
-    writer: W,
-    peer: String,
-    exports: Arc<Exports>,
-    shutdown: watch::Receiver<bool>,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut stream = tokio::io::join(reader, writer);
-    let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, &exports)).await;
-    let export = match outcome {
-        Ok(Ok(Outcome::Transmission(export))) => export,
-        Ok(Ok(Outcome::Closed)) => return,
-        Ok(Err(e)) => {
-            tracing::warn!(peer, "handshake failed: {e}; closing this connection");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(peer, "handshake timed out; closing this connection");
-            return;
-        }
-    };
-    tracing::info!(peer, export = export.name(), "client connected");
-    let (reader, writer) = stream.into_inner();
-    match serve(reader, writer, export.clone(), shutdown, &peer).await {
-        Ok(()) => tracing::info!(peer, export = export.name(), "client disconnected"),
-        Err(e) => tracing::warn!(peer, export = export.name(), "connection ended: {e}"),
     }
 }

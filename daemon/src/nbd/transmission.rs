@@ -76,7 +76,10 @@ where
             CMD_READ | CMD_WRITE => req.length.div_ceil(UNIT).clamp(1, BUDGET_UNITS),
             _ => 1,
         };
-        let permit = if req.kind == CMD_WRITE && req.length > MAX_PAYLOAD {
+        // A write we refuse still has its payload on the wire.
+        let refused_write = req.kind == CMD_WRITE
+            && (req.length > MAX_PAYLOAD || req.flags & !valid_flags(req.kind) != 0);
+        let permit = if refused_write {
             None
         } else {
             match budget.clone().acquire_many_owned(units).await {
@@ -95,7 +98,7 @@ where
             CMD_DISC => break Ok(()),
             CMD_WRITE => {
                 let Some(permit) = permit else {
-                    // Oversized: consume the payload so the stream stays framed.
+                    // Consume the payload so the stream stays framed.
                     if let Err(e) = discard(&mut reader, req.length).await {
                         break Err(e);
                     }
@@ -103,7 +106,10 @@ where
                         Ok(p) => p,
                         Err(_) => break Ok(()),
                     };
-                    ctx.fail(EOVERFLOW, permit);
+                    // Past the end is ENOSPC even when also too long or
+                    // badly flagged: the spec's one error for "no room".
+                    let code = if ctx.in_range() { EINVAL } else { ENOSPC };
+                    ctx.fail(code, permit);
                     continue;
                 };
                 let mut data = IoBuf::new(req.length as usize);
@@ -236,10 +242,15 @@ fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
 
 fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
     let req = ctx.req;
+    // Flags that are unknown, not valid for this command, or not
+    // advertised (DF without structured replies, FAST_ZERO, FUA on READ).
+    if req.flags & !valid_flags(req.kind) != 0 {
+        return ctx.fail(EINVAL, budget);
+    }
     match req.kind {
         CMD_READ => {
             if req.length > MAX_PAYLOAD {
-                return ctx.fail(EOVERFLOW, budget);
+                return ctx.fail(EINVAL, budget);
             }
             if !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
@@ -280,11 +291,8 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
             });
         }
         CMD_TRIM => {
-            if !ctx.export.allow_discards {
+            if !ctx.export.allow_discards || !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
-            }
-            if !ctx.in_range() {
-                return ctx.fail(ENOSPC, budget);
             }
             ctx.run(budget, |export, req| {
                 export.volume.data.trim(req.offset, u64::from(req.length))?;

@@ -17,6 +17,8 @@ use tokio::sync::watch;
 use crate::config::{Config, KekConfig};
 use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{AzureKek, KekError, KeyProvider, LocalKek, Pkcs11Kek, VaultKek};
+use crate::nbd::gate::Gate;
+use crate::nbd::tls::{TlsContext, TlsMode};
 pub use crate::nbd::Listener;
 use crate::nbd::{Export, Exports};
 use crate::volume::{self, Geometry, KeyPolicy, Layer, LayerKek, Role, VolumeError, VolumeKeys};
@@ -45,6 +47,14 @@ pub enum ServiceError {
     },
     #[error("reload: {0}")]
     Reload(String),
+    #[error("volume {volume:?}: allow: {source}")]
+    Allow {
+        volume: String,
+        #[source]
+        source: crate::nbd::access::RuleError,
+    },
+    #[error("TLS certificates: {0}")]
+    Tls(#[from] crate::nbd::tls::TlsError),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -266,10 +276,15 @@ pub fn open_export(
             opened.role, opened.header.sector_size
         )
     });
+    let allow = v.allow_list().map_err(|source| ServiceError::Allow {
+        volume: name.clone(),
+        source,
+    })?;
     Ok(Arc::new(Export {
         volume: opened,
         description,
         allow_discards: v.allow_discards,
+        allow: arc_swap::ArcSwap::from_pointee(allow),
         keys,
         metrics: Default::default(),
     }))
@@ -299,9 +314,53 @@ pub async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
     Ok(listeners)
 }
 
+/// Loads the TLS credentials `[server]` names (none when `tls = "off"`).
+pub fn load_tls(config: &Config) -> Result<Option<TlsContext>, ServiceError> {
+    match (config.server.tls, config.server.tls_dir()) {
+        (TlsMode::Off, _) | (_, None) => Ok(None),
+        (_, Some(dir)) => Ok(Some(TlsContext::load(dir, config.server.tls_verify_peer)?)),
+    }
+}
+
+/// The gate every NBD connection passes: limits and TLS credentials.
+pub fn open_gate(config: &Config) -> Result<Arc<Gate>, ServiceError> {
+    Ok(Gate::new(config.server.gate(), load_tls(config)?))
+}
+
+/// Refuses a TCP socket handed over by systemd that other hosts can reach
+/// when the config would serve it in plaintext: the same rule the config
+/// applies to `tcp = ...`.
+pub fn check_activated_tcp(
+    config: &Config,
+    socket: &std::net::TcpListener,
+) -> Result<(), ServiceError> {
+    let addr = socket.local_addr().map_err(|source| ServiceError::Bind {
+        what: "a TCP socket from systemd".into(),
+        source,
+    })?;
+    if addr.ip().is_loopback()
+        || config.server.tls == TlsMode::Require
+        || config.server.insecure_plaintext_tcp
+    {
+        return Ok(());
+    }
+    Err(ServiceError::Bind {
+        what: format!("tcp:{addr} (from systemd)"),
+        source: std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "reachable from other hosts without tls = \"require\"; set tls = \"require\" with tls_certificates, or insecure_plaintext_tcp = true",
+        ),
+    })
+}
+
 /// Serves until `shutdown` turns true, then drains and flushes every volume.
-pub async fn serve(listeners: Vec<Listener>, exports: Exports, shutdown: watch::Receiver<bool>) {
-    crate::nbd::run(listeners, exports.clone(), shutdown).await;
+pub async fn serve(
+    listeners: Vec<Listener>,
+    exports: Exports,
+    gate: Arc<Gate>,
+    shutdown: watch::Receiver<bool>,
+) {
+    crate::nbd::run(listeners, exports.clone(), gate, shutdown).await;
     for export in exports.iter() {
         let export = export.clone();
         let flushed =

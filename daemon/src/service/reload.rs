@@ -8,9 +8,11 @@
 //! vanished names leave the export list, so new connections cannot reach
 //! them, and are flushed — connections already open finish on them. A
 //! changed volume is left as it is and reported: applying it means removing
-//! it in one reload and adding it back in the next. `[server]` changes need
-//! a restart and are reported too. Reloading the same file twice changes
-//! nothing the second time.
+//! it in one reload and adding it back in the next. Allow lists and the TLS
+//! certificate files (CRL included) are re-read at every reload and apply
+//! to new connections; open connections keep serving. Other `[server]`
+//! changes need a restart and are reported. Reloading the same file twice
+//! changes nothing the second time.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -22,6 +24,7 @@ use super::{open_export, open_provider, ServiceError};
 use crate::config::{Config, VolumeConfig};
 use crate::kek::audit::AuditLog;
 use crate::kek::KeyProvider;
+use crate::nbd::gate::Gate;
 use crate::nbd::Exports;
 
 /// What a reload did.
@@ -30,6 +33,9 @@ pub struct ReloadReport {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Whether TLS credentials were re-read.
+    #[serde(default)]
+    pub tls_reloaded: bool,
     /// Changes seen but not applied, each with what to do.
     pub not_applied: Vec<String>,
 }
@@ -38,6 +44,7 @@ pub struct ReloadReport {
 pub struct Reloader {
     config_path: PathBuf,
     exports: Exports,
+    gate: Arc<Gate>,
     audit: AuditLog,
     state: Mutex<State>,
 }
@@ -53,11 +60,13 @@ impl Reloader {
         config: Config,
         providers: BTreeMap<String, Arc<dyn KeyProvider>>,
         exports: Exports,
+        gate: Arc<Gate>,
         audit: AuditLog,
     ) -> Self {
         Reloader {
             config_path,
             exports,
+            gate,
             audit,
             state: Mutex::new(State { config, providers }),
         }
@@ -78,6 +87,18 @@ impl Reloader {
             Config::load(&self.config_path).map_err(|e| ServiceError::Reload(e.to_string()))?;
         let mut state = self.lock();
         let mut report = ReloadReport::default();
+        // Everything that can fail is read before anything changes.
+        // Certificates come from the running [server] (a changed [server]
+        // needs a restart), allow lists from the new file.
+        let tls = super::load_tls(&state.config)?;
+        let mut allow = BTreeMap::new();
+        for v in &new.volumes {
+            let list = v.allow_list().map_err(|source| ServiceError::Allow {
+                volume: v.name.get_ref().clone(),
+                source,
+            })?;
+            allow.insert(v.name.get_ref().clone(), list);
+        }
         if format!("{:?}", state.config.server) != format!("{:?}", new.server) {
             report
                 .not_applied
@@ -133,7 +154,25 @@ impl Reloader {
             .iter()
             .filter(|e| !kept_config.iter().any(|n| n == e.name()))
             .collect();
+        for export in &list {
+            if let Some(new_allow) = allow.remove(export.name()) {
+                if **export.allow.load() != new_allow {
+                    tracing::info!(volume = export.name(), allow = ?new_allow.describe(), "allow list changed");
+                }
+                export.allow.store(Arc::new(new_allow));
+            }
+        }
         self.exports.replace(list);
+        if let Some(tls) = tls {
+            tracing::info!(
+                subject = %tls.info.server_subject,
+                not_after = %tls.info.server_not_after,
+                crl_revoked = ?tls.info.crl_revoked,
+                "TLS certificates reloaded"
+            );
+            self.gate.replace_tls(tls);
+            report.tls_reloaded = true;
+        }
         for export in removed {
             if let Some(keys) = &export.keys {
                 keys.stop_reencrypt();

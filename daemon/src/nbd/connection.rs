@@ -1,0 +1,203 @@
+//! One connection's life: greeting and option haggling, the STARTTLS
+//! upgrade when the client asks (option haggling then goes on inside TLS),
+//! then the transmission phase on whichever stream came out — all under
+//! one handshake deadline, so a client that stalls anywhere before
+//! transmission (mid-TLS included) holds no more than a task and a socket.
+//!
+//! Listening and limits are `server.rs` and `gate.rs`; the options
+//! themselves `handshake.rs`.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+
+use super::exports::{Export, Exports};
+use super::gate::{Admitted, Gate};
+use super::handshake::{greet, negotiate, HandshakeError, Outcome, Session, TlsPhase};
+use super::peer::Peer;
+use super::tls::{self, TlsContext, TlsMode};
+use super::transmission::serve;
+
+/// An accepted socket, before the handshake.
+pub enum Stream {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream),
+}
+
+/// What the handshake left ready for transmission.
+enum Ready<S> {
+    Plain(S, Arc<Export>),
+    Tls(Box<TlsStream<S>>, Arc<Export>),
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("client was told TLS is required and left")]
+    TlsRequired,
+}
+
+pub async fn run(
+    stream: Stream,
+    mut peer: Peer,
+    gate: Arc<Gate>,
+    exports: Arc<Exports>,
+    shutdown: watch::Receiver<bool>,
+    _slot: Admitted,
+) {
+    // The credentials are fixed for this connection when it is accepted:
+    // a reload changes what later connections get.
+    let credentials = gate.tls();
+    let phase = match (&credentials, gate.settings.tls_mode, &stream) {
+        (None, _, _) | (_, TlsMode::Off, _) => TlsPhase::Unavailable,
+        (Some(_), TlsMode::Require, Stream::Tcp(_)) => TlsPhase::Offered { required: true },
+        // Unix peers are known by SO_PEERCRED; TLS there is the client's choice.
+        (Some(_), _, _) => TlsPhase::Offered { required: false },
+    };
+    let deadline = gate.settings.handshake_timeout;
+    match stream {
+        Stream::Unix(s) => {
+            let ready = tokio::time::timeout(
+                deadline,
+                handshake(s, &mut peer, phase, credentials.as_deref(), &exports),
+            )
+            .await;
+            match settle(ready, &peer, &gate) {
+                Some(Ready::Plain(s, export)) => {
+                    let (r, w) = s.into_split();
+                    transmit(r, w, export, &peer, false, shutdown).await
+                }
+                Some(Ready::Tls(s, export)) => {
+                    let (r, w) = tokio::io::split(*s);
+                    transmit(r, w, export, &peer, true, shutdown).await
+                }
+                _ => {}
+            }
+        }
+        Stream::Tcp(s) => {
+            let ready = tokio::time::timeout(
+                deadline,
+                handshake(s, &mut peer, phase, credentials.as_deref(), &exports),
+            )
+            .await;
+            match settle(ready, &peer, &gate) {
+                Some(Ready::Plain(s, export)) => {
+                    let (r, w) = s.into_split();
+                    transmit(r, w, export, &peer, false, shutdown).await
+                }
+                Some(Ready::Tls(s, export)) => {
+                    let (r, w) = tokio::io::split(*s);
+                    transmit(r, w, export, &peer, true, shutdown).await
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Logs and counts a handshake that did not reach transmission.
+fn settle<S>(
+    outcome: Result<Result<Ready<S>, ConnectError>, tokio::time::error::Elapsed>,
+    peer: &Peer,
+    gate: &Gate,
+) -> Option<Ready<S>> {
+    let counters = &gate.counters;
+    match outcome {
+        Ok(Ok(ready)) => Some(ready),
+        Ok(Err(ConnectError::TlsRequired)) => {
+            Gate::count(&counters.tls_required);
+            tracing::warn!(peer = %peer, "refused: plaintext client on a listener that requires TLS");
+            None
+        }
+        Ok(Err(ConnectError::Handshake(e @ HandshakeError::ExportNameWithoutTls))) => {
+            Gate::count(&counters.tls_required);
+            tracing::warn!(peer = %peer, "refused: {e}");
+            None
+        }
+        Ok(Err(e @ ConnectError::Tls(_))) => {
+            Gate::count(&counters.tls_failures);
+            tracing::warn!(peer = %peer, "refused: {e}");
+            None
+        }
+        Ok(Err(e)) => {
+            Gate::count(&counters.handshake_failures);
+            tracing::warn!(peer = %peer, "handshake failed: {e}; closing this connection");
+            None
+        }
+        Err(_) => {
+            Gate::count(&counters.handshake_failures);
+            tracing::warn!(peer = %peer, "handshake timed out; closing this connection");
+            None
+        }
+    }
+}
+
+async fn handshake<S>(
+    mut stream: S,
+    peer: &mut Peer,
+    phase: TlsPhase,
+    credentials: Option<&TlsContext>,
+    exports: &Exports,
+) -> Result<Ready<S>, ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = greet(&mut stream).await?;
+    let mut session = Session {
+        peer,
+        exports,
+        tls: phase,
+        no_zeroes,
+    };
+    match negotiate(&mut stream, &mut session).await? {
+        Outcome::Transmission(export) => return Ok(Ready::Plain(stream, export)),
+        Outcome::Closed => return Ok(Ready::Closed),
+        Outcome::Refused => return Err(ConnectError::TlsRequired),
+        Outcome::StartTls => {}
+    }
+    let Some(credentials) = credentials else {
+        // negotiate only acknowledges STARTTLS when credentials exist.
+        return Ok(Ready::Closed);
+    };
+    let mut tls = credentials
+        .acceptor
+        .accept(stream)
+        .await
+        .map_err(ConnectError::Tls)?;
+    peer.dn = tls::peer_subject(tls.get_ref().1);
+    let mut session = Session {
+        peer,
+        exports,
+        tls: TlsPhase::Active,
+        no_zeroes,
+    };
+    match negotiate(&mut tls, &mut session).await? {
+        Outcome::Transmission(export) => Ok(Ready::Tls(Box::new(tls), export)),
+        Outcome::Closed | Outcome::Refused | Outcome::StartTls => Ok(Ready::Closed),
+    }
+}
+
+async fn transmit<R, W>(
+    reader: R,
+    writer: W,
+    export: Arc<Export>,
+    peer: &Peer,
+    tls: bool,
+    shutdown: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    tracing::info!(peer = %peer, export = export.name(), tls, "client connected");
+    let label = peer.to_string();
+    match serve(reader, writer, export.clone(), shutdown, &label).await {
+        Ok(()) => tracing::info!(peer = %peer, export = export.name(), "client disconnected"),
+        Err(e) => tracing::warn!(peer = %peer, export = export.name(), "connection ended: {e}"),
+    }
+}

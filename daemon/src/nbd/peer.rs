@@ -1,0 +1,147 @@
+//! Who is on the other end of an NBD connection: the TCP address, or the
+//! Unix peer's credentials (SO_PEERCRED plus the supplementary groups from
+//! /proc), and, once TLS is up, the verified client certificate's subject.
+//! Access rules (`access.rs`) and connection limits (`limits.rs`) decide on
+//! this; what they decide does not live here.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    Unix {
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+        /// Supplementary groups, read when the connection was accepted.
+        groups: Vec<u32>,
+    },
+    Tcp(SocketAddr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub transport: Transport,
+    /// Subject of the client certificate that TLS verified (RFC 4514).
+    pub dn: Option<String>,
+}
+
+/// What connection limits count a peer as: one IP address, or one uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerKey {
+    Uid(u32),
+    Ip(IpAddr),
+}
+
+impl Peer {
+    pub fn tcp(addr: SocketAddr) -> Self {
+        Peer {
+            transport: Transport::Tcp(addr),
+            dn: None,
+        }
+    }
+
+    /// Identifies a Unix-socket client by its credentials; `None` when the
+    /// kernel will not say (then no uid/gid rule can match it).
+    pub fn unix(stream: &tokio::net::UnixStream) -> Self {
+        let transport = match stream.peer_cred() {
+            Ok(cred) => Transport::Unix {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+                groups: cred.pid().map(supplementary_groups).unwrap_or_default(),
+            },
+            // An impossible uid: matches no rule and counts as one peer.
+            Err(_) => Transport::Unix {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+                groups: Vec::new(),
+            },
+        };
+        Peer {
+            transport,
+            dn: None,
+        }
+    }
+
+    pub fn key(&self) -> PeerKey {
+        match &self.transport {
+            Transport::Unix { uid, .. } => PeerKey::Uid(*uid),
+            Transport::Tcp(addr) => PeerKey::Ip(addr.ip()),
+        }
+    }
+
+    pub fn is_tcp(&self) -> bool {
+        matches!(self.transport, Transport::Tcp(_))
+    }
+}
+
+impl fmt::Display for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.transport {
+            Transport::Unix { uid, gid, pid, .. } => {
+                write!(f, "unix uid={uid} gid={gid}")?;
+                if let Some(pid) = pid {
+                    write!(f, " pid={pid}")?;
+                }
+            }
+            Transport::Tcp(addr) => write!(f, "tcp {addr}")?,
+        }
+        if let Some(dn) = &self.dn {
+            write!(f, " dn={dn:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The `Groups:` line of /proc/PID/status (empty when the process is gone).
+pub fn supplementary_groups(pid: i32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Cuts a client-supplied string for a log line or an error message: at
+/// most `max` bytes (on a character boundary), saying how long it was.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(32);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &text[..end], text.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorten_keeps_short_text_and_bounds_long_text() {
+        assert_eq!(shorten("abc", 10), "abc");
+        let long = "é".repeat(40_000);
+        let short = shorten(&long, 4096);
+        assert!(short.len() <= 4096, "{}", short.len());
+        assert!(short.ends_with("(80000 bytes)"));
+    }
+
+    #[test]
+    fn displays_identity() {
+        let mut p = Peer::tcp("10.1.2.3:4000".parse().unwrap());
+        p.dn = Some("CN=vm,O=Example".into());
+        assert_eq!(p.to_string(), "tcp 10.1.2.3:4000 dn=\"CN=vm,O=Example\"");
+        assert_eq!(p.key(), PeerKey::Ip("10.1.2.3".parse().unwrap()));
+    }
+}
