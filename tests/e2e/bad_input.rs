@@ -89,7 +89,9 @@ fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
 fn setup() -> (Fixture, Daemon) {
     let mut fx = Fixture::new();
     fx.volume("v", "cache", "");
-    fx.create("v", "16M", 4096);
+    // Larger than the 32 MiB maximum request, so an oversized request can
+    // be in range.
+    fx.create("v", "64M", 4096);
     let d = fx.start();
     (fx, d)
 }
@@ -111,12 +113,16 @@ fn garbage_handshake_drops_only_that_client() {
     flags.write_all(&0xffff_0000u32.to_be_bytes()).unwrap();
     assert_closed(&mut flags);
 
+    // An option longer than the server reads is answered with
+    // NBD_REP_ERR_TOO_BIG before the connection closes.
     let mut huge = connect(&fx);
     greet(&mut huge);
     let mut m = IHAVEOPT.to_be_bytes().to_vec();
     m.extend_from_slice(&7u32.to_be_bytes());
     m.extend_from_slice(&u32::MAX.to_be_bytes());
     huge.write_all(&m).unwrap();
+    let (option, kind, _) = read_reply(&mut huge);
+    assert_eq!((option, kind), (7, 0x8000_0009), "NBD_REP_ERR_TOO_BIG");
     assert_closed(&mut huge);
 
     good_client_works(&fx);
@@ -151,6 +157,96 @@ fn unknown_option_gets_err_unsup_and_negotiation_continues() {
     s.read_exact(&mut reply).unwrap();
     assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
     assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 42);
+}
+
+/// Strings the server sends are capped at 4096 bytes (the spec's limit),
+/// even when they would echo a client's 65,000-byte export name; the log
+/// gets a shortened name too.
+#[test]
+fn long_export_name_gets_a_bounded_error_message() {
+    let (fx, d) = setup();
+    let mut s = connect(&fx);
+    greet(&mut s);
+    let name = "n".repeat(65_000);
+    let mut data = (name.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(name.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut s, 7, &data);
+    let (_, kind, body) = read_reply(&mut s);
+    assert_eq!(kind, 0x8000_0006, "NBD_REP_ERR_UNKNOWN");
+    assert!(body.len() <= 4096, "{} bytes", body.len());
+    // EXPORT_NAME with that name: closed, and the log line stays short.
+    send_option(&mut s, 1, name.as_bytes());
+    assert_closed(&mut s);
+    good_client_works(&fx);
+    wait_until("the refusal is logged", Duration::from_secs(10), || {
+        d.stderr().contains("unknown export")
+    });
+    let log = d.stderr();
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 2048, "a log line of {longest} bytes");
+}
+
+/// `max_connections` is enforced: with a limit of 1024, connection 1025
+/// is closed at once (no greeting) while the first 1024 are all served a
+/// greeting, and a slot frees when one leaves.
+#[test]
+fn connection_over_the_limit_is_refused_while_the_others_are_served() {
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    // Idle handshakes must outlive the test: a long handshake timeout.
+    fx.write_config(&format!(
+        "{}\nmax_connections = 1024\nmax_connections_per_peer = 2048\nhandshake_timeout = \"300s\"",
+        fx.control_and_audit()
+    ));
+    fx.create("v", "16M", 4096);
+    let d = fx.start();
+    raise_fd_limit(2200);
+    let mut open = Vec::new();
+    for _ in 0..1024 {
+        let mut s = connect(&fx);
+        let mut hello = [0u8; 18];
+        s.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        open.push(s);
+    }
+    let mut extra = connect(&fx);
+    let mut buf = [0u8; 18];
+    assert!(
+        matches!(extra.read(&mut buf), Ok(0) | Err(_)),
+        "connection 1025 was greeted"
+    );
+    wait_until("the refusal is logged", Duration::from_secs(10), || {
+        d.stderr().contains("max_connections (1024) reached")
+    });
+    assert_eq!(fx.status()["connections"]["refused_limit"], 1);
+    // One leaves: a new client is served in its slot.
+    drop(open.pop());
+    wait_until("a slot frees", Duration::from_secs(10), || {
+        fx.status()["connections"]["open"] == 1023
+    });
+    good_client_works(&fx);
+    drop(open);
+}
+
+/// Raises this test process's soft open-file limit (the test holds
+/// over a thousand sockets).
+fn raise_fd_limit(want: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct we pass.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        assert!(
+            limit.rlim_max >= want,
+            "hard fd limit {} < {want}",
+            limit.rlim_max
+        );
+        limit.rlim_cur = limit.rlim_cur.max(want);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
 }
 
 #[test]
@@ -201,6 +297,28 @@ fn out_of_range_and_oversized_requests_get_errors_libnbd() {
     good_client_works(&fx);
 }
 
+/// TRIM past the end is EINVAL (only writes and write-zeroes get ENOSPC).
+#[test]
+fn trim_past_the_end_is_einval() {
+    let mut fx = Fixture::new();
+    fx.volume("d", "temp", "size = \"8M\"\nallow_discards = true");
+    let _d = fx.start();
+    let script = r#"
+h = nbd.NBD()
+h.set_strict_mode(0)
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+try:
+    h.trim(8192, size - 4096)
+    sys.exit("trim past the end succeeded")
+except nbd.Error as e:
+    assert errno_of(e) == errno.EINVAL, e
+h.trim(4096, size - 4096)
+print("OK")
+"#;
+    python_nbd(script, &fx.uri("d"));
+}
+
 /// Old clients pick an export with NBD_OPT_EXPORT_NAME instead of OPT_GO;
 /// an unknown name there can only be answered by closing the connection.
 #[test]
@@ -211,7 +329,7 @@ fn export_name_fallback_enters_transmission() {
     send_option(&mut s, 1, b"v");
     let mut reply = [0u8; 10];
     s.read_exact(&mut reply).unwrap();
-    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 16 << 20);
+    assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 64 << 20);
     let flags = u16::from_be_bytes(reply[8..].try_into().unwrap());
     assert_eq!(
         flags & 0x0101,

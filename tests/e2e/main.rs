@@ -17,4 +17,5 @@ mod protocol;
 mod reencrypt;
 mod systemd;
 mod temp;
+mod tls;
 mod vault;

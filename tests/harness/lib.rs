@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub mod azure;
 pub mod bao;
 pub mod softhsm;
+pub mod tls;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {

@@ -513,6 +513,50 @@ allow_discards = true
     }
 
     #[test]
+    fn tcp_beyond_loopback_needs_tls_require_or_an_explicit_opt_out() {
+        let open = GOOD.replace("127.0.0.1:10809", "0.0.0.0:10809");
+        let err = parse(&open).unwrap_err().to_string();
+        assert!(
+            err.contains("0.0.0.0:10809")
+                && err.contains("tls = \"require\"")
+                && err.contains("insecure_plaintext_tcp = true"),
+            "{err}"
+        );
+        parse(&open.replace("[server]\n", "[server]\ninsecure_plaintext_tcp = true\n")).unwrap();
+        let tls = open.replace(
+            "[server]\n",
+            "[server]\ntls = \"require\"\ntls_certificates = \"/etc/hostcrypt/tls\"\n",
+        );
+        let c = parse(&tls).unwrap();
+        assert!(
+            c.server.tls_verify_peer,
+            "client certificates are required by default"
+        );
+        let err = parse(&open.replace("[server]\n", "[server]\ntls = \"on\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_certificates"), "{err}");
+        assert!(parse(&GOOD.replace("127.0.0.1:10809", "localhost:10809")).is_ok());
+        assert!(parse(&GOOD.replace("127.0.0.1:10809", "[::1]:10809")).is_ok());
+    }
+
+    #[test]
+    fn allow_entries_are_checked_with_their_line() {
+        let text = GOOD.replace(
+            "kek = \"main\"\n",
+            "kek = \"main\"\nallow = [\"uid:0\", \"10.0.0.0/40\"]\n",
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 15") && err.contains("prefix"), "{err}");
+        let ok = text.replace("10.0.0.0/40", "gid:root");
+        let c = parse(&ok).unwrap();
+        assert_eq!(
+            c.volumes[0].allow_list().unwrap().describe(),
+            Some(vec!["uid:0".to_string(), "gid:0".to_string()])
+        );
+    }
+
+    #[test]
     fn unknown_key_names_key_and_line() {
         let text = GOOD.replace("allow_discards = true", "allow_discard = true");
         let err = parse(&text).unwrap_err().to_string();
