@@ -90,33 +90,10 @@ fn fio_verify(volume_options: &str) {
             daemon.stderr()
         );
     }
-    let out = run_ok(Command::new("fio").args([
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", fx.uri("fio")),
-        "--rw=randwrite",
-        "--bsrange=4k-64k",
-        "--iodepth=16",
-        "--numjobs=2",
-        "--size=32M",
-        "--offset_increment=64M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--output-format=json",
-    ]));
-    // fio may print engine notices before the JSON document.
-    let start = out
-        .stdout
-        .iter()
-        .position(|&b| b == b'{')
-        .expect("fio printed no JSON");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).expect("fio JSON");
-    let jobs = report["jobs"].as_array().expect("jobs");
+    let out = run_ok(Command::new("fio").args(fio_verify_args(&fx.uri("fio"), "32M", "64M")));
+    let jobs = fio_jobs(&out);
     assert_eq!(jobs.len(), 2);
     for job in jobs {
-        assert_eq!(job["error"], 0, "{job}");
         assert!(
             job["write"]["io_bytes"].as_u64().unwrap() >= 32 << 20,
             "{job}"

@@ -103,12 +103,7 @@ fn wrong_kek_is_refused_naming_both_keys_and_nothing_written() {
 
 /// Runs `hostcryptd --check`, expects exit code 1, returns stderr.
 fn check_fails(fx: &Fixture) -> String {
-    let out = Command::new(bin("hostcryptd"))
-        .arg("--config")
-        .arg(&fx.config)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let out = fx.check();
     assert_eq!(out.status.code(), Some(1));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }

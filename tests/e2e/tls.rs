@@ -150,33 +150,15 @@ fn fio_verify_over_tls_two_connections() {
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "fio"])
             .env("HOME", &home)
             .current_dir(&home)
-            .args([
-                "--name=verify",
-                "--ioengine=nbd",
-                &format!("--uri=nbds://localhost:{port}/v"),
-                "--rw=randwrite",
-                "--bsrange=4k-64k",
-                "--iodepth=16",
-                "--numjobs=2",
-                "--size=16M",
-                "--offset_increment=32M",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--verify_state_save=0",
-                "--output-format=json",
-            ]),
+            .args(fio_verify_args(
+                &format!("nbds://localhost:{port}/v"),
+                "16M",
+                "32M",
+            )),
     );
-    let start = out
-        .stdout
-        .iter()
-        .position(|&b| b == b'{')
-        .expect("fio printed no JSON");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).expect("fio JSON");
-    let jobs = report["jobs"].as_array().expect("jobs");
+    let jobs = fio_jobs(&out);
     assert_eq!(jobs.len(), 2);
     for job in jobs {
-        assert_eq!(job["error"], 0, "{job}");
         assert!(
             job["read"]["io_bytes"].as_u64().unwrap() >= 16 << 20,
             "{job}"
@@ -351,12 +333,7 @@ fn daemon_refuses_plaintext_beyond_loopback_and_a_readable_key() {
         log.contains(&key.display().to_string()) && log.contains("0644"),
         "{log}"
     );
-    let out = Command::new(bin("hostcryptd"))
-        .arg("--config")
-        .arg(&fx.config)
-        .arg("--check")
-        .output()
-        .unwrap();
+    let out = fx.check();
     assert!(!out.status.success());
     assert!(
         output_text(&out).contains("chmod 600"),
@@ -364,13 +341,9 @@ fn daemon_refuses_plaintext_beyond_loopback_and_a_readable_key() {
         output_text(&out)
     );
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = run_ok(
-        Command::new(bin("hostcryptd"))
-            .arg("--config")
-            .arg(&fx.config)
-            .arg("--check"),
-    );
+    let out = fx.check();
     let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
     assert!(
         text.contains("CN=hostcrypt,O=Example") && text.contains("CRL revokes 1"),
         "{text}"

@@ -252,6 +252,17 @@ impl Fixture {
         }
     }
 
+    /// `hostcryptd --config CONFIG --check`, whatever the outcome.
+    pub fn check(&self) -> Output {
+        Command::new(bin("hostcryptd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--check")
+            .output()
+            .expect("run hostcryptd --check")
+    }
+
     /// Starts the daemon without waiting (for start-up failure tests).
     pub fn spawn(&self) -> Daemon {
         let log = self.path(&format!("hostcryptd-{}.log", unique()));
@@ -383,6 +394,46 @@ pub fn read_fails_with_eio(uri: &str) {
         .expect("qemu-io");
     let text = output_text(&out);
     assert!(text.contains("Input/output error"), "{text}");
+}
+
+/// Arguments for a fio verify run on `uri`: two jobs of random writes
+/// (4k-64k, QD16), each `size` long and `offset_increment` apart, read back
+/// and checked with crc32c; JSON output for [`fio_jobs`].
+pub fn fio_verify_args(uri: &str, size: &str, offset_increment: &str) -> Vec<String> {
+    [
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bsrange=4k-64k",
+        "--iodepth=16",
+        "--numjobs=2",
+        &format!("--size={size}"),
+        &format!("--offset_increment={offset_increment}"),
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--output-format=json",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The per-job reports of a `fio --output-format=json` run, each checked
+/// for `error == 0` (fio may print engine notices before the JSON).
+pub fn fio_jobs(out: &Output) -> Vec<serde_json::Value> {
+    let start = out
+        .stdout
+        .iter()
+        .position(|&b| b == b'{')
+        .expect("fio printed no JSON");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout[start..]).expect("fio JSON");
+    let jobs = report["jobs"].as_array().expect("jobs").clone();
+    for job in &jobs {
+        assert_eq!(job["error"], 0, "{job}");
+    }
+    jobs
 }
 
 /// `hostcrypt inspect --json BACKING`.

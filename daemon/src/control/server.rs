@@ -65,18 +65,7 @@ pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
 
 /// Resolves `control_group` (a name from /etc/group or a numeric gid).
 pub fn resolve_group(group: &str) -> io::Result<u32> {
-    if let Ok(gid) = group.parse() {
-        return Ok(gid);
-    }
-    let groups = std::fs::read_to_string("/etc/group")?;
-    groups
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split(':');
-            Some((f.next()?, f.nth(1)?))
-        })
-        .find(|(name, _)| *name == group)
-        .and_then(|(_, gid)| gid.parse().ok())
+    crate::nbd::access::resolve_id(group, "/etc/group")
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no group named {group:?}")))
 }
 

@@ -175,8 +175,9 @@ fn in_prefix(ip: IpAddr, net: IpAddr, prefix: u8) -> bool {
     }
 }
 
-/// A numeric id, or a name looked up in a passwd/group-format file.
-fn resolve_id(text: &str, file: &str) -> Option<u32> {
+/// A numeric id, or a name looked up in a passwd/group-format file
+/// (`/etc/passwd`, `/etc/group`).
+pub fn resolve_id(text: &str, file: &str) -> Option<u32> {
     if let Ok(id) = text.parse() {
         return Some(id);
     }

@@ -60,43 +60,52 @@ pub async fn run(
         // Unix peers are known by SO_PEERCRED; TLS there is the client's choice.
         (Some(_), _, _) => TlsPhase::Offered { required: false },
     };
-    let deadline = gate.settings.handshake_timeout;
+    let conn = Conn {
+        phase,
+        credentials: credentials.as_deref(),
+        exports: &exports,
+        gate: &gate,
+        shutdown,
+    };
     match stream {
-        Stream::Unix(s) => {
-            let ready = tokio::time::timeout(
-                deadline,
-                handshake(s, &mut peer, phase, credentials.as_deref(), &exports),
-            )
-            .await;
-            match settle(ready, &peer, &gate) {
-                Some(Ready::Plain(s, export)) => {
-                    let (r, w) = s.into_split();
-                    transmit(r, w, export, &peer, false, shutdown).await
-                }
-                Some(Ready::Tls(s, export)) => {
-                    let (r, w) = tokio::io::split(*s);
-                    transmit(r, w, export, &peer, true, shutdown).await
-                }
-                _ => {}
+        Stream::Unix(s) => conn.run(s, &mut peer, |s| s.into_split()).await,
+        Stream::Tcp(s) => conn.run(s, &mut peer, |s| s.into_split()).await,
+    }
+}
+
+/// What one connection runs with, whatever its socket type.
+struct Conn<'a> {
+    phase: TlsPhase,
+    credentials: Option<&'a TlsContext>,
+    exports: &'a Exports,
+    gate: &'a Gate,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Conn<'_> {
+    /// Handshake under the deadline, then transmission on the plaintext
+    /// socket's own halves (`split`) or on the TLS stream's.
+    async fn run<S, R, W>(self, stream: S, peer: &mut Peer, split: fn(S) -> (R, W))
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let ready = tokio::time::timeout(
+            self.gate.settings.handshake_timeout,
+            handshake(stream, peer, self.phase, self.credentials, self.exports),
+        )
+        .await;
+        match settle(ready, peer, self.gate) {
+            Some(Ready::Plain(s, export)) => {
+                let (r, w) = split(s);
+                transmit(r, w, export, peer, false, self.shutdown).await
             }
-        }
-        Stream::Tcp(s) => {
-            let ready = tokio::time::timeout(
-                deadline,
-                handshake(s, &mut peer, phase, credentials.as_deref(), &exports),
-            )
-            .await;
-            match settle(ready, &peer, &gate) {
-                Some(Ready::Plain(s, export)) => {
-                    let (r, w) = s.into_split();
-                    transmit(r, w, export, &peer, false, shutdown).await
-                }
-                Some(Ready::Tls(s, export)) => {
-                    let (r, w) = tokio::io::split(*s);
-                    transmit(r, w, export, &peer, true, shutdown).await
-                }
-                _ => {}
+            Some(Ready::Tls(s, export)) => {
+                let (r, w) = tokio::io::split(*s);
+                transmit(r, w, export, peer, true, self.shutdown).await
             }
+            Some(Ready::Closed) | None => {}
         }
     }
 }
