@@ -402,6 +402,10 @@ fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
         c.handshake_failures
     );
     for v in &status.volumes {
+        if let Some(u) = &v.unavailable {
+            println!("  {:<16} {:<17} {}", v.name, u.state, u.error);
+            continue;
+        }
         let key = match &v.key {
             Some(k) => format!(
                 "{:<17} kek {} ({} {} v{}){}{}",

@@ -4,7 +4,6 @@
 //! and the config must say which KEK holds the inner layer.
 
 use std::process::Command;
-use std::time::Duration;
 
 use crate::breakglass::openssl_decrypt_sector;
 use hostcrypt_e2e::softhsm::SoftHsm;
@@ -79,9 +78,9 @@ fn double_encrypted_data_needs_both_keys() {
     // Without kek_inner the daemon says what is missing and touches nothing.
     let text = std::fs::read_to_string(&fx.config).unwrap();
     std::fs::write(&fx.config, text.replace("kek_inner = \"second\"", "")).unwrap();
-    let mut d = fx.spawn();
-    assert_ne!(d.wait(Duration::from_secs(30)), 0);
+    let d = fx.start_with_unavailable("dbl");
     assert!(d.stderr().contains("double-encrypted"), "{}", d.stderr());
+    assert_eq!(d.stop(), 0);
     assert_eq!(std::fs::read(&backing).unwrap(), raw);
 }
 

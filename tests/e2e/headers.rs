@@ -3,7 +3,6 @@
 
 use std::os::unix::fs::FileExt;
 use std::process::Command;
-use std::time::Duration;
 
 use hostcrypt_e2e::*;
 use hostcryptd::volume::{BACKUP_AT, PRIMARY_AT};
@@ -58,13 +57,13 @@ fn both_headers_corrupt_is_refused_and_nothing_written() {
     corrupt(&backing, PRIMARY_AT);
     corrupt(&backing, BACKUP_AT);
     let before = sha256_file(&backing);
-    let mut d = fx.spawn();
-    assert_eq!(d.wait(Duration::from_secs(30)), 1);
+    let d = fx.start_with_unavailable("h");
     assert!(
         d.stderr().contains("both header copies are corrupt"),
         "{}",
         d.stderr()
     );
+    assert_eq!(d.stop(), 0);
     assert_eq!(sha256_file(&backing), before);
     let out = Command::new(bin("hostcrypt"))
         .args(["inspect"])
@@ -89,9 +88,9 @@ fn wrong_kek_is_refused_naming_both_keys_and_nothing_written() {
             .args(["kek", "init-local"])
             .arg(&fx.kek),
     );
-    let mut d = fx.spawn();
-    assert_eq!(d.wait(Duration::from_secs(30)), 1);
+    let d = fx.start_with_unavailable("h");
     let log = d.stderr();
+    assert_eq!(d.stop(), 0);
     assert!(
         log.contains("the data key was wrapped by local key")
             && log.contains("but the configured KEK is local key"),

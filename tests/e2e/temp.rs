@@ -55,12 +55,13 @@ fn temp_volume_refuses_a_cache_backing() {
         ),
     )
     .unwrap();
-    let mut d = fx.spawn();
-    assert_eq!(d.wait(std::time::Duration::from_secs(30)), 1);
+    // The volume is refused (and retried), never formatted over.
+    let d = fx.start_with_unavailable("t");
     assert!(
         d.stderr().contains("holds a cache volume"),
         "{}",
         d.stderr()
     );
+    assert_eq!(d.stop(), 0);
     assert_eq!(sha256_file(&backing), before);
 }

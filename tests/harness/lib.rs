@@ -212,7 +212,11 @@ impl Fixture {
         status["volumes"]
             .as_array()
             .and_then(|vs| vs.iter().find(|v| v["name"] == volume))
-            .and_then(|v| v["key"]["state"].as_str())
+            .and_then(|v| {
+                v["key"]["state"]
+                    .as_str()
+                    .or_else(|| v["unavailable"]["state"].as_str())
+            })
             .unwrap_or_default()
             .to_string()
     }
@@ -261,6 +265,22 @@ impl Fixture {
             .arg("--check")
             .output()
             .expect("run hostcryptd --check")
+    }
+
+    /// Starts the daemon for a config with a volume that cannot open: the
+    /// daemon runs on (other volumes would serve) and logs why; returns
+    /// once `volume` is reported as not served.
+    pub fn start_with_unavailable(&self, volume: &str) -> Daemon {
+        let d = self.start();
+        wait_until(
+            &format!("{volume} reported as not served"),
+            Duration::from_secs(30),
+            || {
+                let log = d.stderr();
+                log.contains("volume not served") && log.contains(&format!("volume={volume}"))
+            },
+        );
+        d
     }
 
     /// Starts the daemon without waiting (for start-up failure tests).
@@ -434,6 +454,23 @@ pub fn fio_jobs(out: &Output) -> Vec<serde_json::Value> {
         assert_eq!(job["error"], 0, "{job}");
     }
     jobs
+}
+
+/// qemu-io against an export that is not served (waiting for its key):
+/// opening it must fail, and nothing is read.
+pub fn read_fails_with_eio_or_refused(uri: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 64k", uri])
+        .output()
+        .expect("qemu-io");
+    let text = output_text(&out);
+    assert!(
+        text.contains("Input/output error")
+            || text.contains("not available")
+            || !out.status.success(),
+        "{text}"
+    );
+    assert!(!text.contains("read 65536/65536"), "{text}");
 }
 
 /// `hostcrypt inspect --json BACKING`.

@@ -121,7 +121,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let providers = service::open_providers(&config)?;
     let gate = service::open_gate(&config)?;
     let audit = service::open_audit(&config)?;
-    let exports = service::open_exports(&config, &providers, &audit)?;
+    let (exports, failed) = service::open_exports(&config, &providers, &audit);
     let engine = hostcryptd::io::engine::init(config.server.io_engine).context(
         "starting the io_uring engine (set io_engine = \"threads\" where io_uring is not allowed)",
     )?;
@@ -206,10 +206,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             exports.clone(),
             gate.clone(),
             audit.clone(),
+            failed,
         ));
         let (monitor_stop, monitor_rx) = std::sync::mpsc::channel::<()>();
-        let monitor = service::keys::spawn_monitor(exports.clone(), monitor_rx)
-            .context("starting the key-check thread")?;
+        let retry = reloader.clone();
+        let monitor = service::keys::spawn_monitor(exports.clone(), monitor_rx, move || {
+            retry.retry_waiting()
+        })
+        .context("starting the key-check thread")?;
         let control = match control_socket {
             Some((listener, path, owned)) => {
                 tracing::info!(control = %path.display(), "control socket ready");

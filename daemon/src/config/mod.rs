@@ -188,12 +188,23 @@ pub struct VolumeConfig {
     /// What to do when the KEK becomes unusable: `stop` or `until-restart`.
     #[serde(default)]
     pub on_key_loss: crate::volume::OnKeyLoss,
+    /// While the KEK's provider cannot be reached: `serve` from memory for
+    /// `key_unreachable_grace`, or `stop` as on key loss.
+    #[serde(default)]
+    pub on_key_unreachable: crate::volume::OnKeyUnreachable,
+    /// How long an unreachable provider is tolerated (`"24h"`).
+    #[serde(default = "default_unreachable_grace", deserialize_with = "duration")]
+    pub key_unreachable_grace: std::time::Duration,
     /// Rewrap to the provider's newest key version at every key check.
     #[serde(default)]
     pub auto_rotate: bool,
     /// How often the daemon verifies it can still unwrap the DEK (`60s`, `1s`, ...).
     #[serde(default = "default_key_check", deserialize_with = "duration")]
     pub key_check_interval: std::time::Duration,
+}
+
+fn default_unreachable_grace() -> std::time::Duration {
+    std::time::Duration::from_secs(24 * 3600)
 }
 
 fn default_key_check() -> std::time::Duration {

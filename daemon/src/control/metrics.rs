@@ -152,6 +152,28 @@ impl Collector for DaemonCollector {
                 .encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
+            "hostcrypt_volume_unavailable",
+            "1 for a configured volume that is not open (waiting for its key, or failed to open); retried",
+            None,
+            MetricType::Gauge,
+        )?;
+        for u in self.exports.unavailable().iter() {
+            let labels: Labels = vec![("volume", &u.name), ("state", u.state)];
+            ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_key_unreachable",
+            "1 while the volume's KEK provider cannot be reached and the volume serves from memory on grace",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in self.exports.iter() {
+            let Some(keys) = &e.keys else { continue };
+            let labels: Labels = vec![("volume", e.name())];
+            ConstGauge::new(i64::from(keys.is_unreachable()))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
             "hostcrypt_access_refused",
             "Clients a volume's allow list turned away",
             None,

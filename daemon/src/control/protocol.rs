@@ -119,6 +119,10 @@ pub struct VolumeStatus {
     /// Clients the allow list turned away since start.
     #[serde(default)]
     pub refused: u64,
+    /// Set while the volume is configured but not open (`waiting-for-key`,
+    /// `open-failed`), with why; it is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<UnavailableStatus>,
     /// Absent for temp volumes (their key never leaves memory).
     pub key: Option<KeyStatus>,
     #[serde(default)]
@@ -126,6 +130,14 @@ pub struct VolumeStatus {
     /// The re-encryption in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reencrypt: Option<crate::volume::ReencryptStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnavailableStatus {
+    pub state: String,
+    pub error: String,
+    /// Seconds since the epoch of the first failure.
+    pub since: u64,
 }
 
 /// A volume's traffic since the daemon started.

@@ -15,7 +15,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::protocol::{
-    CheckResult, ConnectionStatus, IoStatus, KeyChange, Status, VolumeStatus, MAX_REQUEST,
+    CheckResult, ConnectionStatus, IoStatus, KeyChange, Status, UnavailableStatus, VolumeStatus,
+    MAX_REQUEST,
 };
 use super::{Request, Response};
 use crate::nbd::Exports;
@@ -271,7 +272,24 @@ fn status(state: &ControlState) -> Status {
                     .as_ref()
                     .map(|k| k.reencrypt_status())
                     .filter(|r| r.target_generation.is_some()),
+                unavailable: None,
             })
+            .chain(state.exports.unavailable().iter().map(|u| VolumeStatus {
+                name: u.name.clone(),
+                role: "-".into(),
+                size: 0,
+                sector_size: 0,
+                allow: u.allow.describe(),
+                refused: 0,
+                unavailable: Some(UnavailableStatus {
+                    state: u.state.into(),
+                    error: u.reason.clone(),
+                    since: u.since,
+                }),
+                key: None,
+                io: IoStatus::default(),
+                reencrypt: None,
+            }))
             .collect(),
     }
 }

@@ -104,6 +104,13 @@ pub enum KekError {
 }
 
 impl KekError {
+    /// Whether the provider could not be reached (connect/timeout, 5xx,
+    /// 429, sealed, token endpoint down), as opposed to an answer that
+    /// denies access or says the key is gone: an outage, not a revocation.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, KekError::Unavailable { .. })
+    }
+
     /// A short machine-readable class for audit lines and status output.
     pub fn class(&self) -> &'static str {
         match self {

@@ -124,6 +124,11 @@ impl AllowList {
         AllowList(None)
     }
 
+    /// An empty list: admits no one.
+    pub fn nobody() -> Self {
+        AllowList(Some(Vec::new()))
+    }
+
     pub fn parse<S: AsRef<str>>(entries: Option<&[S]>) -> Result<Self, RuleError> {
         match entries {
             None => Ok(AllowList(None)),

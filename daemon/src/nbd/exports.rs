@@ -1,6 +1,8 @@
 //! The set of exports a server offers: each is an open volume under its NBD
 //! name. An empty export name selects the first volume, so
-//! `nbd+unix:///?socket=...` works without knowing names.
+//! `nbd+unix:///?socket=...` works without knowing names. Beside them, the
+//! configured volumes that are not open (yet): listed, and refused with
+//! the reason, so a client learns why instead of "no such export".
 
 use std::sync::Arc;
 
@@ -58,19 +60,51 @@ impl Export {
     }
 }
 
+/// A configured volume that is not served now (its key cannot be
+/// unwrapped yet, say): clients see it in OPT_LIST and get `reason` on GO.
+#[derive(Debug, Clone)]
+pub struct Unavailable {
+    pub name: String,
+    /// `waiting-for-key` or `open-failed`.
+    pub state: &'static str,
+    pub reason: String,
+    pub allow: AllowList,
+    /// Seconds since the epoch of the first failure.
+    pub since: u64,
+}
+
 /// The served exports. Clones share one list, which `hostcrypt reload`
 /// replaces as a whole: a connection keeps the export it opened, new
 /// connections see the new list.
 #[derive(Debug, Default, Clone)]
 pub struct Exports {
     list: Arc<ArcSwap<Vec<Arc<Export>>>>,
+    unavailable: Arc<ArcSwap<Vec<Unavailable>>>,
 }
 
 impl Exports {
     pub fn new(list: Vec<Arc<Export>>) -> Self {
         Exports {
             list: Arc::new(ArcSwap::from_pointee(list)),
+            unavailable: Default::default(),
         }
+    }
+
+    /// The configured volumes not served now.
+    pub fn unavailable(&self) -> Arc<Vec<Unavailable>> {
+        self.unavailable.load_full()
+    }
+
+    pub fn find_unavailable(&self, name: &str) -> Option<Unavailable> {
+        self.unavailable
+            .load()
+            .iter()
+            .find(|u| u.name == name)
+            .cloned()
+    }
+
+    pub fn set_unavailable(&self, list: Vec<Unavailable>) {
+        self.unavailable.store(Arc::new(list));
     }
 
     pub fn find(&self, name: &str) -> Option<Arc<Export>> {
@@ -84,6 +118,15 @@ impl Exports {
     /// A snapshot of the current exports.
     pub fn iter(&self) -> std::vec::IntoIter<Arc<Export>> {
         self.list.load_full().as_ref().clone().into_iter()
+    }
+
+    /// Adds one export (a waiting volume that opened).
+    pub fn add(&self, export: Arc<Export>) {
+        self.list.rcu(|list| {
+            let mut list = list.as_ref().clone();
+            list.push(export.clone());
+            list
+        });
     }
 
     /// Replaces the list (reload).

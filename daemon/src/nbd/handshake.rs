@@ -183,11 +183,18 @@ where
                     .await?;
                     continue;
                 }
-                for export in session.exports.iter() {
-                    if !export.allow.load().permits(session.peer) {
-                        continue;
-                    }
-                    let name = export.name().as_bytes();
+                let served = session
+                    .exports
+                    .iter()
+                    .filter(|e| e.allow.load().permits(session.peer))
+                    .map(|e| e.name().to_owned());
+                let waiting = session.exports.unavailable();
+                let waiting = waiting
+                    .iter()
+                    .filter(|u| u.allow.permits(session.peer))
+                    .map(|u| u.name.clone());
+                for name in served.chain(waiting).collect::<Vec<_>>() {
+                    let name = name.as_bytes();
                     let mut body = Vec::with_capacity(4 + name.len());
                     body.extend_from_slice(&(name.len() as u32).to_be_bytes());
                     body.extend_from_slice(name);
@@ -201,7 +208,13 @@ where
                     continue;
                 };
                 let Some(export) = session.exports.find(&name) else {
-                    let msg = format!("no export named {:?}", shorten(&name, LOGGED_NAME));
+                    let msg = match session.exports.find_unavailable(&name) {
+                        Some(u) if u.allow.permits(session.peer) => format!(
+                            "volume {:?} is not available ({}): {}",
+                            u.name, u.state, u.reason
+                        ),
+                        _ => format!("no export named {:?}", shorten(&name, LOGGED_NAME)),
+                    };
                     error(stream, option, REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 };

@@ -23,5 +23,5 @@ mod server;
 pub mod tls;
 mod transmission;
 
-pub use exports::{Export, Exports};
+pub use exports::{Export, Exports, Unavailable};
 pub use server::{run, Listener};

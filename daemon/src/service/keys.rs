@@ -1,6 +1,7 @@
 //! The key-check monitor: one thread that runs each cache volume's key check
 //! when its `key_check_interval` is due (the checks themselves, with loss,
-//! recovery and auto-rotation, are `volume/keys.rs`). A plain thread, not a
+//! recovery and auto-rotation, are `volume/keys.rs`), and gives volumes
+//! still waiting to open their next try (`waiting.rs`). A plain thread, not a
 //! task: providers block on the network, and a slow provider must delay
 //! only checks, never I/O.
 
@@ -20,16 +21,18 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 pub fn spawn_monitor(
     exports: Exports,
     stop: Receiver<()>,
+    retry_waiting: impl Fn() + Send + 'static,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("hostcrypt-keys".into())
-        .spawn(move || monitor(exports, stop))
+        .spawn(move || monitor(exports, stop, retry_waiting))
 }
 
-fn monitor(exports: Exports, stop: Receiver<()>) {
+fn monitor(exports: Exports, stop: Receiver<()>, retry_waiting: impl Fn()) {
     // Next check per volume name; a volume first seen is due one interval later.
     let mut due: HashMap<String, Instant> = HashMap::new();
     loop {
+        retry_waiting();
         let now = Instant::now();
         let volumes: Vec<_> = exports.iter().filter_map(|e| e.keys.clone()).collect();
         due.retain(|name, _| volumes.iter().any(|v| v.name() == name));

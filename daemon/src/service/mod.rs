@@ -7,6 +7,7 @@ pub mod demo;
 pub mod keys;
 pub mod reload;
 pub mod systemd;
+pub mod waiting;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -158,19 +159,23 @@ fn configured_kek<'a>(
     Ok(name)
 }
 
-/// Opens every volume in the config. Any failure aborts start-up: a daemon
-/// that silently serves fewer volumes than configured hides a key problem.
+/// Opens every volume in the config. One that cannot open (its key cannot
+/// be unwrapped, its backing is missing) does not stop the others: it comes
+/// back in the second list, loudly, and `waiting.rs` keeps retrying it.
 pub fn open_exports(
     config: &Config,
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
     audit: &AuditLog,
-) -> Result<Exports, ServiceError> {
-    let exports = config
-        .volumes
-        .iter()
-        .map(|v| open_export(v, providers, audit))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Exports::new(exports))
+) -> (Exports, Vec<(String, ServiceError)>) {
+    let mut opened = Vec::new();
+    let mut failed = Vec::new();
+    for v in &config.volumes {
+        match open_export(v, providers, audit) {
+            Ok(export) => opened.push(export),
+            Err(e) => failed.push((v.name.get_ref().clone(), e)),
+        }
+    }
+    (Exports::new(opened), failed)
 }
 
 /// Opens one configured volume as an export.
@@ -242,6 +247,8 @@ pub fn open_export(
                 inner,
                 KeyPolicy {
                     on_key_loss: v.on_key_loss,
+                    on_key_unreachable: v.on_key_unreachable,
+                    unreachable_grace: v.key_unreachable_grace,
                     auto_rotate: v.auto_rotate,
                     check_interval: v.key_check_interval,
                 },

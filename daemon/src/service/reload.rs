@@ -38,6 +38,9 @@ pub struct ReloadReport {
     pub tls_reloaded: bool,
     /// Changes seen but not applied, each with what to do.
     pub not_applied: Vec<String>,
+    /// Added volumes that could not open yet, with why; they are retried.
+    #[serde(default)]
+    pub waiting: Vec<String>,
 }
 
 /// The running daemon's view of its config, for reloads.
@@ -47,6 +50,8 @@ pub struct Reloader {
     gate: Arc<Gate>,
     audit: AuditLog,
     state: Mutex<State>,
+    /// Configured volumes that are not open yet.
+    waiting: super::waiting::Waiting,
 }
 
 struct State {
@@ -62,14 +67,55 @@ impl Reloader {
         exports: Exports,
         gate: Arc<Gate>,
         audit: AuditLog,
+        failed: Vec<(String, ServiceError)>,
     ) -> Self {
+        let waiting = super::waiting::Waiting::default();
+        for (name, error) in &failed {
+            if let Some(v) = config.volume(name) {
+                waiting.record(v, error, &audit);
+            }
+        }
+        waiting.publish(&exports, &config);
         Reloader {
             config_path,
             exports,
             gate,
             audit,
             state: Mutex::new(State { config, providers }),
+            waiting,
         }
+    }
+
+    /// Tries again to open the volumes whose retry is due; one that opens
+    /// joins the served exports. Called by the key monitor every second.
+    pub fn retry_waiting(&self) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let due = self.waiting.due();
+        if due.is_empty() {
+            return;
+        }
+        let state = self.lock();
+        for name in due {
+            let Some(v) = state.config.volume(&name) else {
+                self.waiting.remove(&name);
+                continue;
+            };
+            match open_export(v, &state.providers, &self.audit) {
+                Ok(export) => {
+                    self.exports.add(export);
+                    self.waiting.remove(&name);
+                    tracing::warn!(volume = %name, "volume opened; serving it now");
+                    self.audit.record(
+                        &crate::kek::audit::Event::new(&name, "open", "ok")
+                            .detail("the volume opened after waiting; serving it now"),
+                    );
+                }
+                Err(e) => self.waiting.record(v, &e, &self.audit),
+            }
+        }
+        self.waiting.publish(&self.exports, &state.config);
     }
 
     /// The provider configured under `name` now.
@@ -132,6 +178,11 @@ impl Reloader {
         for v in &new.volumes {
             let name = v.name.get_ref().as_str();
             match old_volumes.get(name) {
+                // Not open yet: nothing to keep, the new settings apply
+                // at the next try.
+                Some(_) if self.exports.find(name).is_none() => {
+                    report.unchanged.push(name.into());
+                }
                 Some(old) if fingerprint(old) == fingerprint(v) => {
                     list.extend(self.exports.find(name));
                     report.unchanged.push(name.into());
@@ -142,10 +193,18 @@ impl Reloader {
                         "volume {name:?} changed: remove it, reload, then add it back and reload again"
                     ));
                 }
-                None => {
-                    list.push(open_export(v, &providers, &self.audit)?);
-                    report.added.push(name.into());
-                }
+                None => match open_export(v, &providers, &self.audit) {
+                    Ok(export) => {
+                        list.push(export);
+                        report.added.push(name.into());
+                    }
+                    Err(e) => {
+                        report
+                            .waiting
+                            .push(format!("{name}: {}", crate::report::error_chain(&e)));
+                        self.waiting.record(v, &e, &self.audit);
+                    }
+                },
             }
             kept_config.push(name.to_owned());
         }
@@ -196,7 +255,8 @@ impl Reloader {
                 .iter()
                 .position(|o| o.name.get_ref() == &name)
             {
-                if fingerprint(&state.config.volumes[old]) != fingerprint(v) {
+                let open = self.exports.find(&name).is_some();
+                if open && fingerprint(&state.config.volumes[old]) != fingerprint(v) {
                     std::mem::swap(v, &mut state.config.volumes[old]);
                 }
             }
@@ -204,6 +264,8 @@ impl Reloader {
         config.server = std::mem::replace(&mut state.config.server, config.server);
         state.config = config;
         state.providers = providers;
+        self.waiting.retain_configured(&state.config);
+        self.waiting.publish(&self.exports, &state.config);
         tracing::info!(
             added = ?report.added,
             removed = ?report.removed,
@@ -217,7 +279,7 @@ impl Reloader {
 /// Every setting that shapes a served volume, without source positions.
 fn fingerprint(v: &VolumeConfig) -> String {
     format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}",
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}",
         v.backing.get_ref(),
         v.role,
         v.kek.as_ref().map(|k| k.get_ref()),
@@ -228,6 +290,8 @@ fn fingerprint(v: &VolumeConfig) -> String {
         v.direct,
         v.auto_rotate,
         v.on_key_loss,
+        v.on_key_unreachable,
+        v.key_unreachable_grace,
         v.key_check_interval,
         v.description.clone().unwrap_or_default(),
         v.name.get_ref(),

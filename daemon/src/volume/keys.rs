@@ -9,6 +9,12 @@
 //! the DEK is then unwrapped afresh from the header. With `"until-restart"`
 //! the in-memory key keeps serving and only the state says the key is lost.
 //!
+//! An outage is not a revocation: a provider that cannot be reached
+//! (`KekError::is_unreachable`) leaves the volume serving from memory for
+//! `key_unreachable_grace` (with `on_key_unreachable = "serve"`, the
+//! default), then counts as key loss. An answer that denies access or says
+//! the key is gone is key loss at once, inside the grace too.
+//!
 //! Header updates (rotation, rekey) rewrite the keyslot of the active DEK
 //! generation through the two-copy protocol (`store.rs`): a crash leaves
 //! either the old or the new wrapping, both of which unwrap the same DEK.
@@ -39,10 +45,24 @@ pub enum OnKeyLoss {
     UntilRestart,
 }
 
+/// What a volume does while its KEK's provider cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnKeyUnreachable {
+    /// Keep serving from memory for `key_unreachable_grace`, then stop as
+    /// on key loss.
+    #[default]
+    Serve,
+    /// Treat an unreachable provider as key loss at once.
+    Stop,
+}
+
 /// The key policy of one volume, from its config.
 #[derive(Debug, Clone)]
 pub struct KeyPolicy {
     pub on_key_loss: OnKeyLoss,
+    pub on_key_unreachable: OnKeyUnreachable,
+    pub unreachable_grace: Duration,
     pub auto_rotate: bool,
     pub check_interval: Duration,
 }
@@ -58,8 +78,12 @@ pub struct LayerKek {
 /// A point-in-time view of a volume's key, for status output.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyStatus {
-    /// `serving`, `key-lost` (I/O stopped) or `key-lost-serving` (until restart).
+    /// `serving`, `key-unreachable-serving` (provider down, within the
+    /// grace), `key-lost` (I/O stopped) or `key-lost-serving` (until restart).
     pub state: String,
+    /// Since when (seconds since the epoch) the provider has not answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<u64>,
     pub kek_name: String,
     pub kek: KekRef,
     /// The inner layer's KEK of a double-encrypted volume.
@@ -109,6 +133,8 @@ pub(super) struct Current {
     inner: Option<LayerKek>,
     last_check: Option<SystemTime>,
     last_error: Option<String>,
+    /// When the provider stopped answering (cleared by a good check).
+    unreachable_since: Option<SystemTime>,
 }
 
 impl Current {
@@ -209,6 +235,7 @@ impl VolumeKeys {
                 inner,
                 last_check: None,
                 last_error: None,
+                unreachable_since: None,
             }),
         }
     }
@@ -240,6 +267,7 @@ impl VolumeKeys {
     pub fn status(&self) -> KeyStatus {
         let cur = self.lock();
         let state = match (self.is_lost(), self.data.key_loaded()) {
+            (false, _) if cur.unreachable_since.is_some() => "key-unreachable-serving",
             (false, _) => "serving",
             (true, true) => "key-lost-serving",
             (true, false) => "key-lost",
@@ -270,7 +298,16 @@ impl VolumeKeys {
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
             last_error: cur.last_error.clone(),
+            unreachable_since: cur
+                .unreachable_since
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
         }
+    }
+
+    /// Whether the provider is unreachable and the volume serves on grace.
+    pub fn is_unreachable(&self) -> bool {
+        self.lock().unreachable_since.is_some()
     }
 
     /// One key check: can every layer's provider still unwrap its DEK?
@@ -294,6 +331,15 @@ impl VolumeKeys {
         match &outcome {
             Ok(()) => {
                 cur.last_error = None;
+                if let Some(since) = cur.unreachable_since.take() {
+                    let down = SystemTime::now().duration_since(since).unwrap_or_default();
+                    tracing::warn!(volume = %self.name, "key provider answers again after {down:?}");
+                    self.audit.record(
+                        &Event::new(&self.name, "key-reachable", "ok")
+                            .key(&slots[0].wrapped.kek)
+                            .detail(format!("provider answers again after {} s", down.as_secs())),
+                    );
+                }
                 for slot in &slots {
                     self.audit.record(
                         &Event::new(&self.name, "check", "ok")
@@ -320,6 +366,31 @@ impl VolumeKeys {
                         .detail(e.class())
                         .uid(uid),
                 );
+                if e.is_unreachable()
+                    && self.policy.on_key_unreachable == OnKeyUnreachable::Serve
+                    && !self.is_lost()
+                {
+                    let now = SystemTime::now();
+                    let since = match cur.unreachable_since {
+                        Some(since) => since,
+                        None => {
+                            let grace = humantime::format_duration(self.policy.unreachable_grace);
+                            tracing::warn!(volume = %self.name, "key provider unreachable: {e}; serving from memory for up to {grace}");
+                            self.audit.record(
+                                &Event::new(&self.name, "key-unreachable", "serving")
+                                    .key(failed)
+                                    .error(e)
+                                    .detail(format!("serving from memory for up to {grace}")),
+                            );
+                            cur.unreachable_since = Some(now);
+                            now
+                        }
+                    };
+                    let down = now.duration_since(since).unwrap_or_default();
+                    if down < self.policy.unreachable_grace {
+                        return outcome.map_err(|(_, e)| e);
+                    }
+                }
                 if !self.lost.swap(true, Ordering::SeqCst) {
                     let action = match self.policy.on_key_loss {
                         OnKeyLoss::Stop => {

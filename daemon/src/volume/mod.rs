@@ -23,7 +23,9 @@ use uuid::Uuid;
 pub use cipher::VolumeCipher;
 pub use data::DataArea;
 pub use header::{Header, HeaderError, Keyslot, Layer, Role};
-pub use keys::{InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, VolumeKeys};
+pub use keys::{
+    InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, OnKeyUnreachable, VolumeKeys,
+};
 pub use reencrypt::{ReencryptAction, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
 
@@ -83,6 +85,13 @@ pub enum VolumeError {
     Geometry(String),
     #[error("random generator failed: {0}")]
     Random(getrandom::Error),
+}
+
+impl VolumeError {
+    /// Whether the KEK is the problem (so waiting for it may help).
+    pub fn is_key_error(&self) -> bool {
+        matches!(self, VolumeError::Kek { .. })
+    }
 }
 
 /// Parameters of a new volume.
