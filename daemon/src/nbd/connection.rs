@@ -99,11 +99,12 @@ impl Conn<'_> {
         match settle(ready, peer, self.gate) {
             Some(Ready::Plain(s, export)) => {
                 let (r, w) = split(s);
-                transmit(r, w, export, peer, false, self.shutdown).await
+                transmit(r, w, export, peer, None, self.shutdown).await
             }
             Some(Ready::Tls(s, export)) => {
+                let session = tls::describe_session(s.get_ref().1);
                 let (r, w) = tokio::io::split(*s);
-                transmit(r, w, export, peer, true, self.shutdown).await
+                transmit(r, w, export, peer, Some(session), self.shutdown).await
             }
             Some(Ready::Closed) | None => {}
         }
@@ -197,12 +198,13 @@ async fn transmit<R, W>(
     writer: W,
     export: Arc<Export>,
     peer: &Peer,
-    tls: bool,
+    tls: Option<String>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let tls = tls.as_deref().unwrap_or("off");
     tracing::info!(peer = %peer, export = export.name(), tls, "client connected");
     let label = peer.to_string();
     match serve(reader, writer, export.clone(), shutdown, &label).await {

@@ -5,6 +5,9 @@
 //!
 //! rustls (with ring, as reqwest already uses here) rather than OpenSSL or
 //! GnuTLS: one TLS stack in the binary, memory-safe, TLS 1.3 and 1.2 only.
+//! The session runs in userspace: kernel TLS offload needs the kernel's
+//! `tls` module, which the machines we measure on lack (TCP_ULP "tls" gives
+//! ENOENT); BENCHMARKS.md has the TLS numbers and what was tried.
 //! The handshake itself runs in `connection.rs`; the STARTTLS option in
 //! `handshake.rs`.
 
@@ -323,6 +326,19 @@ fn check_signed_by(
             ),
         })
     }
+}
+
+/// Protocol version and cipher suite of a finished handshake, for the log.
+pub fn describe_session(conn: &rustls::ServerConnection) -> String {
+    let version = conn
+        .protocol_version()
+        .and_then(|v| v.as_str())
+        .unwrap_or("?");
+    let suite = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("?");
+    format!("{version} {suite}")
 }
 
 /// The subject of the client certificate a finished TLS handshake verified.
