@@ -398,6 +398,63 @@ fn vault_revoked_token_stops_io_inside_the_unreachable_grace() {
     assert_eq!(d.stop(), 0);
 }
 
+/// A provider that accepts connections and never answers (OpenBao frozen
+/// with SIGSTOP) holds up only its own volumes' checks: the local KEK's
+/// checks go on, `hostcrypt status` and `hostcrypt reload` answer at once.
+#[test]
+fn hanging_provider_does_not_delay_other_keks_status_or_reload() {
+    let mut vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    vf.fx.default_kek = "main".into();
+    vf.fx
+        .volume("local", "cache", "key_check_interval = \"1s\"");
+    vf.write_config();
+    vf.fx.create("local", "8M", 4096);
+    let d = vf.fx.start();
+    vf.wait_state("serving");
+    let last_check = |fx: &Fixture, name: &str| {
+        fx.status()["volumes"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["name"] == name).cloned())
+            .and_then(|v| v["key"]["last_check"].as_u64())
+            .unwrap_or(0)
+    };
+    vf.bao.pause();
+    let paused_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The bao check hangs (5 s timeout x 2 attempts); the local volume's
+    // checks keep coming, and every status call answers quickly.
+    let mut slowest = Duration::ZERO;
+    wait_until(
+        "local checks continue while bao hangs",
+        Duration::from_secs(20),
+        || {
+            let started = std::time::Instant::now();
+            let seen = last_check(&vf.fx, "local");
+            slowest = slowest.max(started.elapsed());
+            seen >= paused_at + 4
+        },
+    );
+    assert!(slowest < Duration::from_secs(2), "status took {slowest:?}");
+    let started = std::time::Instant::now();
+    let out = vf.fx.cli(&["reload"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "reload took {:?}",
+        started.elapsed()
+    );
+    qemu_io(
+        &vf.fx.uri("local"),
+        &["write -P 0x61 0 64k", "read -P 0x61 0 64k"],
+    );
+
+    vf.bao.resume();
+    vf.wait_state("serving");
+    assert_eq!(d.stop(), 0);
+}
+
 /// OpenBao down at start: the local and temp volumes serve, the vault
 /// volume is listed but refused with the reason; once OpenBao answers it
 /// opens by itself within one interval, no restart, data intact.

@@ -77,6 +77,23 @@ impl Bao {
         bao
     }
 
+    /// Freezes the server (SIGSTOP): connections are still accepted by the
+    /// kernel, but nothing answers — a hung key server.
+    pub fn pause(&self) {
+        // SAFETY: kill(2) with our own child's pid and a valid signal.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: as in `pause`.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
+    }
+
     pub fn server_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -96,25 +96,39 @@ impl Reloader {
         if due.is_empty() {
             return;
         }
-        let state = self.lock();
         for name in due {
-            let Some(v) = state.config.volume(&name) else {
+            // Opened without the reloader's lock: a provider that hangs
+            // must not hold up a reload.
+            let (volume, providers) = {
+                let state = self.lock();
+                (state.config.volume(&name).cloned(), state.providers.clone())
+            };
+            let Some(v) = volume else {
                 self.waiting.remove(&name);
                 continue;
             };
-            match open_export(v, &state.providers, &self.audit) {
+            match open_export(&v, &providers, &self.audit) {
                 Ok(export) => {
-                    self.exports.add(export);
-                    self.waiting.remove(&name);
-                    tracing::warn!(volume = %name, "volume opened; serving it now");
-                    self.audit.record(
-                        &crate::kek::audit::Event::new(&name, "open", "ok")
-                            .detail("the volume opened after waiting; serving it now"),
-                    );
+                    // Still configured the same way? A reload may have
+                    // removed or changed it meanwhile.
+                    let state = self.lock();
+                    let current = state.config.volume(&name);
+                    if current.is_some_and(|c| fingerprint(c) == fingerprint(&v))
+                        && self.exports.find(&name).is_none()
+                    {
+                        self.exports.add(export);
+                        self.waiting.remove(&name);
+                        tracing::warn!(volume = %name, "volume opened; serving it now");
+                        self.audit.record(
+                            &crate::kek::audit::Event::new(&name, "open", "ok")
+                                .detail("the volume opened after waiting; serving it now"),
+                        );
+                    }
                 }
-                Err(e) => self.waiting.record(v, &e, &self.audit),
+                Err(e) => self.waiting.record(&v, &e, &self.audit),
             }
         }
+        let state = self.lock();
         self.waiting.publish(&self.exports, &state.config);
     }
 

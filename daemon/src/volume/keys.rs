@@ -194,9 +194,11 @@ pub struct VolumeKeys {
     lost: AtomicBool,
     checks_ok: AtomicU64,
     checks_failed: AtomicU64,
-    /// Serialises checks, rotations, rekeys and re-encryption header
-    /// updates of this volume.
+    /// Serialises rotations, rekeys, re-encryption header updates and the
+    /// bookkeeping of checks; held briefly by `status`.
     current: Mutex<Current>,
+    /// Serialises key checks (held across their provider calls).
+    checking: Mutex<()>,
     /// The online re-encryption's controls (`reencrypt.rs`).
     pub(super) reencryption: super::reencrypt::Controls,
 }
@@ -229,6 +231,7 @@ impl VolumeKeys {
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             reencryption: Default::default(),
+            checking: Mutex::new(()),
             current: Mutex::new(Current {
                 header: volume.header.clone(),
                 outer,
@@ -242,6 +245,11 @@ impl VolumeKeys {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The `[kek.NAME]` of the outer layer now (changes with `rekey`).
+    pub fn kek_name(&self) -> String {
+        self.lock().outer.name.clone()
     }
 
     pub fn policy(&self) -> &KeyPolicy {
@@ -313,15 +321,25 @@ impl VolumeKeys {
     /// One key check: can every layer's provider still unwrap its DEK?
     /// Handles loss, recovery and `auto_rotate`. Returns the check's own
     /// outcome.
+    ///
+    /// The provider calls run without the volume's state lock, so a
+    /// provider that hangs never delays `status`, a reload or the other
+    /// volumes; checks of one volume still run one at a time.
     pub fn check(&self, uid: Option<u32>) -> Result<(), KekError> {
-        let mut cur = self.lock();
-        cur.last_check = Some(SystemTime::now());
-        let slots = cur.slots();
+        let _one_at_a_time = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+        let (slots, checkpoint) = {
+            let cur = self.lock();
+            (
+                cur.slots(),
+                cur.header.reencrypt.map_or(0, |r| r.checkpoint),
+            )
+        };
         if slots.is_empty() {
             return Ok(());
         }
-        let checkpoint = cur.header.reencrypt.map_or(0, |r| r.checkpoint);
         let outcome = self.check_slots(&slots, checkpoint);
+        let mut cur = self.lock();
+        cur.last_check = Some(SystemTime::now());
         let counter = if outcome.is_ok() {
             &self.checks_ok
         } else {
