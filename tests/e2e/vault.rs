@@ -398,6 +398,41 @@ fn vault_revoked_token_stops_io_inside_the_unreachable_grace() {
     assert_eq!(d.stop(), 0);
 }
 
+/// `hostcryptd --check` proves every KEK wraps and unwraps, and names the
+/// one that does not; `--check --offline` validates the config alone.
+#[test]
+fn check_proves_each_kek_and_offline_checks_the_config_alone() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "");
+    let out = vf.fx.check();
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("KEK bao: OK") && text.contains("KEK main: OK"),
+        "{text}"
+    );
+    vf.bao.ok(&["operator", "seal"]);
+    let out = vf.fx.check();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("KEK bao: FAILED") && text.contains("KEK main: OK"),
+        "{text}"
+    );
+    assert!(text.contains("KEK(s) bao cannot"), "{text}");
+    let out = Command::new(bin("hostcryptd"))
+        .arg("--config")
+        .arg(&vf.fx.config)
+        .args(["--check", "--offline"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        !output_text(&out).contains("KEK bao"),
+        "{}",
+        output_text(&out)
+    );
+}
+
 /// A provider that accepts connections and never answers (OpenBao frozen
 /// with SIGSTOP) holds up only its own volumes' checks: the local KEK's
 /// checks go on, `hostcrypt status` and `hostcrypt reload` answer at once.

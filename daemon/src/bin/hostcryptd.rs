@@ -23,9 +23,14 @@ struct Args {
     /// Configuration file (TOML). Without it, the embedded demo set-up is used.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Validate the configuration and exit.
+    /// Validate the configuration, the TLS credentials, and that every
+    /// configured KEK wraps and unwraps a key; then exit.
     #[arg(long)]
     check: bool,
+    /// With --check: validate the configuration and local files only,
+    /// without contacting key providers.
+    #[arg(long, requires = "check")]
+    offline: bool,
     /// Directory for the demo set-up (used when --config is absent).
     #[arg(long, default_value = "hostcrypt-demo")]
     demo_dir: PathBuf,
@@ -88,7 +93,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let config = Config::load(&config_path)?;
     if args.check {
-        service::open_providers(&config)?;
         if let Some(tls) = service::load_tls(&config)? {
             let info = &tls.info;
             println!(
@@ -109,6 +113,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         for v in &config.volumes {
             v.allow_list()
                 .with_context(|| format!("volume {:?}: allow", v.name.get_ref()))?;
+        }
+        if !args.offline {
+            let providers = service::open_providers(&config)?;
+            let mut failed = Vec::new();
+            for (name, provider) in &providers {
+                match service::prove_provider(provider.as_ref()) {
+                    Ok(kek) => println!("KEK {name}: OK, wraps and unwraps ({kek})"),
+                    Err(e) => {
+                        println!("KEK {name}: FAILED: {e}");
+                        failed.push(name.clone());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                anyhow::bail!(
+                    "KEK(s) {} cannot wrap and unwrap a key (see above); --check --offline validates the config alone",
+                    failed.join(", ")
+                );
+            }
         }
         println!(
             "{}: OK ({} volume(s))",

@@ -89,6 +89,21 @@ pub fn open_provider(name: &str, kek: &KekConfig) -> Result<Arc<dyn KeyProvider>
     })
 }
 
+/// Proves one KEK works end to end: wraps a fresh random key and unwraps it
+/// again (for `hostcryptd --check`). Returns what the provider wrapped
+/// under (key and version).
+pub fn prove_provider(provider: &dyn KeyProvider) -> Result<crate::kek::KekRef, KekError> {
+    let dek = crate::crypto::Dek::generate().map_err(KekError::Random)?;
+    let wrapped = provider.wrap(&dek)?;
+    let back = provider.unwrap(&wrapped)?;
+    if back.expose() != dek.expose() {
+        return Err(KekError::UnwrapFailed {
+            provider: provider.describe(),
+        });
+    }
+    Ok(wrapped.kek)
+}
+
 /// Opens the audit log the config names (or a tracing-only one).
 pub fn open_audit(config: &Config) -> Result<AuditLog, ServiceError> {
     match &config.server.audit_log {
