@@ -10,6 +10,8 @@
 //! to do next); 2 usage error (from clap); 3 the daemon cannot be reached;
 //! 4 a key check failed (a volume's key is lost).
 
+mod commands;
+
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -153,6 +155,19 @@ enum Command {
     Completions { shell: clap_complete::Shell },
     /// Write man pages (hostcrypt.1 and one per command) into DIR.
     Man { dir: PathBuf },
+    /// Back up or restore a volume's header (wrapped keys only).
+    Header {
+        #[command(subcommand)]
+        command: HeaderCommand,
+    },
+    /// Crypto-erase a volume: overwrite both header copies and the journal.
+    /// Its data becomes unreadable unless you hold a header backup.
+    Erase {
+        volume: String,
+        /// Confirm: this cannot be undone without a header backup.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Show a volume header (never a secret).
     Inspect {
         /// Backing file or block device.
@@ -180,6 +195,22 @@ enum AuditCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum HeaderCommand {
+    /// Save the header of a configured volume to FILE (mode 0600, never
+    /// overwritten; it holds only wrapped keys).
+    Backup { volume: String, file: PathBuf },
+    /// Write a header backup to BACKING, after checking that a configured
+    /// KEK unwraps its keys.
+    Restore {
+        backing: PathBuf,
+        file: PathBuf,
+        /// Restore onto a different volume or DEK generation anyway.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum KekCommand {
     /// Create a local KEK file (32 random bytes, mode 0600).
     InitLocal { path: PathBuf },
@@ -187,7 +218,7 @@ enum KekCommand {
 
 /// An error with a documented exit code.
 #[derive(Debug, thiserror::Error)]
-enum Exit {
+pub(crate) enum Exit {
     #[error("{0}")]
     Unreachable(ClientError),
     #[error("{0}")]
@@ -243,6 +274,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             force,
         } => create(&cli.config, &volume, size, sector_size, force),
         Command::Inspect { backing, json } => inspect(&backing, json),
+        Command::Header {
+            command: HeaderCommand::Backup { volume, file },
+        } => commands::header::backup(&cli.config, &volume, &file),
+        Command::Header {
+            command:
+                HeaderCommand::Restore {
+                    backing,
+                    file,
+                    force,
+                },
+        } => commands::header::restore(&cli.config, &backing, &file, force),
+        Command::Erase { volume, yes } => commands::header::erase(&cli.config, &volume, yes),
         Command::Volumes { json } => volumes(&cli.config, json),
         Command::Reload { json } => reload(&cli.config, json),
         Command::Reencrypt {
@@ -329,7 +372,7 @@ fn layer(inner: bool) -> Layer {
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Sends one request to the daemon named by the config's `control`.
-fn control(config_path: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn control(config_path: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
     let config = Config::load(config_path)?;
     let Some(socket) = &config.server.control else {
         bail!(

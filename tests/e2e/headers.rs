@@ -163,3 +163,152 @@ fn create_refuses_existing_volume_and_nonempty_file_without_force() {
         "inspect must not print wrapped key bytes: {text}"
     );
 }
+
+/// Both header copies destroyed: a header backup brings everything back
+/// (SHA-256 of the data equal), while the daemon runs on; restoring
+/// another volume's backup is refused without --force.
+#[test]
+fn header_restore_from_backup_brings_back_all_data() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("h", "cache", "key_check_interval = \"1s\"");
+    let other = fx.volume("o", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("h", "16M", 4096);
+    fx.create("o", "16M", 4096);
+    let d = fx.start();
+    let input = fx.path("in.bin");
+    let mut data = vec![0u8; 8 << 20];
+    getrandom::fill(&mut data).unwrap();
+    std::fs::write(&input, &data).unwrap();
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&input)
+            .arg(fx.uri("h"))
+            .arg("--flush"),
+    );
+    let file = fx.path("h.hdr");
+    let out = fx.cli(&["header", "backup", "h", &file.to_string_lossy()]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let raw = std::fs::read(&file).unwrap();
+    assert!(memchr::memmem::find(&raw, &data[..32]).is_none());
+    // Restoring over a volume the daemon serves is refused.
+    let out = fx.cli(&[
+        "header",
+        "restore",
+        &backing.to_string_lossy(),
+        &file.to_string_lossy(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("is serving"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(d.stop(), 0);
+
+    corrupt(&backing, PRIMARY_AT);
+    corrupt(&backing, BACKUP_AT);
+    let d = fx.start_with_unavailable("h");
+    assert_eq!(fx.key_state("h"), "open-failed");
+    let out = fx.cli(&[
+        "header",
+        "restore",
+        &backing.to_string_lossy(),
+        &file.to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("unwrapped by KEK main"),
+        "{}",
+        output_text(&out)
+    );
+    // The running daemon opens it at its next try.
+    fx.wait_key_state("h", "serving");
+    let output = fx.path("out.bin");
+    run_ok(Command::new("nbdcopy").arg(fx.uri("h")).arg(&output));
+    let mut head = std::fs::read(&output).unwrap();
+    head.truncate(8 << 20);
+    assert!(head == data, "data differs after the restore");
+    assert!(std::fs::read_to_string(fx.audit_log())
+        .unwrap()
+        .contains("\"header-restore\""));
+
+    assert_eq!(d.stop(), 0);
+
+    // Another volume's backup: refused, nothing written.
+    let before = sha256_file(&other);
+    let out = fx.cli(&[
+        "header",
+        "restore",
+        &other.to_string_lossy(),
+        &file.to_string_lossy(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("--force"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(sha256_file(&other), before);
+}
+
+/// `hostcrypt erase`: refused without --yes and while served; then both
+/// header copies are gone, the volume refuses to open, and the audit log
+/// says who erased it.
+#[test]
+fn erase_destroys_the_headers_and_the_volume_refuses_to_open() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("e", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("e", "16M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("e"), &["write -P 0x7e 0 1M"]);
+    let out = fx.cli(&["erase", "e"]);
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains("--yes"), "{}", output_text(&out));
+    let out = fx.cli(&["erase", "e", "--yes"]);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("is serving"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(d.stop(), 0);
+
+    let out = fx.cli(&["erase", "e", "--yes"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("unreadable without a header backup"),
+        "{text}"
+    );
+    let raw = std::fs::read(&backing).unwrap();
+    assert!(
+        raw[..1 << 20].iter().all(|&b| b == 0),
+        "header area not overwritten"
+    );
+    let out = Command::new(bin("hostcrypt"))
+        .arg("inspect")
+        .arg(&backing)
+        .output()
+        .unwrap();
+    assert!(
+        output_text(&out).contains("not a hostcrypt volume"),
+        "{}",
+        output_text(&out)
+    );
+    let d = fx.start_with_unavailable("e");
+    assert!(
+        d.stderr().contains("not a hostcrypt volume"),
+        "{}",
+        d.stderr()
+    );
+    assert_eq!(d.stop(), 0);
+    let audit = std::fs::read_to_string(fx.audit_log()).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"erase\"") && l.contains("\"ok\"")),
+        "{audit}"
+    );
+}

@@ -8,6 +8,7 @@
 //! cryptographically. Opening never writes before the key is unwrapped: a
 //! wrong KEK or a corrupt header leaves the disk untouched.
 
+pub mod backup;
 mod cipher;
 mod data;
 pub mod header;

@@ -1,0 +1,198 @@
+//! Header backup, restore and crypto-erase, as cryptsetup's
+//! `luksHeaderBackup`, `luksHeaderRestore` and `erase` do for LUKS.
+//!
+//! A backup file is a 16-byte magic and the current header as encoded on
+//! disk: wrapped DEKs and their KEK references, never a plaintext key, so it
+//! is as safe to keep as the header itself (and as useless without the
+//! KEK). Restore writes it through the two-copy protocol (`store.rs`).
+//! Erase overwrites both header copies and the journal: the data area stays
+//! but no key to it does. Which provider must unwrap a restored key before
+//! it is written is the caller's (the CLI's) to check; the checks here are
+//! the ones the bytes alone allow.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::header::{Header, HEADER_SIZE};
+use super::store::{write_header, HeaderCopies, DATA_OFFSET};
+use super::{current_header, io_err, open_existing, VolumeError};
+
+const MAGIC: &[u8; 16] = b"HOSTCRYPT-HDRBK1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a hostcrypt header backup ({reason})")]
+    NotABackup { path: PathBuf, reason: String },
+    #[error("{backing} holds volume {on_disk}, the backup is of volume {in_backup}; pass --force to put it there anyway")]
+    OtherVolume {
+        backing: PathBuf,
+        on_disk: Uuid,
+        in_backup: Uuid,
+    },
+    #[error("{backing}: the data is under DEK generation {on_disk}, the backup's key is generation {in_backup} (a re-encryption ran since the backup); restoring it would leave the data unreadable. Pass --force only if you know the data area matches the backup")]
+    OtherGeneration {
+        backing: PathBuf,
+        on_disk: u32,
+        in_backup: u32,
+    },
+}
+
+/// Writes the current header of `backing` to a new file `out` (mode 0600;
+/// an existing file is not overwritten).
+pub fn backup(backing: &Path, out: &Path) -> Result<Header, BackupError> {
+    let copies = super::read_headers(backing)?;
+    let header = current_header(backing, &copies)?;
+    let raw = header.encode().map_err(|e| VolumeError::Io {
+        path: backing.to_owned(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let file_err = |source| BackupError::File {
+        path: out.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(file_err)?;
+    file.write_all(MAGIC).map_err(file_err)?;
+    file.write_all(&raw[..]).map_err(file_err)?;
+    file.sync_all().map_err(file_err)?;
+    Ok(header)
+}
+
+/// Reads and decodes a backup file.
+pub fn read_backup(file: &Path) -> Result<Header, BackupError> {
+    let raw = std::fs::read(file).map_err(|source| BackupError::File {
+        path: file.to_owned(),
+        source,
+    })?;
+    let not = |reason: String| BackupError::NotABackup {
+        path: file.to_owned(),
+        reason,
+    };
+    if raw.len() != MAGIC.len() + HEADER_SIZE || !raw.starts_with(MAGIC) {
+        return Err(not(format!("{} bytes, no backup magic", raw.len())));
+    }
+    Header::decode(&raw[MAGIC.len()..]).map_err(|e| not(e.to_string()))
+}
+
+/// Writes `header` (from a backup) to both header copies of `backing`.
+/// Refuses another volume's header, or a key generation the data is no
+/// longer under, unless `force`. The caller has checked that a configured
+/// KEK unwraps the header's keys.
+pub fn restore(backing: &Path, header: &Header, force: bool) -> Result<(), BackupError> {
+    let disk = open_existing(backing)?;
+    let copies = HeaderCopies::read(&disk).map_err(io_err(backing))?;
+    let on_disk = copies.current().cloned();
+    if let (Some(current), false) = (&on_disk, force) {
+        if current.uuid != header.uuid {
+            return Err(BackupError::OtherVolume {
+                backing: backing.to_owned(),
+                on_disk: current.uuid,
+                in_backup: header.uuid,
+            });
+        }
+        if current.dek_generation != header.dek_generation || current.reencrypt.is_some() {
+            return Err(BackupError::OtherGeneration {
+                backing: backing.to_owned(),
+                on_disk: current.dek_generation,
+                in_backup: header.dek_generation,
+            });
+        }
+    }
+    let mut restored = header.clone();
+    // Newer than anything on disk, so the restored copy wins on open.
+    let newest = [&copies.primary, &copies.backup]
+        .iter()
+        .filter_map(|c| c.as_ref().ok().map(|h| h.sequence))
+        .max()
+        .unwrap_or(0);
+    restored.sequence = restored.sequence.max(newest);
+    write_header(&disk, &mut restored).map_err(io_err(backing))?;
+    Ok(())
+}
+
+/// Crypto-erase: overwrites both header copies and the journal (the first
+/// `DATA_OFFSET` bytes) with zeros and syncs. Returns the erased volume's
+/// UUID. The data area is left as it is: without a header backup and the
+/// KEK it cannot be decrypted.
+pub fn erase(backing: &Path) -> Result<Uuid, BackupError> {
+    let disk = open_existing(backing)?;
+    let copies = HeaderCopies::read(&disk).map_err(io_err(backing))?;
+    let header = current_header(backing, &copies)?;
+    disk.write_at(&vec![0u8; DATA_OFFSET as usize], 0)
+        .map_err(io_err(backing))?;
+    disk.sync().map_err(io_err(backing))?;
+    Ok(header.uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::header::tests::sample;
+    use crate::volume::store::write_header;
+
+    fn volume(dir: &Path, name: &str, mut header: Header) -> PathBuf {
+        let path = dir.join(name);
+        let b = crate::io::Backing::open_or_create(&path).unwrap();
+        b.set_len(DATA_OFFSET * 2).unwrap();
+        write_header(&b, &mut header).unwrap();
+        path
+    }
+
+    #[test]
+    fn backup_restores_both_copies_and_refuses_other_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = volume(dir.path(), "v.img", sample());
+        let file = dir.path().join("v.hdr");
+        let saved = backup(&path, &file).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(
+            backup(&path, &file).is_err(),
+            "an existing backup is not overwritten"
+        );
+
+        let uuid = erase(&path).unwrap();
+        assert_eq!(uuid, saved.uuid);
+        assert!(super::super::read_headers(&path).unwrap().is_foreign());
+        assert!(erase(&path).is_err(), "nothing left to erase");
+
+        let header = read_backup(&file).unwrap();
+        restore(&path, &header, false).unwrap();
+        let copies = super::super::read_headers(&path).unwrap();
+        assert!(copies.damage().is_none());
+        assert_eq!(copies.current().unwrap().uuid, saved.uuid);
+
+        let mut other = sample();
+        other.uuid = Uuid::new_v4();
+        let other_path = volume(dir.path(), "w.img", other);
+        assert!(matches!(
+            restore(&other_path, &header, false),
+            Err(BackupError::OtherVolume { .. })
+        ));
+        restore(&other_path, &header, true).unwrap();
+
+        std::fs::write(&file, b"not a backup").unwrap();
+        assert!(matches!(
+            read_backup(&file),
+            Err(BackupError::NotABackup { .. })
+        ));
+    }
+}
