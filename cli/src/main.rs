@@ -786,18 +786,7 @@ fn create(
     force: bool,
 ) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let Some(v) = config.volume(name) else {
-        let known: Vec<_> = config
-            .volumes
-            .iter()
-            .map(|v| v.name.get_ref().as_str())
-            .collect();
-        bail!(
-            "no volume {name:?} in {}; configured: {}",
-            config_path.display(),
-            known.join(", ")
-        );
-    };
+    let v = commands::volume_config(&config, config_path, name)?;
     if v.role == Role::Temp {
         bail!("{name:?} is a temp volume: hostcryptd recreates it with a fresh key at every start; nothing to create");
     }

@@ -164,6 +164,20 @@ fn create_refuses_existing_volume_and_nonempty_file_without_force() {
     );
 }
 
+/// `hostcrypt header restore BACKING FILE`.
+fn restore(
+    fx: &Fixture,
+    backing: &std::path::Path,
+    file: &std::path::Path,
+) -> std::process::Output {
+    fx.cli(&[
+        "header",
+        "restore",
+        &backing.to_string_lossy(),
+        &file.to_string_lossy(),
+    ])
+}
+
 /// Both header copies destroyed: a header backup brings everything back
 /// (SHA-256 of the data equal), while the daemon runs on; restoring
 /// another volume's backup is refused without --force.
@@ -192,12 +206,7 @@ fn header_restore_from_backup_brings_back_all_data() {
     let raw = std::fs::read(&file).unwrap();
     assert!(memchr::memmem::find(&raw, &data[..32]).is_none());
     // Restoring over a volume the daemon serves is refused.
-    let out = fx.cli(&[
-        "header",
-        "restore",
-        &backing.to_string_lossy(),
-        &file.to_string_lossy(),
-    ]);
+    let out = restore(&fx, &backing, &file);
     assert!(!out.status.success());
     assert!(
         output_text(&out).contains("is serving"),
@@ -210,12 +219,7 @@ fn header_restore_from_backup_brings_back_all_data() {
     corrupt(&backing, BACKUP_AT);
     let d = fx.start_with_unavailable("h");
     assert_eq!(fx.key_state("h"), "open-failed");
-    let out = fx.cli(&[
-        "header",
-        "restore",
-        &backing.to_string_lossy(),
-        &file.to_string_lossy(),
-    ]);
+    let out = restore(&fx, &backing, &file);
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(
         output_text(&out).contains("unwrapped by KEK main"),
@@ -237,12 +241,7 @@ fn header_restore_from_backup_brings_back_all_data() {
 
     // Another volume's backup: refused, nothing written.
     let before = sha256_file(&other);
-    let out = fx.cli(&[
-        "header",
-        "restore",
-        &other.to_string_lossy(),
-        &file.to_string_lossy(),
-    ]);
+    let out = restore(&fx, &other, &file);
     assert!(!out.status.success());
     assert!(
         output_text(&out).contains("--force"),

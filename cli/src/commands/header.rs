@@ -8,31 +8,12 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use hostcryptd::config::{Config, VolumeConfig};
+use hostcryptd::config::Config;
 use hostcryptd::control::protocol::Status;
 use hostcryptd::control::Request;
 use hostcryptd::kek::audit::Event;
 use hostcryptd::volume::backup;
 use hostcryptd::volume::{Header, Layer};
-
-fn volume_config<'a>(
-    config: &'a Config,
-    config_path: &Path,
-    name: &str,
-) -> anyhow::Result<&'a VolumeConfig> {
-    config.volume(name).with_context(|| {
-        let known: Vec<_> = config
-            .volumes
-            .iter()
-            .map(|v| v.name.get_ref().as_str())
-            .collect();
-        format!(
-            "no volume {name:?} in {}; configured: {}",
-            config_path.display(),
-            known.join(", ")
-        )
-    })
-}
 
 /// Whether the running daemon (if any) serves `volume` now.
 fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
@@ -82,7 +63,7 @@ fn audit(config: &Config, volume: &str, operation: &str, outcome: &str, detail: 
 
 pub fn backup(config_path: &Path, volume: &str, file: &Path) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let v = volume_config(&config, config_path, volume)?;
+    let v = super::volume_config(&config, config_path, volume)?;
     let header = backup::backup(v.backing.get_ref(), file)?;
     audit(
         &config,
@@ -177,7 +158,7 @@ pub fn restore(config_path: &Path, backing: &Path, file: &Path, force: bool) -> 
 
 pub fn erase(config_path: &Path, volume: &str, yes: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let v = volume_config(&config, config_path, volume)?;
+    let v = super::volume_config(&config, config_path, volume)?;
     if !yes {
         bail!("erase destroys both header copies of {volume:?}: its data becomes unreadable for good unless you hold a header backup (hostcrypt header backup). Pass --yes to do it");
     }

@@ -3,3 +3,28 @@
 //! here.)
 
 pub mod header;
+
+use std::path::Path;
+
+use anyhow::Context;
+use hostcryptd::config::{Config, VolumeConfig};
+
+/// The `[[volume]]` named `name`, or an error listing the configured ones.
+pub fn volume_config<'a>(
+    config: &'a Config,
+    config_path: &Path,
+    name: &str,
+) -> anyhow::Result<&'a VolumeConfig> {
+    config.volume(name).with_context(|| {
+        let known: Vec<_> = config
+            .volumes
+            .iter()
+            .map(|v| v.name.get_ref().as_str())
+            .collect();
+        format!(
+            "no volume {name:?} in {}; configured: {}",
+            config_path.display(),
+            known.join(", ")
+        )
+    })
+}
