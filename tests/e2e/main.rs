@@ -5,6 +5,7 @@
 
 mod azure;
 mod bad_input;
+mod blockdev;
 mod breakglass;
 mod clients;
 mod double;

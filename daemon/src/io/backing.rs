@@ -1,5 +1,7 @@
 //! Positional I/O on a volume's backing file or block device (pread/pwrite on
 //! a thread pool; the io_uring engine is a later addition behind the same calls).
+//! A block device is sized with BLKGETSIZE64, zeroed with BLKZEROOUT and
+//! trimmed with BLKDISCARD where a file gets holes.
 //!
 //! Reads past the end of a shorter-than-expected file return zeros rather than
 //! an error, so a sparse file that was never extended still reads as holes.
@@ -14,6 +16,13 @@ use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+// Block-device ioctls (linux/fs.h): _IOR(0x12, 114, size_t),
+// _IO(0x12, 104), _IO(0x12, 119), _IO(0x12, 127).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
 
 #[derive(Debug)]
 pub struct Backing {
@@ -90,12 +99,33 @@ impl Backing {
     /// Current size in bytes (for a block device, its capacity).
     pub fn size(&self) -> io::Result<u64> {
         if self.is_block_device {
-            use std::io::Seek;
-            let mut f = &self.file;
-            f.seek(io::SeekFrom::End(0))
+            let mut bytes: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points at a live local for the duration of the call.
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut bytes) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(bytes)
         } else {
             Ok(self.file.metadata()?.len())
         }
+    }
+
+    /// The device's logical block size (the O_DIRECT alignment), or 512
+    /// for a regular file.
+    pub fn logical_block_size(&self) -> io::Result<u32> {
+        if !self.is_block_device {
+            return Ok(512);
+        }
+        let mut size: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer, which points
+        // at a live local for the duration of the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKSSZGET, &mut size) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size.max(512) as u32)
     }
 
     /// Grows (sparsely) or shrinks a regular file; a block device must already
@@ -161,11 +191,40 @@ impl Backing {
         }
     }
 
-    /// Deallocates a byte range so it reads back as zeros (a hole).
-    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+    /// Makes a byte range read back as zeros, deallocating it where the
+    /// storage can: a hole in a file; BLKZEROOUT on a block device (the
+    /// kernel unmaps when the device supports zeroing that way).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.is_block_device {
-            return Err(io::Error::from(io::ErrorKind::Unsupported));
+            return self.range_ioctl(BLKZEROOUT, offset, len);
         }
+        self.punch_hole(offset, len)
+    }
+
+    /// Discards a byte range (TRIM): a hole in a file, BLKDISCARD on a block
+    /// device. A device may return its old contents or zeros afterwards;
+    /// NBD clients make no assumption about trimmed data.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return self.range_ioctl(BLKDISCARD, offset, len);
+        }
+        self.punch_hole(offset, len)
+    }
+
+    fn range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD/BLKZEROOUT read a [u64; 2] (start, length)
+        // through the pointer, which points at a live local for the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request, &range) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Deallocates a byte range of a regular file so it reads back as zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         };

@@ -516,7 +516,7 @@ impl DataArea {
                 {
                     let _guard = self.writers.lock(first_whole, last_whole);
                     self.backing
-                        .punch_hole(self.data_offset + first_whole, last_whole - first_whole)?;
+                        .zero_range(self.data_offset + first_whole, last_whole - first_whole)?;
                 }
                 if last_whole < offset + len {
                     self.write(
@@ -537,7 +537,8 @@ impl DataArea {
     }
 
     /// Discards whole sectors inside the range (partial sectors are left
-    /// alone: a discard is advisory). Discarded sectors read as zeros.
+    /// alone: a discard is advisory). Discarded sectors of a file read as
+    /// zeros; a block device may keep their old contents (NBD allows either).
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_range(offset, len)?;
         let first_whole = offset.div_ceil(self.sector) * self.sector;
@@ -547,7 +548,7 @@ impl DataArea {
         }
         let _guard = self.writers.lock(first_whole, last_whole);
         self.backing
-            .punch_hole(self.data_offset + first_whole, last_whole - first_whole)
+            .discard(self.data_offset + first_whole, last_whole - first_whole)
     }
 
     /// Makes every completed write durable.

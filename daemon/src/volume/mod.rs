@@ -56,8 +56,16 @@ pub enum VolumeError {
     },
     #[error("{path} already holds a hostcrypt volume ({uuid}); pass --force to destroy it")]
     AlreadyFormatted { path: PathBuf, uuid: Uuid },
-    #[error("{path} is not empty; pass --force to overwrite it")]
-    NotEmpty { path: PathBuf },
+    #[error("{path} is not empty ({what}); pass --force to overwrite it")]
+    NotEmpty { path: PathBuf, what: String },
+    #[error("{path} is mounted at {at}; unmount it first (even --force does not format a mounted device)")]
+    Mounted { path: PathBuf, at: String },
+    #[error("{path}: direct = true needs the sector size ({sector_size}) to be at least the device's logical block size ({block_size})")]
+    SectorBelowBlockSize {
+        path: PathBuf,
+        sector_size: u32,
+        block_size: u32,
+    },
     #[error("{path} holds a {found} volume, but the config says {expected}")]
     RoleMismatch {
         path: PathBuf,
@@ -184,6 +192,7 @@ pub fn create(
 ) -> Result<Header, VolumeError> {
     geometry.validate()?;
     let backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    refuse_if_mounted(path, &backing)?;
     if !force {
         refuse_if_in_use(path, &backing)?;
     }
@@ -231,6 +240,16 @@ fn lay_out(path: &Path, backing: &Backing, header: &mut Header) -> Result<(), Vo
     store::write_header(backing, header).map_err(io_err(path))
 }
 
+fn refuse_if_mounted(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
+    match mount_point(backing).map_err(io_err(path))? {
+        Some(at) => Err(VolumeError::Mounted {
+            path: path.to_owned(),
+            at,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn refuse_if_in_use(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
     let copies = HeaderCopies::read(backing).map_err(io_err(path))?;
     if let Some(h) = copies.current() {
@@ -239,25 +258,75 @@ fn refuse_if_in_use(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
             uuid: h.uuid,
         });
     }
-    if !copies.is_foreign() || has_data(backing).map_err(io_err(path))? {
+    if let Some(what) = in_use(&copies, backing).map_err(io_err(path))? {
         return Err(VolumeError::NotEmpty {
             path: path.to_owned(),
+            what,
         });
     }
     Ok(())
 }
 
-/// Whether a backing holds anything but zeros in its first MiB, or (for a
-/// regular file) any allocated data beyond it. Allocated zeros count as data:
-/// erring toward "in use" is what protects an operator's disk.
-fn has_data(backing: &Backing) -> std::io::Result<bool> {
+/// What a backing without a hostcrypt header holds, if anything: a known
+/// signature (filesystem, partition table, LUKS, swap) by name, else any
+/// non-zero byte in its first MiB, or (for a regular file) any allocated
+/// data beyond it. Allocated zeros count as data: erring toward "in use"
+/// is what protects an operator's disk.
+fn in_use(copies: &HeaderCopies, backing: &Backing) -> std::io::Result<Option<String>> {
     let probe = backing.size()?.min(DATA_OFFSET);
     let mut buf = vec![0u8; probe as usize];
     backing.read_at(&mut buf, 0)?;
-    if buf.iter().any(|&b| b != 0) {
-        return Ok(true);
+    if let Some(name) = signature(&buf) {
+        return Ok(Some(format!("it carries {name} signature")));
     }
-    Ok(!backing.is_block_device() && backing.next_data(probe)?.is_some())
+    if !copies.is_foreign() {
+        return Ok(Some("it holds a damaged hostcrypt header".into()));
+    }
+    if buf.iter().any(|&b| b != 0) {
+        return Ok(Some("its first MiB holds data".into()));
+    }
+    if !backing.is_block_device() && backing.next_data(probe)?.is_some() {
+        return Ok(Some("it holds data".into()));
+    }
+    Ok(None)
+}
+
+/// The signature at the start of a device, as blkid would name it.
+fn signature(head: &[u8]) -> Option<&'static str> {
+    let at = |offset: usize, magic: &[u8]| head.get(offset..offset + magic.len()) == Some(magic);
+    if at(0, b"LUKS\xba\xbe") {
+        Some("a LUKS")
+    } else if at(0x438, &[0x53, 0xef]) {
+        Some("an ext2/3/4 filesystem")
+    } else if at(0, b"XFSB") {
+        Some("an XFS filesystem")
+    } else if at(0x10040, b"_BHRfS_M") {
+        Some("a btrfs filesystem")
+    } else if at(4086, b"SWAPSPACE2") {
+        Some("a swap")
+    } else if at(512, b"EFI PART") {
+        Some("a GPT partition table")
+    } else if at(510, &[0x55, 0xaa]) {
+        Some("an MBR partition table or boot sector")
+    } else {
+        None
+    }
+}
+
+/// Where a block device is mounted (from /proc/self/mountinfo), if it is.
+fn mount_point(backing: &Backing) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    if !backing.is_block_device() {
+        return Ok(None);
+    }
+    let rdev = std::fs::metadata(backing.path())?.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let wanted = format!("{major}:{minor}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(2) == Some(&wanted.as_str())).then(|| fields.get(4).unwrap_or(&"?").to_string())
+    }))
 }
 
 /// Opens a cache volume: reads the header, unwraps its DEK with `kek`, and
@@ -409,6 +478,14 @@ fn ready(
     direct: bool,
 ) -> Result<Volume, VolumeError> {
     if direct {
+        let block_size = backing.logical_block_size().map_err(io_err(path))?;
+        if header.sector_size < block_size {
+            return Err(VolumeError::SectorBelowBlockSize {
+                path: path.to_owned(),
+                sector_size: header.sector_size,
+                block_size,
+            });
+        }
         backing.enable_direct().map_err(io_err(path))?;
     }
     let cipher = VolumeCipher::new(dek, inner, header.sector_size as usize);
@@ -443,11 +520,13 @@ pub fn open_temp(
                 })
             }
             Some(_) => {}
-            None if copies.is_foreign() && !has_data(&backing).map_err(io_err(path))? => {}
             None => {
-                return Err(VolumeError::NotEmpty {
-                    path: path.to_owned(),
-                })
+                if let Some(what) = in_use(&copies, &backing).map_err(io_err(path))? {
+                    return Err(VolumeError::NotEmpty {
+                        path: path.to_owned(),
+                        what,
+                    });
+                }
             }
         }
         if !backing.is_block_device() {
