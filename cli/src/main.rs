@@ -469,6 +469,9 @@ fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
             None => "serving           ephemeral key".to_string(),
         };
         println!("  {:<16} {:<6} {:>14} bytes  {key}", v.name, v.role, v.size);
+        for w in v.key.iter().flat_map(|k| &k.warnings) {
+            println!("  {:<16} warning: {w}", "");
+        }
         if let Some(r) = &v.reencrypt {
             println!("  {:<16} re-encrypting: {}", "", reencrypt_line(r));
         }
@@ -746,6 +749,9 @@ fn check_key(config_path: &Path, volume: Option<String>, json: bool) -> anyhow::
             match &c.error {
                 None => println!("{}: key ok ({})", c.volume, c.state),
                 Some(e) => println!("{}: KEY CHECK FAILED ({}): {e}", c.volume, c.state),
+            }
+            for w in &c.warnings {
+                println!("{}: warning: {w}", c.volume);
             }
         }
     }

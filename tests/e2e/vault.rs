@@ -398,6 +398,39 @@ fn vault_revoked_token_stops_io_inside_the_unreachable_grace() {
     assert_eq!(d.stop(), 0);
 }
 
+/// Key-safety: a transit key that may be deleted is a warning in status,
+/// `check-key` and the log; turning deletion off clears it at the next check.
+#[test]
+fn vault_deletable_key_is_a_warning_until_deletion_is_disallowed() {
+    let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    let d = vf.fx.start();
+    let warnings = |fx: &Fixture| fx.status()["volumes"][0]["key"]["warnings"].clone();
+    assert_eq!(
+        warnings(&vf.fx),
+        serde_json::Value::Null,
+        "a fresh transit key is safe"
+    );
+    vf.set_config("deletion_allowed=true");
+    wait_until("the deletion warning", Duration::from_secs(20), || {
+        warnings(&vf.fx)
+            .to_string()
+            .contains("deletion_allowed = true")
+    });
+    let out = vf.fx.cli(&["check-key"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("warning: KEK bao: transit key hostcrypt has deletion_allowed"),
+        "{text}"
+    );
+    assert!(d.stderr().contains("key safety"), "{}", d.stderr());
+    vf.set_config("deletion_allowed=false");
+    wait_until("the warning clears", Duration::from_secs(20), || {
+        warnings(&vf.fx) == serde_json::Value::Null
+    });
+    assert_eq!(d.stop(), 0);
+}
+
 /// `hostcryptd --check` proves every KEK wraps and unwraps, and names the
 /// one that does not; `--check --offline` validates the config alone.
 #[test]

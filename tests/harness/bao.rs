@@ -136,13 +136,15 @@ impl Bao {
     }
 
     /// Writes a policy allowing only update on transit encrypt, decrypt and
-    /// rewrap of `key`, creates a token with it, and writes the token to
+    /// rewrap of `key`, and read on the key's settings (for the key-safety
+    /// checks), creates a token with it, and writes the token to
     /// `token_file` (mode 0600). Returns the token.
     pub fn key_token(&self, key: &str, token_file: &Path) -> String {
         let policy = format!(
             "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
              path \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}\n\
-             path \"transit/rewrap/{key}\" {{ capabilities = [\"update\"] }}\n"
+             path \"transit/rewrap/{key}\" {{ capabilities = [\"update\"] }}\n\
+             path \"transit/keys/{key}\" {{ capabilities = [\"read\"] }}\n"
         );
         let mut child = Command::new("bao")
             .args(["policy", "write", &format!("hostcrypt-{key}"), "-"])

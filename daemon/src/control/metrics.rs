@@ -174,6 +174,18 @@ impl Collector for DaemonCollector {
                 .encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
+            "hostcrypt_key_warnings",
+            "Key-safety warnings of the volume's KEKs (deletion allowed, purgeable, exportable, expiring, ...)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in self.exports.iter() {
+            let Some(keys) = &e.keys else { continue };
+            let labels: Labels = vec![("volume", e.name())];
+            ConstGauge::new(keys.status().warnings.len() as i64)
+                .encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
             "hostcrypt_access_refused",
             "Clients a volume's allow list turned away",
             None,

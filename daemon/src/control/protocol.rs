@@ -160,6 +160,9 @@ pub struct CheckResult {
     pub ok: bool,
     pub error: Option<String>,
     pub state: String,
+    /// Key-safety warnings (deletion allowed, purgeable, exportable, ...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -163,11 +163,13 @@ pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
                 }
                 let Some(keys) = &export.keys else { continue };
                 let outcome = keys.check(uid);
+                let status = keys.status();
                 results.push(CheckResult {
                     volume: export.name().to_owned(),
                     ok: outcome.is_ok(),
                     error: outcome.err().map(|e| e.to_string()),
-                    state: keys.status().state,
+                    state: status.state,
+                    warnings: status.warnings,
                 });
             }
             if let Some(v) = &volume {

@@ -402,16 +402,33 @@ impl AzureKek {
         }
     }
 
+    /// The key bundle (attributes, public key) of the pinned or current version.
+    fn key_bundle(&self) -> Result<Value, KekError> {
+        let path = match &self.config.key_version {
+            Some(v) => format!("keys/{}/{v}", self.config.key_name),
+            None => format!("keys/{}", self.config.key_name),
+        };
+        self.call(reqwest::Method::GET, &path, None)
+    }
+
     /// The version wraps use now: the pinned one, or the key's current one.
+    /// Refuses an RSA key under 2048 bits.
     fn target_version(&self) -> Result<String, KekError> {
+        let bundle = match self.key_bundle() {
+            Ok(b) => b,
+            // A pinned version needs no keys/get; then the size is not known here.
+            Err(KekError::AccessDenied { .. }) if self.config.key_version.is_some() => Value::Null,
+            Err(e) => return Err(e),
+        };
+        if let Some(bits) = rsa_bits(&bundle).filter(|b| *b < super::MIN_RSA_BITS) {
+            return Err(KekError::WeakKey {
+                provider: self.describe(),
+                bits,
+            });
+        }
         if let Some(v) = &self.config.key_version {
             return Ok(v.clone());
         }
-        let bundle = self.call(
-            reqwest::Method::GET,
-            &format!("keys/{}", self.config.key_name),
-            None,
-        )?;
         if bundle["attributes"]["enabled"].as_bool() == Some(false) {
             return Err(KekError::KeyGone {
                 provider: self.describe(),
@@ -488,6 +505,58 @@ impl KeyProvider for AzureKek {
         super::dek_from(raw, || self.describe())
     }
 
+    /// Purge protection, enabled, expiry, key_ops and RSA size of the key
+    /// version wraps use (needs keys/get; without it, that is the warning).
+    fn safety_warnings(&self) -> Result<Vec<String>, KekError> {
+        let name = &self.config.key_name;
+        let bundle = match self.key_bundle() {
+            Ok(b) => b,
+            Err(KekError::AccessDenied { .. }) => {
+                return Ok(vec![format!("cannot read the settings of key {name} (the identity lacks keys/get): whether it can be purged, is enabled or expires is unknown")])
+            }
+            Err(e) => return Err(e),
+        };
+        let attributes = &bundle["attributes"];
+        let mut warnings = Vec::new();
+        let level = attributes["recoveryLevel"].as_str().unwrap_or("");
+        if level.is_empty() || level.contains("Purgeable") {
+            warnings.push(format!("key {name} can be purged for good (recoveryLevel {level:?}): enable purge protection on the vault"));
+        }
+        if attributes["enabled"].as_bool() == Some(false) {
+            warnings.push(format!("key {name} is disabled"));
+        }
+        if let Some(exp) = attributes["exp"].as_u64() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            if exp <= now + 30 * 24 * 3600 {
+                let when = humantime::format_rfc3339_seconds(
+                    std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(exp),
+                );
+                warnings.push(format!("key {name} expires at {when} (within 30 days): extend it or rotate to a new key"));
+            }
+        }
+        let ops: Vec<&str> = bundle["key"]["key_ops"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let missing: Vec<&str> = ["wrapKey", "unwrapKey"]
+            .into_iter()
+            .filter(|op| !ops.contains(op))
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(format!(
+                "key {name} does not allow {} (key_ops {ops:?})",
+                missing.join(" and ")
+            ));
+        }
+        if let Some(bits) = rsa_bits(&bundle).filter(|b| *b < super::MIN_RSA_BITS) {
+            warnings.push(format!("key {name} is RSA-{bits}: new wraps are refused; move to an RSA key of 3072 or 4096 bits"));
+        }
+        Ok(warnings)
+    }
+
     fn rewrap(
         &self,
         wrapped: &WrappedDek,
@@ -503,6 +572,13 @@ impl KeyProvider for AzureKek {
         }
         self.wrap_version(&dek, &version)
     }
+}
+
+/// Bits of an RSA key bundle's modulus (`key.n`, base64url).
+fn rsa_bits(bundle: &Value) -> Option<u64> {
+    let n = bundle["key"]["n"].as_str().and_then(decode_base64url)?;
+    let first = n.iter().position(|&b| b != 0)?;
+    Some((n.len() - first) as u64 * 8 - u64::from(n[first].leading_zeros()))
 }
 
 /// `https://v.vault.azure.net/keys/name/0123abcd` → `0123abcd`.

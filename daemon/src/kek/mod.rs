@@ -89,6 +89,8 @@ pub enum KekError {
     /// The provider could not be reached or kept failing after retries.
     #[error("{provider} is unavailable: {reason}")]
     Unavailable { provider: String, reason: String },
+    #[error("{provider}: the RSA key has {bits} bits; hostcrypt wraps only with RSA keys of 2048 bits or more (3072 or 4096 recommended)")]
+    WeakKey { provider: String, bits: u64 },
     #[error("{provider} cannot {operation}")]
     Unsupported {
         provider: String,
@@ -157,6 +159,15 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
         self.wrap(&dek)
     }
 
+    /// Settings of the KEK that put what it protects at risk (it can be
+    /// deleted or purged for good, exported, expires, lacks a permission),
+    /// one sentence each, for status, logs and metrics. Read at open, at
+    /// every key check and by `check-key`. Settings the provider cannot
+    /// read are a warning too: never silent. Default: nothing to report.
+    fn safety_warnings(&self) -> Result<Vec<String>, KekError> {
+        Ok(Vec::new())
+    }
+
     /// Proves the provider can still unwrap `wrapped`, for key checks.
     fn check(&self, wrapped: &WrappedDek) -> Result<(), KekError> {
         self.unwrap(wrapped).map(drop)
@@ -174,6 +185,9 @@ pub(crate) fn dek_from(
         provider: provider(),
     })
 }
+
+/// The smallest RSA modulus hostcrypt wraps with.
+pub const MIN_RSA_BITS: u64 = 2048;
 
 /// `"3"` or `"v3"` → 3, for providers whose versions are numbers.
 pub(crate) fn numeric_version(

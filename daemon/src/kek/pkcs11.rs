@@ -390,11 +390,34 @@ impl Pkcs11Kek {
                         self.config.key_label, key.version
                     ),
                 })?;
+                if let Some(bits) = self
+                    .modulus_bits(session, public)?
+                    .filter(|b| *b < super::MIN_RSA_BITS)
+                {
+                    return Err(KekError::WeakKey {
+                        provider: self.describe(),
+                        bits,
+                    });
+                }
                 session
                     .encrypt(&self.oaep(), public, dek.expose())
                     .map_err(|e| self.oaep_fail(e, "encrypting"))
             }
         }
+    }
+
+    fn modulus_bits(
+        &self,
+        session: &Session,
+        public: ObjectHandle,
+    ) -> Result<Option<u64>, KekError> {
+        let attrs = session
+            .get_attributes(public, &[AttributeType::ModulusBits])
+            .map_err(|e| self.fail(e, "reading the RSA key size"))?;
+        Ok(attrs.into_iter().find_map(|a| match a {
+            Attribute::ModulusBits(bits) => Some(u64::from(bits)),
+            _ => None,
+        }))
     }
 
     fn unwrap_with(
@@ -493,6 +516,47 @@ impl KeyProvider for Pkcs11Kek {
         self.with_session(|session| {
             let key = self.version(session, version)?;
             self.unwrap_with(session, &key, &wrapped.blob)
+        })
+    }
+
+    /// Whether the newest key can leave the token (CKA_EXTRACTABLE) or be
+    /// read in the clear (not CKA_SENSITIVE), and its RSA size.
+    fn safety_warnings(&self) -> Result<Vec<String>, KekError> {
+        self.with_session(|session| {
+            let key = self.newest(session)?;
+            let label = format!("{}:v{}", self.config.key_label, key.version);
+            let mut warnings = Vec::new();
+            let secret = match &key.kind {
+                KeyKind::Aes(handle) => Some(*handle),
+                KeyKind::Rsa { private, .. } => *private,
+            };
+            if let Some(handle) = secret {
+                let attrs = session
+                    .get_attributes(handle, &[AttributeType::Extractable, AttributeType::Sensitive])
+                    .map_err(|e| self.fail(e, "reading key attributes"))?;
+                for a in attrs {
+                    match a {
+                        Attribute::Extractable(true) => warnings.push(format!(
+                            "key {label} is extractable (CKA_EXTRACTABLE): it can be exported from the token"
+                        )),
+                        Attribute::Sensitive(false) => warnings.push(format!(
+                            "key {label} is not sensitive (CKA_SENSITIVE false): its value can be read off the token in the clear"
+                        )),
+                        _ => {}
+                    }
+                }
+            }
+            if let KeyKind::Rsa { public: Some(public), .. } = &key.kind {
+                if let Some(bits) = self
+                    .modulus_bits(session, *public)?
+                    .filter(|b| *b < super::MIN_RSA_BITS)
+                {
+                    warnings.push(format!(
+                        "key {label} is RSA-{bits}: new wraps are refused; move to an RSA key of 3072 or 4096 bits"
+                    ));
+                }
+            }
+            Ok(warnings)
         })
     }
 

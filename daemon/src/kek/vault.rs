@@ -367,6 +367,33 @@ impl KeyProvider for VaultKek {
 
     /// A rewrap to the same version proves decrypt access (transit
     /// decrypts before it re-encrypts) without the DEK crossing the wire.
+    /// `deletion_allowed` and `exportable` from `transit/keys/KEY` (needs
+    /// `read` on that path; without it, that is the warning).
+    fn safety_warnings(&self) -> Result<Vec<String>, KekError> {
+        let path = format!("{}/keys/{}", self.config.mount, self.config.key);
+        let key = &self.config.key;
+        match self.exchange(reqwest::Method::GET, &path, None) {
+            Ok(v) => {
+                let mut warnings = Vec::new();
+                if v["data"]["deletion_allowed"].as_bool() == Some(true) {
+                    warnings.push(format!("transit key {key} has deletion_allowed = true: it can be deleted for good, and every volume it wraps with it; set deletion_allowed=false on {path}/config"));
+                }
+                if v["data"]["exportable"].as_bool() == Some(true) {
+                    warnings.push(format!("transit key {key} is exportable: its key material can be read out of the server"));
+                }
+                Ok(warnings)
+            }
+            Err(Failure::Status(403, _)) => Ok(vec![format!(
+                "cannot read the settings of transit key {key} (the token lacks read on {path}): whether it can be deleted or exported is unknown"
+            )]),
+            Err(Failure::Status(status, msg)) => Err(self.classify(status, msg)),
+            Err(Failure::Transport(reason)) => Err(KekError::Unavailable {
+                provider: self.describe(),
+                reason,
+            }),
+        }
+    }
+
     fn check(&self, wrapped: &WrappedDek) -> Result<(), KekError> {
         self.maintain_token();
         self.rewrap(wrapped, Some(&wrapped.kek.key_version))

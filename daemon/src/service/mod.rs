@@ -269,6 +269,7 @@ pub fn open_export(
                 },
                 audit.clone(),
             ));
+            volume_keys.refresh_warnings();
             volume_keys.resume_reencrypt();
             keys = Some(volume_keys);
             opened

@@ -81,6 +81,10 @@ pub struct KeyStatus {
     /// `serving`, `key-unreachable-serving` (provider down, within the
     /// grace), `key-lost` (I/O stopped) or `key-lost-serving` (until restart).
     pub state: String,
+    /// Key-safety warnings from the providers (deletion allowed, purgeable,
+    /// exportable, expiring, ...), each prefixed with its KEK's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Since when (seconds since the epoch) the provider has not answered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreachable_since: Option<u64>,
@@ -135,6 +139,8 @@ pub(super) struct Current {
     last_error: Option<String>,
     /// When the provider stopped answering (cleared by a good check).
     unreachable_since: Option<SystemTime>,
+    /// The providers' key-safety warnings, as last read.
+    warnings: Vec<String>,
 }
 
 impl Current {
@@ -239,6 +245,7 @@ impl VolumeKeys {
                 last_check: None,
                 last_error: None,
                 unreachable_since: None,
+                warnings: Vec::new(),
             }),
         }
     }
@@ -306,11 +313,49 @@ impl VolumeKeys {
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
             last_error: cur.last_error.clone(),
+            warnings: cur.warnings.clone(),
             unreachable_since: cur
                 .unreachable_since
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map(|d| d.as_secs()),
         }
+    }
+
+    /// Reads the key-safety warnings of the volume's KEKs (without the
+    /// state lock: providers may be slow) and logs the ones that are new.
+    /// A provider that cannot be asked keeps its previous warnings.
+    pub fn refresh_warnings(&self) -> Vec<String> {
+        let keks: Vec<LayerKek> = {
+            let cur = self.lock();
+            std::iter::once(cur.outer.clone())
+                .chain(cur.inner.clone())
+                .collect()
+        };
+        let mut warnings = Vec::new();
+        for kek in &keks {
+            match kek.provider.safety_warnings() {
+                Ok(found) => {
+                    warnings.extend(found.into_iter().map(|w| format!("KEK {}: {w}", kek.name)))
+                }
+                Err(e) => {
+                    let prefix = format!("KEK {}: ", kek.name);
+                    warnings.extend(
+                        self.lock()
+                            .warnings
+                            .iter()
+                            .filter(|w| w.starts_with(&prefix))
+                            .cloned(),
+                    );
+                    tracing::debug!(volume = %self.name, kek = %kek.name, "key-safety settings not read: {e}");
+                }
+            }
+        }
+        let mut cur = self.lock();
+        for w in warnings.iter().filter(|w| !cur.warnings.contains(w)) {
+            tracing::warn!(volume = %self.name, "key safety: {w}");
+        }
+        cur.warnings = warnings.clone();
+        warnings
     }
 
     /// Whether the provider is unreachable and the volume serves on grace.
@@ -426,6 +471,11 @@ impl VolumeKeys {
                     );
                 }
             }
+        }
+        if outcome.is_ok() {
+            drop(cur);
+            self.refresh_warnings();
+            cur = self.lock();
         }
         // Not while re-encrypting: the new DEKs are wrapped under the
         // newest version anyway, and the header belongs to the re-encryption.
