@@ -5,6 +5,7 @@
 //! recovery.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use hostcrypt_e2e::azure::{self, AzureKv};
 use hostcrypt_e2e::bao::write_secret;
@@ -262,4 +263,92 @@ fn azure_strict_server_rejects_an_unknown_api_version() {
         "{}",
         output_text(&out)
     );
+}
+
+fn warnings(fx: &Fixture) -> String {
+    fx.status()["volumes"][0]["key"]["warnings"].to_string()
+}
+
+/// Key-safety warnings from the Key Vault stand-in's attributes: a
+/// purgeable key, a current version that is disabled, an expiry within 30
+/// days, key_ops without unwrapKey. None of them stops I/O.
+#[test]
+fn azure_key_safety_warnings_follow_the_key_attributes() {
+    let (af, _v1) = AzureFixture::new("", "");
+    af.fx.create("v", "16M", 4096);
+    let d = af.fx.start();
+    let fx = &af.fx;
+    wait_until("purgeable warning", Duration::from_secs(20), || {
+        warnings(fx).contains("can be purged for good")
+    });
+    af.kv
+        .set_attributes("kek", r#""recoveryLevel": "Recoverable""#);
+    wait_until("purge warning cleared", Duration::from_secs(20), || {
+        warnings(fx) == "null"
+    });
+    let soon = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 10 * 24 * 3600;
+    af.kv.set_attributes(
+        "kek",
+        &format!(r#""exp": {soon}, "key_ops": ["wrapKey", "encrypt"]"#),
+    );
+    wait_until(
+        "expiry and key_ops warnings",
+        Duration::from_secs(20),
+        || {
+            let w = warnings(fx);
+            w.contains("expires at") && w.contains("does not allow unwrapKey")
+        },
+    );
+    // A newer version that is disabled: the volume's own version still
+    // unwraps, and the warning says the current one is disabled.
+    let v2 = af
+        .kv
+        .new_version_with("kek", r#""recoveryLevel": "Recoverable""#);
+    af.kv.control(
+        "/_test/keys/kek/disable",
+        &format!(r#"{{"version": "{v2}"}}"#),
+    );
+    wait_until("disabled warning", Duration::from_secs(20), || {
+        warnings(fx).contains("key kek is disabled")
+    });
+    qemu_io(&fx.uri("v"), &["write -P 0x3c 0 64k", "read -P 0x3c 0 64k"]);
+    let out = fx.cli(&["check-key"]);
+    assert!(
+        output_text(&out).contains("warning: KEK akv: key kek is disabled"),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(d.stop(), 0);
+}
+
+/// RSA-3072 and RSA-4096 Key Vault keys wrap, unwrap and rotate; an
+/// RSA-1024 version is refused for new wraps, naming its size.
+#[test]
+fn azure_rsa_3072_and_4096_work_and_1024_is_refused() {
+    let (af, _v1) = AzureFixture::new("", "");
+    af.kv.new_version_with("kek", r#""key_size": 3072"#);
+    af.fx.create("v", "16M", 4096);
+    let d = af.fx.start();
+    let uri = af.fx.uri("v");
+    qemu_io(&uri, &["write -P 0x30 0 64k"]);
+    let v4096 = af.kv.new_version_with("kek", r#""key_size": 4096"#);
+    let out = af.fx.cli(&["rotate-kek", "v"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(af.version(), v4096);
+    qemu_io(&uri, &["read -P 0x30 0 64k"]);
+    af.kv.new_version_with("kek", r#""key_size": 1024"#);
+    let out = af.fx.cli(&["rotate-kek", "v"]);
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("1024 bits") && text.contains("2048"),
+        "{text}"
+    );
+    assert_eq!(af.version(), v4096, "nothing changed");
+    qemu_io(&uri, &["read -P 0x30 0 64k"]);
+    assert_eq!(d.stop(), 0);
 }

@@ -159,3 +159,57 @@ fn pkcs11_wrong_pin_stops_io_is_not_retried_and_a_fixed_pin_resumes() {
     let log = d.stderr();
     assert!(log.contains("PIN is incorrect"), "{log}");
 }
+
+/// Key-safety on a token: a sensitive, non-extractable key gives no
+/// warning; a newer version that is extractable and not sensitive does.
+#[test]
+fn pkcs11_extractable_key_is_a_warning() {
+    let hf = HsmFixture::new("hck", "", "");
+    hf.hsm.aes_key("hck:v1");
+    hf.fx.create("v", "16M", 4096);
+    let d = hf.fx.start();
+    let warnings = || hf.fx.status()["volumes"][0]["key"]["warnings"].to_string();
+    assert_eq!(warnings(), "null");
+    hf.hsm.aes_key_with("hck:v2", &["--extractable"]);
+    wait_until(
+        "extractable warning",
+        std::time::Duration::from_secs(20),
+        || {
+            let w = warnings();
+            w.contains("hck:v2 is extractable") && w.contains("not sensitive")
+        },
+    );
+    qemu_io(
+        &hf.fx.uri("v"),
+        &["write -P 0x11 0 64k", "read -P 0x11 0 64k"],
+    );
+    assert_eq!(d.stop(), 0);
+}
+
+/// RSA-3072 and RSA-4096 key pairs on SoftHSM2 serve; RSA-1024 is refused
+/// when wrapping, naming its size, and nothing is written.
+#[test]
+fn pkcs11_rsa_3072_and_4096_work_and_1024_is_refused() {
+    for (bits, ok) in [(1024, false), (3072, true), (4096, true)] {
+        let hf = HsmFixture::new("hcr", "oaep_hash = \"sha1\"", "");
+        hf.hsm.rsa_key_bits("hcr:v1", bits);
+        let out = hf.fx.cli(&["create", "v", "--size", "16M"]);
+        let text = output_text(&out);
+        if !ok {
+            assert!(!out.status.success(), "RSA-{bits}: {text}");
+            assert!(
+                text.contains("1024 bits") && text.contains("2048"),
+                "{text}"
+            );
+            continue;
+        }
+        assert!(out.status.success(), "RSA-{bits}: {text}");
+        assert_eq!(hf.header_slot()["wrapped_len"], bits / 8);
+        let d = hf.fx.start();
+        qemu_io(
+            &hf.fx.uri("v"),
+            &["write -P 0x40 0 64k", "read -P 0x40 0 64k"],
+        );
+        assert_eq!(d.stop(), 0);
+    }
+}

@@ -234,6 +234,22 @@ fn vault_rsa_key_wraps_and_rotates() {
     assert_eq!(d.stop(), 0);
 }
 
+/// RSA-3072 and RSA-4096 transit keys wrap, serve and rotate too.
+#[test]
+fn vault_rsa_3072_and_4096_keys_serve_and_rotate() {
+    for key_type in ["rsa-3072", "rsa-4096"] {
+        let vf = VaultFixture::new(key_type, "bao", "");
+        let d = vf.fx.start();
+        qemu_io(&vf.fx.uri("v"), &["write -P 0x45 0 64k"]);
+        vf.bao.rotate_key(&vf.key);
+        let out = vf.fx.cli(&["rotate-kek", "v"]);
+        assert!(out.status.success(), "{key_type}: {}", output_text(&out));
+        assert_eq!(vf.header_version(), "2");
+        qemu_io(&vf.fx.uri("v"), &["read -P 0x45 0 64k"]);
+        assert_eq!(d.stop(), 0);
+    }
+}
+
 #[test]
 fn vault_too_old_version_is_key_loss_until_allowed_again() {
     let vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");

@@ -68,10 +68,24 @@ impl AzureKv {
 
     /// Creates a key, or adds a version (rotation); returns the version id.
     pub fn new_version(&self, name: &str) -> String {
-        self.control(&format!("/_test/keys/{name}"), "{}")["version"]
+        self.new_version_with(name, "")
+    }
+
+    /// Adds a version with the given control fields (`key_size`,
+    /// `recoveryLevel`, `exp`, `key_ops`, as JSON members); returns its id.
+    pub fn new_version_with(&self, name: &str, fields: &str) -> String {
+        self.control(&format!("/_test/keys/{name}"), &format!("{{{fields}}}"))["version"]
             .as_str()
             .expect("version")
             .to_string()
+    }
+
+    /// Changes the current version's `recoveryLevel`, `exp` or `key_ops`.
+    pub fn set_attributes(&self, name: &str, fields: &str) {
+        self.control(
+            &format!("/_test/keys/{name}/attributes"),
+            &format!("{{{fields}}}"),
+        );
     }
 
     /// Every request the stand-in saw (method, path, api_version, authorization).

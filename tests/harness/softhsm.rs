@@ -89,24 +89,38 @@ impl SoftHsm {
         );
     }
 
-    /// An AES-256 key allowed to wrap and unwrap.
+    /// An AES-256 key allowed to wrap and unwrap (sensitive, not extractable).
     pub fn aes_key(&self, label: &str) {
-        self.tool_ok(&[
+        self.aes_key_with(label, &["--sensitive"]);
+    }
+
+    /// An AES-256 wrapping key with extra pkcs11-tool flags
+    /// (`--sensitive`, `--extractable`).
+    pub fn aes_key_with(&self, label: &str, flags: &[&str]) {
+        let mut args = vec![
             "--keygen",
             "--key-type",
             "AES:32",
             "--usage-wrap",
             "--label",
             label,
-        ]);
+        ];
+        args.extend_from_slice(flags);
+        self.tool_ok(&args);
     }
 
     /// An RSA-2048 key pair allowed to encrypt/decrypt.
     pub fn rsa_key(&self, label: &str) {
+        self.rsa_key_bits(label, 2048);
+    }
+
+    /// An RSA key pair of `bits` allowed to encrypt/decrypt.
+    pub fn rsa_key_bits(&self, label: &str, bits: u32) {
+        let key_type = format!("rsa:{bits}");
         self.tool_ok(&[
             "--keypairgen",
             "--key-type",
-            "rsa:2048",
+            &key_type,
             "--usage-decrypt",
             "--label",
             label,

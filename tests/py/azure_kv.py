@@ -227,17 +227,20 @@ class Handler(BaseHTTPRequestHandler):
             "key": {
                 "kid": "%s/keys/%s/%s" % (self.vault_url(), name, v["id"]),
                 "kty": "RSA",
-                "key_ops": ["encrypt", "decrypt", "wrapKey", "unwrapKey"],
+                "key_ops": v.get("key_ops", ["encrypt", "decrypt", "wrapKey", "unwrapKey"]),
                 "n": b64url(n),
                 "e": b64url(e),
             },
-            "attributes": {
-                "enabled": v["enabled"],
-                "created": v["created"],
-                "updated": v["created"],
-                "recoveryLevel": "Recoverable+Purgeable",
-                "recoverableDays": 90,
-            },
+            "attributes": dict(
+                {
+                    "enabled": v["enabled"],
+                    "created": v["created"],
+                    "updated": v["created"],
+                    "recoveryLevel": v.get("recoveryLevel", "Recoverable+Purgeable"),
+                    "recoverableDays": 90,
+                },
+                **({"exp": v["exp"]} if "exp" in v else {}),
+            ),
         }
 
     def not_found(self, name):
@@ -305,21 +308,30 @@ class Handler(BaseHTTPRequestHandler):
                 name = parts[1]
                 entry = keys.setdefault(name, {"versions": [], "deleted": False})
                 version = secrets.token_hex(16)
-                entry["versions"].append(
-                    {
-                        "id": version,
-                        "key": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-                        "enabled": True,
-                        "created": int(time.time()),
-                    }
-                )
+                new = {
+                    "id": version,
+                    "key": rsa.generate_private_key(public_exponent=65537, key_size=int(args.get("key_size", 2048))),
+                    "enabled": True,
+                    "created": int(time.time()),
+                }
+                # Test controls for the key-safety checks: recoveryLevel,
+                # exp (seconds since the epoch), key_ops.
+                for field in ("recoveryLevel", "exp", "key_ops"):
+                    if field in args:
+                        new[field] = args[field]
+                entry["versions"].append(new)
                 return self.reply(200, {"version": version})
             if parts[:1] == ["keys"] and len(parts) == 3:
                 name, action = parts[1], parts[2]
                 entry = keys.get(name)
                 if entry is None:
                     return self.reply(404, {"error": "no such key"})
-                if action in ("disable", "enable"):
+                if action == "attributes":
+                    v = entry["versions"][-1]
+                    for field in ("recoveryLevel", "exp", "key_ops"):
+                        if field in args:
+                            v[field] = args[field]
+                elif action in ("disable", "enable"):
                     for v in entry["versions"]:
                         if args.get("version") in (None, v["id"]):
                             v["enabled"] = action == "enable"
