@@ -352,3 +352,29 @@ fn azure_rsa_3072_and_4096_work_and_1024_is_refused() {
     qemu_io(&uri, &["read -P 0x30 0 64k"]);
     assert_eq!(d.stop(), 0);
 }
+
+/// 429 and 503 with Retry-After: the provider waits as long as the server
+/// asks (not its own shorter backoff) and then succeeds.
+#[test]
+fn azure_throttling_honours_retry_after() {
+    let (af, _v1) = AzureFixture::new("", "");
+    af.kv.control(
+        "/_test/throttle",
+        r#"{"statuses": [429, 503], "retry_after": 1}"#,
+    );
+    af.fx.create("v", "16M", 4096);
+    let times: Vec<f64> = af
+        .kv
+        .requests()
+        .iter()
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/keys/")))
+        .filter_map(|r| r["time"].as_f64())
+        .collect();
+    assert!(times.len() >= 4, "{times:?}");
+    for pair in times[..3].windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 0.95,
+            "retried before Retry-After: {times:?}"
+        );
+    }
+}

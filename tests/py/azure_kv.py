@@ -52,6 +52,7 @@ tokens = set()
 forbidden = False
 reject_tokens = False  # every bearer token answered 401 (audience/issuer mismatch)
 imds_failures = []  # statuses to answer before succeeding
+throttle = []  # (status, retry_after) to answer Key Vault requests with, in order
 request_log = []
 
 
@@ -120,6 +121,7 @@ class Handler(BaseHTTPRequestHandler):
                     "path": path,
                     "api_version": (query.get("api-version") or [None])[0],
                     "authorization": "Bearer" if self.headers.get("Authorization", "").startswith("Bearer ") else None,
+                    "time": time.monotonic(),
                 }
             )
         if path.startswith("/_test/"):
@@ -192,6 +194,13 @@ class Handler(BaseHTTPRequestHandler):
             return self.kv_error(400, "BadParameter", "api-version query parameter is required")
         if version not in API_VERSIONS:
             return self.kv_error(400, "BadParameter", "The specified version (%s) is not recognized. Consider using the latest supported version (7.6)." % version)
+        with lock:
+            throttled = throttle.pop(0) if throttle else None
+        if throttled is not None:
+            status, retry_after = throttled
+            code = "Throttled" if status == 429 else "ServiceUnavailable"
+            return self.kv_error(status, code, "Rate limit exceeded. Try again after %d seconds." % retry_after,
+                                 headers={"Retry-After": str(retry_after)})
         auth = self.headers.get("Authorization", "")
         challenge = {"WWW-Authenticate": 'Bearer authorization="https://login.microsoftonline.com/%s", resource="https://vault.azure.net"' % TENANT}
         if not auth.startswith("Bearer "):
@@ -351,6 +360,9 @@ class Handler(BaseHTTPRequestHandler):
                 return self.reply(200, {})
             if parts == ["revoke-tokens"]:
                 tokens.clear()
+                return self.reply(200, {})
+            if parts == ["throttle"]:
+                throttle[:] = [(int(s), int(args.get("retry_after", 1))) for s in args.get("statuses", [])]
                 return self.reply(200, {})
             if parts == ["imds-failures"]:
                 imds_failures[:] = list(args.get("statuses", []))

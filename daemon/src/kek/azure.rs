@@ -120,8 +120,9 @@ impl std::fmt::Debug for AzureKek {
 }
 
 enum Failure {
-    /// HTTP status, error code, message.
-    Status(u16, String, String),
+    /// HTTP status, error code, message, and Retry-After when the server
+    /// sent one (429, 503).
+    Status(u16, String, String, Option<Duration>),
     Transport(String),
     /// No token: already retried by the token request itself.
     Token(KekError),
@@ -330,6 +331,12 @@ impl AzureKek {
             .send()
             .map_err(|e| Failure::Transport(e.without_url().to_string()))?;
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         let value: Value = resp.json().unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             return Ok(value);
@@ -350,7 +357,7 @@ impl AzureKek {
         if !inner.is_empty() {
             message = format!("{message} ({inner})");
         }
-        Err(Failure::Status(status, code, message))
+        Err(Failure::Status(status, code, message, retry_after))
     }
 
     /// A Key Vault request with one token refresh on 401 and retries for
@@ -366,7 +373,7 @@ impl AzureKek {
         loop {
             let last = match self.exchange(method.clone(), path, body) {
                 Ok(v) => return Ok(v),
-                Err(Failure::Status(401, code, msg)) if !refreshed => {
+                Err(Failure::Status(401, code, msg, _)) if !refreshed => {
                     tracing::info!(
                         provider = PROVIDER,
                         "401 {code}: {msg}; fetching a fresh token"
@@ -375,10 +382,15 @@ impl AzureKek {
                     refreshed = true;
                     continue;
                 }
-                Err(Failure::Status(status, code, msg)) if status == 429 || status >= 500 => {
+                Err(Failure::Status(status, code, msg, retry_after))
+                    if status == 429 || status >= 500 =>
+                {
+                    if let Some(wait) = retry_after {
+                        backoff.honour_retry_after(wait);
+                    }
                     format!("HTTP {status} {code}: {msg}")
                 }
-                Err(Failure::Status(status, code, msg)) => {
+                Err(Failure::Status(status, code, msg, _)) => {
                     return Err(self.classify(status, &code, msg))
                 }
                 Err(Failure::Transport(msg)) => msg,

@@ -46,6 +46,12 @@ impl Backoff {
         true
     }
 
+    /// Makes the next wait at least `at_least` (a server's Retry-After),
+    /// capped at one minute so a confused server cannot park a check.
+    pub(crate) fn honour_retry_after(&mut self, at_least: Duration) {
+        self.delay = self.delay.max(at_least.min(Duration::from_secs(60)));
+    }
+
     /// The error once the attempts are used up.
     pub(crate) fn exhausted(&self, provider: String, last: &str) -> KekError {
         KekError::Unavailable {
