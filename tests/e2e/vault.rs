@@ -234,6 +234,59 @@ fn vault_rsa_key_wraps_and_rotates() {
     assert_eq!(d.stop(), 0);
 }
 
+/// Two volumes on one KEK version cost one provider call per interval:
+/// counted in OpenBao's own audit log against hostcryptd's check lines.
+#[test]
+fn volumes_on_one_kek_share_one_provider_call_per_interval() {
+    let mut vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    vf.fx.volume("w", "cache", "key_check_interval = \"1s\"");
+    vf.write_config();
+    vf.fx.create("w", "8M", 4096);
+    let checks = |vf: &VaultFixture| {
+        vf.audit_lines()
+            .iter()
+            .filter(|l| l["operation"] == "check" && l["outcome"] == "ok")
+            .count()
+    };
+    let d = vf.fx.start();
+    wait_until(
+        "ten checks over both volumes",
+        Duration::from_secs(30),
+        || checks(&vf) >= 10,
+    );
+    assert_eq!(d.stop(), 0);
+    let ours = checks(&vf);
+    let shared = vf
+        .audit_lines()
+        .iter()
+        .filter(|l| {
+            l["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("shared with volume"))
+        })
+        .count();
+    let bao_log = std::fs::read_to_string(&vf.bao.audit_log).unwrap_or_default();
+    let rewraps = bao_log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| {
+            l["type"] == "response"
+                && l["request"]["path"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("transit/rewrap/"))
+        })
+        .count();
+    assert!(
+        rewraps >= 3,
+        "OpenBao's audit log shows {rewraps} rewraps: not read right?"
+    );
+    assert!(shared * 2 + 2 >= ours, "checks {ours}, shared {shared}");
+    assert!(
+        rewraps * 2 <= ours + 2,
+        "{rewraps} provider calls for {ours} volume checks"
+    );
+}
+
 /// RSA-3072 and RSA-4096 transit keys wrap, serve and rotate too.
 #[test]
 fn vault_rsa_3072_and_4096_keys_serve_and_rotate() {

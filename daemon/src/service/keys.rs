@@ -1,7 +1,9 @@
-//! The key-check monitor: a scheduler thread that decides when each cache
-//! volume's check is due (its `key_check_interval`, plus up to 10 % jitter
-//! so a fleet of hosts does not hit a key server in lock-step), and one
-//! worker thread per KEK that runs the checks of the volumes on that KEK.
+//! The key-check monitor: a scheduler thread that decides when the volumes
+//! of each KEK and `key_check_interval` are due (the interval plus up to
+//! 10 % jitter, so a fleet of hosts does not hit a key server in
+//! lock-step), and a worker thread per such group that checks them as one
+//! batch: volumes whose keys are wrapped by the same KEK version share one
+//! provider call (`VolumeKeys::record_shared_check`).
 //! A provider that hangs holds up only its own worker: other KEKs' checks,
 //! `hostcrypt status` and reloads go on (checks take no lock across
 //! provider calls, see `volume/keys.rs`). A second thread gives volumes
@@ -11,9 +13,10 @@
 //! Plain threads, not tasks: providers block on the network, and a slow
 //! provider must delay only checks, never I/O.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::nbd::Exports;
@@ -64,85 +67,108 @@ pub fn spawn_monitor(
     Ok(Monitor { scheduler, waiting })
 }
 
-/// One KEK's worker: runs the checks queued for it, one at a time.
+/// One group's worker: checks the batches queued for it, one at a time.
 struct Worker {
-    queue: Sender<Arc<VolumeKeys>>,
-    /// Volumes queued or being checked, so a hung worker's queue does not
-    /// grow by one entry per interval.
-    busy: Arc<Mutex<HashSet<String>>>,
+    queue: Sender<Vec<Arc<VolumeKeys>>>,
+    /// Set while a batch is queued or running, so a hung worker's queue
+    /// does not grow by one batch per interval.
+    busy: Arc<AtomicBool>,
 }
 
 impl Worker {
     fn spawn(kek: &str) -> std::io::Result<Worker> {
-        let (queue, jobs) = mpsc::channel::<Arc<VolumeKeys>>();
-        let busy: Arc<Mutex<HashSet<String>>> = Default::default();
+        let (queue, jobs) = mpsc::channel::<Vec<Arc<VolumeKeys>>>();
+        let busy = Arc::new(AtomicBool::new(false));
         let done = busy.clone();
         std::thread::Builder::new()
             .name(format!("hostcrypt-kek-{kek}"))
             .spawn(move || {
-                while let Ok(volume) = jobs.recv() {
-                    // The outcome is logged and audited by the check itself.
-                    let _ = volume.check(None);
-                    lock(&done).remove(volume.name());
+                while let Ok(batch) = jobs.recv() {
+                    check_batch(&batch);
+                    done.store(false, Ordering::SeqCst);
                 }
             })?;
         Ok(Worker { queue, busy })
     }
 
-    /// Queues a check unless one for this volume is already queued or running.
-    fn submit(&self, volume: &Arc<VolumeKeys>) -> bool {
-        if !lock(&self.busy).insert(volume.name().to_owned()) {
+    /// Queues a batch unless the previous one is still queued or running.
+    fn submit(&self, batch: Vec<Arc<VolumeKeys>>) -> bool {
+        if self.busy.swap(true, Ordering::SeqCst) {
             return false;
         }
-        self.queue.send(volume.clone()).is_ok()
+        self.queue.send(batch).is_ok()
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Checks one KEK's volumes: the first volume on each KEK version asks the
+/// provider, the others on that version record its success. Outcomes are
+/// logged and audited by the checks themselves.
+fn check_batch(batch: &[Arc<VolumeKeys>]) {
+    let mut proven: Vec<(crate::kek::KekRef, &Arc<VolumeKeys>)> = Vec::new();
+    for volume in batch {
+        let key = volume.shared_check_key();
+        if let Some(by) = key
+            .as_ref()
+            .and_then(|k| proven.iter().find(|(p, _)| p == k).map(|(_, v)| *v))
+        {
+            volume.record_shared_check(by);
+            continue;
+        }
+        if volume.check(None).is_ok() {
+            if let Some(key) = key {
+                proven.push((key, volume));
+            }
+        }
+    }
 }
 
 fn schedule(exports: Exports, stop: Receiver<()>) {
-    // Next check per volume name; a volume first seen is due one interval later.
-    let mut due: HashMap<String, Instant> = HashMap::new();
-    let mut workers: HashMap<String, Worker> = HashMap::new();
+    // Volumes are grouped by KEK and check interval: a group shares one
+    // provider call per KEK version, and no volume is checked more often
+    // than its own interval asks. Next check per group; a group first seen
+    // is due one interval later.
+    type Group = (String, Duration);
+    let mut due: HashMap<Group, Instant> = HashMap::new();
+    let mut workers: HashMap<Group, Worker> = HashMap::new();
     loop {
         let now = Instant::now();
-        let volumes: Vec<_> = exports.iter().filter_map(|e| e.keys.clone()).collect();
-        due.retain(|name, _| volumes.iter().any(|v| v.name() == name));
-        for volume in &volumes {
-            let interval = volume.policy().check_interval;
+        let mut groups: HashMap<Group, Vec<Arc<VolumeKeys>>> = HashMap::new();
+        for volume in exports.iter().filter_map(|e| e.keys.clone()) {
+            let interval = volume
+                .policy()
+                .check_interval
+                .max(Duration::from_millis(100));
+            groups
+                .entry((volume.kek_name(), interval))
+                .or_default()
+                .push(volume);
+        }
+        due.retain(|group, _| groups.contains_key(group));
+        for (group, volumes) in groups {
+            let interval = group.1;
             let at = *due
-                .entry(volume.name().to_owned())
+                .entry(group.clone())
                 .or_insert_with(|| now + jittered(interval));
             if at > now {
                 continue;
             }
-            let kek = volume.kek_name();
-            if !workers.contains_key(&kek) {
-                match Worker::spawn(&kek) {
+            if !workers.contains_key(&group) {
+                match Worker::spawn(&group.0) {
                     Ok(w) => {
-                        workers.insert(kek.clone(), w);
+                        workers.insert(group.clone(), w);
                     }
                     Err(e) => {
-                        tracing::error!(kek, "cannot start a key-check thread: {e}");
+                        tracing::error!(kek = group.0, "cannot start a key-check thread: {e}");
                         continue;
                     }
                 }
             }
-            if let Some(worker) = workers.get(&kek) {
-                if !worker.submit(volume) {
-                    tracing::debug!(
-                        volume = volume.name(),
-                        kek,
-                        "previous key check still running"
-                    );
+            if let Some(worker) = workers.get(&group) {
+                if !worker.submit(volumes) {
+                    tracing::debug!(kek = group.0, "previous key checks still running");
                 }
             }
-            due.insert(
-                volume.name().to_owned(),
-                Instant::now() + jittered(interval.max(Duration::from_millis(100))),
-            );
+            due.insert(group, Instant::now() + jittered(interval));
         }
         let next = due.values().min().copied().unwrap_or(now + IDLE_POLL);
         let wait = next

@@ -358,6 +358,57 @@ impl VolumeKeys {
         warnings
     }
 
+    /// The one KEK version a check of this volume would prove, when another
+    /// volume's check of that same version can stand for it: one layer, no
+    /// re-encryption, key loaded and not lost, no auto-rotation (which
+    /// rewraps per volume). `None`: it needs a check of its own.
+    pub fn shared_check_key(&self) -> Option<KekRef> {
+        if self.policy.auto_rotate || self.is_lost() || !self.data.key_loaded() {
+            return None;
+        }
+        let cur = self.lock();
+        if cur.inner.is_some() || cur.header.reencrypt.is_some() {
+            return None;
+        }
+        cur.header
+            .active_slot(Layer::Outer)
+            .map(|s| s.wrapped.kek.clone())
+    }
+
+    /// Records a successful check that `by`, a volume on the same KEK
+    /// version, just ran: one provider call per KEK version and interval,
+    /// however many volumes share it.
+    pub fn record_shared_check(&self, by: &VolumeKeys) {
+        let _one_at_a_time = self.checking.lock().unwrap_or_else(|p| p.into_inner());
+        let (warnings, kek) = {
+            let other = by.lock();
+            (
+                other.warnings.clone(),
+                other
+                    .header
+                    .active_slot(Layer::Outer)
+                    .map(|s| s.wrapped.kek.clone()),
+            )
+        };
+        let mut cur = self.lock();
+        cur.last_check = Some(SystemTime::now());
+        cur.last_error = None;
+        cur.warnings = warnings;
+        self.checks_ok.fetch_add(1, Ordering::Relaxed);
+        let mut event = Event::new(&self.name, "check", "ok")
+            .detail(format!("shared with volume {} (same KEK version)", by.name));
+        if let Some(kek) = &kek {
+            event = event.key(kek);
+        }
+        self.audit.record(&event);
+        if cur.unreachable_since.take().is_some() {
+            tracing::warn!(volume = %self.name, "key provider answers again");
+            self.audit.record(
+                &Event::new(&self.name, "key-reachable", "ok").detail("provider answers again"),
+            );
+        }
+    }
+
     /// Whether the provider is unreachable and the volume serves on grace.
     pub fn is_unreachable(&self) -> bool {
         self.lock().unreachable_since.is_some()
