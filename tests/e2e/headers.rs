@@ -145,7 +145,14 @@ fn create_refuses_existing_volume_and_nonempty_file_without_force() {
     };
     let out = create(false);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a hostcrypt volume"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already holds a hostcrypt volume"));
+    // The CLI says it once, in its own words: no audit event as a log line.
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        !stderr.contains("WARN") && !stderr.contains("audit"),
+        "{stderr}"
+    );
 
     std::fs::write(&backing, b"precious data").unwrap();
     let out = create(false);

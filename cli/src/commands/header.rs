@@ -21,10 +21,10 @@ fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
     if config.server.control.is_none() {
         return Ok(false);
     }
-    let status = match super::super::control(config_path, &Request::Status) {
+    let status = match crate::control::control(config_path, &Request::Status) {
         Ok(result) => result,
         // No daemon running: nothing serves it.
-        Err(e) if matches!(e.downcast_ref(), Some(super::super::Exit::Unreachable(_))) => {
+        Err(e) if matches!(e.downcast_ref(), Some(crate::Exit::Unreachable(_))) => {
             return Ok(false)
         }
         Err(e) => return Err(e),

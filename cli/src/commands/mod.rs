@@ -1,8 +1,14 @@
 //! One module per command group, each with the functions `main.rs`
-//! dispatches to. (The older commands still live in `main.rs`; new ones go
-//! here.)
+//! dispatches to; `main.rs` only parses arguments and dispatches.
 
+pub mod audit;
+pub mod create;
 pub mod header;
+pub mod inspect;
+pub mod keys;
+pub mod reencrypt;
+pub mod reload;
+pub mod status;
 
 use std::path::Path;
 
