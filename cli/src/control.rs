@@ -5,6 +5,7 @@ use crate::Exit;
 use anyhow::bail;
 use hostcryptd::config::Config;
 use hostcryptd::control::client::{self, ClientError};
+use hostcryptd::control::protocol::Reply;
 use hostcryptd::control::{Request, Response};
 use std::path::Path;
 use std::time::Duration;
@@ -12,8 +13,23 @@ use std::time::Duration;
 /// Key operations may wait on a remote provider's retries.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Sends one request and decodes the answer as `T` (`Status`,
+/// `Vec<CheckResult>`, ...): the daemon's and the CLI's types are one.
+pub fn ask<T: TryFrom<Reply, Error = Reply>>(
+    config_path: &Path,
+    request: &Request,
+) -> anyhow::Result<T> {
+    control(config_path, request)?.try_into().map_err(|other: Reply| {
+        anyhow::anyhow!(
+            "the daemon answered with {} where {} was expected (is hostcryptd the same version as hostcrypt?)",
+            other.kind(),
+            std::any::type_name::<T>()
+        )
+    })
+}
+
 /// Sends one request to the daemon named by the config's `control`.
-pub fn control(config_path: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+pub fn control(config_path: &Path, request: &Request) -> anyhow::Result<Reply> {
     let config = Config::load(config_path)?;
     let Some(socket) = &config.server.control else {
         bail!(
@@ -34,5 +50,7 @@ pub fn control(config_path: &Path, request: &Request) -> anyhow::Result<serde_js
                 .unwrap_or_else(|| "the daemon refused the request".into())
         );
     }
-    Ok(response.result)
+    response
+        .result
+        .ok_or_else(|| anyhow::anyhow!("the daemon answered without a result"))
 }

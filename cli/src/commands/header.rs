@@ -21,7 +21,7 @@ fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
     if config.server.control.is_none() {
         return Ok(false);
     }
-    let status = match crate::control::control(config_path, &Request::Status) {
+    let status: Status = match crate::control::ask(config_path, &Request::Status) {
         Ok(result) => result,
         // No daemon running: nothing serves it.
         Err(e) if matches!(e.downcast_ref(), Some(crate::Exit::Unreachable(_))) => {
@@ -29,7 +29,6 @@ fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
         }
         Err(e) => return Err(e),
     };
-    let status: Status = serde_json::from_value(status)?;
     Ok(status
         .volumes
         .iter()

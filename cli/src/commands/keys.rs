@@ -1,17 +1,16 @@
 //! `hostcrypt check-key`, `rotate-kek` and `rekey`: key operations the
 //! running daemon carries out.
 
-use crate::control::control;
+use crate::control::ask;
 use crate::Exit;
 use hostcryptd::control::protocol::{CheckResult, KeyChange};
 use hostcryptd::control::Request;
 use std::path::Path;
 
 pub fn check_key(config_path: &Path, volume: Option<String>, json: bool) -> anyhow::Result<()> {
-    let result = control(config_path, &Request::CheckKey { volume })?;
-    let checks: Vec<CheckResult> = serde_json::from_value(result.clone())?;
+    let checks: Vec<CheckResult> = ask(config_path, &Request::CheckKey { volume })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
         for c in &checks {
             match &c.error {
@@ -44,12 +43,11 @@ pub fn key_change(
     verb: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    let result = control(config_path, &request)?;
+    let change: KeyChange = ask(config_path, &request)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(&change)?);
         return Ok(());
     }
-    let change: KeyChange = serde_json::from_value(result)?;
     println!(
         "{}: {verb}; {} DEK now wrapped by {} key {} version {}",
         change.volume, change.layer, change.kek.provider, change.kek.key_id, change.kek.key_version

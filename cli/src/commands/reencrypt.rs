@@ -1,7 +1,7 @@
 //! `hostcrypt reencrypt`: start, pause, resume or follow an online
 //! re-encryption (a progress bar on a terminal, plain lines otherwise).
 
-use crate::control::control;
+use crate::control::ask;
 use anyhow::bail;
 use hostcryptd::control::Request;
 use hostcryptd::volume::{ReencryptAction, ReencryptStatus};
@@ -22,8 +22,7 @@ pub fn reencrypt(
         action,
         rate_mbps,
     };
-    let mut status: ReencryptStatus =
-        serde_json::from_value(control(config_path, &request(action))?)?;
+    let mut status: ReencryptStatus = ask(config_path, &request(action))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -76,7 +75,7 @@ pub fn reencrypt(
             _ => {}
         }
         std::thread::sleep(Duration::from_millis(250));
-        status = serde_json::from_value(control(config_path, &request(ReencryptAction::Status))?)?;
+        status = ask(config_path, &request(ReencryptAction::Status))?;
     }
     if let Some(bar) = &bar {
         bar.finish_with_message(format!("{volume} re-encrypted"));

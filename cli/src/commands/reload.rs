@@ -1,16 +1,15 @@
 //! `hostcrypt reload`: re-read the config in the running daemon.
 
-use crate::control::control;
+use crate::control::ask;
 use hostcryptd::control::Request;
 use std::path::Path;
 
 pub fn reload(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let result = control(config_path, &Request::Reload)?;
+    let report: hostcryptd::service::reload::ReloadReport = ask(config_path, &Request::Reload)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    let report: hostcryptd::service::reload::ReloadReport = serde_json::from_value(result)?;
     let list = |names: &[String]| {
         if names.is_empty() {
             "none".to_string()

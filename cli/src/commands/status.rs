@@ -2,19 +2,18 @@
 //! serves, its listeners, connections, and each volume's key state.
 
 use super::reencrypt::reencrypt_line;
-use crate::control::control;
+use crate::control::ask;
 use hostcryptd::control::protocol::Status;
 use hostcryptd::control::Request;
 use std::path::Path;
 use std::time::Duration;
 
 pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let result = control(config_path, &Request::Status)?;
+    let status: Status = ask(config_path, &Request::Status)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
     }
-    let status: Status = serde_json::from_value(result)?;
     println!(
         "hostcryptd {}, up {}, engine {}",
         status.version,
@@ -108,7 +107,7 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn volumes(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let status: Status = serde_json::from_value(control(config_path, &Request::Status)?)?;
+    let status: Status = ask(config_path, &Request::Status)?;
     if json {
         let list: Vec<_> = status
             .volumes

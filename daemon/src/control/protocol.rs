@@ -1,8 +1,8 @@
 //! Control-socket messages: one JSON object per line, one request and one
 //! response per connection. JSON lines rather than HTTP: there is nothing to
 //! route, no client but our own CLI, and `socat`/`nc -U` can drive it by
-//! hand; serde types shared through the library keep both ends in step.
-//! Never carries key material.
+//! hand. Answers are one typed enum (`Reply`) that both the daemon and the
+//! CLI use, so neither decodes untyped JSON. Never carries key material.
 
 use serde::{Deserialize, Serialize};
 
@@ -50,16 +50,16 @@ pub struct Response {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    #[serde(default)]
-    pub result: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Reply>,
 }
 
 impl Response {
-    pub fn ok(result: impl Serialize) -> Self {
+    pub fn ok(reply: impl Into<Reply>) -> Self {
         Response {
             ok: true,
             error: None,
-            result: serde_json::to_value(result).unwrap_or_default(),
+            result: Some(reply.into()),
         }
     }
 
@@ -67,10 +67,63 @@ impl Response {
         Response {
             ok: false,
             error: Some(message.to_string()),
-            result: serde_json::Value::Null,
+            result: None,
         }
     }
 }
+
+/// What a successful request answers: one variant per kind of answer, so
+/// both ends decode the same types.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "kebab-case")]
+pub enum Reply {
+    Status(Status),
+    Checks(Vec<CheckResult>),
+    KeyChange(KeyChange),
+    Reload(crate::service::reload::ReloadReport),
+    Reencrypt(crate::volume::ReencryptStatus),
+}
+
+impl Reply {
+    /// The kind of answer, for an error about an unexpected one.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Status(_) => "status",
+            Reply::Checks(_) => "checks",
+            Reply::KeyChange(_) => "key-change",
+            Reply::Reload(_) => "reload",
+            Reply::Reencrypt(_) => "reencrypt",
+        }
+    }
+}
+
+/// `Reply` from and into each answer type.
+macro_rules! reply_variants {
+    ($($variant:ident($ty:ty)),* $(,)?) => {$(
+        impl From<$ty> for Reply {
+            fn from(value: $ty) -> Self {
+                Reply::$variant(value)
+            }
+        }
+        impl TryFrom<Reply> for $ty {
+            type Error = Reply;
+            fn try_from(reply: Reply) -> Result<Self, Reply> {
+                match reply {
+                    Reply::$variant(value) => Ok(value),
+                    other => Err(other),
+                }
+            }
+        }
+    )*};
+}
+
+reply_variants!(
+    Status(Status),
+    Checks(Vec<CheckResult>),
+    KeyChange(KeyChange),
+    Reload(crate::service::reload::ReloadReport),
+    Reencrypt(crate::volume::ReencryptStatus),
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
