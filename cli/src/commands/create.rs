@@ -54,18 +54,28 @@ pub fn create(
         None => None,
     };
     let backing = v.backing.get_ref();
+    let inner_cipher = v
+        .inner_cipher
+        .as_ref()
+        .map(|c| *c.get_ref())
+        .unwrap_or_default();
     let created = volume::create(
         backing,
         Geometry { size, sector_size },
         kek.as_ref(),
-        inner.as_deref(),
+        inner.as_deref().map(|p| (p, inner_cipher)),
         force,
     );
     audit_create(&config, name, &kek_name, &created);
     let header = created?;
     let inner_note = inner
         .as_ref()
-        .map(|i| format!("; double-encrypted, inner DEK wrapped by {}", i.describe()))
+        .map(|i| {
+            format!(
+                "; double-encrypted, inner layer {inner_cipher} with its DEK wrapped by {}",
+                i.describe()
+            )
+        })
         .unwrap_or_default();
     println!(
         "created cache volume {name:?} on {}: {} bytes, {}-byte sectors, uuid {}, DEK wrapped by {}{inner_note}",

@@ -56,7 +56,11 @@ pub fn header_json(path: &Path, header: &Header, copies: &HeaderCopies) -> serde
     serde_json::json!({
         "backing": path,
         "uuid": header.uuid,
-        "format_version": volume::header::FORMAT_VERSION,
+        "format_version": match header.inner_cipher {
+            volume::InnerCipher::AesXts => volume::header::FORMAT_VERSION,
+            volume::InnerCipher::Adiantum => volume::header::FORMAT_VERSION_INNER_CIPHER,
+        },
+        "inner_cipher": header.has_inner_layer().then_some(header.inner_cipher),
         "role": header.role,
         "size": header.size,
         "sector_size": header.sector_size,

@@ -172,8 +172,11 @@ pub struct VolumeConfig {
     pub backing: Spanned<PathBuf>,
     pub role: Role,
     pub kek: Option<Spanned<String>>,
-    /// Double encryption: a second XTS layer whose DEK this other KEK wraps.
+    /// Double encryption: a second layer whose DEK this other KEK wraps.
     pub kek_inner: Option<Spanned<String>>,
+    /// The inner layer's cipher, chosen at `create`: `aes-xts` (default)
+    /// or `adiantum` (another primitive and mode than the outer XTS-AES).
+    pub inner_cipher: Option<Spanned<crate::volume::InnerCipher>>,
     pub size: Option<Spanned<ByteSize>>,
     #[serde(default = "default_sector_size", deserialize_with = "sector_size")]
     pub sector_size: u32,
@@ -406,6 +409,13 @@ impl Config {
                     ));
                 }
                 _ => {}
+            }
+            if let (Some(cipher), None) = (&v.inner_cipher, &v.kek_inner) {
+                return Err(invalid(
+                    cipher.span(),
+                    "inner_cipher",
+                    "inner_cipher applies to the inner layer of a double-encrypted volume: set kek_inner too".into(),
+                ));
             }
             if let Some(inner) = &v.kek_inner {
                 let problem = if v.role == Role::Temp {

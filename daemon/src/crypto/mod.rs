@@ -3,6 +3,7 @@
 //! Key wrapping (protecting a DEK with a KEK) lives in `kek/`, not here: this
 //! module only knows how to turn plaintext sectors into ciphertext sectors.
 
+mod adiantum;
 mod dek;
 mod xts;
 #[cfg(target_arch = "x86_64")]
@@ -10,5 +11,6 @@ mod xts_vaes;
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes_avx2;
 
+pub use adiantum::AdiantumSectorCipher;
 pub use dek::{Dek, DEK_LEN};
 pub use xts::{SectorCipher, XtsKernel, XTS_BLOCK};

@@ -289,6 +289,7 @@ pub fn open_export(
         sector_size = opened.header.sector_size,
         xts = opened.data.cipher_kernel(),
         layers = opened.data.layers(),
+        inner = %if opened.data.layers() > 1 { opened.data.inner_cipher().to_string() } else { "-".into() },
         direct = v.direct,
         backing = %backing.display(),
         "volume open"

@@ -2,20 +2,42 @@
 //! encryption: two independent DEKs, each wrapped by a different KEK, so
 //! reading the data needs both key providers). The inner layer encrypts
 //! first on write and decrypts last on read; both use the sector number as
-//! the tweak. The XTS kernels themselves are `crypto/`.
+//! the tweak. The inner layer is XTS-AES-256 too, or Adiantum
+//! (`inner_cipher = "adiantum"`: another primitive and mode, so one broken
+//! algorithm does not expose the data). The ciphers themselves are `crypto/`.
 
-use crate::crypto::{Dek, SectorCipher};
+use super::header::InnerCipher;
+use crate::crypto::{AdiantumSectorCipher, Dek, SectorCipher};
 
 pub struct VolumeCipher {
     outer: SectorCipher,
-    inner: Option<SectorCipher>,
+    inner: Option<InnerLayer>,
+}
+
+// Both boxed: the two key schedules differ a lot in size.
+enum InnerLayer {
+    Xts(Box<SectorCipher>),
+    Adiantum(Box<AdiantumSectorCipher>),
 }
 
 impl VolumeCipher {
-    pub fn new(outer: &Dek, inner: Option<&Dek>, sector_size: usize) -> Self {
+    /// `inner_cipher` applies only with an inner DEK.
+    pub fn new(
+        outer: &Dek,
+        inner: Option<&Dek>,
+        inner_cipher: InnerCipher,
+        sector_size: usize,
+    ) -> Self {
         VolumeCipher {
             outer: SectorCipher::new(outer, sector_size),
-            inner: inner.map(|dek| SectorCipher::new(dek, sector_size)),
+            inner: inner.map(|dek| match inner_cipher {
+                InnerCipher::AesXts => {
+                    InnerLayer::Xts(Box::new(SectorCipher::new(dek, sector_size)))
+                }
+                InnerCipher::Adiantum => {
+                    InnerLayer::Adiantum(Box::new(AdiantumSectorCipher::new(dek, sector_size)))
+                }
+            }),
         }
     }
 
@@ -28,6 +50,14 @@ impl VolumeCipher {
         self.outer.kernel()
     }
 
+    /// The inner layer's cipher (XTS when there is no inner layer).
+    pub fn inner_cipher(&self) -> InnerCipher {
+        match self.inner {
+            Some(InnerLayer::Adiantum(_)) => InnerCipher::Adiantum,
+            _ => InnerCipher::AesXts,
+        }
+    }
+
     /// 1, or 2 with double encryption.
     pub fn layers(&self) -> usize {
         1 + usize::from(self.inner.is_some())
@@ -35,8 +65,10 @@ impl VolumeCipher {
 
     /// Encrypts whole sectors in place; the first has index `first_sector`.
     pub fn encrypt(&self, buf: &mut [u8], first_sector: u64) {
-        if let Some(inner) = &self.inner {
-            inner.encrypt(buf, first_sector);
+        match &self.inner {
+            Some(InnerLayer::Xts(inner)) => inner.encrypt(buf, first_sector),
+            Some(InnerLayer::Adiantum(inner)) => inner.encrypt(buf, first_sector),
+            None => {}
         }
         self.outer.encrypt(buf, first_sector);
     }
@@ -44,8 +76,10 @@ impl VolumeCipher {
     /// Decrypts whole sectors in place.
     pub fn decrypt(&self, buf: &mut [u8], first_sector: u64) {
         self.outer.decrypt(buf, first_sector);
-        if let Some(inner) = &self.inner {
-            inner.decrypt(buf, first_sector);
+        match &self.inner {
+            Some(InnerLayer::Xts(inner)) => inner.decrypt(buf, first_sector),
+            Some(InnerLayer::Adiantum(inner)) => inner.decrypt(buf, first_sector),
+            None => {}
         }
     }
 }
@@ -61,7 +95,7 @@ mod tests {
         getrandom::fill(&mut plain).unwrap();
 
         let mut double = plain.clone();
-        VolumeCipher::new(&a, Some(&b), 4096).encrypt(&mut double, 9);
+        VolumeCipher::new(&a, Some(&b), InnerCipher::AesXts, 4096).encrypt(&mut double, 9);
         let mut by_hand = plain.clone();
         SectorCipher::new(&b, 4096).encrypt(&mut by_hand, 9);
         SectorCipher::new(&a, 4096).encrypt(&mut by_hand, 9);
@@ -72,9 +106,32 @@ mod tests {
         SectorCipher::new(&a, 4096).decrypt(&mut outer_only, 9);
         assert_ne!(outer_only, plain);
 
-        VolumeCipher::new(&a, Some(&b), 4096).decrypt(&mut double, 9);
+        VolumeCipher::new(&a, Some(&b), InnerCipher::AesXts, 4096).decrypt(&mut double, 9);
         assert_eq!(double, plain);
-        assert_eq!(VolumeCipher::new(&a, Some(&b), 4096).layers(), 2);
-        assert_eq!(VolumeCipher::new(&a, None, 4096).layers(), 1);
+        assert_eq!(
+            VolumeCipher::new(&a, Some(&b), InnerCipher::AesXts, 4096).layers(),
+            2
+        );
+        assert_eq!(
+            VolumeCipher::new(&a, None, InnerCipher::AesXts, 4096).layers(),
+            1
+        );
+    }
+
+    #[test]
+    fn adiantum_inner_layer_composes_with_the_outer_xts() {
+        let (a, b) = (Dek::generate().unwrap(), Dek::generate().unwrap());
+        let mut plain = vec![0u8; 2 * 512];
+        getrandom::fill(&mut plain).unwrap();
+        let cipher = VolumeCipher::new(&a, Some(&b), InnerCipher::Adiantum, 512);
+        assert_eq!(cipher.inner_cipher(), InnerCipher::Adiantum);
+        let mut double = plain.clone();
+        cipher.encrypt(&mut double, 3);
+        let mut by_hand = plain.clone();
+        AdiantumSectorCipher::new(&b, 512).encrypt(&mut by_hand, 3);
+        SectorCipher::new(&a, 512).encrypt(&mut by_hand, 3);
+        assert_eq!(double, by_hand);
+        cipher.decrypt(&mut double, 3);
+        assert_eq!(double, plain);
     }
 }

@@ -69,6 +69,7 @@ pub struct DataArea {
     rekeying: Mutex<()>,
     kernel: &'static str,
     layers: usize,
+    inner_cipher: super::InnerCipher,
     /// Time spent in the cipher, for metrics.
     crypto_nanos: AtomicU64,
     size: u64,
@@ -94,6 +95,7 @@ impl DataArea {
             backing,
             kernel: cipher.kernel(),
             layers: cipher.layers(),
+            inner_cipher: cipher.inner_cipher(),
             crypto_nanos: AtomicU64::new(0),
             rekeying: Mutex::new(()),
             cipher: ArcSwapOption::from_pointee(DataKeys {
@@ -122,6 +124,11 @@ impl DataArea {
     }
 
     /// Encryption layers: 1, or 2 with double encryption.
+    /// The inner layer's cipher (XTS when single-layer).
+    pub fn inner_cipher(&self) -> super::InnerCipher {
+        self.inner_cipher
+    }
+
     pub fn layers(&self) -> usize {
         self.layers
     }
@@ -164,7 +171,12 @@ impl DataArea {
         target: Option<(GenerationDeks<'_>, u64)>,
     ) {
         let cipher = |(outer, inner): GenerationDeks<'_>| {
-            Arc::new(VolumeCipher::new(outer, inner, self.sector as usize))
+            Arc::new(VolumeCipher::new(
+                outer,
+                inner,
+                self.inner_cipher,
+                self.sector as usize,
+            ))
         };
         let _rekeying = self.rekeying();
         self.cipher.store(Some(Arc::new(DataKeys {
@@ -644,7 +656,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let backing = Backing::open_or_create(&dir.path().join("d.img")).unwrap();
         backing.set_len(4096 + size).unwrap();
-        let cipher = VolumeCipher::new(&Dek::generate().unwrap(), None, sector);
+        let cipher = VolumeCipher::new(
+            &Dek::generate().unwrap(),
+            None,
+            super::super::InnerCipher::AesXts,
+            sector,
+        );
         (dir, DataArea::new(backing, cipher, size, 4096))
     }
 

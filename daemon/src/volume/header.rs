@@ -1,4 +1,8 @@
-//! The on-disk header, format version 1: its fields and its byte encoding.
+//! The on-disk header, format versions 1 and 2: its fields and its byte
+//! encoding. Version 2 differs only in bytes 10-11, which name the inner
+//! layer's cipher; it is written only for an Adiantum inner layer, so a
+//! daemon that predates Adiantum refuses such a volume instead of reading
+//! it as XTS.
 //!
 //! Hand-written rather than serde+bincode because the byte layout *is* the
 //! product's format: it must stay stable across versions of every dependency
@@ -7,8 +11,8 @@
 //! ```text
 //! off  len  field
 //!   0    8  magic "HCRYPT\x00\x01"
-//!   8    2  format version (1)
-//!  10    2  reserved (0)
+//!   8    2  format version (1, or 2 with a non-XTS inner layer)
+//!  10    2  version 1: reserved (0); version 2: inner-layer cipher (1 = Adiantum)
 //!  12    8  sequence number (bumped on every update; the newer valid copy wins)
 //!  20   16  volume UUID
 //!  36    8  logical size in bytes
@@ -32,6 +36,28 @@ use crate::kek::{KekRef, WrappedDek};
 
 pub const MAGIC: [u8; 8] = *b"HCRYPT\x00\x01";
 pub const FORMAT_VERSION: u16 = 1;
+/// The format version of a volume whose inner layer is not XTS.
+pub const FORMAT_VERSION_INNER_CIPHER: u16 = 2;
+
+/// The cipher of a double-encrypted volume's inner layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InnerCipher {
+    /// XTS-AES-256, as the outer layer.
+    #[default]
+    AesXts,
+    /// Adiantum (XChaCha12, AES-256, NH/Poly1305): another primitive and mode.
+    Adiantum,
+}
+
+impl std::fmt::Display for InnerCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InnerCipher::AesXts => "aes-xts",
+            InnerCipher::Adiantum => "adiantum",
+        })
+    }
+}
 pub const HEADER_SIZE: usize = 4096;
 const CHECKSUM_AT: usize = HEADER_SIZE - 32;
 const MAX_KEYSLOTS: usize = 4;
@@ -119,6 +145,8 @@ pub struct Header {
     pub dek_generation: u32,
     pub reencrypt: Option<Reencrypt>,
     pub keyslots: Vec<Keyslot>,
+    /// The inner layer's cipher (meaningful with an inner layer only).
+    pub inner_cipher: InnerCipher,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,8 +210,16 @@ impl Header {
         }
         let mut w = Writer::default();
         w.bytes(&MAGIC);
-        w.u16(FORMAT_VERSION);
-        w.u16(0);
+        match self.inner_cipher {
+            InnerCipher::AesXts => {
+                w.u16(FORMAT_VERSION);
+                w.u16(0);
+            }
+            InnerCipher::Adiantum => {
+                w.u16(FORMAT_VERSION_INNER_CIPHER);
+                w.u16(1);
+            }
+        }
         w.u64(self.sequence);
         w.bytes(self.uuid.as_bytes());
         w.u64(self.size);
@@ -240,10 +276,14 @@ impl Header {
             pos: 8,
         };
         let version = r.u16()?;
-        if version != FORMAT_VERSION {
-            return Err(HeaderError::UnsupportedVersion(version));
-        }
-        r.u16()?;
+        let inner_cipher = match (version, r.u16()?) {
+            (FORMAT_VERSION, _) => InnerCipher::AesXts,
+            (FORMAT_VERSION_INNER_CIPHER, 1) => InnerCipher::Adiantum,
+            (FORMAT_VERSION_INNER_CIPHER, _) => {
+                return Err(HeaderError::Malformed("unknown inner-layer cipher"))
+            }
+            (other, _) => return Err(HeaderError::UnsupportedVersion(other)),
+        };
         let sequence = r.u64()?;
         let uuid = Uuid::from_slice(r.take(16)?).map_err(|_| HeaderError::Malformed("uuid"))?;
         let size = r.u64()?;
@@ -307,6 +347,7 @@ impl Header {
             dek_generation,
             reencrypt,
             keyslots,
+            inner_cipher,
         })
     }
 }
@@ -413,6 +454,7 @@ pub(crate) mod tests {
                     blob: vec![0x5a; 72],
                 },
             }],
+            inner_cipher: InnerCipher::AesXts,
         }
     }
 
@@ -445,6 +487,21 @@ pub(crate) mod tests {
         assert_eq!((h.dek_generation, h.reencrypt), (2, None));
         assert_eq!(h.keyslots.len(), 1);
         assert_eq!(h.keyslots[0].generation, 2);
+    }
+
+    #[test]
+    fn adiantum_inner_layer_is_format_version_2_and_round_trips() {
+        let mut h = sample();
+        let v1 = h.encode().unwrap();
+        assert_eq!(
+            u16::from_le_bytes([v1[8], v1[9]]),
+            1,
+            "XTS volumes stay version 1"
+        );
+        h.inner_cipher = InnerCipher::Adiantum;
+        let raw = h.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([raw[8], raw[9]]), 2);
+        assert_eq!(Header::decode(&raw[..]).unwrap(), h);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 pub use cipher::VolumeCipher;
 pub use data::DataArea;
-pub use header::{Header, HeaderError, Keyslot, Layer, Role};
+pub use header::{Header, HeaderError, InnerCipher, Keyslot, Layer, Role};
 pub use keys::{
     InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, OnKeyUnreachable, VolumeKeys,
 };
@@ -187,7 +187,7 @@ pub fn create(
     path: &Path,
     geometry: Geometry,
     kek: &dyn KeyProvider,
-    inner: Option<&dyn KeyProvider>,
+    inner: Option<(&dyn KeyProvider, InnerCipher)>,
     force: bool,
 ) -> Result<Header, VolumeError> {
     geometry.validate()?;
@@ -197,7 +197,13 @@ pub fn create(
         refuse_if_in_use(path, &backing)?;
     }
     let mut header = new_header(geometry, Role::Cache);
-    let layers = [(Layer::Outer, Some(kek)), (Layer::Inner, inner)];
+    if let Some((_, cipher)) = inner {
+        header.inner_cipher = cipher;
+    }
+    let layers = [
+        (Layer::Outer, Some(kek)),
+        (Layer::Inner, inner.map(|(p, _)| p)),
+    ];
     for (layer, provider) in layers {
         let Some(provider) = provider else { continue };
         let dek = Dek::generate().map_err(VolumeError::Random)?;
@@ -226,6 +232,7 @@ fn new_header(geometry: Geometry, role: Role) -> Header {
         dek_generation: 1,
         reencrypt: None,
         keyslots: Vec::new(),
+        inner_cipher: InnerCipher::AesXts,
     }
 }
 
@@ -423,7 +430,12 @@ pub fn open_cache(
     };
     let volume = ready(name, path, backing, header, current, direct)?;
     if let (Some((outer, inner)), Some(r)) = (&target, volume.header.reencrypt) {
-        let cipher = VolumeCipher::new(outer, inner.as_ref(), volume.header.sector_size as usize);
+        let cipher = VolumeCipher::new(
+            outer,
+            inner.as_ref(),
+            volume.header.inner_cipher,
+            volume.header.sector_size as usize,
+        );
         volume
             .data
             .begin_reencrypt(cipher, r.checkpoint)
@@ -488,7 +500,7 @@ fn ready(
         }
         backing.enable_direct().map_err(io_err(path))?;
     }
-    let cipher = VolumeCipher::new(dek, inner, header.sector_size as usize);
+    let cipher = VolumeCipher::new(dek, inner, header.inner_cipher, header.sector_size as usize);
     let data = DataArea::new(backing, cipher, header.size, header.data_offset);
     Ok(Volume {
         name: name.to_owned(),

@@ -248,7 +248,12 @@ impl VolumeKeys {
         self.write_header(&mut cur, header)?;
         self.data
             .begin_reencrypt(
-                VolumeCipher::new(outer, inner, self.data.sector_size() as usize),
+                VolumeCipher::new(
+                    outer,
+                    inner,
+                    self.data.inner_cipher(),
+                    self.data.sector_size() as usize,
+                ),
                 0,
             )
             .map_err(|e| KeyOpError::Refused(e.to_string()))?;
