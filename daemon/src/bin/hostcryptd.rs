@@ -221,7 +221,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         if demo {
             print_demo_help(&config);
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // One shutdown: every task and thread below holds its signal.
+        let shutdown = service::shutdown::Shutdown::new();
         let reloader = std::sync::Arc::new(service::reload::Reloader::new(
             config_path.clone(),
             config.clone(),
@@ -231,9 +232,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             audit.clone(),
             failed,
         ));
-        let (monitor_stop, monitor_rx) = std::sync::mpsc::channel::<()>();
         let retry = reloader.clone();
-        let monitor = service::keys::spawn_monitor(exports.clone(), monitor_rx, move || {
+        let monitor = service::keys::spawn_monitor(exports.clone(), shutdown.signal(), move || {
             retry.retry_waiting()
         })
         .context("starting the key-check thread")?;
@@ -249,12 +249,15 @@ fn run(args: Args) -> anyhow::Result<()> {
                     gate: gate.clone(),
                     listeners: listener_status,
                 });
-                let task = tokio::spawn(control::server::run(listener, state, stop_rx.clone()));
+                let task = tokio::spawn(control::server::run(
+                    listener,
+                    state,
+                    shutdown.signal().watch(),
+                ));
                 Some((task, path, owned))
             }
             None => None,
         };
-        let (metrics_stop, metrics_rx) = std::sync::mpsc::channel::<()>();
         let metrics = match config.server.metrics {
             Some(addr) => {
                 let collector = control::metrics::DaemonCollector {
@@ -263,7 +266,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     engine: engine.name(),
                     started: std::time::Instant::now(),
                 };
-                let thread = control::metrics::spawn(addr, collector, metrics_rx)
+                let thread = control::metrics::spawn(addr, collector, shutdown.signal())
                     .with_context(|| format!("metrics endpoint {addr}"))?;
                 tracing::info!(%addr, "metrics endpoint ready (GET /metrics)");
                 Some(thread)
@@ -280,22 +283,32 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .join(", ")
         );
         let exports_for_shutdown = exports.clone();
-        let server = tokio::spawn(service::serve(listeners, exports, gate, stop_rx));
+        let server = tokio::spawn(service::serve(
+            listeners,
+            exports,
+            gate,
+            shutdown.signal().watch(),
+        ));
         service::systemd::ready(&summary);
         let watchdog = service::systemd::watchdog_interval().map(|every| {
+            let mut stop = shutdown.signal().watch();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 loop {
-                    tick.tick().await;
-                    service::systemd::watchdog();
+                    tokio::select! {
+                        _ = tick.tick() => service::systemd::watchdog(),
+                        _ = stop.changed() => return,
+                    }
                 }
             })
         });
         wait_for_stop_signal(reloader).await?;
+        // The stop order: NBD listeners close and connections drain, then
+        // re-encryptions stop between windows, then the control socket,
+        // the watchdog, metrics and key checks end.
         tracing::info!("stopping: draining in-flight requests");
         service::systemd::stopping();
-        let _ = stop_tx.send(true);
-        drop(monitor_stop);
+        shutdown.trigger();
         let exports_at_stop = exports_for_shutdown.clone();
         server.await.context("server task")?;
         // Re-encryptions stop between windows; the header records where.
@@ -314,9 +327,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         if let Some(watchdog) = watchdog {
-            watchdog.abort();
+            let _ = watchdog.await;
         }
-        drop(metrics_stop);
         if let Some(metrics) = metrics {
             let _ = tokio::task::spawn_blocking(move || metrics.join()).await;
         }

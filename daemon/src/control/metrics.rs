@@ -250,7 +250,7 @@ fn reencrypt_progress(export: &crate::nbd::Export) -> f64 {
 pub fn spawn(
     addr: SocketAddr,
     collector: DaemonCollector,
-    stop: std::sync::mpsc::Receiver<()>,
+    stop: crate::service::shutdown::StopSignal,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
     let mut registry = Registry::default();
@@ -259,9 +259,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("hostcrypt-metrics".into())
         .spawn(move || loop {
-            match stop.try_recv() {
-                Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                _ => return,
+            if stop.is_stopped() {
+                return;
             }
             let request = match server.recv_timeout(Duration::from_millis(200)) {
                 Ok(Some(r)) => r,

@@ -15,10 +15,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::shutdown::StopSignal;
 use crate::nbd::Exports;
 use crate::volume::VolumeKeys;
 
@@ -26,7 +27,7 @@ use crate::volume::VolumeKeys;
 /// reload may add a volume whose first check is due soon).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
-/// The monitor's threads; dropping the stop sender ends them.
+/// The monitor's threads; they end at shutdown.
 pub struct Monitor {
     scheduler: std::thread::JoinHandle<()>,
     waiting: std::thread::JoinHandle<()>,
@@ -45,25 +46,21 @@ impl Monitor {
 /// reload's additions get checked and its removals stop being checked.
 pub fn spawn_monitor(
     exports: Exports,
-    stop: Receiver<()>,
+    stop: StopSignal,
     retry_waiting: impl Fn() + Send + 'static,
 ) -> std::io::Result<Monitor> {
-    let (stop_waiting_tx, stop_waiting) = mpsc::channel::<()>();
+    let stop_waiting = stop.clone();
     let waiting = std::thread::Builder::new()
         .name("hostcrypt-waiting".into())
         .spawn(move || loop {
             retry_waiting();
-            match stop_waiting.recv_timeout(IDLE_POLL) {
-                Err(RecvTimeoutError::Timeout) => {}
-                _ => return,
+            if stop_waiting.wait_timeout(IDLE_POLL) {
+                return;
             }
         })?;
     let scheduler = std::thread::Builder::new()
         .name("hostcrypt-keys".into())
-        .spawn(move || {
-            schedule(exports, stop);
-            drop(stop_waiting_tx);
-        })?;
+        .spawn(move || schedule(exports, stop))?;
     Ok(Monitor { scheduler, waiting })
 }
 
@@ -122,7 +119,7 @@ fn check_batch(batch: &[Arc<VolumeKeys>]) {
     }
 }
 
-fn schedule(exports: Exports, stop: Receiver<()>) {
+fn schedule(exports: Exports, stop: StopSignal) {
     // Volumes are grouped by KEK and check interval: a group shares one
     // provider call per KEK version, and no volume is checked more often
     // than its own interval asks. Next check per group; a group first seen
@@ -174,9 +171,8 @@ fn schedule(exports: Exports, stop: Receiver<()>) {
         let wait = next
             .saturating_duration_since(Instant::now())
             .min(IDLE_POLL);
-        match stop.recv_timeout(wait) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => return,
+        if stop.wait_timeout(wait) {
+            return;
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod demo;
 pub mod keys;
 pub mod reload;
+pub mod shutdown;
 pub mod systemd;
 pub mod waiting;
 
