@@ -11,9 +11,8 @@ use hostcrypt_e2e::*;
 use hostcryptd::kek::{KeyProvider, LocalKek};
 use hostcryptd::volume::{self, Layer};
 
-#[test]
-fn double_encrypted_data_needs_both_keys() {
-    require_tool("nbdcopy");
+/// A fixture with a second local KEK, `[kek.second]`, for inner layers.
+fn fixture_with_second_kek() -> (Fixture, std::path::PathBuf) {
     let mut fx = Fixture::new();
     let second = fx.path("second.key");
     run_ok(
@@ -25,6 +24,13 @@ fn double_encrypted_data_needs_both_keys() {
         "[kek.second]\nprovider = \"local\"\npath = \"{}\"\n",
         second.display()
     ));
+    (fx, second)
+}
+
+#[test]
+fn double_encrypted_data_needs_both_keys() {
+    require_tool("nbdcopy");
+    let (mut fx, second) = fixture_with_second_kek();
     let backing = fx.volume("dbl", "cache", "kek_inner = \"second\"");
     fx.create("dbl", "8M", 4096);
     let report = inspect_json(&backing);
@@ -154,17 +160,7 @@ fn inner_layer_on_an_hsm_rotates_alone_and_its_loss_stops_io() {
 #[test]
 fn adiantum_inner_layer_round_trips_and_needs_both_keys() {
     require_tool("nbdcopy");
-    let mut fx = Fixture::new();
-    let second = fx.path("second.key");
-    run_ok(
-        Command::new(bin("hostcrypt"))
-            .args(["kek", "init-local"])
-            .arg(&second),
-    );
-    fx.kek_tables.push(format!(
-        "[kek.second]\nprovider = \"local\"\npath = \"{}\"\n",
-        second.display()
-    ));
+    let (mut fx, second) = fixture_with_second_kek();
     let backing = fx.volume(
         "adi",
         "cache",
