@@ -230,9 +230,9 @@ impl DataArea {
     }
 
     /// Re-encrypts `[checkpoint, checkpoint + len)` under the range lock:
-    /// reads it, turns each written sector from the current generation's
-    /// ciphertext into the target's, hands the result to `journal` (which
-    /// must make it durable), writes it in place, syncs, lets `commit`
+    /// reads it, hands the old ciphertext to `journal` (which must make a
+    /// record of it durable), turns each written sector from the current
+    /// generation's ciphertext into the target's, writes it in place, syncs, lets `commit`
     /// record the new checkpoint, and only then releases the window.
     ///
     /// The window is released early only while nothing in place has
@@ -261,6 +261,13 @@ impl DataArea {
         self.backing
             .read_data(&mut buf, self.data_offset + checkpoint)?;
         let first = checkpoint / self.sector;
+        // The journal records the old ciphertext (its hashes) before
+        // anything in place changes.
+        if let Err(e) = journal(&buf) {
+            // Nothing in place changed; the record must not outlive the lock.
+            retry_until(&stop, &clear_journal)?;
+            return Err(e);
+        }
         self.timed(|| {
             for (i, sector) in buf.chunks_exact_mut(self.sector as usize).enumerate() {
                 // Never-written sectors stay holes/zeros: they read as zeros
@@ -271,11 +278,6 @@ impl DataArea {
                 }
             }
         });
-        if let Err(e) = journal(&buf) {
-            // Nothing in place changed; the record must not outlive the lock.
-            retry_until(&stop, &clear_journal)?;
-            return Err(e);
-        }
         retry_until(&stop, || {
             for_nonzero_runs(&buf, self.sector as usize, |run, at| {
                 self.backing

@@ -1,11 +1,19 @@
 //! The re-encryption journal: what makes an online re-encryption survive a
 //! crash at any instant. Before a window of the data area is rewritten in
-//! place, its new ciphertext goes here, with a checksummed record of which
-//! window it is, and is synced. If the daemon dies while the window is being
-//! rewritten, the next open finds a valid journal for the header's
-//! checkpoint and copies it into place (idempotent), so no sector is left
-//! half-way between two keys. A journal for any other checkpoint, volume or
-//! target generation is stale and ignored.
+//! place, the SHA-256 of every sector's *old* ciphertext goes here, with a
+//! checksummed record of which window it is, and is synced (the "checksum"
+//! resilience mode of LUKS2). If the daemon dies while the window is being
+//! rewritten, the next open reads each sector of the window: one whose hash
+//! is still the old one is re-encrypted, any other already holds the new
+//! ciphertext (a sector is written whole: sectors are page-aligned and at
+//! most a page). Hashes instead of the data itself let a window be many MiB
+//! with the same crash safety: 32 bytes per sector, so the 512 KiB area
+//! covers up to 63.5 MiB of 4 KiB sectors. A journal for any other
+//! checkpoint, volume or target generation is stale and ignored.
+//!
+//! Older versions journalled the window's new ciphertext itself (record
+//! magic `HCJRNL\x00\x01`); such a journal, left by a crash before an
+//! upgrade, is still replayed.
 //!
 //! It lives in the unused space between the backup header and the data area
 //! (512 KiB .. 772 KiB):
@@ -30,11 +38,87 @@ use uuid::Uuid;
 use crate::io::Backing;
 
 const MAGIC: [u8; 8] = *b"HCJRNL\x00\x01";
+const HASH_MAGIC: [u8; 8] = *b"HCJRNL\x00\x02";
 /// Where the journal record starts in the backing.
 pub const JOURNAL_AT: u64 = 512 * 1024;
+/// The journal area: up to the data area at 1 MiB.
+pub const JOURNAL_SIZE: u64 = 512 * 1024;
 const RECORD: usize = 4096;
-/// The largest window the journal holds.
+/// The largest window the legacy (data) journal held.
 pub const WINDOW: u64 = 256 * 1024;
+/// How many sector hashes the journal holds.
+pub const HASH_CAPACITY: usize = (JOURNAL_SIZE as usize - RECORD) / 32;
+
+/// The hash the journal keeps of one sector's old ciphertext.
+pub fn sector_hash(sector: &[u8]) -> [u8; 32] {
+    Sha256::digest(sector).into()
+}
+
+/// Writes the hashes of a window's old sectors and their record, and syncs.
+pub fn write_hashes(
+    backing: &Backing,
+    key: JournalKey,
+    sector_size: u32,
+    hashes: &[[u8; 32]],
+) -> std::io::Result<()> {
+    if hashes.len() > HASH_CAPACITY {
+        return Err(std::io::Error::other(
+            "re-encryption window larger than the journal",
+        ));
+    }
+    let table: Vec<u8> = hashes.iter().flatten().copied().collect();
+    let mut r = vec![0u8; RECORD];
+    r[..8].copy_from_slice(&HASH_MAGIC);
+    r[8..24].copy_from_slice(key.uuid.as_bytes());
+    r[24..32].copy_from_slice(&key.checkpoint.to_le_bytes());
+    r[32..40].copy_from_slice(&(hashes.len() as u64 * u64::from(sector_size)).to_le_bytes());
+    r[40..44].copy_from_slice(&key.target_generation.to_le_bytes());
+    r[44..48].copy_from_slice(&sector_size.to_le_bytes());
+    r[48..80].copy_from_slice(&Sha256::digest(&table));
+    let sum = Sha256::digest(&r[..80]);
+    r[80..112].copy_from_slice(&sum);
+    backing.write_at(&table, JOURNAL_AT + RECORD as u64)?;
+    backing.write_at(&r, JOURNAL_AT)?;
+    backing.sync()
+}
+
+/// The sector size and old-sector hashes journalled for `key`, if a
+/// complete, matching hash record is there.
+pub fn read_hashes(
+    backing: &Backing,
+    key: JournalKey,
+) -> std::io::Result<Option<(u32, Vec<[u8; 32]>)>> {
+    let mut r = vec![0u8; RECORD];
+    backing.read_at(&mut r, JOURNAL_AT)?;
+    if r[..8] != HASH_MAGIC || Sha256::digest(&r[..80])[..] != r[80..112] {
+        return Ok(None);
+    }
+    let field = |at: usize| u64::from_le_bytes(r[at..at + 8].try_into().unwrap_or([0; 8]));
+    let found = JournalKey {
+        uuid: Uuid::from_slice(&r[8..24]).unwrap_or_default(),
+        checkpoint: field(24),
+        target_generation: u32::from_le_bytes(r[40..44].try_into().unwrap_or([0; 4])),
+    };
+    let sector_size = u32::from_le_bytes(r[44..48].try_into().unwrap_or([0; 4]));
+    let len = field(32);
+    if found != key || sector_size == 0 || len % u64::from(sector_size) != 0 {
+        return Ok(None);
+    }
+    let count = (len / u64::from(sector_size)) as usize;
+    if count > HASH_CAPACITY {
+        return Ok(None);
+    }
+    let mut table = vec![0u8; count * 32];
+    backing.read_at(&mut table, JOURNAL_AT + RECORD as u64)?;
+    if Sha256::digest(&table)[..] != r[48..80] {
+        return Ok(None);
+    }
+    let hashes = table
+        .chunks_exact(32)
+        .map(|c| c.try_into().unwrap_or([0; 32]))
+        .collect();
+    Ok(Some((sector_size, hashes)))
+}
 
 /// Which window a journal record is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +128,7 @@ pub struct JournalKey {
     pub target_generation: u32,
 }
 
+#[cfg(test)]
 fn record(key: JournalKey, data: &[u8]) -> Vec<u8> {
     let mut r = vec![0u8; RECORD];
     r[..8].copy_from_slice(&MAGIC);
@@ -57,7 +142,9 @@ fn record(key: JournalKey, data: &[u8]) -> Vec<u8> {
     r
 }
 
-/// Writes the window's new ciphertext and its record, and syncs.
+/// Writes a legacy journal (a window's new ciphertext and its record):
+/// only tests make one now, to prove it is still replayed.
+#[cfg(test)]
 pub fn write(backing: &Backing, key: JournalKey, data: &[u8]) -> std::io::Result<()> {
     if data.len() as u64 > WINDOW {
         return Err(std::io::Error::other(
@@ -72,7 +159,7 @@ pub fn write(backing: &Backing, key: JournalKey, data: &[u8]) -> std::io::Result
 /// Allocates the journal area (zeros) before a re-encryption starts, so a
 /// full filesystem refuses the start instead of failing a window midway.
 pub fn prepare(backing: &Backing) -> std::io::Result<()> {
-    backing.write_at(&vec![0u8; RECORD + WINDOW as usize], JOURNAL_AT)?;
+    backing.write_at(&vec![0u8; JOURNAL_SIZE as usize], JOURNAL_AT)?;
     backing.sync()
 }
 
@@ -82,7 +169,7 @@ pub fn prepare(backing: &Backing) -> std::io::Result<()> {
 pub fn clear(backing: &Backing) -> std::io::Result<()> {
     let mut magic = [0u8; 8];
     backing.read_at(&mut magic, JOURNAL_AT)?;
-    if magic != MAGIC {
+    if magic != MAGIC && magic != HASH_MAGIC {
         return Ok(());
     }
     backing.write_at(&[0u8; 8], JOURNAL_AT)?;
@@ -117,6 +204,41 @@ pub fn read(backing: &Backing, key: JournalKey) -> std::io::Result<Option<Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_records_round_trip_and_stale_or_torn_ones_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = Backing::open_or_create(&dir.path().join("b")).unwrap();
+        backing.set_len(2 << 20).unwrap();
+        prepare(&backing).unwrap();
+        let key = JournalKey {
+            uuid: Uuid::new_v4(),
+            checkpoint: 64 << 20,
+            target_generation: 3,
+        };
+        let hashes: Vec<[u8; 32]> = (0..HASH_CAPACITY)
+            .map(|i| sector_hash(&i.to_le_bytes()))
+            .collect();
+        write_hashes(&backing, key, 4096, &hashes).unwrap();
+        assert_eq!(
+            read_hashes(&backing, key).unwrap(),
+            Some((4096, hashes.clone()))
+        );
+        assert_eq!(read(&backing, key).unwrap(), None, "not a data journal");
+        let stale = JournalKey {
+            target_generation: 2,
+            ..key
+        };
+        assert_eq!(read_hashes(&backing, stale).unwrap(), None);
+        assert!(write_hashes(&backing, key, 4096, &vec![[0; 32]; HASH_CAPACITY + 1]).is_err());
+        backing
+            .write_at(&[1u8; 8], JOURNAL_AT + RECORD as u64 + 64)
+            .unwrap();
+        assert_eq!(read_hashes(&backing, key).unwrap(), None, "torn table");
+        write_hashes(&backing, key, 4096, &hashes).unwrap();
+        clear(&backing).unwrap();
+        assert_eq!(read_hashes(&backing, key).unwrap(), None);
+    }
 
     #[test]
     fn only_a_complete_matching_record_is_replayed() {

@@ -419,8 +419,13 @@ pub fn open_cache(
         copies.repair(&backing).map_err(io_err(path))?;
     }
     let mut header = header;
-    if header.reencrypt.is_some() {
-        replay_journal(name, path, &backing, &mut header)?;
+    if let (Some((outer, inner)), Some(_)) = (&target, header.reencrypt) {
+        let sector_size = header.sector_size as usize;
+        let ciphers = (
+            VolumeCipher::new(&dek, inner_dek.as_ref(), header.inner_cipher, sector_size),
+            VolumeCipher::new(outer, inner.as_ref(), header.inner_cipher, sector_size),
+        );
+        replay_journal(name, path, &backing, &mut header, &ciphers)?;
     }
     // A replay that completed the re-encryption makes the target current.
     let finished = target.is_some() && header.reencrypt.is_none();
@@ -444,14 +449,18 @@ pub fn open_cache(
     Ok(volume)
 }
 
-/// After a crash mid-re-encryption: if the journal holds the window at the
-/// header's checkpoint, put it in place and move the checkpoint past it
-/// (finishing the re-encryption if it was the last window).
+/// After a crash mid-re-encryption: if the journal covers the window at the
+/// header's checkpoint, finish that window and move the checkpoint past it
+/// (finishing the re-encryption if it was the last window). With a hash
+/// journal, every sector of the window whose ciphertext still has its old
+/// hash is re-encrypted (`ciphers`: current, target); the others already
+/// hold the new ciphertext. A legacy data journal is copied into place.
 fn replay_journal(
     name: &str,
     path: &Path,
     backing: &Backing,
     header: &mut Header,
+    (current, target): &(VolumeCipher, VolumeCipher),
 ) -> Result<(), VolumeError> {
     let Some(r) = header.reencrypt else {
         return Ok(());
@@ -461,6 +470,43 @@ fn replay_journal(
         checkpoint: r.checkpoint,
         target_generation: r.target_generation,
     };
+    if let Some((sector_size, hashes)) = journal::read_hashes(backing, key).map_err(io_err(path))? {
+        if sector_size != header.sector_size {
+            return Err(io_err(path)(std::io::Error::other(
+                "the re-encryption journal's sector size differs from the header's",
+            )));
+        }
+        let sector = sector_size as usize;
+        let mut redone = 0usize;
+        let mut buf = vec![0u8; sector];
+        for (i, old) in hashes.iter().enumerate() {
+            let at = r.checkpoint + (i * sector) as u64;
+            backing
+                .read_at(&mut buf, header.data_offset + at)
+                .map_err(io_err(path))?;
+            // Holes stay holes; a sector whose hash changed is already new.
+            if buf.iter().all(|&b| b == 0) || journal::sector_hash(&buf) != *old {
+                continue;
+            }
+            let index = at / u64::from(sector_size);
+            current.decrypt(&mut buf, index);
+            target.encrypt(&mut buf, index);
+            backing
+                .write_at(&buf, header.data_offset + at)
+                .map_err(io_err(path))?;
+            redone += 1;
+        }
+        backing.sync().map_err(io_err(path))?;
+        tracing::warn!(
+            volume = name,
+            checkpoint = r.checkpoint,
+            sectors = hashes.len(),
+            redone,
+            "re-encryption was interrupted inside a window; replaying it from the journal (hash journal)"
+        );
+        header.advance_reencrypt(r.checkpoint + (hashes.len() * sector) as u64);
+        return store::write_header(backing, header).map_err(io_err(path));
+    }
     let Some(window) = journal::read(backing, key).map_err(io_err(path))? else {
         return Ok(());
     };
@@ -550,4 +596,90 @@ pub fn open_temp(
     lay_out(path, &backing, &mut header)?;
     let dek = Dek::generate().map_err(VolumeError::Random)?;
     ready(name, path, backing, header, (&dek, None), direct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kek::LocalKek;
+
+    /// A crash in the middle of a window's in-place write, made by hand:
+    /// the hash journal records the window's old ciphertext, half of its
+    /// sectors already hold the new. Opening finishes the window (only the
+    /// old half is re-encrypted), moves the checkpoint past it, and every
+    /// sector reads back as written; holes stay holes.
+    #[test]
+    fn hash_journal_replay_finishes_a_torn_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let path = dir.path().join("v.img");
+        let sector = 4096usize;
+        let geometry = Geometry {
+            size: 16 * sector as u64,
+            sector_size: sector as u32,
+        };
+        let mut header = create(&path, geometry, &kek, None, false).unwrap();
+        let backing = Backing::open(&path).unwrap();
+        let old_dek = kek
+            .unwrap(&header.active_slot(Layer::Outer).unwrap().wrapped)
+            .unwrap();
+        let new_dek = Dek::generate().unwrap();
+        let old = VolumeCipher::new(&old_dek, None, InnerCipher::AesXts, sector);
+        let new = VolumeCipher::new(&new_dek, None, InnerCipher::AesXts, sector);
+
+        // Sectors 0..8 hold data under the old key, 8..10 are holes.
+        let mut plain = vec![0u8; 10 * sector];
+        getrandom::fill(&mut plain[..8 * sector]).unwrap();
+        let mut disk = plain.clone();
+        old.encrypt(&mut disk[..8 * sector], 0);
+        backing.write_at(&disk, header.data_offset).unwrap();
+
+        // Re-encryption of the window 0..10 sectors began: journal, then
+        // sectors 0..4 rewritten in place, then the crash.
+        header.keyslots.push(Keyslot {
+            generation: 2,
+            layer: Layer::Outer,
+            wrapped: kek.wrap(&new_dek).unwrap(),
+        });
+        header.reencrypt = Some(header::Reencrypt {
+            checkpoint: 0,
+            target_generation: 2,
+        });
+        store::write_header(&backing, &mut header).unwrap();
+        journal::prepare(&backing).unwrap();
+        let hashes: Vec<[u8; 32]> = disk
+            .chunks_exact(sector)
+            .map(journal::sector_hash)
+            .collect();
+        let key = journal::JournalKey {
+            uuid: header.uuid,
+            checkpoint: 0,
+            target_generation: 2,
+        };
+        journal::write_hashes(&backing, key, sector as u32, &hashes).unwrap();
+        let mut half = disk[..4 * sector].to_vec();
+        old.decrypt(&mut half, 0);
+        new.encrypt(&mut half, 0);
+        backing.write_at(&half, header.data_offset).unwrap();
+        drop(backing);
+
+        let volume = open_cache("v", &path, None, &kek, None, false).unwrap();
+        let r = volume
+            .header
+            .reencrypt
+            .expect("still re-encrypting past the window");
+        assert_eq!(r.checkpoint, 10 * sector as u64);
+        let got = volume.data.read(0, 10 * sector).unwrap();
+        assert!(got[..] == plain[..], "data differs after the replay");
+        // On disk: the whole window under the new key, holes untouched.
+        let mut raw = vec![0u8; 10 * sector];
+        Backing::open(&path)
+            .unwrap()
+            .read_at(&mut raw, volume.header.data_offset)
+            .unwrap();
+        assert!(raw[8 * sector..].iter().all(|&b| b == 0));
+        let mut expect = plain[..8 * sector].to_vec();
+        new.encrypt(&mut expect, 0);
+        assert!(raw[..8 * sector] == expect[..]);
+    }
 }

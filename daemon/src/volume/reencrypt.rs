@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::header::{Keyslot, Layer, Reencrypt};
-use super::journal::{self, JournalKey, WINDOW};
+use super::journal::{self, JournalKey, HASH_CAPACITY, JOURNAL_AT, JOURNAL_SIZE};
 use super::keys::{KeyOpError, VolumeKeys};
 use super::{store, VolumeCipher};
 use crate::crypto::Dek;
@@ -202,7 +202,7 @@ impl VolumeKeys {
         if self.is_lost() || !self.data.key_loaded() {
             return Err(KeyOpError::KeyLost);
         }
-        if cur.header.data_offset < journal::JOURNAL_AT + 4096 + WINDOW {
+        if cur.header.data_offset < JOURNAL_AT + JOURNAL_SIZE {
             return Err(KeyOpError::Refused(
                 "this volume's header area leaves no room for the re-encryption journal".into(),
             ));
@@ -296,7 +296,19 @@ impl VolumeKeys {
     }
 
     /// The worker: one window after another until done, stopped or failed.
+    /// The window adapts (cryptsetup's LUKS2 hotzone does the same): it
+    /// grows while a window takes under `FAST`, shrinks when one takes over
+    /// `SLOW`, between `MIN_WINDOW` and what the journal holds (capped at
+    /// `MAX_WINDOW`, which bounds both memory and how long client I/O into
+    /// the window waits).
     fn walk(&self) {
+        const MIN_WINDOW: u64 = 256 * 1024;
+        const MAX_WINDOW: u64 = 16 << 20;
+        const FAST: Duration = Duration::from_millis(100);
+        const SLOW: Duration = Duration::from_millis(400);
+        let sector = self.data.sector_size();
+        let largest = MAX_WINDOW.min(HASH_CAPACITY as u64 * sector);
+        let mut window = (1u64 << 20).min(largest);
         loop {
             {
                 let mut state = self.reencryption.lock();
@@ -330,12 +342,18 @@ impl VolumeKeys {
                     },
                 )
             };
-            let len = WINDOW.min(self.data.size() - checkpoint);
+            let len = window.min(self.data.size() - checkpoint);
             let started = Instant::now();
             let result = self.data.rewrite_window(
                 checkpoint,
                 len,
-                |data| journal::write(self.data.backing(), key, data),
+                |old| {
+                    let hashes: Vec<[u8; 32]> = old
+                        .chunks_exact(sector as usize)
+                        .map(journal::sector_hash)
+                        .collect();
+                    journal::write_hashes(self.data.backing(), key, sector as u32, &hashes)
+                },
                 || journal::clear(self.data.backing()),
                 |next| self.commit(next),
                 || self.reencryption.lock().stop,
@@ -354,6 +372,12 @@ impl VolumeKeys {
                 );
                 self.reencryption.lock().error = Some(e.to_string());
                 return;
+            }
+            let took = started.elapsed();
+            if took < FAST {
+                window = (window * 2).min(largest);
+            } else if took > SLOW {
+                window = (window / 2).max(MIN_WINDOW);
             }
             let rate = {
                 let mut state = self.reencryption.lock();
