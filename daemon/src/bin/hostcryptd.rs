@@ -163,6 +163,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
+        // Signal handlers before any socket exists: whoever sees a socket
+        // may send SIGTERM at once, and it must drain, not kill, the daemon.
+        let signals = StopSignals::install()?;
         // The control socket is bound before the NBD listeners: whoever
         // sees NBD accepting (a script, a test, an orchestrator) can use
         // the control socket at once, never a stale file from a killed run.
@@ -302,7 +305,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
             })
         });
-        wait_for_stop_signal(reloader).await?;
+        wait_for_stop_signal(signals, reloader).await?;
         // The stop order: NBD listeners close and connections drain, then
         // re-encryptions stop between windows, then the control socket,
         // the watchdog, metrics and key checks end.
@@ -341,12 +344,32 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 /// Waits for SIGTERM/SIGINT; SIGHUP reloads the config (like `hostcrypt
 /// reload`) and keeps waiting.
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment they are installed.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<Self> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing SIGHUP handler")?,
+        })
+    }
+}
+
 async fn wait_for_stop_signal(
+    signals: StopSignals,
     reloader: std::sync::Arc<service::reload::Reloader>,
 ) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let StopSignals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => return Ok(()),
