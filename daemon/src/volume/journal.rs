@@ -93,19 +93,10 @@ pub fn read_hashes(
     backing: &Backing,
     key: JournalKey,
 ) -> std::io::Result<Option<(u32, Vec<[u8; 32]>)>> {
-    let mut r = vec![0u8; RECORD];
-    backing.read_at(&mut r, JOURNAL_AT)?;
-    if r[..8] != HASH_MAGIC || Sha256::digest(&r[..80])[..] != r[80..112] {
+    let Some((r, found, len)) = read_record(backing, &HASH_MAGIC, 80)? else {
         return Ok(None);
-    }
-    let field = |at: usize| u64::from_le_bytes(r[at..at + 8].try_into().unwrap_or([0; 8]));
-    let found = JournalKey {
-        uuid: Uuid::from_slice(&r[8..24]).unwrap_or_default(),
-        checkpoint: field(24),
-        target_generation: u32::from_le_bytes(r[40..44].try_into().unwrap_or([0; 4])),
     };
     let sector_size = u32::from_le_bytes(r[44..48].try_into().unwrap_or([0; 4]));
-    let len = field(32);
     if found != key || sector_size == 0 || len % u64::from(sector_size) != 0 {
         return Ok(None);
     }
@@ -181,20 +172,34 @@ pub fn clear(backing: &Backing) -> std::io::Result<()> {
     backing.sync()
 }
 
-/// The journalled window for `key`, if a complete, matching record is there.
-pub fn read(backing: &Backing, key: JournalKey) -> std::io::Result<Option<Vec<u8>>> {
+/// The record at the start of the journal if it has `magic` and its
+/// checksum (SHA-256 of bytes `0..summed`, stored right after) holds: the
+/// raw record, which window it names, and the window's length.
+fn read_record(
+    backing: &Backing,
+    magic: &[u8; 8],
+    summed: usize,
+) -> std::io::Result<Option<(Vec<u8>, JournalKey, u64)>> {
     let mut r = vec![0u8; RECORD];
     backing.read_at(&mut r, JOURNAL_AT)?;
-    if r[..8] != MAGIC || Sha256::digest(&r[..76])[..] != r[76..108] {
+    if r[..8] != magic[..] || Sha256::digest(&r[..summed])[..] != r[summed..summed + 32] {
         return Ok(None);
     }
     let field = |at: usize| u64::from_le_bytes(r[at..at + 8].try_into().unwrap_or([0; 8]));
-    let found = JournalKey {
+    let key = JournalKey {
         uuid: Uuid::from_slice(&r[8..24]).unwrap_or_default(),
         checkpoint: field(24),
         target_generation: u32::from_le_bytes(r[40..44].try_into().unwrap_or([0; 4])),
     };
     let len = field(32);
+    Ok(Some((r, key, len)))
+}
+
+/// The journalled window for `key`, if a complete, matching record is there.
+pub fn read(backing: &Backing, key: JournalKey) -> std::io::Result<Option<Vec<u8>>> {
+    let Some((r, found, len)) = read_record(backing, &MAGIC, 76)? else {
+        return Ok(None);
+    };
     if found != key || len > WINDOW {
         return Ok(None);
     }
