@@ -27,6 +27,29 @@ fn fixture_with_second_kek() -> (Fixture, std::path::PathBuf) {
     (fx, second)
 }
 
+/// Break-glass: the header and both layers' DEKs, unwrapped with the two
+/// local KEK files.
+fn unwrap_both(
+    fx: &Fixture,
+    second: &std::path::Path,
+    backing: &std::path::Path,
+) -> (
+    volume::Header,
+    hostcryptd::crypto::Dek,
+    hostcryptd::crypto::Dek,
+) {
+    let copies = volume::read_headers(backing).unwrap();
+    let header = volume::current_header(backing, &copies).unwrap();
+    let unwrap = |kek: &std::path::Path, layer| {
+        LocalKek::load(kek)
+            .unwrap()
+            .unwrap(&header.active_slot(layer).unwrap().wrapped)
+            .unwrap()
+    };
+    let (outer, inner) = (unwrap(&fx.kek, Layer::Outer), unwrap(second, Layer::Inner));
+    (header, outer, inner)
+}
+
 #[test]
 fn double_encrypted_data_needs_both_keys() {
     require_tool("nbdcopy");
@@ -52,16 +75,7 @@ fn double_encrypted_data_needs_both_keys() {
     assert_eq!(d.stop(), 0);
 
     // Break-glass with both KEKs: outer layer off first, then inner.
-    let copies = volume::read_headers(&backing).unwrap();
-    let header = volume::current_header(&backing, &copies).unwrap();
-    let outer = LocalKek::load(&fx.kek)
-        .unwrap()
-        .unwrap(&header.active_slot(Layer::Outer).unwrap().wrapped)
-        .unwrap();
-    let inner = LocalKek::load(&second)
-        .unwrap()
-        .unwrap(&header.active_slot(Layer::Inner).unwrap().wrapped)
-        .unwrap();
+    let (header, outer, inner) = unwrap_both(&fx, &second, &backing);
     let raw = std::fs::read(&backing).unwrap();
     let area = &raw[header.data_offset as usize..];
     for (i, (ct, pt)) in area.chunks(4096).zip(data.chunks(4096)).enumerate() {
@@ -189,16 +203,7 @@ fn adiantum_inner_layer_round_trips_and_needs_both_keys() {
     assert_eq!(d.stop(), 0);
     assert_eq!(inspect_json(&backing)["inner_cipher"], "adiantum");
 
-    let copies = volume::read_headers(&backing).unwrap();
-    let header = volume::current_header(&backing, &copies).unwrap();
-    let outer = LocalKek::load(&fx.kek)
-        .unwrap()
-        .unwrap(&header.active_slot(Layer::Outer).unwrap().wrapped)
-        .unwrap();
-    let inner = LocalKek::load(&second)
-        .unwrap()
-        .unwrap(&header.active_slot(Layer::Inner).unwrap().wrapped)
-        .unwrap();
+    let (header, outer, inner) = unwrap_both(&fx, &second, &backing);
     let adiantum = hostcryptd::crypto::AdiantumSectorCipher::new(&inner, 4096);
     let raw = std::fs::read(&backing).unwrap();
     let area = &raw[header.data_offset as usize..];

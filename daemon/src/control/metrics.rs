@@ -108,7 +108,7 @@ impl Collector for DaemonCollector {
                     .encode_histogram::<Labels>(sum, count, &buckets, None)?;
             }
         }
-        let gauges: [VolumeGauge; 5] = [
+        let gauges: [VolumeGauge; 7] = [
             (
                 "hostcrypt_requests_in_flight",
                 "Requests received and not yet answered",
@@ -131,6 +131,16 @@ impl Collector for DaemonCollector {
                 "hostcrypt_key_lost",
                 "1 while the volume's key is lost (I/O stopped or serving until restart)",
                 |e| f64::from(u8::from(e.keys.as_ref().is_some_and(|k| k.is_lost()))),
+            ),
+            (
+                "hostcrypt_key_unreachable",
+                "1 while the volume's KEK provider cannot be reached and the volume serves from memory on grace",
+                |e| f64::from(u8::from(e.keys.as_ref().is_some_and(|k| k.is_unreachable()))),
+            ),
+            (
+                "hostcrypt_key_warnings",
+                "Key-safety warnings of the volume's KEKs (deletion allowed, purgeable, exportable, expiring, ...)",
+                |e| e.keys.as_ref().map_or(0.0, |k| k.warning_count() as f64),
             ),
         ];
         for (name, help, value) in gauges {
@@ -160,30 +170,6 @@ impl Collector for DaemonCollector {
         for u in self.exports.unavailable().iter() {
             let labels: Labels = vec![("volume", &u.name), ("state", u.state)];
             ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "hostcrypt_key_unreachable",
-            "1 while the volume's KEK provider cannot be reached and the volume serves from memory on grace",
-            None,
-            MetricType::Gauge,
-        )?;
-        for e in self.exports.iter() {
-            let Some(keys) = &e.keys else { continue };
-            let labels: Labels = vec![("volume", e.name())];
-            ConstGauge::new(i64::from(keys.is_unreachable()))
-                .encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "hostcrypt_key_warnings",
-            "Key-safety warnings of the volume's KEKs (deletion allowed, purgeable, exportable, expiring, ...)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for e in self.exports.iter() {
-            let Some(keys) = &e.keys else { continue };
-            let labels: Labels = vec![("volume", e.name())];
-            ConstGauge::new(keys.status().warnings.len() as i64)
-                .encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "hostcrypt_access_refused",

@@ -33,13 +33,12 @@ struct Entry {
 
 /// `waiting-for-key` when the key is the problem, `open-failed` otherwise.
 fn state_of(error: &ServiceError) -> &'static str {
-    let text = crate::report::error_chain(error);
     let key_related = match error {
         ServiceError::Kek { .. } => true,
         ServiceError::Volume { source, .. } => source.is_key_error(),
         _ => false,
     };
-    if key_related || text.contains("KEK") {
+    if key_related {
         "waiting-for-key"
     } else {
         "open-failed"

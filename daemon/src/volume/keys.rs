@@ -409,6 +409,11 @@ impl VolumeKeys {
         }
     }
 
+    /// How many key-safety warnings the volume's KEKs have now.
+    pub fn warning_count(&self) -> usize {
+        self.lock().warnings.len()
+    }
+
     /// Whether the provider is unreachable and the volume serves on grace.
     pub fn is_unreachable(&self) -> bool {
         self.lock().unreachable_since.is_some()
