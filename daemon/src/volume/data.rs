@@ -40,7 +40,7 @@ use arc_swap::ArcSwapOption;
 use super::cipher::VolumeCipher;
 use crate::crypto::Dek;
 use crate::io::uring::Ring;
-use crate::io::{Backing, IoBuf, RangeLock};
+use crate::io::{Backing, IoBuf, RangeGuard, RangeLock};
 
 /// Zeroing writes go out in pieces of this size to bound memory.
 const ZERO_CHUNK: u64 = 1024 * 1024;
@@ -75,7 +75,14 @@ pub struct DataArea {
     size: u64,
     sector: u64,
     data_offset: u64,
+    /// Held by client writes, and by re-encryption over a whole window
+    /// from its read to its commit, so no client write is lost under it.
     writers: RangeLock,
+    /// Held by reads during a re-encryption, and by the re-encryption only
+    /// while a window's sectors change in place (in-place write to
+    /// commit): a read then never decrypts a sector with the wrong
+    /// generation, and waits only for that short part of a window's life.
+    rewriting: RangeLock,
 }
 
 impl std::fmt::Debug for DataArea {
@@ -107,6 +114,7 @@ impl DataArea {
             sector,
             data_offset,
             writers: RangeLock::new(),
+            rewriting: RangeLock::new(),
         }
     }
 
@@ -229,29 +237,21 @@ impl DataArea {
         }
     }
 
-    /// Re-encrypts `[checkpoint, checkpoint + len)` under the range lock:
-    /// reads it, hands the old ciphertext to `journal` (which must make a
-    /// record of it durable), turns each written sector from the current
-    /// generation's ciphertext into the target's, writes it in place, syncs, lets `commit`
-    /// record the new checkpoint, and only then releases the window.
-    ///
-    /// The window is released early only while nothing in place has
-    /// changed, and then with the journal record cleared (`clear_journal`),
-    /// so a later replay can never overwrite writes clients make meanwhile.
-    /// Once the in-place write has begun, failures are retried with the
-    /// window held (I/O into it waits) until they succeed or `stop` says
-    /// the daemon is going down; the journal then stays valid for the
-    /// replay at the next open.
-    pub fn rewrite_window(
+    /// First half of re-encrypting `[checkpoint, checkpoint + len)`: takes
+    /// the window's range lock, reads the old ciphertext, lets `record`
+    /// derive what the journal will keep of it, and turns each written
+    /// sector into the target generation's ciphertext, in memory only.
+    /// Nothing on disk changes, so this may run while the previous window
+    /// is still being synced and committed (the re-encryption worker
+    /// overlaps the two; see `reencrypt.rs`). Dropping the result releases
+    /// the window.
+    pub fn prepare_window<T>(
         &self,
         checkpoint: u64,
         len: u64,
-        journal: impl FnOnce(&[u8]) -> io::Result<()>,
-        clear_journal: impl Fn() -> io::Result<()>,
-        commit: impl Fn(u64) -> io::Result<()>,
-        stop: impl Fn() -> bool,
-    ) -> io::Result<()> {
-        let _window = self.writers.lock(checkpoint, checkpoint + len);
+        record: impl FnOnce(&[u8]) -> T,
+    ) -> io::Result<PreparedWindow<'_, T>> {
+        let guard = self.writers.lock(checkpoint, checkpoint + len);
         let keys = self.cipher()?;
         let target = keys
             .target
@@ -260,14 +260,8 @@ impl DataArea {
         let mut buf = IoBuf::new(len as usize);
         self.backing
             .read_data(&mut buf, self.data_offset + checkpoint)?;
+        let record = record(&buf);
         let first = checkpoint / self.sector;
-        // The journal records the old ciphertext (its hashes) before
-        // anything in place changes.
-        if let Err(e) = journal(&buf) {
-            // Nothing in place changed; the record must not outlive the lock.
-            retry_until(&stop, &clear_journal)?;
-            return Err(e);
-        }
         self.timed(|| {
             for (i, sector) in buf.chunks_exact_mut(self.sector as usize).enumerate() {
                 // Never-written sectors stay holes/zeros: they read as zeros
@@ -278,15 +272,59 @@ impl DataArea {
                 }
             }
         });
-        retry_until(&stop, || {
-            for_nonzero_runs(&buf, self.sector as usize, |run, at| {
+        Ok(PreparedWindow {
+            _writers: guard,
+            rewriting: None,
+            checkpoint,
+            buf,
+            record,
+        })
+    }
+
+    /// Second half: hands the record to `journal` (which must make it
+    /// durable), writes the window in place and syncs. The caller then
+    /// records the new checkpoint in the header and only after that drops
+    /// the window (and with it the lock).
+    ///
+    /// If the journal cannot be written nothing in place has changed: the
+    /// record is cleared (`clear_journal`) and the error returned, so a
+    /// later replay can never overwrite writes clients make once the window
+    /// is released. Once the in-place write has begun, failures are retried
+    /// with the window held (I/O into it waits) until they succeed or
+    /// `stop` says the daemon is going down; the journal then stays valid
+    /// for the replay at the next open.
+    pub fn write_window<'a, T>(
+        &'a self,
+        window: &mut PreparedWindow<'a, T>,
+        journal: impl FnOnce(&T) -> io::Result<()>,
+        clear_journal: impl Fn() -> io::Result<()>,
+        stop: &impl Fn() -> bool,
+    ) -> io::Result<()> {
+        if let Err(e) = journal(&window.record) {
+            retry_until(stop, &clear_journal)?;
+            return Err(e);
+        }
+        let end = window.end();
+        window.rewriting = Some(self.rewriting.lock(window.checkpoint, end));
+        retry_until(stop, || {
+            for_nonzero_runs(&window.buf, self.sector as usize, |run, at| {
                 self.backing
-                    .write_data(run, self.data_offset + checkpoint + at)
-            })?;
-            self.backing.sync()
-        })?;
-        retry_until(&stop, || commit(checkpoint + len))?;
-        Ok(())
+                    .write_data(run, self.data_offset + window.checkpoint + at)
+            })
+        })
+    }
+
+    /// Makes a written window durable, lets `commit` record its end as the
+    /// new checkpoint, then releases it; both steps retried like
+    /// `write_window`'s in-place write.
+    pub fn commit_window<T>(
+        &self,
+        window: PreparedWindow<'_, T>,
+        commit: impl Fn(u64) -> io::Result<()>,
+        stop: &impl Fn() -> bool,
+    ) -> io::Result<()> {
+        retry_until(stop, || self.backing.sync())?;
+        retry_until(stop, || commit(window.end()))
     }
 
     /// Bytes from `start` (within `len`) that are under the target key.
@@ -370,7 +408,7 @@ impl DataArea {
                 return Ok(trim_to(buf, (offset - start) as usize, len));
             }
         }
-        let _window = self.writers.lock(start, end);
+        let _window = self.rewriting.lock(start, end);
         self.read_sectors(&mut buf, start)?;
         Ok(trim_to(buf, (offset - start) as usize, len))
     }
@@ -610,6 +648,28 @@ fn next_nonzero_run(buf: &[u8], sector: usize, from: usize) -> Option<(usize, us
 
 /// Runs `step` until it succeeds; between failures waits (1 s, growing to
 /// 30 s) unless `stop` is true, in which case the last error is returned.
+/// A window of the data area re-encrypted in memory and still locked
+/// against client writes (see [`DataArea::prepare_window`]).
+pub struct PreparedWindow<'a, T> {
+    _writers: RangeGuard<'a>,
+    /// Taken once the in-place write begins.
+    rewriting: Option<RangeGuard<'a>>,
+    checkpoint: u64,
+    buf: IoBuf,
+    record: T,
+}
+
+impl<T> PreparedWindow<'_, T> {
+    pub fn start(&self) -> u64 {
+        self.checkpoint
+    }
+
+    /// The byte just past the window: the checkpoint once it is committed.
+    pub fn end(&self) -> u64 {
+        self.checkpoint + self.buf.len() as u64
+    }
+}
+
 fn retry_until(stop: &impl Fn() -> bool, step: impl Fn() -> io::Result<()>) -> io::Result<()> {
     let mut pause = std::time::Duration::from_secs(1);
     loop {

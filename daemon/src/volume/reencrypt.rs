@@ -25,12 +25,16 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::data::PreparedWindow;
 use super::header::{Keyslot, Layer, Reencrypt};
 use super::journal::{self, JournalKey, HASH_CAPACITY, JOURNAL_AT, JOURNAL_SIZE};
 use super::keys::{KeyOpError, VolumeKeys};
 use super::{store, VolumeCipher};
 use crate::crypto::Dek;
 use crate::kek::audit::Event;
+
+/// A window re-encrypted in memory, with its old sectors' journal hashes.
+type Prepared<'a> = PreparedWindow<'a, Vec<[u8; 32]>>;
 
 /// What `hostcrypt reencrypt --status` shows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -301,6 +305,13 @@ impl VolumeKeys {
     /// `SLOW`, between `MIN_WINDOW` and what the journal holds (capped at
     /// `MAX_WINDOW`, which bounds both memory and how long client I/O into
     /// the window waits).
+    ///
+    /// Two windows are in flight: while one is synced and committed on this
+    /// thread, a helper reads and re-encrypts the next one in memory (under
+    /// its own range lock, nothing written). Its journal record and its
+    /// in-place write still wait for the commit before it, so the crash
+    /// argument is the one-window one: only the committed checkpoint and
+    /// one journalled window are ever on disk.
     fn walk(&self) {
         const MIN_WINDOW: u64 = 256 * 1024;
         const MAX_WINDOW: u64 = 16 << 20;
@@ -309,10 +320,20 @@ impl VolumeKeys {
         let sector = self.data.sector_size();
         let largest = MAX_WINDOW.min(HASH_CAPACITY as u64 * sector);
         let mut window = (1u64 << 20).min(largest);
+        let hash_sectors = |old: &[u8]| -> Vec<[u8; 32]> {
+            old.chunks_exact(sector as usize)
+                .map(journal::sector_hash)
+                .collect()
+        };
+        let stop = || self.reencryption.lock().stop;
+        let mut ahead = None;
         loop {
             {
                 let mut state = self.reencryption.lock();
                 while state.paused && !state.stop {
+                    // Nothing of a window read ahead is on disk: release it
+                    // so clients do not wait on a paused walk.
+                    ahead = None;
                     state = self
                         .reencryption
                         .changed
@@ -325,6 +346,7 @@ impl VolumeKeys {
             }
             if !self.data.key_loaded() {
                 // Key lost: the check that restores it reloads both generations.
+                ahead = None;
                 self.reencryption.wait(Duration::from_secs(1));
                 continue;
             }
@@ -342,37 +364,64 @@ impl VolumeKeys {
                     },
                 )
             };
-            let len = window.min(self.data.size() - checkpoint);
             let started = Instant::now();
-            let result = self.data.rewrite_window(
-                checkpoint,
-                len,
-                |old| {
-                    let hashes: Vec<[u8; 32]> = old
-                        .chunks_exact(sector as usize)
-                        .map(journal::sector_hash)
-                        .collect();
-                    journal::write_hashes(self.data.backing(), key, sector as u32, &hashes)
-                },
-                || journal::clear(self.data.backing()),
-                |next| self.commit(next),
-                || self.reencryption.lock().stop,
-            );
-            if result.is_err() && !self.data.key_loaded() {
-                // The key was lost mid-window: nothing was committed; wait
-                // for it like any other key loss.
-                continue;
-            }
-            if let Err(e) = result {
-                tracing::error!(volume = %self.name, "re-encryption stopped at byte {checkpoint}: {e}; `hostcrypt reencrypt --resume` retries");
-                self.audit.record(
-                    &Event::new(&self.name, "reencrypt", "error")
-                        .error(&e)
-                        .detail(format!("at byte {checkpoint}")),
-                );
-                self.reencryption.lock().error = Some(e.to_string());
-                return;
-            }
+            let size = self.data.size();
+            // A window read ahead for another checkpoint is dropped (and
+            // unlocked) before its range is locked again.
+            let prepared = match ahead.take().filter(|w: &Prepared| w.start() == checkpoint) {
+                Some(w) => Ok(w),
+                None => self.data.prepare_window(
+                    checkpoint,
+                    window.min(size - checkpoint),
+                    hash_sectors,
+                ),
+            };
+            let result = prepared.and_then(|mut w| {
+                self.data.write_window(
+                    &mut w,
+                    |hashes| journal::write_hashes(self.data.backing(), key, sector as u32, hashes),
+                    || journal::clear(self.data.backing()),
+                    &stop,
+                )?;
+                let len = w.end() - w.start();
+                let next = w.end();
+                let (committed, next_window) = std::thread::scope(|scope| {
+                    // Paced walks read nothing ahead: the pause between
+                    // windows would hold the next one locked for nothing.
+                    let paced = self.reencryption.lock().rate.is_some();
+                    let helper = (next < size && !paced && !stop()).then(|| {
+                        scope.spawn(move || {
+                            self.data
+                                .prepare_window(next, window.min(size - next), hash_sectors)
+                        })
+                    });
+                    let committed = self.data.commit_window(w, |end| self.commit(end), &stop);
+                    // A helper that failed (key lost, read error) is retried
+                    // as a fresh window by the next round, which reports it.
+                    let next_window = helper.and_then(|h| h.join().ok()).and_then(Result::ok);
+                    (committed, next_window)
+                });
+                ahead = next_window;
+                committed.map(|()| len)
+            });
+            let len = match result {
+                Ok(len) => len,
+                Err(_) if !self.data.key_loaded() => {
+                    // The key was lost mid-window: nothing was committed;
+                    // wait for it like any other key loss.
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(volume = %self.name, "re-encryption stopped at byte {checkpoint}: {e}; `hostcrypt reencrypt --resume` retries");
+                    self.audit.record(
+                        &Event::new(&self.name, "reencrypt", "error")
+                            .error(&e)
+                            .detail(format!("at byte {checkpoint}")),
+                    );
+                    self.reencryption.lock().error = Some(e.to_string());
+                    return;
+                }
+            };
             let took = started.elapsed();
             if took < FAST {
                 window = (window * 2).min(largest);
