@@ -141,7 +141,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let providers = service::open_providers(&config)?;
     let gate = service::open_gate(&config)?;
     let audit = service::open_audit(&config)?;
-    let (exports, failed) = service::open_exports(&config, &providers, &audit);
+    let (registry, failed) = service::open_volumes(&config, &providers, &audit);
     let engine = hostcryptd::io::engine::init(config.server.io_engine).context(
         "starting the io_uring engine (set io_engine = \"threads\" where io_uring is not allowed)",
     )?;
@@ -227,23 +227,24 @@ fn run(args: Args) -> anyhow::Result<()> {
             config_path.clone(),
             config.clone(),
             providers,
-            exports.clone(),
+            registry.clone(),
             gate.clone(),
             audit.clone(),
             failed,
         ));
         let retry = reloader.clone();
-        let monitor = service::keys::spawn_monitor(exports.clone(), shutdown.signal(), move || {
-            retry.retry_waiting()
-        })
-        .context("starting the key-check thread")?;
+        let monitor =
+            service::keys::spawn_monitor(registry.clone(), shutdown.signal(), move || {
+                retry.retry_waiting()
+            })
+            .context("starting the key-check thread")?;
         let control = match control_socket {
             Some((listener, path, owned)) => {
                 tracing::info!(control = %path.display(), "control socket ready");
                 let state = std::sync::Arc::new(control::server::ControlState {
                     started: std::time::Instant::now(),
                     engine: engine.name(),
-                    exports: exports.clone(),
+                    registry: registry.clone(),
                     reloader: reloader.clone(),
                     allowed_gid: gid,
                     gate: gate.clone(),
@@ -261,7 +262,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let metrics = match config.server.metrics {
             Some(addr) => {
                 let collector = control::metrics::DaemonCollector {
-                    exports: exports.clone(),
+                    registry: registry.clone(),
                     gate: gate.clone(),
                     engine: engine.name(),
                     started: std::time::Instant::now(),
@@ -275,17 +276,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         let summary = format!(
             "serving {} volume(s) on {}",
-            exports.iter().count(),
+            registry.iter().count(),
             listeners
                 .iter()
                 .map(|l| l.describe())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let exports_for_shutdown = exports.clone();
+        let registry_for_shutdown = registry.clone();
         let server = tokio::spawn(service::serve(
             listeners,
-            exports,
+            registry,
             gate,
             shutdown.signal().watch(),
         ));
@@ -309,11 +310,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("stopping: draining in-flight requests");
         service::systemd::stopping();
         shutdown.trigger();
-        let exports_at_stop = exports_for_shutdown.clone();
+        let registry_at_stop = registry_for_shutdown.clone();
         server.await.context("server task")?;
         // Re-encryptions stop between windows; the header records where.
         let _ = tokio::task::spawn_blocking(move || {
-            for export in exports_at_stop.iter() {
+            for export in registry_at_stop.iter() {
                 if let Some(keys) = &export.keys {
                     keys.stop_reencrypt();
                 }

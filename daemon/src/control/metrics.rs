@@ -19,12 +19,12 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::nbd::metrics::{CommandTotals, COMMAND_NAMES};
-use crate::nbd::Exports;
+use crate::service::registry::{Registry as Volumes, Served};
 
 /// Reads every export's counters at scrape time.
 #[derive(Debug)]
 pub struct DaemonCollector {
-    pub exports: Exports,
+    pub registry: Volumes,
     pub gate: std::sync::Arc<crate::nbd::gate::Gate>,
     pub engine: &'static str,
     pub started: Instant,
@@ -39,7 +39,7 @@ type CommandCounter = (
     fn(&CommandTotals) -> u64,
 );
 /// A per-volume gauge: name, help, how to read it.
-type VolumeGauge = (&'static str, &'static str, fn(&crate::nbd::Export) -> f64);
+type VolumeGauge = (&'static str, &'static str, fn(&Served) -> f64);
 
 impl Collector for DaemonCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -86,7 +86,7 @@ impl Collector for DaemonCollector {
         ];
         for (name, help, counted, value) in per_command {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for e in self.exports.iter() {
+            for e in self.registry.iter() {
                 for c in e.metrics.commands().filter(|c| counted(c.name)) {
                     let labels: Labels = vec![("volume", e.name()), ("command", c.name)];
                     ConstCounter::new(value(&c)).encode(family.encode_family(&labels)?)?;
@@ -99,7 +99,7 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Histogram,
         )?;
-        for e in self.exports.iter() {
+        for e in self.registry.iter() {
             for (i, name) in COMMAND_NAMES.iter().enumerate() {
                 let (sum, count, buckets) = e.metrics.latency(i).snapshot();
                 let labels: Labels = vec![("volume", e.name()), ("command", name)];
@@ -145,7 +145,7 @@ impl Collector for DaemonCollector {
         ];
         for (name, help, value) in gauges {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
-            for e in self.exports.iter() {
+            for e in self.registry.iter() {
                 let labels: Labels = vec![("volume", e.name())];
                 ConstGauge::new(value(&e)).encode(family.encode_family(&labels)?)?;
             }
@@ -156,7 +156,7 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Counter,
         )?;
-        for e in self.exports.iter() {
+        for e in self.registry.iter() {
             let labels: Labels = vec![("volume", e.name())];
             ConstCounter::new(e.volume.data.crypto_seconds())
                 .encode(family.encode_family(&labels)?)?;
@@ -167,7 +167,7 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Gauge,
         )?;
-        for u in self.exports.unavailable().iter() {
+        for u in self.registry.unavailable().iter() {
             let labels: Labels = vec![("volume", &u.name), ("state", u.state)];
             ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
         }
@@ -177,7 +177,7 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Counter,
         )?;
-        for e in self.exports.iter() {
+        for e in self.registry.iter() {
             let labels: Labels = vec![("volume", e.name())];
             ConstCounter::new(e.metrics.refused()).encode(family.encode_family(&labels)?)?;
         }
@@ -210,7 +210,7 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Counter,
         )?;
-        for e in self.exports.iter() {
+        for e in self.registry.iter() {
             let Some(keys) = &e.keys else { continue };
             let (ok, failed) = keys.check_counts();
             for (outcome, n) in [("ok", ok), ("failed", failed)] {
@@ -222,7 +222,7 @@ impl Collector for DaemonCollector {
     }
 }
 
-fn reencrypt_progress(export: &crate::nbd::Export) -> f64 {
+fn reencrypt_progress(export: &Served) -> f64 {
     export.keys.as_ref().map_or(0.0, |keys| {
         let status = keys.reencrypt_status();
         match status.target_generation {

@@ -19,7 +19,7 @@ use super::protocol::{
     MAX_REQUEST,
 };
 use super::{Request, Response};
-use crate::nbd::Exports;
+use crate::service::registry::Registry;
 use crate::service::reload::Reloader;
 use crate::volume::LayerKek;
 
@@ -30,7 +30,7 @@ const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub struct ControlState {
     pub started: Instant,
     pub engine: &'static str,
-    pub exports: Exports,
+    pub registry: Registry,
     /// Config reloads, and the KEK providers configured now.
     pub reloader: Arc<Reloader>,
     pub allowed_gid: Option<u32>,
@@ -157,7 +157,7 @@ pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
         Request::Status => Response::ok(status(state)),
         Request::CheckKey { volume } => {
             let mut results = Vec::new();
-            for export in state.exports.iter() {
+            for export in state.registry.iter() {
                 if volume.as_deref().is_some_and(|v| v != export.name()) {
                     continue;
                 }
@@ -231,7 +231,7 @@ pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
 
 fn find_keys(state: &ControlState, volume: &str) -> Result<Arc<crate::volume::VolumeKeys>, String> {
     let export = state
-        .exports
+        .registry
         .iter()
         .find(|e| e.name() == volume)
         .ok_or_else(|| unknown_volume(state, volume))?;
@@ -242,7 +242,7 @@ fn find_keys(state: &ControlState, volume: &str) -> Result<Arc<crate::volume::Vo
 }
 
 fn unknown_volume(state: &ControlState, volume: &str) -> String {
-    let names: Vec<_> = state.exports.iter().map(|e| e.name().to_owned()).collect();
+    let names: Vec<_> = state.registry.iter().map(|e| e.name().to_owned()).collect();
     format!(
         "no volume {volume:?} is served (volumes: {})",
         names.join(", ")
@@ -258,7 +258,7 @@ fn status(state: &ControlState) -> Status {
         tls: state.gate.tls().map(|t| t.info.clone()),
         connections: connection_status(&state.gate),
         volumes: state
-            .exports
+            .registry
             .iter()
             .map(|e| VolumeStatus {
                 name: e.name().to_owned(),
@@ -276,7 +276,7 @@ fn status(state: &ControlState) -> Status {
                     .filter(|r| r.target_generation.is_some()),
                 unavailable: None,
             })
-            .chain(state.exports.unavailable().iter().map(|u| VolumeStatus {
+            .chain(state.registry.unavailable().iter().map(|u| VolumeStatus {
                 name: u.name.clone(),
                 role: "-".into(),
                 size: 0,

@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use super::access::AllowList;
 use super::metrics::ExportMetrics;
 use super::proto::*;
-use crate::volume::{Volume, VolumeKeys};
+use crate::volume::Volume;
 
 #[derive(Debug)]
 pub struct Export {
@@ -20,8 +20,6 @@ pub struct Export {
     pub allow_discards: bool,
     /// Who may open it; a reload swaps the list in place.
     pub allow: ArcSwap<AllowList>,
-    /// Key lifecycle of a cache volume (`None` for temp volumes).
-    pub keys: Option<Arc<VolumeKeys>>,
     pub metrics: ExportMetrics,
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::shutdown::StopSignal;
-use crate::nbd::Exports;
+use crate::service::registry::Registry;
 use crate::volume::VolumeKeys;
 
 /// How often the scheduler looks at the export list when nothing is due (a
@@ -42,10 +42,10 @@ impl Monitor {
     }
 }
 
-/// Starts the monitor. Volumes are read from `exports` every round, so a
+/// Starts the monitor. Volumes are read from the registry every round, so a
 /// reload's additions get checked and its removals stop being checked.
 pub fn spawn_monitor(
-    exports: Exports,
+    registry: Registry,
     stop: StopSignal,
     retry_waiting: impl Fn() + Send + 'static,
 ) -> std::io::Result<Monitor> {
@@ -60,7 +60,7 @@ pub fn spawn_monitor(
         })?;
     let scheduler = std::thread::Builder::new()
         .name("hostcrypt-keys".into())
-        .spawn(move || schedule(exports, stop))?;
+        .spawn(move || schedule(registry, stop))?;
     Ok(Monitor { scheduler, waiting })
 }
 
@@ -119,7 +119,7 @@ fn check_batch(batch: &[Arc<VolumeKeys>]) {
     }
 }
 
-fn schedule(exports: Exports, stop: StopSignal) {
+fn schedule(registry: Registry, stop: StopSignal) {
     // Volumes are grouped by KEK and check interval: a group shares one
     // provider call per KEK version, and no volume is checked more often
     // than its own interval asks. Next check per group; a group first seen
@@ -130,7 +130,7 @@ fn schedule(exports: Exports, stop: StopSignal) {
     loop {
         let now = Instant::now();
         let mut groups: HashMap<Group, Vec<Arc<VolumeKeys>>> = HashMap::new();
-        for volume in exports.iter().filter_map(|e| e.keys.clone()) {
+        for volume in registry.iter().filter_map(|e| e.keys.clone()) {
             let interval = volume
                 .policy()
                 .check_interval

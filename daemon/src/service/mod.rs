@@ -5,6 +5,7 @@
 
 pub mod demo;
 pub mod keys;
+pub mod registry;
 pub mod reload;
 pub mod shutdown;
 pub mod systemd;
@@ -21,9 +22,10 @@ use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{AzureKek, KekError, KeyProvider, LocalKek, Pkcs11Kek, VaultKek};
 use crate::nbd::gate::Gate;
 use crate::nbd::tls::{TlsContext, TlsMode};
+use crate::nbd::Export;
 pub use crate::nbd::Listener;
-use crate::nbd::{Export, Exports};
 use crate::volume::{self, Geometry, KeyPolicy, Layer, LayerKek, Role, VolumeError, VolumeKeys};
+use registry::{Registry, Served};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -178,28 +180,28 @@ fn configured_kek<'a>(
 /// Opens every volume in the config. One that cannot open (its key cannot
 /// be unwrapped, its backing is missing) does not stop the others: it comes
 /// back in the second list, loudly, and `waiting.rs` keeps retrying it.
-pub fn open_exports(
+pub fn open_volumes(
     config: &Config,
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
     audit: &AuditLog,
-) -> (Exports, Vec<(String, ServiceError)>) {
+) -> (Registry, Vec<(String, ServiceError)>) {
     let mut opened = Vec::new();
     let mut failed = Vec::new();
     for v in &config.volumes {
-        match open_export(v, providers, audit) {
+        match open_volume(v, providers, audit) {
             Ok(export) => opened.push(export),
             Err(e) => failed.push((v.name.get_ref().clone(), e)),
         }
     }
-    (Exports::new(opened), failed)
+    (Registry::new(opened), failed)
 }
 
 /// Opens one configured volume as an export.
-pub fn open_export(
+pub fn open_volume(
     v: &crate::config::VolumeConfig,
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
     audit: &AuditLog,
-) -> Result<Arc<Export>, ServiceError> {
+) -> Result<Served, ServiceError> {
     let name = v.name.get_ref().clone();
     let backing = v.backing.get_ref();
     let wrap = |source| ServiceError::Volume {
@@ -249,16 +251,17 @@ pub fn open_export(
             let slot_kek = opened
                 .as_ref()
                 .ok()
-                .and_then(|o| o.header.active_keyslot())
+                .and_then(|(_, header)| header.active_keyslot())
                 .map(|s| s.wrapped.kek.clone());
             if let Some(k) = &slot_kek {
                 event = event.key(k);
             }
             audit.record(&event);
-            let opened = opened.map_err(wrap)?;
+            let (opened, header) = opened.map_err(wrap)?;
             let volume_keys = Arc::new(VolumeKeys::new(
                 backing,
                 &opened,
+                header,
                 outer,
                 inner,
                 KeyPolicy {
@@ -286,8 +289,8 @@ pub fn open_export(
     tracing::info!(
         volume = %name,
         role = %opened.role,
-        size = opened.header.size,
-        sector_size = opened.header.sector_size,
+        size = opened.data.size(),
+        sector_size = opened.data.sector_size(),
         xts = opened.data.cipher_kernel(),
         layers = opened.data.layers(),
         inner = %if opened.data.layers() > 1 { opened.data.inner_cipher().to_string() } else { "-".into() },
@@ -298,21 +301,22 @@ pub fn open_export(
     let description = v.description.clone().unwrap_or_else(|| {
         format!(
             "hostcrypt {} volume, XTS-AES-256, {}-byte sectors",
-            opened.role, opened.header.sector_size
+            opened.role,
+            opened.data.sector_size()
         )
     });
     let allow = v.allow_list().map_err(|source| ServiceError::Allow {
         volume: name.clone(),
         source,
     })?;
-    Ok(Arc::new(Export {
+    let export = Arc::new(Export {
         volume: opened,
         description,
         allow_discards: v.allow_discards,
         allow: arc_swap::ArcSwap::from_pointee(allow),
-        keys,
         metrics: Default::default(),
-    }))
+    });
+    Ok(Served { export, keys })
 }
 
 /// Binds the configured listeners.
@@ -381,13 +385,13 @@ pub fn check_activated_tcp(
 /// Serves until `shutdown` turns true, then drains and flushes every volume.
 pub async fn serve(
     listeners: Vec<Listener>,
-    exports: Exports,
+    registry: Registry,
     gate: Arc<Gate>,
     shutdown: watch::Receiver<bool>,
 ) {
-    crate::nbd::run(listeners, exports.clone(), gate, shutdown).await;
-    for export in exports.iter() {
-        let export = export.clone();
+    crate::nbd::run(listeners, registry.exports().clone(), gate, shutdown).await;
+    for served in registry.iter() {
+        let export = served.export;
         let flushed =
             tokio::task::spawn_blocking(move || export.volume.data.flush().map(|_| export)).await;
         match flushed {

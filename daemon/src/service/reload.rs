@@ -20,12 +20,12 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{open_export, open_provider, ServiceError};
+use super::{open_provider, open_volume, ServiceError};
 use crate::config::{Config, VolumeConfig};
 use crate::kek::audit::AuditLog;
 use crate::kek::KeyProvider;
 use crate::nbd::gate::Gate;
-use crate::nbd::Exports;
+use crate::service::registry::Registry;
 
 /// What a reload did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -46,7 +46,7 @@ pub struct ReloadReport {
 /// The running daemon's view of its config, for reloads.
 pub struct Reloader {
     config_path: PathBuf,
-    exports: Exports,
+    registry: Registry,
     gate: Arc<Gate>,
     audit: AuditLog,
     state: Mutex<State>,
@@ -64,7 +64,7 @@ impl Reloader {
         config_path: PathBuf,
         config: Config,
         providers: BTreeMap<String, Arc<dyn KeyProvider>>,
-        exports: Exports,
+        registry: Registry,
         gate: Arc<Gate>,
         audit: AuditLog,
         failed: Vec<(String, ServiceError)>,
@@ -75,10 +75,10 @@ impl Reloader {
                 waiting.record(v, error, &audit);
             }
         }
-        waiting.publish(&exports, &config);
+        waiting.publish(&registry, &config);
         Reloader {
             config_path,
-            exports,
+            registry,
             gate,
             audit,
             state: Mutex::new(State { config, providers }),
@@ -87,7 +87,7 @@ impl Reloader {
     }
 
     /// Tries again to open the volumes whose retry is due; one that opens
-    /// joins the served exports. Called by the key monitor every second.
+    /// joins the registry. Called by the key monitor every second.
     pub fn retry_waiting(&self) {
         if self.waiting.is_empty() {
             return;
@@ -107,16 +107,16 @@ impl Reloader {
                 self.waiting.remove(&name);
                 continue;
             };
-            match open_export(&v, &providers, &self.audit) {
+            match open_volume(&v, &providers, &self.audit) {
                 Ok(export) => {
                     // Still configured the same way? A reload may have
                     // removed or changed it meanwhile.
                     let state = self.lock();
                     let current = state.config.volume(&name);
                     if current.is_some_and(|c| fingerprint(c) == fingerprint(&v))
-                        && self.exports.find(&name).is_none()
+                        && self.registry.find(&name).is_none()
                     {
-                        self.exports.add(export);
+                        self.registry.add(export);
                         self.waiting.remove(&name);
                         tracing::warn!(volume = %name, "volume opened; serving it now");
                         self.audit.record(
@@ -129,7 +129,7 @@ impl Reloader {
             }
         }
         let state = self.lock();
-        self.waiting.publish(&self.exports, &state.config);
+        self.waiting.publish(&self.registry, &state.config);
     }
 
     /// The provider configured under `name` now.
@@ -194,20 +194,20 @@ impl Reloader {
             match old_volumes.get(name) {
                 // Not open yet: nothing to keep, the new settings apply
                 // at the next try.
-                Some(_) if self.exports.find(name).is_none() => {
+                Some(_) if self.registry.find(name).is_none() => {
                     report.unchanged.push(name.into());
                 }
                 Some(old) if fingerprint(old) == fingerprint(v) => {
-                    list.extend(self.exports.find(name));
+                    list.extend(self.registry.find(name));
                     report.unchanged.push(name.into());
                 }
                 Some(_) => {
-                    list.extend(self.exports.find(name));
+                    list.extend(self.registry.find(name));
                     report.not_applied.push(format!(
                         "volume {name:?} changed: remove it, reload, then add it back and reload again"
                     ));
                 }
-                None => match open_export(v, &providers, &self.audit) {
+                None => match open_volume(v, &providers, &self.audit) {
                     Ok(export) => {
                         list.push(export);
                         report.added.push(name.into());
@@ -223,7 +223,7 @@ impl Reloader {
             kept_config.push(name.to_owned());
         }
         let removed: Vec<_> = self
-            .exports
+            .registry
             .iter()
             .filter(|e| !kept_config.iter().any(|n| n == e.name()))
             .collect();
@@ -235,7 +235,7 @@ impl Reloader {
                 export.allow.store(Arc::new(new_allow));
             }
         }
-        self.exports.replace(list);
+        self.registry.replace(list);
         if let Some(tls) = tls {
             tracing::info!(
                 subject = %tls.info.server_subject,
@@ -269,7 +269,7 @@ impl Reloader {
                 .iter()
                 .position(|o| o.name.get_ref() == &name)
             {
-                let open = self.exports.find(&name).is_some();
+                let open = self.registry.find(&name).is_some();
                 if open && fingerprint(&state.config.volumes[old]) != fingerprint(v) {
                     std::mem::swap(v, &mut state.config.volumes[old]);
                 }
@@ -279,7 +279,7 @@ impl Reloader {
         state.config = config;
         state.providers = providers;
         self.waiting.retain_configured(&state.config);
-        self.waiting.publish(&self.exports, &state.config);
+        self.waiting.publish(&self.registry, &state.config);
         tracing::info!(
             added = ?report.added,
             removed = ?report.removed,

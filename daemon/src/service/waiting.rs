@@ -13,7 +13,8 @@ use super::ServiceError;
 use crate::config::{Config, VolumeConfig};
 use crate::kek::audit::{AuditLog, Event};
 use crate::nbd::access::AllowList;
-use crate::nbd::{Exports, Unavailable};
+use crate::nbd::Unavailable;
+use crate::service::registry::Registry;
 
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
@@ -100,7 +101,7 @@ impl Waiting {
     }
 
     /// Shows the waiting volumes to NBD clients, with their allow lists.
-    pub fn publish(&self, exports: &Exports, config: &Config) {
+    pub fn publish(&self, registry: &Registry, config: &Config) {
         let list = self
             .lock()
             .iter()
@@ -119,6 +120,6 @@ impl Waiting {
                     .unwrap_or(0),
             })
             .collect();
-        exports.set_unavailable(list);
+        registry.set_unavailable(list);
     }
 }

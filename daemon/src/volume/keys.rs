@@ -222,6 +222,7 @@ impl VolumeKeys {
     pub fn new(
         path: &Path,
         volume: &super::Volume,
+        header: super::Header,
         outer: LayerKek,
         inner: Option<LayerKek>,
         policy: KeyPolicy,
@@ -239,7 +240,7 @@ impl VolumeKeys {
             reencryption: Default::default(),
             checking: Mutex::new(()),
             current: Mutex::new(Current {
-                header: volume.header.clone(),
+                header,
                 outer,
                 inner,
                 last_check: None,

@@ -128,12 +128,13 @@ impl Geometry {
     }
 }
 
-/// An open volume, ready to serve.
+/// An open volume, ready to serve. It keeps no header: the live header of
+/// a cache volume belongs to its `VolumeKeys`, which every header change
+/// goes through.
 #[derive(Debug)]
 pub struct Volume {
     pub name: String,
     pub role: Role,
-    pub header: Header,
     pub data: std::sync::Arc<DataArea>,
 }
 
@@ -337,7 +338,8 @@ fn mount_point(backing: &Backing) -> std::io::Result<Option<String>> {
 }
 
 /// Opens a cache volume: reads the header, unwraps its DEK with `kek`, and
-/// only then repairs a damaged header copy.
+/// only then repairs a damaged header copy. Returns the header as it is on
+/// disk after opening, for the volume's `VolumeKeys` to own.
 pub fn open_cache(
     name: &str,
     path: &Path,
@@ -345,7 +347,7 @@ pub fn open_cache(
     kek: &dyn KeyProvider,
     inner: Option<&dyn KeyProvider>,
     direct: bool,
-) -> Result<Volume, VolumeError> {
+) -> Result<(Volume, Header), VolumeError> {
     let backing = open_existing(path)?;
     let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
     let header = current_header(path, &copies)?;
@@ -433,20 +435,20 @@ pub fn open_cache(
         (Some((outer, inner)), true) => (outer, inner.as_ref()),
         _ => (&dek, inner_dek.as_ref()),
     };
-    let volume = ready(name, path, backing, header, current, direct)?;
-    if let (Some((outer, inner)), Some(r)) = (&target, volume.header.reencrypt) {
+    let volume = ready(name, path, backing, &header, current, direct)?;
+    if let (Some((outer, inner)), Some(r)) = (&target, header.reencrypt) {
         let cipher = VolumeCipher::new(
             outer,
             inner.as_ref(),
-            volume.header.inner_cipher,
-            volume.header.sector_size as usize,
+            header.inner_cipher,
+            header.sector_size as usize,
         );
         volume
             .data
             .begin_reencrypt(cipher, r.checkpoint)
             .map_err(io_err(path))?;
     }
-    Ok(volume)
+    Ok((volume, header))
 }
 
 /// After a crash mid-re-encryption: if the journal covers the window at the
@@ -531,7 +533,7 @@ fn ready(
     name: &str,
     path: &Path,
     mut backing: Backing,
-    header: Header,
+    header: &Header,
     (dek, inner): (&Dek, Option<&Dek>),
     direct: bool,
 ) -> Result<Volume, VolumeError> {
@@ -551,7 +553,6 @@ fn ready(
     Ok(Volume {
         name: name.to_owned(),
         role: header.role,
-        header,
         data: std::sync::Arc::new(data),
     })
 }
@@ -595,7 +596,7 @@ pub fn open_temp(
     let mut header = new_header(geometry, Role::Temp);
     lay_out(path, &backing, &mut header)?;
     let dek = Dek::generate().map_err(VolumeError::Random)?;
-    ready(name, path, backing, header, (&dek, None), direct)
+    ready(name, path, backing, &header, (&dek, None), direct)
 }
 
 #[cfg(test)]
@@ -663,9 +664,8 @@ mod tests {
         backing.write_at(&half, header.data_offset).unwrap();
         drop(backing);
 
-        let volume = open_cache("v", &path, None, &kek, None, false).unwrap();
-        let r = volume
-            .header
+        let (volume, opened) = open_cache("v", &path, None, &kek, None, false).unwrap();
+        let r = opened
             .reencrypt
             .expect("still re-encrypting past the window");
         assert_eq!(r.checkpoint, 10 * sector as u64);
@@ -675,7 +675,7 @@ mod tests {
         let mut raw = vec![0u8; 10 * sector];
         Backing::open(&path)
             .unwrap()
-            .read_at(&mut raw, volume.header.data_offset)
+            .read_at(&mut raw, opened.data_offset)
             .unwrap();
         assert!(raw[8 * sector..].iter().all(|&b| b == 0));
         let mut expect = plain[..8 * sector].to_vec();

@@ -7,8 +7,10 @@
 //! a time: under the window's range lock it rewrites the window's sectors
 //! from the old key to the new, through the journal (`journal.rs`), and
 //! records the new checkpoint in the header before releasing the window.
-//! I/O elsewhere goes on; I/O into the window waits for that window only
-//! (`data.rs`). At the end the header keeps only the new generation.
+//! I/O elsewhere goes on; writes into the window wait for that window
+//! only, reads only while its sectors change in place (`data.rs`). The
+//! next window is read and re-encrypted in memory while the current one
+//! commits (`walk`). At the end the header keeps only the new generation.
 //!
 //! Crash safety: the header's checkpoint only moves after the window is
 //! durable in place, and the window is durable in the journal before it is
