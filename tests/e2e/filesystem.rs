@@ -112,8 +112,7 @@ impl Drop for Mounted {
 
 #[test]
 fn ext4_on_nbdfuse_survives_daemon_restart() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting needs root (CI runs as root)");
+    if !require_root("mounting ext4") {
         return;
     }
     require_tool("nbdfuse");

@@ -80,6 +80,8 @@ pub struct Fixture {
     /// (e.g. `SOFTHSM2_CONF`; tests run in parallel, so never the test's own).
     pub env: Vec<(String, String)>,
     volumes: Vec<String>,
+    /// `io_engine` for this fixture's daemon (default: the suite's).
+    engine: String,
 }
 
 impl Default for Fixture {
@@ -109,7 +111,14 @@ impl Fixture {
             kek_tables: Vec::new(),
             env: Vec::new(),
             volumes: Vec::new(),
+            engine: io_engine(),
         }
+    }
+
+    /// Runs this fixture's daemon on `engine` whatever the suite's is.
+    pub fn set_io_engine(&mut self, engine: &str) {
+        self.engine = engine.to_owned();
+        self.write_config("");
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -164,7 +173,7 @@ impl Fixture {
         let text = format!(
             "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
             self.socket.display(),
-            io_engine(),
+            self.engine,
             self.kek.display(),
             self.kek_tables.join("\n"),
             self.volumes.join("\n")
@@ -503,4 +512,45 @@ pub fn require_tool(tool: &str) {
         found,
         "{tool} is not installed; run scripts/test.sh, which installs the test tools"
     );
+}
+
+/// Whether the tests run as root (mounts, loop devices, other users).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Marks the calling test as skipped, with why, in the log that
+/// `scripts/test.sh` counts (`HOSTCRYPT_SKIP_LOG`). With `CI=true` a skip
+/// fails the test instead: a skipped test is not a passed test. The caller
+/// returns right after.
+pub fn skip(reason: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_owned();
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "{test} cannot run here ({reason}); CI=true requires every test to run"
+    );
+    eprintln!("skipped: {reason}");
+    if let Some(log) = std::env::var_os("HOSTCRYPT_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}: {reason}");
+        }
+    }
+}
+
+/// `true` when root; otherwise records a skip for `why` and returns false.
+pub fn require_root(why: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    skip(&format!("{why} needs root"));
+    false
 }

@@ -7,12 +7,15 @@
 //! I/O); waiting happens on a condition variable, so this is not a global
 //! I/O lock. It is used from blocking I/O threads, hence std primitives.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 #[derive(Debug, Default)]
 pub struct RangeLock {
     held: Mutex<Vec<(u64, u64)>>,
     released: Condvar,
+    /// Threads blocked in `lock` now (touched only on the contended path).
+    waiters: AtomicUsize,
 }
 
 /// Releases its range on drop.
@@ -31,10 +34,12 @@ impl RangeLock {
     pub fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
         let mut held = self.list();
         while held.iter().any(|&(s, e)| s < end && start < e) {
+            self.waiters.fetch_add(1, Ordering::SeqCst);
             held = self
                 .released
                 .wait(held)
                 .unwrap_or_else(PoisonError::into_inner);
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
         }
         held.push((start, end));
         RangeGuard {
@@ -53,6 +58,11 @@ impl RangeLock {
         }
         held.push((start, end));
         true
+    }
+
+    /// How many threads are blocked waiting for a range.
+    pub fn waiters(&self) -> usize {
+        self.waiters.load(Ordering::SeqCst)
     }
 
     /// Releases a range taken with `try_acquire`.
@@ -114,8 +124,22 @@ mod tests {
             e2.store(true, Ordering::SeqCst);
         });
         rx.recv().unwrap();
-        // The waiter cannot have entered while we hold the overlapping range.
-        assert!(!entered.load(Ordering::SeqCst));
+        // Until the other thread is seen blocked inside the lock (or, for a
+        // lock that does not block, has entered): a lock that never waits
+        // fails here instead of passing by timing luck.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while lock.waiters() == 0 && !entered.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the waiter never blocked"
+            );
+            std::thread::yield_now();
+        }
+        assert!(
+            !entered.load(Ordering::SeqCst),
+            "entered an overlapping range that is held"
+        );
+        assert_eq!(lock.waiters(), 1);
         drop(guard);
         t.join().unwrap();
         assert!(entered.load(Ordering::SeqCst));

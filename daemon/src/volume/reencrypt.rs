@@ -385,6 +385,7 @@ impl VolumeKeys {
                     || journal::clear(self.data.backing()),
                     &stop,
                 )?;
+                crash_window_for_tests();
                 let len = w.end() - w.start();
                 let next = w.end();
                 let (committed, next_window) = std::thread::scope(|scope| {
@@ -476,5 +477,26 @@ impl VolumeKeys {
             );
         }
         Ok(())
+    }
+}
+
+/// Debug builds only: `HOSTCRYPT_TEST_WINDOW_DELAY_MS` holds every window
+/// that long between its in-place write and its sync, so the kill -9 test
+/// can land kills inside windows (and must then see journal replays)
+/// instead of hoping to hit a few milliseconds. Fault injection, not
+/// synchronization; release builds never read the variable.
+fn crash_window_for_tests() {
+    #[cfg(debug_assertions)]
+    {
+        static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+        let delay = DELAY.get_or_init(|| {
+            std::env::var("HOSTCRYPT_TEST_WINDOW_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_millis)
+        });
+        if let Some(delay) = delay {
+            std::thread::sleep(*delay);
+        }
     }
 }
