@@ -41,6 +41,7 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy -p hostcryptd --features fuzzing --locked -- -D warnings
 echo "==> build binaries for the end-to-end tests"
 cargo build --workspace --bins --locked
 echo "==> tests"
@@ -61,6 +62,15 @@ HOSTCRYPT_E2E_IO_ENGINE=threads cargo test -p hostcrypt-e2e --locked --test e2e 
   --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee -a "$log" || status=$?
 # One closing line over every test binary (cargo prints one per binary,
 # and the last is often an empty doc-test run).
+# Coverage-guided fuzzing, 30 s per target (fuzz/run; the recorded
+# campaigns are in RELIABILITY.md). cargo-fuzz needs a nightly toolchain.
+echo "==> fuzz smoke: ${HOSTCRYPT_FUZZ_SECONDS:-30} s per target"
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+  rustup toolchain install nightly --profile minimal
+fi
+command -v cargo-fuzz >/dev/null 2>&1 || cargo +nightly install cargo-fuzz --locked --quiet
+fuzz/run --seconds "${HOSTCRYPT_FUZZ_SECONDS:-30}" || status=$?
+
 # Skipped tests report as passed to cargo; they are counted apart here.
 skipped=$(wc -l < "$skips")
 if [ "$skipped" -gt 0 ]; then

@@ -9,6 +9,8 @@
 pub mod config;
 pub mod control;
 pub mod crypto;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod io;
 pub mod kek;
 pub mod nbd;

@@ -15,13 +15,13 @@ pub mod access;
 mod connection;
 mod exports;
 pub mod gate;
-mod handshake;
+pub(crate) mod handshake;
 pub mod metrics;
 pub mod peer;
 pub mod proto;
 mod server;
 pub mod tls;
-mod transmission;
+pub(crate) mod transmission;
 
 pub use exports::{Export, Exports, Unavailable};
 pub use server::{run, Listener};

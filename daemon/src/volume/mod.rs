@@ -12,7 +12,7 @@ pub mod backup;
 mod cipher;
 mod data;
 pub mod header;
-mod journal;
+pub(crate) mod journal;
 pub mod keys;
 pub mod reencrypt;
 mod store;

@@ -1,0 +1,185 @@
+//! Entry points for the coverage-guided fuzz targets in `fuzz/` (cargo
+//! feature `fuzzing`, off in every normal build). Each takes raw bytes and
+//! drives one private parser the way a peer or a disk would feed it, so
+//! the protocol and format modules stay private to the crate.
+//!
+//! What lives elsewhere: the targets, their seed corpora and the runner
+//! (`fuzz/`); the public parsers (header, config, control protocol), which
+//! the targets call directly.
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::io::Backing;
+use crate::nbd::access::AllowList;
+use crate::nbd::handshake::{greet, negotiate, Session, TlsPhase};
+use crate::nbd::peer::Peer;
+use crate::nbd::{Export, Exports};
+use crate::volume::journal::{self, JournalKey, JOURNAL_AT};
+
+/// What every execution reuses: one runtime, one small temp volume (on a
+/// tmpfs where there is one), one journal area.
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    export: Arc<Export>,
+    exports: Exports,
+    journal: Backing,
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    dir.join(format!("hostcrypt-fuzz-{}-{name}", std::process::id()))
+}
+
+fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        // Set-up failures are the fuzzing machine's, not an input's: panic
+        // with the reason before the first execution.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("tokio runtime: {e}"));
+        let geometry = crate::volume::Geometry {
+            size: 1 << 20,
+            sector_size: 512,
+        };
+        let volume = crate::volume::open_temp("fuzz", &scratch("volume"), geometry, false)
+            .unwrap_or_else(|e| panic!("temp volume: {e}"));
+        let export = Arc::new(Export {
+            volume,
+            description: "fuzz".into(),
+            allow_discards: true,
+            allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
+            metrics: Default::default(),
+        });
+        let exports = Exports::new(vec![export.clone()]);
+        let journal = Backing::open_or_create(&scratch("journal"))
+            .unwrap_or_else(|e| panic!("journal backing: {e}"));
+        Harness {
+            runtime,
+            export,
+            exports,
+            journal,
+        }
+    })
+}
+
+/// The option haggling, from the greeting to GO, EXPORT_NAME, STARTTLS or
+/// the end of input. The first byte picks the listener's TLS mode.
+pub fn handshake(data: &[u8]) {
+    let h = harness();
+    let (mode, input) = data.split_first().unwrap_or((&0, &[]));
+    let tls = match mode % 3 {
+        0 => TlsPhase::Unavailable,
+        1 => TlsPhase::Offered { required: false },
+        _ => TlsPhase::Offered { required: true },
+    };
+    let input = input.to_vec();
+    h.runtime.block_on(async {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let feeder = tokio::spawn(async move {
+            let _ = to_server.write_all(&input).await;
+            let _ = to_server.shutdown().await;
+        });
+        let drain = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_server, &mut tokio::io::sink()).await;
+        });
+        let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 10809)));
+        if let Ok(no_zeroes) = greet(&mut server).await {
+            let mut session = Session {
+                peer: &peer,
+                exports: &h.exports,
+                tls,
+                no_zeroes,
+            };
+            let _ = negotiate(&mut server, &mut session).await;
+        }
+        drop(server);
+        let _ = feeder.await;
+        let _ = drain.await;
+    });
+}
+
+/// The transmission phase: `data` is the request stream a client sends
+/// (headers and payloads), served against a 1 MiB temp volume.
+pub fn transmission(data: &[u8]) {
+    let h = harness();
+    h.runtime.block_on(async {
+        let (_keep, shutdown) = watch::channel(false);
+        let _ = crate::nbd::transmission::serve(
+            data,
+            tokio::io::sink(),
+            h.export.clone(),
+            shutdown,
+            "fuzz",
+        )
+        .await;
+    });
+}
+
+/// The re-encryption journal as found on a disk. With the first byte odd,
+/// the record's checksums are fixed up first (as a valid writer would have
+/// left them), so the fuzzer gets past them to the fields behind.
+pub fn journal(data: &[u8]) {
+    let h = harness();
+    let mut area = data.to_vec();
+    if area.first().is_some_and(|b| b & 1 == 1) {
+        fix_up_hash_record(&mut area);
+    }
+    if h.journal.write_at(&area, JOURNAL_AT).is_err() {
+        return;
+    }
+    let field = |at: usize, len: usize| area.get(at..at + len).map(<[u8]>::to_vec);
+    let key = JournalKey {
+        uuid: field(8, 16)
+            .and_then(|b| uuid::Uuid::from_slice(&b).ok())
+            .unwrap_or_default(),
+        checkpoint: field(24, 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes),
+        target_generation: field(40, 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_le_bytes),
+    };
+    let _ = journal::read_hashes(&h.journal, key);
+    let _ = journal::read(&h.journal, key);
+    // Whatever was read, clear it for the next execution.
+    let _ = h.journal.write_at(&vec![0u8; area.len()], JOURNAL_AT);
+}
+
+fn fix_up_hash_record(area: &mut [u8]) {
+    const RECORD: usize = 4096;
+    if area.len() < 112 {
+        return;
+    }
+    area[..8].copy_from_slice(b"HCJRNL\x00\x02");
+    let len = u64::from_le_bytes(area[32..40].try_into().unwrap_or([0; 8]));
+    let sector = u64::from(u32::from_le_bytes(
+        area[44..48].try_into().unwrap_or([0; 4]),
+    ));
+    let count = len.checked_div(sector).unwrap_or(0);
+    let table_end = (RECORD as u64).saturating_add(count.saturating_mul(32));
+    let table = area
+        .get(
+            RECORD
+                ..usize::try_from(table_end)
+                    .unwrap_or(usize::MAX)
+                    .min(area.len()),
+        )
+        .unwrap_or_default();
+    let table_sum = Sha256::digest(table);
+    area[48..80].copy_from_slice(&table_sum);
+    let sum = Sha256::digest(&area[..80]);
+    area[80..112].copy_from_slice(&sum);
+}
