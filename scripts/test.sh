@@ -36,6 +36,11 @@ if [ ! -x "$venv/bin/bao" ] || ! "$venv/bin/python3" -c 'import prometheus_clien
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 bao version
+# qemu-system-x86, busybox, nbd-client and a Debian cloud kernel (cached in
+# target/kernel-nbd) for the kernel NBD client test; needs root.
+if [ "$(id -u)" -eq 0 ]; then
+  tests/campaigns/kernel-nbd.sh --install-only
+fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,6 +1,8 @@
-//! (d) kill -9 during `hostcrypt reencrypt`: at a random checkpoint, half
-//! the trials with each window held 50 ms between its in-place write and
-//! its sync (a debug-build fault hook) so kills land inside windows too.
+//! (d) kill -9 during `hostcrypt reencrypt`: at a random checkpoint. Half
+//! the trials hold each window 50 ms between its in-place write and its
+//! sync (a debug-build fault hook), so kills land inside windows; the
+//! other half run at 32 MB/s, so kills land between windows (unlimited,
+//! the 16 MiB volume is done before the first status poll).
 //! After the restart the whole volume reads back as written.
 
 use std::process::Command;
@@ -47,7 +49,8 @@ fn kill_9_during_reencrypt() {
         plain_fx.env = fx_env;
         let mut d = plain_fx.start();
         figures.saw_open(&d.stderr());
-        let out = plain_fx.cli(&["reencrypt", "r", "--rate", "0", "--no-wait"]);
+        let rate = if trial % 2 == 0 { "0" } else { "32" };
+        let out = plain_fx.cli(&["reencrypt", "r", "--rate", rate, "--no-wait"]);
         assert!(out.status.success(), "{}", output_text(&out));
         let target = random_u64() % SIZE as u64;
         let mut done = false;
