@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """Bounded soak: one hostcryptd, 64 concurrent client connections for
 --minutes (default 10), while `rotate-kek` runs every 30 s (OpenBao
 transit, the key rotated first), `reload` every 60 s and one `reencrypt`
@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -64,7 +65,8 @@ class Soak:
         self.latency = []  # (time, seconds)
         self.rotations = []  # times rotate-kek was issued
         self.counts = {"fio_runs": 0, "nbdcopy_round_trips": 0, "qemu_io_runs": 0,
-                       "rotations": 0, "reloads": 0}
+                       "rotations": 0, "rotations_refused_while_reencrypting": 0,
+                       "reloads": 0}
 
     def path(self, name):
         return os.path.join(self.dir, name)
@@ -200,7 +202,7 @@ class Soak:
 
     def fio_done(self, name, code, out):
         self.count("fio_runs")
-        if "verify" in out and ("bad" in out.lower() or "mismatch" in out.lower()):
+        if re.search(r"verify.*(bad|fail|mismatch)", out, re.IGNORECASE):
             with self.lock:
                 self.verify_failures += 1
         if code != 0 and not self.stop.is_set():
@@ -235,10 +237,10 @@ class Soak:
             length = random.randrange(1, 1 << 20)
             cmds = [f"write -P {pattern} {off} {length}", f"read -P {pattern} {off} {length}",
                     f"write -z {off + length} 4097", f"read -P 0 {off + length} 4097"]
-            args = ["qemu-io", "-f", "raw", "--image-opts",
-                    f"driver=nbd,path={self.path('nbd.sock')},export=q"]
+            args = ["qemu-io", "-f", "raw"]
             for c in cmds:
                 args += ["-c", c]
+            args.append(self.unix_uri("q"))
             r = subprocess.run(args, capture_output=True, text=True)
             if r.returncode != 0 or "Pattern verification failed" in r.stdout + r.stderr:
                 if not self.stop.is_set():
@@ -284,6 +286,8 @@ class Soak:
                 # the documented answer, not an error.
                 if r.returncode != 0 and "re-encryption is in progress" not in text:
                     self.error(f"rotate-kek: {text}")
+                elif r.returncode != 0:
+                    self.count("rotations_refused_while_reencrypting")
                 self.count("rotations")
             if now >= next_reload:
                 next_reload += 60
