@@ -38,20 +38,27 @@ for mode in (0, 1, 2):
     write("handshake", f"export-name-{mode}", m + flags + option(1, b"fuzz"))
     write("handshake", f"structured-abort-{mode}", m + flags + option(8) + option(2))
     write("handshake", f"unknown-{mode}", m + flags + option(0x1234, b"x" * 17) + option(7, info_request(b"nope")))
+    meta = struct.pack(">I", 4) + b"fuzz" + struct.pack(">I", 2) + struct.pack(">I", 15) + b"base:allocation" + struct.pack(">I", 5) + b"base:"
+    write("handshake", f"structured-meta-go-{mode}", m + flags + option(8) + option(9, meta) + option(10, meta) + option(7, info_request(b"fuzz")))
 
 
 def request(cmd, offset, length, flags=0, handle=1, payload=b""):
     return struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, handle, offset, length) + payload
 
 
-write("transmission", "write-read-flush",
-      request(1, 0, 4096, payload=b"\xab" * 4096) + request(0, 0, 4096, handle=2) + request(3, 0, 0, handle=3))
-write("transmission", "unaligned-fua",
-      request(1, 511, 1000, flags=1, payload=b"\x11" * 1000) + request(0, 100, 3000, handle=2))
-write("transmission", "trim-zero-cache",
-      request(4, 4096, 8192) + request(6, 0, 65536, flags=2, handle=2) + request(5, 0, 4096, handle=3) + request(2, 0, 0, handle=4))
-write("transmission", "out-of-range", request(0, (1 << 20) - 512, 4096) + request(1, 1 << 40, 512, payload=b"\0" * 512))
-write("transmission", "bad-flags", request(0, 0, 512, flags=0xffff) + request(9, 0, 0))
+# First byte: the negotiated features (bit 0 structured replies, bits 0+1
+# base:allocation); each stream is seeded in all three modes.
+streams = {
+    "write-read-flush": request(1, 0, 4096, payload=b"\xab" * 4096) + request(0, 0, 4096, handle=2) + request(3, 0, 0, handle=3),
+    "unaligned-fua": request(1, 511, 1000, flags=1, payload=b"\x11" * 1000) + request(0, 100, 3000, handle=2),
+    "trim-zero-cache": request(4, 4096, 8192) + request(6, 0, 32768, flags=2, handle=2) + request(5, 0, 4096, handle=3) + request(2, 0, 0, handle=4),
+    "out-of-range": request(0, (64 << 10) - 512, 4096) + request(1, 1 << 40, 512, payload=b"\0" * 512),
+    "bad-flags": request(0, 0, 512, flags=0xffff) + request(9, 0, 0),
+    "block-status-df": request(1, 8192, 4096, payload=b"\x22" * 4096) + request(7, 0, 65536, handle=2) + request(7, 0, 65536, flags=8, handle=3) + request(0, 8192, 4096, flags=4, handle=4),
+}
+for name, stream in streams.items():
+    for mode in (0, 1, 3):
+        write("transmission", f"{name}-{mode}", bytes([mode]) + stream)
 
 hashes = b"".join(hashlib.sha256(bytes([i])).digest() for i in range(4))
 record = bytearray(4096)

@@ -101,12 +101,7 @@ pub fn handshake(data: &[u8]) {
         });
         let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 10809)));
         if let Ok(no_zeroes) = greet(&mut server).await {
-            let mut session = Session {
-                peer: &peer,
-                exports: &h.exports,
-                tls,
-                no_zeroes,
-            };
+            let mut session = Session::new(&peer, &h.exports, tls, no_zeroes);
             let _ = negotiate(&mut server, &mut session).await;
         }
         drop(server);
@@ -116,15 +111,23 @@ pub fn handshake(data: &[u8]) {
 }
 
 /// The transmission phase: `data` is the request stream a client sends
-/// (headers and payloads), served against a 64 KiB temp volume.
+/// (headers and payloads), served against a 64 KiB temp volume. The first
+/// byte picks the negotiated features (simple or structured replies,
+/// `base:allocation` or not).
 pub fn transmission(data: &[u8]) {
     let h = harness();
+    let (mode, data) = data.split_first().unwrap_or((&0, &[]));
+    let features = crate::nbd::proto::Features {
+        structured: mode & 1 == 1,
+        base_allocation: mode & 3 == 3,
+    };
     h.runtime.block_on(async {
         let (_keep, shutdown) = watch::channel(false);
         let _ = crate::nbd::transmission::serve(
             data,
             tokio::io::sink(),
             h.export.clone(),
+            features,
             shutdown,
             "fuzz",
         )

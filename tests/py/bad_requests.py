@@ -9,6 +9,9 @@ import nbd
 uri = sys.argv[1]
 h = nbd.NBD()
 h.set_strict_mode(0)
+# Simple replies: DF must then be refused (the structured case is in
+# structured.py).
+h.set_request_structured_replies(False)
 h.connect_uri(uri)
 size = h.get_size()
 

@@ -96,6 +96,41 @@ impl Backing {
         self.is_block_device
     }
 
+    /// Where the next allocated byte at or after `offset` is: `None` when
+    /// only a hole (or the end) follows. A file system without SEEK_DATA,
+    /// and a block device, report everything as allocated.
+    pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        match self.seek(offset, libc::SEEK_DATA) {
+            Ok(at) => Ok(Some(at)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where the hole at or after `offset` begins (the end of the file
+    /// counts as one).
+    pub fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        match self.seek(offset, libc::SEEK_HOLE) {
+            Ok(at) => Ok(at),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(u64::MAX),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<u64> {
+        let offset =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a descriptor this Backing owns for its whole
+        // life; no memory is passed. The file position it moves is never
+        // used: every read and write here is positioned (pread/pwrite).
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), offset, whence) };
+        if at < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(at as u64)
+    }
+
     /// Current size in bytes (for a block device, its capacity).
     pub fn size(&self) -> io::Result<u64> {
         if self.is_block_device {
@@ -170,25 +205,6 @@ impl Backing {
     /// Makes every completed write durable (fdatasync).
     pub fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
-    }
-
-    /// Offset of the first allocated byte at or after `from` in a regular
-    /// file (SEEK_DATA), or `None` when only holes remain.
-    pub fn next_data(&self, from: u64) -> io::Result<Option<u64>> {
-        let Ok(from) = i64::try_from(from) else {
-            return Ok(None);
-        };
-        // SAFETY: lseek on a descriptor we own, with plain integer arguments.
-        let at = unsafe { libc::lseek(self.file.as_raw_fd(), from, libc::SEEK_DATA) };
-        if at >= 0 {
-            return Ok(Some(at as u64));
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(err)
-        }
     }
 
     /// Makes a byte range read back as zeros, deallocating it where the

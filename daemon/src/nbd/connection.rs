@@ -17,6 +17,7 @@ use super::exports::{Export, Exports};
 use super::gate::{Admitted, Gate};
 use super::handshake::{greet, negotiate, HandshakeError, Outcome, Session, TlsPhase};
 use super::peer::Peer;
+use super::proto::Features;
 use super::tls::{self, TlsContext, TlsMode};
 use super::transmission::serve;
 
@@ -28,8 +29,8 @@ pub enum Stream {
 
 /// What the handshake left ready for transmission.
 enum Ready<S> {
-    Plain(S, Arc<Export>),
-    Tls(Box<TlsStream<S>>, Arc<Export>),
+    Plain(S, Arc<Export>, Features),
+    Tls(Box<TlsStream<S>>, Arc<Export>, Features),
     Closed,
 }
 
@@ -97,14 +98,14 @@ impl Conn<'_> {
         )
         .await;
         match settle(ready, peer, self.gate) {
-            Some(Ready::Plain(s, export)) => {
+            Some(Ready::Plain(s, export, features)) => {
                 let (r, w) = split(s);
-                transmit(r, w, export, peer, None, self.shutdown).await
+                transmit(r, w, (export, features), peer, None, self.shutdown).await
             }
-            Some(Ready::Tls(s, export)) => {
+            Some(Ready::Tls(s, export, features)) => {
                 let session = tls::describe_session(s.get_ref().1);
                 let (r, w) = tokio::io::split(*s);
-                transmit(r, w, export, peer, Some(session), self.shutdown).await
+                transmit(r, w, (export, features), peer, Some(session), self.shutdown).await
             }
             Some(Ready::Closed) | None => {}
         }
@@ -159,14 +160,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let no_zeroes = greet(&mut stream).await?;
-    let mut session = Session {
-        peer,
-        exports,
-        tls: phase,
-        no_zeroes,
-    };
+    let mut session = Session::new(peer, exports, phase, no_zeroes);
     match negotiate(&mut stream, &mut session).await? {
-        Outcome::Transmission(export) => return Ok(Ready::Plain(stream, export)),
+        Outcome::Transmission(export, features) => {
+            return Ok(Ready::Plain(stream, export, features))
+        }
         Outcome::Closed => return Ok(Ready::Closed),
         Outcome::Refused => return Err(ConnectError::TlsRequired),
         Outcome::StartTls => {}
@@ -181,14 +179,11 @@ where
         .await
         .map_err(ConnectError::Tls)?;
     peer.dn = tls::peer_subject(tls.get_ref().1);
-    let mut session = Session {
-        peer,
-        exports,
-        tls: TlsPhase::Active,
-        no_zeroes,
-    };
+    // Nothing negotiated before STARTTLS carries over, as the protocol
+    // requires: a fresh session.
+    let mut session = Session::new(peer, exports, TlsPhase::Active, no_zeroes);
     match negotiate(&mut tls, &mut session).await? {
-        Outcome::Transmission(export) => Ok(Ready::Tls(Box::new(tls), export)),
+        Outcome::Transmission(export, features) => Ok(Ready::Tls(Box::new(tls), export, features)),
         Outcome::Closed | Outcome::Refused | Outcome::StartTls => Ok(Ready::Closed),
     }
 }
@@ -196,7 +191,7 @@ where
 async fn transmit<R, W>(
     reader: R,
     writer: W,
-    export: Arc<Export>,
+    (export, features): (Arc<Export>, Features),
     peer: &Peer,
     tls: Option<String>,
     shutdown: watch::Receiver<bool>,
@@ -207,7 +202,7 @@ async fn transmit<R, W>(
     let tls = tls.as_deref().unwrap_or("off");
     tracing::info!(peer = %peer, export = export.name(), tls, "client connected");
     let label = peer.to_string();
-    match serve(reader, writer, export.clone(), shutdown, &label).await {
+    match serve(reader, writer, export.clone(), features, shutdown, &label).await {
         Ok(()) => tracing::info!(peer = %peer, export = export.name(), "client disconnected"),
         Err(e) => tracing::warn!(peer = %peer, export = export.name(), "connection ended: {e}"),
     }

@@ -59,12 +59,39 @@ pub struct Session<'a> {
     pub tls: TlsPhase,
     /// The client asked for no zero padding after EXPORT_NAME.
     pub no_zeroes: bool,
+    /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
+    pub structured: bool,
+    /// The export SET_META_CONTEXT selected `base:allocation` for.
+    pub base_allocation_for: Option<String>,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(peer: &'a Peer, exports: &'a Exports, tls: TlsPhase, no_zeroes: bool) -> Self {
+        Session {
+            peer,
+            exports,
+            tls,
+            no_zeroes,
+            structured: false,
+            base_allocation_for: None,
+        }
+    }
+
+    /// What transmission with `export` gets of what was negotiated.
+    fn features(&self, export: &Export) -> Features {
+        Features {
+            structured: self.structured,
+            base_allocation: self.structured
+                && self.base_allocation_for.as_deref() == Some(export.name()),
+        }
+    }
 }
 
 /// How the handshake ended.
 pub enum Outcome {
-    /// The client chose this export; transmission follows.
-    Transmission(Arc<Export>),
+    /// The client chose this export; transmission follows with what was
+    /// negotiated.
+    Transmission(Arc<Export>, Features),
     /// STARTTLS was acknowledged: run the TLS handshake, then continue
     /// option haggling inside it.
     StartTls,
@@ -161,7 +188,8 @@ where
                 }
                 stream.write_all(&reply).await?;
                 stream.flush().await?;
-                return Ok(Outcome::Transmission(export));
+                let features = session.features(&export);
+                return Ok(Outcome::Transmission(export, features));
             }
             OPT_ABORT => {
                 // The client may already be gone; its ACK is a courtesy.
@@ -226,7 +254,8 @@ where
                 send_info(stream, option, &export, &requests).await?;
                 reply(stream, option, REP_ACK, &[]).await?;
                 if option == OPT_GO {
-                    return Ok(Outcome::Transmission(export));
+                    let features = session.features(&export);
+                    return Ok(Outcome::Transmission(export, features));
                 }
             }
             OPT_STARTTLS => match session.tls {
@@ -256,11 +285,112 @@ where
                     return Ok(Outcome::StartTls);
                 }
             },
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
+                    continue;
+                }
+                session.structured = true;
+                reply(stream, option, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(stream, option, &data, session).await?;
+            }
             _ => {
                 error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
             }
         }
     }
+}
+
+/// LIST_META_CONTEXT and SET_META_CONTEXT. The one context is
+/// `base:allocation`; LIST with no queries, or the query `base:`, lists
+/// it. SET needs structured replies and replaces any earlier selection.
+async fn meta_context<S>(
+    stream: &mut S,
+    option: u32,
+    data: &[u8],
+    session: &mut Session<'_>,
+) -> std::io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    let set = option == OPT_SET_META_CONTEXT;
+    if set && !session.structured {
+        return error(
+            stream,
+            option,
+            REP_ERR_INVALID,
+            "NBD_OPT_SET_META_CONTEXT needs structured replies first",
+        )
+        .await;
+    }
+    let Some((name, queries)) = parse_meta_request(data) else {
+        return error(
+            stream,
+            option,
+            REP_ERR_INVALID,
+            "malformed meta context request",
+        )
+        .await;
+    };
+    let Some(export) = session.exports.find(&name) else {
+        let msg = format!("no export named {:?}", shorten(&name, LOGGED_NAME));
+        return error(stream, option, REP_ERR_UNKNOWN, &msg).await;
+    };
+    if !permitted(session.peer, &export) {
+        let msg = format!("access to export {:?} is not allowed", export.name());
+        return error(stream, option, REP_ERR_POLICY, &msg).await;
+    }
+    let wanted = if set {
+        queries.iter().any(|q| q == META_BASE_ALLOCATION)
+    } else {
+        queries.is_empty()
+            || queries
+                .iter()
+                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
+    };
+    if set {
+        session.base_allocation_for = wanted.then(|| export.name().to_owned());
+    }
+    if wanted {
+        // LIST replies carry id 0, as the protocol asks.
+        let id = if set { BASE_ALLOCATION_ID } else { 0 };
+        let mut body = id.to_be_bytes().to_vec();
+        body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        reply(stream, option, REP_META_CONTEXT, &body).await?;
+    }
+    reply(stream, option, REP_ACK, &[]).await
+}
+
+/// Parses `u32 name length, name, u32 count, count × (u32 length, query)`.
+fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let be32 = |at: usize| -> Option<usize> {
+        Some(u32::from_be_bytes(data.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize)
+    };
+    let name_len = be32(0)?;
+    let name_end = 4usize.checked_add(name_len)?;
+    let name = std::str::from_utf8(data.get(4..name_end)?).ok()?.to_owned();
+    let count = be32(name_end)?;
+    let mut at = name_end + 4;
+    // Each query takes at least 4 bytes: a count beyond that is a lie.
+    if count > data.len().saturating_sub(at) / 4 {
+        return None;
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        let len = be32(at)?;
+        let end = (at + 4).checked_add(len)?;
+        queries.push(std::str::from_utf8(data.get(at + 4..end)?).ok()?.to_owned());
+        at = end;
+    }
+    (at == data.len()).then_some((name, queries))
 }
 
 /// Whether `peer` may open `export`; a refusal is logged with the peer's
@@ -357,6 +487,44 @@ async fn error<S: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn meta_context_requests_parse_and_malformed_ones_are_refused() {
+        let ok = meta_request("v", &["base:allocation", "qemu:dirty-bitmap:x"]);
+        assert_eq!(
+            parse_meta_request(&ok),
+            Some((
+                "v".to_string(),
+                vec![
+                    "base:allocation".to_string(),
+                    "qemu:dirty-bitmap:x".to_string()
+                ]
+            ))
+        );
+        assert_eq!(
+            parse_meta_request(&meta_request("", &[])),
+            Some((String::new(), vec![]))
+        );
+        // Truncated, trailing bytes, a count larger than the data.
+        assert_eq!(parse_meta_request(&ok[..ok.len() - 1]), None);
+        let mut trailing = ok.clone();
+        trailing.push(0);
+        assert_eq!(parse_meta_request(&trailing), None);
+        let mut lying = meta_request("v", &[]);
+        lying[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_request(&lying), None);
+    }
 
     #[test]
     fn info_request_parsing_is_bounds_checked() {

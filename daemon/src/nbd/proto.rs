@@ -1,12 +1,14 @@
 //! NBD wire constants and the fixed-size messages of the protocol
-//! (fixed newstyle handshake, simple replies), as the NBD protocol document
-//! defines them. Big-endian throughout.
+//! (fixed newstyle handshake, simple and structured replies, the
+//! `base:allocation` meta context), as the NBD protocol document defines
+//! them. Big-endian throughout.
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -21,11 +23,15 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option replies.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
@@ -58,18 +64,60 @@ pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+// Structured reply chunks.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+/// The one meta context served: which ranges are holes (read as zeros,
+/// take no space in the backing).
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// Its id in SET_META_CONTEXT replies and BLOCK_STATUS chunks.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+/// What the handshake negotiated for the transmission phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// NBD_OPT_STRUCTURED_REPLY: replies are chunks.
+    pub structured: bool,
+    /// `base:allocation` selected for the chosen export: BLOCK_STATUS works.
+    pub base_allocation: bool,
+}
 
 /// The command flags a request of `kind` may carry, given what this server
-/// advertises (FUA on writes, NO_HOLE on WRITE_ZEROES; no structured
-/// replies, so no DF; no FAST_ZERO, no BLOCK_STATUS, so no REQ_ONE).
-pub fn valid_flags(kind: u16) -> u16 {
+/// advertises and the connection negotiated: FUA on writes, NO_HOLE on
+/// WRITE_ZEROES, DF on READ with structured replies, REQ_ONE on
+/// BLOCK_STATUS; no FAST_ZERO.
+pub fn valid_flags(kind: u16, features: Features) -> u16 {
     match kind {
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_READ if features.structured => CMD_FLAG_DF,
+        CMD_BLOCK_STATUS if features.base_allocation => CMD_FLAG_REQ_ONE,
         _ => 0,
     }
+}
+
+/// The 20-byte header of a structured reply chunk; `length` counts the
+/// chunk's payload.
+pub fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> [u8; 20] {
+    let mut out = [0u8; 20];
+    out[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..].copy_from_slice(&length.to_be_bytes());
+    out
 }
 
 // Errors in simple replies.

@@ -7,6 +7,10 @@
 //! been written) bounds the memory one connection can pin. A request the
 //! server cannot honour gets an error reply; a request it cannot even frame
 //! (bad magic, truncated) ends this connection and no other.
+//!
+//! Replies are simple, or structured chunks when the client negotiated
+//! them (one chunk per request: OFFSET_DATA for a read, BLOCK_STATUS,
+//! ERROR, or NONE, each with the DONE flag).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,11 +27,23 @@ use crate::io::IoBuf;
 const BUDGET_UNITS: u32 = 16 * 1024;
 const UNIT: u32 = 4096;
 const READ_BUFFER: usize = 128 * 1024;
+/// Most extents in one BLOCK_STATUS reply (8 KiB of descriptors); the
+/// client asks again from where the reply ended.
+const MAX_EXTENTS: usize = 1024;
 
 struct Reply {
-    header: [u8; 16],
+    /// The reply header, and for chunks whatever precedes the data.
+    header: Vec<u8>,
     data: Option<IoBuf>,
     _budget: OwnedSemaphorePermit,
+}
+
+/// What a request produced besides its status.
+enum Body {
+    Empty,
+    Data(IoBuf),
+    /// BLOCK_STATUS extents for `base:allocation`: (length, flags).
+    Extents(Vec<(u32, u32)>),
 }
 
 /// Serves requests until the client disconnects, sends garbage, or the
@@ -36,6 +52,7 @@ pub async fn serve<R, W>(
     reader: R,
     writer: W,
     export: Arc<Export>,
+    features: Features,
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
 ) -> std::io::Result<()>
@@ -78,7 +95,7 @@ where
         };
         // A write we refuse still has its payload on the wire.
         let refused_write = req.kind == CMD_WRITE
-            && (req.length > MAX_PAYLOAD || req.flags & !valid_flags(req.kind) != 0);
+            && (req.length > MAX_PAYLOAD || req.flags & !valid_flags(req.kind, features) != 0);
         let permit = if refused_write {
             None
         } else {
@@ -90,6 +107,7 @@ where
         export.metrics.begin();
         let ctx = Ctx {
             req,
+            features,
             tx: tx.clone(),
             export: export.clone(),
             started: Instant::now(),
@@ -141,6 +159,7 @@ where
 
 struct Ctx {
     req: Request,
+    features: Features,
     tx: mpsc::UnboundedSender<Reply>,
     export: Arc<Export>,
     started: Instant,
@@ -153,23 +172,65 @@ impl Drop for Ctx {
 }
 
 impl Ctx {
-    fn respond(&self, error: u32, data: Option<IoBuf>, budget: OwnedSemaphorePermit) {
+    fn respond(&self, error: u32, body: Body, budget: OwnedSemaphorePermit) {
         self.export.metrics.complete(
             self.req.kind,
             self.req.length,
             error,
             self.started.elapsed(),
         );
+        let cookie = self.req.cookie;
+        let (header, data) = if !self.features.structured {
+            let data = match body {
+                Body::Data(data) if error == 0 => Some(data),
+                _ => None,
+            };
+            (simple_reply(error, cookie).to_vec(), data)
+        } else if error != 0 {
+            // Errno and an empty message.
+            let mut h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6).to_vec();
+            h.extend_from_slice(&error.to_be_bytes());
+            h.extend_from_slice(&0u16.to_be_bytes());
+            (h, None)
+        } else {
+            match body {
+                // OFFSET_DATA must carry at least one byte.
+                Body::Data(data) if !data.is_empty() => {
+                    let length = 8 + data.len() as u32;
+                    let mut h =
+                        chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, length)
+                            .to_vec();
+                    h.extend_from_slice(&self.req.offset.to_be_bytes());
+                    (h, Some(data))
+                }
+                Body::Extents(extents) => {
+                    let length = 4 + 8 * extents.len() as u32;
+                    let mut h =
+                        chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, length)
+                            .to_vec();
+                    h.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+                    for (len, flags) in extents {
+                        h.extend_from_slice(&len.to_be_bytes());
+                        h.extend_from_slice(&flags.to_be_bytes());
+                    }
+                    (h, None)
+                }
+                _ => (
+                    chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0).to_vec(),
+                    None,
+                ),
+            }
+        };
         // A send fails only when the writer is gone (client hung up).
         let _ = self.tx.send(Reply {
-            header: simple_reply(error, self.req.cookie),
+            header,
             data,
             _budget: budget,
         });
     }
 
     fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
-        self.respond(error, None, budget);
+        self.respond(error, Body::Empty, budget);
     }
 
     fn in_range(&self) -> bool {
@@ -183,7 +244,7 @@ impl Ctx {
     /// and replies with its outcome.
     fn run<F>(self, budget: OwnedSemaphorePermit, op: F)
     where
-        F: FnOnce(&Export, &Request) -> std::io::Result<Option<IoBuf>> + Send + 'static,
+        F: FnOnce(&Export, &Request) -> std::io::Result<Body> + Send + 'static,
     {
         crate::io::workers::spawn(move || {
             let fua = self.req.flags & CMD_FLAG_FUA != 0;
@@ -198,9 +259,9 @@ impl Ctx {
     }
 
     /// Replies with a request's outcome, logging failures.
-    fn finish(self, outcome: std::io::Result<Option<IoBuf>>, budget: OwnedSemaphorePermit) {
+    fn finish(self, outcome: std::io::Result<Body>, budget: OwnedSemaphorePermit) {
         match outcome {
-            Ok(data) => self.respond(0, data, budget),
+            Ok(body) => self.respond(0, body, budget),
             Err(e) => {
                 tracing::warn!(
                     export = self.export.name(),
@@ -229,14 +290,14 @@ fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
         let (offset, fua) = (ctx.req.offset, ctx.req.flags & CMD_FLAG_FUA != 0);
         engine.submit(move |ring| {
             area.write_on_ring(ring, offset, data, fua, move |result| {
-                ctx.finish(result.map(|()| None), budget)
+                ctx.finish(result.map(|()| Body::Empty), budget)
             })
         });
         return;
     }
     ctx.run(budget, move |export, req| {
         export.volume.data.write(req.offset, &mut data)?;
-        Ok(None)
+        Ok(Body::Empty)
     });
 }
 
@@ -244,7 +305,7 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
     let req = ctx.req;
     // Flags that are unknown, not valid for this command, or not
     // advertised (DF without structured replies, FAST_ZERO, FUA on READ).
-    if req.flags & !valid_flags(req.kind) != 0 {
+    if req.flags & !valid_flags(req.kind, ctx.features) != 0 {
         return ctx.fail(EINVAL, budget);
     }
     match req.kind {
@@ -260,7 +321,7 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
                 let (offset, len) = (req.offset, req.length as usize);
                 engine.submit(move |ring| {
                     area.read_on_ring(ring, offset, len, move |result| {
-                        ctx.finish(result.map(Some), budget)
+                        ctx.finish(result.map(Body::Data), budget)
                     })
                 });
                 return;
@@ -270,12 +331,12 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
                     .volume
                     .data
                     .read(req.offset, req.length as usize)
-                    .map(Some)
+                    .map(Body::Data)
             });
         }
         CMD_FLUSH => ctx.run(budget, |export, _| {
             export.volume.data.flush()?;
-            Ok(None)
+            Ok(Body::Empty)
         }),
         CMD_WRITE_ZEROES => {
             if !ctx.in_range() {
@@ -287,7 +348,7 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
                     .volume
                     .data
                     .write_zeroes(req.offset, u64::from(req.length), punch)?;
-                Ok(None)
+                Ok(Body::Empty)
             });
         }
         CMD_TRIM => {
@@ -296,7 +357,30 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
             }
             ctx.run(budget, |export, req| {
                 export.volume.data.trim(req.offset, u64::from(req.length))?;
-                Ok(None)
+                Ok(Body::Empty)
+            });
+        }
+        CMD_BLOCK_STATUS => {
+            // Only with `base:allocation` negotiated (valid_flags already
+            // refused REQ_ONE otherwise), for a non-empty range inside.
+            if !ctx.features.base_allocation || req.length == 0 || !ctx.in_range() {
+                return ctx.fail(EINVAL, budget);
+            }
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            ctx.run(budget, move |export, req| {
+                let runs = export.volume.data.allocation(
+                    req.offset,
+                    u64::from(req.length),
+                    if one { 1 } else { MAX_EXTENTS },
+                )?;
+                Ok(Body::Extents(
+                    runs.into_iter()
+                        .map(|(len, hole)| {
+                            let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                            (len as u32, flags)
+                        })
+                        .collect(),
+                ))
             });
         }
         CMD_CACHE => {

@@ -591,6 +591,50 @@ impl DataArea {
     /// Discards whole sectors inside the range (partial sectors are left
     /// alone: a discard is advisory). Discarded sectors of a file read as
     /// zeros; a block device may keep their old contents (NBD allows either).
+    /// `base:allocation` for `[offset, offset + len)`: up to `max_runs`
+    /// runs of (length, hole), from the backing's holes (SEEK_DATA and
+    /// SEEK_HOLE). A hole reads as zeros under any key: never-written and
+    /// trimmed sectors. Runs may end before `len`; the client asks again.
+    pub fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> io::Result<Vec<(u64, bool)>> {
+        self.check_range(offset, len)?;
+        let base = self.data_offset;
+        let end = offset + len;
+        let mut runs = Vec::new();
+        let mut at = offset;
+        while at < end && runs.len() < max_runs {
+            let data = self
+                .backing
+                .next_data(base + at)?
+                .map(|d| d.saturating_sub(base));
+            let run_end = match data {
+                // A hole up to the next data (or the end).
+                None => {
+                    runs.push((end - at, true));
+                    break;
+                }
+                Some(d) if d > at => {
+                    let e = d.min(end);
+                    runs.push((e - at, true));
+                    e
+                }
+                // Data up to the next hole.
+                Some(_) => {
+                    let hole = self.backing.next_hole(base + at)?.saturating_sub(base);
+                    let e = hole.clamp(at + 1, end);
+                    runs.push((e - at, false));
+                    e
+                }
+            };
+            at = run_end;
+        }
+        Ok(runs)
+    }
+
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_range(offset, len)?;
         let first_whole = offset.div_ceil(self.sector) * self.sector;
