@@ -74,6 +74,12 @@ try:
 except nbd.Error as e:
     got = e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), None)
     assert got == errno.EINVAL, e
+# With allow_discards a zeroed range becomes a hole: fast, so FAST_ZERO
+# is honoured, and the range reads as zeros and maps as a hole.
+assert h.can_fast_zero()
+h.zero(MIB, 8 * MIB, nbd.CMD_FLAG_FAST_ZERO)
+assert h.pread(4096, 8 * MIB) == bytes(4096)
+assert all(f & 1 for _, f in extents(8 * MIB, MIB)), extents(8 * MIB, MIB)
 h.pwrite(b"\x77" * 4096, 0)
 assert h.pread(4096, 0) == b"\x77" * 4096
 h.shutdown()

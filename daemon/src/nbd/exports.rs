@@ -43,7 +43,8 @@ impl Export {
             | TFLAG_SEND_FUA
             | TFLAG_SEND_WRITE_ZEROES
             | TFLAG_CAN_MULTI_CONN
-            | TFLAG_SEND_CACHE;
+            | TFLAG_SEND_CACHE
+            | TFLAG_SEND_FAST_ZERO;
         if self.allow_discards {
             flags |= TFLAG_SEND_TRIM;
         }

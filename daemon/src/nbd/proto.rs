@@ -55,6 +55,7 @@ pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Commands and command flags.
 pub const CMD_READ: u16 = 0;
@@ -69,6 +70,7 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // Structured reply chunks.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -95,13 +97,13 @@ pub struct Features {
 }
 
 /// The command flags a request of `kind` may carry, given what this server
-/// advertises and the connection negotiated: FUA on writes, NO_HOLE on
-/// WRITE_ZEROES, DF on READ with structured replies, REQ_ONE on
-/// BLOCK_STATUS; no FAST_ZERO.
+/// advertises and the connection negotiated: FUA on writes, NO_HOLE and
+/// FAST_ZERO on WRITE_ZEROES, DF on READ with structured replies, REQ_ONE
+/// on BLOCK_STATUS.
 pub fn valid_flags(kind: u16, features: Features) -> u16 {
     match kind {
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_READ if features.structured => CMD_FLAG_DF,
         CMD_BLOCK_STATUS if features.base_allocation => CMD_FLAG_REQ_ONE,
         _ => 0,
@@ -125,6 +127,7 @@ pub const EIO: u32 = 5;
 pub const ENOMEM: u32 = 12;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
+pub const ENOTSUP: u32 = 95;
 pub const EOVERFLOW: u32 = 75;
 pub const ESHUTDOWN: u32 = 108;
 

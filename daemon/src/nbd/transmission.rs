@@ -342,8 +342,13 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
             if !ctx.in_range() {
                 return ctx.fail(ENOSPC, budget);
             }
-            ctx.run(budget, |export, req| {
-                let punch = export.allow_discards && req.flags & CMD_FLAG_NO_HOLE == 0;
+            let punch = ctx.export.allow_discards && req.flags & CMD_FLAG_NO_HOLE == 0;
+            // FAST_ZERO: fail at once rather than write zeros slowly; the
+            // client then falls back to its own way (e.g. skipping zeros).
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 && !ctx.export.volume.data.zeroes_fast(punch) {
+                return ctx.fail(ENOTSUP, budget);
+            }
+            ctx.run(budget, move |export, req| {
                 export
                     .volume
                     .data

@@ -556,6 +556,13 @@ impl DataArea {
     /// Makes `[offset, offset + len)` read as zeros. With `punch`, whole
     /// sectors become holes; otherwise encrypted zeros are written, which
     /// hides which blocks are in use.
+    /// Whether `write_zeroes` with `punch` is fast (NBD's FAST_ZERO): a
+    /// hole punched in a file is; writing encrypted zeros, or BLKZEROOUT on
+    /// a device that may fall back to writing, is not.
+    pub fn zeroes_fast(&self, punch: bool) -> bool {
+        punch && !self.backing.is_block_device()
+    }
+
     pub fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {
         self.check_range(offset, len)?;
         if punch {
@@ -588,9 +595,6 @@ impl DataArea {
         Ok(())
     }
 
-    /// Discards whole sectors inside the range (partial sectors are left
-    /// alone: a discard is advisory). Discarded sectors of a file read as
-    /// zeros; a block device may keep their old contents (NBD allows either).
     /// `base:allocation` for `[offset, offset + len)`: up to `max_runs`
     /// runs of (length, hole), from the backing's holes (SEEK_DATA and
     /// SEEK_HOLE). A hole reads as zeros under any key: never-written and
@@ -635,6 +639,9 @@ impl DataArea {
         Ok(runs)
     }
 
+    /// Discards whole sectors inside the range (partial sectors are left
+    /// alone: a discard is advisory). Discarded sectors of a file read as
+    /// zeros; a block device may keep their old contents (NBD allows either).
     pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_range(offset, len)?;
         let first_whole = offset.div_ceil(self.sector) * self.sector;
