@@ -26,11 +26,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# A fresh machine may have stale or no package lists: update once, before
+# the first install or kernel lookup.
+apt_updated=0
+apt_update() {
+  if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; fi
+}
 need=()
 for pair in busybox:busybox-static nbd-client:nbd-client mke2fs:e2fsprogs cpio:cpio; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
+  apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 # qemu-system-x86 must come from where qemu-utils came from: mixing a
@@ -43,10 +50,11 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     if ! grep -rqs "$codename-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
       echo "deb http://deb.debian.org/debian $codename-backports main" \
         > /etc/apt/sources.list.d/hostcrypt-backports.list
-      apt-get update -qq
+      apt_updated=0
     fi
     release=(-t "$codename-backports")
   fi
+  apt_update
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${release[@]}" \
     qemu-system-x86 qemu-utils >/dev/null
 fi
@@ -55,7 +63,9 @@ command -v qemu-io >/dev/null || { echo "qemu-io is gone: reinstall qemu-utils" 
 cache=target/kernel-nbd
 mkdir -p "$cache"
 if ! ls "$cache"/k/boot/vmlinuz-* >/dev/null 2>&1; then
+  apt_update
   pkg=$(apt-cache search --names-only '^linux-image-[0-9.]+-[0-9]+-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
+  [ -n "$pkg" ] || { echo "no Debian cloud kernel package found (apt sources?)" >&2; exit 1; }
   (cd "$cache" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x linux-image-*.deb k)
 fi
 kernel=$(ls "$cache"/k/boot/vmlinuz-* | head -1)
