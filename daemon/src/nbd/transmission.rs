@@ -33,9 +33,36 @@ const MAX_EXTENTS: usize = 1024;
 
 struct Reply {
     /// The reply header, and for chunks whatever precedes the data.
-    header: Vec<u8>,
+    header: Head,
     data: Option<IoBuf>,
     _budget: OwnedSemaphorePermit,
+}
+
+/// Reply header bytes: inline for every reply but BLOCK_STATUS (at most
+/// 28 bytes: a chunk header and a read's offset), so the common path
+/// allocates nothing per reply.
+enum Head {
+    Inline { bytes: [u8; 28], len: usize },
+    Heap(Vec<u8>),
+}
+
+impl Head {
+    fn of(parts: &[&[u8]]) -> Head {
+        let mut bytes = [0u8; 28];
+        let mut len = 0;
+        for part in parts {
+            bytes[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        Head::Inline { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Head::Inline { bytes, len } => &bytes[..*len],
+            Head::Heap(v) => v,
+        }
+    }
 }
 
 /// What a request produced besides its status.
@@ -185,23 +212,25 @@ impl Ctx {
                 Body::Data(data) if error == 0 => Some(data),
                 _ => None,
             };
-            (simple_reply(error, cookie).to_vec(), data)
+            (Head::of(&[&simple_reply(error, cookie)]), data)
         } else if error != 0 {
             // Errno and an empty message.
-            let mut h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6).to_vec();
-            h.extend_from_slice(&error.to_be_bytes());
-            h.extend_from_slice(&0u16.to_be_bytes());
-            (h, None)
+            let chunk = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6);
+            (
+                Head::of(&[&chunk, &error.to_be_bytes(), &0u16.to_be_bytes()]),
+                None,
+            )
         } else {
             match body {
                 // OFFSET_DATA must carry at least one byte.
                 Body::Data(data) if !data.is_empty() => {
                     let length = 8 + data.len() as u32;
-                    let mut h =
-                        chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, length)
-                            .to_vec();
-                    h.extend_from_slice(&self.req.offset.to_be_bytes());
-                    (h, Some(data))
+                    let chunk =
+                        chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, length);
+                    (
+                        Head::of(&[&chunk, &self.req.offset.to_be_bytes()]),
+                        Some(data),
+                    )
                 }
                 Body::Extents(extents) => {
                     let length = 4 + 8 * extents.len() as u32;
@@ -213,12 +242,12 @@ impl Ctx {
                         h.extend_from_slice(&len.to_be_bytes());
                         h.extend_from_slice(&flags.to_be_bytes());
                     }
-                    (h, None)
+                    (Head::Heap(h), None)
                 }
-                _ => (
-                    chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0).to_vec(),
-                    None,
-                ),
+                _ => {
+                    let chunk = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+                    (Head::of(&[&chunk]), None)
+                }
             }
         };
         // A send fails only when the writer is gone (client hung up).
@@ -411,7 +440,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     while let Some(reply) = rx.recv().await {
-        out.write_all(&reply.header).await?;
+        out.write_all(reply.header.as_slice()).await?;
         if let Some(data) = &reply.data {
             out.write_all(data).await?;
         }
