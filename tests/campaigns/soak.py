@@ -162,17 +162,11 @@ class Soak:
     def fds(self):
         return len(os.listdir(f"/proc/{self.daemon.pid}/fd"))
 
-    def rss_mib(self):
+    def status_mib(self, field):
+        """A memory figure of the daemon from /proc (VmRSS, VmHWM), MiB."""
         with open(f"/proc/{self.daemon.pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
-
-    def hwm_mib(self):
-        with open(f"/proc/{self.daemon.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         return 0.0
 
@@ -321,7 +315,7 @@ class Soak:
         peak_rss, peak_fds, peak_conns = 0.0, 0, 0
         while time.monotonic() - start < self.args.minutes * 60:
             time.sleep(1)
-            peak_rss = max(peak_rss, self.rss_mib())
+            peak_rss = max(peak_rss, self.status_mib("VmRSS"))
             peak_fds = max(peak_fds, self.fds())
             if self.daemon.poll() is not None:
                 self.error(f"hostcryptd exited {self.daemon.returncode}")
@@ -336,7 +330,7 @@ class Soak:
         reenc = self.cli("reencrypt", "a", "--status", "--json")
         wait_for("client connections to close", lambda: self.fds() <= idle_fds, timeout=30)
         after_fds = self.fds()
-        hwm = self.hwm_mib()
+        hwm = self.status_mib("VmHWM")
         self.daemon.send_signal(signal.SIGTERM)
         code = self.daemon.wait(timeout=60)
         if code != 0:
