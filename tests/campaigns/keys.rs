@@ -76,8 +76,9 @@ fn kill_during(
         kill_9(&mut d);
     }
     let d = kf.fx.start();
-    figures.saw_open(&d.stderr());
     qemu_io(&kf.fx.uri("v"), &["read -P 0x5e 0 64k"]);
+    // Volumes open after the socket listens: read the log once served.
+    figures.saw_open(&d.stderr());
     let status = kf.fx.status();
     assert!(
         status["volumes"][0]["unavailable"].is_null(),

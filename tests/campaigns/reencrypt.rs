@@ -1,5 +1,5 @@
 //! (d) kill -9 during `hostcrypt reencrypt`: at a random checkpoint. Half
-//! the trials hold each window 50 ms between its in-place write and its
+//! the trials hold each window 200 ms between its in-place write and its
 //! sync (a debug-build fault hook), so kills land inside windows; the
 //! other half run at 32 MB/s, so kills land between windows (unlimited,
 //! the 16 MiB volume is done before the first status poll).
@@ -43,16 +43,22 @@ fn kill_9_during_reencrypt() {
         if trial % 2 == 0 {
             fx_env.push((
                 "HOSTCRYPT_TEST_WINDOW_DELAY_MS".to_string(),
-                "50".to_string(),
+                "200".to_string(),
             ));
         }
         plain_fx.env = fx_env;
         let mut d = plain_fx.start();
-        figures.saw_open(&d.stderr());
         let rate = if trial % 2 == 0 { "0" } else { "32" };
         let out = plain_fx.cli(&["reencrypt", "r", "--rate", rate, "--no-wait"]);
         assert!(out.status.success(), "{}", output_text(&out));
-        let target = random_u64() % SIZE as u64;
+        // A window held 200 ms stays 1 MiB (it grows only under 100 ms):
+        // a target short of the last window leaves one for the kill.
+        let span = if trial % 2 == 0 {
+            SIZE - (2 << 20)
+        } else {
+            SIZE
+        };
+        let target = random_u64() % span as u64;
         let mut done = false;
         wait_until("a random checkpoint", Duration::from_secs(60), || {
             let out = plain_fx.cli(&["reencrypt", "r", "--status", "--json"]);
@@ -67,9 +73,11 @@ fn kill_9_during_reencrypt() {
 
         plain_fx.env.clear();
         let d = plain_fx.start();
-        figures.saw_open(&d.stderr());
         let out = plain_fx.path("out.bin");
         run_ok(Command::new("nbdcopy").arg(plain_fx.uri("r")).arg(&out));
+        // Volumes open after the socket listens: the log is complete only
+        // once a client has been served.
+        figures.saw_open(&d.stderr());
         assert_eq!(
             sha256_file(&out),
             want,

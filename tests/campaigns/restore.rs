@@ -70,7 +70,6 @@ fn kill_9_during_header_restore() {
             figures.completed += 1;
         }
         let d = fx.start();
-        figures.saw_open(&d.stderr());
         let status = fx.status();
         assert!(
             status["volumes"][0]["unavailable"].is_null(),
@@ -78,6 +77,8 @@ fn kill_9_during_header_restore() {
             d.stderr()
         );
         qemu_io(&fx.uri("h"), &["read -P 0x6d 1M 1M"]);
+        // Volumes open after the socket listens: read the log once served.
+        figures.saw_open(&d.stderr());
         assert!(both_headers_valid(&backing));
         assert_eq!(d.stop(), 0);
         figures.trials += 1;

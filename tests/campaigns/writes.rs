@@ -82,9 +82,10 @@ fn kill_9_during_writes_with_fua_and_flush() {
         let _ = client.wait();
 
         let d = fx.start();
-        figures.saw_open(&d.stderr());
         let image = fx.path("image.bin");
         run_ok(Command::new("nbdcopy").arg(fx.uri("w")).arg(&image));
+        // Volumes open after the socket listens: read the log once served.
+        figures.saw_open(&d.stderr());
         let image = std::fs::read(&image).expect("read the image");
         let (sent, durable) = read_log(&log);
         let touched: std::collections::HashSet<usize> = sent.iter().copied().collect();
