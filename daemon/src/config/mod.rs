@@ -204,6 +204,22 @@ pub struct VolumeConfig {
     /// How often the daemon verifies it can still unwrap the DEK (`60s`, `1s`, ...).
     #[serde(default = "default_key_check", deserialize_with = "duration")]
     pub key_check_interval: std::time::Duration,
+    /// Remote backings (`backing = "nbd://…"`): connections to open when
+    /// the server allows several (default 4).
+    pub backing_connections: Option<Spanned<usize>>,
+    /// How long clients stall while a remote backing is unreachable
+    /// before their requests fail with EIO (default `30s`).
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub backing_timeout: Option<std::time::Duration>,
+    /// `nbds://` credentials: `ca-cert.pem`, optional `client-cert.pem`
+    /// and `client-key.pem`.
+    pub backing_tls_certificates: Option<Spanned<PathBuf>>,
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::time::Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 fn default_unreachable_grace() -> std::time::Duration {
@@ -248,6 +264,27 @@ fn sector_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> 
 }
 
 impl VolumeConfig {
+    /// Whether the backing is an NBD URI rather than a local path.
+    pub fn is_remote(&self) -> bool {
+        crate::io::is_remote(self.backing.get_ref())
+    }
+
+    /// How a remote backing is reached (defaults for what is unset).
+    pub fn remote_options(&self) -> crate::nbd::client::RemoteOptions {
+        let defaults = crate::nbd::client::RemoteOptions::default();
+        crate::nbd::client::RemoteOptions {
+            connections: self
+                .backing_connections
+                .as_ref()
+                .map_or(defaults.connections, |c| *c.get_ref()),
+            timeout: self.backing_timeout.unwrap_or(defaults.timeout),
+            tls_certificates: self
+                .backing_tls_certificates
+                .as_ref()
+                .map(|d| d.get_ref().clone()),
+        }
+    }
+
     pub fn size_bytes(&self) -> Option<u64> {
         self.size.as_ref().map(|s| s.get_ref().0)
     }
@@ -295,6 +332,14 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         config.validate(text, path)?;
+        // Every later open of a remote backing (daemon or CLI) finds its
+        // options by URI.
+        for v in config.volumes.iter().filter(|v| v.is_remote()) {
+            crate::io::remote::configure(
+                &v.backing.get_ref().to_string_lossy(),
+                v.remote_options(),
+            );
+        }
         Ok(config)
     }
 
@@ -383,6 +428,62 @@ impl Config {
                         v.backing.get_ref().display()
                     ),
                 ));
+            }
+            if v.is_remote() {
+                let uri = v.backing.get_ref().to_string_lossy();
+                match crate::nbd::client::NbdUri::parse(&uri) {
+                    Err(e) => return Err(invalid(v.backing.span(), "backing", e.to_string())),
+                    Ok(u)
+                        if u.tls
+                            && u.tls_certificates.is_none()
+                            && v.backing_tls_certificates.is_none() =>
+                    {
+                        return Err(invalid(
+                            v.backing.span(),
+                            "backing",
+                            "an nbds:// backing needs backing_tls_certificates = \"DIR\"".into(),
+                        ))
+                    }
+                    Ok(_) => {}
+                }
+                if v.direct {
+                    return Err(invalid(
+                        v.backing.span(),
+                        "direct",
+                        "direct = true applies to local backings, not to a remote export".into(),
+                    ));
+                }
+                if let Some(c) = &v.backing_connections {
+                    if !(1..=64).contains(c.get_ref()) {
+                        return Err(invalid(
+                            c.span(),
+                            "backing_connections",
+                            "backing_connections is 1 to 64".into(),
+                        ));
+                    }
+                }
+            } else {
+                let remote_only = [
+                    (
+                        "backing_connections",
+                        v.backing_connections.as_ref().map(|c| c.span()),
+                    ),
+                    (
+                        "backing_tls_certificates",
+                        v.backing_tls_certificates.as_ref().map(|c| c.span()),
+                    ),
+                ];
+                for (key, span) in remote_only {
+                    if let Some(span) = span {
+                        return Err(invalid(
+                            span,
+                            key,
+                            format!(
+                                "{key} applies only to a remote backing (backing = \"nbd://…\")"
+                            ),
+                        ));
+                    }
+                }
             }
             for entry in v.allow.iter().flatten() {
                 if let Err(e) = crate::nbd::access::Rule::parse(entry.get_ref()) {

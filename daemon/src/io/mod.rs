@@ -1,4 +1,5 @@
-//! Backing I/O: the file or block device under a volume, the two engines
+//! Backing I/O: the file, block device (`file.rs`) or remote NBD export
+//! (`remote.rs`) under a volume (`backing.rs` joins them), the two engines
 //! that run I/O (`uring.rs`, `workers.rs`, chosen in `engine.rs`), pooled
 //! buffers, and the range lock that serialises writers on overlapping sectors.
 //!
@@ -8,10 +9,12 @@
 mod backing;
 mod buffers;
 pub mod engine;
+mod file;
 mod range_lock;
+pub mod remote;
 pub mod uring;
 pub mod workers;
 
-pub use backing::Backing;
+pub use backing::{is_remote, Backing};
 pub use buffers::IoBuf;
 pub use range_lock::{RangeGuard, RangeLock};

@@ -4,7 +4,8 @@
 //! connection's life from greeting to goodbye (`connection.rs`), TLS
 //! credentials (`tls.rs`), who the peer is (`peer.rs`), per-volume allow
 //! lists (`access.rs`), connection limits and refusal counters (`gate.rs`)
-//! and per-export request metrics (`metrics.rs`).
+//! and per-export request metrics (`metrics.rs`); and the client side,
+//! for remote backings (`client/`).
 //!
 //! Hand-written rather than built on the `nbd` crate: that crate speaks only
 //! the old EXPORT_NAME handshake and serves one request at a time, while we
@@ -12,6 +13,7 @@
 //! out-of-order replies. Encryption happens below, in `volume/`.
 
 pub mod access;
+pub mod client;
 mod connection;
 mod exports;
 pub mod gate;

@@ -313,6 +313,17 @@ fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
     // ext4, io_uring punts them to its io-wq threads (the inode lock may
     // block), which cost a third of random-write IOPS. O_DIRECT writes are
     // truly asynchronous, so they take the ring.
+    if ctx.export.volume.data.backing().remote().is_some() {
+        let area = ctx.export.volume.data.clone();
+        let (offset, fua) = (ctx.req.offset, ctx.req.flags & CMD_FLAG_FUA != 0);
+        // A worker encrypts and sends; the backend's reply completes it.
+        crate::io::workers::spawn(move || {
+            area.write_remote(offset, data, fua, move |result| {
+                ctx.finish(result.map(|()| Body::Empty), budget)
+            })
+        });
+        return;
+    }
     let direct = ctx.export.volume.data.backing().is_direct();
     if let (Engine::Uring(engine), true) = (engine::current(), direct) {
         let area = ctx.export.volume.data.clone();
@@ -344,6 +355,14 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
             }
             if !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
+            }
+            if ctx.export.volume.data.backing().remote().is_some() {
+                let area = ctx.export.volume.data.clone();
+                let (offset, len) = (req.offset, req.length as usize);
+                area.read_remote(offset, len, move |result| {
+                    ctx.finish(result.map(Body::Data), budget)
+                });
+                return;
             }
             if let Engine::Uring(engine) = engine::current() {
                 let area = ctx.export.volume.data.clone();

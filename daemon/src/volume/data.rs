@@ -433,7 +433,7 @@ impl DataArea {
             .check_range(offset, len as u64)
             .and_then(|()| self.cipher())
         {
-            Ok(keys) if keys.target.is_some() => {
+            Ok(keys) if keys.target.is_some() || self.backing.data_fd().is_none() => {
                 crate::io::workers::spawn(move || done(self.read(offset, len)));
                 return;
             }
@@ -441,7 +441,9 @@ impl DataArea {
             Err(e) => return done(Err(e)),
         };
         let (start, end) = self.aligned(offset, len as u64);
-        let fd = self.backing.data_fd();
+        let Some(fd) = self.backing.data_fd() else {
+            return;
+        };
         let at = self.data_offset + start;
         let buf = IoBuf::new((end - start) as usize);
         ring.read(
@@ -483,7 +485,12 @@ impl DataArea {
             return done(Err(e));
         }
         let (start, end) = self.aligned(offset, len);
-        if start != offset || end != offset + len || !self.writers.try_acquire(start, end) {
+        let fd = self.backing.data_fd();
+        if start != offset
+            || end != offset + len
+            || fd.is_none()
+            || !self.writers.try_acquire(start, end)
+        {
             crate::io::workers::spawn(move || {
                 let result =
                     self.write(offset, &mut data)
@@ -503,7 +510,9 @@ impl DataArea {
         };
         self.timed(|| self.encrypt_range(&keys, &mut data, start));
         drop(keys);
-        let fd = self.backing.data_fd();
+        let Some(fd) = fd else {
+            return;
+        };
         let at = self.data_offset + start;
         ring.write(
             fd,
@@ -522,6 +531,105 @@ impl DataArea {
                     ),
                     other => done(other.map(drop)),
                 }
+            }),
+        );
+    }
+
+    /// `read` from a remote backing without a thread per request: the
+    /// read goes out at once and is decrypted on the NBD connection's
+    /// thread when its reply arrives. Anything else (a re-encryption under
+    /// way, a read the backend needs split or aligned) takes the thread
+    /// pool.
+    pub fn read_remote<F>(self: Arc<Self>, offset: u64, len: usize, done: F)
+    where
+        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+    {
+        let keys = match self
+            .check_range(offset, len as u64)
+            .and_then(|()| self.cipher())
+        {
+            Ok(keys) => keys,
+            Err(e) => return done(Err(e)),
+        };
+        let (start, end) = self.aligned(offset, len as u64);
+        let at = self.data_offset + start;
+        let direct = self
+            .backing
+            .remote()
+            .is_some_and(|r| r.reads_directly(at, end - start));
+        if keys.target.is_some() || !direct {
+            crate::io::workers::spawn(move || done(self.read(offset, len)));
+            return;
+        }
+        let area = self.clone();
+        let Some(remote) = self.backing.remote() else {
+            return;
+        };
+        remote.submit_read(
+            at,
+            (end - start) as usize,
+            Box::new(move |result| {
+                if !area.still_in_place(&keys) {
+                    crate::io::workers::spawn(move || done(area.read(offset, len)));
+                    return;
+                }
+                done(result.map(|mut buf| {
+                    area.timed(|| decrypt_sectors(&keys.current, area.sector, &mut buf, start));
+                    trim_to(buf, (offset - start) as usize, len)
+                }))
+            }),
+        );
+    }
+
+    /// `write` (plus FUA) to a remote backing: encrypted on the calling
+    /// thread (an I/O worker), then sent without waiting; the reply
+    /// completes it. Partial sectors, busy ranges and writes the backend
+    /// needs merged take the blocking path.
+    pub fn write_remote<F>(self: Arc<Self>, offset: u64, mut data: IoBuf, fua: bool, done: F)
+    where
+        F: FnOnce(io::Result<()>) + Send + 'static,
+    {
+        let len = data.len() as u64;
+        if let Err(e) = self.check_range(offset, len) {
+            return done(Err(e));
+        }
+        let (start, end) = self.aligned(offset, len);
+        let at = self.data_offset + start;
+        let direct = self
+            .backing
+            .remote()
+            .is_some_and(|r| r.writes_directly(at, len));
+        if start != offset
+            || end != offset + len
+            || !direct
+            || !self.writers.try_acquire(start, end)
+        {
+            let result =
+                self.write(offset, &mut data)
+                    .and_then(|()| if fua { self.flush() } else { Ok(()) });
+            return done(result);
+        }
+        let keys = match self.cipher() {
+            Ok(keys) => keys,
+            Err(e) => {
+                self.writers.release(start, end);
+                return done(Err(e));
+            }
+        };
+        self.timed(|| self.encrypt_range(&keys, &mut data, start));
+        drop(keys);
+        let area = self.clone();
+        let Some(remote) = self.backing.remote() else {
+            self.writers.release(start, end);
+            return;
+        };
+        remote.submit_write(
+            data,
+            at,
+            fua,
+            Box::new(move |result| {
+                area.writers.release(start, end);
+                done(result)
             }),
         );
     }
@@ -560,7 +668,7 @@ impl DataArea {
     /// hole punched in a file is; writing encrypted zeros, or BLKZEROOUT on
     /// a device that may fall back to writing, is not.
     pub fn zeroes_fast(&self, punch: bool) -> bool {
-        punch && !self.backing.is_block_device()
+        punch && !self.backing.is_fixed_size()
     }
 
     pub fn write_zeroes(&self, offset: u64, len: u64, punch: bool) -> io::Result<()> {

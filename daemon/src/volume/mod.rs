@@ -241,7 +241,7 @@ fn new_header(geometry: Geometry, role: Role) -> Header {
 /// survives) and writes both header copies.
 fn lay_out(path: &Path, backing: &Backing, header: &mut Header) -> Result<(), VolumeError> {
     let total = header.data_offset + header.size;
-    if !backing.is_block_device() {
+    if !backing.is_fixed_size() {
         backing.set_len(0).map_err(io_err(path))?;
     }
     backing.set_len(total).map_err(io_err(path))?;
@@ -293,7 +293,7 @@ fn in_use(copies: &HeaderCopies, backing: &Backing) -> std::io::Result<Option<St
     if buf.iter().any(|&b| b != 0) {
         return Ok(Some("its first MiB holds data".into()));
     }
-    if !backing.is_block_device() && backing.next_data(probe)?.is_some() {
+    if !backing.is_fixed_size() && backing.next_data(probe)?.is_some() {
         return Ok(Some("it holds data".into()));
     }
     Ok(None)
@@ -588,7 +588,7 @@ pub fn open_temp(
                 }
             }
         }
-        if !backing.is_block_device() {
+        if !backing.is_fixed_size() {
             std::fs::remove_file(path).map_err(io_err(path))?;
         }
     }

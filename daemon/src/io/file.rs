@@ -1,0 +1,282 @@
+//! Positional I/O on a local backing: a file or block device (pread/pwrite
+//! here; the io_uring engine submits on `data_fd` itself). Remote backings
+//! are `remote.rs`; `backing.rs` puts both behind one type.
+//! A block device is sized with BLKGETSIZE64, zeroed with BLKZEROOUT and
+//! trimmed with BLKDISCARD where a file gets holes.
+//!
+//! Reads past the end of a shorter-than-expected file return zeros rather than
+//! an error, so a sparse file that was never extended still reads as holes.
+//!
+//! With `direct = true` the data area goes through a second descriptor opened
+//! with O_DIRECT (no double caching under a guest's own page cache), while
+//! headers keep using the buffered one: header I/O is rare and its buffers
+//! need no alignment. Data buffers come from `IoBuf`, which is page-aligned.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+// Block-device ioctls (linux/fs.h): _IOR(0x12, 114, size_t),
+// _IO(0x12, 104), _IO(0x12, 119), _IO(0x12, 127).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+#[derive(Debug)]
+pub struct FileBacking {
+    file: File,
+    /// O_DIRECT descriptor for the data area, when enabled.
+    direct: Option<File>,
+    path: PathBuf,
+    is_block_device: bool,
+}
+
+impl FileBacking {
+    /// Opens an existing backing file or block device read-write.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        Self::from_file(OpenOptions::new().read(true).write(true).open(path)?, path)
+    }
+
+    /// Opens a backing, creating a regular file if it does not exist.
+    pub fn open_or_create(path: &Path) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        Self::from_file(file, path)
+    }
+
+    fn from_file(file: File, path: &Path) -> io::Result<Self> {
+        let is_block_device = file.metadata()?.file_type().is_block_device();
+        Ok(FileBacking {
+            file,
+            direct: None,
+            path: path.to_owned(),
+            is_block_device,
+        })
+    }
+
+    /// Routes data-area I/O through an O_DIRECT descriptor.
+    pub fn enable_direct(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&self.path)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("direct = true, but O_DIRECT open failed (does this filesystem support it?): {e}"),
+                )
+            })?;
+        self.direct = Some(file);
+        Ok(())
+    }
+
+    /// The descriptor data-area I/O uses (O_DIRECT one when enabled), for
+    /// engines that submit I/O themselves.
+    pub fn data_fd(&self) -> std::os::unix::io::RawFd {
+        self.direct.as_ref().unwrap_or(&self.file).as_raw_fd()
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    /// Where the next allocated byte at or after `offset` is: `None` when
+    /// only a hole (or the end) follows. A file system without SEEK_DATA,
+    /// and a block device, report everything as allocated.
+    pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        match self.seek(offset, libc::SEEK_DATA) {
+            Ok(at) => Ok(Some(at)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where the hole at or after `offset` begins (the end of the file
+    /// counts as one).
+    pub fn next_hole(&self, offset: u64) -> io::Result<u64> {
+        match self.seek(offset, libc::SEEK_HOLE) {
+            Ok(at) => Ok(at),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(u64::MAX),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> io::Result<u64> {
+        let offset =
+            i64::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a descriptor this Backing owns for its whole
+        // life; no memory is passed. The file position it moves is never
+        // used: every read and write here is positioned (pread/pwrite).
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), offset, whence) };
+        if at < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(at as u64)
+    }
+
+    /// Current size in bytes (for a block device, its capacity).
+    pub fn size(&self) -> io::Result<u64> {
+        if self.is_block_device {
+            let mut bytes: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points at a live local for the duration of the call.
+            let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKGETSIZE64, &mut bytes) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(bytes)
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    /// The device's logical block size (the O_DIRECT alignment), or 512
+    /// for a regular file.
+    pub fn logical_block_size(&self) -> io::Result<u32> {
+        if !self.is_block_device {
+            return Ok(512);
+        }
+        let mut size: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one int through the pointer, which points
+        // at a live local for the duration of the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKSSZGET, &mut size) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size.max(512) as u32)
+    }
+
+    /// Grows (sparsely) or shrinks a regular file; a block device must already
+    /// be large enough.
+    pub fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            let have = self.size()?;
+            if have < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("block device holds {have} bytes, {len} needed"),
+                ));
+            }
+            return Ok(());
+        }
+        self.file.set_len(len)
+    }
+
+    /// Fills `buf` from `offset`; bytes beyond the end of the file read as zeros.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_full(&self.file, buf, offset)
+    }
+
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    /// Like `read_at`, through the O_DIRECT descriptor when enabled
+    /// (`buf` and `offset` must then be block-aligned).
+    pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        read_full(self.direct.as_ref().unwrap_or(&self.file), buf, offset)
+    }
+
+    /// Like `write_at`, through the O_DIRECT descriptor when enabled.
+    pub fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.direct
+            .as_ref()
+            .unwrap_or(&self.file)
+            .write_all_at(buf, offset)
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Makes a byte range read back as zeros, deallocating it where the
+    /// storage can: a hole in a file; BLKZEROOUT on a block device (the
+    /// kernel unmaps when the device supports zeroing that way).
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return self.range_ioctl(BLKZEROOUT, offset, len);
+        }
+        self.punch_hole(offset, len)
+    }
+
+    /// Discards a byte range (TRIM): a hole in a file, BLKDISCARD on a block
+    /// device. A device may return its old contents or zeros afterwards;
+    /// NBD clients make no assumption about trimmed data.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return self.range_ioctl(BLKDISCARD, offset, len);
+        }
+        self.punch_hole(offset, len)
+    }
+
+    fn range_ioctl(&self, request: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD/BLKZEROOUT read a [u64; 2] (start, length)
+        // through the pointer, which points at a live local for the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request, &range) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Deallocates a byte range of a regular file so it reads back as zeros.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate takes a descriptor we own for the call's duration
+        // and plain integers; it touches no memory of ours.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+fn read_full(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match file.read_at(buf, offset) {
+            Ok(0) => {
+                buf.fill(0);
+                return Ok(());
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

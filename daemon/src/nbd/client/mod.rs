@@ -1,0 +1,569 @@
+//! An NBD client for remote backings: hostcryptd in front of any storage
+//! that speaks NBD (qemu-nbd, qemu-storage-daemon, nbdkit), which then
+//! only ever sees ciphertext.
+//!
+//! Shape: up to `connections` sockets (more than one only when the server
+//! advertises CAN_MULTI_CONN, so a FLUSH on one covers writes completed
+//! on any), each with a reader thread that also reconnects it
+//! (`link.rs`). Requests are kept in one table until their reply; a
+//! request whose connection dies is sent again on another one or after
+//! reconnecting (reads and writes at a fixed offset are idempotent, and
+//! requests are re-sent in the order they were first sent, so a FLUSH
+//! follows the writes it covered). A watchdog fails requests older than
+//! `timeout` with `TimedOut` and closes the connection they sat on, so a
+//! hung server cannot hold clients forever; while every connection is
+//! down, requests wait (clients see a stall) until that same deadline.
+//!
+//! Completions run on the reader thread as callbacks (`Done`), so many
+//! requests are in flight without a thread each; the blocking calls
+//! (`call`) wait for such a callback. Hand-written, as the server side
+//! is: no maintained Rust NBD client speaks OPT_GO, structured replies and
+//! out-of-order completion (the `nbd` crate speaks EXPORT_NAME only).
+//! Block-size alignment and splitting are the caller's (`io/remote.rs`).
+
+mod link;
+pub mod negotiate;
+mod tls;
+pub mod uri;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::io::IoBuf;
+use crate::nbd::proto::*;
+pub use negotiate::ExportInfo;
+pub use uri::NbdUri;
+
+use link::{Link, Stream};
+
+/// How a remote backing is reached and how long its outages are borne.
+#[derive(Debug, Clone)]
+pub struct RemoteOptions {
+    /// Connections to open when the server allows several (CAN_MULTI_CONN).
+    pub connections: usize,
+    /// How long a request may wait for the backend (stalled while it is
+    /// down, or unanswered while it is up) before it fails with EIO.
+    pub timeout: Duration,
+    /// For `nbds://`: `ca-cert.pem`, and `client-cert.pem` with
+    /// `client-key.pem` when the server asks for a client certificate.
+    pub tls_certificates: Option<PathBuf>,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> Self {
+        RemoteOptions {
+            connections: 4,
+            timeout: Duration::from_secs(30),
+            tls_certificates: None,
+        }
+    }
+}
+
+/// Called once with a request's outcome: the data for a read, an empty
+/// buffer otherwise.
+pub type Done = Box<dyn FnOnce(io::Result<IoBuf>) + Send>;
+
+/// A request in the table, from submission to reply (or failure).
+struct Pending {
+    kind: u16,
+    flags: u16,
+    offset: u64,
+    length: u32,
+    /// A write's payload (shared, so a re-send needs no copy).
+    payload: Option<Arc<IoBuf>>,
+    /// A read's destination; out of the table while a reply fills it.
+    buf: Option<IoBuf>,
+    /// The connection (slot, generation) it was last sent on.
+    sent_on: Option<(usize, u64)>,
+    since: Instant,
+    /// `None` once the watchdog failed it: its reply, if any, is dropped.
+    done: Option<Done>,
+    /// An error chunk of a structured reply, reported at the last chunk.
+    error: Option<u32>,
+}
+
+#[derive(Default)]
+struct State {
+    next_cookie: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// The generation of each slot's live connection, `None` while down.
+    up: Vec<Option<u64>>,
+    round_robin: usize,
+    /// Since when no connection has been up.
+    down_since: Option<Instant>,
+    last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    reconnects: AtomicU64,
+    timeouts: AtomicU64,
+    resent: AtomicU64,
+    errors: AtomicU64,
+}
+
+struct Shared {
+    uri: NbdUri,
+    options: RemoteOptions,
+    info: ExportInfo,
+    state: Mutex<State>,
+    /// Wakes the watchdog and reconnect back-offs when closing.
+    changed: Condvar,
+    links: Vec<Link>,
+    closing: AtomicBool,
+    counters: Counters,
+}
+
+/// What `hostcrypt status` and the metrics show about a remote backing.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct RemoteStatus {
+    /// `up`, `degraded` (some connections down) or `down`.
+    pub state: String,
+    pub connections_up: usize,
+    pub connections: usize,
+    pub in_flight: usize,
+    pub reconnects: u64,
+    pub timeouts: u64,
+    pub resent: u64,
+    pub errors: u64,
+    pub min_block: u32,
+    pub max_block: u32,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{uri}: {source}")]
+    Uri { uri: String, source: uri::UriError },
+    #[error("cannot connect to {uri}: {source}")]
+    Connect { uri: String, source: io::Error },
+    #[error("{uri}: {source}")]
+    Negotiate {
+        uri: String,
+        source: negotiate::NegotiateError,
+    },
+}
+
+/// A connected remote export. Dropping it disconnects.
+pub struct NbdClient {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClient")
+            .field("uri", &self.shared.uri)
+            .field("info", &self.shared.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NbdClient {
+    /// Connects to `text` (an NBD URI). The first connection is made here,
+    /// so an unreachable or misconfigured backend is an error at once;
+    /// further connections that fail now are retried in the background.
+    pub fn connect(text: &str, options: RemoteOptions) -> Result<Self, ClientError> {
+        let uri = NbdUri::parse(text).map_err(|source| ClientError::Uri {
+            uri: text.to_string(),
+            source,
+        })?;
+        let (first, info) = link::open(&uri, &options).map_err(|e| match e {
+            link::OpenError::Io(source) => ClientError::Connect {
+                uri: text.to_string(),
+                source,
+            },
+            link::OpenError::Negotiate(source) => ClientError::Negotiate {
+                uri: text.to_string(),
+                source,
+            },
+        })?;
+        let wanted = if info.has(TFLAG_CAN_MULTI_CONN) {
+            options.connections.clamp(1, 64)
+        } else {
+            1
+        };
+        let mut streams = vec![Some(first)];
+        for _ in 1..wanted {
+            streams.push(link::open(&uri, &options).ok().map(|(s, _)| s));
+        }
+        let shared = Arc::new(Shared {
+            uri,
+            options,
+            info,
+            state: Mutex::new(State {
+                up: vec![None; wanted],
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            links: (0..wanted).map(|_| Link::default()).collect(),
+            closing: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        for (slot, stream) in streams.into_iter().enumerate() {
+            let shared = shared.clone();
+            if let Some(stream) = &stream {
+                shared.links[slot].install(&shared, slot, stream);
+            }
+            std::thread::Builder::new()
+                .name(format!("hostcrypt-nbd-{slot}"))
+                .spawn(move || link::run(&shared, slot, stream))
+                .map_err(|source| ClientError::Connect {
+                    uri: text.to_string(),
+                    source,
+                })?;
+        }
+        let watched = shared.clone();
+        std::thread::Builder::new()
+            .name("hostcrypt-nbd-watchdog".into())
+            .spawn(move || watchdog(&watched))
+            .map_err(|source| ClientError::Connect {
+                uri: text.to_string(),
+                source,
+            })?;
+        Ok(NbdClient { shared })
+    }
+
+    pub fn info(&self) -> &ExportInfo {
+        &self.shared.info
+    }
+
+    /// Sends one request; `done` runs when it completes or fails. `len`
+    /// is the read length (a write's comes from its payload).
+    pub fn submit(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<IoBuf>,
+        done: Done,
+    ) {
+        let length = payload.as_ref().map_or(len, |p| p.len() as u32);
+        let pending = Pending {
+            kind,
+            flags,
+            offset,
+            length,
+            payload: payload.map(Arc::new),
+            buf: (kind == CMD_READ).then(|| IoBuf::new(length as usize)),
+            sent_on: None,
+            since: Instant::now(),
+            done: Some(done),
+            error: None,
+        };
+        self.shared.dispatch_new(pending);
+    }
+
+    /// `submit`, waiting for the outcome.
+    pub fn call(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<IoBuf>,
+    ) -> io::Result<IoBuf> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(
+            kind,
+            flags,
+            offset,
+            len,
+            payload,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the NBD client closed")))
+    }
+
+    pub fn status(&self) -> RemoteStatus {
+        let s = &self.shared;
+        let state = s.lock();
+        let up = state.up.iter().filter(|u| u.is_some()).count();
+        let c = &s.counters;
+        RemoteStatus {
+            state: match up {
+                0 => "down",
+                n if n < state.up.len() => "degraded",
+                _ => "up",
+            }
+            .to_string(),
+            connections_up: up,
+            connections: state.up.len(),
+            in_flight: state.pending.len(),
+            reconnects: c.reconnects.load(Ordering::Relaxed),
+            timeouts: c.timeouts.load(Ordering::Relaxed),
+            resent: c.resent.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            min_block: s.info.min_block,
+            max_block: s.info.max_block,
+            last_error: state.last_error.clone(),
+        }
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.closing.store(true, Ordering::SeqCst);
+        for link in &s.links {
+            link.disconnect();
+        }
+        s.changed.notify_all();
+        // Requests still waiting get an answer rather than hanging a caller.
+        let orphans: Vec<Done> = {
+            let mut state = s.lock();
+            std::mem::take(&mut state.pending)
+                .into_values()
+                .filter_map(|p| p.done)
+                .collect()
+        };
+        for done in orphans {
+            done(Err(io::Error::other("the remote backing was closed")));
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    fn dispatch_new(&self, pending: Pending) {
+        let mut state = self.lock();
+        if self.closing() {
+            drop(state);
+            return fail(pending, io::Error::other("the remote backing was closed"));
+        }
+        // Down past the deadline already: fail now instead of stalling
+        // every new request for another full timeout.
+        if state
+            .down_since
+            .is_some_and(|t| t.elapsed() >= self.options.timeout)
+        {
+            drop(state);
+            return fail(pending, self.unreachable());
+        }
+        let cookie = state.next_cookie;
+        state.next_cookie += 1;
+        state.pending.insert(cookie, pending);
+        let target = assign(&mut state, cookie);
+        drop(state);
+        if let Some(target) = target {
+            self.send(cookie, target);
+        }
+    }
+
+    fn unreachable(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the remote backing has been unreachable for over {}",
+                humantime::format_duration(self.options.timeout)
+            ),
+        )
+    }
+
+    /// Marks `cookie` as sent on `target` and writes it there. A failed
+    /// write leaves the request in the table: the connection's reader sees
+    /// the broken socket and re-sends it elsewhere.
+    /// `target` was assigned by `pick` under the lock; a request moved
+    /// elsewhere since (its connection died) is not sent twice.
+    fn send(&self, cookie: u64, target: (usize, u64)) {
+        let (header, payload) = {
+            let mut state = self.lock();
+            let Some(p) = state.pending.get_mut(&cookie) else {
+                return;
+            };
+            if p.sent_on != Some(target) {
+                return;
+            }
+            if p.kind == CMD_READ && p.buf.is_none() {
+                p.buf = Some(IoBuf::new(p.length as usize));
+            }
+            (request_header(p, cookie), p.payload.clone())
+        };
+        self.links[target.0].send(target.1, &header, payload.as_deref().map(|b| &b[..]));
+    }
+
+    /// Re-sends (in first-sent order) the requests that were on a lost
+    /// connection or waiting for one.
+    fn redispatch(&self, lost: Option<usize>) {
+        let moves: Vec<(u64, (usize, u64))> = {
+            let mut state = self.lock();
+            let orphaned: Vec<u64> = state
+                .pending
+                .iter()
+                .filter(|(_, p)| match (lost, p.sent_on) {
+                    (_, None) => true,
+                    (Some(slot), Some((s, _))) => s == slot,
+                    (None, Some(_)) => false,
+                })
+                .map(|(c, _)| *c)
+                .collect();
+            let mut moves = Vec::new();
+            for cookie in orphaned {
+                let abandoned = state.pending.get(&cookie).is_some_and(|p| p.done.is_none());
+                if abandoned {
+                    state.pending.remove(&cookie);
+                    continue;
+                }
+                if let Some(target) = assign(&mut state, cookie) {
+                    if lost.is_some() {
+                        self.counters.resent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    moves.push((cookie, target));
+                }
+            }
+            moves
+        };
+        for (cookie, target) in moves {
+            self.send(cookie, target);
+        }
+    }
+
+    /// Finishes `cookie` with the server's error code (0 = success).
+    fn complete(&self, cookie: u64, error: u32) {
+        let Some(p) = self.lock().pending.remove(&cookie) else {
+            return;
+        };
+        if error != 0 {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            let err = io::Error::from_raw_os_error(error as i32);
+            return fail(p, err);
+        }
+        if let Some(done) = p.done {
+            done(Ok(p.buf.unwrap_or_else(|| IoBuf::new(0))));
+        }
+    }
+}
+
+fn fail(p: Pending, err: io::Error) {
+    if let Some(done) = p.done {
+        done(Err(err));
+    }
+}
+
+/// Gives `cookie` the next live connection (round robin), or none: it
+/// then waits for a reconnect. Done under the lock, so a connection's
+/// teardown sees every request that was meant for it.
+fn assign(state: &mut State, cookie: u64) -> Option<(usize, u64)> {
+    let n = state.up.len();
+    let mut target = None;
+    for _ in 0..n {
+        let slot = state.round_robin % n;
+        state.round_robin = state.round_robin.wrapping_add(1);
+        if let Some(generation) = state.up[slot] {
+            target = Some((slot, generation));
+            break;
+        }
+    }
+    if let Some(p) = state.pending.get_mut(&cookie) {
+        p.sent_on = target;
+    }
+    target
+}
+
+fn request_header(p: &Pending, cookie: u64) -> [u8; 28] {
+    let mut out = [0u8; 28];
+    out[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&p.flags.to_be_bytes());
+    out[6..8].copy_from_slice(&p.kind.to_be_bytes());
+    out[8..16].copy_from_slice(&cookie.to_be_bytes());
+    out[16..24].copy_from_slice(&p.offset.to_be_bytes());
+    out[24..28].copy_from_slice(&p.length.to_be_bytes());
+    out
+}
+
+/// Fails requests older than the timeout, and closes the connection such
+/// a request was sent on (a server that stopped answering is treated as
+/// gone: the reader reconnects).
+fn watchdog(s: &Shared) {
+    let tick =
+        (s.options.timeout / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+    let mut state = s.lock();
+    while !s.closing() {
+        state = s
+            .changed
+            .wait_timeout(state, tick)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|p| p.into_inner().0);
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        let mut stuck = Vec::new();
+        state.pending.retain(|_, p| {
+            if p.done.is_none() || now.duration_since(p.since) < s.options.timeout {
+                return true;
+            }
+            expired.extend(p.done.take());
+            match p.sent_on {
+                // Kept (abandoned) so its reply, if one comes, is parsed and dropped.
+                Some((slot, _)) => {
+                    stuck.push(slot);
+                    true
+                }
+                None => false,
+            }
+        });
+        if expired.is_empty() {
+            continue;
+        }
+        drop(state);
+        s.counters
+            .timeouts
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        tracing::warn!(
+            backing = %s.uri_text(),
+            requests = expired.len(),
+            "remote backing did not answer within {}; failing those requests with EIO",
+            humantime::format_duration(s.options.timeout)
+        );
+        for done in expired {
+            done(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the remote backing did not answer in time",
+            )));
+        }
+        stuck.sort_unstable();
+        stuck.dedup();
+        for slot in stuck {
+            s.links[slot].disconnect();
+        }
+        state = s.lock();
+    }
+}
+
+impl Shared {
+    fn uri_text(&self) -> String {
+        match &self.uri.address {
+            uri::Address::Unix(p) => {
+                format!("nbd+unix:///{}?socket={}", self.uri.export, p.display())
+            }
+            uri::Address::Tcp { host, port } => format!(
+                "{}://{host}:{port}/{}",
+                if self.uri.tls { "nbds" } else { "nbd" },
+                self.uri.export
+            ),
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<NbdClient>();
+    is::<Stream>();
+}

@@ -1,0 +1,223 @@
+//! The client side of the fixed newstyle handshake: structured replies
+//! when the server offers them, then NBD_OPT_GO asking for the export's
+//! block sizes. What a server may send back is bounded before it is
+//! read, as on the server side. The transmission phase lives in `mod.rs`.
+
+use std::io::{self, Read, Write};
+
+use crate::nbd::proto::*;
+
+/// What NBD_OPT_GO told us about the export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size: u64,
+    pub flags: u16,
+    /// Requests must be multiples of this, at offsets aligned to it.
+    pub min_block: u32,
+    pub preferred_block: u32,
+    /// Larger requests are split.
+    pub max_block: u32,
+    /// Replies to reads arrive as structured chunks.
+    pub structured: bool,
+}
+
+impl ExportInfo {
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NegotiateError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("the server broke the NBD handshake: {0}")]
+    Protocol(String),
+    #[error("the server refused {what}: {why}")]
+    Refused { what: &'static str, why: String },
+}
+
+fn protocol(what: impl Into<String>) -> NegotiateError {
+    NegotiateError::Protocol(what.into())
+}
+
+/// Default block sizes when a server does not send NBD_INFO_BLOCK_SIZE
+/// (the NBD document's defaults for a client that asked and got none).
+const DEFAULT_MIN: u32 = 1;
+const DEFAULT_PREFERRED: u32 = 4096;
+const DEFAULT_MAX: u32 = MAX_PAYLOAD;
+
+/// Runs the handshake up to the transmission phase on `stream`.
+pub fn negotiate<S: Read + Write>(
+    stream: &mut S,
+    export: &str,
+) -> Result<ExportInfo, NegotiateError> {
+    greet(stream)?;
+    choose(stream, export)
+}
+
+/// NBD_OPT_STARTTLS: after its ACK the TLS handshake starts on the socket.
+pub fn starttls<S: Read + Write>(stream: &mut S) -> Result<(), NegotiateError> {
+    send_option(stream, OPT_STARTTLS, &[])?;
+    match read_option_reply(stream, OPT_STARTTLS)? {
+        (REP_ACK, _) => Ok(()),
+        (kind, data) => Err(NegotiateError::Refused {
+            what: "STARTTLS",
+            why: if kind == REP_ERR_UNSUP || kind == REP_ERR_POLICY {
+                "the server does not offer TLS (use nbd:// or configure TLS there)".to_string()
+            } else {
+                refusal(kind, "", &data)
+            },
+        }),
+    }
+}
+
+/// Reads the greeting and answers with our flags.
+pub fn greet<S: Read + Write>(stream: &mut S) -> Result<(), NegotiateError> {
+    let mut greeting = [0u8; 18];
+    stream.read_exact(&mut greeting)?;
+    if be64(&greeting[..8]) != NBDMAGIC {
+        return Err(protocol(
+            "no NBDMAGIC in the greeting (is this an NBD server?)",
+        ));
+    }
+    if be64(&greeting[8..16]) != IHAVEOPT {
+        return Err(protocol("the server speaks only the oldstyle handshake"));
+    }
+    let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+    if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(protocol("the server does not speak fixed newstyle"));
+    }
+    let mut client_flags = CLIENT_FIXED_NEWSTYLE;
+    if server_flags & FLAG_NO_ZEROES != 0 {
+        client_flags |= CLIENT_NO_ZEROES;
+    }
+    stream.write_all(&client_flags.to_be_bytes())?;
+    Ok(())
+}
+
+/// Options after the greeting (and after TLS, if any): structured
+/// replies, then NBD_OPT_GO for `export`.
+pub fn choose<S: Read + Write>(stream: &mut S, export: &str) -> Result<ExportInfo, NegotiateError> {
+    send_option(stream, OPT_STRUCTURED_REPLY, &[])?;
+    let (kind, _) = read_option_reply(stream, OPT_STRUCTURED_REPLY)?;
+    let structured = kind == REP_ACK;
+
+    let mut go = Vec::with_capacity(8 + export.len());
+    go.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    go.extend_from_slice(export.as_bytes());
+    go.extend_from_slice(&1u16.to_be_bytes());
+    go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    send_option(stream, OPT_GO, &go)?;
+    let mut export_info = None;
+    let mut sizes = (DEFAULT_MIN, DEFAULT_PREFERRED, DEFAULT_MAX);
+    loop {
+        let (kind, data) = read_option_reply(stream, OPT_GO)?;
+        match kind {
+            REP_ACK => break,
+            REP_INFO if data.len() >= 2 => {
+                let info = u16::from_be_bytes([data[0], data[1]]);
+                match (info, data.len()) {
+                    (INFO_EXPORT, 12) => {
+                        export_info =
+                            Some((be64(&data[2..10]), u16::from_be_bytes([data[10], data[11]])));
+                    }
+                    (INFO_BLOCK_SIZE, 14) => {
+                        sizes = (be32(&data[2..6]), be32(&data[6..10]), be32(&data[10..14]));
+                    }
+                    (INFO_EXPORT | INFO_BLOCK_SIZE, n) => {
+                        return Err(protocol(format!("NBD_REP_INFO {info} of {n} bytes")));
+                    }
+                    _ => {} // Information we did not ask for is allowed.
+                }
+            }
+            REP_INFO => return Err(protocol("an empty NBD_REP_INFO")),
+            other if other & (1 << 31) != 0 => {
+                return Err(NegotiateError::Refused {
+                    what: "the export",
+                    why: refusal(other, export, &data),
+                })
+            }
+            _ => {} // Unknown non-error replies are to be ignored.
+        }
+    }
+    let (size, flags) =
+        export_info.ok_or_else(|| protocol("NBD_OPT_GO succeeded without NBD_INFO_EXPORT"))?;
+    let (min, preferred, max) = sizes;
+    // The NBD document: min a power of two up to 64 KiB, preferred a power
+    // of two >= min, max a multiple of min (or 0xffffffff).
+    if !min.is_power_of_two() || min > 64 * 1024 || max < min {
+        return Err(protocol(format!(
+            "impossible block sizes {min}/{preferred}/{max}"
+        )));
+    }
+    Ok(ExportInfo {
+        size,
+        flags,
+        min_block: min,
+        preferred_block: preferred.max(min),
+        // Payloads above 32 MiB are not something a client may assume.
+        max_block: (max.min(MAX_PAYLOAD) / min) * min,
+        structured,
+    })
+}
+
+fn refusal(kind: u32, export: &str, data: &[u8]) -> String {
+    let message = String::from_utf8_lossy(data);
+    let what = match kind {
+        REP_ERR_UNKNOWN => format!("no export named {export:?}"),
+        REP_ERR_TLS_REQD => "the server requires TLS (use nbds://)".to_string(),
+        REP_ERR_POLICY => "forbidden by the server's policy".to_string(),
+        REP_ERR_SHUTDOWN => "the server is shutting down".to_string(),
+        other => format!("error {:#x}", other),
+    };
+    if message.is_empty() {
+        what
+    } else {
+        format!("{what} ({message})")
+    }
+}
+
+fn send_option(stream: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    stream.write_all(&out)?;
+    stream.flush()
+}
+
+fn read_option_reply(
+    stream: &mut impl Read,
+    option: u32,
+) -> Result<(u32, Vec<u8>), NegotiateError> {
+    let mut head = [0u8; 20];
+    stream.read_exact(&mut head)?;
+    if be64(&head[..8]) != OPTION_REPLY_MAGIC {
+        return Err(protocol("bad option reply magic"));
+    }
+    if be32(&head[8..12]) != option {
+        return Err(protocol("an option reply for another option"));
+    }
+    let kind = be32(&head[12..16]);
+    let len = be32(&head[16..20]);
+    if len > MAX_OPTION_LEN {
+        return Err(protocol(format!("an option reply of {len} bytes")));
+    }
+    let mut data = vec![0u8; len as usize];
+    stream.read_exact(&mut data)?;
+    Ok((kind, data))
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+fn be32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
