@@ -16,6 +16,7 @@ mod operate;
 mod pkcs11;
 mod protocol;
 mod reencrypt;
+mod remote;
 mod sparse;
 mod systemd;
 mod temp;

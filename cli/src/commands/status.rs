@@ -86,6 +86,24 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
         if let Some(r) = &v.reencrypt {
             println!("  {:<16} re-encrypting: {}", "", reencrypt_line(r));
         }
+        if let Some(b) = &v.backing {
+            println!(
+                "  {:<16} remote backing {}: {}/{} connection(s), {} in flight, {} reconnect(s), {} re-sent, {} timed out, {} error(s){}",
+                "",
+                b.state,
+                b.connections_up,
+                b.connections,
+                b.in_flight,
+                b.reconnects,
+                b.resent,
+                b.timeouts,
+                b.errors,
+                b.last_error
+                    .as_ref()
+                    .map(|e| format!("; last: {e}"))
+                    .unwrap_or_default()
+            );
+        }
         let allow = match &v.allow {
             Some(list) => format!("allow {}", list.join(", ")),
             None => "allow anyone who can connect".into(),

@@ -161,6 +161,54 @@ impl Collector for DaemonCollector {
             ConstCounter::new(e.volume.data.crypto_seconds())
                 .encode(family.encode_family(&labels)?)?;
         }
+        let remotes: Vec<_> = self
+            .registry
+            .iter()
+            .filter_map(|e| {
+                let status = e.volume.data.backing().remote().map(|r| r.status())?;
+                Some((e.name().to_owned(), status))
+            })
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_backing_connections_up",
+            "Live connections to a volume's remote (NBD) backing",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (name, b) in &remotes {
+            let labels: Labels = vec![("volume", name)];
+            ConstGauge::new(b.connections_up as i64).encode(family.encode_family(&labels)?)?;
+        }
+        type Field = fn(&crate::nbd::client::RemoteStatus) -> u64;
+        let remote_counters: [(&str, &str, Field); 4] = [
+            (
+                "hostcrypt_backing_reconnects",
+                "Reconnections to a remote backing",
+                |b| b.reconnects,
+            ),
+            (
+                "hostcrypt_backing_resent",
+                "Requests re-sent after a remote backing's connection broke",
+                |b| b.resent,
+            ),
+            (
+                "hostcrypt_backing_timeouts",
+                "Requests failed because a remote backing did not answer within backing_timeout",
+                |b| b.timeouts,
+            ),
+            (
+                "hostcrypt_backing_errors",
+                "Errors a remote backing returned",
+                |b| b.errors,
+            ),
+        ];
+        for (name, help, value) in remote_counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (volume, b) in &remotes {
+                let labels: Labels = vec![("volume", volume)];
+                ConstCounter::new(value(b)).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let mut family = encoder.encode_descriptor(
             "hostcrypt_volume_unavailable",
             "1 for a configured volume that is not open (waiting for its key, or failed to open); retried",

@@ -183,6 +183,9 @@ pub struct VolumeStatus {
     /// The re-encryption in progress, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reencrypt: Option<crate::volume::ReencryptStatus>,
+    /// A remote (NBD) backing's connection state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<crate::nbd::client::RemoteStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

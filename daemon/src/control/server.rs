@@ -275,6 +275,7 @@ fn status(state: &ControlState) -> Status {
                     .map(|k| k.reencrypt_status())
                     .filter(|r| r.target_generation.is_some()),
                 unavailable: None,
+                backing: e.volume.data.backing().remote().map(|r| r.status()),
             })
             .chain(state.registry.unavailable().iter().map(|u| VolumeStatus {
                 name: u.name.clone(),
@@ -291,6 +292,7 @@ fn status(state: &ControlState) -> Status {
                 key: None,
                 io: IoStatus::default(),
                 reencrypt: None,
+                backing: None,
             }))
             .collect(),
     }

@@ -111,7 +111,7 @@ impl RemoteBacking {
     }
 
     fn aligned(&self, offset: u64, len: u64) -> bool {
-        offset % self.min == 0 && len % self.min == 0
+        offset.is_multiple_of(self.min) && len.is_multiple_of(self.min)
     }
 
     fn span(&self, offset: u64, len: u64) -> (u64, u64) {

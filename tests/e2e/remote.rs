@@ -1,0 +1,405 @@
+//! Remote backings: hostcryptd in front of real NBD servers (nbdkit with
+//! its file and memory plugins and its blocksize-policy, error and delay
+//! filters; qemu-nbd), driven by real clients. The backend never sees
+//! plaintext; its faults reach clients as stalls or EIO on the affected
+//! requests only, and the volume recovers by itself.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hostcrypt_e2e::remote::Backend;
+use hostcrypt_e2e::tls::{free_port, Certs};
+use hostcrypt_e2e::*;
+
+const MIB: usize = 1 << 20;
+
+/// A fixture with cache volume `r` on `backend` (created, `size`) and a
+/// control socket; `extra` goes into the volume's table.
+fn remote_fixture(fx: &mut Fixture, backend: &str, size: &str, extra: &str) {
+    fx.volume_at("r", "cache", Path::new(backend), extra);
+    let control = format!("control = \"{}\"", fx.path("control.sock").display());
+    fx.write_config(&control);
+    fx.create("r", size, 4096);
+}
+
+fn remote_status(fx: &Fixture) -> serde_json::Value {
+    let status = fx.status();
+    let v = status["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "r"))
+        .cloned()
+        .expect("volume r in status");
+    v["backing"].clone()
+}
+
+/// Every 4 KiB sector of `plain`, looked for at every 4 KiB boundary of
+/// the backend's bytes: none may appear.
+fn assert_no_plaintext(backend_bytes: &[u8], plain: &[u8]) {
+    let sectors: HashSet<&[u8]> = plain
+        .chunks_exact(4096)
+        .filter(|s| s.iter().any(|&b| b != 0))
+        .collect();
+    assert!(!sectors.is_empty());
+    let leaked = backend_bytes
+        .chunks_exact(4096)
+        .filter(|s| sectors.contains(s))
+        .count();
+    assert_eq!(leaked, 0, "plaintext sectors found on the backend");
+}
+
+fn round_trip(fx: &Fixture, d: &Daemon, backend_file: &Path) {
+    let mut data = vec![0u8; 256 * MIB];
+    getrandom::fill(&mut data).expect("getrandom");
+    let input = fx.path("in.bin");
+    std::fs::write(&input, &data).expect("write input");
+    run_ok(Command::new("nbdcopy").arg(&input).arg(fx.uri("r")));
+    let output = fx.path("out.bin");
+    run_ok(Command::new("nbdcopy").arg(fx.uri("r")).arg(&output));
+    assert_eq!(sha256_file(&output), sha256_file(&input), "{}", d.stderr());
+    let on_backend = std::fs::read(backend_file).expect("read the backend's file");
+    assert_no_plaintext(&on_backend, &data);
+}
+
+#[test]
+fn nbdkit_file_backend_round_trips_256m_and_never_sees_plaintext() {
+    require_tool("nbdcopy");
+    let mut fx = Fixture::new();
+    let image = fx.path("backend.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(260 * MIB as u64))
+        .expect("backend image");
+    let backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    remote_fixture(&mut fx, &backend.uri(), "256M", "");
+    let d = fx.start();
+    round_trip(&fx, &d, &image);
+    let b = remote_status(&fx);
+    assert_eq!(b["state"], "up", "{b}");
+    assert_eq!(b["errors"], 0, "{b}");
+}
+
+#[test]
+fn qemu_nbd_backend_round_trips_256m_and_never_sees_plaintext() {
+    require_tool("nbdcopy");
+    let mut fx = Fixture::new();
+    let image = fx.path("backend.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(260 * MIB as u64))
+        .expect("backend image");
+    let backend = Backend::qemu_nbd(&fx, "be", &image);
+    remote_fixture(&mut fx, &backend.uri(), "256M", "");
+    // The volume format is the same as on a file: inspect reads it remotely.
+    let out = fx.cli(&["inspect", &backend.uri(), "--json"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let d = fx.start();
+    round_trip(&fx, &d, &image);
+}
+
+#[test]
+fn fio_verify_on_two_connections_over_four_backend_connections() {
+    require_tool("fio");
+    let mut fx = Fixture::new();
+    let backend = Backend::nbdkit(&fx, "be", &["memory", "140M"]);
+    remote_fixture(&mut fx, &backend.uri(), "128M", "backing_connections = 4");
+    let _d = fx.start();
+    let out = run_ok(Command::new("fio").args(fio_verify_args(&fx.uri("r"), "32M", "64M")));
+    let jobs = fio_jobs(&out);
+    assert_eq!(jobs.len(), 2);
+    for job in &jobs {
+        assert!(
+            job["read"]["io_bytes"].as_u64().unwrap() >= 32 << 20,
+            "{job}"
+        );
+    }
+    // nbdkit's memory plugin allows multi-conn: all four are used.
+    let b = remote_status(&fx);
+    assert_eq!(b["connections"], 4, "{b}");
+    assert_eq!(b["connections_up"], 4, "{b}");
+}
+
+#[test]
+fn backend_with_64k_minimum_block_takes_unaligned_writes() {
+    let mut fx = Fixture::new();
+    let backend = Backend::nbdkit(
+        &fx,
+        "be",
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "80M",
+            "blocksize-minimum=65536",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=1M",
+            "blocksize-error-policy=error",
+        ],
+    );
+    remote_fixture(&mut fx, &backend.uri(), "64M", "");
+    let _d = fx.start();
+    let b = remote_status(&fx);
+    assert_eq!(b["min_block"], 65536, "{b}");
+    let uri = fx.uri("r");
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x11 0 4M",
+            "write -P 0x22 4096 4096",
+            "write -P 0x33 70000 333",
+            "write -P 0x44 3M 2M",
+        ],
+    );
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x11 0 4096",
+            "read -P 0x22 4096 4096",
+            "read -P 0x11 8192 61808",
+            "read -P 0x33 70000 333",
+            "read -P 0x11 70333 2M",
+            "read -P 0x44 3M 2M",
+        ],
+    );
+    assert_eq!(remote_status(&fx)["errors"], 0);
+}
+
+#[test]
+fn backend_errors_fail_only_the_affected_requests() {
+    let mut fx = Fixture::new();
+    let trigger = fx.path("fail-writes");
+    let backend = Backend::nbdkit(
+        &fx,
+        "be",
+        &[
+            "--filter=error",
+            "memory",
+            "80M",
+            "error=EIO",
+            "error-pwrite-rate=100%",
+            &format!("error-pwrite-file={}", trigger.display()),
+        ],
+    );
+    remote_fixture(&mut fx, &backend.uri(), "64M", "");
+    // A second, local volume on the same daemon.
+    fx.volume("local", "cache", "");
+    fx.write_config(&format!(
+        "control = \"{}\"",
+        fx.path("control.sock").display()
+    ));
+    fx.create("local", "16M", 4096);
+    let _d = fx.start();
+    let uri = fx.uri("r");
+    qemu_io(&uri, &["write -P 0x5a 0 1M"]);
+    std::fs::write(&trigger, b"").expect("arm the error filter");
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x66 0 64k", &uri])
+        .output()
+        .expect("qemu-io");
+    let text = output_text(&out);
+    assert!(text.contains("Input/output error"), "{text}");
+    // Reads of this volume and everything on the other one carry on.
+    qemu_io(&uri, &["read -P 0x5a 0 1M"]);
+    qemu_io(
+        &fx.uri("local"),
+        &["write -P 0x77 0 64k", "read -P 0x77 0 64k"],
+    );
+    std::fs::remove_file(&trigger).expect("disarm");
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x66 0 64k",
+            "read -P 0x66 0 64k",
+            "read -P 0x5a 64k 960k",
+        ],
+    );
+    let b = remote_status(&fx);
+    assert!(b["errors"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(b["state"], "up", "{b}");
+}
+
+#[test]
+fn random_read_errors_fail_some_reads_and_no_data_changes() {
+    let mut fx = Fixture::new();
+    let trigger = fx.path("fail-reads");
+    let backend = Backend::nbdkit(
+        &fx,
+        "be",
+        &[
+            "--filter=error",
+            "memory",
+            "80M",
+            "error=EIO",
+            "error-pread-rate=30%",
+            &format!("error-pread-file={}", trigger.display()),
+        ],
+    );
+    remote_fixture(&mut fx, &backend.uri(), "64M", "");
+    let _d = fx.start();
+    qemu_io(&fx.uri("r"), &["write -P 0x3c 0 1M"]);
+    std::fs::write(&trigger, b"").expect("arm the error filter");
+    let script = r"
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+failed = ok = 0
+for i in range(200):
+    try:
+        assert h.pread(4096, (i % 256) * 4096) == b'\x3c' * 4096
+        ok += 1
+    except nbd.Error as e:
+        assert errno_of(e) == errno.EIO, e
+        failed += 1
+print(ok, failed)
+assert failed > 0 and ok > 0
+print('OK')
+";
+    let out = python_nbd(script, &fx.uri("r"));
+    assert!(out.contains("OK"), "{out}");
+    std::fs::remove_file(&trigger).expect("disarm");
+    qemu_io(&fx.uri("r"), &["read -P 0x3c 0 1M"]);
+    let b = remote_status(&fx);
+    assert!(b["errors"].as_u64().unwrap() > 0, "{b}");
+    assert_eq!(b["state"], "up", "{b}");
+}
+
+#[test]
+fn slow_backend_is_slow_not_failing() {
+    let mut fx = Fixture::new();
+    let backend = Backend::nbdkit(
+        &fx,
+        "be",
+        &[
+            "--filter=delay",
+            "memory",
+            "80M",
+            "rdelay=200ms",
+            "wdelay=200ms",
+        ],
+    );
+    remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"2s\"");
+    let _d = fx.start();
+    let started = Instant::now();
+    qemu_io(&fx.uri("r"), &["write -P 0x21 0 64k", "read -P 0x21 0 64k"]);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let b = remote_status(&fx);
+    assert_eq!(b["timeouts"], 0, "{b}");
+    assert_eq!(b["errors"], 0, "{b}");
+}
+
+#[test]
+fn backend_killed_mid_fio_and_restarted_within_the_timeout() {
+    require_tool("fio");
+    let mut fx = Fixture::new();
+    let image = fx.path("backend.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(140 * MIB as u64))
+        .expect("backend image");
+    let mut backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    remote_fixture(&mut fx, &backend.uri(), "128M", "backing_timeout = \"30s\"");
+    let d = fx.start();
+    let mut args = fio_verify_args(&fx.uri("r"), "32M", "64M");
+    args.push("--rate=8m".into());
+    let fio = Command::new("fio")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fio");
+    wait_until("fio to be writing", Duration::from_secs(30), || {
+        fx.status()["volumes"][0]["io"]["write_ops"]
+            .as_u64()
+            .unwrap_or(0)
+            > 50
+    });
+    backend.kill();
+    wait_until(
+        "the backing to be seen down",
+        Duration::from_secs(10),
+        || remote_status(&fx)["state"] == "down",
+    );
+    backend.restart();
+    let out = fio.wait_with_output().expect("fio");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        output_text(&out),
+        d.stderr()
+    );
+    let jobs = fio_jobs(&out);
+    assert_eq!(jobs.len(), 2);
+    let b = remote_status(&fx);
+    assert!(b["reconnects"].as_u64().unwrap() >= 1, "{b}");
+    assert_eq!(b["timeouts"], 0, "{b}");
+}
+
+#[test]
+fn backend_down_past_the_timeout_is_eio_then_recovers() {
+    let mut fx = Fixture::new();
+    let image = fx.path("backend.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(80 * MIB as u64))
+        .expect("backend image");
+    let mut backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"2s\"");
+    let _d = fx.start();
+    let uri = fx.uri("r");
+    qemu_io(&uri, &["write -P 0x42 0 1M", "flush"]);
+    backend.kill();
+    let started = Instant::now();
+    read_fails_with_eio(&uri);
+    // The request stalled for the timeout before failing.
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    let b = remote_status(&fx);
+    assert_eq!(b["state"], "down", "{b}");
+    assert!(b["timeouts"].as_u64().unwrap() >= 1, "{b}");
+    backend.restart();
+    wait_until("the backing to come back", Duration::from_secs(10), || {
+        remote_status(&fx)["state"] == "up"
+    });
+    qemu_io(&uri, &["read -P 0x42 0 1M"]);
+}
+
+#[test]
+fn nbds_backend_with_client_certificate() {
+    let mut fx = Fixture::new();
+    let certs = Certs::make(&fx);
+    let port = free_port();
+    let mut args = vec![
+        "--foreground".to_string(),
+        "--port".into(),
+        port.to_string(),
+        "--ipaddr".into(),
+        "127.0.0.1".into(),
+        "--tls=require".into(),
+        format!("--tls-certificates={}", certs.dir("server").display()),
+        "--tls-verify-peer".into(),
+        "memory".into(),
+        "80M".into(),
+    ];
+    require_tool("nbdkit");
+    let log = std::fs::File::create(fx.path("nbdkit.log")).expect("log");
+    let mut child = Command::new("nbdkit")
+        .args(args.drain(..))
+        .stderr(log)
+        .spawn()
+        .expect("nbdkit");
+    wait_until("nbdkit to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let uri = format!("nbds://localhost:{port}/");
+    remote_fixture(
+        &mut fx,
+        &uri,
+        "64M",
+        &format!(
+            "backing_tls_certificates = \"{}\"",
+            certs.dir("client").display()
+        ),
+    );
+    let _d = fx.start();
+    qemu_io(&fx.uri("r"), &["write -P 0x19 0 4M", "read -P 0x19 0 4M"]);
+    // Without a client certificate the server refuses.
+    let anonymous = format!("{uri}?tls-certificates={}", certs.dir("nocert").display());
+    let out = fx.cli(&["inspect", &anonymous]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,113 @@
+//! Real NBD servers as remote backings: nbdkit (with its filters) and
+//! qemu-nbd on a Unix socket (or TCP for TLS), killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::{require_tool, wait_until, Fixture};
+
+/// A running NBD server that can be killed and started again with the
+/// same arguments.
+pub struct Backend {
+    program: &'static str,
+    args: Vec<String>,
+    child: Option<Child>,
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Backend {
+    /// `nbdkit --foreground --unix SOCKET ARGS…` (filters and plugin).
+    pub fn nbdkit(fx: &Fixture, name: &str, args: &[&str]) -> Backend {
+        require_tool("nbdkit");
+        let socket = fx.path(&format!("{name}.nbd.sock"));
+        let mut full = vec![
+            "--foreground".to_string(),
+            "--unix".into(),
+            socket.display().to_string(),
+        ];
+        full.extend(args.iter().map(|a| a.to_string()));
+        Self::start("nbdkit", full, socket, fx.path(&format!("{name}.nbd.log")))
+    }
+
+    /// `qemu-nbd` serving `image` (raw) to several clients.
+    pub fn qemu_nbd(fx: &Fixture, name: &str, image: &Path) -> Backend {
+        require_tool("qemu-nbd");
+        let socket = fx.path(&format!("{name}.nbd.sock"));
+        let args = vec![
+            "--socket".to_string(),
+            socket.display().to_string(),
+            "--format=raw".into(),
+            "--shared=16".into(),
+            "--persistent".into(),
+            "--cache=writeback".into(),
+            image.display().to_string(),
+        ];
+        Self::start(
+            "qemu-nbd",
+            args,
+            socket,
+            fx.path(&format!("{name}.nbd.log")),
+        )
+    }
+
+    fn start(program: &'static str, args: Vec<String>, socket: PathBuf, log: PathBuf) -> Backend {
+        let mut b = Backend {
+            program,
+            args,
+            child: None,
+            socket,
+            log,
+        };
+        b.restart();
+        b
+    }
+
+    /// The URI hostcryptd's config names this backend by.
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// Starts the server (again) and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.program);
+        let _ = std::fs::remove_file(&self.socket);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("backend log");
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.program));
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        wait_until(
+            &format!("{} to listen", self.program),
+            Duration::from_secs(20),
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        );
+    }
+
+    /// SIGKILL, as a crash or a storage node going away.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
