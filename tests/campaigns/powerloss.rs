@@ -298,7 +298,7 @@ fn cut(
         let mut sector = 0;
         while sector < len {
             let n = BLOCK.min(len - sector);
-            if random_u64() % 2 == 0 {
+            if random_u64() & 1 == 0 {
                 apply(&mut image, offset + sector as u64, n, at + sector);
             }
             sector += n;
