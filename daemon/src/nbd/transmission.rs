@@ -305,6 +305,9 @@ impl Ctx {
     }
 }
 
+/// Remote-backing writes up to this size are encrypted on the event loop.
+const INLINE_ENCRYPT_MAX: usize = 64 * 1024;
+
 fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
     if !ctx.in_range() {
         return ctx.fail(ENOSPC, budget);
@@ -316,12 +319,19 @@ fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
     if ctx.export.volume.data.backing().remote().is_some() {
         let area = ctx.export.volume.data.clone();
         let (offset, fua) = (ctx.req.offset, ctx.req.flags & CMD_FLAG_FUA != 0);
-        // A worker encrypts and sends; the backend's reply completes it.
-        crate::io::workers::spawn(move || {
+        let ctx_len = data.len();
+        let write = move || {
             area.write_remote(offset, data, fua, move |result| {
                 ctx.finish(result.map(|()| Body::Empty), budget)
             })
-        });
+        };
+        // Small writes are encrypted right here (well under the cost of a
+        // thread hand-off); large ones on a worker, off the event loop.
+        if ctx_len <= INLINE_ENCRYPT_MAX {
+            write();
+        } else {
+            crate::io::workers::spawn(write);
+        }
         return;
     }
     let direct = ctx.export.volume.data.backing().is_direct();

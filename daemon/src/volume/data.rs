@@ -581,10 +581,10 @@ impl DataArea {
         );
     }
 
-    /// `write` (plus FUA) to a remote backing: encrypted on the calling
-    /// thread (an I/O worker), then sent without waiting; the reply
-    /// completes it. Partial sectors, busy ranges and writes the backend
-    /// needs merged take the blocking path.
+    /// `write` (plus FUA) to a remote backing, never blocking the caller:
+    /// encrypted on the calling thread, then sent; the reply completes it.
+    /// Partial sectors, busy ranges and writes the backend needs merged
+    /// take the thread pool (they wait on locks and reads).
     pub fn write_remote<F>(self: Arc<Self>, offset: u64, mut data: IoBuf, fua: bool, done: F)
     where
         F: FnOnce(io::Result<()>) + Send + 'static,
@@ -604,10 +604,13 @@ impl DataArea {
             || !direct
             || !self.writers.try_acquire(start, end)
         {
-            let result =
-                self.write(offset, &mut data)
-                    .and_then(|()| if fua { self.flush() } else { Ok(()) });
-            return done(result);
+            crate::io::workers::spawn(move || {
+                let result =
+                    self.write(offset, &mut data)
+                        .and_then(|()| if fua { self.flush() } else { Ok(()) });
+                done(result)
+            });
+            return;
         }
         let keys = match self.cipher() {
             Ok(keys) => keys,

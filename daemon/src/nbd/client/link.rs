@@ -7,12 +7,13 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::negotiate::{negotiate, ExportInfo, NegotiateError};
 use super::uri::{Address, NbdUri};
 use super::{RemoteOptions, Shared};
+use crate::io::IoBuf;
 use crate::nbd::proto::*;
 
 /// How long connecting and the handshake may take before the attempt
@@ -147,16 +148,35 @@ pub fn open(uri: &NbdUri, options: &RemoteOptions) -> Result<(Stream, ExportInfo
 
 /// The sending half of a slot: the live connection's writer and its
 /// generation (bumped by every reconnect, so a request meant for a dead
-/// connection is never written to its successor).
+/// connection is never written to its successor), and the requests
+/// waiting to be written.
+///
+/// Sending combines: a request joins the queue, and whichever thread
+/// gets the writer writes everything queued with one `writev`, so under
+/// load many small requests cost one system call instead of one each.
 #[derive(Default)]
 pub struct Link {
     writer: Mutex<Option<(u64, Stream)>>,
+    queue: Mutex<Vec<Outgoing>>,
     generation: AtomicU64,
 }
+
+struct Outgoing {
+    generation: u64,
+    header: [u8; 28],
+    payload: Option<Arc<IoBuf>>,
+}
+
+/// At most this many requests per `writev` (two iovecs each, under IOV_MAX).
+const BATCH: usize = 256;
 
 impl Link {
     fn writer(&self) -> std::sync::MutexGuard<'_, Option<(u64, Stream)>> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Vec<Outgoing>> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Makes `stream` this slot's live connection.
@@ -172,23 +192,36 @@ impl Link {
         true
     }
 
-    /// Writes one request; on failure the socket is shut down, which the
-    /// reader notices and handles (the request is re-sent from there).
-    pub fn send(&self, generation: u64, header: &[u8; 28], payload: Option<&[u8]>) {
-        let writer = self.writer();
-        let Some((live, stream)) = writer.as_ref() else {
-            return;
-        };
-        if *live != generation {
-            return;
-        }
-        let mut w = stream;
-        let sent = match payload {
-            Some(data) => write_all_vectored(&mut w, header, data),
-            None => w.write_all(header),
-        };
-        if sent.is_err() {
-            stream.shutdown();
+    /// Queues one request and writes the queue unless another thread is
+    /// writing (that thread then writes this one too). A failed write
+    /// shuts the socket down, which the reader notices and handles (the
+    /// requests are re-sent from there).
+    pub fn send(&self, generation: u64, header: [u8; 28], payload: Option<Arc<IoBuf>>) {
+        self.queue().push(Outgoing {
+            generation,
+            header,
+            payload,
+        });
+        loop {
+            let writer = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                // The holder looks at the queue again after it lets go.
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            let batch = std::mem::take(&mut *self.queue());
+            if batch.is_empty() {
+                return;
+            }
+            if let Some((live, stream)) = writer.as_ref() {
+                for chunk in batch.chunks(BATCH) {
+                    if write_batch(stream, *live, chunk).is_err() {
+                        stream.shutdown();
+                        break;
+                    }
+                }
+            }
+            drop(writer);
         }
     }
 
@@ -209,17 +242,24 @@ impl Link {
     }
 }
 
-fn write_all_vectored(w: &mut &Stream, header: &[u8], data: &[u8]) -> io::Result<()> {
-    let mut head = header;
-    let mut body = data;
-    while !head.is_empty() || !body.is_empty() {
-        let n = w.write_vectored(&[io::IoSlice::new(head), io::IoSlice::new(body)])?;
+/// Writes the requests of `batch` meant for connection `live` (others
+/// were for a connection that is gone; the reader re-sends them).
+fn write_batch(stream: &Stream, live: u64, batch: &[Outgoing]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for o in batch.iter().filter(|o| o.generation == live) {
+        slices.push(io::IoSlice::new(&o.header));
+        if let Some(p) = &o.payload {
+            slices.push(io::IoSlice::new(p));
+        }
+    }
+    let mut slices = &mut slices[..];
+    let mut w = stream;
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices)?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let from_head = n.min(head.len());
-        head = &head[from_head..];
-        body = &body[n - from_head..];
+        io::IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
 }

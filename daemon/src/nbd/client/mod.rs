@@ -396,7 +396,7 @@ impl Shared {
             }
             (request_header(p, cookie), p.payload.clone())
         };
-        self.links[target.0].send(target.1, &header, payload.as_deref().map(|b| &b[..]));
+        self.links[target.0].send(target.1, header, payload);
     }
 
     /// Re-sends (in first-sent order) the requests that were on a lost
