@@ -118,3 +118,39 @@ for line in ({"op": "status"}, {"op": "reload"}, {"op": "rotate-kek", "volume": 
     write("control", f"request-{line['op']}", json.dumps(line).encode())
 write("control", "response-error", json.dumps({"ok": False, "error": "no such volume"}).encode())
 write("control", "response-ok", json.dumps({"ok": True}).encode())
+
+# client: what a server sends. Mode 0: greeting and option replies.
+REPLY_MAGIC = 0x3E889045565A9
+
+
+def opt_reply(opt, kind, data=b""):
+    return struct.pack(">QIII", REPLY_MAGIC, opt, kind, len(data)) + data
+
+
+greeting = struct.pack(">QQH", 0x4E42444D41474943, IHAVEOPT, 3)
+go_ok = (opt_reply(7, 3, struct.pack(">HQH", 0, 1 << 20, 0x10d))
+         + opt_reply(7, 3, struct.pack(">HIII", 3, 512, 4096, 1 << 20)) + opt_reply(7, 1))
+write("client", "handshake-structured", b"\x00" + greeting + opt_reply(8, 1) + go_ok)
+write("client", "handshake-plain", b"\x00" + greeting + opt_reply(8, (1 << 31) | 1) + go_ok)
+write("client", "handshake-refused", b"\x00" + greeting + opt_reply(8, 1) + opt_reply(7, (1 << 31) | 6, b"no such export"))
+
+
+# Mode 1: simple replies; mode 3: structured chunks (cookies 0..3: read 512 @0,
+# read 64 KiB @4096, write, flush).
+def simple(cookie, error=0, data=b""):
+    return struct.pack(">IIQ", 0x67446698, error, cookie) + data
+
+
+def chunk(flags, kind, cookie, payload):
+    return struct.pack(">IHHQI", 0x668E33EF, flags, kind, cookie, len(payload)) + payload
+
+
+write("client", "simple-all", b"\x01" + simple(2) + simple(0, 0, b"\x5a" * 512) + simple(3, 5)
+      + simple(1, 0, b"\xa5" * 65536))
+write("client", "structured-all", b"\x03"
+      + chunk(0, 1, 1, struct.pack(">Q", 4096) + b"\x11" * 4096)
+      + chunk(0, 2, 1, struct.pack(">QI", 8192, 61440))
+      + chunk(1, 0, 1, b"")
+      + chunk(1, 1, 0, struct.pack(">Q", 0) + b"\x22" * 512)
+      + chunk(1, 0x8001, 2, struct.pack(">IH", 5, 4) + b"oops")
+      + simple(3))

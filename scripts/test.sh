@@ -10,7 +10,8 @@ for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnb
             nbdfuse:nbdfuse fio:fio fusermount3:fuse3 mkfs.ext4:e2fsprogs \
             losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config \
             softhsm2-util:softhsm2 pkcs11-tool:opensc systemd-analyze:systemd \
-            systemd-socket-activate:systemd setpriv:util-linux; do
+            systemd-socket-activate:systemd setpriv:util-linux nbdkit:nbdkit \
+            qemu-nbd:qemu-utils; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)

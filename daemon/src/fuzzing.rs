@@ -190,3 +190,9 @@ fn fix_up_hash_record(area: &mut [u8]) {
     let sum = Sha256::digest(&area[..80]);
     area[80..112].copy_from_slice(&sum);
 }
+
+/// What an NBD server sends to the remote-backing client: handshake
+/// replies, or replies to requests in flight (first byte picks which).
+pub fn nbd_client(data: &[u8]) {
+    crate::nbd::client::fuzz(data);
+}

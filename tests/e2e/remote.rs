@@ -403,3 +403,52 @@ fn nbds_backend_with_client_certificate() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn temp_volume_on_a_remote_backing_reads_zeros_after_every_start() {
+    let mut fx = Fixture::new();
+    let backend = Backend::nbdkit(&fx, "be", &["memory", "80M"]);
+    fx.volume_at("t", "temp", Path::new(&backend.uri()), "size = \"64M\"");
+    let d = fx.start();
+    qemu_io(&fx.uri("t"), &["write -P 0x44 0 1M", "read -P 0x44 0 1M"]);
+    assert_eq!(d.stop(), 0);
+    // The old ciphertext is still on the export; under the new key it
+    // must read as zeros, not as garbage.
+    let _d = fx.start();
+    qemu_io(&fx.uri("t"), &["read -P 0 0 1M"]);
+}
+
+#[test]
+fn header_backup_and_restore_on_a_remote_backing() {
+    let mut fx = Fixture::new();
+    let backend = Backend::nbdkit(&fx, "be", &["memory", "80M"]);
+    remote_fixture(&mut fx, &backend.uri(), "64M", "");
+    let backup = fx.path("r.hdr");
+    let out = fx.cli(&["header", "backup", "r", &backup.display().to_string()]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    {
+        let _d = fx.start();
+        qemu_io(&fx.uri("r"), &["write -P 0x6d 1M 1M"]);
+    }
+    // Both header copies wiped on the export (64 KiB at 0 and at 256 KiB).
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -z 0 64k",
+        "-c",
+        "write -z 256k 64k",
+        &backend.uri(),
+    ]));
+    let out = fx.cli(&["inspect", &backend.uri()]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let out = fx.cli(&[
+        "header",
+        "restore",
+        &backend.uri(),
+        &backup.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let _d = fx.start();
+    qemu_io(&fx.uri("r"), &["read -P 0x6d 1M 1M"]);
+}

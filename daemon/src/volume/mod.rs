@@ -595,6 +595,14 @@ pub fn open_temp(
     let backing = Backing::open_or_create(path).map_err(io_err(path))?;
     let mut header = new_header(geometry, Role::Temp);
     lay_out(path, &backing, &mut header)?;
+    // A remote export is not recreated like a file: zero its data area
+    // (WRITE_ZEROES where offered), so last run's ciphertext, unreadable
+    // under the new key, does not read back as garbage instead of zeros.
+    if backing.remote().is_some() {
+        backing
+            .zero_range(header.data_offset, header.size)
+            .map_err(io_err(path))?;
+    }
     let dek = Dek::generate().map_err(VolumeError::Random)?;
     ready(name, path, backing, &header, (&dek, None), direct)
 }

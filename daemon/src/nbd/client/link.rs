@@ -350,7 +350,7 @@ fn read_replies(shared: &Shared, stream: &Stream) -> io::Error {
     }
 }
 
-fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
+pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic)?;
     match u32::from_be_bytes(magic) {
@@ -418,11 +418,12 @@ fn read_chunk(
             .ok_or_else(|| protocol(format!("a reply chunk for unknown request {cookie}")))?;
         (p.offset, u64::from(p.length))
     };
+    // A server's offsets are untrusted: overflow is "outside" too.
     let place = |offset: u64, n: u64| -> io::Result<usize> {
-        if offset < start || offset + n > start + len {
-            return Err(protocol("a reply chunk outside its request"));
+        match offset.checked_add(n) {
+            Some(end) if offset >= start && end <= start + len => Ok((offset - start) as usize),
+            _ => Err(protocol("a reply chunk outside its request")),
         }
-        Ok((offset - start) as usize)
     };
     match kind {
         REPLY_TYPE_NONE if length == 0 => Ok(()),

@@ -561,6 +561,88 @@ impl Shared {
     }
 }
 
+/// Fuzzing (`fuzz/fuzz_targets/client.rs`): what a server sends, fed to
+/// the client. The first byte's low bit picks the phase: 0 = the
+/// handshake (greeting and option replies) for `negotiate`; 1 = replies
+/// to four requests in flight (reads of 512 bytes at 0 and 64 KiB at
+/// 4096, a write, a flush), read until the stream fails; bit 1 says
+/// structured replies were negotiated.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz(data: &[u8]) {
+    struct Peer<'a>(&'a [u8]);
+    impl io::Read for Peer<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            io::Read::read(&mut self.0, buf)
+        }
+    }
+    impl io::Write for Peer<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode & 1 == 0 {
+        let _ = negotiate::negotiate(&mut Peer(rest), "fuzz");
+        return;
+    }
+    let Ok(uri) = NbdUri::parse("nbd+unix:///?socket=/nonexistent") else {
+        return;
+    };
+    let shared = Shared {
+        uri,
+        options: RemoteOptions::default(),
+        info: ExportInfo {
+            size: 1 << 20,
+            flags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: 1 << 20,
+            structured: mode & 2 != 0,
+        },
+        state: Mutex::new(State {
+            up: vec![Some(1)],
+            ..State::default()
+        }),
+        changed: Condvar::new(),
+        links: vec![Link::default()],
+        closing: AtomicBool::new(false),
+        counters: Counters::default(),
+    };
+    {
+        let mut state = shared.lock();
+        let requests = [
+            (CMD_READ, 0u64, 512u32),
+            (CMD_READ, 4096, 65536),
+            (CMD_WRITE, 0, 4096),
+            (CMD_FLUSH, 0, 0),
+        ];
+        for (cookie, (kind, offset, length)) in requests.into_iter().enumerate() {
+            state.pending.insert(
+                cookie as u64,
+                Pending {
+                    kind,
+                    flags: 0,
+                    offset,
+                    length,
+                    payload: None,
+                    buf: (kind == CMD_READ).then(|| IoBuf::new(length as usize)),
+                    sent_on: Some((0, 1)),
+                    since: Instant::now(),
+                    done: Some(Box::new(|_| {})),
+                    error: None,
+                },
+            );
+        }
+    }
+    let mut stream = rest;
+    while link::read_reply(&shared, &mut stream).is_ok() {}
+}
+
 #[allow(dead_code)]
 fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
