@@ -147,7 +147,7 @@ fn power_cut_before_every_flush_keeps_every_durable_write() {
             "flushes": figures.flushes,
             "writes_recorded": figures.writes,
             "durable_writes_checked": figures.checked,
-            "journal_replays": figures.replays,
+            "cuts_mid_reencryption": figures.replays,
             "failures": 0,
         })
     );
@@ -207,6 +207,7 @@ struct CutFigures {
     flushes: usize,
     writes: usize,
     checked: usize,
+    /// Cut images whose header says a re-encryption was under way.
     replays: usize,
 }
 
