@@ -452,3 +452,30 @@ fn header_backup_and_restore_on_a_remote_backing() {
     let _d = fx.start();
     qemu_io(&fx.uri("r"), &["read -P 0x6d 1M 1M"]);
 }
+
+#[test]
+fn hung_backend_times_out_then_recovers() {
+    let mut fx = Fixture::new();
+    let backend = Backend::nbdkit(&fx, "be", &["memory", "80M"]);
+    remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"2s\"");
+    let _d = fx.start();
+    let uri = fx.uri("r");
+    qemu_io(&uri, &["write -P 0x2f 0 1M"]);
+    // A server that stops reading: large writes fill the socket and the
+    // sender blocks; the watchdog must still fail them and break the
+    // connection.
+    backend.signal(libc::SIGSTOP);
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x30 0 16M", &uri])
+        .output()
+        .expect("qemu-io");
+    let text = output_text(&out);
+    assert!(text.contains("Input/output error"), "{text}");
+    let b = remote_status(&fx);
+    assert!(b["timeouts"].as_u64().unwrap() >= 1, "{b}");
+    backend.signal(libc::SIGCONT);
+    wait_until("the backing to come back", Duration::from_secs(20), || {
+        remote_status(&fx)["state"] == "up"
+    });
+    qemu_io(&uri, &["write -P 0x31 2M 1M", "read -P 0x31 2M 1M"]);
+}

@@ -101,6 +101,15 @@ impl Backend {
         }
     }
 
+    /// Sends `signal` (SIGSTOP: a server that hangs; SIGCONT: it resumes).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) with a pid we spawned and still hold (not yet
+            // reaped, so it cannot have been reused) and a plain signal number.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -157,6 +157,10 @@ pub fn open(uri: &NbdUri, options: &RemoteOptions) -> Result<(Stream, ExportInfo
 #[derive(Default)]
 pub struct Link {
     writer: Mutex<Option<(u64, Stream)>>,
+    /// Another handle on the live socket, only ever used to shut it down:
+    /// a writer blocked on a hung server holds `writer`, and shutting the
+    /// socket down is what unblocks it.
+    breaker: Mutex<Option<Stream>>,
     queue: Mutex<Vec<Outgoing>>,
     generation: AtomicU64,
 }
@@ -181,11 +185,12 @@ impl Link {
 
     /// Makes `stream` this slot's live connection.
     pub fn install(&self, shared: &Shared, slot: usize, stream: &Stream) -> bool {
-        let Ok(writer) = stream.try_clone() else {
+        let (Ok(writer), Ok(breaker)) = (stream.try_clone(), stream.try_clone()) else {
             return false;
         };
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         *self.writer() = Some((generation, writer));
+        *self.breaker.lock().unwrap_or_else(|p| p.into_inner()) = Some(breaker);
         let mut state = shared.lock();
         state.up[slot] = Some(generation);
         state.down_since = None;
@@ -227,17 +232,28 @@ impl Link {
 
     /// Breaks the live connection (its reader then reconnects, or exits
     /// when the client is closing), asking the server politely first.
+    /// Never waits for a writer: a busy connection is just shut down.
     pub fn disconnect(&self) {
-        if let Some((_, stream)) = self.writer().as_ref() {
-            let mut disc = [0u8; 28];
-            disc[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-            disc[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-            let _ = (&*stream).write_all(&disc);
+        if let Ok(writer) = self.writer.try_lock() {
+            if let Some((_, stream)) = writer.as_ref() {
+                let mut disc = [0u8; 28];
+                disc[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+                disc[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
+                let _ = (&*stream).write_all(&disc);
+            }
+        }
+        if let Some(stream) = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             stream.shutdown();
         }
     }
 
     fn clear(&self) {
+        *self.breaker.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.writer() = None;
     }
 }
@@ -305,8 +321,10 @@ pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
         };
         backoff = FIRST_BACKOFF;
         let err = read_replies(shared, &live);
-        link.clear();
+        // Shut down first: that unblocks a writer stuck on this socket,
+        // which holds the lock `clear` takes.
         live.shutdown();
+        link.clear();
         {
             let mut state = shared.lock();
             state.up[slot] = None;
