@@ -479,3 +479,35 @@ fn hung_backend_times_out_then_recovers() {
     });
     qemu_io(&uri, &["write -P 0x31 2M 1M", "read -P 0x31 2M 1M"]);
 }
+
+#[test]
+fn backend_down_at_start_is_retried_until_the_volume_opens() {
+    let mut fx = Fixture::new();
+    let image = fx.path("backend.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(80 * MIB as u64))
+        .expect("backend image");
+    let mut backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    remote_fixture(
+        &mut fx,
+        &backend.uri(),
+        "64M",
+        "key_check_interval = \"2s\"",
+    );
+    {
+        let _d = fx.start();
+        qemu_io(&fx.uri("r"), &["write -P 0x7e 0 1M", "flush"]);
+    }
+    // The storage node is down while the host boots: the daemon serves
+    // (the volume listed as not served, with why) and keeps trying.
+    backend.kill();
+    let _d = fx.start_with_unavailable("r");
+    let status = fx.status();
+    let error = status["volumes"][0]["unavailable"]["error"].to_string();
+    assert!(error.contains("cannot connect"), "{status}");
+    backend.restart();
+    wait_until("the volume to open", Duration::from_secs(20), || {
+        fx.status()["volumes"][0]["unavailable"].is_null()
+    });
+    qemu_io(&fx.uri("r"), &["read -P 0x7e 0 1M"]);
+}
