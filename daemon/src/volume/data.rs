@@ -866,8 +866,23 @@ pub(super) fn for_nonzero_runs(
     Ok(())
 }
 
+/// OR-folds blocks of 256 bytes rather than comparing byte by byte: the
+/// fold has no early exit inside a block, so it vectorizes (a hole's 4 KiB
+/// costs 16 wide ORs instead of 4096 compares), and ciphertext, non-zero
+/// from its first block, still stops after one. Under the fuzzers'
+/// coverage instrumentation this also removes one traced compare per byte,
+/// which was 87% of the transmission target's time.
 fn is_zero(buf: &[u8]) -> bool {
-    buf.iter().all(|&b| b == 0)
+    buf.chunks(256).all(|block| {
+        let words = block.chunks_exact(8);
+        let tail = words.remainder().iter().fold(0u8, |acc, &b| acc | b);
+        let body = words.fold(0u64, |acc, w| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            acc | u64::from_ne_bytes(word)
+        });
+        body == 0 && tail == 0
+    })
 }
 
 #[cfg(test)]
