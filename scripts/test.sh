@@ -11,7 +11,7 @@ for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnb
             losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config \
             softhsm2-util:softhsm2 pkcs11-tool:opensc systemd-analyze:systemd \
             systemd-socket-activate:systemd setpriv:util-linux nbdkit:nbdkit \
-            qemu-nbd:qemu-utils; do
+            qemu-nbd:qemu-utils spin:spin cc:gcc; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)
@@ -66,8 +66,10 @@ cargo test --workspace --locked -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}"
 echo "==> end-to-end tests on the thread-pool engine"
 HOSTCRYPT_E2E_IO_ENGINE=threads cargo test -p hostcrypt-e2e --locked --test e2e -- \
   --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee -a "$log" || status=$?
-# One closing line over every test binary (cargo prints one per binary,
-# and the last is often an empty doc-test run).
+# The header and journal protocol, model-checked with spin, and five
+# mutants of it that must each fail (RELIABILITY.md).
+echo "==> model check (spin): tests/models/check"
+tests/models/check || status=$?
 # Coverage-guided fuzzing, 30 s per target (fuzz/run; the recorded
 # campaigns are in RELIABILITY.md). cargo-fuzz needs a nightly toolchain.
 echo "==> fuzz smoke: ${HOSTCRYPT_FUZZ_SECONDS:-30} s per target"
