@@ -49,16 +49,7 @@ fn acked(log: &Path) -> usize {
 #[test]
 fn power_cut_before_every_flush_keeps_every_durable_write() {
     let mut fx = Fixture::new();
-    let second = fx.path("second.key");
-    run_ok(
-        Command::new(bin("hostcrypt"))
-            .args(["kek", "init-local"])
-            .arg(&second),
-    );
-    fx.kek_tables.push(format!(
-        "[kek.second]\nprovider = \"local\"\npath = \"{}\"\n",
-        second.display()
-    ));
+    let second = fx.add_local_kek("second");
     let record = fx.path("record");
     std::fs::create_dir_all(&record).expect("record dir");
     let log = record.join("log");

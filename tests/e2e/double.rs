@@ -14,16 +14,7 @@ use hostcryptd::volume::{self, Layer};
 /// A fixture with a second local KEK, `[kek.second]`, for inner layers.
 fn fixture_with_second_kek() -> (Fixture, std::path::PathBuf) {
     let mut fx = Fixture::new();
-    let second = fx.path("second.key");
-    run_ok(
-        Command::new(bin("hostcrypt"))
-            .args(["kek", "init-local"])
-            .arg(&second),
-    );
-    fx.kek_tables.push(format!(
-        "[kek.second]\nprovider = \"local\"\npath = \"{}\"\n",
-        second.display()
-    ));
+    let second = fx.add_local_kek("second");
     (fx, second)
 }
 

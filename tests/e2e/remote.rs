@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hostcrypt_e2e::remote::Backend;
+use hostcrypt_e2e::remote::{sparse_image, Backend};
 use hostcrypt_e2e::tls::{free_port, Certs};
 use hostcrypt_e2e::*;
 
@@ -66,11 +66,8 @@ fn round_trip(fx: &Fixture, d: &Daemon, backend_file: &Path) {
 fn nbdkit_file_backend_round_trips_256m_and_never_sees_plaintext() {
     require_tool("nbdcopy");
     let mut fx = Fixture::new();
-    let image = fx.path("backend.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(260 * MIB as u64))
-        .expect("backend image");
-    let backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    let image = sparse_image(&fx, "backend.img", 260);
+    let backend = Backend::nbdkit_file(&fx, "be", &image);
     remote_fixture(&mut fx, &backend.uri(), "256M", "");
     let d = fx.start();
     round_trip(&fx, &d, &image);
@@ -83,10 +80,7 @@ fn nbdkit_file_backend_round_trips_256m_and_never_sees_plaintext() {
 fn qemu_nbd_backend_round_trips_256m_and_never_sees_plaintext() {
     require_tool("nbdcopy");
     let mut fx = Fixture::new();
-    let image = fx.path("backend.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(260 * MIB as u64))
-        .expect("backend image");
+    let image = sparse_image(&fx, "backend.img", 260);
     let backend = Backend::qemu_nbd(&fx, "be", &image);
     remote_fixture(&mut fx, &backend.uri(), "256M", "");
     // The volume format is the same as on a file: inspect reads it remotely.
@@ -288,11 +282,8 @@ fn slow_backend_is_slow_not_failing() {
 fn backend_killed_mid_fio_and_restarted_within_the_timeout() {
     require_tool("fio");
     let mut fx = Fixture::new();
-    let image = fx.path("backend.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(140 * MIB as u64))
-        .expect("backend image");
-    let mut backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    let image = sparse_image(&fx, "backend.img", 140);
+    let mut backend = Backend::nbdkit_file(&fx, "be", &image);
     remote_fixture(&mut fx, &backend.uri(), "128M", "backing_timeout = \"30s\"");
     let d = fx.start();
     let mut args = fio_verify_args(&fx.uri("r"), "32M", "64M");
@@ -333,11 +324,8 @@ fn backend_killed_mid_fio_and_restarted_within_the_timeout() {
 #[test]
 fn backend_down_past_the_timeout_is_eio_then_recovers() {
     let mut fx = Fixture::new();
-    let image = fx.path("backend.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(80 * MIB as u64))
-        .expect("backend image");
-    let mut backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    let image = sparse_image(&fx, "backend.img", 80);
+    let mut backend = Backend::nbdkit_file(&fx, "be", &image);
     remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"2s\"");
     let _d = fx.start();
     let uri = fx.uri("r");
@@ -483,11 +471,8 @@ fn hung_backend_times_out_then_recovers() {
 #[test]
 fn backend_down_at_start_is_retried_until_the_volume_opens() {
     let mut fx = Fixture::new();
-    let image = fx.path("backend.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(80 * MIB as u64))
-        .expect("backend image");
-    let mut backend = Backend::nbdkit(&fx, "be", &["file", &image.display().to_string()]);
+    let image = sparse_image(&fx, "backend.img", 80);
+    let mut backend = Backend::nbdkit_file(&fx, "be", &image);
     remote_fixture(
         &mut fx,
         &backend.uri(),

@@ -116,6 +116,22 @@ impl Fixture {
         }
     }
 
+    /// Makes a second local KEK file and its `[kek.NAME]` table; returns
+    /// the file's path.
+    pub fn add_local_kek(&mut self, name: &str) -> PathBuf {
+        let path = self.path(&format!("{name}.key"));
+        run_ok(
+            Command::new(bin("hostcrypt"))
+                .args(["kek", "init-local"])
+                .arg(&path),
+        );
+        self.kek_tables.push(format!(
+            "[kek.{name}]\nprovider = \"local\"\npath = \"{}\"\n",
+            path.display()
+        ));
+        path
+    }
+
     /// Runs this fixture's daemon on `engine` whatever the suite's is.
     pub fn set_io_engine(&mut self, engine: &str) {
         self.engine = engine.to_owned();

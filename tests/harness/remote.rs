@@ -31,6 +31,11 @@ impl Backend {
         Self::start("nbdkit", full, socket, fx.path(&format!("{name}.nbd.log")))
     }
 
+    /// `nbdkit file IMAGE`.
+    pub fn nbdkit_file(fx: &Fixture, name: &str, image: &Path) -> Backend {
+        Self::nbdkit(fx, name, &["file", &image.display().to_string()])
+    }
+
     /// `qemu-nbd` serving `image` (raw) to several clients.
     pub fn qemu_nbd(fx: &Fixture, name: &str, image: &Path) -> Backend {
         require_tool("qemu-nbd");
@@ -119,4 +124,13 @@ impl Drop for Backend {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A sparse file of `mib` MiB in the fixture's directory, for a file backend.
+pub fn sparse_image(fx: &Fixture, name: &str, mib: u64) -> PathBuf {
+    let image = fx.path(name);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(mib << 20))
+        .expect("backend image");
+    image
 }

@@ -154,24 +154,44 @@ pub const REQUEST_LEN: usize = 28;
 impl Request {
     /// Parses a request header; `None` when the magic is wrong.
     pub fn parse(raw: &[u8; REQUEST_LEN]) -> Option<Self> {
-        let be32 = |at: usize| u32::from_be_bytes([raw[at], raw[at + 1], raw[at + 2], raw[at + 3]]);
-        let be16 = |at: usize| u16::from_be_bytes([raw[at], raw[at + 1]]);
-        let be64 = |at: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&raw[at..at + 8]);
-            u64::from_be_bytes(b)
-        };
-        if be32(0) != REQUEST_MAGIC {
+        if be32(&raw[..4]) != REQUEST_MAGIC {
             return None;
         }
         Some(Request {
-            flags: be16(4),
-            kind: be16(6),
-            cookie: be64(8),
-            offset: be64(16),
-            length: be32(24),
+            flags: be16(&raw[4..]),
+            kind: be16(&raw[6..]),
+            cookie: be64(&raw[8..]),
+            offset: be64(&raw[16..]),
+            length: be32(&raw[24..]),
         })
     }
+
+    /// The header on the wire (what the remote-backing client sends).
+    pub fn encode(&self) -> [u8; REQUEST_LEN] {
+        let mut out = [0u8; REQUEST_LEN];
+        out[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        out[24..].copy_from_slice(&self.length.to_be_bytes());
+        out
+    }
+}
+
+/// Big-endian integers at the start of `b` (callers check the length).
+pub fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+pub fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+pub fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
 }
 
 /// The 16-byte header of a simple reply.
@@ -206,6 +226,7 @@ mod tests {
         raw[16..24].copy_from_slice(&4096u64.to_be_bytes());
         raw[24..28].copy_from_slice(&512u32.to_be_bytes());
         let req = Request::parse(&raw).unwrap();
+        assert_eq!(req.encode(), raw, "encode is parse's inverse");
         assert_eq!(
             (req.kind, req.cookie, req.offset, req.length),
             (CMD_WRITE, 7, 4096, 512)

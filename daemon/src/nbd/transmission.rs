@@ -319,7 +319,7 @@ fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
     if ctx.export.volume.data.backing().remote().is_some() {
         let area = ctx.export.volume.data.clone();
         let (offset, fua) = (ctx.req.offset, ctx.req.flags & CMD_FLAG_FUA != 0);
-        let ctx_len = data.len();
+        let len = data.len();
         let write = move || {
             area.write_remote(offset, data, fua, move |result| {
                 ctx.finish(result.map(|()| Body::Empty), budget)
@@ -327,7 +327,7 @@ fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
         };
         // Small writes are encrypted right here (well under the cost of a
         // thread hand-off); large ones on a worker, off the event loop.
-        if ctx_len <= INLINE_ENCRYPT_MAX {
+        if len <= INLINE_ENCRYPT_MAX {
             write();
         } else {
             crate::io::workers::spawn(write);

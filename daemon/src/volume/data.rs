@@ -423,9 +423,18 @@ impl DataArea {
             .is_some_and(|now| Arc::ptr_eq(now, keys))
     }
 
-    /// `read` through an io_uring worker: the read is submitted to `ring`,
-    /// and decryption runs on the ring's thread when it completes.
-    pub fn read_on_ring<F>(self: Arc<Self>, ring: &mut Ring, offset: u64, len: usize, done: F)
+    /// The start shared by the reads that go out without the range lock
+    /// (`read_on_ring`, `read_remote`): `target` says whether (and where)
+    /// the engine takes `[at, at + len)` as one request. Reads it does not
+    /// take, and reads during a re-encryption, go to the thread pool (and
+    /// `None` is returned, as on an error, with `done` called).
+    fn begin_unlocked_read<T, F>(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        target: impl FnOnce(u64, u64) -> Option<T>,
+        done: F,
+    ) -> Option<UnlockedRead<T, F>>
     where
         F: FnOnce(io::Result<IoBuf>) + Send + 'static,
     {
@@ -433,91 +442,192 @@ impl DataArea {
             .check_range(offset, len as u64)
             .and_then(|()| self.cipher())
         {
-            Ok(keys) if keys.target.is_some() || self.backing.data_fd().is_none() => {
-                crate::io::workers::spawn(move || done(self.read(offset, len)));
-                return;
-            }
             Ok(keys) => keys,
-            Err(e) => return done(Err(e)),
+            Err(e) => {
+                done(Err(e));
+                return None;
+            }
         };
         let (start, end) = self.aligned(offset, len as u64);
-        let Some(fd) = self.backing.data_fd() else {
+        let target = match target(self.data_offset + start, end - start) {
+            Some(target) if keys.target.is_none() => target,
+            _ => {
+                let area = self.clone();
+                crate::io::workers::spawn(move || done(area.read(offset, len)));
+                return None;
+            }
+        };
+        Some(UnlockedRead {
+            keys,
+            start,
+            end,
+            target,
+            done,
+        })
+    }
+
+    /// Completes an unlocked read on the thread its data arrived on.
+    fn finish_unlocked_read<F>(
+        self: Arc<Self>,
+        keys: &Arc<DataKeys>,
+        (offset, len, start): (u64, usize, u64),
+        result: io::Result<IoBuf>,
+        done: F,
+    ) where
+        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+    {
+        // A re-encryption that began while this read was in flight may
+        // have rewritten these sectors: read again, locked.
+        if !self.still_in_place(keys) {
+            crate::io::workers::spawn(move || done(self.read(offset, len)));
+            return;
+        }
+        done(result.map(|mut buf| {
+            self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
+            trim_to(buf, (offset - start) as usize, len)
+        }))
+    }
+
+    /// `read` through an io_uring worker: the read is submitted to `ring`,
+    /// and decryption runs on the ring's thread when it completes.
+    pub fn read_on_ring<F>(self: Arc<Self>, ring: &mut Ring, offset: u64, len: usize, done: F)
+    where
+        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+    {
+        let fd = self.backing.data_fd();
+        let Some(read) = self.begin_unlocked_read(offset, len, |_, _| fd, done) else {
             return;
         };
-        let at = self.data_offset + start;
-        let buf = IoBuf::new((end - start) as usize);
+        let UnlockedRead {
+            keys,
+            start,
+            end,
+            target: fd,
+            done,
+        } = read;
         ring.read(
             fd,
-            buf,
-            at,
+            IoBuf::new((end - start) as usize),
+            self.data_offset + start,
             Box::new(move |_, result| {
-                // A re-encryption that began while this read was in flight
-                // may have rewritten these sectors: read again, locked.
-                if !self.still_in_place(&keys) {
-                    crate::io::workers::spawn(move || done(self.read(offset, len)));
-                    return;
-                }
-                done(result.map(|mut buf| {
-                    self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
-                    trim_to(buf, (offset - start) as usize, len)
-                }))
+                self.finish_unlocked_read(&keys, (offset, len, start), result, done)
             }),
         );
     }
 
-    /// `write` (plus a flush when `fua`) through an io_uring worker. Whole
-    /// sectors on an idle range are encrypted here and written by the ring;
-    /// partial sectors (read-modify-write) and ranges another writer holds
-    /// must wait, which a ring thread never does, so they go to the thread
-    /// pool instead.
-    pub fn write_on_ring<F>(
-        self: Arc<Self>,
-        ring: &mut Ring,
+    /// `read` from a remote backing without a thread per request: the
+    /// read goes out at once and is decrypted on the NBD connection's
+    /// thread when its reply arrives. Anything else (a re-encryption under
+    /// way, a read the backend needs split or aligned) takes the thread
+    /// pool.
+    pub fn read_remote<F>(self: Arc<Self>, offset: u64, len: usize, done: F)
+    where
+        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+    {
+        let direct = |at, len| self.backing.remote().filter(|r| r.reads_directly(at, len));
+        let Some(read) = self.begin_unlocked_read(offset, len, direct, done) else {
+            return;
+        };
+        let UnlockedRead {
+            keys,
+            start,
+            end,
+            target: remote,
+            done,
+        } = read;
+        let area = self.clone();
+        remote.submit_read(
+            self.data_offset + start,
+            (end - start) as usize,
+            Box::new(move |result| {
+                area.finish_unlocked_read(&keys, (offset, len, start), result, done)
+            }),
+        );
+    }
+
+    /// The start shared by the writes an engine submits itself
+    /// (`write_on_ring`, `write_remote`): whole sectors on a free range
+    /// that `target` says the engine takes as one request are encrypted in
+    /// place here and returned with their sectors locked (the caller
+    /// releases them when the write completes). Partial sectors
+    /// (read-modify-write) and ranges another writer holds must wait,
+    /// which an engine's thread never does, so they go to the thread pool
+    /// instead (a plain `write`, then a flush for FUA); `None` is returned
+    /// then, as on an error, with `done` called.
+    fn begin_async_write<T, F>(
+        self: &Arc<Self>,
         offset: u64,
         mut data: IoBuf,
         fua: bool,
+        target: impl FnOnce(u64, u64) -> Option<T>,
         done: F,
-    ) where
+    ) -> Option<AsyncWrite<T, F>>
+    where
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
         let len = data.len() as u64;
         if let Err(e) = self.check_range(offset, len) {
-            return done(Err(e));
+            done(Err(e));
+            return None;
         }
         let (start, end) = self.aligned(offset, len);
-        let fd = self.backing.data_fd();
-        if start != offset
-            || end != offset + len
-            || fd.is_none()
-            || !self.writers.try_acquire(start, end)
-        {
+        let whole = start == offset && end == offset + len;
+        let target = whole
+            .then(|| target(self.data_offset + start, len))
+            .flatten()
+            .filter(|_| self.writers.try_acquire(start, end));
+        let Some(target) = target else {
+            let area = self.clone();
             crate::io::workers::spawn(move || {
                 let result =
-                    self.write(offset, &mut data)
-                        .and_then(|()| if fua { self.flush() } else { Ok(()) });
-                done(result);
+                    area.write(offset, &mut data)
+                        .and_then(|()| if fua { area.flush() } else { Ok(()) });
+                done(result)
             });
-            return;
-        }
+            return None;
+        };
         // Loaded with the range held, so a re-encryption window cannot move
         // the checkpoint across these sectors while they are written.
         let keys = match self.cipher() {
             Ok(keys) => keys,
             Err(e) => {
                 self.writers.release(start, end);
-                return done(Err(e));
+                done(Err(e));
+                return None;
             }
         };
         self.timed(|| self.encrypt_range(&keys, &mut data, start));
-        drop(keys);
-        let Some(fd) = fd else {
+        Some(AsyncWrite {
+            data,
+            start,
+            end,
+            target,
+            done,
+        })
+    }
+
+    /// `write` (plus a flush when `fua`) through an io_uring worker: the
+    /// encrypted sectors are written by the ring (see `begin_async_write`
+    /// for what goes to the thread pool instead).
+    pub fn write_on_ring<F>(
+        self: Arc<Self>,
+        ring: &mut Ring,
+        offset: u64,
+        data: IoBuf,
+        fua: bool,
+        done: F,
+    ) where
+        F: FnOnce(io::Result<()>) + Send + 'static,
+    {
+        let fd = self.backing.data_fd();
+        let Some(w) = self.begin_async_write(offset, data, fua, |_, _| fd, done) else {
             return;
         };
-        let at = self.data_offset + start;
+        let (fd, start, end, done) = (w.target, w.start, w.end, w.done);
         ring.write(
             fd,
-            data,
-            at,
+            w.data,
+            self.data_offset + start,
             Box::new(move |ring, result| {
                 self.writers.release(start, end);
                 match result {
@@ -535,100 +645,23 @@ impl DataArea {
         );
     }
 
-    /// `read` from a remote backing without a thread per request: the
-    /// read goes out at once and is decrypted on the NBD connection's
-    /// thread when its reply arrives. Anything else (a re-encryption under
-    /// way, a read the backend needs split or aligned) takes the thread
-    /// pool.
-    pub fn read_remote<F>(self: Arc<Self>, offset: u64, len: usize, done: F)
-    where
-        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
-    {
-        let keys = match self
-            .check_range(offset, len as u64)
-            .and_then(|()| self.cipher())
-        {
-            Ok(keys) => keys,
-            Err(e) => return done(Err(e)),
-        };
-        let (start, end) = self.aligned(offset, len as u64);
-        let at = self.data_offset + start;
-        let direct = self
-            .backing
-            .remote()
-            .is_some_and(|r| r.reads_directly(at, end - start));
-        if keys.target.is_some() || !direct {
-            crate::io::workers::spawn(move || done(self.read(offset, len)));
-            return;
-        }
-        let area = self.clone();
-        let Some(remote) = self.backing.remote() else {
-            return;
-        };
-        remote.submit_read(
-            at,
-            (end - start) as usize,
-            Box::new(move |result| {
-                if !area.still_in_place(&keys) {
-                    crate::io::workers::spawn(move || done(area.read(offset, len)));
-                    return;
-                }
-                done(result.map(|mut buf| {
-                    area.timed(|| decrypt_sectors(&keys.current, area.sector, &mut buf, start));
-                    trim_to(buf, (offset - start) as usize, len)
-                }))
-            }),
-        );
-    }
-
     /// `write` (plus FUA) to a remote backing, never blocking the caller:
-    /// encrypted on the calling thread, then sent; the reply completes it.
-    /// Partial sectors, busy ranges and writes the backend needs merged
-    /// take the thread pool (they wait on locks and reads).
-    pub fn write_remote<F>(self: Arc<Self>, offset: u64, mut data: IoBuf, fua: bool, done: F)
+    /// encrypted on the calling thread, then sent; the reply completes it
+    /// (see `begin_async_write` for what goes to the thread pool instead,
+    /// which here includes writes the backend needs merged).
+    pub fn write_remote<F>(self: Arc<Self>, offset: u64, data: IoBuf, fua: bool, done: F)
     where
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
-        let len = data.len() as u64;
-        if let Err(e) = self.check_range(offset, len) {
-            return done(Err(e));
-        }
-        let (start, end) = self.aligned(offset, len);
-        let at = self.data_offset + start;
-        let direct = self
-            .backing
-            .remote()
-            .is_some_and(|r| r.writes_directly(at, len));
-        if start != offset
-            || end != offset + len
-            || !direct
-            || !self.writers.try_acquire(start, end)
-        {
-            crate::io::workers::spawn(move || {
-                let result =
-                    self.write(offset, &mut data)
-                        .and_then(|()| if fua { self.flush() } else { Ok(()) });
-                done(result)
-            });
+        let direct = |at, len| self.backing.remote().filter(|r| r.writes_directly(at, len));
+        let Some(w) = self.begin_async_write(offset, data, fua, direct, done) else {
             return;
-        }
-        let keys = match self.cipher() {
-            Ok(keys) => keys,
-            Err(e) => {
-                self.writers.release(start, end);
-                return done(Err(e));
-            }
         };
-        self.timed(|| self.encrypt_range(&keys, &mut data, start));
-        drop(keys);
+        let (start, end, done) = (w.start, w.end, w.done);
         let area = self.clone();
-        let Some(remote) = self.backing.remote() else {
-            self.writers.release(start, end);
-            return;
-        };
-        remote.submit_write(
-            data,
-            at,
+        w.target.submit_write(
+            w.data,
+            self.data_offset + start,
             fua,
             Box::new(move |result| {
                 area.writers.release(start, end);
@@ -769,6 +802,26 @@ impl DataArea {
     pub fn flush(&self) -> io::Result<()> {
         self.backing.sync()
     }
+}
+
+/// A read going out without the range lock: the key snapshot it will
+/// decrypt with, its sector range, and where the engine sends it.
+struct UnlockedRead<T, F> {
+    keys: Arc<DataKeys>,
+    start: u64,
+    end: u64,
+    target: T,
+    done: F,
+}
+
+/// An encrypted write whose sectors `[start, end)` stay locked until it
+/// completes.
+struct AsyncWrite<T, F> {
+    data: IoBuf,
+    start: u64,
+    end: u64,
+    target: T,
+    done: F,
 }
 
 /// The `len` bytes at `skip` of a sector-aligned read, moved to the front.

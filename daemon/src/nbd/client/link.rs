@@ -167,7 +167,7 @@ pub struct Link {
 
 struct Outgoing {
     generation: u64,
-    header: [u8; 28],
+    header: [u8; REQUEST_LEN],
     payload: Option<Arc<IoBuf>>,
 }
 
@@ -201,7 +201,7 @@ impl Link {
     /// writing (that thread then writes this one too). A failed write
     /// shuts the socket down, which the reader notices and handles (the
     /// requests are re-sent from there).
-    pub fn send(&self, generation: u64, header: [u8; 28], payload: Option<Arc<IoBuf>>) {
+    pub fn send(&self, generation: u64, header: [u8; REQUEST_LEN], payload: Option<Arc<IoBuf>>) {
         self.queue().push(Outgoing {
             generation,
             header,
@@ -236,10 +236,14 @@ impl Link {
     pub fn disconnect(&self) {
         if let Ok(writer) = self.writer.try_lock() {
             if let Some((_, stream)) = writer.as_ref() {
-                let mut disc = [0u8; 28];
-                disc[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-                disc[6..8].copy_from_slice(&CMD_DISC.to_be_bytes());
-                let _ = (&*stream).write_all(&disc);
+                let disc = Request {
+                    flags: 0,
+                    kind: CMD_DISC,
+                    cookie: 0,
+                    offset: 0,
+                    length: 0,
+                };
+                let _ = (&*stream).write_all(&disc.encode());
             }
         }
         if let Some(stream) = self
@@ -397,8 +401,8 @@ pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
         STRUCTURED_REPLY_MAGIC => {
             let mut h = [0u8; 16];
             r.read_exact(&mut h)?;
-            let flags = u16::from_be_bytes([h[0], h[1]]);
-            let kind = u16::from_be_bytes([h[2], h[3]]);
+            let flags = be16(&h[..2]);
+            let kind = be16(&h[2..4]);
             let cookie = be64(&h[4..12]);
             let length = be32(&h[12..16]);
             read_chunk(shared, r, kind, cookie, length)?;
@@ -469,7 +473,7 @@ fn read_chunk(
             let mut payload = vec![0u8; length as usize];
             r.read_exact(&mut payload)?;
             let code = be32(&payload[..4]);
-            let message_len = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+            let message_len = be16(&payload[4..6]) as usize;
             let message = String::from_utf8_lossy(payload.get(6..6 + message_len).unwrap_or(&[]));
             if !message.is_empty() {
                 tracing::debug!(backing = %shared.uri_text(), "remote backing error {code}: {message}");
@@ -509,16 +513,4 @@ fn put_buf(shared: &Shared, cookie: u64, buf: crate::io::IoBuf) {
     if let Some(p) = shared.lock().pending.get_mut(&cookie) {
         p.buf = Some(buf);
     }
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn be32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_be_bytes(a)
 }

@@ -477,15 +477,15 @@ fn assign(state: &mut State, cookie: u64) -> Option<(usize, u64)> {
     target
 }
 
-fn request_header(p: &Pending, cookie: u64) -> [u8; 28] {
-    let mut out = [0u8; 28];
-    out[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&p.flags.to_be_bytes());
-    out[6..8].copy_from_slice(&p.kind.to_be_bytes());
-    out[8..16].copy_from_slice(&cookie.to_be_bytes());
-    out[16..24].copy_from_slice(&p.offset.to_be_bytes());
-    out[24..28].copy_from_slice(&p.length.to_be_bytes());
-    out
+fn request_header(p: &Pending, cookie: u64) -> [u8; REQUEST_LEN] {
+    Request {
+        flags: p.flags,
+        kind: p.kind,
+        cookie,
+        offset: p.offset,
+        length: p.length,
+    }
+    .encode()
 }
 
 /// Fails requests older than the timeout, and closes the connection such

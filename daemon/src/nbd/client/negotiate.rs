@@ -84,7 +84,7 @@ pub fn greet<S: Read + Write>(stream: &mut S) -> Result<(), NegotiateError> {
     if be64(&greeting[8..16]) != IHAVEOPT {
         return Err(protocol("the server speaks only the oldstyle handshake"));
     }
-    let server_flags = u16::from_be_bytes([greeting[16], greeting[17]]);
+    let server_flags = be16(&greeting[16..]);
     if server_flags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(protocol("the server does not speak fixed newstyle"));
     }
@@ -116,11 +116,10 @@ pub fn choose<S: Read + Write>(stream: &mut S, export: &str) -> Result<ExportInf
         match kind {
             REP_ACK => break,
             REP_INFO if data.len() >= 2 => {
-                let info = u16::from_be_bytes([data[0], data[1]]);
+                let info = be16(&data[..2]);
                 match (info, data.len()) {
                     (INFO_EXPORT, 12) => {
-                        export_info =
-                            Some((be64(&data[2..10]), u16::from_be_bytes([data[10], data[11]])));
+                        export_info = Some((be64(&data[2..10]), be16(&data[10..12])));
                     }
                     (INFO_BLOCK_SIZE, 14) => {
                         sizes = (be32(&data[2..6]), be32(&data[6..10]), be32(&data[10..14]));
@@ -208,16 +207,4 @@ fn read_option_reply(
     let mut data = vec![0u8; len as usize];
     stream.read_exact(&mut data)?;
     Ok((kind, data))
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
-}
-
-fn be32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_be_bytes(a)
 }
