@@ -113,13 +113,16 @@ pub fn handshake(data: &[u8]) {
 /// The transmission phase: `data` is the request stream a client sends
 /// (headers and payloads), served against a 64 KiB temp volume. The first
 /// byte picks the negotiated features (simple or structured replies,
-/// `base:allocation` or not).
+/// `base:allocation` or not, compact or extended headers).
 pub fn transmission(data: &[u8]) {
     let h = harness();
     let (mode, data) = data.split_first().unwrap_or((&0, &[]));
+    let extended = mode & 4 == 4;
+    let structured = mode & 1 == 1 || extended;
     let features = crate::nbd::proto::Features {
-        structured: mode & 1 == 1,
-        base_allocation: mode & 3 == 3,
+        structured,
+        extended,
+        base_allocation: structured && mode & 2 == 2,
     };
     h.runtime.block_on(async {
         let (_keep, shutdown) = watch::channel(false);

@@ -1,6 +1,7 @@
 //! Structured replies and `base:allocation` block status: libnbd sees the
 //! holes of a volume exactly, `nbdinfo --map` and `qemu-img map` list
-//! them, and `nbdcopy` copies only the data (the copy equals a full one).
+//! them, and `nbdcopy` copies only the data (the copy equals a full one);
+//! QEMU negotiates extended headers and zeroes 6 GiB in one request.
 
 use std::process::Command;
 
@@ -102,4 +103,93 @@ fn nbdcopy_copies_only_data_and_equals_a_full_copy() {
         allocated < 8 << 20,
         "sparse copy allocated {allocated} bytes"
     );
+}
+
+/// QEMU's client negotiates extended headers (64-bit lengths, 32-byte
+/// replies) where the server offers them: its view of the export, reads,
+/// writes, zeroing past 4 GiB in one request, discards and the
+/// block-status map all go through them.
+#[test]
+fn qemu_negotiates_extended_headers_and_sees_the_same_volume() {
+    require_tool("qemu-nbd");
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "allow_discards = true");
+    let port = hostcrypt_e2e::bao::free_port();
+    fx.write_config(&format!("metrics = \"127.0.0.1:{port}\""));
+    fx.create("v", "8G", 4096);
+    let _d = fx.start();
+    let socket = fx.socket.to_string_lossy().into_owned();
+    let out = run_ok(Command::new("qemu-nbd").args(["--list", "-k", &socket]));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("transaction size: 64-bit"),
+        "extended headers not negotiated:\n{listing}"
+    );
+    let io = qemu_io(
+        &fx.uri("v"),
+        &[
+            "write -P 0x5c 1M 64k",
+            "write -P 0x11 2G 3M",
+            "write -P 0x22 6G 1M",
+            "write -P 0x33 7G 1M",
+            "read -P 0x11 2G 3M",
+            // One zeroing request of 6 GiB, past what 32 bits can say.
+            "write -n -z -u 1G 6G",
+            "read -P 0 2G 3M",
+            "read -P 0 6G 1M",
+            "read -P 0x33 7G 1M",
+            "discard 7G 512k",
+            "read -P 0 7G 512k",
+            "read -P 0x33 7516717056 512k",
+        ],
+    );
+    assert!(
+        !io.contains("error") && !io.contains("Pattern verification failed"),
+        "{io}"
+    );
+    // The 6 GiB zeroing arrived as one request: compact headers would
+    // have needed at least two.
+    let metrics = http_get(port, "/metrics");
+    let line = "hostcrypt_requests_total{volume=\"v\",command=\"write_zeroes\"} 1";
+    assert!(metrics.contains(line), "{metrics}");
+    let out =
+        run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &fx.uri("v")]));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).expect("qemu-img map JSON");
+    let data: Vec<(u64, u64)> = map
+        .as_array()
+        .expect("a map")
+        .iter()
+        .filter(|e| e["data"] == true && e["start"].as_u64() != Some(0))
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap_or(0),
+                e["length"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        data,
+        [(1 << 20, 64 << 10), ((7 << 30) + (512 << 10), 512 << 10)],
+        "{map}"
+    );
+}
+
+/// The response to a plain HTTP GET to 127.0.0.1:`port`, once the
+/// endpoint listens.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = None;
+    wait_until(
+        "the metrics endpoint",
+        std::time::Duration::from_secs(10),
+        || {
+            stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok();
+            stream.is_some()
+        },
+    );
+    let mut stream = stream.expect("connected above");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
 }

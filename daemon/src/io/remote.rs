@@ -134,7 +134,7 @@ impl RemoteBacking {
     /// the connection's thread.
     pub fn submit_read(&self, offset: u64, len: usize, done: crate::nbd::client::Done) {
         self.client
-            .submit(CMD_READ, 0, offset, len as u32, None, done);
+            .submit(Command::Read, 0, offset, len as u32, None, done);
     }
 
     /// One write the caller checked with `writes_directly`.
@@ -144,14 +144,14 @@ impl RemoteBacking {
         let then_flush = fua && !native_fua && self.has(TFLAG_SEND_FLUSH);
         let client = self.client.clone();
         self.client.submit(
-            CMD_WRITE,
+            Command::Write,
             flags,
             offset,
             0,
             Some(data),
             Box::new(move |r| match r {
                 Ok(_) if then_flush => client.submit(
-                    CMD_FLUSH,
+                    Command::Flush,
                     0,
                     0,
                     0,
@@ -168,7 +168,7 @@ impl RemoteBacking {
     /// piece's offset and outcome.
     fn pieces(
         &self,
-        kind: u16,
+        command: Command,
         flags: u16,
         offset: u64,
         len: u64,
@@ -185,7 +185,7 @@ impl RemoteBacking {
             let piece = (offset + len - at).min(self.max);
             let tx = tx.clone();
             self.client.submit(
-                kind,
+                command,
                 flags,
                 at,
                 piece as u32,
@@ -213,7 +213,7 @@ impl RemoteBacking {
 
     fn read_aligned(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.pieces(
-            CMD_READ,
+            Command::Read,
             0,
             offset,
             buf.len() as u64,
@@ -235,7 +235,7 @@ impl RemoteBacking {
             Some(piece)
         };
         self.pieces(
-            CMD_WRITE,
+            Command::Write,
             flags,
             offset,
             data.len() as u64,
@@ -309,7 +309,7 @@ impl RemoteBacking {
         if !self.has(TFLAG_SEND_FLUSH) {
             return Ok(());
         }
-        self.client.call(CMD_FLUSH, 0, 0, 0, None).map(drop)
+        self.client.call(Command::Flush, 0, 0, 0, None).map(drop)
     }
 
     /// The whole blocks inside `[offset, offset + len)`, if any.
@@ -334,7 +334,7 @@ impl RemoteBacking {
         {
             let _blocks = (self.min > 1).then(|| self.blocks.lock(start, end));
             self.pieces(
-                CMD_WRITE_ZEROES,
+                Command::WriteZeroes,
                 0,
                 start,
                 end - start,
@@ -367,6 +367,6 @@ impl RemoteBacking {
             return Ok(());
         };
         let _blocks = (self.min > 1).then(|| self.blocks.lock(start, end));
-        self.pieces(CMD_TRIM, 0, start, end - start, |_, _| None, |_, _| {})
+        self.pieces(Command::Trim, 0, start, end - start, |_, _| None, |_, _| {})
     }
 }

@@ -3,8 +3,10 @@
 //! the caller upgrades the stream and calls [`negotiate`] again), or leaves.
 //!
 //! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO with NBD_INFO_EXPORT / NAME /
-//! DESCRIPTION / BLOCK_SIZE, and STARTTLS when the listener offers TLS.
-//! Every other option gets NBD_REP_ERR_UNSUP so the client falls back.
+//! DESCRIPTION / BLOCK_SIZE, STARTTLS when the listener offers TLS,
+//! STRUCTURED_REPLY, EXTENDED_HEADERS, and LIST/SET_META_CONTEXT for
+//! `base:allocation`. Every other option gets NBD_REP_ERR_UNSUP so the
+//! client falls back.
 //! Who may see and open a volume is decided here too, from the peer's
 //! identity and the volume's allow list: refused volumes are absent from
 //! LIST and answer GO/INFO with NBD_REP_ERR_POLICY. A violation of a MUST in
@@ -39,6 +41,8 @@ pub enum HandshakeError {
     ExportNameRefused(String),
     #[error("client sent NBD_OPT_EXPORT_NAME before STARTTLS on a listener that requires TLS")]
     ExportNameWithoutTls,
+    #[error("client sent NBD_OPT_EXPORT_NAME after negotiating extended headers")]
+    ExportNameAfterExtendedHeaders,
 }
 
 /// Where TLS stands on this connection.
@@ -61,6 +65,8 @@ pub struct Session<'a> {
     pub no_zeroes: bool,
     /// NBD_OPT_STRUCTURED_REPLY was acknowledged.
     pub structured: bool,
+    /// NBD_OPT_EXTENDED_HEADERS was acknowledged (implies structured).
+    pub extended: bool,
     /// The export SET_META_CONTEXT selected `base:allocation` for.
     pub base_allocation_for: Option<String>,
 }
@@ -73,15 +79,18 @@ impl<'a> Session<'a> {
             tls,
             no_zeroes,
             structured: false,
+            extended: false,
             base_allocation_for: None,
         }
     }
 
     /// What transmission with `export` gets of what was negotiated.
     fn features(&self, export: &Export) -> Features {
+        let structured = self.structured || self.extended;
         Features {
-            structured: self.structured,
-            base_allocation: self.structured
+            structured,
+            extended: self.extended,
+            base_allocation: structured
                 && self.base_allocation_for.as_deref() == Some(export.name()),
         }
     }
@@ -172,6 +181,11 @@ where
         }
 
         match option {
+            // The client promised not to: the transmission it expects
+            // cannot be told from the one EXPORT_NAME implies.
+            OPT_EXPORT_NAME if session.extended => {
+                return Err(HandshakeError::ExportNameAfterExtendedHeaders);
+            }
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(export) = session.exports.find(&name) else {
@@ -296,7 +310,32 @@ where
                     .await?;
                     continue;
                 }
+                if session.extended {
+                    // Extended headers take precedence; no downgrade.
+                    error(
+                        stream,
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    )
+                    .await?;
+                    continue;
+                }
                 session.structured = true;
+                reply(stream, option, REP_ACK, &[]).await?;
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    error(
+                        stream,
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    )
+                    .await?;
+                    continue;
+                }
+                session.extended = true;
                 reply(stream, option, REP_ACK, &[]).await?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -322,12 +361,12 @@ where
     S: AsyncWrite + Unpin,
 {
     let set = option == OPT_SET_META_CONTEXT;
-    if set && !session.structured {
+    if set && !(session.structured || session.extended) {
         return error(
             stream,
             option,
             REP_ERR_INVALID,
-            "NBD_OPT_SET_META_CONTEXT needs structured replies first",
+            "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first",
         )
         .await;
     }
@@ -541,5 +580,55 @@ mod tests {
         let mut huge = ok.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(parse_info_request(&huge), None);
+    }
+
+    fn option(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// Option replies: (option, reply type) each.
+    fn replies(mut out: &[u8]) -> Vec<(u32, u32)> {
+        let mut seen = Vec::new();
+        while out.len() >= 20 {
+            assert_eq!(be64(out), OPTION_REPLY_MAGIC);
+            let len = be32(&out[16..]) as usize;
+            seen.push((be32(&out[8..]), be32(&out[12..])));
+            out = &out[20 + len..];
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn extended_headers_are_acknowledged_once_and_exclude_the_old_ways() {
+        let exports = Exports::new(Vec::new());
+        let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+        let mut input = option(OPT_EXTENDED_HEADERS, b"x");
+        input.extend(option(OPT_EXTENDED_HEADERS, &[]));
+        input.extend(option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(option(OPT_EXPORT_NAME, b"v"));
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        client.write_all(&input).await.unwrap();
+        let mut session = Session::new(&peer, &exports, TlsPhase::Unavailable, true);
+        let outcome = negotiate(&mut server, &mut session).await;
+        assert!(matches!(
+            outcome,
+            Err(HandshakeError::ExportNameAfterExtendedHeaders)
+        ));
+        drop(server);
+        let mut out = Vec::new();
+        client.read_to_end(&mut out).await.unwrap();
+        assert_eq!(
+            replies(&out),
+            [
+                (OPT_EXTENDED_HEADERS, REP_ERR_INVALID),
+                (OPT_EXTENDED_HEADERS, REP_ACK),
+                (OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD),
+            ]
+        );
+        assert!(session.extended);
     }
 }

@@ -27,14 +27,14 @@ pub const LATENCY_BOUNDS: [f64; 12] = [
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
 ];
 
-fn command_index(kind: u16) -> usize {
-    match kind {
-        CMD_READ => 0,
-        CMD_WRITE => 1,
-        CMD_FLUSH => 2,
-        CMD_TRIM => 3,
-        CMD_CACHE => 4,
-        CMD_WRITE_ZEROES => 5,
+fn command_index(command: Command) -> usize {
+    match command {
+        Command::Read => 0,
+        Command::Write => 1,
+        Command::Flush => 2,
+        Command::Trim => 3,
+        Command::Cache => 4,
+        Command::WriteZeroes => 5,
         _ => 6,
     }
 }
@@ -105,13 +105,16 @@ impl ExportMetrics {
     }
 
     /// Counts one answered request.
-    pub fn complete(&self, kind: u16, length: u32, error: u32, elapsed: Duration) {
-        let i = command_index(kind);
+    pub fn complete(&self, command: Command, length: u64, error: u32, elapsed: Duration) {
+        let i = command_index(command);
         self.requests[i].fetch_add(1, Ordering::Relaxed);
         if error != 0 {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
-        } else if matches!(kind, CMD_READ | CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM) {
-            self.bytes[i].fetch_add(u64::from(length), Ordering::Relaxed);
+        } else if matches!(
+            command,
+            Command::Read | Command::Write | Command::WriteZeroes | Command::Trim
+        ) {
+            self.bytes[i].fetch_add(length, Ordering::Relaxed);
         }
         self.latency[i].observe(elapsed);
     }
@@ -178,8 +181,8 @@ mod tests {
             m.end();
         }
         assert_eq!((m.in_flight(), m.connections()), (0, 0));
-        m.complete(CMD_READ, 4096, 0, Duration::from_micros(30));
-        m.complete(CMD_READ, 4096, EINVAL, Duration::from_secs(2));
+        m.complete(Command::Read, 4096, 0, Duration::from_micros(30));
+        m.complete(Command::Read, 4096, EINVAL, Duration::from_secs(2));
         let read = m.commands().next().unwrap();
         assert_eq!((read.requests, read.bytes, read.errors), (2, 4096, 1));
         let (sum, count, buckets) = m.latency(0).snapshot();

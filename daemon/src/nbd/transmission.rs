@@ -1,16 +1,22 @@
-//! The transmission phase of one connection: read requests, run each on the
-//! I/O workers as soon as it arrives, send replies in completion order.
+//! The transmission phase of one connection: read requests, submit each to
+//! the data area as soon as it arrives, send replies in completion order.
 //!
 //! The reader task only parses headers and payloads, so many requests are in
 //! flight per connection and replies may overtake each other, as the protocol
 //! allows. A byte budget (a semaphore in 4 KiB units, released when a reply has
 //! been written) bounds the memory one connection can pin. A request the
 //! server cannot honour gets an error reply; a request it cannot even frame
-//! (bad magic, truncated) ends this connection and no other.
+//! (bad magic, truncated, a payload it will not consume) ends this
+//! connection and no other.
 //!
-//! Replies are simple, or structured chunks when the client negotiated
-//! them (one chunk per request: OFFSET_DATA for a read, BLOCK_STATUS,
-//! ERROR, or NONE, each with the DONE flag).
+//! This layer validates, submits and replies; which engine runs a request
+//! is `volume/submit.rs`'s business alone.
+//!
+//! Headers are compact (28-byte requests) or, with extended headers, 32
+//! bytes with 64-bit lengths. Replies are simple, or structured chunks
+//! when the client negotiated them, or extended chunks with extended
+//! headers (one chunk per request: OFFSET_DATA for a read, BLOCK_STATUS or
+//! BLOCK_STATUS_EXT, ERROR, or NONE, each with the DONE flag).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,15 +26,15 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
 use super::proto::*;
-use crate::io::engine::{self, Engine};
 use crate::io::IoBuf;
+use crate::volume::{Op, Outcome};
 
 /// Per-connection in-flight budget: 64 MiB in 4 KiB units.
 const BUDGET_UNITS: u32 = 16 * 1024;
-const UNIT: u32 = 4096;
+const UNIT: u64 = 4096;
 const READ_BUFFER: usize = 128 * 1024;
-/// Most extents in one BLOCK_STATUS reply (8 KiB of descriptors); the
-/// client asks again from where the reply ended.
+/// Most extents in one BLOCK_STATUS reply (8 or 16 KiB of descriptors);
+/// the client asks again from where the reply ended.
 const MAX_EXTENTS: usize = 1024;
 
 struct Reply {
@@ -38,17 +44,23 @@ struct Reply {
     _budget: OwnedSemaphorePermit,
 }
 
-/// Reply header bytes: inline for every reply but BLOCK_STATUS (at most
-/// 28 bytes: a chunk header and a read's offset), so the common path
-/// allocates nothing per reply.
+/// Longest inline reply header: an extended chunk header and a read's
+/// offset (an error chunk's errno and message length are shorter).
+const INLINE_HEAD: usize = MAX_CHUNK_HEADER + 8;
+
+/// Reply header bytes: inline for every reply but BLOCK_STATUS, so the
+/// common path allocates nothing per reply.
 enum Head {
-    Inline { bytes: [u8; 28], len: usize },
+    Inline {
+        bytes: [u8; INLINE_HEAD],
+        len: usize,
+    },
     Heap(Vec<u8>),
 }
 
 impl Head {
     fn of(parts: &[&[u8]]) -> Head {
-        let mut bytes = [0u8; 28];
+        let mut bytes = [0u8; INLINE_HEAD];
         let mut len = 0;
         for part in parts {
             bytes[len..len + part.len()].copy_from_slice(part);
@@ -70,7 +82,7 @@ enum Body {
     Empty,
     Data(IoBuf),
     /// BLOCK_STATUS extents for `base:allocation`: (length, flags).
-    Extents(Vec<(u32, u32)>),
+    Extents(Vec<(u64, u32)>),
 }
 
 /// Serves requests until the client disconnects, sends garbage, or the
@@ -91,22 +103,34 @@ where
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
+    let header_len = if features.extended {
+        EXTENDED_REQUEST_LEN
+    } else {
+        REQUEST_LEN
+    };
 
     // Buffered: at queue depth 32 one recv() brings in many request headers
     // instead of one syscall per 28-byte header. Large payloads bypass the
     // buffer when it is empty.
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
     let result = loop {
-        let mut raw = [0u8; REQUEST_LEN];
+        let mut raw = [0u8; EXTENDED_REQUEST_LEN];
         tokio::select! {
-            read = reader.read_exact(&mut raw) => match read {
+            read = reader.read_exact(&mut raw[..header_len]) => match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
                 Err(e) => break Err(e),
             },
             _ = shutdown.changed() => break Ok(()),
         }
-        let Some(req) = Request::parse(&raw) else {
+        let parsed = if features.extended {
+            Request::parse_extended(&raw)
+        } else {
+            let mut compact = [0u8; REQUEST_LEN];
+            compact.copy_from_slice(&raw[..REQUEST_LEN]);
+            Request::parse(&compact)
+        };
+        let Some(req) = parsed else {
             tracing::warn!(
                 peer,
                 export = export.name(),
@@ -114,23 +138,29 @@ where
             );
             break Ok(());
         };
+        if let Some(why) = unframeable(&req, features) {
+            tracing::warn!(
+                peer,
+                export = export.name(),
+                "{why}; closing this connection"
+            );
+            break Ok(());
+        }
+        let payload = req.payload_len(features);
+        let is_write = req.command == Command::Write;
         // Only payload-carrying commands pin memory; zeroing and trimming
         // a large range costs one unit.
-        let units = match req.kind {
-            CMD_READ | CMD_WRITE => req.length.div_ceil(UNIT).clamp(1, BUDGET_UNITS),
+        let units = match req.command {
+            Command::Read | Command::Write => {
+                req.length.div_ceil(UNIT).clamp(1, u64::from(BUDGET_UNITS)) as u32
+            }
             _ => 1,
         };
-        // A write we refuse still has its payload on the wire.
-        let refused_write = req.kind == CMD_WRITE
-            && (req.length > MAX_PAYLOAD || req.flags & !valid_flags(req.kind, features) != 0);
-        let permit = if refused_write {
-            None
-        } else {
-            match budget.clone().acquire_many_owned(units).await {
-                Ok(p) => Some(p),
-                Err(_) => break Ok(()),
-            }
-        };
+        // A payload we refuse is still on the wire.
+        let refused = (is_write || payload > 0)
+            && (!is_write
+                || req.length > u64::from(MAX_PAYLOAD)
+                || req.flags & !valid_flags(req.command, features) != 0);
         export.metrics.begin();
         let ctx = Ctx {
             req,
@@ -139,40 +169,46 @@ where
             export: export.clone(),
             started: Instant::now(),
         };
-        match req.kind {
-            CMD_DISC => break Ok(()),
-            CMD_WRITE => {
-                let Some(permit) = permit else {
-                    // Consume the payload so the stream stays framed.
-                    if let Err(e) = discard(&mut reader, req.length).await {
-                        break Err(e);
-                    }
-                    let permit = match budget.clone().acquire_owned().await {
-                        Ok(p) => p,
-                        Err(_) => break Ok(()),
-                    };
-                    // Past the end is ENOSPC even when also too long or
-                    // badly flagged: the spec's one error for "no room".
-                    let code = if ctx.in_range() { EINVAL } else { ENOSPC };
-                    ctx.fail(code, permit);
-                    continue;
-                };
-                let mut data = IoBuf::new(req.length as usize);
-                if let Err(e) = reader.read_exact(&mut data).await {
-                    tracing::warn!(
-                        peer,
-                        export = export.name(),
-                        "connection ended inside a write payload: {e}"
-                    );
-                    break Ok(());
-                }
-                handle_write(ctx, data, permit);
-            }
-            _ => match permit {
-                Some(permit) => handle(ctx, permit),
-                None => break Ok(()),
-            },
+        if req.command == Command::Disc {
+            break Ok(());
         }
+        if refused {
+            // Consume the payload so the stream stays framed.
+            if let Err(e) = discard(&mut reader, payload).await {
+                break Err(e);
+            }
+            let permit = match budget.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            };
+            // A write past the end is ENOSPC even when also too long or
+            // badly flagged: the spec's one error for "no room".
+            let code = if is_write && !ctx.in_range() {
+                ENOSPC
+            } else {
+                EINVAL
+            };
+            ctx.fail(code, permit);
+            continue;
+        }
+        let permit = match budget.clone().acquire_many_owned(units).await {
+            Ok(p) => p,
+            Err(_) => break Ok(()),
+        };
+        if !is_write {
+            handle(ctx, permit);
+            continue;
+        }
+        let mut data = IoBuf::new(payload as usize);
+        if let Err(e) = reader.read_exact(&mut data).await {
+            tracing::warn!(
+                peer,
+                export = export.name(),
+                "connection ended inside a write payload: {e}"
+            );
+            break Ok(());
+        }
+        handle_write(ctx, data, permit);
     };
 
     drop(tx);
@@ -182,6 +218,15 @@ where
         Ok(Ok(())) => {}
     }
     result
+}
+
+/// Why a request cannot be answered without losing the stream's framing:
+/// with extended headers, a payload larger than any we would consume (the
+/// extension asks for a hard disconnect). A compact header's payload is a
+/// WRITE's, which is consumed and refused whatever its size.
+fn unframeable(req: &Request, features: Features) -> Option<&'static str> {
+    (features.extended && req.payload_len(features) > u64::from(MAX_PAYLOAD))
+        .then_some("client sent a payload over the maximum block size")
 }
 
 struct Ctx {
@@ -201,12 +246,15 @@ impl Drop for Ctx {
 impl Ctx {
     fn respond(&self, error: u32, body: Body, budget: OwnedSemaphorePermit) {
         self.export.metrics.complete(
-            self.req.kind,
+            self.req.command,
             self.req.length,
             error,
             self.started.elapsed(),
         );
-        let cookie = self.req.cookie;
+        let (cookie, offset, extended) = (self.req.cookie, self.req.offset, self.features.extended);
+        let chunk = |kind: u16, length: u32| {
+            chunk_header(extended, REPLY_FLAG_DONE, kind, cookie, offset, length)
+        };
         let (header, data) = if !self.features.structured {
             let data = match body {
                 Body::Data(data) if error == 0 => Some(data),
@@ -215,38 +263,22 @@ impl Ctx {
             (Head::of(&[&simple_reply(error, cookie)]), data)
         } else if error != 0 {
             // Errno and an empty message.
-            let chunk = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6);
+            let (h, n) = chunk(REPLY_TYPE_ERROR, 6);
             (
-                Head::of(&[&chunk, &error.to_be_bytes(), &0u16.to_be_bytes()]),
+                Head::of(&[&h[..n], &error.to_be_bytes(), &0u16.to_be_bytes()]),
                 None,
             )
         } else {
             match body {
                 // OFFSET_DATA must carry at least one byte.
                 Body::Data(data) if !data.is_empty() => {
-                    let length = 8 + data.len() as u32;
-                    let chunk =
-                        chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, length);
-                    (
-                        Head::of(&[&chunk, &self.req.offset.to_be_bytes()]),
-                        Some(data),
-                    )
+                    let (h, n) = chunk(REPLY_TYPE_OFFSET_DATA, 8 + data.len() as u32);
+                    (Head::of(&[&h[..n], &offset.to_be_bytes()]), Some(data))
                 }
-                Body::Extents(extents) => {
-                    let length = 4 + 8 * extents.len() as u32;
-                    let mut h =
-                        chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, cookie, length)
-                            .to_vec();
-                    h.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
-                    for (len, flags) in extents {
-                        h.extend_from_slice(&len.to_be_bytes());
-                        h.extend_from_slice(&flags.to_be_bytes());
-                    }
-                    (Head::Heap(h), None)
-                }
+                Body::Extents(extents) => (Head::Heap(self.status_chunk(&extents)), None),
                 _ => {
-                    let chunk = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
-                    (Head::of(&[&chunk]), None)
+                    let (h, n) = chunk(REPLY_TYPE_NONE, 0);
+                    (Head::of(&[&h[..n]]), None)
                 }
             }
         };
@@ -258,6 +290,42 @@ impl Ctx {
         });
     }
 
+    /// A BLOCK_STATUS chunk (32-bit lengths; the request's length bounds
+    /// every extent) or, with extended headers, BLOCK_STATUS_EXT (64-bit
+    /// lengths and status, and a descriptor count).
+    fn status_chunk(&self, extents: &[(u64, u32)]) -> Vec<u8> {
+        let (req, extended) = (&self.req, self.features.extended);
+        let (kind, length) = if extended {
+            (REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16 * extents.len() as u32)
+        } else {
+            (REPLY_TYPE_BLOCK_STATUS, 4 + 8 * extents.len() as u32)
+        };
+        let (h, n) = chunk_header(
+            extended,
+            REPLY_FLAG_DONE,
+            kind,
+            req.cookie,
+            req.offset,
+            length,
+        );
+        let mut out = Vec::with_capacity(n + length as usize);
+        out.extend_from_slice(&h[..n]);
+        out.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+        if extended {
+            out.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+        }
+        for &(len, flags) in extents {
+            if extended {
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(&u64::from(flags).to_be_bytes());
+            } else {
+                out.extend_from_slice(&(len as u32).to_be_bytes());
+                out.extend_from_slice(&flags.to_be_bytes());
+            }
+        }
+        out
+    }
+
     fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
         self.respond(error, Body::Empty, budget);
     }
@@ -265,25 +333,31 @@ impl Ctx {
     fn in_range(&self) -> bool {
         self.req
             .offset
-            .checked_add(u64::from(self.req.length))
+            .checked_add(self.req.length)
             .is_some_and(|end| end <= self.export.size())
     }
 
-    /// Runs `op` on an I/O worker, then a flush if the request has FUA,
-    /// and replies with its outcome.
-    fn run<F>(self, budget: OwnedSemaphorePermit, op: F)
-    where
-        F: FnOnce(&Export, &Request) -> std::io::Result<Body> + Send + 'static,
-    {
-        crate::io::workers::spawn(move || {
-            let fua = self.req.flags & CMD_FLAG_FUA != 0;
-            let outcome = op(&self.export, &self.req).and_then(|data| {
-                if fua {
-                    self.export.volume.data.flush()?;
-                }
-                Ok(data)
+    fn fua(&self) -> bool {
+        self.req.flags & CMD_FLAG_FUA != 0
+    }
+
+    /// Submits `op` to the data area and replies with its outcome.
+    fn submit(self, op: Op, budget: OwnedSemaphorePermit) {
+        let area = self.export.volume.data.clone();
+        area.submit(op, move |outcome| {
+            let outcome = outcome.map(|done| match done {
+                Outcome::Done => Body::Empty,
+                Outcome::Data(data) => Body::Data(data),
+                Outcome::Runs(runs) => Body::Extents(
+                    runs.into_iter()
+                        .map(|(len, hole)| {
+                            let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                            (len, flags)
+                        })
+                        .collect(),
+                ),
             });
-            self.finish(outcome, budget);
+            self.finish(outcome, budget)
         });
     }
 
@@ -294,7 +368,7 @@ impl Ctx {
             Err(e) => {
                 tracing::warn!(
                     export = self.export.name(),
-                    command = self.req.kind,
+                    command = self.req.command.name(),
                     offset = self.req.offset,
                     length = self.req.length,
                     "request failed: {e}"
@@ -305,98 +379,32 @@ impl Ctx {
     }
 }
 
-/// Remote-backing writes up to this size are encrypted on the event loop.
-const INLINE_ENCRYPT_MAX: usize = 64 * 1024;
-
-fn handle_write(ctx: Ctx, mut data: IoBuf, budget: OwnedSemaphorePermit) {
+fn handle_write(ctx: Ctx, data: IoBuf, budget: OwnedSemaphorePermit) {
     if !ctx.in_range() {
         return ctx.fail(ENOSPC, budget);
     }
-    // Buffered writes go to the thread pool even with io_uring: measured on
-    // ext4, io_uring punts them to its io-wq threads (the inode lock may
-    // block), which cost a third of random-write IOPS. O_DIRECT writes are
-    // truly asynchronous, so they take the ring.
-    if ctx.export.volume.data.backing().remote().is_some() {
-        let area = ctx.export.volume.data.clone();
-        let (offset, fua) = (ctx.req.offset, ctx.req.flags & CMD_FLAG_FUA != 0);
-        let len = data.len();
-        let write = move || {
-            area.write_remote(offset, data, fua, move |result| {
-                ctx.finish(result.map(|()| Body::Empty), budget)
-            })
-        };
-        // Small writes are encrypted right here (well under the cost of a
-        // thread hand-off); large ones on a worker, off the event loop.
-        if len <= INLINE_ENCRYPT_MAX {
-            write();
-        } else {
-            crate::io::workers::spawn(write);
-        }
-        return;
-    }
-    let direct = ctx.export.volume.data.backing().is_direct();
-    if let (Engine::Uring(engine), true) = (engine::current(), direct) {
-        let area = ctx.export.volume.data.clone();
-        let (offset, fua) = (ctx.req.offset, ctx.req.flags & CMD_FLAG_FUA != 0);
-        engine.submit(move |ring| {
-            area.write_on_ring(ring, offset, data, fua, move |result| {
-                ctx.finish(result.map(|()| Body::Empty), budget)
-            })
-        });
-        return;
-    }
-    ctx.run(budget, move |export, req| {
-        export.volume.data.write(req.offset, &mut data)?;
-        Ok(Body::Empty)
-    });
+    let (offset, fua) = (ctx.req.offset, ctx.fua());
+    ctx.submit(Op::Write { offset, data, fua }, budget);
 }
 
 fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
     let req = ctx.req;
     // Flags that are unknown, not valid for this command, or not
     // advertised (DF without structured replies, FAST_ZERO, FUA on READ).
-    if req.flags & !valid_flags(req.kind, ctx.features) != 0 {
+    if req.flags & !valid_flags(req.command, ctx.features) != 0 {
         return ctx.fail(EINVAL, budget);
     }
-    match req.kind {
-        CMD_READ => {
-            if req.length > MAX_PAYLOAD {
+    let (offset, len, fua) = (req.offset, req.length, ctx.fua());
+    match req.command {
+        Command::Read => {
+            if len > u64::from(MAX_PAYLOAD) || !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
             }
-            if !ctx.in_range() {
-                return ctx.fail(EINVAL, budget);
-            }
-            if ctx.export.volume.data.backing().remote().is_some() {
-                let area = ctx.export.volume.data.clone();
-                let (offset, len) = (req.offset, req.length as usize);
-                area.read_remote(offset, len, move |result| {
-                    ctx.finish(result.map(Body::Data), budget)
-                });
-                return;
-            }
-            if let Engine::Uring(engine) = engine::current() {
-                let area = ctx.export.volume.data.clone();
-                let (offset, len) = (req.offset, req.length as usize);
-                engine.submit(move |ring| {
-                    area.read_on_ring(ring, offset, len, move |result| {
-                        ctx.finish(result.map(Body::Data), budget)
-                    })
-                });
-                return;
-            }
-            ctx.run(budget, |export, req| {
-                export
-                    .volume
-                    .data
-                    .read(req.offset, req.length as usize)
-                    .map(Body::Data)
-            });
+            let len = len as usize;
+            ctx.submit(Op::Read { offset, len }, budget);
         }
-        CMD_FLUSH => ctx.run(budget, |export, _| {
-            export.volume.data.flush()?;
-            Ok(Body::Empty)
-        }),
-        CMD_WRITE_ZEROES => {
+        Command::Flush => ctx.submit(Op::Flush, budget),
+        Command::WriteZeroes => {
             if !ctx.in_range() {
                 return ctx.fail(ENOSPC, budget);
             }
@@ -406,58 +414,50 @@ fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
             if req.flags & CMD_FLAG_FAST_ZERO != 0 && !ctx.export.volume.data.zeroes_fast(punch) {
                 return ctx.fail(ENOTSUP, budget);
             }
-            ctx.run(budget, move |export, req| {
-                export
-                    .volume
-                    .data
-                    .write_zeroes(req.offset, u64::from(req.length), punch)?;
-                Ok(Body::Empty)
-            });
+            let op = Op::WriteZeroes {
+                offset,
+                len,
+                punch,
+                fua,
+            };
+            ctx.submit(op, budget);
         }
-        CMD_TRIM => {
+        Command::Trim => {
             if !ctx.export.allow_discards || !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
             }
-            ctx.run(budget, |export, req| {
-                export.volume.data.trim(req.offset, u64::from(req.length))?;
-                Ok(Body::Empty)
-            });
+            ctx.submit(Op::Trim { offset, len, fua }, budget);
         }
-        CMD_BLOCK_STATUS => {
+        Command::BlockStatus => {
             // Only with `base:allocation` negotiated (valid_flags already
             // refused REQ_ONE otherwise), for a non-empty range inside.
-            if !ctx.features.base_allocation || req.length == 0 || !ctx.in_range() {
+            if !ctx.features.base_allocation || len == 0 || !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
             }
-            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-            ctx.run(budget, move |export, req| {
-                let runs = export.volume.data.allocation(
-                    req.offset,
-                    u64::from(req.length),
-                    if one { 1 } else { MAX_EXTENTS },
-                )?;
-                Ok(Body::Extents(
-                    runs.into_iter()
-                        .map(|(len, hole)| {
-                            let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
-                            (len as u32, flags)
-                        })
-                        .collect(),
-                ))
-            });
+            let max_runs = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                MAX_EXTENTS
+            };
+            let op = Op::Allocation {
+                offset,
+                len,
+                max_runs,
+            };
+            ctx.submit(op, budget);
         }
-        CMD_CACHE => {
+        Command::Cache => {
             let code = if ctx.in_range() { 0 } else { EINVAL };
             ctx.fail(code, budget);
         }
-        _ => ctx.fail(EINVAL, budget),
+        Command::Write | Command::Disc | Command::Unknown(_) => ctx.fail(EINVAL, budget),
     }
 }
 
 /// Reads and drops `len` bytes of a payload we refuse.
-async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> std::io::Result<()> {
-    let copied = tokio::io::copy(&mut reader.take(u64::from(len)), &mut tokio::io::sink()).await?;
-    if copied < u64::from(len) {
+async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> std::io::Result<()> {
+    let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
+    if copied < len {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
@@ -481,4 +481,302 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     }
     out.flush().await?;
     out.shutdown().await
+}
+
+/// The transmission phase over an in-memory duplex stream against a real
+/// temp volume: no daemon, no socket.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+
+    use super::*;
+    use crate::nbd::access::AllowList;
+
+    const SIZE: u64 = 8 << 20;
+
+    struct Served {
+        to_server: WriteHalf<DuplexStream>,
+        from_server: ReadHalf<DuplexStream>,
+        export: Arc<Export>,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn serve_volume(features: Features) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let geometry = crate::volume::Geometry {
+            size: SIZE,
+            sector_size: 512,
+        };
+        let volume =
+            crate::volume::open_temp("t", &dir.path().join("volume"), geometry, false).unwrap();
+        let export = Arc::new(Export {
+            volume,
+            description: String::new(),
+            allow_discards: true,
+            allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
+            metrics: Default::default(),
+        });
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (server_r, server_w) = tokio::io::split(server);
+        let (from_server, to_server) = tokio::io::split(client);
+        let (keep, shutdown) = watch::channel(false);
+        let served = export.clone();
+        let server = tokio::spawn(async move {
+            let _keep = keep;
+            serve(server_r, server_w, served, features, shutdown, "test").await
+        });
+        Served {
+            to_server,
+            from_server,
+            export,
+            server,
+            _dir: dir,
+        }
+    }
+
+    const SIMPLE: Features = Features {
+        structured: false,
+        extended: false,
+        base_allocation: false,
+    };
+    const EXTENDED: Features = Features {
+        structured: true,
+        extended: true,
+        base_allocation: true,
+    };
+
+    fn request(command: Command, flags: u16, cookie: u64, offset: u64, length: u64) -> Request {
+        Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        }
+    }
+
+    impl Served {
+        async fn send(&mut self, req: Request, payload: &[u8]) {
+            let extended = req.flags & CMD_FLAG_PAYLOAD_LEN != 0
+                || matches!(req.command, Command::Trim | Command::BlockStatus)
+                    && req.length > u64::from(u32::MAX);
+            self.send_as(req, payload, extended).await;
+        }
+
+        async fn send_as(&mut self, req: Request, payload: &[u8], extended: bool) {
+            if extended {
+                self.to_server
+                    .write_all(&req.encode_extended())
+                    .await
+                    .unwrap();
+            } else {
+                self.to_server.write_all(&req.encode()).await.unwrap();
+            }
+            self.to_server.write_all(payload).await.unwrap();
+        }
+
+        /// A simple reply: (error, cookie), and `read_len` bytes of data
+        /// when the error is 0.
+        async fn simple(&mut self, read_len: usize) -> (u32, u64, Vec<u8>) {
+            let mut h = [0u8; 16];
+            self.from_server.read_exact(&mut h).await.unwrap();
+            assert_eq!(be32(&h), SIMPLE_REPLY_MAGIC);
+            let (error, cookie) = (be32(&h[4..]), be64(&h[8..]));
+            let mut data = vec![0u8; if error == 0 { read_len } else { 0 }];
+            self.from_server.read_exact(&mut data).await.unwrap();
+            (error, cookie, data)
+        }
+
+        /// An extended reply chunk: (flags, type, cookie, offset, payload).
+        async fn extended_chunk(&mut self) -> (u16, u16, u64, u64, Vec<u8>) {
+            let mut h = [0u8; 32];
+            self.from_server.read_exact(&mut h).await.unwrap();
+            assert_eq!(be32(&h), EXTENDED_REPLY_MAGIC);
+            let mut payload = vec![0u8; be64(&h[24..]) as usize];
+            self.from_server.read_exact(&mut payload).await.unwrap();
+            (
+                be16(&h[4..]),
+                be16(&h[6..]),
+                be64(&h[8..]),
+                be64(&h[16..]),
+                payload,
+            )
+        }
+
+        async fn at_eof(&mut self) -> bool {
+            let mut byte = [0u8; 1];
+            matches!(self.from_server.read(&mut byte).await, Ok(0))
+        }
+
+        fn completed_reads(&self) -> u64 {
+            self.export
+                .metrics
+                .commands()
+                .next()
+                .map_or(0, |c| c.requests)
+        }
+    }
+
+    #[tokio::test]
+    async fn write_then_read_with_simple_replies() {
+        let mut s = serve_volume(SIMPLE);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        s.send(request(Command::Write, 0, 1, 8192, 4096), &data)
+            .await;
+        assert_eq!(s.simple(0).await, (0, 1, vec![]));
+        s.send(request(Command::Read, 0, 2, 8192, 4096), &[]).await;
+        assert_eq!(s.simple(4096).await, (0, 2, data));
+    }
+
+    #[tokio::test]
+    async fn every_request_is_answered_before_disc_closes() {
+        let mut s = serve_volume(SIMPLE);
+        for cookie in 0..32u64 {
+            s.send(request(Command::Read, 0, cookie, cookie * 4096, 4096), &[])
+                .await;
+        }
+        s.send(request(Command::Disc, 0, 99, 0, 0), &[]).await;
+        let mut cookies = Vec::new();
+        for _ in 0..32 {
+            let (error, cookie, data) = s.simple(4096).await;
+            assert_eq!((error, data.len()), (0, 4096));
+            cookies.push(cookie);
+        }
+        cookies.sort_unstable();
+        assert_eq!(cookies, (0..32).collect::<Vec<_>>(), "one reply per cookie");
+        assert!(s.at_eof().await, "nothing after the last reply");
+        assert!(s.server.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn bad_magic_ends_the_connection_after_earlier_replies() {
+        let mut s = serve_volume(SIMPLE);
+        s.send(request(Command::Flush, 0, 5, 0, 0), &[]).await;
+        let mut garbage = request(Command::Read, 0, 6, 0, 512).encode();
+        garbage[0] ^= 0xff;
+        s.to_server.write_all(&garbage).await.unwrap();
+        assert_eq!(s.simple(0).await, (0, 5, vec![]));
+        assert!(
+            s.at_eof().await,
+            "no reply to a request that cannot be framed"
+        );
+        assert!(s.server.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn refused_write_payload_is_consumed_and_the_stream_stays_framed() {
+        let mut s = serve_volume(SIMPLE);
+        // Past the end: ENOSPC, and its 4 KiB payload must not be read as
+        // the next header.
+        s.send(request(Command::Write, 0, 1, SIZE, 4096), &[0xAA; 4096])
+            .await;
+        s.send(request(Command::Write, 1 << 9, 2, 0, 512), &[0xBB; 512])
+            .await;
+        s.send(request(Command::Read, 0, 3, 0, 512), &[]).await;
+        assert_eq!(s.simple(0).await, (ENOSPC, 1, vec![]));
+        assert_eq!(s.simple(0).await, (EINVAL, 2, vec![]), "unknown flag");
+        assert_eq!(s.simple(512).await, (0, 3, vec![0; 512]));
+    }
+
+    #[tokio::test]
+    async fn byte_budget_bounds_what_one_connection_pins() {
+        let mut s = serve_volume(SIMPLE);
+        const READ: u64 = 4 << 20;
+        let in_budget = u64::from(BUDGET_UNITS) * UNIT / READ;
+        let sent = in_budget + 8;
+        for cookie in 0..sent {
+            s.send(request(Command::Read, 0, cookie, 0, READ), &[])
+                .await;
+        }
+        // Replies are not read: once the budget is spent the reader must
+        // stop taking requests.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while s.completed_reads() < in_budget {
+            assert!(Instant::now() < deadline, "the budget's reads never ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let watch_until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < watch_until {
+            assert_eq!(s.completed_reads(), in_budget, "a read ran past the budget");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..sent {
+            let (error, _, data) = s.simple(READ as usize).await;
+            assert_eq!((error, data.len() as u64), (0, READ));
+        }
+        assert_eq!(s.completed_reads(), sent);
+    }
+
+    #[tokio::test]
+    async fn extended_headers_carry_payload_lengths_and_64_bit_ranges() {
+        let mut s = serve_volume(EXTENDED);
+        let data = vec![0x5Au8; 8192];
+        let write = request(Command::Write, CMD_FLAG_PAYLOAD_LEN, 1, 1 << 20, 8192);
+        s.send(write, &data).await;
+        let (flags, kind, cookie, offset, payload) = s.extended_chunk().await;
+        assert_eq!(
+            (flags, kind, cookie, offset, payload.len()),
+            (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 1 << 20, 0)
+        );
+
+        s.send_as(request(Command::Read, 0, 2, 1 << 20, 8192), &[], true)
+            .await;
+        let (_, kind, cookie, offset, payload) = s.extended_chunk().await;
+        assert_eq!((kind, cookie, offset), (REPLY_TYPE_OFFSET_DATA, 2, 1 << 20));
+        assert_eq!(be64(&payload), 1 << 20, "the data's offset");
+        assert_eq!(&payload[8..], &data[..]);
+
+        // Block status over the whole volume: 64-bit descriptors, hole /
+        // data / hole.
+        s.send_as(request(Command::BlockStatus, 0, 3, 0, SIZE), &[], true)
+            .await;
+        let (_, kind, cookie, _, payload) = s.extended_chunk().await;
+        assert_eq!((kind, cookie), (REPLY_TYPE_BLOCK_STATUS_EXT, 3));
+        assert_eq!(be32(&payload), BASE_ALLOCATION_ID);
+        let count = be32(&payload[4..]) as usize;
+        assert_eq!(payload.len(), 8 + 16 * count);
+        let extents: Vec<(u64, u64)> = payload[8..]
+            .chunks(16)
+            .map(|d| (be64(d), be64(&d[8..])))
+            .collect();
+        assert_eq!(extents.iter().map(|e| e.0).sum::<u64>(), SIZE);
+        let data_extent = extents.iter().find(|e| e.1 == 0).expect("a data extent");
+        assert!(data_extent.0 >= 8192);
+
+        // A 64-bit trim length past the end: an error chunk, not a
+        // truncated 32-bit range.
+        s.send(request(Command::Trim, 0, 4, 0, 1 << 40), &[]).await;
+        let (_, kind, cookie, _, payload) = s.extended_chunk().await;
+        assert_eq!(
+            (kind, cookie, be32(&payload)),
+            (REPLY_TYPE_ERROR, 4, EINVAL)
+        );
+
+        // A payload on a command that takes none is consumed, then refused.
+        let flush = request(Command::Flush, CMD_FLAG_PAYLOAD_LEN, 5, 0, 16);
+        s.send(flush, &[0xEE; 16]).await;
+        let (_, kind, cookie, _, payload) = s.extended_chunk().await;
+        assert_eq!(
+            (kind, cookie, be32(&payload)),
+            (REPLY_TYPE_ERROR, 5, EINVAL)
+        );
+
+        // A write without PAYLOAD_LEN (as QEMU 10 sends them) is still a
+        // write of its length.
+        s.send_as(request(Command::Write, 0, 6, 0, 512), &[7; 512], true)
+            .await;
+        assert_eq!(s.extended_chunk().await.1, REPLY_TYPE_NONE);
+        s.send_as(request(Command::Read, 0, 7, 0, 512), &[], true)
+            .await;
+        assert_eq!(&s.extended_chunk().await.4[8..], &[7; 512][..]);
+
+        // A payload over the maximum cannot be consumed: the end.
+        let huge = request(Command::Flush, CMD_FLAG_PAYLOAD_LEN, 8, 0, 1 << 40);
+        s.send(huge, &[]).await;
+        assert!(s.at_eof().await);
+        assert!(s.server.await.unwrap().is_ok());
+    }
 }

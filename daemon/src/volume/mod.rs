@@ -16,6 +16,7 @@ pub(crate) mod journal;
 pub mod keys;
 pub mod reencrypt;
 mod store;
+mod submit;
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,7 @@ pub use keys::{
 };
 pub use reencrypt::{ReencryptAction, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
+pub use submit::{Op, Outcome};
 
 use crate::crypto::Dek;
 use crate::io::Backing;

@@ -238,7 +238,7 @@ impl Link {
             if let Some((_, stream)) = writer.as_ref() {
                 let disc = Request {
                     flags: 0,
-                    kind: CMD_DISC,
+                    command: Command::Disc,
                     cookie: 0,
                     offset: 0,
                     length: 0,
@@ -387,9 +387,9 @@ pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
                     .pending
                     .get_mut(&cookie)
                     .ok_or_else(|| protocol(format!("a reply for unknown request {cookie}")))?;
-                (p.kind, if error == 0 { p.buf.take() } else { None })
+                (p.command, if error == 0 { p.buf.take() } else { None })
             };
-            if kind == CMD_READ && error == 0 {
+            if kind == Command::Read && error == 0 {
                 let mut buf = buf.ok_or_else(|| protocol("a read reply with no read buffer"))?;
                 r.read_exact(&mut buf)?;
                 if let Some(p) = shared.lock().pending.get_mut(&cookie) {

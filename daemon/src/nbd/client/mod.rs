@@ -71,7 +71,7 @@ pub type Done = Box<dyn FnOnce(io::Result<IoBuf>) + Send>;
 
 /// A request in the table, from submission to reply (or failure).
 struct Pending {
-    kind: u16,
+    command: Command,
     flags: u16,
     offset: u64,
     length: u32,
@@ -238,7 +238,7 @@ impl NbdClient {
     /// is the read length (a write's comes from its payload).
     pub fn submit(
         &self,
-        kind: u16,
+        command: Command,
         flags: u16,
         offset: u64,
         len: u32,
@@ -247,12 +247,12 @@ impl NbdClient {
     ) {
         let length = payload.as_ref().map_or(len, |p| p.len() as u32);
         let pending = Pending {
-            kind,
+            command,
             flags,
             offset,
             length,
             payload: payload.map(Arc::new),
-            buf: (kind == CMD_READ).then(|| IoBuf::new(length as usize)),
+            buf: (command == Command::Read).then(|| IoBuf::new(length as usize)),
             sent_on: None,
             since: Instant::now(),
             done: Some(done),
@@ -264,7 +264,7 @@ impl NbdClient {
     /// `submit`, waiting for the outcome.
     pub fn call(
         &self,
-        kind: u16,
+        command: Command,
         flags: u16,
         offset: u64,
         len: u32,
@@ -272,7 +272,7 @@ impl NbdClient {
     ) -> io::Result<IoBuf> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.submit(
-            kind,
+            command,
             flags,
             offset,
             len,
@@ -391,7 +391,7 @@ impl Shared {
             if p.sent_on != Some(target) {
                 return;
             }
-            if p.kind == CMD_READ && p.buf.is_none() {
+            if p.command == Command::Read && p.buf.is_none() {
                 p.buf = Some(IoBuf::new(p.length as usize));
             }
             (request_header(p, cookie), p.payload.clone())
@@ -480,10 +480,10 @@ fn assign(state: &mut State, cookie: u64) -> Option<(usize, u64)> {
 fn request_header(p: &Pending, cookie: u64) -> [u8; REQUEST_LEN] {
     Request {
         flags: p.flags,
-        kind: p.kind,
+        command: p.command,
         cookie,
         offset: p.offset,
-        length: p.length,
+        length: u64::from(p.length),
     }
     .encode()
 }
@@ -616,21 +616,21 @@ pub(crate) fn fuzz(data: &[u8]) {
     {
         let mut state = shared.lock();
         let requests = [
-            (CMD_READ, 0u64, 512u32),
-            (CMD_READ, 4096, 65536),
-            (CMD_WRITE, 0, 4096),
-            (CMD_FLUSH, 0, 0),
+            (Command::Read, 0u64, 512u32),
+            (Command::Read, 4096, 65536),
+            (Command::Write, 0, 4096),
+            (Command::Flush, 0, 0),
         ];
-        for (cookie, (kind, offset, length)) in requests.into_iter().enumerate() {
+        for (cookie, (command, offset, length)) in requests.into_iter().enumerate() {
             state.pending.insert(
                 cookie as u64,
                 Pending {
-                    kind,
+                    command,
                     flags: 0,
                     offset,
                     length,
                     payload: None,
-                    buf: (kind == CMD_READ).then(|| IoBuf::new(length as usize)),
+                    buf: (command == Command::Read).then(|| IoBuf::new(length as usize)),
                     sent_on: Some((0, 1)),
                     since: Instant::now(),
                     done: Some(Box::new(|_| {})),

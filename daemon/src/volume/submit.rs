@@ -1,0 +1,149 @@
+//! The one submit point of the data path: every request the NBD layer has
+//! validated becomes an [`Op`], and [`DataArea::submit`] is the only code
+//! that knows which engine runs it, when O_DIRECT lets a write take the
+//! ring, and how FUA becomes a flush. The NBD layer validates, submits and
+//! replies; it never names an engine.
+//!
+//! Where an op runs:
+//! - a remote backing: reads and writes go straight to the backend's NBD
+//!   connection (small writes encrypted on the caller's thread, large ones
+//!   on a worker); the rest on the thread pool;
+//! - io_uring: reads on a ring; writes on a ring only with O_DIRECT, since
+//!   buffered writes on ext4 are punted to io_uring's own io-wq threads
+//!   (the inode lock may block), which cost a third of random-write IOPS;
+//! - everything else on the thread pool (`io/workers.rs`).
+//!
+//! What lives elsewhere: range locks, re-encryption and the per-engine
+//! read and write paths (`data.rs`); the engines (`io/`).
+
+use std::io;
+use std::sync::Arc;
+
+use super::DataArea;
+use crate::io::engine::{self, Engine};
+use crate::io::IoBuf;
+
+/// Remote-backing writes up to this size are encrypted on the caller's
+/// thread: well under the cost of a thread hand-off.
+const INLINE_ENCRYPT_MAX: usize = 64 * 1024;
+
+/// One request against the data area, ranges already checked by the
+/// caller (and checked again below it).
+#[derive(Debug)]
+pub enum Op {
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        data: IoBuf,
+        fua: bool,
+    },
+    Flush,
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    /// Which parts of a range are holes, as at most `max_runs` runs.
+    Allocation {
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    },
+}
+
+/// What a successful op produced.
+#[derive(Debug)]
+pub enum Outcome {
+    Done,
+    Data(IoBuf),
+    /// `(length, is_hole)` runs from the op's offset.
+    Runs(Vec<(u64, bool)>),
+}
+
+impl DataArea {
+    /// Runs `op` on the engine that suits it; `done` gets its outcome, on
+    /// whichever thread finished it.
+    pub fn submit<F>(self: Arc<Self>, op: Op, done: F)
+    where
+        F: FnOnce(io::Result<Outcome>) + Send + 'static,
+    {
+        let remote = self.backing().remote().is_some();
+        match op {
+            Op::Read { offset, len } if remote => {
+                self.read_remote(offset, len, move |r| done(r.map(Outcome::Data)))
+            }
+            Op::Read { offset, len } => match engine::current() {
+                Engine::Uring(ring) => ring.submit(move |ring| {
+                    self.read_on_ring(ring, offset, len, move |r| done(r.map(Outcome::Data)))
+                }),
+                _ => crate::io::workers::spawn(move || {
+                    done(self.read(offset, len).map(Outcome::Data))
+                }),
+            },
+            Op::Write { offset, data, fua } if remote => {
+                let small = data.len() <= INLINE_ENCRYPT_MAX;
+                let write = move || {
+                    self.write_remote(offset, data, fua, move |r| done(r.map(|()| Outcome::Done)))
+                };
+                if small {
+                    write();
+                } else {
+                    crate::io::workers::spawn(write);
+                }
+            }
+            Op::Write { offset, data, fua } => match engine::current() {
+                Engine::Uring(ring) if self.backing().is_direct() => ring.submit(move |ring| {
+                    self.write_on_ring(ring, offset, data, fua, move |r| {
+                        done(r.map(|()| Outcome::Done))
+                    })
+                }),
+                _ => crate::io::workers::spawn(move || {
+                    let mut data = data;
+                    let result = self.write(offset, &mut data);
+                    done(self.then_flush(result, fua))
+                }),
+            },
+            Op::Flush => {
+                crate::io::workers::spawn(move || done(self.flush().map(|()| Outcome::Done)))
+            }
+            Op::WriteZeroes {
+                offset,
+                len,
+                punch,
+                fua,
+            } => crate::io::workers::spawn(move || {
+                let result = self.write_zeroes(offset, len, punch);
+                done(self.then_flush(result, fua))
+            }),
+            Op::Trim { offset, len, fua } => crate::io::workers::spawn(move || {
+                let result = self.trim(offset, len);
+                done(self.then_flush(result, fua))
+            }),
+            Op::Allocation {
+                offset,
+                len,
+                max_runs,
+            } => crate::io::workers::spawn(move || {
+                done(self.allocation(offset, len, max_runs).map(Outcome::Runs))
+            }),
+        }
+    }
+
+    /// A successful op with FUA is done once a flush made it durable.
+    fn then_flush(&self, result: io::Result<()>, fua: bool) -> io::Result<Outcome> {
+        result?;
+        if fua {
+            self.flush()?;
+        }
+        Ok(Outcome::Done)
+    }
+}
