@@ -153,3 +153,45 @@ print("OK")
     assert!(!d.stderr().contains("request failed"), "{}", d.stderr());
     assert_eq!(d.stop(), 0);
 }
+
+/// A block device cannot say where its holes are, so block status finds
+/// the never-written sectors from their all-zero ciphertext: `nbdinfo
+/// --map` shows them as zero (not holes), and written data as data.
+#[test]
+fn block_status_on_a_device_reports_never_written_sectors_as_zero() {
+    require_tool("nbdinfo");
+    let mut fx = Fixture::new();
+    let dev = Loop::new(&fx, (64 << 20) + (1 << 20));
+    fx.volume_at("b", "cache", dev.path(), "direct = true");
+    let out = create(&fx, false);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let _d = fx.start();
+    qemu_io(
+        &fx.uri("b"),
+        &["write -P 0x7e 8M 1M", "write -P 0x7e 40M 4k"],
+    );
+    let out = run_ok(Command::new("nbdinfo").args(["--map", &fx.uri("b")]));
+    let map: Vec<(u64, u64, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                f.first()?.parse().ok()?,
+                f.get(1)?.parse().ok()?,
+                f.get(2)?.parse().ok()?,
+            ))
+        })
+        .collect();
+    assert_eq!(
+        map,
+        [
+            (0, 8 << 20, 2),
+            (8 << 20, 1 << 20, 0),
+            (9 << 20, 31 << 20, 2),
+            (40 << 20, 4096, 0),
+            ((40 << 20) + 4096, (24 << 20) - 4096, 2),
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

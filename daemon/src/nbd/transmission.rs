@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use super::exports::Export;
 use super::proto::*;
 use crate::io::IoBuf;
-use crate::volume::{Op, Outcome};
+use crate::volume::{Allocation, Op, Outcome};
 
 /// Per-connection in-flight budget: 64 MiB in 4 KiB units.
 const BUDGET_UNITS: u32 = 16 * 1024;
@@ -350,8 +350,12 @@ impl Ctx {
                 Outcome::Data(data) => Body::Data(data),
                 Outcome::Runs(runs) => Body::Extents(
                     runs.into_iter()
-                        .map(|(len, hole)| {
-                            let flags = if hole { STATE_HOLE | STATE_ZERO } else { 0 };
+                        .map(|(len, kind)| {
+                            let flags = match kind {
+                                Allocation::Hole => STATE_HOLE | STATE_ZERO,
+                                Allocation::Zero => STATE_ZERO,
+                                Allocation::Data => 0,
+                            };
                             (len, flags)
                         })
                         .collect(),

@@ -6,7 +6,8 @@
 //! plaintext. A real ciphertext sector is all zeros with probability 2^-4096,
 //! so this costs nothing in practice, and it makes never-written space of a
 //! sparse backing and punched holes read as zeros, as clients expect of a
-//! fresh disk. Zeroing writes still store encrypted zeros unless the volume
+//! fresh disk, and lets block status report such sectors as zero
+//! (`allocation.rs`). Zeroing writes still store encrypted zeros unless the volume
 //! allows discards, because a hole tells an observer the block is unused.
 //!
 //! Range checks against the export size happen in the NBD layer; this layer
@@ -360,11 +361,16 @@ impl DataArea {
         })
     }
 
+    /// Where the data area starts on the backing.
+    pub(super) fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
     pub fn backing(&self) -> &Backing {
         &self.backing
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+    pub(super) fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(io::Error::new(
@@ -739,50 +745,6 @@ impl DataArea {
         Ok(())
     }
 
-    /// `base:allocation` for `[offset, offset + len)`: up to `max_runs`
-    /// runs of (length, hole), from the backing's holes (SEEK_DATA and
-    /// SEEK_HOLE). A hole reads as zeros under any key: never-written and
-    /// trimmed sectors. Runs may end before `len`; the client asks again.
-    pub fn allocation(
-        &self,
-        offset: u64,
-        len: u64,
-        max_runs: usize,
-    ) -> io::Result<Vec<(u64, bool)>> {
-        self.check_range(offset, len)?;
-        let base = self.data_offset;
-        let end = offset + len;
-        let mut runs = Vec::new();
-        let mut at = offset;
-        while at < end && runs.len() < max_runs {
-            let data = self
-                .backing
-                .next_data(base + at)?
-                .map(|d| d.saturating_sub(base));
-            let run_end = match data {
-                // A hole up to the next data (or the end).
-                None => {
-                    runs.push((end - at, true));
-                    break;
-                }
-                Some(d) if d > at => {
-                    let e = d.min(end);
-                    runs.push((e - at, true));
-                    e
-                }
-                // Data up to the next hole.
-                Some(_) => {
-                    let hole = self.backing.next_hole(base + at)?.saturating_sub(base);
-                    let e = hole.clamp(at + 1, end);
-                    runs.push((e - at, false));
-                    e
-                }
-            };
-            at = run_end;
-        }
-        Ok(runs)
-    }
-
     /// Discards whole sectors inside the range (partial sectors are left
     /// alone: a discard is advisory). Discarded sectors of a file read as
     /// zeros; a block device may keep their old contents (NBD allows either).
@@ -925,7 +887,7 @@ pub(super) fn for_nonzero_runs(
 /// from its first block, still stops after one. Under the fuzzers'
 /// coverage instrumentation this also removes one traced compare per byte,
 /// which was 87% of the transmission target's time.
-fn is_zero(buf: &[u8]) -> bool {
+pub(super) fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(256).all(|block| {
         let words = block.chunks_exact(8);
         let tail = words.remainder().iter().fold(0u8, |acc, &b| acc | b);

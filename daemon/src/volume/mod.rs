@@ -8,6 +8,7 @@
 //! cryptographically. Opening never writes before the key is unwrapped: a
 //! wrong KEK or a corrupt header leaves the disk untouched.
 
+mod allocation;
 pub mod backup;
 mod cipher;
 mod data;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+pub use allocation::Allocation;
 pub use cipher::VolumeCipher;
 pub use data::DataArea;
 pub use header::{Header, HeaderError, InnerCipher, Keyslot, Layer, Role};

@@ -19,7 +19,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::DataArea;
+use super::{Allocation, DataArea};
 use crate::io::engine::{self, Engine};
 use crate::io::IoBuf;
 
@@ -65,8 +65,8 @@ pub enum Op {
 pub enum Outcome {
     Done,
     Data(IoBuf),
-    /// `(length, is_hole)` runs from the op's offset.
-    Runs(Vec<(u64, bool)>),
+    /// Block-status runs from the op's offset.
+    Runs(Vec<(u64, Allocation)>),
 }
 
 impl DataArea {
