@@ -129,6 +129,7 @@ pub fn transmission(data: &[u8]) {
         let _ = crate::nbd::transmission::serve(
             data,
             tokio::io::sink(),
+            None,
             h.export.clone(),
             features,
             shutdown,

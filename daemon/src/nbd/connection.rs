@@ -7,6 +7,7 @@
 //! Listening and limits are `server.rs` and `gate.rs`; the options
 //! themselves `handshake.rs`.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -88,7 +89,7 @@ impl Conn<'_> {
     /// socket's own halves (`split`) or on the TLS stream's.
     async fn run<S, R, W>(self, stream: S, peer: &mut Peer, split: fn(S) -> (R, W))
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -99,13 +100,25 @@ impl Conn<'_> {
         .await;
         match settle(ready, peer, self.gate) {
             Some(Ready::Plain(s, export, features)) => {
+                // Replies may go straight to the plaintext socket.
+                let fd = s.as_raw_fd();
                 let (r, w) = split(s);
-                transmit(r, w, (export, features), peer, None, self.shutdown).await
+                let link = Link {
+                    peer,
+                    tls: None,
+                    direct: Some(fd),
+                };
+                transmit(r, w, (export, features), link, self.shutdown).await
             }
             Some(Ready::Tls(s, export, features)) => {
                 let session = tls::describe_session(s.get_ref().1);
                 let (r, w) = tokio::io::split(*s);
-                transmit(r, w, (export, features), peer, Some(session), self.shutdown).await
+                let link = Link {
+                    peer,
+                    tls: Some(session),
+                    direct: None,
+                };
+                transmit(r, w, (export, features), link, self.shutdown).await
             }
             Some(Ready::Closed) | None => {}
         }
@@ -188,12 +201,20 @@ where
     }
 }
 
+/// Who a transmission serves and over what.
+struct Link<'a> {
+    peer: &'a Peer,
+    /// The TLS session's description, or `None` for plaintext.
+    tls: Option<String>,
+    /// The plaintext socket, for replies sent without the writer task.
+    direct: Option<RawFd>,
+}
+
 async fn transmit<R, W>(
     reader: R,
     writer: W,
     (export, features): (Arc<Export>, Features),
-    peer: &Peer,
-    tls: Option<String>,
+    Link { peer, tls, direct }: Link<'_>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -202,7 +223,17 @@ async fn transmit<R, W>(
     let tls = tls.as_deref().unwrap_or("off");
     tracing::info!(peer = %peer, export = export.name(), tls, "client connected");
     let label = peer.to_string();
-    match serve(reader, writer, export.clone(), features, shutdown, &label).await {
+    match serve(
+        reader,
+        writer,
+        direct,
+        export.clone(),
+        features,
+        shutdown,
+        &label,
+    )
+    .await
+    {
         Ok(()) => tracing::info!(peer = %peer, export = export.name(), "client disconnected"),
         Err(e) => tracing::warn!(peer = %peer, export = export.name(), "connection ended: {e}"),
     }

@@ -21,6 +21,7 @@ pub(crate) mod handshake;
 pub mod metrics;
 pub mod peer;
 pub mod proto;
+mod replies;
 mod server;
 pub mod tls;
 pub(crate) mod transmission;

@@ -21,11 +21,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use std::os::fd::RawFd;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
 use super::proto::*;
+use super::replies::{Head, Reply, ReplySink};
 use crate::io::IoBuf;
 use crate::volume::{Allocation, Op, Outcome};
 
@@ -37,46 +40,6 @@ const READ_BUFFER: usize = 128 * 1024;
 /// the client asks again from where the reply ended.
 const MAX_EXTENTS: usize = 1024;
 
-struct Reply {
-    /// The reply header, and for chunks whatever precedes the data.
-    header: Head,
-    data: Option<IoBuf>,
-    _budget: OwnedSemaphorePermit,
-}
-
-/// Longest inline reply header: an extended chunk header and a read's
-/// offset (an error chunk's errno and message length are shorter).
-const INLINE_HEAD: usize = MAX_CHUNK_HEADER + 8;
-
-/// Reply header bytes: inline for every reply but BLOCK_STATUS, so the
-/// common path allocates nothing per reply.
-enum Head {
-    Inline {
-        bytes: [u8; INLINE_HEAD],
-        len: usize,
-    },
-    Heap(Vec<u8>),
-}
-
-impl Head {
-    fn of(parts: &[&[u8]]) -> Head {
-        let mut bytes = [0u8; INLINE_HEAD];
-        let mut len = 0;
-        for part in parts {
-            bytes[len..len + part.len()].copy_from_slice(part);
-            len += part.len();
-        }
-        Head::Inline { bytes, len }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Head::Inline { bytes, len } => &bytes[..*len],
-            Head::Heap(v) => v,
-        }
-    }
-}
-
 /// What a request produced besides its status.
 enum Body {
     Empty,
@@ -87,9 +50,12 @@ enum Body {
 
 /// Serves requests until the client disconnects, sends garbage, or the
 /// server shuts down; then waits for in-flight requests and their replies.
+/// `direct` is the plaintext socket behind `writer`, if any: replies are
+/// then sent from the thread that completed them (`replies.rs`).
 pub async fn serve<R, W>(
     reader: R,
     writer: W,
+    direct: Option<RawFd>,
     export: Arc<Export>,
     features: Features,
     mut shutdown: watch::Receiver<bool>,
@@ -101,8 +67,8 @@ where
 {
     let _connected = export.metrics.connect();
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let (sink, write_replies) = ReplySink::new(writer, direct);
+    let writer_task = tokio::spawn(write_replies);
     let header_len = if features.extended {
         EXTENDED_REQUEST_LEN
     } else {
@@ -165,7 +131,7 @@ where
         let ctx = Ctx {
             req,
             features,
-            tx: tx.clone(),
+            sink: sink.clone(),
             export: export.clone(),
             started: Instant::now(),
         };
@@ -211,7 +177,7 @@ where
         handle_write(ctx, data, permit);
     };
 
-    drop(tx);
+    drop(sink);
     match writer_task.await {
         Ok(Err(e)) => tracing::debug!(peer, "reply stream closed: {e}"),
         Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
@@ -232,7 +198,7 @@ fn unframeable(req: &Request, features: Features) -> Option<&'static str> {
 struct Ctx {
     req: Request,
     features: Features,
-    tx: mpsc::UnboundedSender<Reply>,
+    sink: Arc<ReplySink>,
     export: Arc<Export>,
     started: Instant,
 }
@@ -282,10 +248,10 @@ impl Ctx {
                 }
             }
         };
-        // A send fails only when the writer is gone (client hung up).
-        let _ = self.tx.send(Reply {
+        self.sink.send(Reply {
             header,
             data,
+            sent: 0,
             _budget: budget,
         });
     }
@@ -467,26 +433,6 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> std::io::Res
     Ok(())
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(reply) = rx.recv().await {
-        out.write_all(reply.header.as_slice()).await?;
-        if let Some(data) = &reply.data {
-            out.write_all(data).await?;
-        }
-        drop(reply);
-        // Batch replies that are already waiting into one write.
-        if rx.is_empty() {
-            out.flush().await?;
-        }
-    }
-    out.flush().await?;
-    out.shutdown().await
-}
-
 /// The transmission phase over an in-memory duplex stream against a real
 /// temp volume: no daemon, no socket.
 #[cfg(test)]
@@ -530,7 +476,7 @@ mod tests {
         let served = export.clone();
         let server = tokio::spawn(async move {
             let _keep = keep;
-            serve(server_r, server_w, served, features, shutdown, "test").await
+            serve(server_r, server_w, None, served, features, shutdown, "test").await
         });
         Served {
             to_server,
@@ -782,5 +728,95 @@ mod tests {
         s.send(huge, &[]).await;
         assert!(s.at_eof().await);
         assert!(s.server.await.unwrap().is_ok());
+    }
+
+    /// Replies sent directly by the completing threads, over a real
+    /// socket, mixed with replies too large for the socket buffer (which
+    /// the writer task must finish first): every reply arrives whole,
+    /// with its own data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_replies_on_a_socket_never_interleave() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let geometry = crate::volume::Geometry {
+            size: SIZE,
+            sector_size: 512,
+        };
+        let volume =
+            crate::volume::open_temp("t", &dir.path().join("volume"), geometry, false).unwrap();
+        let export = Arc::new(Export {
+            volume,
+            description: String::new(),
+            allow_discards: true,
+            allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
+            metrics: Default::default(),
+        });
+        // Every 4 KiB block of the volume holds its own index.
+        let pattern: Vec<u8> = (0..SIZE / 4096)
+            .flat_map(|block| std::iter::repeat_n(block as u8, 4096))
+            .collect();
+        let mut data = IoBuf::new(pattern.len());
+        data.copy_from_slice(&pattern);
+        export.volume.data.write(0, &mut data).unwrap();
+
+        let (client, server) = tokio::net::UnixStream::pair().unwrap();
+        let fd = server.as_raw_fd();
+        let (server_r, server_w) = server.into_split();
+        let (keep, shutdown) = watch::channel(false);
+        let served = export.clone();
+        let server = tokio::spawn(async move {
+            let _keep = keep;
+            serve(
+                server_r,
+                server_w,
+                Some(fd),
+                served,
+                SIMPLE,
+                shutdown,
+                "test",
+            )
+            .await
+        });
+        let (mut from_server, mut to_server) = client.into_split();
+        // Small and large reads; the large ones overflow the socket buffer.
+        // A reply's cookie tells which request (and so which data) it is.
+        let shape = |cookie: u64| {
+            let len = if cookie.is_multiple_of(25) {
+                2 << 20
+            } else {
+                4096
+            };
+            ((cookie * 7 % 1000) * 4096 % (SIZE - len), len)
+        };
+        const COUNT: u64 = 200;
+        let sender = tokio::spawn(async move {
+            for cookie in 0..COUNT {
+                let (offset, len) = shape(cookie);
+                let req = request(Command::Read, 0, cookie, offset, len);
+                to_server.write_all(&req.encode()).await.unwrap();
+            }
+            let disc = request(Command::Disc, 0, 0, 0, 0);
+            to_server.write_all(&disc.encode()).await.unwrap();
+        });
+        let mut replies = 0;
+        loop {
+            let mut h = [0u8; 16];
+            if from_server.read_exact(&mut h).await.is_err() {
+                break;
+            }
+            assert_eq!(be32(&h), SIMPLE_REPLY_MAGIC, "a reply header out of place");
+            let cookie = be64(&h[8..]);
+            let (offset, len) = shape(cookie);
+            let mut body = vec![0u8; len as usize];
+            from_server.read_exact(&mut body).await.unwrap();
+            assert!(
+                body == pattern[offset as usize..(offset + len) as usize],
+                "reply {cookie} carries another request's data"
+            );
+            replies += 1;
+        }
+        sender.await.unwrap();
+        assert_eq!(replies, COUNT);
+        assert!(server.await.unwrap().is_ok());
     }
 }

@@ -1,0 +1,199 @@
+//! How replies leave a connection: sent at once by the thread that
+//! completed the request, when the socket takes them whole, or else
+//! queued for the connection's writer task.
+//!
+//! Every request used to cross threads twice (reader task → I/O thread →
+//! writer task), and the second wake-up cost QD1 latency and CPU on every
+//! reply. Now a completion on a ring or worker thread tries one
+//! non-blocking `sendmsg` of header and payload on a plaintext socket. The
+//! writer task takes over only when the socket is full (or the stream is
+//! TLS): from then until its queue is empty it alone writes, so bytes of
+//! two replies never interleave. A reply only partly sent is finished by
+//! the writer before anything else.
+//!
+//! What lives elsewhere: encoding a reply (`transmission.rs`), the byte
+//! budget whose permits replies carry until they are written.
+
+use std::io::IoSlice;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::proto::MAX_CHUNK_HEADER;
+use crate::io::IoBuf;
+
+/// Longest inline reply header: an extended chunk header and a read's
+/// offset (an error chunk's errno and message length are shorter).
+const INLINE_HEAD: usize = MAX_CHUNK_HEADER + 8;
+
+/// Reply header bytes: inline for every reply but BLOCK_STATUS, so the
+/// common path allocates nothing per reply.
+pub enum Head {
+    Inline {
+        bytes: [u8; INLINE_HEAD],
+        len: usize,
+    },
+    Heap(Vec<u8>),
+}
+
+impl Head {
+    pub fn of(parts: &[&[u8]]) -> Head {
+        let mut bytes = [0u8; INLINE_HEAD];
+        let mut len = 0;
+        for part in parts {
+            bytes[len..len + part.len()].copy_from_slice(part);
+            len += part.len();
+        }
+        Head::Inline { bytes, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Head::Inline { bytes, len } => &bytes[..*len],
+            Head::Heap(v) => v,
+        }
+    }
+}
+
+pub struct Reply {
+    /// The reply header, and for chunks whatever precedes the data.
+    pub header: Head,
+    pub data: Option<IoBuf>,
+    /// Bytes already sent directly; the writer sends the rest.
+    pub sent: usize,
+    /// Held until the reply is written: its share of the byte budget.
+    pub _budget: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    fn len(&self) -> usize {
+        self.header.as_slice().len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// The unsent parts: what is left of the header, then of the data.
+    fn unsent(&self) -> [&[u8]; 2] {
+        let header = self.header.as_slice();
+        let data = self.data.as_deref().unwrap_or(&[]);
+        if self.sent < header.len() {
+            [&header[self.sent..], data]
+        } else {
+            [&[], &data[self.sent - header.len()..]]
+        }
+    }
+}
+
+/// Where a connection's replies go.
+pub struct ReplySink {
+    /// The plaintext socket, when direct sends are allowed. It stays open
+    /// while any request of the connection can still reply: the writer
+    /// task owns the socket's write half and returns only after every
+    /// sender (one per request in flight) is gone.
+    direct: Option<RawFd>,
+    /// True while the writer task owns the socket (its queue is not empty
+    /// or its buffer not flushed). Replies are queued under this lock.
+    writer_owns: Mutex<bool>,
+    queue: mpsc::UnboundedSender<Reply>,
+}
+
+impl ReplySink {
+    /// The sink and its writer task's future, which ends when every
+    /// clone of the sink is gone and the queue is written out.
+    pub fn new<W>(
+        writer: W,
+        direct: Option<RawFd>,
+    ) -> (
+        Arc<ReplySink>,
+        impl std::future::Future<Output = std::io::Result<()>>,
+    )
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let sink = Arc::new(ReplySink {
+            direct,
+            writer_owns: Mutex::new(false),
+            queue,
+        });
+        let task = write_replies(writer, rx, Arc::downgrade(&sink));
+        (sink, task)
+    }
+
+    fn owns(&self) -> MutexGuard<'_, bool> {
+        // A panic while holding this lock cannot leave it inconsistent.
+        self.writer_owns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `reply` now if the socket takes it, else queues the rest.
+    pub fn send(&self, mut reply: Reply) {
+        let mut owns = self.owns();
+        if let (Some(fd), false) = (self.direct, *owns) {
+            match send_now(fd, &reply.unsent()) {
+                Some(n) if n == reply.len() => return,
+                Some(n) => reply.sent = n,
+                None => {}
+            }
+            *owns = true;
+        }
+        // A send fails only when the writer is gone (client hung up).
+        let _ = self.queue.send(reply);
+    }
+}
+
+/// One non-blocking `sendmsg` of `parts`: the bytes sent, or `None` when
+/// the socket would block or failed (the writer then meets the error).
+fn send_now(fd: RawFd, parts: &[&[u8]; 2]) -> Option<usize> {
+    let slices = [IoSlice::new(parts[0]), IoSlice::new(parts[1])];
+    // SAFETY: `msghdr` is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with `iovec`; the slices and
+    // the buffers they point to outlive the call, and sendmsg only reads.
+    msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = slices.len();
+    // SAFETY: `fd` is open (see `ReplySink::direct`), `msg` points at live
+    // memory for the whole call; MSG_DONTWAIT never blocks this thread,
+    // MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    usize::try_from(n).ok()
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    sink: std::sync::Weak<ReplySink>,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(256 * 1024, writer);
+    let mut result = Ok(());
+    while let Some(reply) = rx.recv().await {
+        if result.is_err() {
+            // Keep the socket (and so its descriptor) until every request
+            // has replied, dropping replies nobody can receive.
+            continue;
+        }
+        for part in reply.unsent() {
+            if let Err(e) = out.write_all(part).await {
+                result = Err(e);
+            }
+        }
+        drop(reply);
+        // Batch replies that are already waiting into one write.
+        if rx.is_empty() && result.is_ok() {
+            if let Err(e) = out.flush().await {
+                result = Err(e);
+                continue;
+            }
+            // Hand the socket back to direct sends if nothing came in
+            // meanwhile (replies are queued under the same lock).
+            if let Some(sink) = sink.upgrade() {
+                let mut owns = sink.owns();
+                if rx.is_empty() {
+                    *owns = false;
+                }
+            }
+        }
+    }
+    result?;
+    out.flush().await?;
+    out.shutdown().await
+}
