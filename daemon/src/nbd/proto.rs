@@ -249,31 +249,30 @@ pub const REQUEST_LEN: usize = 28;
 pub const EXTENDED_REQUEST_LEN: usize = 32;
 
 impl Request {
-    /// Parses a compact request header; `None` when the magic is wrong.
-    pub fn parse(raw: &[u8; REQUEST_LEN]) -> Option<Self> {
-        if be32(&raw[..4]) != REQUEST_MAGIC {
-            return None;
+    /// The header's length on the wire: compact or extended.
+    pub fn header_len(extended: bool) -> usize {
+        if extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
         }
-        Some(Request {
-            flags: be16(&raw[4..]),
-            command: Command::from_wire(be16(&raw[6..])),
-            cookie: be64(&raw[8..]),
-            offset: be64(&raw[16..]),
-            length: u64::from(be32(&raw[24..])),
-        })
     }
 
-    /// Parses an extended request header; `None` when the magic is wrong.
-    pub fn parse_extended(raw: &[u8; EXTENDED_REQUEST_LEN]) -> Option<Self> {
-        if be32(&raw[..4]) != EXTENDED_REQUEST_MAGIC {
-            return None;
-        }
-        Some(Request {
+    /// Parses a request header of `header_len(extended)` bytes; `None`
+    /// when the magic is wrong. The two forms differ only in the magic and
+    /// the width of the length.
+    pub fn parse(raw: &[u8], extended: bool) -> Option<Self> {
+        let (magic, length) = if extended {
+            (EXTENDED_REQUEST_MAGIC, be64(&raw[24..]))
+        } else {
+            (REQUEST_MAGIC, u64::from(be32(&raw[24..])))
+        };
+        (be32(raw) == magic).then(|| Request {
             flags: be16(&raw[4..]),
             command: Command::from_wire(be16(&raw[6..])),
             cookie: be64(&raw[8..]),
             offset: be64(&raw[16..]),
-            length: be64(&raw[24..]),
+            length,
         })
     }
 
@@ -282,11 +281,7 @@ impl Request {
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         debug_assert!(self.length <= u64::from(u32::MAX));
         let mut out = [0u8; REQUEST_LEN];
-        out[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
-        out[6..8].copy_from_slice(&self.command.to_wire().to_be_bytes());
-        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
-        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        self.encode_common(&mut out, REQUEST_MAGIC);
         out[24..].copy_from_slice(&(self.length as u32).to_be_bytes());
         out
     }
@@ -294,13 +289,18 @@ impl Request {
     /// The extended header on the wire.
     pub fn encode_extended(&self) -> [u8; EXTENDED_REQUEST_LEN] {
         let mut out = [0u8; EXTENDED_REQUEST_LEN];
-        out[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        self.encode_common(&mut out, EXTENDED_REQUEST_MAGIC);
+        out[24..].copy_from_slice(&self.length.to_be_bytes());
+        out
+    }
+
+    /// The 24 bytes both forms share: magic, flags, type, cookie, offset.
+    fn encode_common(&self, out: &mut [u8], magic: u32) {
+        out[..4].copy_from_slice(&magic.to_be_bytes());
         out[4..6].copy_from_slice(&self.flags.to_be_bytes());
         out[6..8].copy_from_slice(&self.command.to_wire().to_be_bytes());
         out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         out[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        out[24..].copy_from_slice(&self.length.to_be_bytes());
-        out
     }
 
     /// How many payload bytes follow this header on the wire. A WRITE's
@@ -364,14 +364,14 @@ mod tests {
         raw[8..16].copy_from_slice(&7u64.to_be_bytes());
         raw[16..24].copy_from_slice(&4096u64.to_be_bytes());
         raw[24..28].copy_from_slice(&512u32.to_be_bytes());
-        let req = Request::parse(&raw).unwrap();
+        let req = Request::parse(&raw, false).unwrap();
         assert_eq!(req.encode(), raw, "encode is parse's inverse");
         assert_eq!(
             (req.command, req.cookie, req.offset, req.length),
             (Command::Write, 7, 4096, 512)
         );
         raw[0] ^= 1;
-        assert!(Request::parse(&raw).is_none());
+        assert!(Request::parse(&raw, false).is_none());
     }
 
     #[test]
@@ -384,10 +384,8 @@ mod tests {
             length: 5 << 32,
         };
         let raw = req.encode_extended();
-        assert_eq!(Request::parse_extended(&raw), Some(req));
-        let mut compact = [0u8; REQUEST_LEN];
-        compact.copy_from_slice(&raw[..REQUEST_LEN]);
-        assert!(Request::parse(&compact).is_none(), "magics differ");
+        assert_eq!(Request::parse(&raw, true), Some(req));
+        assert!(Request::parse(&raw, false).is_none(), "magics differ");
         let ext = Features {
             structured: true,
             extended: true,

@@ -69,11 +69,7 @@ where
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let (sink, write_replies) = ReplySink::new(writer, direct);
     let writer_task = tokio::spawn(write_replies);
-    let header_len = if features.extended {
-        EXTENDED_REQUEST_LEN
-    } else {
-        REQUEST_LEN
-    };
+    let header_len = Request::header_len(features.extended);
 
     // Buffered: at queue depth 32 one recv() brings in many request headers
     // instead of one syscall per 28-byte header. Large payloads bypass the
@@ -89,14 +85,7 @@ where
             },
             _ = shutdown.changed() => break Ok(()),
         }
-        let parsed = if features.extended {
-            Request::parse_extended(&raw)
-        } else {
-            let mut compact = [0u8; REQUEST_LEN];
-            compact.copy_from_slice(&raw[..REQUEST_LEN]);
-            Request::parse(&compact)
-        };
-        let Some(req) = parsed else {
+        let Some(req) = Request::parse(&raw[..header_len], features.extended) else {
             tracing::warn!(
                 peer,
                 export = export.name(),
@@ -454,7 +443,9 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
-    fn serve_volume(features: Features) -> Served {
+    /// A temp volume of SIZE bytes in a fresh directory (kept alive by
+    /// the returned guard), exported to anyone.
+    fn temp_export() -> (Arc<Export>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let geometry = crate::volume::Geometry {
             size: SIZE,
@@ -469,6 +460,11 @@ mod tests {
             allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
             metrics: Default::default(),
         });
+        (export, dir)
+    }
+
+    fn serve_volume(features: Features) -> Served {
+        let (export, dir) = temp_export();
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (server_r, server_w) = tokio::io::split(server);
         let (from_server, to_server) = tokio::io::split(client);
@@ -737,20 +733,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn direct_replies_on_a_socket_never_interleave() {
         use std::os::fd::AsRawFd;
-        let dir = tempfile::tempdir().unwrap();
-        let geometry = crate::volume::Geometry {
-            size: SIZE,
-            sector_size: 512,
-        };
-        let volume =
-            crate::volume::open_temp("t", &dir.path().join("volume"), geometry, false).unwrap();
-        let export = Arc::new(Export {
-            volume,
-            description: String::new(),
-            allow_discards: true,
-            allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
-            metrics: Default::default(),
-        });
+        let (export, _dir) = temp_export();
         // Every 4 KiB block of the volume holds its own index.
         let pattern: Vec<u8> = (0..SIZE / 4096)
             .flat_map(|block| std::iter::repeat_n(block as u8, 4096))
