@@ -1,6 +1,7 @@
 //! Data integrity through each real client: nbdcopy, qemu-io, fio.
 
 use std::process::Command;
+use std::time::Duration;
 
 use hostcrypt_e2e::*;
 
@@ -101,6 +102,76 @@ fn fio_verify(volume_options: &str) {
         assert!(
             job["read"]["io_bytes"].as_u64().unwrap() >= 32 << 20,
             "verify pass did not read: {job}"
+        );
+    }
+}
+
+/// Bytes of `path` resident in the host page cache (util-linux fincore).
+fn cached_bytes(path: &std::path::Path) -> u64 {
+    let out = run_ok(
+        Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore said {text:?}"))
+}
+
+/// Writes of 128 KiB and more leave the host page cache once written back
+/// (RWF_DONTCACHE), so later small writes do not land in large folios;
+/// `cache_large_writes = true` keeps them, and small writes stay cached
+/// either way. The data reads back the same in every case.
+#[test]
+fn large_writes_leave_the_page_cache_unless_configured_to_stay() {
+    require_tool("fincore");
+    for (options, large_cached) in [("", false), ("cache_large_writes = true", true)] {
+        let mut fx = Fixture::new();
+        let backing = fx.volume("v", "cache", options);
+        fx.create("v", "64M", 4096);
+        let daemon = fx.start();
+        let log = daemon.stderr();
+        assert!(
+            log.contains(&format!("uncached_large_writes={}", !large_cached)),
+            "{options:?}: the open log names the write cache policy:\n{log}"
+        );
+        let uri = fx.uri("v");
+        let before = cached_bytes(&backing);
+        // 32 MiB in 1 MiB requests, then 64 small writes elsewhere.
+        let mut commands: Vec<String> = (0..32)
+            .map(|i| format!("write -P 0x5a {}M 1M", i))
+            .collect();
+        commands.extend((0..64).map(|i| format!("write -P 0x3c {} 4k", (40 << 20) + i * 8192)));
+        commands.push("flush".into());
+        qemu_io(&uri, &commands);
+        let small = 64 * 4096;
+        if large_cached {
+            let cached = cached_bytes(&backing);
+            assert!(
+                cached >= before + (32 << 20),
+                "{options:?}: {cached} bytes cached"
+            );
+        } else {
+            // Dropped as each folio's writeback ends, which the flush waited for.
+            wait_until(
+                "large writes to leave the page cache",
+                Duration::from_secs(20),
+                || cached_bytes(&backing) < before + (4 << 20),
+            );
+            let cached = cached_bytes(&backing);
+            assert!(
+                cached >= small,
+                "{options:?}: small writes stay cached ({cached} bytes)"
+            );
+        }
+        qemu_io(
+            &uri,
+            &[
+                "read -P 0x5a 0 32M",
+                "read -P 0x3c 41943040 4k",
+                "read -P 0 41947136 4k",
+            ],
         );
     }
 }

@@ -70,6 +70,18 @@ impl Backing {
         matches!(self, Backing::File(f) if f.is_direct())
     }
 
+    /// See `FileBacking::set_cache_large_writes`; a remote backing has no
+    /// page cache here.
+    pub fn set_cache_large_writes(&self, cache: bool) {
+        if let Backing::File(f) = self {
+            f.set_cache_large_writes(cache);
+        }
+    }
+
+    pub fn uncached_large_writes(&self) -> bool {
+        matches!(self, Backing::File(f) if f.uncached_large_writes())
+    }
+
     pub fn path(&self) -> &Path {
         match self {
             Backing::File(f) => f.path(),

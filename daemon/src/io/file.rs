@@ -11,12 +11,23 @@
 //! with O_DIRECT (no double caching under a guest's own page cache), while
 //! headers keep using the buffered one: header I/O is rare and its buffers
 //! need no alignment. Data buffers come from `IoBuf`, which is page-aligned.
+//!
+//! Buffered data writes of `UNCACHED_WRITE_MIN` or more go out with
+//! `RWF_DONTCACHE` (kernel 6.14+; plain writes where the kernel or file
+//! system refuses it), unless the volume sets `cache_large_writes`. Large
+//! writes land in large page-cache folios, and every later 4 KiB write
+//! into such a folio walks all of its buffer heads under the inode lock:
+//! 4k random writes after a sequential fill ran 2-4x slower (BENCHMARKS.md,
+//! "4k random writes depend on how the page cache was filled"). Dropping
+//! those folios once written back keeps the cache in small folios, and
+//! keeps streaming writes from evicting what the host had cached.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 // Block-device ioctls (linux/fs.h): _IOR(0x12, 114, size_t),
 // _IO(0x12, 104), _IO(0x12, 119), _IO(0x12, 127).
@@ -32,7 +43,15 @@ pub struct FileBacking {
     direct: Option<File>,
     path: PathBuf,
     is_block_device: bool,
+    /// Large buffered writes use RWF_DONTCACHE; cleared for good once
+    /// the kernel refuses the flag.
+    uncached_large_writes: AtomicBool,
 }
+
+/// Buffered writes from this size up skip the page cache once written
+/// back: a 128 KiB write already makes a 32-buffer-head folio, while the
+/// 4-64 KiB writes of random I/O stay cached.
+pub const UNCACHED_WRITE_MIN: usize = 128 * 1024;
 
 impl FileBacking {
     /// Opens an existing backing file or block device read-write.
@@ -58,6 +77,7 @@ impl FileBacking {
             direct: None,
             path: path.to_owned(),
             is_block_device,
+            uncached_large_writes: AtomicBool::new(true),
         })
     }
 
@@ -87,6 +107,17 @@ impl FileBacking {
 
     pub fn is_direct(&self) -> bool {
         self.direct.is_some()
+    }
+
+    /// Keeps large buffered writes in the page cache (`true`) or lets
+    /// them leave it once written back (`false`, the default).
+    pub fn set_cache_large_writes(&self, cache: bool) {
+        self.uncached_large_writes.store(!cache, Ordering::Relaxed);
+    }
+
+    /// Whether large buffered writes currently skip the page cache.
+    pub fn uncached_large_writes(&self) -> bool {
+        self.direct.is_none() && self.uncached_large_writes.load(Ordering::Relaxed)
     }
 
     pub fn path(&self) -> &Path {
@@ -197,10 +228,25 @@ impl FileBacking {
 
     /// Like `write_at`, through the O_DIRECT descriptor when enabled.
     pub fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.direct
-            .as_ref()
-            .unwrap_or(&self.file)
-            .write_all_at(buf, offset)
+        if let Some(direct) = &self.direct {
+            return direct.write_all_at(buf, offset);
+        }
+        if buf.len() >= UNCACHED_WRITE_MIN && self.uncached_large_writes.load(Ordering::Relaxed) {
+            match pwrite_all_flags(&self.file, buf, offset, libc::RWF_DONTCACHE) {
+                // Checked before anything is written, so a plain write of
+                // the same bytes follows.
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    if self.uncached_large_writes.swap(false, Ordering::Relaxed) {
+                        tracing::info!(
+                            backing = %self.path.display(),
+                            "RWF_DONTCACHE unsupported here; large writes stay in the page cache"
+                        );
+                    }
+                }
+                other => return other,
+            }
+        }
+        self.file.write_all_at(buf, offset)
     }
 
     /// Makes every completed write durable (fdatasync).
@@ -261,6 +307,40 @@ impl FileBacking {
             Err(io::Error::last_os_error())
         }
     }
+}
+
+/// `write_all_at` through pwritev2 with `flags`.
+fn pwrite_all_flags(
+    file: &File,
+    mut buf: &[u8],
+    mut offset: u64,
+    flags: libc::c_int,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr().cast_mut().cast(),
+            iov_len: buf.len(),
+        };
+        let at =
+            libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+        // SAFETY: one iovec over a live slice, which the kernel only reads,
+        // on a descriptor `file` keeps open.
+        let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, at, flags) };
+        match n {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => {
+                buf = &buf[n as usize..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn read_full(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {

@@ -286,6 +286,10 @@ pub fn open_volume(
             volume::open_temp(&name, backing, geometry, v.direct).map_err(wrap)?
         }
     };
+    opened
+        .data
+        .backing()
+        .set_cache_large_writes(v.cache_large_writes);
     tracing::info!(
         volume = %name,
         role = %opened.role,
@@ -295,6 +299,7 @@ pub fn open_volume(
         layers = opened.data.layers(),
         inner = %if opened.data.layers() > 1 { opened.data.inner_cipher().to_string() } else { "-".into() },
         direct = v.direct,
+        uncached_large_writes = opened.data.backing().uncached_large_writes(),
         backing = %backing.display(),
         "volume open"
     );

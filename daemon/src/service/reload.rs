@@ -293,7 +293,7 @@ impl Reloader {
 /// Every setting that shapes a served volume, without source positions.
 fn fingerprint(v: &VolumeConfig) -> String {
     format!(
-        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}",
+        "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}",
         v.backing.get_ref(),
         v.role,
         v.kek.as_ref().map(|k| k.get_ref()),
@@ -302,6 +302,7 @@ fn fingerprint(v: &VolumeConfig) -> String {
         v.sector_size,
         v.allow_discards,
         v.direct,
+        v.cache_large_writes,
         v.auto_rotate,
         v.on_key_loss,
         v.on_key_unreachable,
