@@ -7,10 +7,15 @@
 //!
 //! Every buffer starts on a 4 KiB boundary and spans whole pages, so the
 //! same buffers serve O_DIRECT backings (which need aligned memory).
+//!
+//! An `IoBuf` may instead be a slot of a ring's registered arena
+//! (`fixed.rs`); it behaves the same and returns to that arena on drop.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use super::fixed::{FixedArena, FixedSlot};
 
 const MIN_CLASS: u32 = 12; // 4 KiB
 const MAX_CLASS: u32 = 25; // 32 MiB
@@ -21,20 +26,41 @@ const MAX_IDLE_BYTES: usize = 256 << 20;
 static FREE: [Mutex<Vec<Vec<Page>>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
 static IDLE_BYTES: AtomicUsize = AtomicUsize::new(0);
 
-const PAGE: usize = 4096;
+pub(super) const PAGE: usize = 4096;
 
 /// One page of buffer memory; the alignment is what O_DIRECT needs.
 #[derive(Clone, Copy)]
 #[repr(C, align(4096))]
-struct Page([u8; PAGE]);
+pub(super) struct Page(pub(super) [u8; PAGE]);
 
 /// A byte buffer of a requested length, returned to the pool on drop.
 /// Its contents on arrival are whatever the last user left: callers
 /// overwrite before they read.
 pub struct IoBuf {
-    /// Invariant: `len <= pages.len() * PAGE`.
-    pages: Vec<Page>,
+    /// Invariant: `len` never exceeds the storage's capacity.
+    storage: Storage,
     len: usize,
+}
+
+enum Storage {
+    Pooled(Vec<Page>),
+    Fixed(FixedSlot),
+}
+
+impl Storage {
+    fn as_ptr(&self) -> *const u8 {
+        match self {
+            Storage::Pooled(pages) => pages.as_ptr().cast(),
+            Storage::Fixed(slot) => slot.as_ptr(),
+        }
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        match self {
+            Storage::Pooled(pages) => pages.as_mut_ptr().cast(),
+            Storage::Fixed(slot) => slot.as_ptr(),
+        }
+    }
 }
 
 fn pages(bytes: usize) -> Vec<Page> {
@@ -60,7 +86,28 @@ impl IoBuf {
             }
             None => pages(len),
         };
-        IoBuf { pages, len }
+        IoBuf {
+            storage: Storage::Pooled(pages),
+            len,
+        }
+    }
+
+    /// A buffer in a free slot of `arena`, if `len` fits one and a slot
+    /// is free (contents unspecified).
+    pub fn fixed(arena: &Arc<FixedArena>, len: usize) -> Option<Self> {
+        let slot = arena.take(len)?;
+        Some(IoBuf {
+            storage: Storage::Fixed(slot),
+            len,
+        })
+    }
+
+    /// This buffer's index among `arena`'s registered buffers, if it is one.
+    pub fn fixed_index(&self, arena: &Arc<FixedArena>) -> Option<u16> {
+        match &self.storage {
+            Storage::Fixed(slot) => slot.index_in(arena),
+            Storage::Pooled(_) => None,
+        }
     }
 
     /// A buffer of `len` zero bytes.
@@ -89,22 +136,27 @@ impl Deref for IoBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: `Page` is `repr(C)` around `[u8; PAGE]` with size PAGE and
-        // no padding, so the vector's pages are `pages.len() * PAGE`
-        // contiguous, initialised bytes; `len` never exceeds that.
-        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
+        // no padding, so pooled pages are contiguous, initialised bytes; a
+        // fixed slot is initialised arena memory lent to this buffer alone
+        // (`fixed.rs`). `len` never exceeds either capacity.
+        unsafe { std::slice::from_raw_parts(self.storage.as_ptr(), self.len) }
     }
 }
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.storage.as_mut_ptr(), self.len) }
     }
 }
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        let size = self.pages.len() * PAGE;
+        // A fixed slot goes back to its arena when `storage` drops.
+        let Storage::Pooled(pages) = &mut self.storage else {
+            return;
+        };
+        let size = pages.len() * PAGE;
         let Some(class) = class_of(size).filter(|&c| 1usize << (c as u32 + MIN_CLASS) == size)
         else {
             return;
@@ -113,7 +165,7 @@ impl Drop for IoBuf {
             IDLE_BYTES.fetch_sub(size, Ordering::Relaxed);
             return;
         }
-        let pages = std::mem::take(&mut self.pages);
+        let pages = std::mem::take(pages);
         FREE[class]
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -1,7 +1,7 @@
 //! Backing I/O: the file, block device (`file.rs`) or remote NBD export
 //! (`remote.rs`) under a volume (`backing.rs` joins them), the two engines
 //! that run I/O (`uring.rs`, `workers.rs`, chosen in `engine.rs`), pooled
-//! buffers, and the range lock that serialises writers on overlapping sectors.
+//! and registered buffers, and the range lock that serialises writers on overlapping sectors.
 //!
 //! Encryption does not happen here; `volume/` encrypts, this module moves
 //! ciphertext.
@@ -10,6 +10,7 @@ mod backing;
 mod buffers;
 pub mod engine;
 mod file;
+mod fixed;
 mod range_lock;
 pub mod remote;
 pub mod uring;

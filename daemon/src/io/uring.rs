@@ -9,13 +9,16 @@
 //! had no release since 2024, pins io-uring 0.6, and its `UnixListener::bind`
 //! fails on current kernels (SO_REUSEPORT on AF_UNIX). Not `compio`: we only
 //! need positional file I/O on our own threads, and owning the loop lets
-//! the cipher run where the completion lands. Buffers are not registered
-//! (IORING_OP_READ_FIXED): the pool in `buffers.rs` grows on demand and
-//! registration wants one fixed arena; with page-cached files the copy, not
-//! the page pinning, is the cost.
+//! the cipher run where the completion lands.
 //!
-//! Soundness: an operation's buffer (`IoBuf`, heap pages that do not move
-//! when the `IoBuf` value moves) and its file descriptor (kept open by the
+//! Each ring registers a bounded arena of buffers (`fixed.rs`); reads the
+//! ring allocates take a slot when one fits and is free, and any op whose
+//! buffer is this ring's slot goes out as READ_FIXED / WRITE_FIXED. If
+//! registration is refused (a low RLIMIT_MEMLOCK without CAP_IPC_LOCK),
+//! the ring runs on pooled buffers only.
+//!
+//! Soundness: an operation's buffer (`IoBuf`: pooled heap pages or a
+//! registered slot, neither of which moves when the `IoBuf` value moves) and its file descriptor (kept open by the
 //! `Arc` the continuation holds) live in the pending table until the kernel
 //! reports the completion, so the kernel never touches freed memory.
 
@@ -27,6 +30,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 
+use super::fixed::{FixedArena, FIXED_SLOTS, FIXED_SLOT_BYTES};
 use super::IoBuf;
 
 /// Runs when an operation completes, on the ring's thread.
@@ -57,15 +61,49 @@ pub struct Ring {
     ring: IoUring,
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
+    /// Registered with the ring; `None` when registration was refused.
+    arena: Option<Arc<FixedArena>>,
 }
 
 impl Ring {
     fn new() -> io::Result<Self> {
+        let ring = IoUring::new(RING_ENTRIES)?;
+        let arena = FixedArena::new(FIXED_SLOTS, FIXED_SLOT_BYTES);
+        let iovecs = arena.iovecs();
+        // SAFETY: every iovec covers a disjoint slot of `arena`'s memory,
+        // which the ring keeps alive (its `Arc`) for as long as the
+        // registration lasts: until the ring itself is dropped.
+        let arena = match unsafe { ring.submitter().register_buffers(&iovecs) } {
+            Ok(()) => Some(arena),
+            Err(e) => {
+                tracing::info!("io_uring: registered buffers refused ({e}); using pooled buffers");
+                None
+            }
+        };
         Ok(Ring {
-            ring: IoUring::new(RING_ENTRIES)?,
+            ring,
             pending: Vec::new(),
             free: Vec::new(),
+            arena,
         })
+    }
+
+    /// A buffer for an op on this ring: a registered slot when one is free
+    /// and large enough, otherwise a pooled buffer.
+    pub fn buffer(&self, len: usize) -> IoBuf {
+        self.arena
+            .as_ref()
+            .and_then(|arena| IoBuf::fixed(arena, len))
+            .unwrap_or_else(|| IoBuf::new(len))
+    }
+
+    /// `data` copied into a registered slot, when one is free and large
+    /// enough: for O_DIRECT writes, a copy of a few KiB costs less than
+    /// pinning the caller's pages for every write.
+    pub fn fixed_copy(&self, data: &[u8]) -> Option<IoBuf> {
+        let mut buf = IoBuf::fixed(self.arena.as_ref()?, data.len())?;
+        buf.copy_from_slice(data);
+        Some(buf)
     }
 
     /// Reads `buf.len()` bytes at `offset`; bytes past end of file read as zeros.
@@ -115,18 +153,31 @@ impl Ring {
         let len = u32::try_from(rest).unwrap_or(u32::MAX);
         let at = p.offset + p.done as u64;
         let fd = types::Fd(p.fd);
-        let entry = match p.op {
-            Op::Read => {
+        let fixed = self.arena.as_ref().and_then(|a| p.buf.fixed_index(a));
+        let entry = match (p.op, fixed) {
+            (Op::Read, Some(index)) => {
+                // SAFETY: `p.done <= p.buf.len()`, so the pointer stays
+                // inside the buffer, which lies inside registered buffer
+                // `index` (the kernel checks the range against it).
+                let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
+                opcode::ReadFixed::new(fd, ptr, len, index).offset(at).build()
+            }
+            (Op::Read, None) => {
                 // SAFETY: `p.done <= p.buf.len()`, so the pointer stays inside the buffer.
                 let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
                 opcode::Read::new(fd, ptr, len).offset(at).build()
             }
-            Op::Write => {
+            (Op::Write, Some(index)) => {
+                // SAFETY: as for fixed reads.
+                let ptr = unsafe { p.buf.as_ptr().add(p.done) };
+                opcode::WriteFixed::new(fd, ptr, len, index).offset(at).build()
+            }
+            (Op::Write, None) => {
                 // SAFETY: as for reads.
                 let ptr = unsafe { p.buf.as_ptr().add(p.done) };
                 opcode::Write::new(fd, ptr, len).offset(at).build()
             }
-            Op::Fsync => opcode::Fsync::new(fd)
+            (Op::Fsync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
         }

@@ -511,9 +511,10 @@ impl DataArea {
             target: fd,
             done,
         } = read;
+        let buf = ring.buffer((end - start) as usize);
         ring.read(
             fd,
-            IoBuf::new((end - start) as usize),
+            buf,
             self.data_offset + start,
             Box::new(move |_, result| {
                 self.finish_unlocked_read(&keys, (offset, len, start), result, done)
@@ -630,9 +631,10 @@ impl DataArea {
             return;
         };
         let (fd, start, end, done) = (w.target, w.start, w.end, w.done);
+        let data = ring.fixed_copy(&w.data).unwrap_or(w.data);
         ring.write(
             fd,
-            w.data,
+            data,
             self.data_offset + start,
             Box::new(move |ring, result| {
                 self.writers.release(start, end);
