@@ -185,9 +185,10 @@ pub struct VolumeConfig {
     /// O_DIRECT on the data area (bypass the host page cache).
     #[serde(default)]
     pub direct: bool,
-    /// Keep writes of 128 KiB and more in the host page cache; by default
-    /// they leave it once written back (RWF_DONTCACHE), see `io/file.rs`.
-    #[serde(default)]
+    /// Keep writes of 128 KiB and more in the host page cache (default);
+    /// `false` lets them leave it once written back (RWF_DONTCACHE), see
+    /// `io/file.rs`.
+    #[serde(default = "yes")]
     pub cache_large_writes: bool,
     pub description: Option<String>,
     /// Who may open this volume (nbdkit ip-filter syntax); absent = anyone.

@@ -154,6 +154,14 @@ impl Backing {
         }
     }
 
+    /// See `FileBacking::read_cached`; always a miss on a remote backing.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        match self {
+            Backing::File(f) => f.read_cached(buf, offset),
+            Backing::Remote(_) => false,
+        }
+    }
+
     /// Like `read_at`, through the O_DIRECT descriptor when enabled.
     pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self {

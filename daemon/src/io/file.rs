@@ -12,15 +12,17 @@
 //! headers keep using the buffered one: header I/O is rare and its buffers
 //! need no alignment. Data buffers come from `IoBuf`, which is page-aligned.
 //!
-//! Buffered data writes of `UNCACHED_WRITE_MIN` or more go out with
-//! `RWF_DONTCACHE` (kernel 6.14+; plain writes where the kernel or file
-//! system refuses it), unless the volume sets `cache_large_writes`. Large
+//! With `cache_large_writes = false` on the volume, buffered data writes
+//! of `UNCACHED_WRITE_MIN` or more go out with `RWF_DONTCACHE` (kernel
+//! 6.14+; plain writes where the kernel or file system refuses it). Large
 //! writes land in large page-cache folios, and every later 4 KiB write
 //! into such a folio walks all of its buffer heads under the inode lock:
-//! 4k random writes after a sequential fill ran 2-4x slower (BENCHMARKS.md,
-//! "4k random writes depend on how the page cache was filled"). Dropping
-//! those folios once written back keeps the cache in small folios, and
-//! keeps streaming writes from evicting what the host had cached.
+//! 4k random writes after a sequential fill ran up to 2x slower. Dropping
+//! those folios once written back keeps the cache in small folios and
+//! keeps streaming writes from evicting what the host had cached, but the
+//! writer then starts the writeback itself: sequential writes measured
+//! 12-28% slower, so it is not the default (BENCHMARKS.md, "4k random
+//! writes depend on how the page cache was filled").
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -77,7 +79,7 @@ impl FileBacking {
             direct: None,
             path: path.to_owned(),
             is_block_device,
-            uncached_large_writes: AtomicBool::new(true),
+            uncached_large_writes: AtomicBool::new(false),
         })
     }
 
@@ -109,8 +111,8 @@ impl FileBacking {
         self.direct.is_some()
     }
 
-    /// Keeps large buffered writes in the page cache (`true`) or lets
-    /// them leave it once written back (`false`, the default).
+    /// Keeps large buffered writes in the page cache (`true`, the default)
+    /// or lets them leave it once written back (`false`).
     pub fn set_cache_large_writes(&self, cache: bool) {
         self.uncached_large_writes.store(!cache, Ordering::Relaxed);
     }
@@ -218,6 +220,30 @@ impl FileBacking {
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
+    }
+
+    /// Fills `buf` from `offset` only if every byte is in the page cache
+    /// already (`RWF_NOWAIT`), so the caller never blocks on the disk:
+    /// `false` when it is not, on an O_DIRECT backing, or on any error
+    /// (the caller then takes its usual path, which reports errors).
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        if self.direct.is_some() || buf.is_empty() {
+            return false;
+        }
+        let Ok(at) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over a live, exclusively borrowed slice, on a
+        // descriptor `self.file` keeps open; the kernel writes at most
+        // `buf.len()` bytes into it.
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        // A short read (part cached, or the end of the file) counts as a
+        // miss: the usual path zero-fills past the end.
+        n >= 0 && n as usize == buf.len()
     }
 
     /// Like `read_at`, through the O_DIRECT descriptor when enabled

@@ -77,7 +77,12 @@ impl FixedArena {
 
     /// How many slots are lent out now.
     pub fn in_use(&self) -> usize {
-        self.slots() - self.free.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.slots()
+            - self
+                .free
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .len()
     }
 
     fn slot_ptr(&self, index: u16) -> *mut u8 {
@@ -150,7 +155,10 @@ mod tests {
         let a = IoBuf::fixed(&arena, 8192).expect("a free slot");
         let mut b = IoBuf::fixed(&arena, 100).expect("a second slot");
         assert!(IoBuf::fixed(&arena, 1).is_none(), "only two slots");
-        assert!(IoBuf::fixed(&FixedArena::new(1, 4096), 4097).is_none(), "too large");
+        assert!(
+            IoBuf::fixed(&FixedArena::new(1, 4096), 4097).is_none(),
+            "too large"
+        );
         assert_ne!(a.as_ptr(), b.as_ptr());
         assert_eq!(a.as_ptr() as usize % PAGE, 0);
         b.fill(9);
@@ -158,7 +166,11 @@ mod tests {
         assert_eq!(arena.in_use(), 2);
         let (ia, ib) = (a.fixed_index(&arena), b.fixed_index(&arena));
         assert!(ia.is_some() && ib.is_some() && ia != ib);
-        assert_eq!(a.fixed_index(&FixedArena::new(1, 4096)), None, "another ring's arena");
+        assert_eq!(
+            a.fixed_index(&FixedArena::new(1, 4096)),
+            None,
+            "another ring's arena"
+        );
         drop(a);
         assert_eq!(arena.in_use(), 1);
         // Dropped on another thread, as replies are.

@@ -160,7 +160,9 @@ impl Ring {
                 // inside the buffer, which lies inside registered buffer
                 // `index` (the kernel checks the range against it).
                 let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
-                opcode::ReadFixed::new(fd, ptr, len, index).offset(at).build()
+                opcode::ReadFixed::new(fd, ptr, len, index)
+                    .offset(at)
+                    .build()
             }
             (Op::Read, None) => {
                 // SAFETY: `p.done <= p.buf.len()`, so the pointer stays inside the buffer.
@@ -170,7 +172,9 @@ impl Ring {
             (Op::Write, Some(index)) => {
                 // SAFETY: as for fixed reads.
                 let ptr = unsafe { p.buf.as_ptr().add(p.done) };
-                opcode::WriteFixed::new(fd, ptr, len, index).offset(at).build()
+                opcode::WriteFixed::new(fd, ptr, len, index)
+                    .offset(at)
+                    .build()
             }
             (Op::Write, None) => {
                 // SAFETY: as for reads.
