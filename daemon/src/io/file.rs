@@ -386,3 +386,52 @@ fn read_full(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// `read_cached` never waits for the disk: after the file's pages are
+    /// dropped it declines; once a plain read brought them back it returns
+    /// the same bytes. A read past the end declines rather than invent
+    /// zeros (the plain path fills those).
+    #[test]
+    fn read_cached_serves_only_what_the_page_cache_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("backing");
+        let backing = FileBacking::open_or_create(&path).unwrap();
+        let data: Vec<u8> = (0..64 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+        backing.file.write_all_at(&data, 0).unwrap();
+        backing.sync().unwrap();
+        // SAFETY: fadvise on a descriptor the backing keeps open.
+        let rc = unsafe {
+            libc::posix_fadvise(backing.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED)
+        };
+        assert_eq!(rc, 0);
+        let mut buf = vec![0u8; 16 * 1024];
+        // tmpfs keeps its pages whatever the advice; elsewhere they are gone.
+        if !on_tmpfs(&path) {
+            assert!(!backing.read_cached(&mut buf, 8192), "pages were dropped");
+        }
+        backing.read_at(&mut buf, 8192).unwrap();
+        buf.fill(0);
+        assert!(
+            backing.read_cached(&mut buf, 8192),
+            "pages are cached again"
+        );
+        assert_eq!(buf, data[8192..8192 + buf.len()]);
+        let mut past_end = vec![0u8; 8192];
+        assert!(!backing.read_cached(&mut past_end, 60 * 1024));
+    }
+
+    fn on_tmpfs(path: &Path) -> bool {
+        const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: statfs fills the zeroed struct we pass, from a valid C string.
+        unsafe {
+            let mut s: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut s) == 0 && s.f_type as libc::c_long == TMPFS_MAGIC
+        }
+    }
+}
