@@ -53,7 +53,7 @@ pub struct FileBacking {
 /// Buffered writes from this size up skip the page cache once written
 /// back: a 128 KiB write already makes a 32-buffer-head folio, while the
 /// 4-64 KiB writes of random I/O stay cached.
-pub const UNCACHED_WRITE_MIN: usize = 128 * 1024;
+const UNCACHED_WRITE_MIN: usize = 128 * 1024;
 
 impl FileBacking {
     /// Opens an existing backing file or block device read-write.

@@ -154,33 +154,19 @@ impl Ring {
         let at = p.offset + p.done as u64;
         let fd = types::Fd(p.fd);
         let fixed = self.arena.as_ref().and_then(|a| p.buf.fixed_index(a));
+        // SAFETY: `p.done <= p.buf.len()`, so the pointer stays inside the
+        // buffer (for a fixed op also inside registered buffer `index`,
+        // which the kernel checks); an fsync's empty buffer is never read.
+        let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
         let entry = match (p.op, fixed) {
-            (Op::Read, Some(index)) => {
-                // SAFETY: `p.done <= p.buf.len()`, so the pointer stays
-                // inside the buffer, which lies inside registered buffer
-                // `index` (the kernel checks the range against it).
-                let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
-                opcode::ReadFixed::new(fd, ptr, len, index)
-                    .offset(at)
-                    .build()
-            }
-            (Op::Read, None) => {
-                // SAFETY: `p.done <= p.buf.len()`, so the pointer stays inside the buffer.
-                let ptr = unsafe { p.buf.as_mut_ptr().add(p.done) };
-                opcode::Read::new(fd, ptr, len).offset(at).build()
-            }
-            (Op::Write, Some(index)) => {
-                // SAFETY: as for fixed reads.
-                let ptr = unsafe { p.buf.as_ptr().add(p.done) };
-                opcode::WriteFixed::new(fd, ptr, len, index)
-                    .offset(at)
-                    .build()
-            }
-            (Op::Write, None) => {
-                // SAFETY: as for reads.
-                let ptr = unsafe { p.buf.as_ptr().add(p.done) };
-                opcode::Write::new(fd, ptr, len).offset(at).build()
-            }
+            (Op::Read, Some(index)) => opcode::ReadFixed::new(fd, ptr, len, index)
+                .offset(at)
+                .build(),
+            (Op::Read, None) => opcode::Read::new(fd, ptr, len).offset(at).build(),
+            (Op::Write, Some(index)) => opcode::WriteFixed::new(fd, ptr, len, index)
+                .offset(at)
+                .build(),
+            (Op::Write, None) => opcode::Write::new(fd, ptr, len).offset(at).build(),
             (Op::Fsync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),

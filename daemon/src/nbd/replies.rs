@@ -174,6 +174,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         for part in reply.unsent() {
             if let Err(e) = out.write_all(part).await {
                 result = Err(e);
+                break;
             }
         }
         drop(reply);

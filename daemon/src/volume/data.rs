@@ -49,7 +49,7 @@ const ZERO_CHUNK: u64 = 1024 * 1024;
 /// thread (`read_cached`): there the hand-off to an engine thread costs
 /// more than the read and its decryption. Larger reads keep the engines,
 /// which spread them over cores.
-pub const INLINE_READ_MAX: usize = 128 * 1024;
+const INLINE_READ_MAX: usize = 128 * 1024;
 
 /// The ciphers in use: the current DEK generation's, and while
 /// re-encrypting the target generation's with the checkpoint between them.
@@ -415,8 +415,7 @@ impl DataArea {
         if keys.target.is_none() {
             self.backing.read_data(&mut buf, self.data_offset + start)?;
             if self.still_in_place(&keys) {
-                self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
-                return Ok(trim_to(buf, (offset - start) as usize, len));
+                return Ok(self.plaintext(&keys, buf, start, (offset, len)));
             }
         }
         let _window = self.rewriting.lock(start, end);
@@ -437,10 +436,13 @@ impl DataArea {
     /// `read` on the caller's thread when every sector is in the host page
     /// cache: no thread hand-off, no lock, one `preadv2(RWF_NOWAIT)` and
     /// the decryption. `None` (nothing done) when the read is larger than
-    /// `INLINE_READ_MAX`, a re-encryption is under way, or the data is not
-    /// all cached; the caller then submits it to an engine.
+    /// `INLINE_READ_MAX`, the backing bypasses the page cache (O_DIRECT),
+    /// a re-encryption is under way, or the data is not all cached; the
+    /// caller then submits it to an engine.
     pub fn read_cached(&self, offset: u64, len: usize) -> Option<io::Result<IoBuf>> {
-        if len > INLINE_READ_MAX || len == 0 {
+        // O_DIRECT is known before any work: its reads would only be
+        // checked, keyed and allocated twice.
+        if len > INLINE_READ_MAX || len == 0 || self.backing.is_direct() {
             return None;
         }
         let keys = match self
@@ -463,8 +465,21 @@ impl DataArea {
         if !self.still_in_place(&keys) {
             return None;
         }
+        Some(Ok(self.plaintext(&keys, buf, start, (offset, len))))
+    }
+
+    /// An unlocked read's sectors from `start`, decrypted with the current
+    /// key (the caller checked they are still in place) and trimmed to the
+    /// `len` bytes at `offset` the client asked for.
+    fn plaintext(
+        &self,
+        keys: &DataKeys,
+        mut buf: IoBuf,
+        start: u64,
+        (offset, len): (u64, usize),
+    ) -> IoBuf {
         self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
-        Some(Ok(trim_to(buf, (offset - start) as usize, len)))
+        trim_to(buf, (offset - start) as usize, len)
     }
 
     /// The start shared by the reads that go out without the range lock
@@ -526,10 +541,7 @@ impl DataArea {
             crate::io::workers::spawn(move || done(self.read(offset, len)));
             return;
         }
-        done(result.map(|mut buf| {
-            self.timed(|| decrypt_sectors(&keys.current, self.sector, &mut buf, start));
-            trim_to(buf, (offset - start) as usize, len)
-        }))
+        done(result.map(|buf| self.plaintext(keys, buf, start, (offset, len))))
     }
 
     /// `read` through an io_uring worker: the read is submitted to `ring`,
