@@ -11,6 +11,15 @@
 //! need positional file I/O on our own threads, and owning the loop lets
 //! the cipher run where the completion lands.
 //!
+//! A job submitted from a ring's own thread (a continuation, or a
+//! connection served on that ring, `nbd/ring_reader.rs`) stays on that
+//! ring: it is queued thread-locally and run before the thread next
+//! sleeps, with no channel, no eventfd and no other core involved.
+//!
+//! Besides file I/O a ring runs socket receives (`Ring::recv`), so a
+//! connection's requests arrive on the same thread that reads, decrypts
+//! and replies.
+//!
 //! Each ring registers a bounded arena of buffers (`fixed.rs`); reads the
 //! ring allocates take a slot when one fits and is free, and any op whose
 //! buffer is this ring's slot goes out as READ_FIXED / WRITE_FIXED. If
@@ -22,6 +31,8 @@
 //! `Arc` the continuation holds) live in the pending table until the kernel
 //! reports the completion, so the kernel never touches freed memory.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -35,7 +46,16 @@ use super::IoBuf;
 
 /// Runs when an operation completes, on the ring's thread.
 pub type Continuation = Box<dyn FnOnce(&mut Ring, io::Result<IoBuf>) + Send>;
+/// Runs when a receive completes: the byte count (0 at end of stream)
+/// and the buffer back.
+pub type RecvContinuation = Box<dyn FnOnce(&mut Ring, io::Result<usize>, IoBuf) + Send>;
 type Job = Box<dyn FnOnce(&mut Ring) + Send>;
+
+thread_local! {
+    /// On a ring's thread: jobs submitted from that thread, run before it
+    /// next sleeps. `None` on every other thread.
+    static LOCAL_JOBS: RefCell<Option<VecDeque<Job>>> = const { RefCell::new(None) };
+}
 
 const RING_ENTRIES: u32 = 512;
 const WAKE_TAG: u64 = u64::MAX;
@@ -45,6 +65,13 @@ enum Op {
     Read,
     Write,
     Fsync,
+    /// A socket receive into `buf[done..]`; completes after one receive.
+    Recv,
+}
+
+enum Then {
+    Io(Continuation),
+    Recv(RecvContinuation),
 }
 
 struct Pending {
@@ -53,7 +80,7 @@ struct Pending {
     buf: IoBuf,
     offset: u64,
     done: usize,
-    cont: Continuation,
+    cont: Then,
 }
 
 /// One worker's ring and its table of operations in flight.
@@ -108,24 +135,31 @@ impl Ring {
 
     /// Reads `buf.len()` bytes at `offset`; bytes past end of file read as zeros.
     pub fn read(&mut self, fd: RawFd, buf: IoBuf, offset: u64, cont: Continuation) {
-        self.start(Op::Read, fd, buf, offset, cont);
+        self.start(Op::Read, fd, buf, offset, 0, Then::Io(cont));
     }
 
     /// Writes all of `buf` at `offset`.
     pub fn write(&mut self, fd: RawFd, buf: IoBuf, offset: u64, cont: Continuation) {
-        self.start(Op::Write, fd, buf, offset, cont);
+        self.start(Op::Write, fd, buf, offset, 0, Then::Io(cont));
     }
 
     /// fdatasync; the continuation gets back an empty buffer.
     pub fn fsync(&mut self, fd: RawFd, cont: Continuation) {
-        self.start(Op::Fsync, fd, IoBuf::new(0), 0, cont);
+        self.start(Op::Fsync, fd, IoBuf::new(0), 0, 0, Then::Io(cont));
+    }
+
+    /// One receive from socket `fd` into `buf[from..]` (at least one byte
+    /// of room): waits for data, then takes what is there.
+    pub fn recv(&mut self, fd: RawFd, buf: IoBuf, from: usize, cont: RecvContinuation) {
+        debug_assert!(from < buf.len());
+        self.start(Op::Recv, fd, buf, 0, from, Then::Recv(cont));
     }
 
     fn in_flight(&self) -> usize {
         self.pending.len() - self.free.len()
     }
 
-    fn start(&mut self, op: Op, fd: RawFd, buf: IoBuf, offset: u64, cont: Continuation) {
+    fn start(&mut self, op: Op, fd: RawFd, buf: IoBuf, offset: u64, from: usize, cont: Then) {
         let slot = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -138,7 +172,7 @@ impl Ring {
             fd,
             buf,
             offset,
-            done: 0,
+            done: from,
             cont,
         });
         self.submit_slot(slot);
@@ -170,6 +204,7 @@ impl Ring {
             (Op::Fsync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            (Op::Recv, _) => opcode::Recv::new(fd, ptr, len).build(),
         }
         .user_data(slot as u64);
         loop {
@@ -192,7 +227,10 @@ impl Ring {
     fn fail(&mut self, slot: usize, err: io::Error) {
         if let Some(p) = self.pending[slot].take() {
             self.free.push(slot);
-            (p.cont)(self, Err(err));
+            match p.cont {
+                Then::Io(cont) => cont(self, Err(err)),
+                Then::Recv(cont) => cont(self, Err(err), p.buf),
+            }
         }
     }
 
@@ -210,6 +248,15 @@ impl Ring {
         }
         let n = result as usize;
         match p.op {
+            Op::Recv => {
+                if let Some(p) = self.pending[slot].take() {
+                    self.free.push(slot);
+                    if let Then::Recv(cont) = p.cont {
+                        cont(self, Ok(n), p.buf);
+                    }
+                }
+                return;
+            }
             Op::Fsync => {}
             Op::Read if n == 0 => {
                 let done = p.done;
@@ -226,7 +273,9 @@ impl Ring {
         }
         if let Some(p) = self.pending[slot].take() {
             self.free.push(slot);
-            (p.cont)(self, Ok(p.buf));
+            if let Then::Io(cont) = p.cont {
+                cont(self, Ok(p.buf));
+            }
         }
     }
 
@@ -295,10 +344,30 @@ impl UringEngine {
         })
     }
 
-    /// Runs `job` on a ring worker (round robin).
+    /// Runs `job` on a ring: the calling thread's own when it is a ring
+    /// thread, otherwise the next worker (round robin).
     pub fn submit(&self, job: impl FnOnce(&mut Ring) + Send + 'static) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len();
-        let worker = &self.workers[i];
+        let job: Job = Box::new(job);
+        let job = LOCAL_JOBS.with_borrow_mut(|local| match local {
+            Some(queue) => {
+                queue.push_back(job);
+                None
+            }
+            None => Some(job),
+        });
+        if let Some(job) = job {
+            self.submit_to(self.place(), job);
+        }
+    }
+
+    /// The worker that should take the next connection or job: round robin.
+    pub fn place(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
+    }
+
+    /// Runs `job` on worker `i` (as numbered by `place`).
+    pub fn submit_to(&self, i: usize, job: impl FnOnce(&mut Ring) + Send + 'static) {
+        let worker = &self.workers[i % self.workers.len()];
         if worker.jobs.send(Box::new(job)).is_err() {
             return;
         }
@@ -313,7 +382,16 @@ impl UringEngine {
     }
 }
 
+/// Runs the jobs this thread queued for itself (and any they queue) until
+/// none is left.
+fn run_local_jobs(ring: &mut Ring) {
+    while let Some(job) = LOCAL_JOBS.with_borrow_mut(|local| local.as_mut()?.pop_front()) {
+        job(ring);
+    }
+}
+
 fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd, sleeping: &AtomicBool) {
+    LOCAL_JOBS.with_borrow_mut(|local| *local = Some(VecDeque::new()));
     // The wake-up read's target must outlive any read the kernel may still
     // complete as the ring shuts down, so it is never freed.
     let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
@@ -332,6 +410,7 @@ fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd, sleeping: &Atom
     let mut closing = false;
     loop {
         let drain = |ring: &mut Ring| loop {
+            run_local_jobs(ring);
             match jobs.try_recv() {
                 Ok(job) => job(ring),
                 Err(TryRecvError::Empty) => return false,
@@ -363,5 +442,70 @@ fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd, sleeping: &Atom
         if ring.reap() {
             arm(&mut ring, buf_ptr);
         }
+        run_local_jobs(&mut ring);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A receive posted before any data arrives waits for it, even on a
+    /// non-blocking socket (as tokio leaves them), then reports the count;
+    /// a closed peer reads as 0; jobs a ring thread submits stay on it.
+    #[test]
+    fn receives_wait_for_data_and_local_jobs_stay_on_the_ring() {
+        let engine: &'static UringEngine = Box::leak(Box::new(UringEngine::start(1).unwrap()));
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let fd = ours.as_raw_fd();
+        let (tx, rx) = mpsc::channel();
+        let on_ring = tx.clone();
+        engine.submit(move |ring| {
+            let thread = std::thread::current().id();
+            ring.recv(
+                fd,
+                IoBuf::new(64),
+                8,
+                Box::new(move |ring, n, buf| {
+                    let got = n.map(|n| buf[8..8 + n].to_vec()).map_err(|e| e.to_string());
+                    on_ring.send(("first", got)).unwrap();
+                    let local = on_ring.clone();
+                    // Queued on this thread: it must run here, and only
+                    // after this continuation returns.
+                    engine.submit(move |_| {
+                        let same = std::thread::current().id() == thread;
+                        local.send(("local", Ok(vec![same as u8]))).unwrap();
+                    });
+                    ring.recv(
+                        fd,
+                        buf,
+                        0,
+                        Box::new(move |_, n, _| {
+                            on_ring
+                                .send(("eof", n.map(|n| vec![n as u8]).map_err(|e| e.to_string())))
+                                .unwrap()
+                        }),
+                    );
+                }),
+            )
+        });
+        // Nothing sent yet: the receive must still be waiting.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        theirs.write_all(b"hello").unwrap();
+        let wait = Duration::from_secs(10);
+        assert_eq!(
+            rx.recv_timeout(wait).unwrap(),
+            ("first", Ok(b"hello".to_vec()))
+        );
+        assert_eq!(rx.recv_timeout(wait).unwrap(), ("local", Ok(vec![1])));
+        drop(theirs);
+        assert_eq!(rx.recv_timeout(wait).unwrap(), ("eof", Ok(vec![0])));
+        drop(tx);
     }
 }

@@ -4,6 +4,10 @@
 //! one handshake deadline, so a client that stalls anywhere before
 //! transmission (mid-TLS included) holds no more than a task and a socket.
 //!
+//! Plaintext connections on the io_uring engine are then served by a
+//! ring (`ring_reader.rs`); TLS connections, and every connection on the
+//! thread-pool engine, by a tokio task (`transmission.rs`).
+//!
 //! Listening and limits are `server.rs` and `gate.rs`; the options
 //! themselves `handshake.rs`.
 
@@ -19,8 +23,10 @@ use super::gate::{Admitted, Gate};
 use super::handshake::{greet, negotiate, HandshakeError, Outcome, Session, TlsPhase};
 use super::peer::Peer;
 use super::proto::Features;
+use super::ring_reader::serve_on_ring;
 use super::tls::{self, TlsContext, TlsMode};
 use super::transmission::serve;
+use crate::io::engine::{self, Engine};
 
 /// An accepted socket, before the handshake.
 pub enum Stream {
@@ -223,17 +229,30 @@ async fn transmit<R, W>(
     let tls = tls.as_deref().unwrap_or("off");
     tracing::info!(peer = %peer, export = export.name(), tls, "client connected");
     let label = peer.to_string();
-    match serve(
-        reader,
-        writer,
-        direct,
-        export.clone(),
-        features,
-        shutdown,
-        &label,
-    )
-    .await
-    {
+    let served = match (direct, engine::current()) {
+        // A plaintext socket with rings to live on: requests are received
+        // on a ring (`ring_reader.rs`).
+        (Some(fd), Engine::Uring(rings)) => {
+            let export = export.clone();
+            serve_on_ring(
+                reader, writer, fd, rings, export, features, shutdown, &label,
+            )
+            .await
+        }
+        _ => {
+            serve(
+                reader,
+                writer,
+                direct,
+                export.clone(),
+                features,
+                shutdown,
+                &label,
+            )
+            .await
+        }
+    };
+    match served {
         Ok(()) => tracing::info!(peer = %peer, export = export.name(), "client disconnected"),
         Err(e) => tracing::warn!(peer = %peer, export = export.name(), "connection ended: {e}"),
     }

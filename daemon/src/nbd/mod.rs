@@ -1,6 +1,7 @@
 //! The NBD server: wire constants (`proto.rs`), the export set
 //! (`exports.rs`), the fixed-newstyle handshake (`handshake.rs`), the
-//! transmission phase (`transmission.rs`), listeners (`server.rs`), one
+//! transmission phase (`transmission.rs`; on an io_uring ring for
+//! plaintext connections, `ring_reader.rs`), listeners (`server.rs`), one
 //! connection's life from greeting to goodbye (`connection.rs`), TLS
 //! credentials (`tls.rs`), who the peer is (`peer.rs`), per-volume allow
 //! lists (`access.rs`), connection limits and refusal counters (`gate.rs`)
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod peer;
 pub mod proto;
 mod replies;
+mod ring_reader;
 mod server;
 pub mod tls;
 pub(crate) mod transmission;

@@ -33,9 +33,9 @@ use crate::io::IoBuf;
 use crate::volume::{Allocation, Op, Outcome};
 
 /// Per-connection in-flight budget: 64 MiB in 4 KiB units.
-const BUDGET_UNITS: u32 = 16 * 1024;
+pub(super) const BUDGET_UNITS: u32 = 16 * 1024;
 const UNIT: u64 = 4096;
-const READ_BUFFER: usize = 128 * 1024;
+pub(super) const READ_BUFFER: usize = 128 * 1024;
 /// Most extents in one BLOCK_STATUS reply (8 or 16 KiB of descriptors);
 /// the client asks again from where the reply ended.
 const MAX_EXTENTS: usize = 1024;
@@ -85,85 +85,39 @@ where
             },
             _ = shutdown.changed() => break Ok(()),
         }
-        let Some(req) = Request::parse(&raw[..header_len], features.extended) else {
-            tracing::warn!(
-                peer,
-                export = export.name(),
-                "bad request magic; closing this connection"
-            );
-            break Ok(());
-        };
-        if let Some(why) = unframeable(&req, features) {
-            tracing::warn!(
-                peer,
-                export = export.name(),
-                "{why}; closing this connection"
-            );
-            break Ok(());
-        }
-        let payload = req.payload_len(features);
-        let is_write = req.command == Command::Write;
-        // Only payload-carrying commands pin memory; zeroing and trimming
-        // a large range costs one unit.
-        let units = match req.command {
-            Command::Read | Command::Write => {
-                req.length.div_ceil(UNIT).clamp(1, u64::from(BUDGET_UNITS)) as u32
+        match admit(&raw[..header_len], features, &export, &sink, peer) {
+            Next::Close => break Ok(()),
+            Next::Refuse { ctx, payload, code } => {
+                // Consume the payload so the stream stays framed.
+                if let Err(e) = discard(&mut reader, payload).await {
+                    break Err(e);
+                }
+                match budget.clone().acquire_owned().await {
+                    Ok(permit) => ctx.fail(code, permit),
+                    Err(_) => break Ok(()),
+                }
             }
-            _ => 1,
-        };
-        // A payload we refuse is still on the wire.
-        let refused = (is_write || payload > 0)
-            && (!is_write
-                || req.length > u64::from(MAX_PAYLOAD)
-                || req.flags & !valid_flags(req.command, features) != 0);
-        export.metrics.begin();
-        let ctx = Ctx {
-            req,
-            features,
-            sink: sink.clone(),
-            export: export.clone(),
-            started: Instant::now(),
-        };
-        if req.command == Command::Disc {
-            break Ok(());
-        }
-        if refused {
-            // Consume the payload so the stream stays framed.
-            if let Err(e) = discard(&mut reader, payload).await {
-                break Err(e);
-            }
-            let permit = match budget.clone().acquire_owned().await {
-                Ok(p) => p,
+            Next::Handle { ctx, units } => match budget.clone().acquire_many_owned(units).await {
+                Ok(permit) => handle(ctx, permit),
                 Err(_) => break Ok(()),
-            };
-            // A write past the end is ENOSPC even when also too long or
-            // badly flagged: the spec's one error for "no room".
-            let code = if is_write && !ctx.in_range() {
-                ENOSPC
-            } else {
-                EINVAL
-            };
-            ctx.fail(code, permit);
-            continue;
+            },
+            Next::Write { ctx, len, units } => {
+                let permit = match budget.clone().acquire_many_owned(units).await {
+                    Ok(p) => p,
+                    Err(_) => break Ok(()),
+                };
+                let mut data = IoBuf::new(len);
+                if let Err(e) = reader.read_exact(&mut data).await {
+                    tracing::warn!(
+                        peer,
+                        export = export.name(),
+                        "connection ended inside a write payload: {e}"
+                    );
+                    break Ok(());
+                }
+                handle_write(ctx, data, permit);
+            }
         }
-        let permit = match budget.clone().acquire_many_owned(units).await {
-            Ok(p) => p,
-            Err(_) => break Ok(()),
-        };
-        if !is_write {
-            handle(ctx, permit);
-            continue;
-        }
-        let mut data = IoBuf::new(payload as usize);
-        if let Err(e) = reader.read_exact(&mut data).await {
-            tracing::warn!(
-                peer,
-                export = export.name(),
-                "connection ended inside a write payload: {e}"
-            );
-            break Ok(());
-        }
-        handle_write(ctx, data, permit);
     };
 
     drop(sink);
@@ -175,6 +129,91 @@ where
     result
 }
 
+/// What a connection does next with a request whose header it has read.
+pub(super) enum Next {
+    /// Stop reading: DISC, or a request that cannot be framed.
+    Close,
+    /// Consume and drop `payload` bytes, then answer `code` (one unit of
+    /// budget).
+    Refuse { ctx: Ctx, payload: u64, code: u32 },
+    /// Take `units` of budget, then `handle`.
+    Handle { ctx: Ctx, units: u32 },
+    /// Take `units` of budget, read the `len`-byte payload, then
+    /// `handle_write`.
+    Write { ctx: Ctx, len: usize, units: u32 },
+}
+
+/// Parses and classifies one request header: the framing decisions every
+/// reader (this module's task, `ring_reader.rs`) shares.
+pub(super) fn admit(
+    raw: &[u8],
+    features: Features,
+    export: &Arc<Export>,
+    sink: &Arc<ReplySink>,
+    peer: &str,
+) -> Next {
+    let Some(req) = Request::parse(raw, features.extended) else {
+        tracing::warn!(
+            peer,
+            export = export.name(),
+            "bad request magic; closing this connection"
+        );
+        return Next::Close;
+    };
+    if let Some(why) = unframeable(&req, features) {
+        tracing::warn!(
+            peer,
+            export = export.name(),
+            "{why}; closing this connection"
+        );
+        return Next::Close;
+    }
+    if req.command == Command::Disc {
+        return Next::Close;
+    }
+    let payload = req.payload_len(features);
+    let is_write = req.command == Command::Write;
+    // Only payload-carrying commands pin memory; zeroing and trimming
+    // a large range costs one unit.
+    let units = match req.command {
+        Command::Read | Command::Write => {
+            req.length.div_ceil(UNIT).clamp(1, u64::from(BUDGET_UNITS)) as u32
+        }
+        _ => 1,
+    };
+    // A payload we refuse is still on the wire.
+    let refused = (is_write || payload > 0)
+        && (!is_write
+            || req.length > u64::from(MAX_PAYLOAD)
+            || req.flags & !valid_flags(req.command, features) != 0);
+    export.metrics.begin();
+    let ctx = Ctx {
+        req,
+        features,
+        sink: sink.clone(),
+        export: export.clone(),
+        started: Instant::now(),
+    };
+    if refused {
+        // A write past the end is ENOSPC even when also too long or
+        // badly flagged: the spec's one error for "no room".
+        let code = if is_write && !ctx.in_range() {
+            ENOSPC
+        } else {
+            EINVAL
+        };
+        return Next::Refuse { ctx, payload, code };
+    }
+    if is_write {
+        return Next::Write {
+            ctx,
+            len: payload as usize,
+            units,
+        };
+    }
+    Next::Handle { ctx, units }
+}
+
 /// Why a request cannot be answered without losing the stream's framing:
 /// with extended headers, a payload larger than any we would consume (the
 /// extension asks for a hard disconnect). A compact header's payload is a
@@ -184,7 +223,7 @@ fn unframeable(req: &Request, features: Features) -> Option<&'static str> {
         .then_some("client sent a payload over the maximum block size")
 }
 
-struct Ctx {
+pub(super) struct Ctx {
     req: Request,
     features: Features,
     sink: Arc<ReplySink>,
@@ -281,7 +320,7 @@ impl Ctx {
         out
     }
 
-    fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
+    pub(super) fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
         self.respond(error, Body::Empty, budget);
     }
 
@@ -338,7 +377,7 @@ impl Ctx {
     }
 }
 
-fn handle_write(ctx: Ctx, data: IoBuf, budget: OwnedSemaphorePermit) {
+pub(super) fn handle_write(ctx: Ctx, data: IoBuf, budget: OwnedSemaphorePermit) {
     if !ctx.in_range() {
         return ctx.fail(ENOSPC, budget);
     }
@@ -346,7 +385,7 @@ fn handle_write(ctx: Ctx, data: IoBuf, budget: OwnedSemaphorePermit) {
     ctx.submit(Op::Write { offset, data, fua }, budget);
 }
 
-fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
+pub(super) fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
     let req = ctx.req;
     // Flags that are unknown, not valid for this command, or not
     // advertised (DF without structured replies, FAST_ZERO, FUA on READ).
@@ -428,7 +467,7 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> std::io::Res
 mod tests {
     use std::time::Duration;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
     use crate::nbd::access::AllowList;
@@ -436,10 +475,11 @@ mod tests {
     const SIZE: u64 = 8 << 20;
 
     struct Served {
-        to_server: WriteHalf<DuplexStream>,
-        from_server: ReadHalf<DuplexStream>,
+        to_server: Box<dyn AsyncWrite + Unpin + Send>,
+        from_server: Box<dyn AsyncRead + Unpin + Send>,
         export: Arc<Export>,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
+        shutdown: watch::Sender<bool>,
         _dir: tempfile::TempDir,
     }
 
@@ -463,22 +503,61 @@ mod tests {
         (export, dir)
     }
 
-    fn serve_volume(features: Features) -> Served {
+    /// Which reader serves the connection: the tokio task (over an
+    /// in-memory duplex stream) or a ring (over a Unix socket pair).
+    #[derive(Clone, Copy)]
+    enum Reader {
+        Task,
+        Ring,
+    }
+
+    /// One ring, private to these tests.
+    fn test_rings() -> &'static crate::io::uring::UringEngine {
+        static RINGS: std::sync::OnceLock<crate::io::uring::UringEngine> =
+            std::sync::OnceLock::new();
+        RINGS.get_or_init(|| crate::io::uring::UringEngine::start(1).unwrap())
+    }
+
+    fn serve_volume(features: Features, reader: Reader) -> Served {
         let (export, dir) = temp_export();
-        let (client, server) = tokio::io::duplex(64 * 1024);
-        let (server_r, server_w) = tokio::io::split(server);
-        let (from_server, to_server) = tokio::io::split(client);
-        let (keep, shutdown) = watch::channel(false);
+        let (stop, shutdown) = watch::channel(false);
         let served = export.clone();
-        let server = tokio::spawn(async move {
-            let _keep = keep;
-            serve(server_r, server_w, None, served, features, shutdown, "test").await
-        });
+        let (server, from_server, to_server): (
+            _,
+            Box<dyn AsyncRead + Unpin + Send>,
+            Box<dyn AsyncWrite + Unpin + Send>,
+        ) = match reader {
+            Reader::Task => {
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                let (server_r, server_w) = tokio::io::split(server);
+                let (from_server, to_server) = tokio::io::split(client);
+                let server = tokio::spawn(async move {
+                    serve(server_r, server_w, None, served, features, shutdown, "test").await
+                });
+                (server, Box::new(from_server), Box::new(to_server))
+            }
+            Reader::Ring => {
+                use std::os::fd::AsRawFd;
+                let (client, server) = tokio::net::UnixStream::pair().unwrap();
+                let fd = server.as_raw_fd();
+                let (server_r, server_w) = server.into_split();
+                let (from_server, to_server) = client.into_split();
+                let rings = test_rings();
+                let server = tokio::spawn(async move {
+                    super::super::ring_reader::serve_on_ring(
+                        server_r, server_w, fd, rings, served, features, shutdown, "test",
+                    )
+                    .await
+                });
+                (server, Box::new(from_server), Box::new(to_server))
+            }
+        };
         Served {
             to_server,
             from_server,
             export,
             server,
+            shutdown: stop,
             _dir: dir,
         }
     }
@@ -566,9 +645,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn write_then_read_with_simple_replies() {
-        let mut s = serve_volume(SIMPLE);
+    async fn write_then_read_with_simple_replies(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
         let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         s.send(request(Command::Write, 0, 1, 8192, 4096), &data)
             .await;
@@ -577,9 +655,8 @@ mod tests {
         assert_eq!(s.simple(4096).await, (0, 2, data));
     }
 
-    #[tokio::test]
-    async fn every_request_is_answered_before_disc_closes() {
-        let mut s = serve_volume(SIMPLE);
+    async fn every_request_is_answered_before_disc_closes(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
         for cookie in 0..32u64 {
             s.send(request(Command::Read, 0, cookie, cookie * 4096, 4096), &[])
                 .await;
@@ -597,9 +674,8 @@ mod tests {
         assert!(s.server.await.unwrap().is_ok());
     }
 
-    #[tokio::test]
-    async fn bad_magic_ends_the_connection_after_earlier_replies() {
-        let mut s = serve_volume(SIMPLE);
+    async fn bad_magic_ends_the_connection_after_earlier_replies(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
         s.send(request(Command::Flush, 0, 5, 0, 0), &[]).await;
         let mut garbage = request(Command::Read, 0, 6, 0, 512).encode();
         garbage[0] ^= 0xff;
@@ -612,9 +688,8 @@ mod tests {
         assert!(s.server.await.unwrap().is_ok());
     }
 
-    #[tokio::test]
-    async fn refused_write_payload_is_consumed_and_the_stream_stays_framed() {
-        let mut s = serve_volume(SIMPLE);
+    async fn refused_write_payload_is_consumed_and_the_stream_stays_framed(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
         // Past the end: ENOSPC, and its 4 KiB payload must not be read as
         // the next header.
         s.send(request(Command::Write, 0, 1, SIZE, 4096), &[0xAA; 4096])
@@ -627,9 +702,8 @@ mod tests {
         assert_eq!(s.simple(512).await, (0, 3, vec![0; 512]));
     }
 
-    #[tokio::test]
-    async fn byte_budget_bounds_what_one_connection_pins() {
-        let mut s = serve_volume(SIMPLE);
+    async fn byte_budget_bounds_what_one_connection_pins(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
         const READ: u64 = 4 << 20;
         let in_budget = u64::from(BUDGET_UNITS) * UNIT / READ;
         let sent = in_budget + 8;
@@ -656,9 +730,8 @@ mod tests {
         assert_eq!(s.completed_reads(), sent);
     }
 
-    #[tokio::test]
-    async fn extended_headers_carry_payload_lengths_and_64_bit_ranges() {
-        let mut s = serve_volume(EXTENDED);
+    async fn extended_headers_carry_payload_lengths_and_64_bit_ranges(reader: Reader) {
+        let mut s = serve_volume(EXTENDED, reader);
         let data = vec![0x5Au8; 8192];
         let write = request(Command::Write, CMD_FLAG_PAYLOAD_LEN, 1, 1 << 20, 8192);
         s.send(write, &data).await;
@@ -725,6 +798,61 @@ mod tests {
         assert!(s.at_eof().await);
         assert!(s.server.await.unwrap().is_ok());
     }
+
+    async fn a_write_larger_than_the_read_buffer_arrives_whole(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
+        let len = 3 * READ_BUFFER + 4096;
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        s.send(request(Command::Write, 0, 1, 4096, len as u64), &data)
+            .await;
+        assert_eq!(s.simple(0).await, (0, 1, vec![]));
+        s.send(request(Command::Read, 0, 2, 4096, len as u64), &[])
+            .await;
+        assert!(s.simple(len).await == (0, 2, data), "read back differs");
+    }
+
+    async fn shutdown_ends_a_connection_waiting_for_requests(reader: Reader) {
+        let mut s = serve_volume(SIMPLE, reader);
+        s.send(request(Command::Flush, 0, 1, 0, 0), &[]).await;
+        assert_eq!(s.simple(0).await, (0, 1, vec![]));
+        // The server is now waiting for the next header.
+        s.shutdown.send(true).unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(20), &mut s.server).await;
+        assert!(
+            matches!(served, Ok(Ok(Ok(())))),
+            "the connection did not end"
+        );
+        assert!(s.at_eof().await);
+    }
+
+    /// Each transmission test, once per reader.
+    macro_rules! on_both_readers {
+        ($($name:ident),* $(,)?) => {
+            mod on_task {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name(super::Reader::Task).await
+                })*
+            }
+            mod on_ring {
+                $(#[tokio::test]
+                async fn $name() {
+                    super::$name(super::Reader::Ring).await
+                })*
+            }
+        };
+    }
+
+    on_both_readers!(
+        a_write_larger_than_the_read_buffer_arrives_whole,
+        shutdown_ends_a_connection_waiting_for_requests,
+        write_then_read_with_simple_replies,
+        every_request_is_answered_before_disc_closes,
+        bad_magic_ends_the_connection_after_earlier_replies,
+        refused_write_payload_is_consumed_and_the_stream_stays_framed,
+        byte_budget_bounds_what_one_connection_pins,
+        extended_headers_carry_payload_lengths_and_64_bit_ranges,
+    );
 
     /// Replies sent directly by the completing threads, over a real
     /// socket, mixed with replies too large for the socket buffer (which

@@ -1,0 +1,364 @@
+//! A plaintext connection whose requests are received on an io_uring ring:
+//! with the io_uring engine, each accepted connection is placed on one
+//! ring (round robin over cores) and stays there. Its receives, the
+//! cached reads and the backing reads its requests start, their decryption
+//! and their replies (`replies.rs` sends from the completing thread) all run
+//! on that ring's thread; nothing crosses threads on the read path unless
+//! the socket is full. Before, a tokio task read the requests and handed
+//! each to a ring chosen per request.
+//!
+//! The reader is a small state machine that owns itself: it moves into
+//! each receive's continuation and comes back with the buffer, so it needs
+//! no lock. What it does with a header is `transmission::admit`'s
+//! decision, shared with the tokio reader, which still serves TLS
+//! connections (no kernel TLS here: the `tls` ULP is not available) and
+//! the thread-pool engine.
+//!
+//! Waiting for the byte budget is the one thing a ring cannot do: the
+//! reader then moves into a tokio task that waits for the permit and
+//! sends it back to its ring. Shutdown marks the reader stopping and
+//! shuts the socket's read side, which ends a receive in flight.
+//!
+//! What lives elsewhere: framing decisions and replies
+//! (`transmission.rs`), reply sending (`replies.rs`), the ring
+//! (`io/uring.rs`).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::AsyncWrite;
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::exports::Export;
+use super::proto::{Features, Request, EXTENDED_REQUEST_LEN};
+use super::replies::ReplySink;
+use super::transmission::{admit, handle, handle_write, Ctx, Next, BUDGET_UNITS, READ_BUFFER};
+use crate::io::uring::{Ring, UringEngine};
+use crate::io::IoBuf;
+
+/// What the reader is in the middle of.
+enum Stage {
+    Headers,
+    /// Dropping a refused payload; then the error reply.
+    Discard {
+        ctx: Ctx,
+        left: u64,
+        code: u32,
+    },
+    /// Collecting a write's payload, budget already taken.
+    Payload {
+        ctx: Ctx,
+        data: IoBuf,
+        got: usize,
+        permit: OwnedSemaphorePermit,
+    },
+}
+
+/// A request waiting for its share of the byte budget.
+enum Waiting {
+    Handle(Ctx),
+    Write(Ctx, usize),
+    Fail(Ctx, u32),
+}
+
+struct RingReader {
+    fd: RawFd,
+    /// Keeps `fd` open for as long as the reader may receive on it.
+    _socket: Box<dyn Send>,
+    /// Received bytes not yet parsed are `input[start..end]`; `None` while
+    /// the kernel holds the buffer.
+    input: Option<IoBuf>,
+    start: usize,
+    end: usize,
+    stage: Stage,
+    header_len: usize,
+    export: Arc<Export>,
+    features: Features,
+    sink: Arc<ReplySink>,
+    budget: Arc<Semaphore>,
+    peer: String,
+    stopping: Arc<AtomicBool>,
+    ended: Option<oneshot::Sender<io::Result<()>>>,
+    runtime: tokio::runtime::Handle,
+    engine: &'static UringEngine,
+    worker: usize,
+}
+
+/// Serves a plaintext connection with its requests received on one of
+/// `engine`'s rings, until the client leaves, sends garbage, or the server
+/// shuts down; then waits for the replies still owed.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_on_ring<R, W>(
+    reader: R,
+    writer: W,
+    fd: RawFd,
+    engine: &'static UringEngine,
+    export: Arc<Export>,
+    features: Features,
+    mut shutdown: watch::Receiver<bool>,
+    peer: &str,
+) -> io::Result<()>
+where
+    R: Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let counted = export.clone();
+    let _connected = counted.metrics.connect();
+    // SAFETY: `fd` is the open socket `reader` and `writer` share; dup
+    // returns a new descriptor or -1.
+    let raw = unsafe { libc::dup(fd) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nobody else owns. It lets
+    // shutdown reach the socket however far the reader has got.
+    let signal = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (sink, write_replies) = ReplySink::new(writer, Some(fd));
+    let writer_task = tokio::spawn(write_replies);
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (ended, mut done) = oneshot::channel();
+    let worker = engine.place();
+    let reader = Box::new(RingReader {
+        fd,
+        _socket: Box::new(reader),
+        input: Some(IoBuf::new(READ_BUFFER)),
+        start: 0,
+        end: 0,
+        stage: Stage::Headers,
+        header_len: Request::header_len(features.extended),
+        export,
+        features,
+        sink,
+        budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)),
+        peer: peer.to_owned(),
+        stopping: stopping.clone(),
+        ended: Some(ended),
+        runtime: tokio::runtime::Handle::current(),
+        engine,
+        worker,
+    });
+    engine.submit_to(worker, move |ring| reader.run(ring));
+    let result = tokio::select! {
+        result = &mut done => result,
+        _ = shutdown.changed() => {
+            stopping.store(true, Ordering::SeqCst);
+            // SAFETY: shuts down the read side of the socket `signal`
+            // keeps open; a receive in flight then completes with 0.
+            unsafe { libc::shutdown(signal.as_raw_fd(), libc::SHUT_RD) };
+            done.await
+        }
+    };
+    match writer_task.await {
+        Ok(Err(e)) => tracing::debug!(peer, "reply stream closed: {e}"),
+        Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
+        Ok(Ok(())) => {}
+    }
+    drop(signal);
+    // A reader dropped without a word went down with its ring.
+    result.unwrap_or(Ok(()))
+}
+
+impl RingReader {
+    /// Parses and acts on everything received, until more bytes or budget
+    /// are needed.
+    fn run(mut self: Box<Self>, ring: &mut Ring) {
+        loop {
+            if self.stopping.load(Ordering::Relaxed) {
+                return self.finish(Ok(()));
+            }
+            let avail = self.end - self.start;
+            match std::mem::replace(&mut self.stage, Stage::Headers) {
+                Stage::Discard { ctx, left, code } => {
+                    let take = left.min(avail as u64);
+                    self.start += take as usize;
+                    if take < left {
+                        self.stage = Stage::Discard {
+                            ctx,
+                            left: left - take,
+                            code,
+                        };
+                        return self.receive(ring);
+                    }
+                    match self.budget.clone().try_acquire_owned() {
+                        Ok(permit) => ctx.fail(code, permit),
+                        Err(_) => return self.wait(1, Waiting::Fail(ctx, code)),
+                    }
+                }
+                Stage::Payload {
+                    ctx,
+                    mut data,
+                    got,
+                    permit,
+                } => {
+                    let take = (data.len() - got).min(avail);
+                    if let Some(input) = &self.input {
+                        data[got..got + take]
+                            .copy_from_slice(&input[self.start..self.start + take]);
+                    }
+                    self.start += take;
+                    let got = got + take;
+                    if got < data.len() {
+                        return self.receive_payload(ring, ctx, data, got, permit);
+                    }
+                    handle_write(ctx, data, permit);
+                }
+                Stage::Headers => {
+                    if avail < self.header_len {
+                        return self.receive(ring);
+                    }
+                    let mut raw = [0u8; EXTENDED_REQUEST_LEN];
+                    if let Some(input) = &self.input {
+                        raw[..self.header_len]
+                            .copy_from_slice(&input[self.start..self.start + self.header_len]);
+                    }
+                    self.start += self.header_len;
+                    let raw = &raw[..self.header_len];
+                    match admit(raw, self.features, &self.export, &self.sink, &self.peer) {
+                        Next::Close => return self.finish(Ok(())),
+                        Next::Refuse { ctx, payload, code } => {
+                            self.stage = Stage::Discard {
+                                ctx,
+                                left: payload,
+                                code,
+                            }
+                        }
+                        Next::Handle { ctx, units } => {
+                            match self.budget.clone().try_acquire_many_owned(units) {
+                                Ok(permit) => handle(ctx, permit),
+                                Err(_) => return self.wait(units, Waiting::Handle(ctx)),
+                            }
+                        }
+                        Next::Write { ctx, len, units } => {
+                            match self.budget.clone().try_acquire_many_owned(units) {
+                                Ok(permit) => self.stage = Self::payload(ctx, len, permit),
+                                Err(_) => return self.wait(units, Waiting::Write(ctx, len)),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn payload(ctx: Ctx, len: usize, permit: OwnedSemaphorePermit) -> Stage {
+        Stage::Payload {
+            ctx,
+            data: IoBuf::new(len),
+            got: 0,
+            permit,
+        }
+    }
+
+    /// Receives more bytes into the input buffer, after the unparsed ones.
+    fn receive(mut self: Box<Self>, ring: &mut Ring) {
+        let Some(mut input) = self.input.take() else {
+            return self.finish(Err(io::Error::other("input buffer lost")));
+        };
+        // Keep only the unparsed tail (less than a header, as a rule).
+        input.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        let (fd, from) = (self.fd, self.end);
+        ring.recv(
+            fd,
+            input,
+            from,
+            Box::new(move |ring, received, input| {
+                self.input = Some(input);
+                match received {
+                    Ok(0) => self.at_end_of_stream(),
+                    Ok(n) => {
+                        self.end += n;
+                        self.run(ring)
+                    }
+                    Err(e) => self.finish(Err(e)),
+                }
+            }),
+        );
+    }
+
+    /// Receives the rest of a write's payload straight into its buffer.
+    fn receive_payload(
+        self: Box<Self>,
+        ring: &mut Ring,
+        ctx: Ctx,
+        data: IoBuf,
+        got: usize,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let fd = self.fd;
+        ring.recv(
+            fd,
+            data,
+            got,
+            Box::new(move |ring, received, data| match received {
+                Ok(0) | Err(_) => {
+                    let why = received
+                        .err()
+                        .map_or("end of stream".into(), |e| e.to_string());
+                    tracing::warn!(
+                        peer = self.peer,
+                        export = self.export.name(),
+                        "connection ended inside a write payload: {why}"
+                    );
+                    self.finish(Ok(()))
+                }
+                Ok(n) if got + n < data.len() => {
+                    self.receive_payload(ring, ctx, data, got + n, permit)
+                }
+                Ok(_) => {
+                    handle_write(ctx, data, permit);
+                    self.run(ring)
+                }
+            }),
+        );
+    }
+
+    fn at_end_of_stream(self: Box<Self>) {
+        match self.stage {
+            // A payload we were dropping ended early: the stream is broken.
+            Stage::Discard { .. } => self.finish(Err(io::ErrorKind::UnexpectedEof.into())),
+            // Between requests or inside a header: the client left.
+            _ => self.finish(Ok(())),
+        }
+    }
+
+    /// Waits on a tokio task for `units` of budget, then goes on with
+    /// `waiting` on this reader's ring.
+    fn wait(self: Box<Self>, units: u32, waiting: Waiting) {
+        let budget = self.budget.clone();
+        let runtime = self.runtime.clone();
+        runtime.spawn(async move {
+            match budget.acquire_many_owned(units).await {
+                Ok(permit) => {
+                    let (engine, worker) = (self.engine, self.worker);
+                    engine.submit_to(worker, move |ring| self.resume(ring, waiting, permit))
+                }
+                Err(_) => self.finish(Ok(())),
+            }
+        });
+    }
+
+    fn resume(
+        mut self: Box<Self>,
+        ring: &mut Ring,
+        waiting: Waiting,
+        permit: OwnedSemaphorePermit,
+    ) {
+        match waiting {
+            Waiting::Handle(ctx) => handle(ctx, permit),
+            Waiting::Write(ctx, len) => self.stage = Self::payload(ctx, len, permit),
+            Waiting::Fail(ctx, code) => ctx.fail(code, permit),
+        }
+        self.run(ring)
+    }
+
+    /// Stops reading. Requests in flight still reply: each holds the sink.
+    fn finish(mut self: Box<Self>, result: io::Result<()>) {
+        if let Some(ended) = self.ended.take() {
+            let _ = ended.send(result);
+        }
+    }
+}
