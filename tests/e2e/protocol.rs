@@ -174,3 +174,32 @@ fn forced_uring_engine_runs_on_io_uring() {
     assert!(log.contains("engine=\"uring\""), "{log}");
     assert!(!log.contains("io_uring is not available"), "{log}");
 }
+
+/// `ring_connections = true` serves plaintext connections on a ring, and
+/// only then: the connect line names the reader.
+#[test]
+fn ring_connections_are_served_on_a_ring_only_when_configured() {
+    if !kernel_allows_io_uring() {
+        skip("this kernel refuses io_uring");
+        return;
+    }
+    for (extra, reader) in [
+        ("ring_connections = true\n", "ring"),
+        ("ring_connections = false\n", "task"),
+    ] {
+        let mut fx = Fixture::new();
+        fx.set_io_engine("uring");
+        fx.volume("r", "temp", "size = \"8M\"");
+        fx.write_config(extra);
+        let d = fx.start();
+        qemu_io(
+            &fx.uri("r"),
+            &["write -P 0x52 0 1M", "read -P 0x52 0 1M", "read -P 0 1M 1M"],
+        );
+        let log = d.stderr();
+        assert!(
+            log.contains(&format!("reader=\"{reader}\"")),
+            "{extra}: {log}"
+        );
+    }
+}

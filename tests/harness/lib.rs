@@ -185,12 +185,19 @@ impl Fixture {
 
     /// (Re)writes the config; `server_extra` lines go into `[server]`.
     /// `HOSTCRYPT_E2E_IO_ENGINE` (auto, uring, threads) picks the I/O
-    /// engine, so the whole suite can run once per engine.
+    /// engine, so the whole suite can run once per engine;
+    /// `HOSTCRYPT_E2E_RING_CONNECTIONS=1` serves plaintext connections on
+    /// the rings (`ring_connections`).
     pub fn write_config(&self, server_extra: &str) {
         let text = format!(
-            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
+            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{}{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
             self.socket.display(),
             self.engine,
+            if server_extra.contains("ring_connections") {
+                ""
+            } else {
+                ring_connections()
+            },
             self.kek.display(),
             self.kek_tables.join("\n"),
             self.volumes.join("\n")
@@ -323,6 +330,14 @@ impl Fixture {
             .spawn()
             .expect("spawn hostcryptd");
         Daemon { child, log }
+    }
+}
+
+/// The `ring_connections` line the suite's configs carry, if any.
+fn ring_connections() -> &'static str {
+    match std::env::var("HOSTCRYPT_E2E_RING_CONNECTIONS").as_deref() {
+        Ok("1") => "ring_connections = true\n",
+        _ => "",
     }
 }
 

@@ -59,6 +59,8 @@ thread_local! {
 
 const RING_ENTRIES: u32 = 512;
 const WAKE_TAG: u64 = u64::MAX;
+/// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h, 5.19).
+const RECVSEND_POLL_FIRST: u16 = 1;
 
 #[derive(Clone, Copy, Debug)]
 enum Op {
@@ -94,7 +96,13 @@ pub struct Ring {
 
 impl Ring {
     fn new() -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
+        // Completions are handled by this ring's own thread, which enters
+        // the kernel between every batch: no need to interrupt it for
+        // them (COOP_TASKRUN; refused before 5.19, then without it).
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))?;
         let arena = FixedArena::new(FIXED_SLOTS, FIXED_SLOT_BYTES);
         let iovecs = arena.iovecs();
         // SAFETY: every iovec covers a disjoint slot of `arena`'s memory,
@@ -204,7 +212,11 @@ impl Ring {
             (Op::Fsync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            (Op::Recv, _) => opcode::Recv::new(fd, ptr, len).build(),
+            // Wait for data before the first try: the reader only receives
+            // once it has taken everything already there.
+            (Op::Recv, _) => opcode::Recv::new(fd, ptr, len)
+                .ioprio(RECVSEND_POLL_FIRST)
+                .build(),
         }
         .user_data(slot as u64);
         loop {
@@ -304,6 +316,20 @@ struct Worker {
     /// True while the worker is (about to be) blocked in the kernel; only
     /// then does a new job need an eventfd write to wake it.
     sleeping: Arc<AtomicBool>,
+    /// Connections living on this ring (`Placement`s not yet dropped).
+    connections: Arc<AtomicUsize>,
+}
+
+/// A connection's place on one ring; the ring counts it until this drops.
+pub struct Placement {
+    pub worker: usize,
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The set of ring workers.
@@ -336,6 +362,7 @@ impl UringEngine {
                 jobs: tx,
                 wake,
                 sleeping,
+                connections: Arc::default(),
             });
         }
         Ok(UringEngine {
@@ -360,12 +387,30 @@ impl UringEngine {
         }
     }
 
-    /// The worker that should take the next connection or job: round robin.
-    pub fn place(&self) -> usize {
+    /// The worker that should take the next job: round robin.
+    fn place(&self) -> usize {
         self.next.fetch_add(1, Ordering::Relaxed) % self.workers.len()
     }
 
-    /// Runs `job` on worker `i` (as numbered by `place`).
+    /// The ring a new connection should live on: the one with fewest
+    /// connections, so two connections get two cores. (Sharing the job
+    /// counter put both of a benchmark's connections on one ring at times.)
+    pub fn place_connection(&self) -> Placement {
+        let (worker, least) = self
+            .workers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, w)| w.connections.load(Ordering::Relaxed))
+            .map(|(i, w)| (i, w.connections.clone()))
+            .unwrap_or_default();
+        least.fetch_add(1, Ordering::Relaxed);
+        Placement {
+            worker,
+            count: least,
+        }
+    }
+
+    /// Runs `job` on worker `i` (as numbered by `place_connection`).
     pub fn submit_to(&self, i: usize, job: impl FnOnce(&mut Ring) + Send + 'static) {
         let worker = &self.workers[i % self.workers.len()];
         if worker.jobs.send(Box::new(job)).is_err() {

@@ -4,14 +4,14 @@
 //! one handshake deadline, so a client that stalls anywhere before
 //! transmission (mid-TLS included) holds no more than a task and a socket.
 //!
-//! Plaintext connections on the io_uring engine are then served by a
-//! ring (`ring_reader.rs`); TLS connections, and every connection on the
-//! thread-pool engine, by a tokio task (`transmission.rs`).
+//! Plaintext connections on the io_uring engine with `ring_connections`
+//! set are then served by a ring (`ring_reader.rs`); all others by a tokio
+//! task (`transmission.rs`).
 //!
 //! Listening and limits are `server.rs` and `gate.rs`; the options
 //! themselves `handshake.rs`.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -76,9 +76,28 @@ pub async fn run(
         shutdown,
     };
     match stream {
-        Stream::Unix(s) => conn.run(s, &mut peer, |s| s.into_split()).await,
-        Stream::Tcp(s) => conn.run(s, &mut peer, |s| s.into_split()).await,
+        Stream::Unix(s) => {
+            let plain = Plain {
+                split: tokio::net::UnixStream::into_split,
+                into_fd: |s| s.into_std().map(OwnedFd::from),
+            };
+            conn.run(s, &mut peer, plain).await
+        }
+        Stream::Tcp(s) => {
+            let plain = Plain {
+                split: tokio::net::TcpStream::into_split,
+                into_fd: |s| s.into_std().map(OwnedFd::from),
+            };
+            conn.run(s, &mut peer, plain).await
+        }
     }
+}
+
+/// How a plaintext stream of type `S` is taken apart for transmission:
+/// into tokio halves, or out of tokio altogether for a ring.
+struct Plain<S, R, W> {
+    split: fn(S) -> (R, W),
+    into_fd: fn(S) -> std::io::Result<OwnedFd>,
 }
 
 /// What one connection runs with, whatever its socket type.
@@ -91,9 +110,10 @@ struct Conn<'a> {
 }
 
 impl Conn<'_> {
-    /// Handshake under the deadline, then transmission on the plaintext
-    /// socket's own halves (`split`) or on the TLS stream's.
-    async fn run<S, R, W>(self, stream: S, peer: &mut Peer, split: fn(S) -> (R, W))
+    /// Handshake under the deadline, then transmission: a plaintext
+    /// socket on a ring (with the io_uring engine) or on its own tokio
+    /// halves, a TLS stream on its halves.
+    async fn run<S, R, W>(self, stream: S, peer: &mut Peer, plain: Plain<S, R, W>)
     where
         S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
         R: AsyncRead + Unpin + Send + 'static,
@@ -106,9 +126,32 @@ impl Conn<'_> {
         .await;
         match settle(ready, peer, self.gate) {
             Some(Ready::Plain(s, export, features)) => {
+                if let (true, Engine::Uring(rings)) =
+                    (self.gate.settings.ring_connections, engine::current())
+                {
+                    let socket = match (plain.into_fd)(s) {
+                        Ok(socket) => socket,
+                        Err(e) => {
+                            tracing::warn!(peer = %peer, "cannot take the socket off tokio: {e}");
+                            return;
+                        }
+                    };
+                    tracing::info!(peer = %peer, export = export.name(), tls = "off", reader = "ring", "client connected");
+                    let label = peer.to_string();
+                    let served = serve_on_ring(
+                        socket,
+                        rings,
+                        export.clone(),
+                        features,
+                        self.shutdown,
+                        &label,
+                    )
+                    .await;
+                    return log_end(peer, &export, served);
+                }
                 // Replies may go straight to the plaintext socket.
                 let fd = s.as_raw_fd();
-                let (r, w) = split(s);
+                let (r, w) = (plain.split)(s);
                 let link = Link {
                     peer,
                     tls: None,
@@ -227,31 +270,22 @@ async fn transmit<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let tls = tls.as_deref().unwrap_or("off");
-    tracing::info!(peer = %peer, export = export.name(), tls, "client connected");
+    tracing::info!(peer = %peer, export = export.name(), tls, reader = "task", "client connected");
     let label = peer.to_string();
-    let served = match (direct, engine::current()) {
-        // A plaintext socket with rings to live on: requests are received
-        // on a ring (`ring_reader.rs`).
-        (Some(fd), Engine::Uring(rings)) => {
-            let export = export.clone();
-            serve_on_ring(
-                reader, writer, fd, rings, export, features, shutdown, &label,
-            )
-            .await
-        }
-        _ => {
-            serve(
-                reader,
-                writer,
-                direct,
-                export.clone(),
-                features,
-                shutdown,
-                &label,
-            )
-            .await
-        }
-    };
+    let served = serve(
+        reader,
+        writer,
+        direct,
+        export.clone(),
+        features,
+        shutdown,
+        &label,
+    )
+    .await;
+    log_end(peer, &export, served)
+}
+
+fn log_end(peer: &Peer, export: &Export, served: std::io::Result<()>) {
     match served {
         Ok(()) => tracing::info!(peer = %peer, export = export.name(), "client disconnected"),
         Err(e) => tracing::warn!(peer = %peer, export = export.name(), "connection ended: {e}"),

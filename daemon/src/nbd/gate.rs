@@ -1,7 +1,7 @@
 //! What every new connection passes before the handshake: the connection
 //! limits (in total and per peer), the TLS credentials a TCP listener offers
 //! (swapped whole by a reload; open connections keep the ones they began
-//! with), the handshake deadline, and the counters of everyone turned away.
+//! with), the handshake deadline, where transmission runs, and the counters of everyone turned away.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +20,8 @@ pub struct GateSettings {
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
     pub handshake_timeout: Duration,
+    /// Plaintext connections live on io_uring rings (`ring_reader.rs`).
+    pub ring_connections: bool,
 }
 
 impl Default for GateSettings {
@@ -29,6 +31,7 @@ impl Default for GateSettings {
             max_connections: 1024,
             max_connections_per_peer: 256,
             handshake_timeout: Duration::from_secs(30),
+            ring_connections: false,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A plaintext connection whose requests are received on an io_uring ring:
-//! with the io_uring engine, each accepted connection is placed on one
+//! with the io_uring engine and `ring_connections = true`, each accepted
+//! connection is placed on one
 //! ring (round robin over cores) and stays there. Its receives, the
 //! cached reads and the backing reads its requests start, their decryption
 //! and their replies (`replies.rs` sends from the completing thread) all run
@@ -14,6 +15,9 @@
 //! connections (no kernel TLS here: the `tls` ULP is not available) and
 //! the thread-pool engine.
 //!
+//! The socket leaves tokio's reactor: replies that cannot be sent at
+//! once go through a writer task that watches it for writability only.
+//!
 //! Waiting for the byte budget is the one thing a ring cannot do: the
 //! reader then moves into a tokio task that waits for the permit and
 //! sends it back to its ring. Shutdown marks the reader stopping and
@@ -24,11 +28,14 @@
 //! (`io/uring.rs`).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio::io::AsyncWrite;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncWrite, Interest};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
@@ -66,7 +73,7 @@ enum Waiting {
 struct RingReader {
     fd: RawFd,
     /// Keeps `fd` open for as long as the reader may receive on it.
-    _socket: Box<dyn Send>,
+    _socket: Arc<OwnedFd>,
     /// Received bytes not yet parsed are `input[start..end]`; `None` while
     /// the kernel holds the buffer.
     input: Option<IoBuf>,
@@ -86,43 +93,35 @@ struct RingReader {
     worker: usize,
 }
 
-/// Serves a plaintext connection with its requests received on one of
-/// `engine`'s rings, until the client leaves, sends garbage, or the server
-/// shuts down; then waits for the replies still owed.
-#[allow(clippy::too_many_arguments)]
-pub async fn serve_on_ring<R, W>(
-    reader: R,
-    writer: W,
-    fd: RawFd,
+/// Serves a plaintext connection (`socket`, taken off tokio) with its
+/// requests received on one of `engine`'s rings, until the client leaves,
+/// sends garbage, or the server shuts down; then waits for the replies
+/// still owed.
+pub async fn serve_on_ring(
+    socket: OwnedFd,
     engine: &'static UringEngine,
     export: Arc<Export>,
     features: Features,
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
-) -> io::Result<()>
-where
-    R: Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) -> io::Result<()> {
     let counted = export.clone();
     let _connected = counted.metrics.connect();
-    // SAFETY: `fd` is the open socket `reader` and `writer` share; dup
-    // returns a new descriptor or -1.
-    let raw = unsafe { libc::dup(fd) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor nobody else owns. It lets
-    // shutdown reach the socket however far the reader has got.
-    let signal = unsafe { OwnedFd::from_raw_fd(raw) };
+    let socket = Arc::new(socket);
+    let fd = socket.as_raw_fd();
+    // SAFETY: the `Arc` keeps the descriptor open, and naming the same
+    // socket, for as long as the `AsyncFd` holds it.
+    let registered = unsafe { AsyncFd::register_with_interest(socket.clone(), Interest::WRITABLE) };
+    let writer = SocketWriter(registered.map_err(|e| e.into_parts().1)?);
     let (sink, write_replies) = ReplySink::new(writer, Some(fd));
     let writer_task = tokio::spawn(write_replies);
     let stopping = Arc::new(AtomicBool::new(false));
     let (ended, mut done) = oneshot::channel();
-    let worker = engine.place();
+    let placement = engine.place_connection();
+    let worker = placement.worker;
     let reader = Box::new(RingReader {
         fd,
-        _socket: Box::new(reader),
+        _socket: socket.clone(),
         input: Some(IoBuf::new(READ_BUFFER)),
         start: 0,
         end: 0,
@@ -144,9 +143,9 @@ where
         result = &mut done => result,
         _ = shutdown.changed() => {
             stopping.store(true, Ordering::SeqCst);
-            // SAFETY: shuts down the read side of the socket `signal`
+            // SAFETY: shuts down the read side of the socket our `Arc`
             // keeps open; a receive in flight then completes with 0.
-            unsafe { libc::shutdown(signal.as_raw_fd(), libc::SHUT_RD) };
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
             done.await
         }
     };
@@ -155,9 +154,61 @@ where
         Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
         Ok(Ok(())) => {}
     }
-    drop(signal);
+    drop((socket, placement));
     // A reader dropped without a word went down with its ring.
     result.unwrap_or(Ok(()))
+}
+
+/// The reply writer's side of a socket the ring reads: registered with
+/// tokio for writability only. A registration for reading too (as a tokio
+/// stream has) woke a tokio thread for every request that arrived, only
+/// to find nothing to do: 40% fewer 4 KiB reads per second.
+struct SocketWriter(AsyncFd<Arc<OwnedFd>>);
+
+impl AsyncWrite for SocketWriter {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut ready = std::task::ready!(self.0.poll_write_ready(cx))?;
+            let sent = ready.try_io(|socket| {
+                // SAFETY: `buf` is live for the call and send only reads
+                // it; MSG_NOSIGNAL turns a closed peer into EPIPE.
+                let n = unsafe {
+                    libc::send(
+                        socket.as_raw_fd(),
+                        buf.as_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                    )
+                };
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
+            });
+            if let Ok(result) = sent {
+                return Poll::Ready(result);
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // SAFETY: shuts down the write side of a socket the `Arc` keeps open.
+        let rc = unsafe { libc::shutdown(self.0.get_ref().as_raw_fd(), libc::SHUT_WR) };
+        let result = if rc == 0 {
+            Ok(())
+        } else {
+            match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+                e => Err(e),
+            }
+        };
+        Poll::Ready(result)
+    }
 }
 
 impl RingReader {

@@ -537,15 +537,23 @@ mod tests {
                 (server, Box::new(from_server), Box::new(to_server))
             }
             Reader::Ring => {
-                use std::os::fd::AsRawFd;
-                let (client, server) = tokio::net::UnixStream::pair().unwrap();
-                let fd = server.as_raw_fd();
-                let (server_r, server_w) = server.into_split();
+                let (client, server) = std::os::unix::net::UnixStream::pair().unwrap();
+                let client = tokio::net::UnixStream::from_std({
+                    client.set_nonblocking(true).unwrap();
+                    client
+                })
+                .unwrap();
+                server.set_nonblocking(true).unwrap();
                 let (from_server, to_server) = client.into_split();
                 let rings = test_rings();
                 let server = tokio::spawn(async move {
                     super::super::ring_reader::serve_on_ring(
-                        server_r, server_w, fd, rings, served, features, shutdown, "test",
+                        server.into(),
+                        rings,
+                        served,
+                        features,
+                        shutdown,
+                        "test",
                     )
                     .await
                 });
