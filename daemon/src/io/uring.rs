@@ -96,12 +96,16 @@ pub struct Ring {
 
 impl Ring {
     fn new() -> io::Result<Self> {
-        // Completions are handled by this ring's own thread, which enters
-        // the kernel between every batch: no need to interrupt it for
-        // them (COOP_TASKRUN; refused before 5.19, then without it).
+        // Built on the one thread that will ever submit to it and reap it,
+        // which enters the kernel between every batch: completion work
+        // then waits for that thread instead of interrupting it
+        // (SINGLE_ISSUER + DEFER_TASKRUN, 6.1; else COOP_TASKRUN, 5.19;
+        // else neither).
         let ring = IoUring::builder()
-            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
             .build(RING_ENTRIES)
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES))
             .or_else(|_| IoUring::new(RING_ENTRIES))?;
         let arena = FixedArena::new(FIXED_SLOTS, FIXED_SLOT_BYTES);
         let iovecs = arena.iovecs();
@@ -343,7 +347,6 @@ impl UringEngine {
     pub fn start(threads: usize) -> io::Result<Self> {
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads.max(1) {
-            let ring = Ring::new()?;
             // SAFETY: eventfd takes integers and returns a new descriptor or -1.
             let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
             if raw < 0 {
@@ -355,9 +358,21 @@ impl UringEngine {
             let wake_fd = wake.as_raw_fd();
             let sleeping = Arc::new(AtomicBool::new(false));
             let flag = sleeping.clone();
+            let (started, ready) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
                 .name(format!("hostcrypt-uring-{i}"))
-                .spawn(move || worker_loop(ring, rx, wake_fd, &flag))?;
+                .spawn(move || match Ring::new() {
+                    Ok(ring) => {
+                        let _ = started.send(Ok(()));
+                        worker_loop(ring, rx, wake_fd, &flag)
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                    }
+                })?;
+            ready
+                .recv()
+                .map_err(|_| io::Error::other("an io_uring worker died while starting"))??;
             workers.push(Worker {
                 jobs: tx,
                 wake,
