@@ -502,7 +502,6 @@ fn worker_loop(mut ring: Ring, jobs: Receiver<Job>, wake: RawFd, sleeping: &Atom
         if ring.reap() {
             arm(&mut ring, buf_ptr);
         }
-        run_local_jobs(&mut ring);
     }
 }
 

@@ -1,7 +1,8 @@
 //! What every new connection passes before the handshake: the connection
 //! limits (in total and per peer), the TLS credentials a TCP listener offers
 //! (swapped whole by a reload; open connections keep the ones they began
-//! with), the handshake deadline, where transmission runs, and the counters of everyone turned away.
+//! with), the handshake deadline, where transmission runs, and the
+//! counters of everyone turned away.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -97,16 +97,25 @@ pub struct ReplySink {
     queue: mpsc::UnboundedSender<Reply>,
 }
 
+/// A connection's writer task, which ends when every clone of its sink
+/// is gone and the queue is written out.
+pub struct ReplyWriter(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl ReplyWriter {
+    /// Waits until every reply owed has been written (or the stream
+    /// failed, which is only logged: the client is gone).
+    pub async fn finish(self, peer: &str) {
+        match self.0.await {
+            Ok(Err(e)) => tracing::debug!(peer, "reply stream closed: {e}"),
+            Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
 impl ReplySink {
-    /// The sink and its writer task's future, which ends when every
-    /// clone of the sink is gone and the queue is written out.
-    pub fn new<W>(
-        writer: W,
-        direct: Option<RawFd>,
-    ) -> (
-        Arc<ReplySink>,
-        impl std::future::Future<Output = std::io::Result<()>>,
-    )
+    /// The sink and its writer task, started on the current runtime.
+    pub fn start<W>(writer: W, direct: Option<RawFd>) -> (Arc<ReplySink>, ReplyWriter)
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -116,8 +125,8 @@ impl ReplySink {
             writer_owns: Mutex::new(false),
             queue,
         });
-        let task = write_replies(writer, rx, Arc::downgrade(&sink));
-        (sink, task)
+        let task = tokio::spawn(write_replies(writer, rx, Arc::downgrade(&sink)));
+        (sink, ReplyWriter(task))
     }
 
     fn owns(&self) -> MutexGuard<'_, bool> {

@@ -113,8 +113,7 @@ pub async fn serve_on_ring(
     // socket, for as long as the `AsyncFd` holds it.
     let registered = unsafe { AsyncFd::register_with_interest(socket.clone(), Interest::WRITABLE) };
     let writer = SocketWriter(registered.map_err(|e| e.into_parts().1)?);
-    let (sink, write_replies) = ReplySink::new(writer, Some(fd));
-    let writer_task = tokio::spawn(write_replies);
+    let (sink, replies) = ReplySink::start(writer, Some(fd));
     let stopping = Arc::new(AtomicBool::new(false));
     let (ended, mut done) = oneshot::channel();
     let placement = engine.place_connection();
@@ -149,11 +148,7 @@ pub async fn serve_on_ring(
             done.await
         }
     };
-    match writer_task.await {
-        Ok(Err(e)) => tracing::debug!(peer, "reply stream closed: {e}"),
-        Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
-        Ok(Ok(())) => {}
-    }
+    replies.finish(peer).await;
     drop((socket, placement));
     // A reader dropped without a word went down with its ring.
     result.unwrap_or(Ok(()))

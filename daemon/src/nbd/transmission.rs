@@ -67,8 +67,7 @@ where
 {
     let _connected = export.metrics.connect();
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let (sink, write_replies) = ReplySink::new(writer, direct);
-    let writer_task = tokio::spawn(write_replies);
+    let (sink, replies) = ReplySink::start(writer, direct);
     let header_len = Request::header_len(features.extended);
 
     // Buffered: at queue depth 32 one recv() brings in many request headers
@@ -121,11 +120,7 @@ where
     };
 
     drop(sink);
-    match writer_task.await {
-        Ok(Err(e)) => tracing::debug!(peer, "reply stream closed: {e}"),
-        Err(e) => tracing::error!(peer, "reply writer failed: {e}"),
-        Ok(Ok(())) => {}
-    }
+    replies.finish(peer).await;
     result
 }
 
