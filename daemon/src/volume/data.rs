@@ -47,9 +47,11 @@ use crate::io::{Backing, IoBuf, RangeGuard, RangeLock};
 const ZERO_CHUNK: u64 = 1024 * 1024;
 /// Reads up to this size are tried from the page cache on the caller's
 /// thread (`read_cached`): there the hand-off to an engine thread costs
-/// more than the read and its decryption. Larger reads keep the engines,
-/// which spread them over cores.
-const INLINE_READ_MAX: usize = 128 * 1024;
+/// more than the read and its decryption, and a connection keeps to one
+/// core. Up to 1 MiB (was 128 KiB): sequential 1 MiB reads on two
+/// connections 1.3x, on one level. Larger reads keep the engines, which
+/// spread them over cores.
+const INLINE_READ_MAX: usize = 1024 * 1024;
 
 /// The ciphers in use: the current DEK generation's, and while
 /// re-encrypting the target generation's with the checkpoint between them.
