@@ -56,9 +56,9 @@ pub struct ServerConfig {
     pub io_engine: crate::io::engine::EngineKind,
     /// With the io_uring engine, receive each plaintext connection's
     /// requests on one ring, which also reads, decrypts and replies for it
-    /// (`nbd/ring_reader.rs`). Off by default: measured faster on 1 MiB
-    /// sequential reads, slower at queue depth 1 and with two
-    /// connections (BENCHMARKS.md).
+    /// (`nbd/ring_reader.rs`). Off by default until measured on more than
+    /// one CPU kind: on AMD Zen 3 at or ahead of the default on 8 of 9
+    /// jobs, behind on two-connection random reads (BENCHMARKS.md).
     #[serde(default)]
     pub ring_connections: bool,
     /// Append-only JSON-lines audit log of every key operation.
