@@ -186,8 +186,8 @@ impl Fixture {
     /// (Re)writes the config; `server_extra` lines go into `[server]`.
     /// `HOSTCRYPT_E2E_IO_ENGINE` (auto, uring, threads) picks the I/O
     /// engine, so the whole suite can run once per engine;
-    /// `HOSTCRYPT_E2E_RING_CONNECTIONS=1` serves plaintext connections on
-    /// the rings (`ring_connections`).
+    /// `HOSTCRYPT_E2E_RING_CONNECTIONS=0` keeps plaintext connections on
+    /// tokio tasks (`ring_connections = false`; on rings is the default).
     pub fn write_config(&self, server_extra: &str) {
         let text = format!(
             "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{}{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
@@ -336,6 +336,7 @@ impl Fixture {
 /// The `ring_connections` line the suite's configs carry, if any.
 fn ring_connections() -> &'static str {
     match std::env::var("HOSTCRYPT_E2E_RING_CONNECTIONS").as_deref() {
+        Ok("0") => "ring_connections = false\n",
         Ok("1") => "ring_connections = true\n",
         _ => "",
     }

@@ -56,10 +56,10 @@ pub struct ServerConfig {
     pub io_engine: crate::io::engine::EngineKind,
     /// With the io_uring engine, receive each plaintext connection's
     /// requests on one ring, which also reads, decrypts and replies for it
-    /// (`nbd/ring_reader.rs`). Off by default until measured on more than
-    /// one CPU kind: on AMD Zen 3 at or ahead of the default on 8 of 9
-    /// jobs, behind on two-connection random reads (BENCHMARKS.md).
-    #[serde(default)]
+    /// (`nbd/ring_reader.rs`). On by default: on AMD Zen 3 at or ahead of
+    /// the tokio reader on 8 of 9 benchmark jobs, with lower tail latency
+    /// (BENCHMARKS.md). `false` keeps every connection on a tokio task.
+    #[serde(default = "default_ring_connections")]
     pub ring_connections: bool,
     /// Append-only JSON-lines audit log of every key operation.
     pub audit_log: Option<PathBuf>,
@@ -104,6 +104,10 @@ fn default_max_connections_per_peer() -> usize {
     256
 }
 
+fn default_ring_connections() -> bool {
+    true
+}
+
 fn default_handshake_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(30)
 }
@@ -114,7 +118,7 @@ impl Default for ServerConfig {
             unix: None,
             tcp: None,
             io_engine: Default::default(),
-            ring_connections: false,
+            ring_connections: default_ring_connections(),
             audit_log: None,
             control: None,
             control_group: None,

@@ -4,9 +4,9 @@
 //! one handshake deadline, so a client that stalls anywhere before
 //! transmission (mid-TLS included) holds no more than a task and a socket.
 //!
-//! Plaintext connections on the io_uring engine with `ring_connections`
-//! set are then served by a ring (`ring_reader.rs`); all others by a tokio
-//! task (`transmission.rs`).
+//! Plaintext connections on the io_uring engine are then served by a ring
+//! (`ring_reader.rs`) unless `ring_connections = false`; all others by a
+//! tokio task (`transmission.rs`).
 //!
 //! Listening and limits are `server.rs` and `gate.rs`; the options
 //! themselves `handshake.rs`.

@@ -32,7 +32,7 @@ impl Default for GateSettings {
             max_connections: 1024,
             max_connections_per_peer: 256,
             handshake_timeout: Duration::from_secs(30),
-            ring_connections: false,
+            ring_connections: true,
         }
     }
 }

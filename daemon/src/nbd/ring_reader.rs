@@ -1,7 +1,7 @@
 //! A plaintext connection whose requests are received on an io_uring ring:
-//! with the io_uring engine and `ring_connections = true`, each accepted
-//! connection is placed on one
-//! ring (round robin over cores) and stays there. Its receives, the
+//! with the io_uring engine and `ring_connections` (on by default), each
+//! accepted connection is placed on the ring with the fewest connections
+//! and stays there. Its receives, the
 //! cached reads and the backing reads its requests start, their decryption
 //! and their replies (`replies.rs` sends from the completing thread) all run
 //! on that ring's thread; nothing crosses threads on the read path unless
