@@ -252,8 +252,8 @@ fn send_buffer_widened(fd: RawFd) -> Option<libc::c_int> {
 mod tests {
     use super::*;
 
-    /// An accepted Unix socket gets the buffer asked for, up to what the
-    /// kernel lets this process have (all of it as root).
+    /// A Unix socket gets the buffer asked for, up to what the kernel
+    /// lets this process have (all of it as root).
     #[test]
     fn unix_connections_get_a_wide_send_buffer() {
         let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
