@@ -53,6 +53,14 @@ pub fn init(kind: EngineKind) -> std::io::Result<&'static Engine> {
             }
         },
     };
+    if let Engine::Uring(rings) = &engine {
+        if !rings.receives_sockets() {
+            tracing::info!(
+                "io_uring here cannot poll sockets (kernel before 5.7); \
+                 connections stay on tokio tasks, not on the rings"
+            );
+        }
+    }
     Ok(ENGINE.get_or_init(|| engine))
 }
 

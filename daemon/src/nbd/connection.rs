@@ -126,9 +126,13 @@ impl Conn<'_> {
         .await;
         match settle(ready, peer, self.gate) {
             Some(Ready::Plain(s, export, features)) => {
-                if let (true, Engine::Uring(rings)) =
-                    (self.gate.settings.ring_connections, engine::current())
-                {
+                let on_ring = match engine::current() {
+                    Engine::Uring(rings) if self.gate.settings.ring_connections => {
+                        Some(rings).filter(|rings| rings.receives_sockets())
+                    }
+                    _ => None,
+                };
+                if let Some(rings) = on_ring {
                     let socket = match (plain.into_fd)(s) {
                         Ok(socket) => socket,
                         Err(e) => {
