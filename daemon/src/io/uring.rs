@@ -62,36 +62,6 @@ const WAKE_TAG: u64 = u64::MAX;
 /// `IORING_RECVSEND_POLL_FIRST` (linux/io_uring.h, 5.19).
 const RECVSEND_POLL_FIRST: u16 = 1;
 
-/// Whether receives may ask to wait for data before their first try
-/// (POLL_FIRST): kernels before 5.19 refuse the flag with EINVAL. Without
-/// it a receive tries at once and is polled on EAGAIN (fast poll, 5.7),
-/// which cost sequential 1 MiB reads a few per cent here.
-fn poll_first() -> bool {
-    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        // SAFETY: `utsname` is plain data, for which all zeros is valid.
-        let mut name: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: uname only fills the live struct we pass.
-        if unsafe { libc::uname(&mut name) } != 0 {
-            return false;
-        }
-        let release: String = name
-            .release
-            .iter()
-            .take_while(|&&c| c != 0)
-            .map(|&c| c as u8 as char)
-            .collect();
-        release_has_poll_first(&release)
-    })
-}
-
-/// Whether kernel `release` (as uname gives it) is 5.19 or later.
-fn release_has_poll_first(release: &str) -> bool {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
-    matches!((next(), next()), (Some(major), Some(minor)) if (major, minor) >= (5, 19))
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Op {
     Read,
@@ -122,6 +92,11 @@ pub struct Ring {
     free: Vec<usize>,
     /// Registered with the ring; `None` when registration was refused.
     arena: Option<Arc<FixedArena>>,
+    /// Receives may wait for data before their first try (POLL_FIRST,
+    /// 5.19; older kernels refuse the flag). Without it a receive tries
+    /// at once and is polled on EAGAIN, which cost sequential 1 MiB reads
+    /// a few per cent here.
+    poll_first: bool,
 }
 
 impl Ring {
@@ -130,13 +105,15 @@ impl Ring {
         // which enters the kernel between every batch: completion work
         // then waits for that thread instead of interrupting it
         // (SINGLE_ISSUER + DEFER_TASKRUN, 6.1; else COOP_TASKRUN, 5.19;
-        // else neither).
-        let ring = IoUring::builder()
+        // else neither). A kernel that takes either is 5.19 or later, so
+        // its receives also take POLL_FIRST.
+        let (ring, poll_first) = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::builder().setup_coop_taskrun().build(RING_ENTRIES))
-            .or_else(|_| IoUring::new(RING_ENTRIES))?;
+            .map(|ring| (ring, true))
+            .or_else(|_| IoUring::new(RING_ENTRIES).map(|ring| (ring, false)))?;
         let arena = FixedArena::new(FIXED_SLOTS, FIXED_SLOT_BYTES);
         let iovecs = arena.iovecs();
         // SAFETY: every iovec covers a disjoint slot of `arena`'s memory,
@@ -154,6 +131,7 @@ impl Ring {
             pending: Vec::new(),
             free: Vec::new(),
             arena,
+            poll_first,
         })
     }
 
@@ -251,7 +229,11 @@ impl Ring {
             // there. Elsewhere the ring polls a socket with no data yet
             // (fast poll, which `UringEngine::receives_sockets` checks).
             (Op::Recv, _) => opcode::Recv::new(fd, ptr, len)
-                .ioprio(if poll_first() { RECVSEND_POLL_FIRST } else { 0 })
+                .ioprio(if self.poll_first {
+                    RECVSEND_POLL_FIRST
+                } else {
+                    0
+                })
                 .build(),
         }
         .user_data(slot as u64);
@@ -557,20 +539,6 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    #[test]
-    fn poll_first_is_asked_for_from_kernel_5_19_on() {
-        for (release, has) in [
-            ("6.18.44-fc-v857", true),
-            ("5.19.0", true),
-            ("10.0.1", true),
-            ("5.15.0-91-generic", false),
-            ("4.19.316", false),
-            ("", false),
-        ] {
-            assert_eq!(release_has_poll_first(release), has, "{release}");
-        }
-    }
 
     /// A receive posted before any data arrives waits for it, even on a
     /// non-blocking socket (as tokio leaves them), then reports the count;
