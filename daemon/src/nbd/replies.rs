@@ -138,7 +138,7 @@ impl ReplySink {
     pub fn send(&self, mut reply: Reply) {
         let mut owns = self.owns();
         if let (Some(fd), false) = (self.direct, *owns) {
-            match send_now(fd, &reply.unsent()) {
+            match send_now(fd, &reply.unsent()).ok() {
                 Some(n) if n == reply.len() => return,
                 Some(n) => reply.sent = n,
                 None => {}
@@ -150,9 +150,10 @@ impl ReplySink {
     }
 }
 
-/// One non-blocking `sendmsg` of `parts`: the bytes sent, or `None` when
-/// the socket would block or failed (the writer then meets the error).
-fn send_now(fd: RawFd, parts: &[&[u8]; 2]) -> Option<usize> {
+/// One non-blocking `sendmsg` of `parts`: the bytes sent. A direct send
+/// that would block or fails leaves the reply to the writer, which then
+/// meets the error; the ring reader's writer sends with it too.
+pub(super) fn send_now(fd: RawFd, parts: &[&[u8]; 2]) -> std::io::Result<usize> {
     let slices = [IoSlice::new(parts[0]), IoSlice::new(parts[1])];
     // SAFETY: `msghdr` is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -160,11 +161,12 @@ fn send_now(fd: RawFd, parts: &[&[u8]; 2]) -> Option<usize> {
     // the buffers they point to outlive the call, and sendmsg only reads.
     msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = slices.len();
-    // SAFETY: `fd` is open (see `ReplySink::direct`), `msg` points at live
+    // SAFETY: `fd` is open (callers keep it so: `ReplySink::direct`, the
+    // ring reader's `SocketWriter`), `msg` points at live
     // memory for the whole call; MSG_DONTWAIT never blocks this thread,
     // MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
     let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    usize::try_from(n).ok()
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(

@@ -40,7 +40,7 @@ use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
 use super::proto::{Features, Request, EXTENDED_REQUEST_LEN};
-use super::replies::ReplySink;
+use super::replies::{send_now, ReplySink};
 use super::transmission::{admit, handle, handle_write, Ctx, Next, BUDGET_UNITS, READ_BUFFER};
 use crate::io::uring::{Ring, UringEngine};
 use crate::io::IoBuf;
@@ -168,19 +168,8 @@ struct SocketWriter {
 }
 
 impl SocketWriter {
-    /// One non-blocking send of `buf`.
     fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is live for the call and send only reads it;
-        // MSG_NOSIGNAL turns a closed peer into EPIPE.
-        let n = unsafe {
-            libc::send(
-                self.socket.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        send_now(self.socket.as_raw_fd(), &[buf, &[]])
     }
 }
 
