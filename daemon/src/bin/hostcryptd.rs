@@ -142,10 +142,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     let gate = service::open_gate(&config)?;
     let audit = service::open_audit(&config)?;
     let (registry, failed) = service::open_volumes(&config, &providers, &audit);
-    let engine = hostcryptd::io::engine::init(config.server.io_engine).context(
+    let engine = hostcryptd::io::engine::init(
+        config.server.io_engine,
+        config.server.ring_idle_poll,
+    )
+    .context(
         "starting the io_uring engine (set io_engine = \"threads\" where io_uring is not allowed)",
     )?;
-    tracing::info!(engine = engine.name(), "I/O engine ready");
+    tracing::info!(
+        engine = engine.name(),
+        ring_idle_poll = ?config.server.ring_idle_poll,
+        "I/O engine ready"
+    );
     let mut activated = service::systemd::activated_sockets(config.server.control.as_deref())
         .context("reading the sockets passed by systemd (LISTEN_FDS)")?;
     if !activated.is_empty() {

@@ -61,6 +61,13 @@ pub struct ServerConfig {
     /// (BENCHMARKS.md). `false` keeps every connection on a tokio task.
     #[serde(default = "default_ring_connections")]
     pub ring_connections: bool,
+    /// With the io_uring engine, how long a ring keeps polling for work
+    /// after its last before it sleeps, e.g. `"50us"`; `"0s"` sleeps at
+    /// once. Waking a sleeping core (on a VM, a halted vCPU) cost a QD1
+    /// 4 KiB read two thirds of its latency on AMD Zen 3 (BENCHMARKS.md);
+    /// the price is up to this much CPU time after each burst of requests.
+    #[serde(default = "default_ring_idle_poll", deserialize_with = "idle_poll")]
+    pub ring_idle_poll: std::time::Duration,
     /// Append-only JSON-lines audit log of every key operation.
     pub audit_log: Option<PathBuf>,
     /// Path of the control socket (`hostcrypt` talks to the daemon here).
@@ -108,6 +115,25 @@ fn default_ring_connections() -> bool {
     true
 }
 
+fn default_ring_idle_poll() -> std::time::Duration {
+    std::time::Duration::from_micros(50)
+}
+
+/// Longest idle poll accepted: beyond a millisecond a ring would burn a
+/// core between requests of any client that is merely slow.
+const MAX_IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
+
+fn idle_poll<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let value = humantime::parse_duration(&text).map_err(serde::de::Error::custom)?;
+    if value > MAX_IDLE_POLL {
+        return Err(serde::de::Error::custom(
+            "must be at most 1ms (\"0s\" turns polling off)",
+        ));
+    }
+    Ok(value)
+}
+
 fn default_handshake_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(30)
 }
@@ -119,6 +145,7 @@ impl Default for ServerConfig {
             tcp: None,
             io_engine: Default::default(),
             ring_connections: default_ring_connections(),
+            ring_idle_poll: default_ring_idle_poll(),
             audit_log: None,
             control: None,
             control_group: None,
@@ -621,6 +648,32 @@ allow_discards = true
         assert_eq!(c.volumes[1].size_bytes(), Some(8 << 30));
         assert_eq!(c.volumes[0].sector_size, 4096);
         assert!(matches!(c.kek["main"], KekConfig::Local { .. }));
+    }
+
+    #[test]
+    fn ring_idle_poll_defaults_to_50us_and_is_bounded() {
+        let with = |value: &str| {
+            parse(&GOOD.replace(
+                "[server]\n",
+                &format!("[server]\nring_idle_poll = {value}\n"),
+            ))
+        };
+        assert_eq!(
+            parse(GOOD).unwrap().server.ring_idle_poll,
+            std::time::Duration::from_micros(50)
+        );
+        assert_eq!(
+            with("\"200us\"").unwrap().server.ring_idle_poll,
+            std::time::Duration::from_micros(200)
+        );
+        assert!(with("\"0s\"").unwrap().server.ring_idle_poll.is_zero());
+        let err = with("\"5ms\"").unwrap_err().to_string();
+        assert!(
+            err.contains("ring_idle_poll") && err.contains("at most 1ms"),
+            "{err}"
+        );
+        let err = with("\"soon\"").unwrap_err().to_string();
+        assert!(err.contains("ring_idle_poll"), "{err}");
     }
 
     #[test]

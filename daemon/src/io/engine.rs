@@ -36,16 +36,17 @@ impl Engine {
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
 
-/// Starts the engine `kind` asks for; later calls return the first choice.
-pub fn init(kind: EngineKind) -> std::io::Result<&'static Engine> {
+/// Starts the engine `kind` asks for, its rings polling for up to
+/// `idle_poll` before they sleep; later calls return the first choice.
+pub fn init(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result<&'static Engine> {
     if let Some(engine) = ENGINE.get() {
         return Ok(engine);
     }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let engine = match kind {
         EngineKind::Threads => Engine::Threads,
-        EngineKind::Uring => Engine::Uring(UringEngine::start(threads)?),
-        EngineKind::Auto => match UringEngine::start(threads) {
+        EngineKind::Uring => Engine::Uring(UringEngine::start(threads, idle_poll)?),
+        EngineKind::Auto => match UringEngine::start(threads, idle_poll) {
             Ok(e) => Engine::Uring(e),
             Err(e) => {
                 tracing::warn!("io_uring is not available ({e}); using the thread-pool engine");

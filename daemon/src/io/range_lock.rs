@@ -71,8 +71,14 @@ impl RangeLock {
         if let Some(pos) = held.iter().position(|r| *r == (start, end)) {
             held.swap_remove(pos);
         }
+        // Read under the mutex: a thread counts itself as a waiter while
+        // holding it, so zero here means nobody waits or is about to. The
+        // notify is a futex syscall even with no waiter, on every write.
+        let anyone_waits = self.waiters.load(Ordering::SeqCst) > 0;
         drop(held);
-        self.released.notify_all();
+        if anyone_waits {
+            self.released.notify_all();
+        }
     }
 
     /// The list survives a panic in another holder: entries are only pushed

@@ -510,7 +510,9 @@ mod tests {
     fn test_rings() -> &'static crate::io::uring::UringEngine {
         static RINGS: std::sync::OnceLock<crate::io::uring::UringEngine> =
             std::sync::OnceLock::new();
-        RINGS.get_or_init(|| crate::io::uring::UringEngine::start(1).unwrap())
+        RINGS.get_or_init(|| {
+            crate::io::uring::UringEngine::start(1, std::time::Duration::ZERO).unwrap()
+        })
     }
 
     fn serve_volume(features: Features, reader: Reader) -> Served {

@@ -10,6 +10,9 @@
 //!   on a worker); the rest on the thread pool;
 //! - a local read of up to `INLINE_READ_MAX` whose data is all in the host
 //!   page cache: on the caller's thread, at once (`DataArea::read_cached`);
+//! - a local whole-sector write of up to 64 KiB to a buffered backing: on
+//!   the caller's thread (`DataArea::write_inline`), its FUA flush on the
+//!   thread pool;
 //! - io_uring: reads on a ring; writes on a ring only with O_DIRECT, since
 //!   buffered writes on ext4 are punted to io_uring's own io-wq threads
 //!   (the inode lock may block), which cost a third of random-write IOPS;
@@ -104,11 +107,7 @@ impl DataArea {
                         done(r.map(|()| Outcome::Done))
                     })
                 }),
-                _ => crate::io::workers::spawn(move || {
-                    let mut data = data;
-                    let result = self.write(offset, &mut data);
-                    done(self.then_flush(result, fua))
-                }),
+                _ => self.write_locally(offset, data, fua, done),
             },
             Op::Flush => {
                 crate::io::workers::spawn(move || done(self.flush().map(|()| Outcome::Done)))
@@ -147,6 +146,23 @@ impl DataArea {
                 self.read_on_ring(ring, offset, len, move |r| done(r.map(Outcome::Data)))
             }),
             _ => crate::io::workers::spawn(move || done(self.read(offset, len).map(Outcome::Data))),
+        }
+    }
+
+    /// A write to a buffered backing (or O_DIRECT without a ring): small
+    /// whole-sector writes on this thread (`write_inline`), the rest, and
+    /// every FUA's flush, on the thread pool.
+    fn write_locally<F>(self: Arc<Self>, offset: u64, mut data: IoBuf, fua: bool, done: F)
+    where
+        F: FnOnce(io::Result<Outcome>) + Send + 'static,
+    {
+        match self.write_inline(offset, &mut data) {
+            Some(Ok(())) if !fua => done(Ok(Outcome::Done)),
+            Some(result) => crate::io::workers::spawn(move || done(self.then_flush(result, fua))),
+            None => crate::io::workers::spawn(move || {
+                let result = self.write(offset, &mut data);
+                done(self.then_flush(result, fua))
+            }),
         }
     }
 
