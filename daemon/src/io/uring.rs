@@ -614,19 +614,27 @@ mod tests {
 
     use super::*;
 
+    /// A one-ring engine (alive for the rest of the test run) and a socket
+    /// pair whose first end is non-blocking, as tokio leaves sockets.
+    fn one_ring_and_a_socket_pair(
+        idle_poll: Duration,
+    ) -> (&'static UringEngine, UnixStream, UnixStream) {
+        let engine = Box::leak(Box::new(UringEngine::start(1, idle_poll).unwrap()));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (engine, ours, theirs)
+    }
+
     /// A receive posted before any data arrives waits for it, even on a
     /// non-blocking socket (as tokio leaves them), then reports the count;
     /// a closed peer reads as 0; jobs a ring thread submits stay on it.
     #[test]
     fn receives_wait_for_data_and_local_jobs_stay_on_the_ring() {
-        let engine: &'static UringEngine =
-            Box::leak(Box::new(UringEngine::start(1, Duration::ZERO).unwrap()));
+        let (engine, ours, mut theirs) = one_ring_and_a_socket_pair(Duration::ZERO);
         assert!(
             engine.receives_sockets(),
             "kernel 5.7 or later polls sockets"
         );
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         let fd = ours.as_raw_fd();
         let (tx, rx) = mpsc::channel();
         let on_ring = tx.clone();
@@ -680,10 +688,7 @@ mod tests {
     #[test]
     fn an_idle_polling_ring_sees_completions_within_its_window() {
         let window = Duration::from_secs(3);
-        let engine: &'static UringEngine =
-            Box::leak(Box::new(UringEngine::start(1, window).unwrap()));
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
+        let (engine, ours, mut theirs) = one_ring_and_a_socket_pair(window);
         let fd = ours.as_raw_fd();
         let (tx, rx) = mpsc::channel();
         let armed = tx.clone();

@@ -10,7 +10,8 @@
 //!   on a worker); the rest on the thread pool;
 //! - a local read of up to `INLINE_READ_MAX` whose data is all in the host
 //!   page cache: on the caller's thread, at once (`DataArea::read_cached`);
-//! - a local whole-sector write of up to 64 KiB to a buffered backing: on
+//! - a local whole-sector write of up to `INLINE_WRITE_MAX` to a buffered
+//!   backing whose sectors no other writer holds: on
 //!   the caller's thread (`DataArea::write_inline`), its FUA flush on the
 //!   thread pool;
 //! - io_uring: reads on a ring; writes on a ring only with O_DIRECT, since
@@ -157,8 +158,10 @@ impl DataArea {
         F: FnOnce(io::Result<Outcome>) + Send + 'static,
     {
         match self.write_inline(offset, &mut data) {
-            Some(Ok(())) if !fua => done(Ok(Outcome::Done)),
-            Some(result) => crate::io::workers::spawn(move || done(self.then_flush(result, fua))),
+            Some(Ok(())) if fua => {
+                crate::io::workers::spawn(move || done(self.flush().map(|()| Outcome::Done)))
+            }
+            Some(result) => done(result.map(|()| Outcome::Done)),
             None => crate::io::workers::spawn(move || {
                 let result = self.write(offset, &mut data);
                 done(self.then_flush(result, fua))
