@@ -465,6 +465,25 @@ impl UringEngine {
         }
     }
 
+    /// Runs `job` on a ring that no connection lives on, when the calling
+    /// thread is itself a ring thread and such a ring exists: a connection
+    /// borrowing a core no other connection uses (`volume/shared_read.rs`).
+    /// `false`, with `job` dropped unrun, otherwise.
+    pub fn lend_idle_ring(&self, job: impl FnOnce(&mut Ring) + Send + 'static) -> bool {
+        let on_a_ring = LOCAL_JOBS.with_borrow(|local| local.is_some());
+        let idle = self
+            .workers
+            .iter()
+            .position(|w| w.connections.load(Ordering::Relaxed) == 0);
+        match idle {
+            Some(i) if on_a_ring => {
+                self.submit_to(i, job);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Runs `job` on worker `i` (as numbered by `place_connection`).
     pub fn submit_to(&self, i: usize, job: impl FnOnce(&mut Ring) + Send + 'static) {
         let worker = &self.workers[i % self.workers.len()];

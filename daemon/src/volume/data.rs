@@ -52,6 +52,9 @@ const ZERO_CHUNK: u64 = 1024 * 1024;
 /// connections 1.3x, on one level. Larger reads keep the engines, which
 /// spread them over cores.
 const INLINE_READ_MAX: usize = 1024 * 1024;
+/// Cached reads from this size on share their pieces with a ring no
+/// connection lives on, when there is one (`shared_read.rs`).
+const SHARED_READ_MIN: usize = 256 * 1024;
 
 /// Whole-sector writes up to this size to a buffered backing are written
 /// on the caller's thread (`write_inline`); larger ones split their
@@ -378,7 +381,7 @@ impl DataArea {
             .encrypt(high, (start + split as u64) / self.sector);
     }
 
-    fn cipher(&self) -> io::Result<Arc<DataKeys>> {
+    pub(super) fn cipher(&self) -> io::Result<Arc<DataKeys>> {
         self.cipher.load_full().ok_or_else(|| {
             io::Error::other("the volume's key is unavailable (key lost); I/O is stopped")
         })
@@ -457,7 +460,7 @@ impl DataArea {
     /// `INLINE_READ_MAX`, the backing bypasses the page cache (O_DIRECT),
     /// a re-encryption is under way, or the data is not all cached; the
     /// caller then submits it to an engine.
-    pub fn read_cached(&self, offset: u64, len: usize) -> Option<io::Result<IoBuf>> {
+    pub fn read_cached(self: &Arc<Self>, offset: u64, len: usize) -> Option<io::Result<IoBuf>> {
         // O_DIRECT is known before any work: its reads would only be
         // checked, keyed and allocated twice.
         if len > INLINE_READ_MAX || len == 0 || self.backing.is_direct() {
@@ -475,15 +478,33 @@ impl DataArea {
         }
         let (start, end) = self.aligned(offset, len as u64);
         let mut buf = IoBuf::new((end - start) as usize);
-        if !self.backing.read_cached(&mut buf, self.data_offset + start) {
-            return None;
-        }
+        let cached = if buf.len() >= SHARED_READ_MIN {
+            let lend = |job: super::shared_read::HelperJob| match crate::io::engine::current() {
+                crate::io::engine::Engine::Uring(rings) => rings.lend_idle_ring(move |_| job()),
+                crate::io::engine::Engine::Threads => false,
+            };
+            super::shared_read::read_shared(self, &keys, &mut buf, start, lend)
+        } else {
+            self.read_cached_sectors(&keys, &mut buf, start)
+        };
         // As for ring reads: a re-encryption that began meanwhile may have
-        // rewritten these sectors.
-        if !self.still_in_place(&keys) {
+        // rewritten these sectors (and the decryption was then wasted).
+        if !cached || !self.still_in_place(&keys) {
             return None;
         }
-        Some(Ok(self.plaintext(&keys, buf, start, (offset, len))))
+        Some(Ok(trim_to(buf, (offset - start) as usize, len)))
+    }
+
+    /// Fills `buf` with the sectors from `start` and decrypts them with
+    /// `keys`, if the page cache holds every byte; `false` (and `buf`
+    /// unspecified) if not. The caller checks that `keys` is still in
+    /// place afterwards.
+    pub(super) fn read_cached_sectors(&self, keys: &DataKeys, buf: &mut [u8], start: u64) -> bool {
+        if !self.backing.read_cached(buf, self.data_offset + start) {
+            return false;
+        }
+        self.timed(|| decrypt_sectors(&keys.current, self.sector, buf, start));
+        true
     }
 
     /// An unlocked read's sectors from `start`, decrypted with the current
@@ -1018,12 +1039,12 @@ pub(super) fn is_zero(buf: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::crypto::Dek;
     use proptest::prelude::*;
 
-    fn area(sector: usize, size: u64) -> (tempfile::TempDir, DataArea) {
+    pub(in crate::volume) fn area(sector: usize, size: u64) -> (tempfile::TempDir, DataArea) {
         let dir = tempfile::tempdir().unwrap();
         let backing = Backing::open_or_create(&dir.path().join("d.img")).unwrap();
         backing.set_len(4096 + size).unwrap();

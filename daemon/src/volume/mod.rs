@@ -16,6 +16,7 @@ pub mod header;
 pub(crate) mod journal;
 pub mod keys;
 pub mod reencrypt;
+mod shared_read;
 mod store;
 mod submit;
 
