@@ -36,7 +36,9 @@ impl Width {
     pub fn supported(self) -> bool {
         let wide = match self {
             Width::Avx512 => is_x86_feature_detected!("avx512f"),
-            Width::Avx2 => is_x86_feature_detected!("avx2"),
+            Width::Avx2 => {
+                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("vpclmulqdq")
+            }
         };
         wide && is_x86_feature_detected!("vaes") && is_x86_feature_detected!("aes")
     }
