@@ -52,8 +52,9 @@ struct Pieces {
 // index to exactly one thread (`fetch_add`), so no two threads touch the
 // same bytes; the owner of the buffer waits in `read_shared` until every
 // claimed piece is done (Release/Acquire on `done`) before it reads the
-// buffer or lets it go, and a claim made after that finds `next >= count`
-// and touches nothing. The rest of the struct is `Send + Sync` already.
+// buffer or lets it go (`HelpersOut`, which also runs while unwinding),
+// and a claim made after that finds `next >= count` and touches nothing.
+// The rest of the struct is `Send + Sync` already.
 unsafe impl Send for Pieces {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for Pieces {}
@@ -71,6 +72,7 @@ impl Pieces {
             // SAFETY: piece `i` is this thread's alone (see `Send`), and
             // `from < to <= len` lies inside the live buffer.
             let part = unsafe { std::slice::from_raw_parts_mut(self.base.add(from), to - from) };
+            let _done = PieceDone(self);
             // After a miss the read goes to an engine whole; the rest of
             // the pieces need not be read.
             if !self.missed.load(Ordering::Relaxed)
@@ -80,12 +82,45 @@ impl Pieces {
             {
                 self.missed.store(true, Ordering::Relaxed);
             }
-            self.done.fetch_add(1, Ordering::Release);
         }
     }
+}
 
-    fn all_done(&self) -> bool {
-        self.done.load(Ordering::Acquire) == self.count
+/// Counts a claimed piece done when it is, or when its thread unwinds
+/// (then the read is a miss: the piece may be half written).
+struct PieceDone<'a>(&'a Pieces);
+
+impl Drop for PieceDone<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.missed.store(true, Ordering::Relaxed);
+        }
+        self.0.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Held by the buffer's owner: when dropped, also while unwinding, it
+/// ends the claiming and waits until every claimed piece is done, so no
+/// other thread is inside the buffer when it is read or freed.
+struct HelpersOut<'a>(&'a Pieces);
+
+impl Drop for HelpersOut<'_> {
+    fn drop(&mut self) {
+        let claimed = self
+            .0
+            .next
+            .fetch_max(self.0.count, Ordering::Relaxed)
+            .min(self.0.count);
+        // Only pieces a helper is in the middle of are left: a piece's
+        // time at most (about 20 µs), unless its thread lost its core.
+        let mut turns = 0u32;
+        while self.0.done.load(Ordering::Acquire) < claimed {
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(64) {
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -117,16 +152,9 @@ pub(super) fn read_shared(
     if !lend(Box::new(move || helper.claim())) {
         return area.read_cached_sectors(keys, buf, start);
     }
-    pieces.claim();
-    // Only pieces the helper is in the middle of are left: a piece's time
-    // at most (about 20 µs), unless its thread lost its core.
-    let mut turns = 0u32;
-    while !pieces.all_done() {
-        turns = turns.wrapping_add(1);
-        if turns.is_multiple_of(64) {
-            std::thread::yield_now();
-        }
-        std::hint::spin_loop();
+    {
+        let _out = HelpersOut(&pieces);
+        pieces.claim();
     }
     !pieces.missed.load(Ordering::Relaxed)
 }
