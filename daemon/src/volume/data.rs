@@ -456,7 +456,8 @@ impl DataArea {
 
     /// `read` on the caller's thread when every sector is in the host page
     /// cache: no thread hand-off, no lock, one `preadv2(RWF_NOWAIT)` and
-    /// the decryption. `None` (nothing done) when the read is larger than
+    /// the decryption (from `SHARED_READ_MIN` on, in pieces an idle ring
+    /// may share: `shared_read.rs`). `None` when the read is larger than
     /// `INLINE_READ_MAX`, the backing bypasses the page cache (O_DIRECT),
     /// a re-encryption is under way, or the data is not all cached; the
     /// caller then submits it to an engine.
