@@ -258,7 +258,7 @@ pub(super) unsafe fn ecb_encrypt(keys: &[[u8; 16]; 15], data: &mut [u8]) {
 /// encrypted initial tweak.
 ///
 /// # Safety
-/// The CPU must have avx2, vaes and aes.
+/// The CPU must have avx2, vaes, aes and vpclmulqdq.
 #[target_feature(enable = "avx2,vaes,aes,vpclmulqdq,sse2")]
 pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], tweak: u128) {
     let rk = broadcast(keys);

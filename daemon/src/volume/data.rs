@@ -456,12 +456,17 @@ impl DataArea {
 
     /// `read` on the caller's thread when every sector is in the host page
     /// cache: no thread hand-off, no lock, one `preadv2(RWF_NOWAIT)` and
-    /// the decryption (from `SHARED_READ_MIN` on, in pieces an idle ring
-    /// may share: `shared_read.rs`). `None` when the read is larger than
+    /// the decryption (from `SHARED_READ_MIN` on, in pieces that a thread
+    /// `lend` starts may share: `shared_read.rs`). `None` when the read is larger than
     /// `INLINE_READ_MAX`, the backing bypasses the page cache (O_DIRECT),
     /// a re-encryption is under way, or the data is not all cached; the
     /// caller then submits it to an engine.
-    pub fn read_cached(self: &Arc<Self>, offset: u64, len: usize) -> Option<io::Result<IoBuf>> {
+    pub fn read_cached(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        lend: impl FnOnce(super::shared_read::HelperJob) -> bool,
+    ) -> Option<io::Result<IoBuf>> {
         // O_DIRECT is known before any work: its reads would only be
         // checked, keyed and allocated twice.
         if len > INLINE_READ_MAX || len == 0 || self.backing.is_direct() {
@@ -480,10 +485,6 @@ impl DataArea {
         let (start, end) = self.aligned(offset, len as u64);
         let mut buf = IoBuf::new((end - start) as usize);
         let cached = if buf.len() >= SHARED_READ_MIN {
-            let lend = |job: super::shared_read::HelperJob| match crate::io::engine::current() {
-                crate::io::engine::Engine::Uring(rings) => rings.lend_idle_ring(move |_| job()),
-                crate::io::engine::Engine::Threads => false,
-            };
             super::shared_read::read_shared(self, &keys, &mut buf, start, lend)
         } else {
             self.read_cached_sectors(&keys, &mut buf, start)

@@ -9,7 +9,9 @@
 //!   connection (small writes encrypted on the caller's thread, large ones
 //!   on a worker); the rest on the thread pool;
 //! - a local read of up to `INLINE_READ_MAX` whose data is all in the host
-//!   page cache: on the caller's thread, at once (`DataArea::read_cached`);
+//!   page cache: on the caller's thread, at once (`DataArea::read_cached`;
+//!   from 256 KiB on, a ring no connection lives on may share the pieces:
+//!   `lend_an_idle_ring`);
 //! - a local whole-sector write of up to `INLINE_WRITE_MAX` to a buffered
 //!   backing whose sectors no other writer holds: on
 //!   the caller's thread (`DataArea::write_inline`), its FUA flush on the
@@ -87,7 +89,7 @@ impl DataArea {
             Op::Read { offset, len } if remote => {
                 self.read_remote(offset, len, move |r| done(r.map(Outcome::Data)))
             }
-            Op::Read { offset, len } => match self.read_cached(offset, len) {
+            Op::Read { offset, len } => match self.read_cached(offset, len, lend_an_idle_ring) {
                 Some(result) => done(result.map(Outcome::Data)),
                 None => self.read_on_engine(offset, len, done),
             },
@@ -176,5 +178,14 @@ impl DataArea {
             self.flush()?;
         }
         Ok(Outcome::Done)
+    }
+}
+
+/// Starts a shared read's helper (`shared_read.rs`) on a ring that no
+/// connection lives on, when the engine has one; `false` otherwise.
+fn lend_an_idle_ring(job: super::shared_read::HelperJob) -> bool {
+    match engine::current() {
+        Engine::Uring(rings) => rings.lend_idle_ring(move |_| job()),
+        Engine::Threads => false,
     }
 }
