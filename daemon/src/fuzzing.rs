@@ -65,6 +65,7 @@ fn harness() -> &'static Harness {
             allow_discards: true,
             allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
             metrics: Default::default(),
+            retirement: Default::default(),
         });
         let exports = Exports::new(vec![export.clone()]);
         let journal = Backing::open_or_create(&scratch("journal"))

@@ -108,7 +108,7 @@ impl Collector for DaemonCollector {
                     .encode_histogram::<Labels>(sum, count, &buckets, None)?;
             }
         }
-        let gauges: [VolumeGauge; 7] = [
+        let gauges: [VolumeGauge; 8] = [
             (
                 "hostcrypt_requests_in_flight",
                 "Requests received and not yet answered",
@@ -126,6 +126,11 @@ impl Collector for DaemonCollector {
                 "hostcrypt_reencrypt_progress_ratio",
                 "Share of the data area under the new DEK during a re-encryption (0 when none runs)",
                 reencrypt_progress,
+            ),
+            (
+                "hostcrypt_write_back_failed",
+                "1 once a sync of the volume's backing has failed: FLUSH and FUA fail until it is reopened",
+                |e| f64::from(u8::from(e.volume.data.backing().write_back_error().is_some())),
             ),
             (
                 "hostcrypt_key_lost",

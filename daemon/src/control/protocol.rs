@@ -186,6 +186,10 @@ pub struct VolumeStatus {
     /// A remote (NBD) backing's connection state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backing: Option<crate::nbd::client::RemoteStatus>,
+    /// The first failed sync of the backing: from then on every FLUSH and
+    /// FUA fails until the volume is reopened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_back_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

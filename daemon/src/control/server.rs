@@ -276,6 +276,7 @@ fn status(state: &ControlState) -> Status {
                     .filter(|r| r.target_generation.is_some()),
                 unavailable: None,
                 backing: e.volume.data.backing().remote().map(|r| r.status()),
+                write_back_error: e.volume.data.backing().write_back_error(),
             })
             .chain(state.registry.unavailable().iter().map(|u| VolumeStatus {
                 name: u.name.clone(),
@@ -293,6 +294,7 @@ fn status(state: &ControlState) -> Status {
                 io: IoStatus::default(),
                 reencrypt: None,
                 backing: None,
+                write_back_error: None,
             }))
             .collect(),
     }

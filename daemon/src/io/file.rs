@@ -56,20 +56,22 @@ pub struct FileBacking {
 const UNCACHED_WRITE_MIN: usize = 128 * 1024;
 
 impl FileBacking {
-    /// Opens an existing backing file or block device read-write.
+    /// Opens an existing backing file or block device read-write, claimed
+    /// for this descriptor alone (`owner.rs`).
     pub fn open(path: &Path) -> io::Result<Self> {
-        Self::from_file(OpenOptions::new().read(true).write(true).open(path)?, path)
+        Self::from_file(super::owner::open_claimed(path, false)?, path)
     }
 
-    /// Opens a backing, creating a regular file if it does not exist.
+    /// Opens a backing, creating a regular file if it does not exist;
+    /// claimed like `open`.
     pub fn open_or_create(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        Self::from_file(file, path)
+        Self::from_file(super::owner::open_claimed(path, true)?, path)
+    }
+
+    /// Opens a backing only to look at it: read-only and unclaimed, so it
+    /// works while a daemon serves the volume. Writes through it fail.
+    pub fn open_read_only(path: &Path) -> io::Result<Self> {
+        Self::from_file(File::open(path)?, path)
     }
 
     fn from_file(file: File, path: &Path) -> io::Result<Self> {

@@ -1,7 +1,9 @@
 //! Backing I/O: the file, block device (`file.rs`) or remote NBD export
 //! (`remote.rs`) under a volume (`backing.rs` joins them), the two engines
 //! that run I/O (`uring.rs`, `workers.rs`, chosen in `engine.rs`), pooled
-//! and registered buffers, and the range lock that serialises writers on overlapping sectors.
+//! and registered buffers, the range lock that serialises writers on
+//! overlapping sectors, and the claim that gives a local backing one owner
+//! (`owner.rs`).
 //!
 //! Encryption does not happen here; `volume/` encrypts, this module moves
 //! ciphertext.
@@ -11,10 +13,12 @@ mod buffers;
 pub mod engine;
 mod file;
 mod fixed;
+mod owner;
 mod range_lock;
 pub mod remote;
 pub mod uring;
 pub mod workers;
+mod write_back;
 
 pub use backing::{is_remote, Backing};
 pub use buffers::IoBuf;

@@ -124,7 +124,18 @@ impl Conn<'_> {
             handshake(stream, peer, self.phase, self.credentials, self.exports),
         )
         .await;
-        match settle(ready, peer, self.gate) {
+        let ready = settle(ready, peer, self.gate);
+        // A connection ends when the server stops or its export is retired.
+        let stop = match &ready {
+            Some(Ready::Plain(_, export, _) | Ready::Tls(_, export, _)) => {
+                match stop_signal(self.shutdown.clone(), export.retirement.watch()) {
+                    Some(stop) => stop,
+                    None => return,
+                }
+            }
+            _ => self.shutdown.clone(),
+        };
+        match ready {
             Some(Ready::Plain(s, export, features)) => {
                 let on_ring = match engine::current() {
                     Engine::Uring(rings) if self.gate.settings.ring_connections => {
@@ -142,15 +153,8 @@ impl Conn<'_> {
                     };
                     tracing::info!(peer = %peer, export = export.name(), tls = "off", reader = "ring", "client connected");
                     let label = peer.to_string();
-                    let served = serve_on_ring(
-                        socket,
-                        rings,
-                        export.clone(),
-                        features,
-                        self.shutdown,
-                        &label,
-                    )
-                    .await;
+                    let served =
+                        serve_on_ring(socket, rings, export.clone(), features, stop, &label).await;
                     return log_end(peer, &export, served);
                 }
                 // Replies may go straight to the plaintext socket.
@@ -161,7 +165,7 @@ impl Conn<'_> {
                     tls: None,
                     direct: Some(fd),
                 };
-                transmit(r, w, (export, features), link, self.shutdown).await
+                transmit(r, w, (export, features), link, stop).await
             }
             Some(Ready::Tls(s, export, features)) => {
                 let session = tls::describe_session(s.get_ref().1);
@@ -171,11 +175,33 @@ impl Conn<'_> {
                     tls: Some(session),
                     direct: None,
                 };
-                transmit(r, w, (export, features), link, self.shutdown).await
+                transmit(r, w, (export, features), link, stop).await
             }
             Some(Ready::Closed) | None => {}
         }
     }
+}
+
+/// One signal that turns true when either `shutdown` or `retired` does;
+/// `None` when one already has (the connection should not start).
+fn stop_signal(
+    mut shutdown: watch::Receiver<bool>,
+    mut retired: watch::Receiver<bool>,
+) -> Option<watch::Receiver<bool>> {
+    if *shutdown.borrow() || *retired.borrow() {
+        return None;
+    }
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = retired.wait_for(|stop| *stop) => {}
+            // The connection ended first.
+            _ = tx.closed() => return,
+        }
+        let _ = tx.send(true);
+    });
+    Some(rx)
 }
 
 /// Logs and counts a handshake that did not reach transmission.

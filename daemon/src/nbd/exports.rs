@@ -21,6 +21,35 @@ pub struct Export {
     /// Who may open it; a reload swaps the list in place.
     pub allow: ArcSwap<AllowList>,
     pub metrics: ExportMetrics,
+    /// Set when a reload removes the volume: its connections close.
+    pub retirement: Retirement,
+}
+
+/// Whether an export has been retired (removed by a reload). Connections
+/// watch it and close, so the old instance of a volume is gone, and its
+/// backing released, before a re-added one can claim the backing.
+#[derive(Debug)]
+pub struct Retirement(tokio::sync::watch::Sender<bool>);
+
+impl Default for Retirement {
+    fn default() -> Self {
+        Retirement(tokio::sync::watch::Sender::new(false))
+    }
+}
+
+impl Retirement {
+    /// Tells every connection on the export to close.
+    pub fn retire(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.subscribe()
+    }
 }
 
 impl Export {

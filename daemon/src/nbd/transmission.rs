@@ -494,6 +494,7 @@ mod tests {
             allow_discards: true,
             allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
             metrics: Default::default(),
+            retirement: Default::default(),
         });
         (export, dir)
     }

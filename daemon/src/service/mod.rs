@@ -193,7 +193,11 @@ pub fn open_volumes(
             Err(e) => failed.push((v.name.get_ref().clone(), e)),
         }
     }
-    (Registry::new(opened), failed)
+    let registry = Registry::new(opened);
+    for served in registry.iter() {
+        served.start();
+    }
+    (registry, failed)
 }
 
 /// Opens one configured volume as an export.
@@ -274,7 +278,6 @@ pub fn open_volume(
                 audit.clone(),
             ));
             volume_keys.refresh_warnings();
-            volume_keys.resume_reencrypt();
             keys = Some(volume_keys);
             opened
         }
@@ -320,6 +323,7 @@ pub fn open_volume(
         allow_discards: v.allow_discards,
         allow: arc_swap::ArcSwap::from_pointee(allow),
         metrics: Default::default(),
+        retirement: Default::default(),
     });
     Ok(Served { export, keys })
 }

@@ -22,6 +22,47 @@ pub struct Served {
     pub keys: Option<Arc<VolumeKeys>>,
 }
 
+/// How long a retired volume's connections get to close before its flush
+/// goes ahead without them.
+const RETIRE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Served {
+    /// Starts what runs beside a registered volume: a re-encryption that
+    /// was in progress resumes. Called only once the volume is in the
+    /// registry, so an instance that is opened and then dropped (a reload
+    /// changed its config meanwhile) never leaves a worker behind.
+    pub fn start(&self) {
+        if let Some(keys) = &self.keys {
+            keys.resume_reencrypt();
+        }
+    }
+
+    /// Takes a volume out of service after a reload removed it from the
+    /// registry: stops its re-encryption between windows, closes its
+    /// connections (waiting for them up to `RETIRE_DRAIN`), then flushes.
+    /// The backing's claim goes with the last reference, so a re-added
+    /// instance opens only once this one is gone.
+    pub fn retire(&self) -> std::io::Result<()> {
+        if let Some(keys) = &self.keys {
+            keys.stop_reencrypt();
+        }
+        self.export.retirement.retire();
+        let deadline = std::time::Instant::now() + RETIRE_DRAIN;
+        while self.export.metrics.connections() > 0 {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    volume = self.name(),
+                    connections = self.export.metrics.connections(),
+                    "removed volume: connections still open after {RETIRE_DRAIN:?}; flushing anyway, and its backing stays claimed until they end"
+                );
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        self.export.volume.data.flush()
+    }
+}
+
 /// A served volume reads as its export (name, data area, metrics).
 impl std::ops::Deref for Served {
     type Target = Export;

@@ -6,9 +6,11 @@
 //! description) is unchanged; such volumes keep serving untouched. New names
 //! are opened (a failure to open one is reported and nothing else changes);
 //! vanished names leave the export list, so new connections cannot reach
-//! them, and are flushed — connections already open finish on them. A
-//! changed volume is left as it is and reported: applying it means removing
-//! it in one reload and adding it back in the next. Allow lists and the TLS
+//! them, their connections are closed and then they are flushed
+//! (`Served::retire`). A changed volume is left as it is and reported:
+//! applying it means removing it in one reload and adding it back in the
+//! next. The re-added volume opens only once the old instance has let go
+//! of the backing (`io/owner.rs`), so one name never serves two instances. Allow lists and the TLS
 //! certificate files (CRL included) are re-read at every reload and apply
 //! to new connections; open connections keep serving. Other `[server]`
 //! changes need a restart and are reported. Reloading the same file twice
@@ -116,7 +118,8 @@ impl Reloader {
                     if current.is_some_and(|c| fingerprint(c) == fingerprint(&v))
                         && self.registry.find(&name).is_none()
                     {
-                        self.registry.add(export);
+                        self.registry.add(export.clone());
+                        export.start();
                         self.waiting.remove(&name);
                         tracing::warn!(volume = %name, "volume opened; serving it now");
                         self.audit.record(
@@ -235,6 +238,11 @@ impl Reloader {
                 export.allow.store(Arc::new(new_allow));
             }
         }
+        let added: Vec<_> = list
+            .iter()
+            .filter(|s| report.added.iter().any(|n| n == s.name()))
+            .cloned()
+            .collect();
         self.registry.replace(list);
         if let Some(tls) = tls {
             tracing::info!(
@@ -246,11 +254,11 @@ impl Reloader {
             self.gate.replace_tls(tls);
             report.tls_reloaded = true;
         }
+        for served in &added {
+            served.start();
+        }
         for export in removed {
-            if let Some(keys) = &export.keys {
-                keys.stop_reencrypt();
-            }
-            if let Err(e) = export.volume.data.flush() {
+            if let Err(e) = export.retire() {
                 tracing::error!(
                     volume = export.name(),
                     "flush of a removed volume failed: {e}"

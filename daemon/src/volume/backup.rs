@@ -135,7 +135,7 @@ pub fn erase(backing: &Path) -> Result<Uuid, BackupError> {
     let header = current_header(backing, &copies)?;
     disk.write_at(&vec![0u8; DATA_OFFSET as usize], 0)
         .map_err(io_err(backing))?;
-    disk.sync().map_err(io_err(backing))?;
+    disk.sync_rewritten().map_err(io_err(backing))?;
     Ok(header.uuid)
 }
 

@@ -305,6 +305,7 @@ impl DataArea {
             checkpoint,
             buf,
             record,
+            sync_failures_at_write: 0,
         })
     }
 
@@ -333,24 +334,42 @@ impl DataArea {
         }
         let end = window.end();
         window.rewriting = Some(self.rewriting.lock(window.checkpoint, end));
-        retry_until(stop, || {
-            for_nonzero_runs(&window.buf, self.sector as usize, |run, at| {
-                self.backing
-                    .write_data(run, self.data_offset + window.checkpoint + at)
-            })
+        window.sync_failures_at_write = self.backing.write_back_failures();
+        retry_until(stop, || self.write_window_in_place(window))
+    }
+
+    fn write_window_in_place<T>(&self, window: &PreparedWindow<'_, T>) -> io::Result<()> {
+        for_nonzero_runs(&window.buf, self.sector as usize, |run, at| {
+            self.backing
+                .write_data(run, self.data_offset + window.checkpoint + at)
         })
     }
 
     /// Makes a written window durable, lets `commit` record its end as the
     /// new checkpoint, then releases it; both steps retried like
-    /// `write_window`'s in-place write.
+    /// `write_window`'s in-place write. A sync that fails, or any failed
+    /// sync on the backing since the window was written (another caller
+    /// may have been told of it first), may have lost some of the window's
+    /// pages: the window is written again from the buffer it holds and
+    /// synced again before the checkpoint moves past it.
     pub fn commit_window<T>(
         &self,
         window: PreparedWindow<'_, T>,
         commit: impl Fn(u64) -> io::Result<()>,
         stop: &impl Fn() -> bool,
     ) -> io::Result<()> {
-        retry_until(stop, || self.backing.sync())?;
+        let written_at = window.sync_failures_at_write;
+        retry_until(stop, || match self.backing.sync_rewritten() {
+            Ok(()) if self.backing.write_back_failures() == written_at => Ok(()),
+            _ => {
+                tracing::warn!(
+                    checkpoint = window.checkpoint,
+                    "a sync failed since this re-encryption window was written; writing it again from memory"
+                );
+                self.backing
+                    .write_durably(|| self.write_window_in_place(&window))
+            }
+        })?;
         retry_until(stop, || commit(window.end()))
     }
 
@@ -731,13 +750,18 @@ impl DataArea {
                 self.writers.release(start, end);
                 match result {
                     // The inner continuation keeps the volume (and so `fd`) alive.
-                    Ok(_) if fua => ring.fsync(
-                        fd,
-                        Box::new(move |_, r| {
-                            let _volume = &self;
-                            done(r.map(drop))
-                        }),
-                    ),
+                    Ok(_) if fua => match self.backing.check_write_back() {
+                        Err(e) => done(Err(e)),
+                        Ok(()) => ring.fsync(
+                            fd,
+                            Box::new(move |_, r| {
+                                if let Err(e) = &r {
+                                    self.backing.record_sync_failure(e);
+                                }
+                                done(r.map(drop))
+                            }),
+                        ),
+                    },
                     other => done(other.map(drop)),
                 }
             }),
@@ -974,6 +998,8 @@ pub struct PreparedWindow<'a, T> {
     checkpoint: u64,
     buf: IoBuf,
     record: T,
+    /// The backing's failed-sync count when the in-place write began.
+    sync_failures_at_write: u64,
 }
 
 impl<T> PreparedWindow<'_, T> {

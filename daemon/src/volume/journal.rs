@@ -82,9 +82,10 @@ pub fn write_hashes(
     r[48..80].copy_from_slice(&Sha256::digest(&table));
     let sum = Sha256::digest(&r[..80]);
     r[80..112].copy_from_slice(&sum);
-    backing.write_at(&table, JOURNAL_AT + RECORD as u64)?;
-    backing.write_at(&r, JOURNAL_AT)?;
-    backing.sync()
+    backing.write_durably(|| {
+        backing.write_at(&table, JOURNAL_AT + RECORD as u64)?;
+        backing.write_at(&r, JOURNAL_AT)
+    })
 }
 
 /// The sector size and old-sector hashes journalled for `key`, if a
@@ -147,16 +148,17 @@ pub fn write(backing: &Backing, key: JournalKey, data: &[u8]) -> std::io::Result
             "re-encryption window larger than the journal",
         ));
     }
-    backing.write_at(data, JOURNAL_AT + RECORD as u64)?;
-    backing.write_at(&record(key, data), JOURNAL_AT)?;
-    backing.sync()
+    backing.write_durably(|| {
+        backing.write_at(data, JOURNAL_AT + RECORD as u64)?;
+        backing.write_at(&record(key, data), JOURNAL_AT)
+    })
 }
 
 /// Allocates the journal area (zeros) before a re-encryption starts, so a
 /// full filesystem refuses the start instead of failing a window midway.
 pub fn prepare(backing: &Backing) -> std::io::Result<()> {
-    backing.write_at(&vec![0u8; JOURNAL_SIZE as usize], JOURNAL_AT)?;
-    backing.sync()
+    let zeros = vec![0u8; JOURNAL_SIZE as usize];
+    backing.write_durably(|| backing.write_at(&zeros, JOURNAL_AT))
 }
 
 /// Invalidates the record (after a failed journal write, before the window
@@ -168,8 +170,7 @@ pub fn clear(backing: &Backing) -> std::io::Result<()> {
     if magic != MAGIC && magic != HASH_MAGIC {
         return Ok(());
     }
-    backing.write_at(&[0u8; 8], JOURNAL_AT)?;
-    backing.sync()
+    backing.write_durably(|| backing.write_at(&[0u8; 8], JOURNAL_AT))
 }
 
 /// The record at the start of the journal if it has `magic` and its

@@ -150,9 +150,10 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
     }
 }
 
-/// Reads both header copies of a backing without writing anything.
+/// Reads both header copies of a backing without writing anything (and
+/// without claiming it, so this works while a daemon serves it).
 pub fn read_headers(path: &Path) -> Result<HeaderCopies, VolumeError> {
-    let backing = open_existing(path)?;
+    let backing = missing_or(path, Backing::open_read_only(path))?;
     HeaderCopies::read(&backing).map_err(io_err(path))
 }
 
@@ -174,8 +175,13 @@ pub fn current_header(path: &Path, copies: &HeaderCopies) -> Result<Header, Volu
     })
 }
 
+/// Opens an existing backing to write it, claimed for this opener alone.
 fn open_existing(path: &Path) -> Result<Backing, VolumeError> {
-    Backing::open(path).map_err(|e| {
+    missing_or(path, Backing::open(path))
+}
+
+fn missing_or(path: &Path, opened: std::io::Result<Backing>) -> Result<Backing, VolumeError> {
+    opened.map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             VolumeError::Missing {
                 path: path.to_owned(),
@@ -503,7 +509,7 @@ fn replay_journal(
                 .map_err(io_err(path))?;
             redone += 1;
         }
-        backing.sync().map_err(io_err(path))?;
+        backing.sync_rewritten().map_err(io_err(path))?;
         tracing::warn!(
             volume = name,
             checkpoint = r.checkpoint,
@@ -526,7 +532,7 @@ fn replay_journal(
     data::for_nonzero_runs(&window, header.sector_size as usize, |run, at| {
         backing.write_at(run, header.data_offset + r.checkpoint + at)
     })
-    .and_then(|()| backing.sync())
+    .and_then(|()| backing.sync_rewritten())
     .map_err(io_err(path))?;
     header.advance_reencrypt(r.checkpoint + window.len() as u64);
     store::write_header(backing, header).map_err(io_err(path))
@@ -572,38 +578,35 @@ pub fn open_temp(
     direct: bool,
 ) -> Result<Volume, VolumeError> {
     geometry.validate()?;
-    if path.exists() {
-        let backing = open_existing(path)?;
-        let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
-        match copies.current() {
-            Some(h) if h.role != Role::Temp => {
-                return Err(VolumeError::RoleMismatch {
-                    path: path.to_owned(),
-                    found: h.role,
-                    expected: Role::Temp,
-                })
-            }
-            Some(_) => {}
-            None => {
-                if let Some(what) = in_use(&copies, &backing).map_err(io_err(path))? {
-                    return Err(VolumeError::NotEmpty {
-                        path: path.to_owned(),
-                        what,
-                    });
-                }
-            }
+    // Claimed first (a file is created if missing), then checked: a remote
+    // export or a block device gets the same checks as a file, before
+    // anything is written.
+    let backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
+    match copies.current() {
+        Some(h) if h.role != Role::Temp => {
+            return Err(VolumeError::RoleMismatch {
+                path: path.to_owned(),
+                found: h.role,
+                expected: Role::Temp,
+            })
         }
-        if !backing.is_fixed_size() {
-            std::fs::remove_file(path).map_err(io_err(path))?;
+        Some(_) => {}
+        None => {
+            if let Some(what) = in_use(&copies, &backing).map_err(io_err(path))? {
+                return Err(VolumeError::NotEmpty {
+                    path: path.to_owned(),
+                    what,
+                });
+            }
         }
     }
-    let backing = Backing::open_or_create(path).map_err(io_err(path))?;
     let mut header = new_header(geometry, Role::Temp);
     lay_out(path, &backing, &mut header)?;
-    // A remote export is not recreated like a file: zero its data area
-    // (WRITE_ZEROES where offered), so last run's ciphertext, unreadable
-    // under the new key, does not read back as garbage instead of zeros.
-    if backing.remote().is_some() {
+    // A block device or remote export is not emptied like a file: zero its
+    // data area (BLKZEROOUT, WRITE_ZEROES where offered), so last run's
+    // ciphertext, unreadable under the new key, reads as zeros, not garbage.
+    if backing.is_fixed_size() {
         backing
             .zero_range(header.data_offset, header.size)
             .map_err(io_err(path))?;
@@ -686,7 +689,7 @@ mod tests {
         assert!(got[..] == plain[..], "data differs after the replay");
         // On disk: the whole window under the new key, holes untouched.
         let mut raw = vec![0u8; 10 * sector];
-        Backing::open(&path)
+        Backing::open_read_only(&path)
             .unwrap()
             .read_at(&mut raw, opened.data_offset)
             .unwrap();
@@ -694,5 +697,43 @@ mod tests {
         let mut expect = plain[..8 * sector].to_vec();
         new.encrypt(&mut expect, 0);
         assert!(raw[..8 * sector] == expect[..]);
+    }
+
+    /// One owner per backing: while a volume is open, `create --force`, a
+    /// second open (another daemon, a reload's re-add), a temp volume on
+    /// the same path, erase and restore are refused before they write a
+    /// byte; reading the header still works. Once it closes, they work.
+    #[test]
+    fn an_open_volume_keeps_every_other_writer_off_its_backing() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let path = dir.path().join("v.img");
+        let geometry = Geometry {
+            size: 1 << 20,
+            sector_size: 4096,
+        };
+        let created = create(&path, geometry, &kek, None, false).unwrap();
+        let (volume, _) = open_cache("v", &path, None, &kek, None, false).unwrap();
+        let busy = |e: VolumeError| match e {
+            VolumeError::Io { source, .. } => {
+                assert_eq!(source.kind(), std::io::ErrorKind::ResourceBusy, "{source}")
+            }
+            other => panic!("expected a busy backing, got {other}"),
+        };
+        busy(create(&path, geometry, &kek, None, true).unwrap_err());
+        busy(open_cache("v", &path, None, &kek, None, false).unwrap_err());
+        busy(open_temp("t", &path, geometry, false).unwrap_err());
+        match backup::erase(&path).unwrap_err() {
+            backup::BackupError::Volume(e) => busy(e),
+            other => panic!("expected a busy backing, got {other}"),
+        }
+        let header = current_header(&path, &read_headers(&path).unwrap()).unwrap();
+        assert_eq!(header.uuid, created.uuid, "nothing was rewritten");
+        match backup::restore(&path, &header, true).unwrap_err() {
+            backup::BackupError::Volume(e) => busy(e),
+            other => panic!("expected a busy backing, got {other}"),
+        }
+        drop(volume);
+        open_cache("v", &path, None, &kek, None, false).unwrap();
     }
 }

@@ -85,8 +85,7 @@ impl HeaderCopies {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         for (copy, at) in [(&self.primary, PRIMARY_AT), (&self.backup, BACKUP_AT)] {
             if copy.as_ref().ok() != Some(current) {
-                backing.write_at(&raw[..], at)?;
-                backing.sync()?;
+                backing.write_durably(|| backing.write_at(&raw[..], at))?;
             }
         }
         Ok(())
@@ -100,10 +99,8 @@ pub fn write_header(backing: &Backing, header: &mut Header) -> io::Result<()> {
     let raw = header
         .encode()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    backing.write_at(&raw[..], PRIMARY_AT)?;
-    backing.sync()?;
-    backing.write_at(&raw[..], BACKUP_AT)?;
-    backing.sync()
+    backing.write_durably(|| backing.write_at(&raw[..], PRIMARY_AT))?;
+    backing.write_durably(|| backing.write_at(&raw[..], BACKUP_AT))
 }
 
 #[cfg(test)]

@@ -1,0 +1,80 @@
+//! Failed syncs on a backing, remembered. Linux reports a write-back error
+//! to one fsync per descriptor and marks the failed pages clean, so the
+//! next fsync succeeds over data that never reached the disk (QEMU's
+//! file-posix and PostgreSQL treat the page cache as untrustworthy after
+//! such an error for the same reason). A remote backend may do the same
+//! after a crash. So once a sync fails:
+//!
+//! - a client's FLUSH or FUA fails from then on, until the volume is
+//!   reopened (`check`): the writes it would vouch for may be gone, and
+//!   nothing here holds them to write again;
+//! - a writer that holds what it wrote (a header copy, the journal, a
+//!   re-encryption window) may write it again and sync again; it compares
+//!   `failures()` from before its write to after its sync to learn whether
+//!   a failure touched its pages, even one another caller's sync saw first.
+//!
+//! What lives elsewhere: the syncs themselves (`backing.rs`), the status
+//! and metrics that show the failure (`control/`).
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+#[derive(Debug, Default)]
+pub struct WriteBack {
+    failures: AtomicU64,
+    /// The first failure, for status and the errors clients get.
+    first: Mutex<Option<String>>,
+}
+
+impl WriteBack {
+    /// Records a failed sync.
+    pub fn record(&self, error: &io::Error) {
+        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+        if first.is_none() {
+            tracing::error!(
+                "a sync of the backing failed ({error}); writes since the last good sync may be lost, so every later FLUSH and FUA on this volume fails until it is reopened"
+            );
+            *first = Some(error.to_string());
+        }
+        self.failures.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many syncs have failed since the backing was opened.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    /// The first failure, if a sync has failed.
+    pub fn error(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Fails once any sync has failed: what a client's FLUSH asks first.
+    pub fn check(&self) -> io::Result<()> {
+        match self.error() {
+            None => Ok(()),
+            Some(first) => Err(io::Error::other(format!(
+                "an earlier sync of the backing failed ({first}); acknowledged writes may be lost, so flushes fail until the volume is reopened"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_sticks_and_is_counted() {
+        let wb = WriteBack::default();
+        assert!(wb.check().is_ok());
+        assert_eq!(wb.failures(), 0);
+        wb.record(&io::Error::from_raw_os_error(libc::EIO));
+        wb.record(&io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(wb.failures(), 2);
+        let e = wb.check().unwrap_err().to_string();
+        assert!(e.contains("Input/output error"), "{e}");
+        assert!(wb.check().is_err(), "still failing");
+    }
+}
