@@ -229,6 +229,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // The CLI unwraps and wraps DEKs too (create, rekey, header restore).
+    if let Err(e) = hostcryptd::hardening::keep_keys_out_of_core_dumps() {
+        eprintln!("hostcrypt: cannot keep keys out of core dumps: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -9,6 +9,7 @@ mod blockdev;
 mod breakglass;
 mod clients;
 mod double;
+mod durability;
 mod faults;
 mod filesystem;
 mod headers;

@@ -40,6 +40,11 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any key exists: a crash must not write one into a core file.
+    if let Err(e) = hostcryptd::hardening::keep_keys_out_of_core_dumps() {
+        eprintln!("hostcryptd: cannot keep keys out of core dumps: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let args = Args::parse();
     init_logging(args.log.as_deref());
     match run(args) {

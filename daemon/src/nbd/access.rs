@@ -5,8 +5,10 @@
 //!
 //! `uid:`/`gid:` match Unix-socket peers (SO_PEERCRED and supplementary
 //! groups), addresses match TCP peers, `dn:` matches the subject of a client
-//! certificate TLS verified. An absent list admits anyone who can connect;
-//! a present one admits a peer matching any entry. Names (`gid:kvm`) are
+//! certificate TLS verified. An absent list admits Unix-socket peers and
+//! TCP peers with a verified client certificate, never a bare TCP address
+//! (loopback is not a trust boundary); a present one admits a peer
+//! matching any entry, so `allow = ["all"]` opens a volume to everyone. Names (`gid:kvm`) are
 //! resolved when the list is built, so a reload picks up /etc changes.
 
 use std::net::IpAddr;
@@ -140,11 +142,22 @@ impl AllowList {
         }
     }
 
+    /// Whether `peer` may open the volume. Without a list, only peers
+    /// with an identity the daemon has checked get in: Unix-socket peers
+    /// (the socket's permissions are the boundary) and TCP peers whose
+    /// client certificate TLS verified. A bare TCP address, loopback
+    /// included, is not a trust boundary (every local user can reach
+    /// 127.0.0.1): such peers need an entry that names them.
     pub fn permits(&self, peer: &Peer) -> bool {
         match &self.0 {
-            None => true,
+            None => matches!(peer.transport, Transport::Unix { .. }) || peer.dn.is_some(),
             Some(rules) => rules.iter().any(|r| r.matches(peer)),
         }
+    }
+
+    /// Whether this is the absent list (see `permits`).
+    pub fn is_default(&self) -> bool {
+        self.0.is_none()
     }
 
     /// The entries as configured (resolved), for status; `None` = anyone.
@@ -314,5 +327,20 @@ mod tests {
         assert!(!AllowList::parse(Some::<&[&str]>(&[]))
             .unwrap()
             .permits(&unix(0, 0, vec![])));
+    }
+
+    /// No list: Unix peers and verified certificates, never a bare TCP
+    /// address, loopback included (every local user can reach it).
+    #[test]
+    fn no_list_never_admits_a_bare_tcp_address() {
+        let none = AllowList::parse::<&str>(None).unwrap();
+        assert!(none.permits(&unix(65534, 65534, vec![])));
+        assert!(!none.permits(&tcp("127.0.0.1:1")));
+        assert!(!none.permits(&tcp("[::1]:1")));
+        let mut verified = tcp("127.0.0.1:1");
+        verified.dn = Some("CN=vm-17,O=Example".into());
+        assert!(none.permits(&verified));
+        let all = AllowList::parse(Some(&["all"])).unwrap();
+        assert!(all.permits(&tcp("127.0.0.1:1")));
     }
 }

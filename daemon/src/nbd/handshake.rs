@@ -439,11 +439,19 @@ fn permitted(peer: &Peer, export: &Export) -> bool {
         return true;
     }
     export.metrics.refuse();
-    tracing::warn!(
-        peer = %peer,
-        export = export.name(),
-        "refused: the peer is not in this volume's allow list"
-    );
+    if export.allow.load().is_default() {
+        tracing::warn!(
+            peer = %peer,
+            export = export.name(),
+            "refused: a TCP peer without a verified client certificate, and the volume has no allow list; add allow = [\"ADDRESS/PREFIX\"] (or \"all\") to its [[volume]], or verify client certificates"
+        );
+    } else {
+        tracing::warn!(
+            peer = %peer,
+            export = export.name(),
+            "refused: the peer is not in this volume's allow list"
+        );
+    }
     false
 }
 

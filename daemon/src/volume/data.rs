@@ -683,7 +683,16 @@ impl DataArea {
         F: FnOnce(io::Result<()>) + Send + 'static,
     {
         let len = data.len() as u64;
-        if let Err(e) = self.check_range(offset, len) {
+        // A FUA write vouches for durability like a FLUSH: not after a
+        // failed sync (a remote backend may do FUA itself, unasked).
+        let checked = self.check_range(offset, len).and_then(|()| {
+            if fua {
+                self.backing.check_write_back()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = checked {
             done(Err(e));
             return None;
         }
@@ -751,6 +760,7 @@ impl DataArea {
                 match result {
                     // The inner continuation keeps the volume (and so `fd`) alive.
                     Ok(_) if fua => match self.backing.check_write_back() {
+                        // A sync failed while this write was in flight.
                         Err(e) => done(Err(e)),
                         Ok(()) => ring.fsync(
                             fd,
