@@ -18,6 +18,7 @@ mod pkcs11;
 mod protocol;
 mod reencrypt;
 mod remote;
+mod security;
 mod sparse;
 mod systemd;
 mod temp;

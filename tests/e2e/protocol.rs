@@ -99,7 +99,8 @@ fn tcp_listener_serves_qemu() {
         .unwrap()
         .port();
     let mut fx = Fixture::new();
-    fx.volume("net", "cache", "");
+    // Loopback is not a trust boundary: the address must be allowed.
+    fx.volume("net", "cache", "allow = [\"127.0.0.1\", \"uid:0\"]");
     fx.write_config(&format!("tcp = \"127.0.0.1:{port}\""));
     fx.create("net", "16M", 4096);
     let _d = fx.start();

@@ -1,0 +1,136 @@
+//! What the daemon refuses (issue "Distrust what it reads"): a local user
+//! reaching a volume over loopback TCP, and key material in core dumps.
+//! Each test performs the attack. The remote-backing doors are in
+//! `remote.rs` and `durability.rs`.
+
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use hostcrypt_e2e::tls::free_port;
+use hostcrypt_e2e::*;
+
+/// Loopback is not a trust boundary: `nobody` on the same host connects to
+/// 127.0.0.1 and is refused by a volume that has no allow list, while the
+/// Unix socket (root's) still serves it, and an allow entry naming the
+/// address opens it.
+#[test]
+fn a_local_user_gets_nothing_over_loopback_tcp_without_an_allow_entry() {
+    if !require_root("running a client as nobody") {
+        return;
+    }
+    require_tool("setpriv");
+    let port = free_port();
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config(&format!("tcp = \"127.0.0.1:{port}\""));
+    fx.create("v", "16M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("v"), &["write -P 0x42 0 64k"]);
+    let uri = format!("nbd://127.0.0.1:{port}/v");
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .expect("setpriv")
+    };
+    for attempt in [
+        vec!["nbdinfo", uri.as_str()],
+        vec![
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x42 0 64k",
+            uri.as_str(),
+        ],
+    ] {
+        let out = as_nobody(&attempt);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "nobody read the volume: {text}");
+        assert!(!text.contains("export-size"), "{text}");
+    }
+    wait_until("the refusal is logged", Duration::from_secs(10), || {
+        d.stderr()
+            .contains("a TCP peer without a verified client certificate")
+    });
+    assert_eq!(d.stop(), 0);
+
+    // Named, it is served.
+    fx.remove_volume("v");
+    fx.volume("v", "cache", "allow = [\"127.0.0.1\"]");
+    fx.write_config(&format!("tcp = \"127.0.0.1:{port}\""));
+    let _d = fx.start();
+    let out = as_nobody(&["qemu-io", "-f", "raw", "-c", "read -P 0x42 0 64k", &uri]);
+    assert!(out.status.success(), "{}", output_text(&out));
+}
+
+/// A crash with core dumps enabled leaves no core file (which would hold
+/// the local KEK and every DEK): the daemon makes itself non-dumpable and
+/// its core limit zero before it loads a key.
+#[test]
+fn a_crash_leaves_no_core_file_holding_keys() {
+    let pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap_or_default();
+    let pattern = pattern.trim();
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config("");
+    fx.create("v", "16M", 4096);
+    let cores = fx.path("cores");
+    std::fs::create_dir(&cores).unwrap();
+    let mut command = Command::new(bin("hostcryptd"));
+    command
+        .arg("--config")
+        .arg(&fx.config)
+        .current_dir(&cores)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe and touches only a local.
+    unsafe {
+        command.pre_exec(|| {
+            let unlimited = libc::rlimit {
+                rlim_cur: libc::RLIM_INFINITY,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_CORE, &unlimited) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().expect("spawn hostcryptd");
+    wait_until("the daemon listens", Duration::from_secs(30), || {
+        std::os::unix::net::UnixStream::connect(&fx.socket).is_ok()
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let core_line = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap_or_default()
+        .to_owned();
+    // SAFETY: kill(2) with our own child's pid and a valid signal number.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGABRT);
+    }
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+    assert!(
+        core_line.split_whitespace().filter(|w| *w == "0").count() == 2,
+        "core limit not zero: {core_line}"
+    );
+    // Where the kernel writes cores into the working directory, look.
+    if pattern.starts_with('|') || pattern.starts_with('/') {
+        skip(&format!(
+            "core_pattern {pattern:?} does not write into the working directory"
+        ));
+        return;
+    }
+    let left: Vec<_> = std::fs::read_dir(&cores)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "a core file was written: {left:?}");
+}
