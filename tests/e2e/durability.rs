@@ -247,3 +247,48 @@ fn a_temp_volume_never_wipes_a_remote_cache_volume() {
         "the header was rewritten"
     );
 }
+
+/// A backing truncated or deleted under the daemon is noticed within
+/// seconds: status says why, I/O fails instead of reading holes as data
+/// (or writing into an unlinked file), and `check-key` no longer calls the
+/// volume healthy.
+#[test]
+fn a_backing_truncated_or_deleted_while_served_fails_the_volume() {
+    let mut fx = Fixture::new();
+    fx.volume("cut", "cache", "");
+    fx.volume("gone", "cache", "");
+    fx.write_config(&control_line(&fx));
+    fx.create("cut", "16M", 4096);
+    fx.create("gone", "16M", 4096);
+    let d = fx.start();
+    for v in ["cut", "gone"] {
+        qemu_io(&fx.uri(v), &["write -P 0x5a 0 64k", "flush"]);
+    }
+    std::fs::File::options()
+        .write(true)
+        .open(fx.path("cut.img"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    std::fs::remove_file(fx.path("gone.img")).unwrap();
+    let failed = |name: &str| {
+        fx.status()["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .and_then(|v| v["failed"].as_str().map(str::to_owned))
+    };
+    for (name, why) in [("cut", "shrank"), ("gone", "deleted")] {
+        wait_until(&format!("{name} failed"), Duration::from_secs(20), || {
+            failed(name).is_some()
+        });
+        let reason = failed(name).unwrap();
+        assert!(reason.contains(why), "{reason}");
+        read_fails_with_eio(&fx.uri(name));
+        let out = fx.cli(&["check-key", name]);
+        assert!(!out.status.success(), "{}", output_text(&out));
+        assert!(output_text(&out).contains(why), "{}", output_text(&out));
+    }
+    drop(d);
+}

@@ -246,8 +246,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             failed,
         ));
         let retry = reloader.clone();
+        let checked = registry.clone();
         let monitor =
             service::keys::spawn_monitor(registry.clone(), shutdown.signal(), move || {
+                service::registry::check_backings(&checked);
                 retry.retry_waiting()
             })
             .context("starting the key-check thread")?;

@@ -190,6 +190,10 @@ pub struct VolumeStatus {
     /// FUA fails until the volume is reopened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_back_error: Option<String>,
+    /// Set once the backing was found deleted, replaced or truncated while
+    /// served: I/O is stopped until the volume is reopened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

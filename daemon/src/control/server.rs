@@ -162,12 +162,18 @@ pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
                     continue;
                 }
                 let Some(keys) = &export.keys else { continue };
-                let outcome = keys.check(uid);
+                // A key that unwraps says nothing of a backing that is gone.
+                let outcome = export
+                    .volume
+                    .data
+                    .check_backing()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| keys.check(uid).map_err(|e| e.to_string()));
                 let status = keys.status();
                 results.push(CheckResult {
                     volume: export.name().to_owned(),
                     ok: outcome.is_ok(),
-                    error: outcome.err().map(|e| e.to_string()),
+                    error: outcome.err(),
                     state: status.state,
                     warnings: status.warnings,
                 });
@@ -277,6 +283,7 @@ fn status(state: &ControlState) -> Status {
                 unavailable: None,
                 backing: e.volume.data.backing().remote().map(|r| r.status()),
                 write_back_error: e.volume.data.backing().write_back_error(),
+                failed: e.volume.data.failure().map(str::to_owned),
             })
             .chain(state.registry.unavailable().iter().map(|u| VolumeStatus {
                 name: u.name.clone(),
@@ -295,6 +302,7 @@ fn status(state: &ControlState) -> Status {
                 reencrypt: None,
                 backing: None,
                 write_back_error: None,
+                failed: None,
             }))
             .collect(),
     }

@@ -153,6 +153,15 @@ impl Backing {
         }
     }
 
+    /// See `FileBacking::check_identity`; a remote backing is checked by
+    /// its own connection monitor.
+    pub fn check_identity(&self, needed: u64) -> io::Result<()> {
+        match &self.kind {
+            Kind::File(f) => f.check_identity(needed),
+            Kind::Remote(_) => Ok(()),
+        }
+    }
+
     pub fn size(&self) -> io::Result<u64> {
         match &self.kind {
             Kind::File(f) => f.size(),

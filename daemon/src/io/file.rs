@@ -45,6 +45,8 @@ pub struct FileBacking {
     direct: Option<File>,
     path: PathBuf,
     is_block_device: bool,
+    /// Device and inode of what was opened, to notice a replacement.
+    identity: (u64, u64),
     /// Large buffered writes use RWF_DONTCACHE; cleared for good once
     /// the kernel refuses the flag.
     uncached_large_writes: AtomicBool,
@@ -75,14 +77,46 @@ impl FileBacking {
     }
 
     fn from_file(file: File, path: &Path) -> io::Result<Self> {
-        let is_block_device = file.metadata()?.file_type().is_block_device();
+        use std::os::unix::fs::MetadataExt;
+        let meta = file.metadata()?;
         Ok(FileBacking {
             file,
             direct: None,
             path: path.to_owned(),
-            is_block_device,
+            is_block_device: meta.file_type().is_block_device(),
+            identity: (meta.dev(), meta.ino()),
             uncached_large_writes: AtomicBool::new(false),
         })
+    }
+
+    /// Whether the backing is still what was opened and large enough:
+    /// not deleted (link count), not replaced at its path (device and
+    /// inode), not truncated below `needed` bytes. An error says which.
+    pub fn check_identity(&self, needed: u64) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let gone = |what: String| Err(io::Error::new(io::ErrorKind::NotFound, what));
+        let open = self.file.metadata()?;
+        if !self.is_block_device && open.nlink() == 0 {
+            return gone(format!("{} was deleted while served", self.path.display()));
+        }
+        match std::fs::metadata(&self.path) {
+            Ok(now) if (now.dev(), now.ino()) == self.identity => {}
+            Ok(_) => {
+                return gone(format!(
+                    "{} was replaced by another file while served",
+                    self.path.display()
+                ))
+            }
+            Err(e) => return gone(format!("{} is no longer there ({e})", self.path.display())),
+        }
+        let size = self.size()?;
+        if size < needed {
+            return gone(format!(
+                "{} shrank to {size} bytes while served ({needed} needed)",
+                self.path.display()
+            ));
+        }
+        Ok(())
     }
 
     /// Routes data-area I/O through an O_DIRECT descriptor.

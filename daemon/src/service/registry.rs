@@ -26,6 +26,15 @@ pub struct Served {
 /// goes ahead without them.
 const RETIRE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Checks every served volume's backing is still the one it opened
+/// (deleted, replaced or truncated under the daemon fails the volume);
+/// called every second with the retries of waiting volumes.
+pub fn check_backings(registry: &Registry) {
+    for served in registry.iter() {
+        let _ = served.volume.data.check_backing();
+    }
+}
+
 impl Served {
     /// Starts what runs beside a registered volume: a re-encryption that
     /// was in progress resumes. Called only once the volume is in the

@@ -67,9 +67,16 @@ pub fn backup(backing: &Path, out: &Path) -> Result<Header, BackupError> {
         .mode(0o600)
         .open(out)
         .map_err(file_err)?;
-    file.write_all(MAGIC).map_err(file_err)?;
-    file.write_all(&raw[..]).map_err(file_err)?;
-    file.sync_all().map_err(file_err)?;
+    let written = file
+        .write_all(MAGIC)
+        .and_then(|()| file.write_all(&raw[..]))
+        .and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        // A partial backup is no backup, and would block the retry.
+        drop(file);
+        let _ = std::fs::remove_file(out);
+        return Err(file_err(e));
+    }
     Ok(header)
 }
 

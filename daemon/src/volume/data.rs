@@ -108,6 +108,9 @@ pub struct DataArea {
     /// one blocked (`write_inline`).
     inline_writes_paused_until: AtomicU64,
     clock: Instant,
+    /// Set once the backing is found deleted, replaced or truncated under
+    /// the daemon: every request fails with this from then on.
+    failed: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for DataArea {
@@ -142,6 +145,7 @@ impl DataArea {
             rewriting: RangeLock::new(),
             inline_writes_paused_until: AtomicU64::new(0),
             clock: Instant::now(),
+            failed: std::sync::OnceLock::new(),
         }
     }
 
@@ -400,7 +404,33 @@ impl DataArea {
             .encrypt(high, (start + split as u64) / self.sector);
     }
 
+    /// Checks that the backing is still the one opened (see
+    /// `FileBacking::check_identity`); if not, the volume fails for good:
+    /// every request, flush included, gets the reason.
+    pub fn check_backing(&self) -> io::Result<()> {
+        if let Some(reason) = self.failed.get() {
+            return Err(io::Error::other(reason.clone()));
+        }
+        let needed = self.data_offset.saturating_add(self.size);
+        if let Err(e) = self.backing.check_identity(needed) {
+            let reason = format!("{e}; I/O on this volume is stopped until it is reopened");
+            if self.failed.set(reason.clone()).is_ok() {
+                tracing::error!(backing = %self.backing.path().display(), "{reason}");
+            }
+            return Err(io::Error::other(reason));
+        }
+        Ok(())
+    }
+
+    /// Why the volume failed, if it did (`check_backing`).
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
     pub(super) fn cipher(&self) -> io::Result<Arc<DataKeys>> {
+        if let Some(reason) = self.failed.get() {
+            return Err(io::Error::other(reason.clone()));
+        }
         self.cipher.load_full().ok_or_else(|| {
             io::Error::other("the volume's key is unavailable (key lost); I/O is stopped")
         })
@@ -936,6 +966,9 @@ impl DataArea {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(reason) = self.failed.get() {
+            return Err(io::Error::other(reason.clone()));
+        }
         self.backing.sync()
     }
 }
