@@ -5,7 +5,6 @@
 //! stick. Each test performs the fault the review found.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use hostcrypt_e2e::remote::Backend;
