@@ -234,6 +234,10 @@ impl Backing {
     /// failure (which `write_back_failures` tells it about), and records
     /// its own.
     pub fn sync_rewritten(&self) -> io::Result<()> {
+        // One sync at a time, recorded before the next may start: Linux
+        // tells only one fsync on a descriptor of a write-back error, and
+        // a concurrent one must not return Ok before the failure counts.
+        let _one_at_a_time = self.write_back.serialize();
         let result = match &self.kind {
             Kind::File(f) => f.sync(),
             Kind::Remote(r) => r.sync(),

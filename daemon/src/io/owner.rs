@@ -26,18 +26,26 @@ use std::path::Path;
 /// Opens `path` read-write with an exclusive claim (see the module doc),
 /// creating a regular file first when `create` and it does not exist.
 pub fn open_claimed(path: &Path, create: bool) -> io::Result<File> {
-    let is_block_device = std::fs::metadata(path)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    let mut options = OpenOptions::new();
-    options.read(true).write(true);
-    if is_block_device {
-        options.custom_flags(libc::O_EXCL);
-    } else if create {
-        options.create(true).truncate(false);
+    // O_EXCL always: a block device is claimed by the open itself, and
+    // Linux ignores O_EXCL without O_CREAT on other files, so a path
+    // swapped for a device between a stat and the open is still claimed.
+    let open = |extra: libc::c_int| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_EXCL | extra)
+            .open(path)
+    };
+    let file = match open(0) {
+        Err(e) if create && e.kind() == io::ErrorKind::NotFound => match open(libc::O_CREAT) {
+            // Another creator won the race: open what it made.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(0),
+            other => other,
+        },
+        other => other,
     }
-    let file = options.open(path).map_err(|e| match e.raw_os_error() {
-        Some(libc::EBUSY) if is_block_device => busy(path),
+    .map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => busy(path),
         _ => e,
     })?;
     if !file.metadata()?.file_type().is_block_device() {

@@ -25,19 +25,32 @@ pub struct WriteBack {
     failures: AtomicU64,
     /// The first failure, for status and the errors clients get.
     first: Mutex<Option<String>>,
+    /// Held across a sync and its recording (`serialize`).
+    syncing: Mutex<()>,
 }
 
 impl WriteBack {
-    /// Records a failed sync.
+    /// Held by a sync until its outcome is recorded, so a second sync
+    /// never succeeds while the failure the first saw is not yet counted.
+    pub fn serialize(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.syncing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a failed sync: counted first, logged after.
     pub fn record(&self, error: &io::Error) {
-        let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
-        if first.is_none() {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+        let newly = {
+            let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
+            first
+                .is_none()
+                .then(|| *first = Some(error.to_string()))
+                .is_some()
+        };
+        if newly {
             tracing::error!(
                 "a sync of the backing failed ({error}); writes since the last good sync may be lost, so every later FLUSH and FUA on this volume fails until it is reopened"
             );
-            *first = Some(error.to_string());
         }
-        self.failures.fetch_add(1, Ordering::SeqCst);
     }
 
     /// How many syncs have failed since the backing was opened.

@@ -106,7 +106,13 @@ where
                     Err(_) => break Ok(()),
                 };
                 let mut data = IoBuf::new(len);
-                if let Err(e) = reader.read_exact(&mut data).await {
+                // A client that stalls inside a payload must not hold the
+                // connection open past a shutdown or its volume's removal.
+                let read = tokio::select! {
+                    read = reader.read_exact(&mut data) => read,
+                    _ = shutdown.changed() => break Ok(()),
+                };
+                if let Err(e) = read {
                     tracing::warn!(
                         peer,
                         export = export.name(),

@@ -203,8 +203,10 @@ pub fn create(
     force: bool,
 ) -> Result<Header, VolumeError> {
     geometry.validate()?;
+    // Before the claim: a mounted device refuses O_EXCL, and the operator
+    // should hear where it is mounted, not only that it is busy.
+    refuse_if_mounted(path)?;
     let backing = Backing::open_or_create(path).map_err(io_err(path))?;
-    refuse_if_mounted(path, &backing)?;
     if !force {
         refuse_if_in_use(path, &backing)?;
     }
@@ -259,8 +261,8 @@ fn lay_out(path: &Path, backing: &Backing, header: &mut Header) -> Result<(), Vo
     store::write_header(backing, header).map_err(io_err(path))
 }
 
-fn refuse_if_mounted(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
-    match mount_point(backing).map_err(io_err(path))? {
+fn refuse_if_mounted(path: &Path) -> Result<(), VolumeError> {
+    match mount_point(path).map_err(io_err(path))? {
         Some(at) => Err(VolumeError::Mounted {
             path: path.to_owned(),
             at,
@@ -332,13 +334,17 @@ fn signature(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// Where a block device is mounted (from /proc/self/mountinfo), if it is.
-fn mount_point(backing: &Backing) -> std::io::Result<Option<String>> {
-    use std::os::unix::fs::MetadataExt;
-    if !backing.is_block_device() {
+/// Where a block device is mounted (from /proc/self/mountinfo), if it is;
+/// `None` for anything else, including a path that does not exist yet.
+fn mount_point(path: &Path) -> std::io::Result<Option<String>> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(None);
+    };
+    if !meta.file_type().is_block_device() {
         return Ok(None);
     }
-    let rdev = std::fs::metadata(backing.path())?.rdev();
+    let rdev = meta.rdev();
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
     let wanted = format!("{major}:{minor}");
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
