@@ -828,11 +828,6 @@ impl DataArea {
             fua,
             Box::new(move |result| {
                 area.writers.release(start, end);
-                // A failed FUA write may have failed in the backend's own
-                // flush: what that flush covered may be gone.
-                if let (true, Err(e)) = (fua, &result) {
-                    area.backing.record_sync_failure(e);
-                }
                 done(result)
             }),
         );
