@@ -638,7 +638,7 @@ fn put_buf(shared: &Shared, cookie: u64, buf: crate::io::IoBuf) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use super::super::detached;
+    use super::super::{detached, Outcome};
     use super::*;
 
     /// Cookie 0 reads 1 KiB at 4096, cookie 1 writes.
@@ -685,10 +685,7 @@ mod tests {
     /// Feeds `stream` (structured replies negotiated or not) until it ends
     /// or breaks; returns how it ended (the end of input is an EOF) and
     /// the outcome per cookie.
-    fn feed(
-        structured: bool,
-        stream: &[u8],
-    ) -> (io::Error, BTreeMap<u64, Result<Vec<u8>, Option<i32>>>) {
+    fn feed(structured: bool, stream: &[u8]) -> (io::Error, BTreeMap<u64, Outcome>) {
         let (shared, outcomes) = detached(structured, &REQUESTS, OLD);
         let mut r = stream;
         let end = loop {
@@ -704,7 +701,7 @@ mod tests {
         end.kind() == io::ErrorKind::UnexpectedEof
     }
 
-    fn eio() -> Result<Vec<u8>, Option<i32>> {
+    fn eio() -> Outcome {
         Err(Some(EIO as i32))
     }
 

@@ -599,7 +599,9 @@ impl Shared {
 /// The outcomes of a `detached` client's requests, by cookie: a read's
 /// bytes, or the errno (`None` for an error without one).
 #[cfg(any(test, feature = "fuzzing"))]
-type Outcomes = Arc<Mutex<BTreeMap<u64, Result<Vec<u8>, Option<i32>>>>>;
+type Outcome = Result<Vec<u8>, Option<i32>>;
+#[cfg(any(test, feature = "fuzzing"))]
+type Outcomes = Arc<Mutex<BTreeMap<u64, Outcome>>>;
 
 /// A client with no connection and `requests` (command, offset, length)
 /// in flight as cookies 0, 1, …, whose read buffers hold `fill` bytes
