@@ -285,13 +285,16 @@ fn write_batch(stream: &Stream, live: u64, batch: &[Outgoing]) -> io::Result<()>
 }
 
 /// A slot's thread: reads replies while connected, reconnects when not,
-/// until the client closes.
-pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
+/// until the client closes. `first` is the connection opened already,
+/// with whether it negotiated structured replies.
+pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
     let link = &shared.links[slot];
     let mut stream = first;
     let mut backoff = FIRST_BACKOFF;
     while !shared.closing() {
-        let live = match stream.take() {
+        // Structured replies are per connection: a server may stop offering
+        // them when it comes back.
+        let (live, structured) = match stream.take() {
             Some(s) => s,
             None => match open(&shared.uri, &shared.options) {
                 Ok((s, info)) if same_export(&info, &shared.info) => {
@@ -301,7 +304,7 @@ pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
                     shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(backing = %shared.uri_text(), connection = slot, "reconnected to the remote backing");
                     shared.redispatch(None);
-                    s
+                    (s, info.structured)
                 }
                 outcome => {
                     let why = match outcome {
@@ -324,7 +327,7 @@ pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
             },
         };
         backoff = FIRST_BACKOFF;
-        let err = read_replies(shared, &live);
+        let err = read_replies(shared, &live, structured);
         // Shut down first: that unblocks a writer stuck on this socket,
         // which holds the lock `clear` takes.
         live.shutdown();
@@ -363,10 +366,10 @@ fn protocol(what: impl Into<String>) -> io::Error {
 }
 
 /// Reads replies until the connection fails; returns why it did.
-fn read_replies(shared: &Shared, stream: &Stream) -> io::Error {
+fn read_replies(shared: &Shared, stream: &Stream, structured: bool) -> io::Error {
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     loop {
-        if let Err(e) = read_reply(shared, &mut r) {
+        if let Err(e) = read_reply(shared, &mut r, structured) {
             return e;
         }
     }
@@ -377,8 +380,9 @@ fn read_replies(shared: &Shared, stream: &Stream) -> io::Error {
 /// stream: the connection is dropped and its requests re-sent. A reply
 /// that is well framed but does not fit its request (a chunk outside it
 /// or overlapping another, a read left incomplete) fails only that
-/// request, with EIO.
-pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
+/// request, with EIO. `structured`: whether this connection negotiated
+/// structured replies.
+pub(super) fn read_reply(shared: &Shared, r: &mut impl Read, structured: bool) -> io::Result<()> {
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic)?;
     match u32::from_be_bytes(magic) {
@@ -407,7 +411,7 @@ pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
             }
             shared.complete(cookie, error);
         }
-        STRUCTURED_REPLY_MAGIC if !shared.info.structured => {
+        STRUCTURED_REPLY_MAGIC if !structured => {
             return Err(protocol(
                 "a structured reply on a connection that did not negotiate them",
             ));
@@ -689,7 +693,7 @@ mod tests {
         let (shared, outcomes) = detached(structured, &REQUESTS, OLD);
         let mut r = stream;
         let end = loop {
-            if let Err(e) = read_reply(&shared, &mut r) {
+            if let Err(e) = read_reply(&shared, &mut r, structured) {
                 break e;
             }
         };

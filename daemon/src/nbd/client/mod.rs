@@ -194,9 +194,13 @@ impl NbdClient {
         } else {
             1
         };
-        let mut streams = vec![Some(first)];
+        let mut streams = vec![Some((first, info.structured))];
         for _ in 1..wanted {
-            streams.push(link::open(&uri, &options).ok().map(|(s, _)| s));
+            streams.push(
+                link::open(&uri, &options)
+                    .ok()
+                    .map(|(s, info)| (s, info.structured)),
+            );
         }
         let shared = Arc::new(Shared {
             uri,
@@ -213,7 +217,7 @@ impl NbdClient {
         });
         for (slot, stream) in streams.into_iter().enumerate() {
             let shared = shared.clone();
-            if let Some(stream) = &stream {
+            if let Some((stream, _)) = &stream {
                 shared.links[slot].install(&shared, slot, stream);
             }
             std::thread::Builder::new()
@@ -711,7 +715,7 @@ pub(crate) fn fuzz(data: &[u8]) {
     let run = |fill: u8| {
         let (shared, outcomes) = detached(mode & 2 != 0, &requests, fill);
         let mut stream = rest;
-        while link::read_reply(&shared, &mut stream).is_ok() {}
+        while link::read_reply(&shared, &mut stream, mode & 2 != 0).is_ok() {}
         let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|p| p.into_inner()));
         for (cookie, outcome) in &outcomes {
             let (command, _, length) = requests[*cookie as usize];
@@ -734,4 +738,21 @@ fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<NbdClient>();
     is::<Stream>();
+}
+
+/// The committed fuzz seeds through the fuzz entry point and its oracle
+/// (`cargo test --features fuzzing`), for machines without cargo-fuzz.
+#[cfg(all(test, feature = "fuzzing"))]
+mod fuzz_seeds {
+    #[test]
+    fn client_seeds_pass_the_oracle() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/client");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("fuzz/seeds/client") {
+            let path = entry.expect("a seed").path();
+            super::fuzz(&std::fs::read(&path).expect("read a seed"));
+            seen += 1;
+        }
+        assert!(seen > 0);
+    }
 }
