@@ -326,8 +326,14 @@ pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
                 }
             },
         };
-        backoff = FIRST_BACKOFF;
         let err = read_replies(shared, &live, structured);
+        // A server that breaks the protocol whenever it is asked something
+        // would otherwise be reconnected to in a tight loop: a protocol
+        // error backs off as a failed connect does.
+        let broken = err.kind() == io::ErrorKind::InvalidData;
+        if !broken {
+            backoff = FIRST_BACKOFF;
+        }
         // Shut down first: that unblocks a writer stuck on this socket,
         // which holds the lock `clear` takes.
         live.shutdown();
@@ -346,6 +352,10 @@ pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
             tracing::warn!(backing = %shared.uri_text(), connection = slot, "lost the remote backing: {err}; reconnecting");
         }
         shared.redispatch(Some(slot));
+        if broken {
+            wait(shared, backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 
