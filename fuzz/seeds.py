@@ -154,3 +154,13 @@ write("client", "structured-all", b"\x03"
       + chunk(1, 1, 0, struct.pack(">Q", 0) + b"\x22" * 512)
       + chunk(1, 0x8001, 2, struct.pack(">IH", 5, 4) + b"oops")
       + simple(3))
+# Replies that leave a read unwritten or write it twice: each read must
+# fail, never return its buffer's old contents (the target's oracle).
+write("client", "structured-incomplete", b"\x03"
+      + chunk(1, 0, 0, b"")
+      + chunk(0, 1, 1, struct.pack(">Q", 4096) + b"\x11" * 4096)
+      + chunk(1, 2, 1, struct.pack(">QI", 16384, 4096)))
+write("client", "structured-overlap", b"\x03"
+      + chunk(0, 1, 0, struct.pack(">Q", 0) + b"\x22" * 300)
+      + chunk(1, 1, 0, struct.pack(">Q", 200) + b"\x33" * 312)
+      + simple(2))

@@ -502,3 +502,150 @@ fn backend_down_at_start_is_retried_until_the_volume_opens() {
     });
     qemu_io(&fx.uri("r"), &["read -P 0x7e 0 1M"]);
 }
+
+/// `python_nbd`'s prelude, for scripts whose failure is inspected here.
+const NBD_PRELUDE: &str = "import errno, sys, nbd\n\
+def errno_of(e):\n    \
+return e.errno if isinstance(e.errno, int) else getattr(errno, str(e.errno), None)\n";
+
+/// The status of volume `name`'s remote backing.
+fn backing_status(fx: &Fixture, name: &str) -> serde_json::Value {
+    fx.status()["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name))
+        .map(|v| v["backing"].clone())
+        .unwrap_or_else(|| panic!("volume {name} in status"))
+}
+
+/// A backend that answers reads wrongly (`py/hostile_nbd.py`) sits behind
+/// cache volume `m`, beside local cache volume `b` holding a marker that
+/// has just passed through the daemon's pooled buffers. Writes to `m`
+/// that need read-modify-write (partial sectors, and sectors smaller than
+/// the backend's 64 KiB block) must fail with EIO whatever the server
+/// answers, and nothing the server receives may contain `b`'s plaintext.
+#[test]
+fn hostile_backend_never_receives_another_volumes_plaintext() {
+    let mut fx = Fixture::new();
+    // Local reads on the thread pool use pooled buffers (the ring engine
+    // may use its own arena instead), which is what could leak.
+    fx.set_io_engine("threads");
+    let mode = fx.path("hostile.mode");
+    let record = fx.path("hostile.writes");
+    let backend = Backend::hostile(&fx, "be", 80 << 20, &mode, &record);
+    fx.volume("b", "cache", "");
+    fx.volume_at(
+        "m",
+        "cache",
+        Path::new(&backend.uri()),
+        "backing_timeout = \"2s\"",
+    );
+    fx.write_config(&format!(
+        "control = \"{}\"",
+        fx.path("control.sock").display()
+    ));
+    fx.create("b", "16M", 4096);
+    fx.create("m", "64M", 4096);
+    let d = fx.start();
+    assert_eq!(backing_status(&fx, "m")["min_block"], 65536);
+    // Sectors of `m` that hold data, so a read-modify-write has something
+    // to keep.
+    qemu_io(&fx.uri("m"), &["write -P 0x5c 0 1M"]);
+    let marker = b"TENANT-B-SECRET-";
+    let spread = r"
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+secret = b'TENANT-B-SECRET-' * 65536
+if len(sys.argv) < 3:
+    h.pwrite(secret, 0)
+    h.flush()
+# Reads of every size a remote read-modify-write uses, so the pool's
+# buffers of those sizes hold the plaintext when they are lent again.
+for size in (4096, 65536, 131072, 1 << 20):
+    for at in range(0, 1 << 20, size):
+        assert h.pread(size, at) == secret[at:at + size]
+print('OK')
+";
+    python_nbd(spread, &fx.uri("b"));
+    let expect_eio = r"
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+tries = [
+    ('partial-sector write', lambda: h.pwrite(b'\x11' * 512, 4096 + 100)),
+    ('whole-sector write', lambda: h.pwrite(b'\x22' * 4096, 8192)),
+    ('read', lambda: h.pread(4096, 0)),
+]
+for what, op in tries:
+    try:
+        op()
+    except nbd.Error as e:
+        assert errno_of(e) == errno.EIO, (what, e)
+        continue
+    raise SystemExit(what + ' succeeded')
+print('OK')
+";
+    for how in [
+        "none-done",
+        "short",
+        "overlap",
+        "out-of-range",
+        "unnegotiated",
+        "wrong-cookie",
+    ] {
+        // The pool holds `b`'s plaintext again before each misbehaviour.
+        let out = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(format!(
+                "import sys, nbd\nsys.argv.append('read-only')\n{spread}"
+            ))
+            .arg(fx.uri("b"))
+            .output()
+            .expect("python3");
+        assert!(output_text(&out).contains("OK"), "{}", output_text(&out));
+        std::fs::write(&mode, how).expect("set the backend's mode");
+        let out = Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(format!("{NBD_PRELUDE}{expect_eio}"))
+            .arg(fx.uri("m"))
+            .output()
+            .expect("python3");
+        let log = d.stderr();
+        assert!(
+            output_text(&out).contains("OK"),
+            "{how}: {}\n{}\n{}",
+            output_text(&out),
+            &log[log.len().saturating_sub(20_000)..],
+            backend.log()
+        );
+        std::fs::write(&mode, "good").expect("set the backend's mode");
+        wait_until(
+            &format!("the backing to be up after {how}"),
+            Duration::from_secs(20),
+            || backing_status(&fx, "m")["state"] == "up",
+        );
+        // Nothing was written, and the volume works again.
+        qemu_io(
+            &fx.uri("m"),
+            &[
+                "read -P 0x5c 0 1M",
+                "write -P 0x33 2M 4096",
+                "read -P 0x33 2M 4096",
+            ],
+        );
+    }
+    let b = backing_status(&fx, "m");
+    assert!(b["errors"].as_u64().unwrap_or(0) >= 4, "{b}");
+    let received = std::fs::read(&record).expect("the backend's record");
+    assert!(!received.is_empty());
+    let leaked = received.windows(marker.len()).any(|w| w == marker);
+    assert!(!leaked, "the hostile backend received volume b's plaintext");
+    let log = d.stderr();
+    for why in [
+        "before filling the read",
+        "reply chunks overlap",
+        "lies outside its request",
+        "a structured reply on a connection that did not negotiate them",
+        "a reply chunk for unknown request",
+    ] {
+        assert!(log.contains(why), "{why}:\n{log}");
+    }
+}

@@ -1,5 +1,6 @@
 //! Real NBD servers as remote backings: nbdkit (with its filters) and
-//! qemu-nbd on a Unix socket (or TCP for TLS), killed on drop.
+//! qemu-nbd on a Unix socket (or TCP for TLS), and a deliberately hostile
+//! one (`py/hostile_nbd.py`), killed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,6 +52,26 @@ impl Backend {
         ];
         Self::start(
             "qemu-nbd",
+            args,
+            socket,
+            fx.path(&format!("{name}.nbd.log")),
+        )
+    }
+
+    /// `tests/py/hostile_nbd.py`: an export of `size` bytes whose read
+    /// replies misbehave as the file `mode` says (read at every request),
+    /// with every written payload appended to `record`.
+    pub fn hostile(fx: &Fixture, name: &str, size: u64, mode: &Path, record: &Path) -> Backend {
+        let socket = fx.path(&format!("{name}.nbd.sock"));
+        let args = vec![
+            concat!(env!("CARGO_MANIFEST_DIR"), "/py/hostile_nbd.py").to_string(),
+            socket.display().to_string(),
+            size.to_string(),
+            mode.display().to_string(),
+            record.display().to_string(),
+        ];
+        Self::start(
+            "/usr/bin/python3",
             args,
             socket,
             fx.path(&format!("{name}.nbd.log")),

@@ -10,6 +10,15 @@
 //!
 //! An `IoBuf` may instead be a slot of a ring's registered arena
 //! (`fixed.rs`); it behaves the same and returns to that arena on drop.
+//!
+//! The rule for pooled buffers: a buffer's old contents may be another
+//! volume's plaintext, so a buffer never reaches a client, a backend or
+//! the cipher before it has been fully written. Whoever fills one answers
+//! for every byte: a local read fills the whole length (zeros past the end
+//! of a file) or fails; a remote read is handed over only when the server's reply covered all of
+//! it (`nbd/client/coverage.rs`; a failed one has its unwritten bytes
+//! zeroed). `new` does not zero (that cost is on the hot path); use
+//! `zeroed` where nothing else will write the whole buffer.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,7 +44,7 @@ pub(super) struct Page(pub(super) [u8; PAGE]);
 
 /// A byte buffer of a requested length, returned to the pool on drop.
 /// Its contents on arrival are whatever the last user left: callers
-/// overwrite before they read.
+/// overwrite all of it before anything reads it (see the module doc).
 pub struct IoBuf {
     /// Invariant: `len` never exceeds the storage's capacity.
     storage: Storage,

@@ -191,7 +191,7 @@ impl RemoteBacking {
                 piece as u32,
                 payload(at, piece),
                 Box::new(move |r| {
-                    let _ = tx.send((at, r));
+                    let _ = tx.send((at, piece, r));
                 }),
             );
             count += 1;
@@ -201,8 +201,19 @@ impl RemoteBacking {
         let mut first_error = None;
         for _ in 0..count {
             match rx.recv() {
-                Ok((at, Ok(buf))) => each(at, buf),
-                Ok((_, Err(e))) => {
+                // The client hands over only whole reads; checked again
+                // because a short one would leave part of the caller's
+                // (pooled) buffer unwritten.
+                Ok((_, piece, Ok(buf)))
+                    if command == Command::Read && buf.len() as u64 != piece =>
+                {
+                    first_error.get_or_insert(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the remote backing returned a short read",
+                    ));
+                }
+                Ok((at, _, Ok(buf))) => each(at, buf),
+                Ok((_, _, Err(e))) => {
                     first_error.get_or_insert(e);
                 }
                 Err(_) => return Err(io::Error::other("the NBD client closed")),

@@ -285,13 +285,16 @@ fn write_batch(stream: &Stream, live: u64, batch: &[Outgoing]) -> io::Result<()>
 }
 
 /// A slot's thread: reads replies while connected, reconnects when not,
-/// until the client closes.
-pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
+/// until the client closes. `first` is the connection opened already,
+/// with whether it negotiated structured replies.
+pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
     let link = &shared.links[slot];
     let mut stream = first;
     let mut backoff = FIRST_BACKOFF;
     while !shared.closing() {
-        let live = match stream.take() {
+        // Structured replies are per connection: a server may stop offering
+        // them when it comes back.
+        let (live, structured) = match stream.take() {
             Some(s) => s,
             None => match open(&shared.uri, &shared.options) {
                 Ok((s, info)) if same_export(&info, &shared.info) => {
@@ -301,7 +304,7 @@ pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
                     shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(backing = %shared.uri_text(), connection = slot, "reconnected to the remote backing");
                     shared.redispatch(None);
-                    s
+                    (s, info.structured)
                 }
                 outcome => {
                     let why = match outcome {
@@ -323,8 +326,14 @@ pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
                 }
             },
         };
-        backoff = FIRST_BACKOFF;
-        let err = read_replies(shared, &live);
+        let err = read_replies(shared, &live, structured);
+        // A server that breaks the protocol whenever it is asked something
+        // would otherwise be reconnected to in a tight loop: a protocol
+        // error backs off as a failed connect does.
+        let broken = err.kind() == io::ErrorKind::InvalidData;
+        if !broken {
+            backoff = FIRST_BACKOFF;
+        }
         // Shut down first: that unblocks a writer stuck on this socket,
         // which holds the lock `clear` takes.
         live.shutdown();
@@ -343,6 +352,10 @@ pub fn run(shared: &Shared, slot: usize, first: Option<Stream>) {
             tracing::warn!(backing = %shared.uri_text(), connection = slot, "lost the remote backing: {err}; reconnecting");
         }
         shared.redispatch(Some(slot));
+        if broken {
+            wait(shared, backoff);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 
@@ -363,16 +376,23 @@ fn protocol(what: impl Into<String>) -> io::Error {
 }
 
 /// Reads replies until the connection fails; returns why it did.
-fn read_replies(shared: &Shared, stream: &Stream) -> io::Error {
+fn read_replies(shared: &Shared, stream: &Stream, structured: bool) -> io::Error {
     let mut r = BufReader::with_capacity(64 * 1024, stream);
     loop {
-        if let Err(e) = read_reply(shared, &mut r) {
+        if let Err(e) = read_reply(shared, &mut r, structured) {
             return e;
         }
     }
 }
 
-pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
+/// Reads one reply (a simple reply, or one chunk of a structured one)
+/// and applies it. An error return is a protocol error or a broken
+/// stream: the connection is dropped and its requests re-sent. A reply
+/// that is well framed but does not fit its request (a chunk outside it
+/// or overlapping another, a read left incomplete) fails only that
+/// request, with EIO. `structured`: whether this connection negotiated
+/// structured replies.
+pub(super) fn read_reply(shared: &Shared, r: &mut impl Read, structured: bool) -> io::Result<()> {
     let mut magic = [0u8; 4];
     r.read_exact(&mut magic)?;
     match u32::from_be_bytes(magic) {
@@ -391,12 +411,20 @@ pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
             };
             if kind == Command::Read && error == 0 {
                 let mut buf = buf.ok_or_else(|| protocol("a read reply with no read buffer"))?;
+                // The buffer is exactly the request's length: the payload
+                // fills all of it or the stream breaks.
                 r.read_exact(&mut buf)?;
                 if let Some(p) = shared.lock().pending.get_mut(&cookie) {
+                    p.covered.fill(p.length);
                     p.buf = Some(buf);
                 }
             }
             shared.complete(cookie, error);
+        }
+        STRUCTURED_REPLY_MAGIC if !structured => {
+            return Err(protocol(
+                "a structured reply on a connection that did not negotiate them",
+            ));
         }
         STRUCTURED_REPLY_MAGIC => {
             let mut h = [0u8; 16];
@@ -405,15 +433,10 @@ pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
             let kind = be16(&h[2..4]);
             let cookie = be64(&h[4..12]);
             let length = be32(&h[12..16]);
-            read_chunk(shared, r, kind, cookie, length)?;
-            if flags & REPLY_FLAG_DONE != 0 {
-                let error = shared
-                    .lock()
-                    .pending
-                    .get(&cookie)
-                    .and_then(|p| p.error)
-                    .unwrap_or(0);
-                shared.complete(cookie, error);
+            let done = flags & REPLY_FLAG_DONE != 0;
+            read_chunk(shared, r, done, kind, cookie, length)?;
+            if done {
+                shared.complete(cookie, 0);
             }
         }
         other => return Err(protocol(format!("bad reply magic {other:#x}"))),
@@ -423,50 +446,67 @@ pub(super) fn read_reply(shared: &Shared, r: &mut impl Read) -> io::Result<()> {
 
 const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
+/// What precedes the data in an OFFSET_DATA chunk: its offset.
+const DATA_HEADER: u32 = 8;
+/// An OFFSET_HOLE chunk: offset and length, nothing else.
+const HOLE_LEN: u32 = 12;
 
 fn read_chunk(
     shared: &Shared,
     r: &mut impl Read,
+    done: bool,
     kind: u16,
     cookie: u64,
     length: u32,
 ) -> io::Result<()> {
-    // Where the request's read buffer begins and how long it is.
-    let (start, len) = {
+    let (command, request_len) = {
         let state = shared.lock();
         let p = state
             .pending
             .get(&cookie)
             .ok_or_else(|| protocol(format!("a reply chunk for unknown request {cookie}")))?;
-        (p.offset, u64::from(p.length))
+        (p.command, p.length)
     };
-    // A server's offsets are untrusted: overflow is "outside" too.
-    let place = |offset: u64, n: u64| -> io::Result<usize> {
-        match offset.checked_add(n) {
-            Some(end) if offset >= start && end <= start + len => Ok((offset - start) as usize),
-            _ => Err(protocol("a reply chunk outside its request")),
-        }
-    };
+    let is_read = command == Command::Read;
+    if matches!(kind, REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE) && !is_read {
+        return Err(protocol("read data for a request that is not a read"));
+    }
     match kind {
-        REPLY_TYPE_NONE if length == 0 => Ok(()),
-        REPLY_TYPE_OFFSET_DATA if length >= 8 => {
+        REPLY_TYPE_NONE if length == 0 && done => Ok(()),
+        REPLY_TYPE_NONE if length <= MAX_CHUNK_META => {
+            skip(r, length)?;
+            fail_request(
+                shared,
+                cookie,
+                "a NONE chunk that is not an empty last chunk",
+            );
+            Ok(())
+        }
+        // The one length a server chooses freely: bounded by the request
+        // before a byte of it is read.
+        REPLY_TYPE_OFFSET_DATA if length > request_len.saturating_add(DATA_HEADER) => {
+            Err(protocol(format!(
+                "a data chunk of {length} bytes for a read of {request_len}"
+            )))
+        }
+        REPLY_TYPE_OFFSET_DATA if length < DATA_HEADER => {
+            skip(r, length)?;
+            fail_request(shared, cookie, "a data chunk too short for its offset");
+            Ok(())
+        }
+        REPLY_TYPE_OFFSET_DATA => {
             let mut o = [0u8; 8];
             r.read_exact(&mut o)?;
-            let n = u64::from(length - 8);
-            let at = place(be64(&o), n)?;
-            let mut buf = take_buf(shared, cookie)?;
-            let read = r.read_exact(&mut buf[at..at + n as usize]);
-            put_buf(shared, cookie, buf);
-            read
+            fill(shared, r, cookie, be64(&o), length - DATA_HEADER, true)
         }
-        REPLY_TYPE_OFFSET_HOLE if length == 12 => {
+        REPLY_TYPE_OFFSET_HOLE if length == HOLE_LEN => {
             let mut h = [0u8; 12];
             r.read_exact(&mut h)?;
-            let n = u64::from(be32(&h[8..]));
-            let at = place(be64(&h[..8]), n)?;
-            let mut buf = take_buf(shared, cookie)?;
-            buf[at..at + n as usize].fill(0);
-            put_buf(shared, cookie, buf);
+            fill(shared, r, cookie, be64(&h[..8]), be32(&h[8..]), false)
+        }
+        REPLY_TYPE_OFFSET_HOLE if length <= MAX_CHUNK_META => {
+            skip(r, length)?;
+            fail_request(shared, cookie, "a hole chunk of the wrong length");
             Ok(())
         }
         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET if (6..=MAX_CHUNK_META).contains(&length) => {
@@ -486,7 +526,7 @@ fn read_chunk(
         other if length <= MAX_CHUNK_META => {
             // Unknown chunk types are skipped; an unknown error type still
             // fails the request.
-            io::copy(&mut r.by_ref().take(u64::from(length)), &mut io::sink())?;
+            skip(r, length)?;
             if other & (1 << 15) != 0 {
                 if let Some(p) = shared.lock().pending.get_mut(&cookie) {
                     p.error = Some(EIO);
@@ -500,17 +540,351 @@ fn read_chunk(
     }
 }
 
-fn take_buf(shared: &Shared, cookie: u64) -> io::Result<crate::io::IoBuf> {
+/// Discards `n` bytes the caller has bounded (no allocation).
+fn skip(r: &mut impl Read, n: u32) -> io::Result<()> {
+    let skipped = io::copy(&mut r.by_ref().take(u64::from(n)), &mut io::sink())?;
+    if skipped < u64::from(n) {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// Writes a chunk's `n` bytes at absolute `offset` into `cookie`'s read
+/// buffer: the next `n` bytes of `r` for data, zeros for a hole. A chunk
+/// that does not fit (outside the request, over bytes already written,
+/// too scattered, or the buffer in use elsewhere) fails the request and
+/// its data is skipped. Coverage is recorded only once the bytes are in
+/// the buffer, so a read cut short never counts as written.
+fn fill(
+    shared: &Shared,
+    r: &mut impl Read,
+    cookie: u64,
+    offset: u64,
+    n: u32,
+    data: bool,
+) -> io::Result<()> {
+    let skip_data = |r: &mut _| if data { skip(r, n) } else { Ok(()) };
+    // Taken out first: while the buffer is out, no other chunk can write
+    // it or be recorded over it.
+    let Some(mut buf) = take_buf(shared, cookie) else {
+        fail_request(
+            shared,
+            cookie,
+            "read data for a read whose buffer is in use",
+        );
+        return skip_data(r);
+    };
+    let located = {
+        let state = shared.lock();
+        state
+            .pending
+            .get(&cookie)
+            .map(|p| p.covered.locate(p.offset, p.length, offset, u64::from(n)))
+    };
+    let (start, end) = match located {
+        Some(Ok(range)) => range,
+        Some(Err(e)) => {
+            put_buf(shared, cookie, buf);
+            fail_request(shared, cookie, &e.to_string());
+            return skip_data(r);
+        }
+        None => return skip_data(r),
+    };
+    let written = match buf.get_mut(start..end) {
+        Some(dest) if data => r.read_exact(dest),
+        Some(dest) => {
+            dest.fill(0);
+            Ok(())
+        }
+        None => Err(protocol("a read buffer shorter than its request")),
+    };
+    let recorded = {
+        let mut state = shared.lock();
+        let Some(p) = state.pending.get_mut(&cookie) else {
+            return written;
+        };
+        p.buf = Some(buf);
+        // A read cut short breaks the connection (and re-sends the
+        // request); should it be finished from elsewhere, it fails.
+        let recorded = match &written {
+            Ok(()) => p.covered.add(start, end).map_err(Some),
+            Err(_) => Err(None),
+        };
+        if recorded.is_err() {
+            p.error = Some(EIO);
+        }
+        recorded
+    };
+    if let Err(Some(e)) = recorded {
+        tracing::warn!(backing = %shared.uri_text(), "{e}; failing the read with EIO");
+    }
+    written
+}
+
+/// Fails `cookie` with EIO when its reply ends, for a chunk that is well
+/// framed but wrong.
+fn fail_request(shared: &Shared, cookie: u64, why: &str) {
+    tracing::warn!(backing = %shared.uri_text(), "{why}; failing the request with EIO");
+    if let Some(p) = shared.lock().pending.get_mut(&cookie) {
+        p.error = Some(EIO);
+    }
+}
+
+fn take_buf(shared: &Shared, cookie: u64) -> Option<crate::io::IoBuf> {
     shared
         .lock()
         .pending
         .get_mut(&cookie)
         .and_then(|p| p.buf.take())
-        .ok_or_else(|| protocol("read data for a request that is not a read"))
 }
 
 fn put_buf(shared: &Shared, cookie: u64, buf: crate::io::IoBuf) {
     if let Some(p) = shared.lock().pending.get_mut(&cookie) {
         p.buf = Some(buf);
+    }
+}
+
+/// Crafted reply streams against requests in flight: a reply that does
+/// not fill a read fails that read (never returns the buffer's old
+/// contents), and only unframeable or unexpected replies break the
+/// connection.
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::super::{detached, Outcome};
+    use super::*;
+
+    /// Cookie 0 reads 1 KiB at 4096, cookie 1 writes.
+    const REQUESTS: [(Command, u64, u32); 2] =
+        [(Command::Read, 4096, 1024), (Command::Write, 0, 512)];
+    /// The read buffer's old contents (another volume's plaintext).
+    const OLD: u8 = 0xa5;
+
+    fn simple(error: u32, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&error.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn chunk(done: bool, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        let flags = if done { REPLY_FLAG_DONE } else { 0 };
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn data(done: bool, cookie: u64, offset: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut payload = offset.to_be_bytes().to_vec();
+        payload.extend_from_slice(bytes);
+        chunk(done, REPLY_TYPE_OFFSET_DATA, cookie, &payload)
+    }
+
+    fn hole(done: bool, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut payload = offset.to_be_bytes().to_vec();
+        payload.extend_from_slice(&len.to_be_bytes());
+        chunk(done, REPLY_TYPE_OFFSET_HOLE, cookie, &payload)
+    }
+
+    fn none_done(cookie: u64) -> Vec<u8> {
+        chunk(true, REPLY_TYPE_NONE, cookie, &[])
+    }
+
+    /// Feeds `stream` (structured replies negotiated or not) until it ends
+    /// or breaks; returns how it ended (the end of input is an EOF) and
+    /// the outcome per cookie.
+    fn feed(structured: bool, stream: &[u8]) -> (io::Error, BTreeMap<u64, Outcome>) {
+        let (shared, outcomes) = detached(structured, &REQUESTS, OLD);
+        let mut r = stream;
+        let end = loop {
+            if let Err(e) = read_reply(&shared, &mut r, structured) {
+                break e;
+            }
+        };
+        let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
+        (end, outcomes)
+    }
+
+    fn framed(end: &io::Error) -> bool {
+        end.kind() == io::ErrorKind::UnexpectedEof
+    }
+
+    fn eio() -> Outcome {
+        Err(Some(EIO as i32))
+    }
+
+    /// The write's simple reply after `stream`: still parsed means the
+    /// stream stayed framed and the connection up.
+    fn then_write_reply(mut stream: Vec<u8>) -> Vec<u8> {
+        stream.extend(simple(0, 1, &[]));
+        stream
+    }
+
+    #[test]
+    fn none_and_done_for_a_read_is_eio() {
+        let (end, out) = feed(true, &then_write_reply(none_done(0)));
+        assert!(framed(&end), "{end}");
+        assert_eq!(out[&0], eio());
+        assert_eq!(out[&1], Ok(vec![]));
+    }
+
+    #[test]
+    fn short_coverage_is_eio() {
+        let mut s = data(false, 0, 4096, &[1; 512]);
+        s.extend(hole(false, 0, 4096 + 512, 500));
+        s.extend(none_done(0));
+        let (end, out) = feed(true, &then_write_reply(s));
+        assert!(framed(&end), "{end}");
+        assert_eq!(out[&0], eio());
+        assert_eq!(out[&1], Ok(vec![]));
+        // The same, ended by the last data chunk.
+        let (_, out) = feed(true, &data(true, 0, 4096 + 24, &[1; 1000]));
+        assert_eq!(out[&0], eio());
+    }
+
+    #[test]
+    fn overlapping_chunks_are_eio() {
+        let mut s = data(false, 0, 4096, &[1; 600]);
+        s.extend(data(true, 0, 4096 + 500, &[2; 524]));
+        let (end, out) = feed(true, &then_write_reply(s));
+        assert!(framed(&end), "{end}");
+        assert_eq!(out[&0], eio());
+        // A hole over data, and data over a hole.
+        let mut s = data(false, 0, 4096, &[1; 1024]);
+        s.extend(hole(true, 0, 4096 + 1000, 24));
+        assert_eq!(feed(true, &s).1[&0], eio());
+        let mut s = hole(false, 0, 4096, 1024);
+        s.extend(data(true, 0, 4096, &[1; 1]));
+        assert_eq!(feed(true, &s).1[&0], eio());
+    }
+
+    #[test]
+    fn chunks_outside_the_request_are_eio() {
+        for s in [
+            // Before, straddling the end, far past it, wrapping around.
+            data(true, 0, 0, &[1; 1024]),
+            data(true, 0, 4096 + 1, &[1; 1024]),
+            hole(true, 0, 1 << 40, 1024),
+            hole(true, 0, u64::MAX - 10, 1024),
+            hole(true, 0, 4096, u32::MAX),
+        ] {
+            let (end, out) = feed(true, &then_write_reply(s));
+            assert!(framed(&end), "{end}");
+            assert_eq!(out[&0], eio());
+            assert_eq!(out[&1], Ok(vec![]));
+        }
+    }
+
+    #[test]
+    fn a_data_chunk_longer_than_the_request_is_a_protocol_error() {
+        // Its length is all the framing there is: nothing to skip safely,
+        // and nothing is allocated from it.
+        let mut s = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        s.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+        s.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+        s.extend_from_slice(&0u64.to_be_bytes());
+        s.extend_from_slice(&(1024u32 + 9).to_be_bytes());
+        let (end, out) = feed(true, &s);
+        assert_eq!(end.kind(), io::ErrorKind::InvalidData, "{end}");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn malformed_but_framed_chunks_are_eio() {
+        for s in [
+            // A NONE chunk with a payload; data too short for its offset;
+            // a hole chunk of the wrong size; empty data and hole.
+            chunk(true, REPLY_TYPE_NONE, 0, &[0; 4]),
+            chunk(true, REPLY_TYPE_OFFSET_DATA, 0, &[0; 4]),
+            chunk(true, REPLY_TYPE_OFFSET_HOLE, 0, &[0; 16]),
+            data(true, 0, 4096, &[]),
+            hole(true, 0, 4096, 0),
+        ] {
+            let (end, out) = feed(true, &then_write_reply(s));
+            assert!(framed(&end), "{end}");
+            assert_eq!(out[&0], eio());
+            assert_eq!(out[&1], Ok(vec![]));
+        }
+    }
+
+    #[test]
+    fn structured_replies_not_negotiated_are_a_protocol_error() {
+        let (end, out) = feed(false, &data(true, 0, 4096, &[1; 1024]));
+        assert_eq!(end.kind(), io::ErrorKind::InvalidData, "{end}");
+        assert!(out.is_empty());
+        // Simple replies are what such a connection gets.
+        let (end, out) = feed(false, &simple(0, 0, &[7; 1024]));
+        assert!(framed(&end), "{end}");
+        assert_eq!(out[&0], Ok(vec![7; 1024]));
+    }
+
+    #[test]
+    fn an_unknown_cookie_is_a_protocol_error() {
+        for s in [
+            simple(0, 99, &[]),
+            none_done(99),
+            data(true, 99, 4096, &[1; 1024]),
+        ] {
+            let (end, out) = feed(true, &s);
+            assert_eq!(end.kind(), io::ErrorKind::InvalidData, "{end}");
+            assert!(out.is_empty());
+        }
+    }
+
+    #[test]
+    fn read_data_for_a_write_is_a_protocol_error() {
+        for s in [data(true, 1, 0, &[1; 512]), hole(true, 1, 0, 512)] {
+            let (end, _) = feed(true, &s);
+            assert_eq!(end.kind(), io::ErrorKind::InvalidData, "{end}");
+        }
+    }
+
+    #[test]
+    fn data_and_holes_in_any_order_give_the_exact_bytes() {
+        let bytes: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8 + 1).collect();
+        let mut want = vec![0u8; 1024];
+        want[100..400].copy_from_slice(&bytes);
+        want[900..].fill(9);
+        // Interleaved with the write's reply, out of order, DONE on NONE.
+        let mut s = hole(false, 0, 4096 + 400, 500);
+        s.extend(simple(0, 1, &[]));
+        s.extend(data(false, 0, 4096 + 900, &[9; 124]));
+        s.extend(data(false, 0, 4096 + 100, &bytes));
+        s.extend(hole(false, 0, 4096, 100));
+        s.extend(none_done(0));
+        let (end, out) = feed(true, &s);
+        assert!(framed(&end), "{end}");
+        assert_eq!(out[&0], Ok(want.clone()));
+        assert_eq!(out[&1], Ok(vec![]));
+        // DONE on the last data chunk.
+        let mut s = data(false, 0, 4096, &want[..512]);
+        s.extend(data(true, 0, 4096 + 512, &want[512..]));
+        assert_eq!(feed(true, &s).1[&0], Ok(want));
+        // A whole hole reads as zeros, not as the buffer's old contents.
+        assert_eq!(
+            feed(true, &hole(true, 0, 4096, 1024)).1[&0],
+            Ok(vec![0; 1024])
+        );
+    }
+
+    #[test]
+    fn error_chunks_fail_the_request_with_their_code() {
+        let mut payload = 28u32.to_be_bytes().to_vec(); // ENOSPC
+        payload.extend_from_slice(&2u16.to_be_bytes());
+        payload.extend_from_slice(b"no");
+        let mut s = data(false, 0, 4096, &[1; 1024]);
+        s.extend(chunk(false, REPLY_TYPE_ERROR, 0, &payload));
+        s.extend(none_done(0));
+        let (end, out) = feed(true, &then_write_reply(s));
+        assert!(framed(&end), "{end}");
+        assert_eq!(out[&0], Err(Some(28)));
+        // A simple error reply too.
+        assert_eq!(feed(true, &simple(5, 0, &[])).1[&0], eio());
     }
 }

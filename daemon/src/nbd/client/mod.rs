@@ -21,6 +21,7 @@
 //! out-of-order completion (the `nbd` crate speaks EXPORT_NAME only).
 //! Block-size alignment and splitting are the caller's (`io/remote.rs`).
 
+mod coverage;
 mod link;
 pub mod negotiate;
 mod tls;
@@ -84,8 +85,12 @@ struct Pending {
     since: Instant,
     /// `None` once the watchdog failed it: its reply, if any, is dropped.
     done: Option<Done>,
-    /// An error chunk of a structured reply, reported at the last chunk.
+    /// An error chunk of a structured reply, or a chunk that did not fit
+    /// the request, reported at the last chunk.
     error: Option<u32>,
+    /// The bytes of `buf` the reply has written so far; a read succeeds
+    /// only once they are all of it (the buffer is pooled memory).
+    covered: coverage::Coverage,
 }
 
 #[derive(Default)]
@@ -189,9 +194,13 @@ impl NbdClient {
         } else {
             1
         };
-        let mut streams = vec![Some(first)];
+        let mut streams = vec![Some((first, info.structured))];
         for _ in 1..wanted {
-            streams.push(link::open(&uri, &options).ok().map(|(s, _)| s));
+            streams.push(
+                link::open(&uri, &options)
+                    .ok()
+                    .map(|(s, info)| (s, info.structured)),
+            );
         }
         let shared = Arc::new(Shared {
             uri,
@@ -208,7 +217,7 @@ impl NbdClient {
         });
         for (slot, stream) in streams.into_iter().enumerate() {
             let shared = shared.clone();
-            if let Some(stream) = &stream {
+            if let Some((stream, _)) = &stream {
                 shared.links[slot].install(&shared, slot, stream);
             }
             std::thread::Builder::new()
@@ -257,6 +266,7 @@ impl NbdClient {
             since: Instant::now(),
             done: Some(done),
             error: None,
+            covered: coverage::Coverage::default(),
         };
         self.shared.dispatch_new(pending);
     }
@@ -394,6 +404,10 @@ impl Shared {
             if p.command == Command::Read && p.buf.is_none() {
                 p.buf = Some(IoBuf::new(p.length as usize));
             }
+            // A re-send starts over: what a lost connection's reply wrote
+            // or reported does not count towards this one.
+            p.covered.clear();
+            p.error = None;
             (request_header(p, cookie), p.payload.clone())
         };
         self.links[target.0].send(target.1, header, payload);
@@ -435,12 +449,37 @@ impl Shared {
         }
     }
 
-    /// Finishes `cookie` with the server's error code (0 = success).
+    /// Finishes `cookie` with the server's error code (0 = success), or
+    /// the error a chunk recorded. A read succeeds only with its whole
+    /// buffer written by the reply: this is where the pooled-buffer rule
+    /// (`io/buffers.rs`) is enforced for remote reads.
     fn complete(&self, cookie: u64, error: u32) {
-        let Some(p) = self.lock().pending.remove(&cookie) else {
+        let Some(mut p) = self.lock().pending.remove(&cookie) else {
             return;
         };
+        let mut error = if error != 0 {
+            error
+        } else {
+            p.error.unwrap_or(0)
+        };
+        if error == 0 && p.command == Command::Read {
+            let whole = p.buf.as_ref().is_some_and(|b| b.len() == p.length as usize);
+            if !whole || !p.covered.is_complete(p.length) {
+                tracing::warn!(
+                    backing = %self.uri_text(),
+                    "the remote backing ended a reply before filling the read ({} bytes at {}); failing it with EIO",
+                    p.length,
+                    p.offset
+                );
+                error = EIO;
+            }
+        }
         if error != 0 {
+            // Defence in depth: the buffer returns to the pool holding
+            // only the server's bytes and zeros.
+            if let Some(buf) = p.buf.as_mut() {
+                p.covered.zero_gaps(buf);
+            }
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             let err = io::Error::from_raw_os_error(error as i32);
             return fail(p, err);
@@ -561,12 +600,89 @@ impl Shared {
     }
 }
 
+/// The outcomes of a `detached` client's requests, by cookie: a read's
+/// bytes, or the errno (`None` for an error without one).
+#[cfg(any(test, feature = "fuzzing"))]
+type Outcome = Result<Vec<u8>, Option<i32>>;
+#[cfg(any(test, feature = "fuzzing"))]
+type Outcomes = Arc<Mutex<BTreeMap<u64, Outcome>>>;
+
+/// A client with no connection and `requests` (command, offset, length)
+/// in flight as cookies 0, 1, …, whose read buffers hold `fill` bytes
+/// (standing in for a pooled buffer's old contents). For feeding it a
+/// server's replies with `link::read_reply` (fuzzing and tests).
+#[cfg(any(test, feature = "fuzzing"))]
+fn detached(structured: bool, requests: &[(Command, u64, u32)], fill: u8) -> (Shared, Outcomes) {
+    let shared = Shared {
+        uri: NbdUri::parse("nbd+unix:///?socket=/nonexistent")
+            .unwrap_or_else(|e| panic!("a fixed URI: {e}")),
+        options: RemoteOptions::default(),
+        info: ExportInfo {
+            size: 1 << 20,
+            flags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH,
+            min_block: 1,
+            preferred_block: 4096,
+            max_block: 1 << 20,
+            structured,
+        },
+        state: Mutex::new(State {
+            up: vec![Some(1)],
+            ..State::default()
+        }),
+        changed: Condvar::new(),
+        links: vec![Link::default()],
+        closing: AtomicBool::new(false),
+        counters: Counters::default(),
+    };
+    let outcomes = Outcomes::default();
+    {
+        let mut state = shared.lock();
+        for (cookie, &(command, offset, length)) in requests.iter().enumerate() {
+            let cookie = cookie as u64;
+            let seen = outcomes.clone();
+            let done: Done = Box::new(move |r| {
+                let r = r.map(|b| b.to_vec()).map_err(|e| e.raw_os_error());
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(cookie, r);
+            });
+            let buf = (command == Command::Read).then(|| {
+                let mut b = IoBuf::new(length as usize);
+                b.fill(fill);
+                b
+            });
+            state.pending.insert(
+                cookie,
+                Pending {
+                    command,
+                    flags: 0,
+                    offset,
+                    length,
+                    payload: None,
+                    buf,
+                    sent_on: Some((0, 1)),
+                    since: Instant::now(),
+                    done: Some(done),
+                    error: None,
+                    covered: coverage::Coverage::default(),
+                },
+            );
+        }
+    }
+    (shared, outcomes)
+}
+
 /// Fuzzing (`fuzz/fuzz_targets/client.rs`): what a server sends, fed to
 /// the client. The first byte's low bit picks the phase: 0 = the
 /// handshake (greeting and option replies) for `negotiate`; 1 = replies
 /// to four requests in flight (reads of 512 bytes at 0 and 64 KiB at
 /// 4096, a write, a flush), read until the stream fails; bit 1 says
 /// structured replies were negotiated.
+///
+/// The oracle: the replies are fed twice, to read buffers holding
+/// different old contents. A read that succeeds must return exactly its
+/// length, and the same bytes both times: every byte of it came from the
+/// server (data, or zeros for a hole), none from the buffer's past.
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz(data: &[u8]) {
     struct Peer<'a>(&'a [u8]);
@@ -590,57 +706,31 @@ pub(crate) fn fuzz(data: &[u8]) {
         let _ = negotiate::negotiate(&mut Peer(rest), "fuzz");
         return;
     }
-    let Ok(uri) = NbdUri::parse("nbd+unix:///?socket=/nonexistent") else {
-        return;
-    };
-    let shared = Shared {
-        uri,
-        options: RemoteOptions::default(),
-        info: ExportInfo {
-            size: 1 << 20,
-            flags: TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH,
-            min_block: 1,
-            preferred_block: 4096,
-            max_block: 1 << 20,
-            structured: mode & 2 != 0,
-        },
-        state: Mutex::new(State {
-            up: vec![Some(1)],
-            ..State::default()
-        }),
-        changed: Condvar::new(),
-        links: vec![Link::default()],
-        closing: AtomicBool::new(false),
-        counters: Counters::default(),
-    };
-    {
-        let mut state = shared.lock();
-        let requests = [
-            (Command::Read, 0u64, 512u32),
-            (Command::Read, 4096, 65536),
-            (Command::Write, 0, 4096),
-            (Command::Flush, 0, 0),
-        ];
-        for (cookie, (command, offset, length)) in requests.into_iter().enumerate() {
-            state.pending.insert(
-                cookie as u64,
-                Pending {
-                    command,
-                    flags: 0,
-                    offset,
-                    length,
-                    payload: None,
-                    buf: (command == Command::Read).then(|| IoBuf::new(length as usize)),
-                    sent_on: Some((0, 1)),
-                    since: Instant::now(),
-                    done: Some(Box::new(|_| {})),
-                    error: None,
-                },
-            );
+    let requests = [
+        (Command::Read, 0u64, 512u32),
+        (Command::Read, 4096, 65536),
+        (Command::Write, 0, 4096),
+        (Command::Flush, 0, 0),
+    ];
+    let run = |fill: u8| {
+        let (shared, outcomes) = detached(mode & 2 != 0, &requests, fill);
+        let mut stream = rest;
+        while link::read_reply(&shared, &mut stream, mode & 2 != 0).is_ok() {}
+        let outcomes = std::mem::take(&mut *outcomes.lock().unwrap_or_else(|p| p.into_inner()));
+        for (cookie, outcome) in &outcomes {
+            let (command, _, length) = requests[*cookie as usize];
+            if let (Command::Read, Ok(bytes)) = (command, outcome) {
+                assert_eq!(bytes.len(), length as usize, "a read of the wrong length");
+            }
         }
-    }
-    let mut stream = rest;
-    while link::read_reply(&shared, &mut stream).is_ok() {}
+        outcomes
+    };
+    let first = run(0xa5);
+    let second = run(0x5a);
+    assert_eq!(
+        first, second,
+        "a read's outcome depends on its buffer's old contents"
+    );
 }
 
 #[allow(dead_code)]
@@ -648,4 +738,21 @@ fn _assert_send_sync() {
     fn is<T: Send + Sync>() {}
     is::<NbdClient>();
     is::<Stream>();
+}
+
+/// The committed fuzz seeds through the fuzz entry point and its oracle
+/// (`cargo test --features fuzzing`), for machines without cargo-fuzz.
+#[cfg(all(test, feature = "fuzzing"))]
+mod fuzz_seeds {
+    #[test]
+    fn client_seeds_pass_the_oracle() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/client");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir).expect("fuzz/seeds/client") {
+            let path = entry.expect("a seed").path();
+            super::fuzz(&std::fs::read(&path).expect("read a seed"));
+            seen += 1;
+        }
+        assert!(seen > 0);
+    }
 }
