@@ -144,29 +144,7 @@ fn a_served_backing_refuses_every_other_writer() {
 fn a_failed_flush_sticks_until_the_volume_is_reopened() {
     let mut fx = Fixture::new();
     let trigger = fx.path("fail-flushes");
-    // nbdkit's error filter cannot fail flushes (1.32): a shell plugin
-    // over a file whose FLUSH fails while the trigger file exists.
-    let image = fx.path("be.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(80 << 20)
-        .unwrap();
-    let (image, trigger_arg) = (image.display().to_string(), trigger.display().to_string());
-    let backend = Backend::nbdkit(
-        &fx,
-        "be",
-        &[
-            "eval",
-            "get_size=echo 83886080",
-            "can_write=exit 0",
-            "can_flush=exit 0",
-            &format!(
-                "pread=dd if={image} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"
-            ),
-            &format!("pwrite=dd of={image} seek=$4 conv=notrunc oflag=seek_bytes status=none"),
-            &format!("flush=if [ -e {trigger_arg} ]; then echo 'EIO flush failed' >&2; exit 1; fi"),
-        ],
-    );
+    let backend = flaky_backend(&fx, &trigger, "flush");
     fx.volume_at("r", "cache", Path::new(&backend.uri()), "");
     fx.write_config(&control_line(&fx));
     fx.create("r", "64M", 4096);
@@ -290,4 +268,95 @@ fn a_backing_truncated_or_deleted_while_served_fails_the_volume() {
         assert!(output_text(&out).contains(why), "{}", output_text(&out));
     }
     drop(d);
+}
+
+/// An NBD backend over a sparse file whose `fails` ("flush", or "backup"
+/// for writes of the backup header copy at 256 KiB) fail with EIO while
+/// `trigger` exists. nbdkit's error filter cannot fail flushes (1.32), so
+/// it is nbdkit's eval plugin with dd.
+fn flaky_backend(fx: &Fixture, trigger: &Path, fails: &str) -> Backend {
+    let image = fx.path("be.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(80 << 20)
+        .unwrap();
+    let (image, trigger) = (image.display().to_string(), trigger.display().to_string());
+    let fail = format!("if [ -e {trigger} ]; then echo 'EIO injected' >&2; exit 1; fi");
+    let write = format!("dd of={image} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    let (pwrite, flush) = match fails {
+        "flush" => (write, fail),
+        "backup" => (
+            format!("[ $4 -eq 262144 ] && {{ {fail}; }}; {write}"),
+            "true".into(),
+        ),
+        other => panic!("flaky_backend: {other}?"),
+    };
+    Backend::nbdkit(
+        fx,
+        "be",
+        &[
+            "eval",
+            "get_size=echo 83886080",
+            "can_write=exit 0",
+            "can_flush=exit 0",
+            &format!(
+                "pread=dd if={image} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"
+            ),
+            &format!("pwrite={pwrite}"),
+            &format!("flush={flush}"),
+        ],
+    )
+}
+
+/// A rekey whose backup header copy cannot be written has still taken
+/// effect once the primary copy is durable (every open reads the primary):
+/// it is reported and audited as done, `status` shows the new KEK, and
+/// the stale backup copy is repaired at the next open. It used to exit 1
+/// with the old KEK in `status`, and come back on the new KEK after a
+/// restart.
+#[test]
+fn a_rekey_whose_backup_copy_fails_is_reported_as_done() {
+    let mut fx = Fixture::new();
+    fx.add_local_kek("second");
+    let trigger = fx.path("fail-backup-copy");
+    let backend = flaky_backend(&fx, &trigger, "backup");
+    let uri = backend.uri();
+    fx.volume_at("r", "cache", Path::new(&uri), "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("r", "64M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("r"), &["write -P 0x5a 0 1M", "flush"]);
+    std::fs::write(&trigger, b"").unwrap();
+    let out = fx.cli(&["rekey", "r", "--kek", "second"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let kek_name = |fx: &Fixture| {
+        fx.status()["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "r")
+            .unwrap()["key"]["kek_name"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(kek_name(&fx), "second");
+    let audit = std::fs::read_to_string(fx.audit_log()).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"rekey\"") && l.contains("\"ok\"")),
+        "{audit}"
+    );
+    assert!(d.stderr().contains("the backup copy could not be written"));
+    std::fs::remove_file(&trigger).unwrap();
+    assert_eq!(d.stop(), 0);
+    let _d = fx.start();
+    assert_eq!(kek_name(&fx), "second");
+    qemu_io(&fx.uri("r"), &["read -P 0x5a 0 1M"]);
+    let copies = inspect_json(Path::new(&uri))["header_copies"].clone();
+    assert_eq!(
+        copies["primary"], copies["backup"],
+        "the backup copy was not repaired: {copies}"
+    );
 }

@@ -134,3 +134,31 @@ fn a_crash_leaves_no_core_file_holding_keys() {
         .collect();
     assert!(left.is_empty(), "a core file was written: {left:?}");
 }
+
+/// Every number in a control request is bounded: a re-encryption rate the
+/// pacing cannot turn into a duration (1e-20 MB/s, NaN) is refused with a
+/// message, instead of panicking the worker and leaving the job "running"
+/// for ever.
+#[test]
+fn an_absurd_reencryption_rate_is_refused() {
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("v", "16M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("v"), &["write -P 0x5a 0 4M"]);
+    for rate in ["1e-20", "NaN", "inf"] {
+        let out = fx.cli(&["reencrypt", "v", "--rate", rate]);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "--rate {rate} accepted: {text}");
+        assert!(text.contains("MB/s"), "--rate {rate}: {text}");
+    }
+    let status = fx.cli(&["reencrypt", "v", "--status"]);
+    assert!(
+        !output_text(&status).contains("running"),
+        "{}",
+        output_text(&status)
+    );
+    qemu_io(&fx.uri("v"), &["read -P 0x5a 0 4M"]);
+    assert!(!d.stderr().contains("panicked"), "{}", d.stderr());
+}

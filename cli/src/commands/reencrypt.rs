@@ -17,6 +17,11 @@ pub fn reencrypt(
     follow: bool,
     json: bool,
 ) -> anyhow::Result<()> {
+    // JSON has no NaN or infinity (they would arrive as "no rate"); the
+    // daemon checks the range of finite ones.
+    if let Some(rate) = rate_mbps.filter(|r| !r.is_finite()) {
+        anyhow::bail!("--rate {rate}: give 0 (unlimited) or a rate in MB/s");
+    }
     let request = |action| Request::Reencrypt {
         volume: volume.clone(),
         action,

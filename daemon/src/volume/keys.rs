@@ -726,17 +726,31 @@ impl VolumeKeys {
     }
 
     /// Writes `header` through the two-copy protocol and makes it current.
+    /// Once the primary copy is durable the change has taken effect (every
+    /// later open reads it), so it is reported as done, never as failed: a
+    /// backup copy that could not be written is logged, and repaired at the
+    /// next header write or open, which rewrite a stale copy.
     pub(super) fn write_header(
         &self,
         cur: &mut Current,
         mut header: Header,
     ) -> Result<(), KeyOpError> {
-        store::write_header(self.data.backing(), &mut header).map_err(|source| {
-            KeyOpError::Header {
-                path: self.path.clone(),
-                source,
+        match store::write_header_copies(self.data.backing(), &mut header) {
+            Ok(()) => {}
+            Err(e) if e.primary_durable => {
+                tracing::warn!(
+                    volume = %self.name,
+                    "header change is durable in the primary copy, but the backup copy could not be written ({}); it is repaired at the next header write or open",
+                    e.source
+                );
             }
-        })?;
+            Err(e) => {
+                return Err(KeyOpError::Header {
+                    path: self.path.clone(),
+                    source: e.source,
+                })
+            }
+        }
         cur.header = header;
         Ok(())
     }

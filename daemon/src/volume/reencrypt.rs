@@ -103,6 +103,10 @@ impl Controls {
     }
 }
 
+/// The re-encryption rates an operator may set, in MB/s (0: unlimited).
+pub const MIN_RATE_MBPS: f64 = 0.1;
+pub const MAX_RATE_MBPS: f64 = 1_000_000.0;
+
 impl VolumeKeys {
     /// Handles one operator request; every action is safe to repeat.
     pub fn reencrypt(
@@ -111,6 +115,15 @@ impl VolumeKeys {
         rate_mbps: Option<f64>,
         uid: Option<u32>,
     ) -> Result<ReencryptStatus, KeyOpError> {
+        // Checked before anything starts: a rate the pacing cannot turn
+        // into a duration (NaN, 1e-20) used to panic the worker.
+        if let Some(rate) = rate_mbps {
+            if !(rate == 0.0 || (MIN_RATE_MBPS..=MAX_RATE_MBPS).contains(&rate)) {
+                return Err(KeyOpError::Refused(format!(
+                    "--rate {rate}: give 0 (unlimited) or {MIN_RATE_MBPS} to {MAX_RATE_MBPS} MB/s"
+                )));
+            }
+        }
         match action {
             ReencryptAction::Status => {}
             ReencryptAction::Pause => {
@@ -294,7 +307,16 @@ impl VolumeKeys {
         let keys = self.clone();
         match std::thread::Builder::new()
             .name(format!("reencrypt-{}", self.name))
-            .spawn(move || keys.walk())
+            .spawn(move || {
+                // A worker that dies reports "failed", never "running" for
+                // ever; the header's checkpoint and journal stay valid.
+                let walked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| keys.walk()));
+                if walked.is_err() {
+                    tracing::error!(volume = %keys.name, "the re-encryption worker died; the re-encryption stops as failed and resumes at the next start");
+                    keys.reencryption.lock().error =
+                        Some("the re-encryption worker died (see the daemon log)".into());
+                }
+            })
         {
             Ok(worker) => state.worker = Some(worker),
             Err(e) => state.error = Some(format!("cannot start the worker thread: {e}")),
@@ -456,7 +478,16 @@ impl VolumeKeys {
             return Err(std::io::Error::other("no re-encryption in progress"));
         };
         let done = header.advance_reencrypt(next);
-        store::write_header(self.data.backing(), &mut header)?;
+        // A durable primary copy is the commit (see `VolumeKeys::write_header`).
+        match store::write_header_copies(self.data.backing(), &mut header) {
+            Ok(()) => {}
+            Err(e) if e.primary_durable => tracing::warn!(
+                volume = %self.name,
+                "re-encryption checkpoint is durable in the primary header copy, but the backup copy could not be written ({}); it is repaired at the next header write or open",
+                e.source
+            ),
+            Err(e) => return Err(e.source),
+        }
         cur.header = header;
         self.data.advance_checkpoint(next);
         if done {

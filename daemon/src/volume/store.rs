@@ -95,12 +95,39 @@ impl HeaderCopies {
 /// Writes `header` with its sequence number bumped, primary then backup,
 /// syncing after each, so a crash leaves one valid copy.
 pub fn write_header(backing: &Backing, header: &mut Header) -> io::Result<()> {
+    write_header_copies(backing, header).map_err(|e| e.source)
+}
+
+/// A header write that failed, and whether the primary copy was already
+/// durable when it did. A durable primary is the newest valid copy, so it
+/// is what every later open reads: the change has taken effect, and only
+/// the backup copy is stale (repaired at the next open, or the next write).
+#[derive(Debug)]
+pub struct HeaderWriteError {
+    pub primary_durable: bool,
+    pub source: io::Error,
+}
+
+/// `write_header`, telling a failure before the primary copy was durable
+/// (nothing changed) from one after (the change took effect).
+pub fn write_header_copies(backing: &Backing, header: &mut Header) -> Result<(), HeaderWriteError> {
+    let failed = |primary_durable| {
+        move |source| HeaderWriteError {
+            primary_durable,
+            source,
+        }
+    };
     header.sequence += 1;
     let raw = header
         .encode()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-    backing.write_durably(|| backing.write_at(&raw[..], PRIMARY_AT))?;
-    backing.write_durably(|| backing.write_at(&raw[..], BACKUP_AT))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        .map_err(failed(false))?;
+    backing
+        .write_durably(|| backing.write_at(&raw[..], PRIMARY_AT))
+        .map_err(failed(false))?;
+    backing
+        .write_durably(|| backing.write_at(&raw[..], BACKUP_AT))
+        .map_err(failed(true))
 }
 
 #[cfg(test)]
