@@ -162,3 +162,68 @@ fn an_absurd_reencryption_rate_is_refused() {
     qemu_io(&fx.uri("v"), &["read -P 0x5a 0 4M"]);
     assert!(!d.stderr().contains("panicked"), "{}", d.stderr());
 }
+
+/// `control_read_group` may read and nothing else: a member (by a
+/// supplementary group, which the daemon reads with SO_PEERGROUPS rather
+/// than from /proc after accept) gets `status` and `check-key`, and is
+/// refused `reload`, `rotate-kek` and starting a re-encryption; a user in
+/// neither group gets nothing.
+#[test]
+fn the_read_only_control_role_reads_and_changes_nothing() {
+    require_tool("setpriv");
+    if !require_root("running clients as other users") {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.volume("c", "cache", "");
+    fx.write_config(&format!(
+        "{}\ncontrol_read_group = \"65534\"",
+        fx.control_and_audit()
+    ));
+    fx.create("c", "16M", 4096);
+    let d = fx.start();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&fx.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cli = fx.path("hostcrypt");
+    std::fs::copy(bin("hostcrypt"), &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // uid 65534 whose primary group is 1 and supplementary group 65534.
+    let run = |ids: &[&str], args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(ids)
+            .arg(&cli)
+            .arg("--config")
+            .arg(&fx.config)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), output_text(&out))
+    };
+    let reader = ["--reuid=65534", "--regid=1", "--groups=65534"];
+    for args in [
+        &["status"][..],
+        &["check-key", "c"],
+        &["reencrypt", "c", "--status"],
+    ] {
+        let (code, text) = run(&reader, args);
+        assert_eq!(code, Some(0), "{args:?}: {text}");
+    }
+    for args in [&["reload"][..], &["rotate-kek", "c"], &["reencrypt", "c"]] {
+        let (code, text) = run(&reader, args);
+        assert_ne!(code, Some(0), "{args:?} allowed: {text}");
+        assert!(
+            text.contains("control_read_group may only read"),
+            "{args:?}: {text}"
+        );
+    }
+    let stranger = ["--reuid=65534", "--regid=1", "--clear-groups"];
+    let (code, text) = run(&stranger, &["status"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("permission denied"), "{text}");
+    assert!(!d.stderr().contains("panicked"));
+    // Nothing changed: no re-encryption, no rotation in the audit log.
+    let audit = std::fs::read_to_string(fx.audit_log()).unwrap_or_default();
+    assert!(!audit.contains("\"reencrypt\""), "{audit}");
+    assert!(!audit.contains("\"rotate\""), "{audit}");
+}

@@ -186,13 +186,20 @@ fn run(args: Args) -> anyhow::Result<()> {
             ),
             None => None,
         };
+        let read_gid = match &config.server.control_read_group {
+            Some(g) => Some(
+                control::server::resolve_group(g)
+                    .with_context(|| format!("control_read_group {g:?}"))?,
+            ),
+            None => None,
+        };
         let control_socket = match (activated.control.take(), &config.server.control) {
             (Some((socket, path)), _) => {
                 socket.set_nonblocking(true)?;
                 Some((tokio::net::UnixListener::from_std(socket)?, path, false))
             }
             (None, Some(path)) => Some((
-                control::server::bind(path, gid)
+                control::server::bind(path, gid, read_gid.is_some())
                     .with_context(|| format!("control socket {}", path.display()))?,
                 path.clone(),
                 true,
@@ -262,6 +269,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     registry: registry.clone(),
                     reloader: reloader.clone(),
                     allowed_gid: gid,
+                    read_gid,
                     gate: gate.clone(),
                     listeners: listener_status,
                 });

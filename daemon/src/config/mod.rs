@@ -74,6 +74,11 @@ pub struct ServerConfig {
     pub control: Option<PathBuf>,
     /// Group (name or gid) whose members may use the control socket besides root.
     pub control_group: Option<String>,
+    /// Group (name or gid) whose members may only read over the control
+    /// socket: `status`, `volumes`, `check-key`. The socket is then mode
+    /// 0666 and the daemon's own check (SO_PEERCRED, SO_PEERGROUPS) is
+    /// the boundary.
+    pub control_read_group: Option<String>,
     /// Address of the Prometheus/OpenMetrics endpoint, e.g. `127.0.0.1:9310`.
     pub metrics: Option<std::net::SocketAddr>,
     /// TLS on the TCP listener: `off`, `on` (optional) or `require`.
@@ -149,6 +154,7 @@ impl Default for ServerConfig {
             audit_log: None,
             control: None,
             control_group: None,
+            control_read_group: None,
             metrics: None,
             tls: Default::default(),
             tls_certificates: None,

@@ -45,6 +45,23 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// What `control_read_group` may ask: nothing that changes a key, a
+    /// volume or the config.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Status
+                | Request::CheckKey { .. }
+                | Request::Reencrypt {
+                    action: ReencryptAction::Status,
+                    rate_mbps: None,
+                    ..
+                }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Response {
     pub ok: bool,

@@ -34,13 +34,16 @@ pub struct ControlState {
     /// Config reloads, and the KEK providers configured now.
     pub reloader: Arc<Reloader>,
     pub allowed_gid: Option<u32>,
+    /// `control_read_group`: may only read (`Request::is_read_only`).
+    pub read_gid: Option<u32>,
     pub gate: Arc<crate::nbd::gate::Gate>,
     pub listeners: Vec<super::protocol::ListenerStatus>,
 }
 
 /// Binds the control socket, replacing a stale one, mode 0600 (0660 and
-/// group-owned when `group` is set).
-pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
+/// group-owned when `group` is set; 0666 with `open_to_readers`, when the
+/// daemon's peer check alone decides).
+pub fn bind(path: &Path, group: Option<u32>, open_to_readers: bool) -> io::Result<UnixListener> {
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(io::Error::new(
@@ -54,8 +57,12 @@ pub fn bind(path: &Path, group: Option<u32>) -> io::Result<UnixListener> {
         std::fs::create_dir_all(parent)?;
     }
     let listener = UnixListener::bind(path)?;
-    let mode = if let Some(gid) = group {
+    if let Some(gid) = group {
         std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
+    let mode = if open_to_readers {
+        0o666
+    } else if group.is_some() {
         0o660
     } else {
         0o600
@@ -97,11 +104,10 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
         }
     };
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
-    let allowed = uid == 0
-        || uid == daemon_euid()
-        || state
-            .allowed_gid
-            .is_some_and(|gid| cred.gid() == gid || in_group(pid, gid));
+    let groups = crate::nbd::peer::peer_groups(std::os::unix::io::AsRawFd::as_raw_fd(&stream));
+    let member = |gid: Option<u32>| gid.is_some_and(|g| cred.gid() == g || groups.contains(&g));
+    let allowed = uid == 0 || uid == daemon_euid() || member(state.allowed_gid);
+    let reader_only = !allowed && member(state.read_gid);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     // The request is read before anything is answered, refusals included:
@@ -113,7 +119,7 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
         Err(_) => Response::error("no complete request line within 10 s"),
         Ok(Ok(0)) => return,
         Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
-        Ok(Ok(_)) if !allowed => {
+        Ok(Ok(_)) if !allowed && !reader_only => {
             tracing::warn!(
                 uid,
                 pid,
@@ -124,6 +130,12 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
             )
         }
         Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) if reader_only && !request.is_read_only() => {
+                tracing::warn!(uid, pid, request = ?request, "control: refused a change from a member of control_read_group");
+                Response::error(
+                    "permission denied: control_read_group may only read (status, volumes, check-key); changes need root or control_group",
+                )
+            }
             Ok(request) => {
                 tracing::info!(uid, pid, request = ?request, "control request");
                 let state = state.clone();
@@ -143,11 +155,6 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
 fn daemon_euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
-}
-
-/// Whether process `pid` has `gid` among its supplementary groups.
-fn in_group(pid: i32, gid: u32) -> bool {
-    crate::nbd::peer::supplementary_groups(pid).contains(&gid)
 }
 
 /// Runs one request (blocking: providers may talk to remote servers).

@@ -44,12 +44,13 @@ impl Peer {
     /// Identifies a Unix-socket client by its credentials; `None` when the
     /// kernel will not say (then no uid/gid rule can match it).
     pub fn unix(stream: &tokio::net::UnixStream) -> Self {
+        use std::os::unix::io::AsRawFd;
         let transport = match stream.peer_cred() {
             Ok(cred) => Transport::Unix {
                 uid: cred.uid(),
                 gid: cred.gid(),
                 pid: cred.pid(),
-                groups: cred.pid().map(supplementary_groups).unwrap_or_default(),
+                groups: peer_groups(stream.as_raw_fd()),
             },
             // An impossible uid: matches no rule and counts as one peer.
             Err(_) => Transport::Unix {
@@ -95,20 +96,39 @@ impl fmt::Display for Peer {
     }
 }
 
-/// The `Groups:` line of /proc/PID/status (empty when the process is gone).
-pub fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The supplementary groups of the process that connected to `socket`,
+/// as the kernel recorded them at connect time (`SO_PEERGROUPS`, Linux
+/// 4.13). Reading /proc/PID/status after accept instead races PID reuse:
+/// the peer may exit and another process take its PID. Empty when the
+/// kernel will not say.
+pub fn peer_groups(socket: std::os::unix::io::RawFd) -> Vec<u32> {
+    // NGROUPS_MAX is 65536; start small, grow once to what the kernel says.
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    for _ in 0..2 {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`,
+        // which has that many, and stores the size it needs in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket,
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count.min(groups.len()));
+            return groups;
+        }
+        let erange = std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE);
+        if !erange || count > 65536 || count <= groups.len() {
+            return Vec::new();
+        }
+        groups.resize(count, 0);
+    }
+    Vec::new()
 }
 
 /// Cuts a client-supplied string for a log line or an error message: at
