@@ -128,7 +128,10 @@ fn a_served_backing_refuses_every_other_writer() {
     let code = second.wait(Duration::from_secs(30));
     assert_ne!(code, 0, "a second daemon started:\n{}", second.stderr());
     let log = second.stderr();
-    assert!(log.contains("claimed by another opener"), "{log}");
+    assert!(
+        log.contains("another hostcryptd serves this config"),
+        "{log}"
+    );
     qemu_io(&fx.uri("v"), &["read -P 0x5a 0 1M"]);
     qemu_io(&fx.uri("t"), &["read -P 0x6b 0 1M"]);
     assert_eq!(d.stop(), 0);

@@ -227,3 +227,64 @@ fn the_read_only_control_role_reads_and_changes_nothing() {
     assert!(!audit.contains("\"reencrypt\""), "{audit}");
     assert!(!audit.contains("\"rotate\""), "{audit}");
 }
+
+/// A remote backend that accepts and then says nothing (or trickles its
+/// handshake) does not hold up the daemon: the listeners bind and the
+/// local volume serves at once, while `status` shows the remote volume
+/// as connecting. It used to leave the daemon without a socket for as
+/// long as the backend stalled.
+#[test]
+fn a_silent_remote_backend_does_not_hold_up_the_start() {
+    let mut fx = Fixture::new();
+    let silent = fx.path("silent.sock");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Killed(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import socket, sys, time\n\
+s = socket.socket(socket.AF_UNIX)\n\
+s.bind(sys.argv[1])\n\
+s.listen(8)\n\
+held = []\n\
+while True:\n    held.append(s.accept()[0])\n",
+            )
+            .arg(&silent)
+            .spawn()
+            .expect("python3"),
+    );
+    wait_until("the silent server listens", Duration::from_secs(10), || {
+        silent.exists()
+    });
+    fx.volume("local", "cache", "");
+    let uri = format!("nbd+unix:///x?socket={}", silent.display());
+    fx.volume_at("far", "cache", std::path::Path::new(&uri), "size = \"64M\"");
+    fx.write_config(&format!(
+        "control = \"{}\"",
+        fx.path("control.sock").display()
+    ));
+    fx.create("local", "16M", 4096);
+    let d = fx.spawn();
+    wait_until("the daemon listens", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&fx.socket).is_ok()
+    });
+    qemu_io(
+        &fx.uri("local"),
+        &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"],
+    );
+    let far = fx.status()["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "far")
+        .cloned()
+        .unwrap();
+    assert_eq!(far["unavailable"]["state"], "connecting", "{far}");
+    assert!(d.stderr().contains("connecting off the start-up path"));
+}

@@ -163,6 +163,18 @@ impl Fixture {
         self.write_config("");
     }
 
+    /// The names of the configured volumes whose backing is an NBD URI.
+    fn remote_volumes(&self) -> Vec<String> {
+        self.volumes
+            .iter()
+            .filter(|v| v.contains("backing = \"nbd"))
+            .filter_map(|v| {
+                let rest = v.split("name = \"").nth(1)?;
+                Some(rest.split('"').next()?.to_owned())
+            })
+            .collect()
+    }
+
     /// `[server]` lines for a control socket and an audit log in the
     /// fixture's directory (see [`Fixture::audit_log`]).
     pub fn control_and_audit(&self) -> String {
@@ -275,6 +287,19 @@ impl Fixture {
         let started = Instant::now();
         loop {
             if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                // Remote volumes open off the start-up path: wait until
+                // each has opened or failed, as a test expects of a start.
+                let remote = self.remote_volumes();
+                wait_until("remote volumes tried", Duration::from_secs(60), || {
+                    let log = daemon.stderr();
+                    remote.iter().all(|name| {
+                        let me = format!("volume={name} ");
+                        log.lines().any(|l| {
+                            (l.contains("volume open") || l.contains("volume not served"))
+                                && (l.contains(&me) || l.ends_with(&format!("volume={name}")))
+                        })
+                    })
+                });
                 return daemon;
             }
             if let Some(status) = daemon.child.try_wait().expect("try_wait") {

@@ -146,6 +146,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     let providers = service::open_providers(&config)?;
     let gate = service::open_gate(&config)?;
     let audit = service::open_audit(&config)?;
+    // A second daemon on this config stops before it opens anything: a
+    // remote backing has no lock to stop it (local ones do). Sockets that
+    // systemd passes answer because systemd holds them, not a daemon.
+    let activated_by_systemd = std::env::var_os("LISTEN_FDS").is_some();
+    for socket in [&config.server.control, &config.server.unix]
+        .into_iter()
+        .flatten()
+        .filter(|_| !activated_by_systemd)
+    {
+        if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+            anyhow::bail!(
+                "{} answers: another hostcryptd serves this config; stop it first",
+                socket.display()
+            );
+        }
+    }
     let (registry, failed) = service::open_volumes(&config, &providers, &audit);
     let engine = hostcryptd::io::engine::init(
         config.server.io_engine,

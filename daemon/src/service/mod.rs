@@ -51,6 +51,8 @@ pub enum ServiceError {
     },
     #[error("reload: {0}")]
     Reload(String),
+    #[error("connecting to its remote backing (remote volumes open off the start-up path)")]
+    Connecting,
     #[error("volume {volume:?}: allow: {source}")]
     Allow {
         volume: String,
@@ -177,9 +179,11 @@ fn configured_kek<'a>(
     Ok(name)
 }
 
-/// Opens every volume in the config. One that cannot open (its key cannot
-/// be unwrapped, its backing is missing) does not stop the others: it comes
-/// back in the second list, loudly, and `waiting.rs` keeps retrying it.
+/// Opens every local volume in the config. One that cannot open (its key
+/// cannot be unwrapped, its backing is missing) does not stop the others:
+/// it comes back in the second list, loudly, and `waiting.rs` keeps
+/// retrying it. Remote volumes come back there too, as `Connecting`: they
+/// are opened by the waiting-volume thread, off the start-up path.
 pub fn open_volumes(
     config: &Config,
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
@@ -188,6 +192,13 @@ pub fn open_volumes(
     let mut opened = Vec::new();
     let mut failed = Vec::new();
     for v in &config.volumes {
+        // A remote backend that is slow, or hostile, must not hold up the
+        // listeners and the local volumes: the waiting-volume thread opens
+        // it at once, and status shows it as connecting meanwhile.
+        if crate::io::is_remote(v.backing.get_ref()) {
+            failed.push((v.name.get_ref().clone(), ServiceError::Connecting));
+            continue;
+        }
         match open_volume(v, providers, audit) {
             Ok(export) => opened.push(export),
             Err(e) => failed.push((v.name.get_ref().clone(), e)),

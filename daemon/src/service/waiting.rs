@@ -32,8 +32,12 @@ struct Entry {
     delay: Duration,
 }
 
-/// `waiting-for-key` when the key is the problem, `open-failed` otherwise.
+/// `connecting` for a remote volume not tried yet, `waiting-for-key` when
+/// the key is the problem, `open-failed` otherwise.
 fn state_of(error: &ServiceError) -> &'static str {
+    if matches!(error, ServiceError::Connecting) {
+        return "connecting";
+    }
     let key_related = match error {
         ServiceError::Kek { .. } => true,
         ServiceError::Volume { source, .. } => source.is_key_error(),
@@ -67,6 +71,14 @@ impl Waiting {
             next: Instant::now(),
             delay: FIRST_RETRY / 2,
         });
+        if state == "connecting" {
+            // Not a failure: the first try is due now.
+            entry.next = Instant::now();
+            entry.state = state;
+            entry.error = text;
+            tracing::info!(volume = %name, "remote volume: connecting off the start-up path");
+            return;
+        }
         entry.delay = (entry.delay * 2).min(cap);
         entry.next = Instant::now() + entry.delay;
         entry.state = state;
