@@ -288,3 +288,70 @@ while True:\n    held.append(s.accept()[0])\n",
     assert_eq!(far["unavailable"]["state"], "connecting", "{far}");
     assert!(d.stderr().contains("connecting off the start-up path"));
 }
+
+/// Idle TCP sockets from several loopback addresses, as many as
+/// `max_connections`, cannot lock out a Unix-socket client: TCP peers never
+/// take the Unix listener's reserve, and connections still in the
+/// handshake have a pool of their own. They used to hold every slot.
+#[test]
+fn a_tcp_flood_does_not_lock_out_a_unix_client() {
+    let port = free_port();
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "allow = [\"127.0.0.0/8\", \"uid:0\"]");
+    fx.write_config(&format!(
+        "tcp = \"127.0.0.1:{port}\"\nmax_connections = 4\nmax_handshakes = 3"
+    ));
+    fx.create("v", "16M", 4096);
+    let d = fx.start();
+    let mut flood = Vec::new();
+    for i in 1..=6u8 {
+        let socket = socket2_connect([127, 0, 0, i], port);
+        flood.push(socket);
+    }
+    let refused = || {
+        d.stderr()
+            .lines()
+            .filter(|l| l.contains("kept for the other kind of listener"))
+            .count()
+    };
+    wait_until(
+        "the flood refused past the TCP share",
+        Duration::from_secs(10),
+        || refused() >= 3,
+    );
+    qemu_io(&fx.uri("v"), &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]);
+    drop(flood);
+}
+
+/// A TCP connection from `source` (any 127/8 address is local) that sends
+/// nothing.
+fn socket2_connect(source: [u8; 4], port: u16) -> std::net::TcpStream {
+    // std cannot bind before connect; libc can.
+    use std::os::fd::FromRawFd;
+    // SAFETY: a fresh socket; every pointer below is to a live local of
+    // the size passed; the descriptor is owned by the TcpStream returned.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let addr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(ip),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let from = addr(source, 0);
+        assert_eq!(
+            libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        let to = addr([127, 0, 0, 1], port);
+        assert_eq!(
+            libc::connect(fd, (&to as *const libc::sockaddr_in).cast(), len),
+            0
+        );
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}

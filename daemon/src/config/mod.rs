@@ -96,9 +96,14 @@ pub struct ServerConfig {
     /// Open NBD connections at most, over all listeners.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Open NBD connections at most from one IP address or one Unix uid.
+    /// Open NBD connections at most from one IPv4 address, IPv6 /64 or
+    /// Unix uid.
     #[serde(default = "default_max_connections_per_peer")]
     pub max_connections_per_peer: usize,
+    /// Connections at most still in the handshake (not yet authenticated);
+    /// each also counts towards `max_connections`.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
     /// How long a client may take from connecting to choosing an export.
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
     pub handshake_timeout: std::time::Duration,
@@ -114,6 +119,10 @@ fn default_max_connections() -> usize {
 
 fn default_max_connections_per_peer() -> usize {
     256
+}
+
+fn default_max_handshakes() -> usize {
+    64
 }
 
 fn default_ring_connections() -> bool {
@@ -162,6 +171,7 @@ impl Default for ServerConfig {
             insecure_plaintext_tcp: false,
             max_connections: default_max_connections(),
             max_connections_per_peer: default_max_connections_per_peer(),
+            max_handshakes: default_max_handshakes(),
             handshake_timeout: default_handshake_timeout(),
         }
     }
@@ -174,6 +184,8 @@ impl ServerConfig {
             tls_mode: self.tls,
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
+            max_handshakes: self.max_handshakes,
+            reserve_per_transport: self.unix.is_some() && self.tcp.is_some(),
             handshake_timeout: self.handshake_timeout,
             ring_connections: self.ring_connections,
         }
@@ -438,11 +450,15 @@ impl Config {
                 ));
             }
         }
-        if server.max_connections == 0 || server.max_connections_per_peer == 0 {
+        if server.max_connections == 0
+            || server.max_connections_per_peer == 0
+            || server.max_handshakes == 0
+        {
             return Err(invalid(
                 0..0,
                 "max_connections",
-                "max_connections and max_connections_per_peer must be at least 1".into(),
+                "max_connections, max_connections_per_peer and max_handshakes must be at least 1"
+                    .into(),
             ));
         }
         if self.volumes.is_empty() {

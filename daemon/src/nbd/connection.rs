@@ -34,6 +34,16 @@ pub enum Stream {
     Tcp(tokio::net::TcpStream),
 }
 
+impl Stream {
+    /// Which kind of listener it came from, for the gate's reserves.
+    pub fn transport(&self) -> super::gate::Transport {
+        match self {
+            Stream::Unix(_) => super::gate::Transport::Unix,
+            Stream::Tcp(_) => super::gate::Transport::Tcp,
+        }
+    }
+}
+
 /// What the handshake left ready for transmission.
 enum Ready<S> {
     Plain(S, Arc<Export>, Features),
@@ -57,7 +67,7 @@ pub async fn run(
     gate: Arc<Gate>,
     exports: Arc<Exports>,
     shutdown: watch::Receiver<bool>,
-    _slot: Admitted,
+    slot: Admitted,
 ) {
     // The credentials are fixed for this connection when it is accepted:
     // a reload changes what later connections get.
@@ -74,6 +84,7 @@ pub async fn run(
         exports: &exports,
         gate: &gate,
         shutdown,
+        slot,
     };
     match stream {
         Stream::Unix(s) => {
@@ -107,13 +118,16 @@ struct Conn<'a> {
     exports: &'a Exports,
     gate: &'a Gate,
     shutdown: watch::Receiver<bool>,
+    /// Held for the connection's life; leaves the handshake pool once the
+    /// handshake is done.
+    slot: Admitted,
 }
 
 impl Conn<'_> {
     /// Handshake under the deadline, then transmission: a plaintext
     /// socket on a ring (with the io_uring engine) or on its own tokio
     /// halves, a TLS stream on its halves.
-    async fn run<S, R, W>(self, stream: S, peer: &mut Peer, plain: Plain<S, R, W>)
+    async fn run<S, R, W>(mut self, stream: S, peer: &mut Peer, plain: Plain<S, R, W>)
     where
         S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
         R: AsyncRead + Unpin + Send + 'static,
@@ -125,6 +139,9 @@ impl Conn<'_> {
         )
         .await;
         let ready = settle(ready, peer, self.gate);
+        if matches!(ready, Some(Ready::Plain(..) | Ready::Tls(..))) {
+            self.slot.authenticated();
+        }
         // A connection ends when the server stops or its export is retired.
         let stop = match &ready {
             Some(Ready::Plain(_, export, _) | Ready::Tls(_, export, _)) => {

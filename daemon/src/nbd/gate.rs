@@ -1,8 +1,19 @@
 //! What every new connection passes before the handshake: the connection
-//! limits (in total and per peer), the TLS credentials a TCP listener offers
-//! (swapped whole by a reload; open connections keep the ones they began
-//! with), the handshake deadline, where transmission runs, and the
-//! counters of everyone turned away.
+//! limits, the TLS credentials a TCP listener offers (swapped whole by a
+//! reload; open connections keep the ones they began with), the handshake
+//! deadline, where transmission runs, and the counters of everyone turned
+//! away.
+//!
+//! The limits are shaped so that nobody who has not authenticated can lock
+//! out somebody who can:
+//! - `max_connections` in total, and `max_connections_per_peer` per peer
+//!   (a uid, an IPv4 address, an IPv6 /64: one host holds a whole /64);
+//! - a reserve per transport: TCP peers never take the last
+//!   `reserve(max_connections)` slots, nor Unix peers the TCP ones' share,
+//!   so a TCP flood leaves room for a local client and the other way round;
+//! - a smaller pool per transport for connections still in the handshake
+//!   (`max_handshakes`): a peer that connects and says nothing holds one of
+//!   these only until the handshake deadline, and cannot fill the rest.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +31,11 @@ pub struct GateSettings {
     pub tls_mode: TlsMode,
     pub max_connections: usize,
     pub max_connections_per_peer: usize,
+    /// Connections that may be in the handshake (not authenticated) at once.
+    pub max_handshakes: usize,
+    /// Both a Unix and a TCP listener exist: each keeps a reserve the
+    /// other cannot take.
+    pub reserve_per_transport: bool,
     pub handshake_timeout: Duration,
     /// Plaintext connections live on io_uring rings (`ring_reader.rs`).
     pub ring_connections: bool,
@@ -31,10 +47,24 @@ impl Default for GateSettings {
             tls_mode: TlsMode::Off,
             max_connections: 1024,
             max_connections_per_peer: 256,
+            max_handshakes: 64,
+            reserve_per_transport: false,
             handshake_timeout: Duration::from_secs(30),
             ring_connections: true,
         }
     }
+}
+
+/// Slots held back from the other transport: an eighth, at least one.
+pub fn reserve(max_connections: usize) -> usize {
+    (max_connections / 8).max(1).min(max_connections / 2)
+}
+
+/// Which kind of listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Unix,
+    Tcp,
 }
 
 /// Why connections were turned away, for the metrics.
@@ -57,6 +87,10 @@ pub struct Gate {
 #[derive(Debug, Default)]
 struct OpenCount {
     total: usize,
+    /// Per transport: a TCP flood in the handshake leaves the Unix
+    /// listener's pool alone.
+    handshaking: HashMap<Transport, usize>,
+    per_transport: HashMap<Transport, usize>,
     per_peer: HashMap<PeerKey, usize>,
 }
 
@@ -65,6 +99,9 @@ struct OpenCount {
 pub enum Refusal {
     Total(usize),
     PerPeer(usize),
+    /// The other transport's reserve is all that is left.
+    Reserved(usize),
+    Handshakes(usize),
 }
 
 impl std::fmt::Display for Refusal {
@@ -72,6 +109,16 @@ impl std::fmt::Display for Refusal {
         match self {
             Refusal::Total(n) => write!(f, "max_connections ({n}) reached"),
             Refusal::PerPeer(n) => write!(f, "max_connections_per_peer ({n}) reached"),
+            Refusal::Reserved(n) => write!(
+                f,
+                "the last {n} connection slots are kept for the other kind of listener"
+            ),
+            Refusal::Handshakes(n) => {
+                write!(
+                    f,
+                    "max_handshakes ({n}) connections are already in the handshake"
+                )
+            }
         }
     }
 }
@@ -96,12 +143,38 @@ impl Gate {
         self.tls.store(Some(Arc::new(tls)));
     }
 
-    /// Admits one more connection from `peer`, or says which limit is hit.
-    /// The slot is held until the returned guard drops.
-    pub fn admit(self: &Arc<Self>, peer: PeerKey) -> Result<Admitted, Refusal> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.total >= self.settings.max_connections {
-            return Err(Refusal::Total(self.settings.max_connections));
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenCount> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits one more connection from `peer` on `transport`, in the
+    /// handshake, or says which limit is hit. The slot is held until the
+    /// returned guard drops; its handshake slot until `authenticated`.
+    pub fn admit(
+        self: &Arc<Self>,
+        peer: PeerKey,
+        transport: Transport,
+    ) -> Result<Admitted, Refusal> {
+        let max = self.settings.max_connections;
+        let mut open = self.lock();
+        if open.total >= max {
+            return Err(Refusal::Total(max));
+        }
+        if self.settings.reserve_per_transport {
+            let held_back = reserve(max);
+            let others: usize = open
+                .per_transport
+                .iter()
+                .filter(|(t, _)| **t != transport)
+                .map(|(_, n)| *n)
+                .sum();
+            let room_for_others = held_back.saturating_sub(others);
+            if open.total + room_for_others >= max {
+                return Err(Refusal::Reserved(held_back));
+            }
+        }
+        if open.handshaking.get(&transport).copied().unwrap_or(0) >= self.settings.max_handshakes {
+            return Err(Refusal::Handshakes(self.settings.max_handshakes));
         }
         let mine = open.per_peer.entry(peer).or_default();
         if *mine >= self.settings.max_connections_per_peer {
@@ -109,14 +182,18 @@ impl Gate {
         }
         *mine += 1;
         open.total += 1;
+        *open.handshaking.entry(transport).or_default() += 1;
+        *open.per_transport.entry(transport).or_default() += 1;
         Ok(Admitted {
             gate: self.clone(),
             peer,
+            transport,
+            handshaking: true,
         })
     }
 
     pub fn open_connections(&self) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).total
+        self.lock().total
     }
 
     pub fn count(counter: &AtomicU64) {
@@ -128,12 +205,35 @@ impl Gate {
 pub struct Admitted {
     gate: Arc<Gate>,
     peer: PeerKey,
+    transport: Transport,
+    handshaking: bool,
+}
+
+impl Admitted {
+    /// The handshake is over: the connection leaves the handshake pool
+    /// (it keeps its connection slot).
+    pub fn authenticated(&mut self) {
+        if std::mem::replace(&mut self.handshaking, false) {
+            let mut open = self.gate.lock();
+            if let Some(n) = open.handshaking.get_mut(&self.transport) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut open = self.gate.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.gate.lock();
         open.total = open.total.saturating_sub(1);
+        if self.handshaking {
+            if let Some(n) = open.handshaking.get_mut(&self.transport) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if let Some(n) = open.per_transport.get_mut(&self.transport) {
+            *n = n.saturating_sub(1);
+        }
         if let Some(n) = open.per_peer.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
@@ -147,25 +247,62 @@ impl Drop for Admitted {
 mod tests {
     use super::*;
 
-    #[test]
-    fn limits_total_and_per_peer_and_frees_on_drop() {
-        let gate = Gate::new(
+    fn gate(max: usize, per_peer: usize, handshakes: usize) -> Arc<Gate> {
+        Gate::new(
             GateSettings {
-                max_connections: 3,
-                max_connections_per_peer: 2,
+                max_connections: max,
+                max_connections_per_peer: per_peer,
+                max_handshakes: handshakes,
+                reserve_per_transport: true,
                 ..GateSettings::default()
             },
             None,
-        );
-        let a = PeerKey::Uid(1);
-        let b = PeerKey::Uid(2);
-        let a1 = gate.admit(a).unwrap();
-        let _a2 = gate.admit(a).unwrap();
-        assert_eq!(gate.admit(a).err(), Some(Refusal::PerPeer(2)));
-        let _b1 = gate.admit(b).unwrap();
-        assert_eq!(gate.admit(b).err(), Some(Refusal::Total(3)));
+        )
+    }
+
+    #[test]
+    fn limits_total_and_per_peer_and_frees_on_drop() {
+        let gate = gate(3, 2, 8);
+        let (a, b, t) = (PeerKey::Uid(1), PeerKey::Uid(2), Transport::Tcp);
+        let a1 = gate.admit(a, Transport::Unix).unwrap();
+        let _a2 = gate.admit(a, Transport::Unix).unwrap();
+        assert_eq!(gate.admit(a, t).err(), Some(Refusal::PerPeer(2)));
+        let _b1 = gate.admit(b, t).unwrap();
+        assert_eq!(gate.admit(b, t).err(), Some(Refusal::Total(3)));
         drop(a1);
         assert_eq!(gate.open_connections(), 2);
-        let _b2 = gate.admit(b).unwrap();
+        let _b2 = gate.admit(b, t).unwrap();
+    }
+
+    /// The lockout the audit found: with max_connections = 4, four idle TCP
+    /// sockets used to lock out a Unix client.
+    #[test]
+    fn a_tcp_flood_leaves_room_for_a_unix_client() {
+        let gate = gate(4, 4, 8);
+        let mut held = Vec::new();
+        for i in 1..=3u8 {
+            let ip = std::net::IpAddr::from([127, 0, 0, i]);
+            held.push(gate.admit(PeerKey::Ip(ip), Transport::Tcp).unwrap());
+        }
+        let ip = std::net::IpAddr::from([127, 0, 0, 9]);
+        assert_eq!(
+            gate.admit(PeerKey::Ip(ip), Transport::Tcp).err(),
+            Some(Refusal::Reserved(1))
+        );
+        let _local = gate.admit(PeerKey::Uid(0), Transport::Unix).unwrap();
+    }
+
+    #[test]
+    fn the_handshake_pool_is_smaller_and_freed_by_authentication() {
+        let gate = gate(16, 16, 2);
+        let mut a = gate.admit(PeerKey::Uid(1), Transport::Unix).unwrap();
+        let _b = gate.admit(PeerKey::Uid(2), Transport::Unix).unwrap();
+        assert_eq!(
+            gate.admit(PeerKey::Uid(3), Transport::Unix).err(),
+            Some(Refusal::Handshakes(2))
+        );
+        a.authenticated();
+        let _c = gate.admit(PeerKey::Uid(3), Transport::Unix).unwrap();
+        assert_eq!(gate.open_connections(), 3);
     }
 }

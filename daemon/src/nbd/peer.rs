@@ -66,10 +66,22 @@ impl Peer {
         }
     }
 
+    /// What the per-peer limit counts: a uid, an IPv4 address, or an IPv6
+    /// /64 (one host is routinely given a whole /64, so counting full
+    /// addresses would let it hold any number of slots).
     pub fn key(&self) -> PeerKey {
         match &self.transport {
             Transport::Unix { uid, .. } => PeerKey::Uid(*uid),
-            Transport::Tcp(addr) => PeerKey::Ip(addr.ip()),
+            Transport::Tcp(addr) => PeerKey::Ip(match addr.ip() {
+                IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => {
+                        let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                        IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+                    }
+                },
+                v4 => v4,
+            }),
         }
     }
 

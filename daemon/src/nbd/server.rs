@@ -137,7 +137,7 @@ async fn accept_loop(
             // Reap finished connections so the set does not grow forever.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = accept(&listener) => match accepted {
-                Ok((stream, peer)) => match gate.admit(peer.key()) {
+                Ok((stream, peer)) => match gate.admit(peer.key(), stream.transport()) {
                     Ok(slot) => {
                         connections.spawn(connection::run(
                             stream,
