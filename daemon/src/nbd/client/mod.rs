@@ -455,7 +455,7 @@ impl Shared {
         self.closing.load(Ordering::SeqCst)
     }
 
-    fn dispatch_new(&self, pending: Pending) {
+    fn dispatch_new(&self, mut pending: Pending) {
         let mut state = self.lock();
         if self.closing() {
             drop(state);
@@ -472,7 +472,6 @@ impl Shared {
         }
         let cookie = state.next_cookie;
         state.next_cookie += 1;
-        let mut pending = pending;
         pending.covers = state.acked;
         pending.losses = state.losses;
         state.pending.insert(cookie, pending);
@@ -572,7 +571,7 @@ impl Shared {
             (p, lost)
         };
         if let Some(loss) = lost {
-            return fail(p, io::Error::new(io::ErrorKind::Other, loss));
+            return fail(p, io::Error::other(loss));
         }
         let mut error = if error != 0 {
             error
@@ -668,7 +667,7 @@ impl Shared {
             .count() as u64;
         let loss = if dirty > state.flushed {
             DurabilityLost::Unflushed {
-                writes: state.acked - state.flushed,
+                writes: state.acked.saturating_sub(state.flushed),
             }
         } else if in_flight > 0 {
             DurabilityLost::InFlight { writes: in_flight }
