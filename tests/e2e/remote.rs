@@ -649,3 +649,177 @@ print('OK')
         assert!(log.contains(why), "{why}:\n{log}");
     }
 }
+
+/// The write-back error of volume `name`, as status shows it.
+fn write_back_error(fx: &Fixture, name: &str) -> String {
+    fx.status()["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name))
+        .map(|v| {
+            v["write_back_error"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .unwrap_or_else(|| panic!("volume {name} in status"))
+}
+
+/// A backend with a volatile write-back cache (nbdkit's cache filter
+/// over a file) crashes and restarts with acknowledged writes unflushed:
+/// they are gone, and hostcryptd has reconnected. The client's next FLUSH
+/// must fail (not vouch for lost data), status must say why, and reopening
+/// the volume makes it work again.
+#[test]
+fn backend_that_lost_unflushed_writes_fails_the_next_flush() {
+    use std::io::{BufRead, BufReader, Write};
+    let mut fx = Fixture::new();
+    let image = sparse_image(&fx, "backend.img", 80);
+    let mut backend = Backend::nbdkit(
+        &fx,
+        "be",
+        &[
+            "--filter=cache",
+            "file",
+            &image.display().to_string(),
+            "cache=writeback",
+        ],
+    );
+    remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"10s\"");
+    let d = fx.start();
+    let uri = fx.uri("r");
+    qemu_io(&uri, &["write -P 0x42 0 1M", "flush"]);
+    // Writes, acknowledged; then waits for the crash before flushing.
+    let script = r"
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b'\x43' * (1 << 20), 0)
+print('written', flush=True)
+sys.stdin.readline()
+try:
+    h.flush()
+except nbd.Error as e:
+    assert errno_of(e) == errno.EIO, e
+    print('OK', flush=True)
+    raise SystemExit(0)
+print('the flush succeeded over lost writes', flush=True)
+";
+    let mut client = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!("{NBD_PRELUDE}{script}"))
+        .arg(&uri)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(client.stdout.take().expect("stdout")).lines();
+    let first = lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(first, "written", "{}", d.stderr());
+    let reconnects = remote_status(&fx)["reconnects"].as_u64().unwrap_or(0);
+    backend.kill();
+    backend.restart();
+    wait_until("the backing to reconnect", Duration::from_secs(20), || {
+        let b = remote_status(&fx);
+        b["state"] == "up" && b["reconnects"].as_u64().unwrap_or(0) > reconnects
+    });
+    let why = write_back_error(&fx, "r");
+    assert!(why.contains("not yet flushed"), "{why}");
+    writeln!(client.stdin.take().expect("stdin"), "flush").expect("tell the client");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = client.wait().expect("python3");
+    assert!(
+        status.success() && rest.iter().any(|l| l == "OK"),
+        "{rest:?}\n{}",
+        d.stderr()
+    );
+    // FUA is refused too, until the volume is reopened.
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -f -P 0x45 2M 64k", &uri])
+        .output()
+        .expect("qemu-io");
+    assert!(
+        output_text(&out).contains("Input/output error"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        d.stderr().contains("acknowledged writes not yet flushed"),
+        "{}",
+        d.stderr()
+    );
+    assert_eq!(d.stop(), 0);
+    // The backend did lose them (the fixture is what it claims): the
+    // flushed data is what it holds. And the reopened volume works.
+    let _d = fx.start();
+    qemu_io(
+        &uri,
+        &[
+            "read -P 0x42 0 1M",
+            "write -P 0x44 2M 1M",
+            "flush",
+            "read -P 0x44 2M 1M",
+        ],
+    );
+    assert_eq!(write_back_error(&fx, "r"), "");
+}
+
+/// A write the backend holds past the timeout (EIO to the client) and
+/// applies only after the client has written the same block again and
+/// flushed (`py/hostile_nbd.py`'s stale-write). The newer, flushed write
+/// must not be silently replaced: the FLUSH fails (durability is gone
+/// once a write may still land), and status says why.
+#[test]
+fn timed_out_write_cannot_silently_overwrite_a_flushed_one() {
+    let mut fx = Fixture::new();
+    let mode = fx.path("hostile.mode");
+    let record = fx.path("hostile.writes");
+    let backend = Backend::hostile(&fx, "be", 80 << 20, &mode, &record);
+    remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"2s\"");
+    let d = fx.start();
+    let uri = fx.uri("r");
+    qemu_io(&uri, &["write -P 0x11 0 1M"]);
+    std::fs::write(&mode, "stale-write").expect("set the backend's mode");
+    let script = r"
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+try:
+    h.pwrite(b'\xaa' * 4096, 0)
+    raise SystemExit('the held write succeeded')
+except nbd.Error as e:
+    assert errno_of(e) == errno.EIO, e
+h.pwrite(b'\xbb' * 4096, 0)
+try:
+    h.flush()
+    flushed = True
+except nbd.Error as e:
+    assert errno_of(e) == errno.EIO, e
+    flushed = False
+now = h.pread(4096, 0)
+if flushed:
+    assert now == b'\xbb' * 4096, 'a flushed write was replaced by a timed-out one'
+print('flushed' if flushed else 'flush failed')
+print('OK')
+";
+    let out = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!("{NBD_PRELUDE}{script}"))
+        .arg(&uri)
+        .output()
+        .expect("python3");
+    let text = output_text(&out);
+    assert!(
+        text.contains("OK") && text.contains("flush failed"),
+        "{text}\n{}\n{}",
+        d.stderr(),
+        backend.log()
+    );
+    let why = write_back_error(&fx, "r");
+    assert!(why.contains("timed out"), "{why}");
+    std::fs::write(&mode, "good").expect("set the backend's mode");
+    assert_eq!(d.stop(), 0);
+    let _d = fx.start();
+    qemu_io(
+        &uri,
+        &["write -P 0x22 2M 64k", "flush", "read -P 0x22 2M 64k"],
+    );
+}

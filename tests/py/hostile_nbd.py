@@ -23,6 +23,14 @@ server behaves and switch afterwards. Missing or empty means `good`.
     wrong-cookie  a NONE+DONE chunk for a cookie never sent (a simple
                   reply on a connection without structured replies)
 
+One mode misbehaves on writes instead:
+
+    stale-write   the first write received in this mode is held: never
+                  answered (the client's write times out) and applied
+                  only right after the server next answers a FLUSH, as a
+                  backend that completes a timed-out write late, over a
+                  newer one the client had flushed
+
 The structured misbehaviours on a connection that did not negotiate
 structured replies (left by `unnegotiated`) drop it first, so the client
 reconnects and negotiates them.
@@ -56,6 +64,8 @@ MIN_BLOCK, MAX_BLOCK = 64 << 10, 1 << 20
 sock_path, size, mode_file, record_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 disk = bytearray(size)
 lock = threading.Lock()
+# stale-write: the held write (offset, payload), and whether one was taken.
+stale = {"held": None, "taken": False}
 record = open(record_path, "ab")
 
 
@@ -135,6 +145,13 @@ def read_reply(how, cookie, offset, out):
     return data(FLAG_DONE, cookie, offset, out)
 
 
+def apply(offset, payload):
+    with lock:
+        disk[offset:offset + len(payload)] = payload
+        record.write(payload)
+        record.flush()
+
+
 def serve(conn):
     try:
         structured = negotiate(conn)
@@ -148,10 +165,20 @@ def serve(conn):
                 continue
             if kind == CMD_WRITE:
                 with lock:
-                    disk[offset:offset + length] = payload
-                    record.write(payload)
-                    record.flush()
+                    hold = mode() == "stale-write" and not stale["taken"]
+                    if hold:
+                        stale["taken"] = True
+                        stale["held"] = (offset, payload)
+                if hold:
+                    continue
+                apply(offset, payload)
                 simple(conn, 0, cookie)
+            elif kind == CMD_FLUSH:
+                simple(conn, 0, cookie)
+                with lock:
+                    late, stale["held"] = stale["held"], None
+                if late:
+                    apply(*late)
             elif kind == CMD_READ:
                 with lock:
                     out = bytes(disk[offset:offset + length])

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::file::FileBacking;
 use super::remote::RemoteBacking;
@@ -16,8 +17,9 @@ use crate::nbd::client::NbdUri;
 #[derive(Debug)]
 pub struct Backing {
     kind: Kind,
-    /// Syncs that failed on it (`write_back.rs`).
-    write_back: WriteBack,
+    /// Syncs that failed on it (`write_back.rs`), and a remote backing's
+    /// durability losses, which count as such.
+    write_back: Arc<WriteBack>,
 }
 
 #[derive(Debug)]
@@ -33,10 +35,12 @@ pub fn is_remote(path: &Path) -> bool {
 
 impl Backing {
     fn new(kind: Kind) -> Self {
-        Backing {
-            kind,
-            write_back: WriteBack::default(),
+        let write_back = Arc::new(WriteBack::default());
+        if let Kind::Remote(r) = &kind {
+            let record = write_back.clone();
+            r.on_durability_lost(Arc::new(move |loss| record.record_lost(&loss.to_string())));
         }
+        Backing { kind, write_back }
     }
 
     /// Opens an existing backing read-write (connects to a remote one).

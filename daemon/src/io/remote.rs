@@ -15,6 +15,12 @@
 //! The NBD client's errors keep their errno (an EIO from the backend is an
 //! EIO to the client); a timeout is `TimedOut`, which the NBD server
 //! answers as EIO.
+//!
+//! Durability: writes acknowledged but not yet flushed when a connection
+//! is lost, and writes that timed out (which the backend may still apply
+//! later, over newer ones), are a durability loss the client reports
+//! (`nbd/client/mod.rs`); `backing.rs` records it as a failed sync, so
+//! FLUSH and FUA fail until the volume is reopened.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -22,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{IoBuf, RangeLock};
-use crate::nbd::client::{NbdClient, RemoteOptions, RemoteStatus};
+use crate::nbd::client::{LossHook, NbdClient, RemoteOptions, RemoteStatus};
 use crate::nbd::proto::*;
 
 static OPTIONS: Mutex<BTreeMap<String, RemoteOptions>> = Mutex::new(BTreeMap::new());
@@ -92,6 +98,11 @@ impl RemoteBacking {
 
     pub fn status(&self) -> RemoteStatus {
         self.client.status()
+    }
+
+    /// See `NbdClient::on_durability_lost`.
+    pub fn on_durability_lost(&self, hook: LossHook) {
+        self.client.on_durability_lost(hook);
     }
 
     fn has(&self, flag: u16) -> bool {

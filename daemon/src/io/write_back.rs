@@ -3,7 +3,10 @@
 //! next fsync succeeds over data that never reached the disk (QEMU's
 //! file-posix and PostgreSQL treat the page cache as untrustworthy after
 //! such an error for the same reason). A remote backend may do the same
-//! after a crash. So once a sync fails:
+//! after a crash, or may lose acknowledged writes it had not flushed when
+//! its connection was lost, or apply a timed-out write late
+//! (`nbd/client/mod.rs`): those count as failed syncs too
+//! (`record_lost`). So once a sync fails:
 //!
 //! - a client's FLUSH or FUA fails from then on, until the volume is
 //!   reopened (`check`): the writes it would vouch for may be gone, and
@@ -38,6 +41,16 @@ impl WriteBack {
 
     /// Records a failed sync: counted first, logged after.
     pub fn record(&self, error: &io::Error) {
+        self.note(&error.to_string(), "a sync of the backing failed");
+    }
+
+    /// Records that acknowledged writes may be lost without a sync having
+    /// failed (a remote backing's lost connection or timed-out write).
+    pub fn record_lost(&self, why: &str) {
+        self.note(why, "acknowledged writes on the backing may be lost");
+    }
+
+    fn note(&self, error: &str, what: &str) {
         self.failures.fetch_add(1, Ordering::SeqCst);
         let newly = {
             let mut first = self.first.lock().unwrap_or_else(|p| p.into_inner());
@@ -48,7 +61,7 @@ impl WriteBack {
         };
         if newly {
             tracing::error!(
-                "a sync of the backing failed ({error}); writes since the last good sync may be lost, so every later FLUSH and FUA on this volume fails until it is reopened"
+                "{what} ({error}); writes since the last good sync may be lost, so every later FLUSH and FUA on this volume fails until it is reopened"
             );
         }
     }
@@ -68,7 +81,7 @@ impl WriteBack {
         match self.error() {
             None => Ok(()),
             Some(first) => Err(io::Error::other(format!(
-                "an earlier sync of the backing failed ({first}); acknowledged writes may be lost, so flushes fail until the volume is reopened"
+                "an earlier sync of the backing failed or its writes were lost ({first}); acknowledged writes may be lost, so flushes fail until the volume is reopened"
             ))),
         }
     }

@@ -828,7 +828,12 @@ impl DataArea {
             fua,
             Box::new(move |result| {
                 area.writers.release(start, end);
-                done(result)
+                match result {
+                    // A durability loss while this FUA write was in flight
+                    // (the backing records it before re-sending anything).
+                    Ok(()) if fua => done(area.backing.check_write_back()),
+                    other => done(other),
+                }
             }),
         );
     }

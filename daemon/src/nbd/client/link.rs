@@ -2,13 +2,17 @@
 //! TLS for `nbds`), the thread that reads its replies and matches them to
 //! requests, and reconnecting with back-off when it breaks. Which requests
 //! go where, and what happens to them on failure, is `mod.rs`'s.
+//!
+//! Opening a connection (connect, TLS, every option round trip) has one
+//! deadline (`Deadlined`): a per-read socket timeout alone would let a
+//! server that sends one byte at a time hold the attempt forever.
 
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::negotiate::{negotiate, ExportInfo, NegotiateError};
 use super::uri::{Address, NbdUri};
@@ -16,9 +20,6 @@ use super::{RemoteOptions, Shared};
 use crate::io::IoBuf;
 use crate::nbd::proto::*;
 
-/// How long connecting and the handshake may take before the attempt
-/// counts as failed (and is retried).
-pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Error chunks carry a message of up to 4 KiB; anything far larger is a
@@ -48,18 +49,83 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(Shutdown::Both),
         };
     }
+}
 
+/// A socket whose blocking reads and writes can be bounded in time.
+pub(super) trait Timed {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Timed for UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Timed for TcpStream {
+    fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Timed for Stream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
+            Stream::Unix(s) => s.set_timeout(t),
+            Stream::Tcp(s) => s.set_timeout(t),
         }
+    }
+}
+
+/// A socket during the handshake: every read and write gets only the
+/// time left until `deadline`, so the handshake as a whole is bounded.
+pub(super) struct Deadlined<'a, S> {
+    stream: &'a S,
+    deadline: Instant,
+}
+
+impl<'a, S: Timed> Deadlined<'a, S> {
+    pub(super) fn new(stream: &'a S, deadline: Instant) -> Self {
+        Deadlined { stream, deadline }
+    }
+
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the handshake's deadline passed",
+            ));
+        }
+        self.stream.set_timeout(Some(left))
+    }
+}
+
+impl<S: Timed> Read for Deadlined<'_, S>
+where
+    for<'b> &'b S: Read,
+{
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
+}
+
+impl<S: Timed> Write for Deadlined<'_, S>
+where
+    for<'b> &'b S: Write,
+{
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        let mut s = self.stream;
+        s.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -92,23 +158,38 @@ impl Write for &Stream {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    Io(io::Error),
-    Negotiate(NegotiateError),
+    #[error("{0}")]
+    Io(#[source] io::Error),
+    #[error("{0}")]
+    Negotiate(#[source] NegotiateError),
+    #[error("connecting and the NBD handshake took longer than {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
 }
 
-impl std::fmt::Display for OpenError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            OpenError::Io(e) => e.fmt(f),
-            OpenError::Negotiate(e) => e.fmt(f),
-        }
+/// Connects and negotiates one connection, all of it by `deadline`
+/// (at most `options.timeout` from now).
+pub fn open(
+    uri: &NbdUri,
+    options: &RemoteOptions,
+    deadline: Instant,
+) -> Result<(Stream, ExportInfo), OpenError> {
+    let deadline = deadline.min(Instant::now() + options.timeout);
+    let opened = open_by(uri, options, deadline);
+    // Whatever failed last (a read timed out, a connect gave up, the TLS
+    // relay stopped waiting) failed because time ran out.
+    match opened {
+        Err(_) if Instant::now() >= deadline => Err(OpenError::TimedOut(options.timeout)),
+        other => other,
     }
 }
 
-/// Connects and negotiates one connection.
-pub fn open(uri: &NbdUri, options: &RemoteOptions) -> Result<(Stream, ExportInfo), OpenError> {
+fn open_by(
+    uri: &NbdUri,
+    options: &RemoteOptions,
+    deadline: Instant,
+) -> Result<(Stream, ExportInfo), OpenError> {
     let stream = match &uri.address {
         Address::Unix(path) => Stream::Unix(UnixStream::connect(path).map_err(OpenError::Io)?),
         Address::Tcp { host, port } => {
@@ -119,7 +200,11 @@ pub fn open(uri: &NbdUri, options: &RemoteOptions) -> Result<(Stream, ExportInfo
                 .to_socket_addrs()
                 .map_err(OpenError::Io)?
             {
-                match TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match TcpStream::connect_timeout(&addr, left) {
                     Ok(s) => {
                         found = Some(s);
                         break;
@@ -132,13 +217,10 @@ pub fn open(uri: &NbdUri, options: &RemoteOptions) -> Result<(Stream, ExportInfo
             Stream::Tcp(s)
         }
     };
-    stream
-        .set_timeout(Some(HANDSHAKE_TIMEOUT))
-        .map_err(OpenError::Io)?;
     let (stream, info) = if uri.tls {
-        super::tls::negotiate_tls(stream, uri, options)?
+        super::tls::negotiate_tls(stream, uri, options, deadline)?
     } else {
-        let mut s = &stream;
+        let mut s = Deadlined::new(&stream, deadline);
         let info = negotiate(&mut s, &uri.export).map_err(OpenError::Negotiate)?;
         (stream, info)
     };
@@ -296,7 +378,11 @@ pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
         // them when it comes back.
         let (live, structured) = match stream.take() {
             Some(s) => s,
-            None => match open(&shared.uri, &shared.options) {
+            None => match open(
+                &shared.uri,
+                &shared.options,
+                Instant::now() + shared.options.timeout,
+            ) {
                 Ok((s, info)) if same_export(&info, &shared.info) => {
                     if !link.install(shared, slot, &s) {
                         continue;
@@ -338,7 +424,7 @@ pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
         // which holds the lock `clear` takes.
         live.shutdown();
         link.clear();
-        {
+        let loss = {
             let mut state = shared.lock();
             state.up[slot] = None;
             if state.up.iter().all(Option::is_none) && state.down_since.is_none() {
@@ -347,9 +433,17 @@ pub fn run(shared: &Shared, slot: usize, first: Option<(Stream, bool)>) {
             if !shared.closing() {
                 state.last_error = Some(err.to_string());
             }
-        }
+            (!shared.closing())
+                .then(|| shared.connection_lost(&mut state, slot))
+                .flatten()
+        };
         if !shared.closing() {
             tracing::warn!(backing = %shared.uri_text(), connection = slot, "lost the remote backing: {err}; reconnecting");
+        }
+        // Reported before anything is re-sent: a FLUSH or FUA write that
+        // completes after the reconnect must already see it.
+        if let Some(loss) = &loss {
+            shared.report_loss(loss);
         }
         shared.redispatch(Some(slot));
         if broken {

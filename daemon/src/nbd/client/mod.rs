@@ -13,6 +13,33 @@
 //! `timeout` with `TimedOut` and closes the connection they sat on, so a
 //! hung server cannot hold clients forever; while every connection is
 //! down, requests wait (clients see a stall) until that same deadline.
+//! Connecting, TLS and the option exchange share one deadline of that
+//! same `timeout` per connection (`link::open`), so a server that
+//! trickles its handshake fails the attempt instead of holding it.
+//!
+//! Durability across a lost connection. Re-sending covers only requests
+//! still in flight; two hazards remain, and both are reported as a
+//! *durability loss* (`DurabilityLost`) rather than repaired:
+//!
+//! - writes acknowledged since the last successful FLUSH, on a connection
+//!   that is then lost: the server may have held them in a volatile cache
+//!   and crashed (nbdkit's cache filter in writeback mode, any server with
+//!   a write-back cache), so a FLUSH after the reconnect would vouch for
+//!   data that is gone;
+//! - a write that was sent and then timed out, or was in flight on a
+//!   connection that was lost: the server may still apply it later, over
+//!   a newer write to the same blocks (a TCP connection's far end does
+//!   not stop when ours does).
+//!
+//! A loss fails every FLUSH in flight when it happens, and is handed to
+//! the hook the owner installs (`on_durability_lost`); `io/backing.rs`
+//! records it as a failed sync (`io/write_back.rs`), so every later FLUSH
+//! and FUA on the volume fails until it is reopened, as after a failed
+//! fdatasync on a local backing. Replaying unflushed writes instead would
+//! need a copy of every write until the next FLUSH, and would still not
+//! fence a stale write the server applies late; fencing ranges until a
+//! FLUSH on a fresh connection would, but the sticky failure is simpler,
+//! tells the client its durability is gone, and matches local backings.
 //!
 //! Completions run on the reader thread as callbacks (`Done`), so many
 //! requests are in flight without a thread each; the blocking calls
@@ -91,6 +118,25 @@ struct Pending {
     /// The bytes of `buf` the reply has written so far; a read succeeds
     /// only once they are all of it (the buffer is pooled memory).
     covered: coverage::Coverage,
+    /// Whether it was ever handed to a connection: a write that was may
+    /// still land on the server even after its connection is gone.
+    ever_sent: bool,
+    /// For a FLUSH: the acknowledged writes it covers (`State::acked` when
+    /// it was submitted: those completed before it was sent).
+    covers: u64,
+    /// `State::losses` when it was submitted: a FLUSH that sees a loss
+    /// happen while it is in flight fails.
+    losses: u64,
+}
+
+impl Pending {
+    /// Whether it changes the export's contents.
+    fn writes(&self) -> bool {
+        matches!(
+            self.command,
+            Command::Write | Command::WriteZeroes | Command::Trim
+        )
+    }
 }
 
 #[derive(Default)]
@@ -103,7 +149,35 @@ struct State {
     /// Since when no connection has been up.
     down_since: Option<Instant>,
     last_error: Option<String>,
+    /// Writes acknowledged without FUA so far: write number `n` is the
+    /// `n`th such acknowledgement.
+    acked: u64,
+    /// The highest write number a successful FLUSH covered.
+    flushed: u64,
+    /// Per slot, the highest write number acknowledged on its live
+    /// connection: if it is above `flushed` when that connection is lost,
+    /// the server may have dropped those writes.
+    dirty: Vec<u64>,
+    /// How many durability losses there have been, and the last one.
+    losses: u64,
+    last_loss: Option<DurabilityLost>,
 }
+
+/// Why writes the server acknowledged may not be what it holds: see the
+/// module documentation. Every later FLUSH must fail until the volume is
+/// reopened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurabilityLost {
+    #[error("the connection to the remote backing was lost with up to {writes} acknowledged writes not yet flushed; a backend with a volatile cache may have dropped them")]
+    Unflushed { writes: u64 },
+    #[error("the connection to the remote backing was lost with {writes} writes in flight; the backend may still apply them after newer writes")]
+    InFlight { writes: u64 },
+    #[error("a write of {length} bytes at {offset} to the remote backing timed out; the backend may still apply it after newer writes")]
+    TimedOut { offset: u64, length: u32 },
+}
+
+/// Told of each durability loss, before any request is re-sent.
+pub type LossHook = Arc<dyn Fn(&DurabilityLost) + Send + Sync>;
 
 #[derive(Default)]
 struct Counters {
@@ -123,6 +197,7 @@ struct Shared {
     links: Vec<Link>,
     closing: AtomicBool,
     counters: Counters,
+    on_loss: Mutex<Option<LossHook>>,
 }
 
 /// What `hostcrypt status` and the metrics show about a remote backing.
@@ -149,6 +224,8 @@ pub enum ClientError {
     Uri { uri: String, source: uri::UriError },
     #[error("cannot connect to {uri}: {source}")]
     Connect { uri: String, source: io::Error },
+    #[error("{uri}: connecting and the NBD handshake took longer than {}; is the server overloaded or not an NBD server?", humantime::format_duration(*after))]
+    HandshakeTimedOut { uri: String, after: Duration },
     #[error("{uri}: {source}")]
     Negotiate {
         uri: String,
@@ -179,7 +256,10 @@ impl NbdClient {
             uri: text.to_string(),
             source,
         })?;
-        let (first, info) = link::open(&uri, &options).map_err(|e| match e {
+        // One deadline for every connection opened here, so connecting
+        // takes at most `timeout` however many connections are wanted.
+        let deadline = Instant::now() + options.timeout;
+        let (first, info) = link::open(&uri, &options, deadline).map_err(|e| match e {
             link::OpenError::Io(source) => ClientError::Connect {
                 uri: text.to_string(),
                 source,
@@ -187,6 +267,10 @@ impl NbdClient {
             link::OpenError::Negotiate(source) => ClientError::Negotiate {
                 uri: text.to_string(),
                 source,
+            },
+            link::OpenError::TimedOut(after) => ClientError::HandshakeTimedOut {
+                uri: text.to_string(),
+                after,
             },
         })?;
         let wanted = if info.has(TFLAG_CAN_MULTI_CONN) {
@@ -197,7 +281,7 @@ impl NbdClient {
         let mut streams = vec![Some((first, info.structured))];
         for _ in 1..wanted {
             streams.push(
-                link::open(&uri, &options)
+                link::open(&uri, &options, deadline)
                     .ok()
                     .map(|(s, info)| (s, info.structured)),
             );
@@ -208,12 +292,14 @@ impl NbdClient {
             info,
             state: Mutex::new(State {
                 up: vec![None; wanted],
+                dirty: vec![0; wanted],
                 ..State::default()
             }),
             changed: Condvar::new(),
             links: (0..wanted).map(|_| Link::default()).collect(),
             closing: AtomicBool::new(false),
             counters: Counters::default(),
+            on_loss: Mutex::new(None),
         });
         for (slot, stream) in streams.into_iter().enumerate() {
             let shared = shared.clone();
@@ -243,6 +329,20 @@ impl NbdClient {
         &self.shared.info
     }
 
+    /// Installs the hook told of durability losses (see the module
+    /// documentation); a loss that happened before it was installed is
+    /// reported to it at once.
+    pub fn on_durability_lost(&self, hook: LossHook) {
+        *self
+            .shared
+            .on_loss
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(hook.clone());
+        if let Some(loss) = self.shared.lock().last_loss.clone() {
+            hook(&loss);
+        }
+    }
+
     /// Sends one request; `done` runs when it completes or fails. `len`
     /// is the read length (a write's comes from its payload).
     pub fn submit(
@@ -267,6 +367,9 @@ impl NbdClient {
             done: Some(done),
             error: None,
             covered: coverage::Coverage::default(),
+            ever_sent: false,
+            covers: 0,
+            losses: 0,
         };
         self.shared.dispatch_new(pending);
     }
@@ -352,7 +455,7 @@ impl Shared {
         self.closing.load(Ordering::SeqCst)
     }
 
-    fn dispatch_new(&self, pending: Pending) {
+    fn dispatch_new(&self, mut pending: Pending) {
         let mut state = self.lock();
         if self.closing() {
             drop(state);
@@ -369,6 +472,8 @@ impl Shared {
         }
         let cookie = state.next_cookie;
         state.next_cookie += 1;
+        pending.covers = state.acked;
+        pending.losses = state.losses;
         state.pending.insert(cookie, pending);
         let target = assign(&mut state, cookie);
         drop(state);
@@ -408,6 +513,7 @@ impl Shared {
             // or reported does not count towards this one.
             p.covered.clear();
             p.error = None;
+            p.ever_sent = true;
             (request_header(p, cookie), p.payload.clone())
         };
         self.links[target.0].send(target.1, header, payload);
@@ -454,9 +560,19 @@ impl Shared {
     /// buffer written by the reply: this is where the pooled-buffer rule
     /// (`io/buffers.rs`) is enforced for remote reads.
     fn complete(&self, cookie: u64, error: u32) {
-        let Some(mut p) = self.lock().pending.remove(&cookie) else {
-            return;
+        let (mut p, lost) = {
+            let mut state = self.lock();
+            let Some(p) = state.pending.remove(&cookie) else {
+                return;
+            };
+            let lost = (error == 0 && p.error.is_none())
+                .then(|| self.account(&mut state, &p))
+                .flatten();
+            (p, lost)
         };
+        if let Some(loss) = lost {
+            return fail(p, io::Error::other(loss));
+        }
         let mut error = if error != 0 {
             error
         } else {
@@ -487,6 +603,78 @@ impl Shared {
         if let Some(done) = p.done {
             done(Ok(p.buf.unwrap_or_else(|| IoBuf::new(0))));
         }
+    }
+}
+
+impl Shared {
+    /// Durability bookkeeping for a request the server reports done:
+    /// counts an acknowledged write on its connection, or a FLUSH's
+    /// coverage. Returns the loss that fails a FLUSH which was in flight
+    /// when it happened.
+    fn account(&self, state: &mut State, p: &Pending) -> Option<DurabilityLost> {
+        // A server without FLUSH has no cache to lose (`io/remote.rs`),
+        // and a FUA write is on stable storage when acknowledged.
+        let volatile = self.info.has(TFLAG_SEND_FLUSH) && p.flags & CMD_FLAG_FUA == 0;
+        if p.writes() && volatile {
+            state.acked += 1;
+            if let Some((slot, _)) = p.sent_on {
+                state.dirty[slot] = state.acked;
+            }
+        } else if p.command == Command::Flush {
+            if state.losses != p.losses {
+                return state.last_loss.clone();
+            }
+            state.flushed = state.flushed.max(p.covers);
+        }
+        None
+    }
+
+    /// Records a durability loss (under the lock); the caller then calls
+    /// `report_loss` without it, before re-sending anything.
+    fn lose(&self, state: &mut State, loss: DurabilityLost) -> DurabilityLost {
+        state.losses += 1;
+        state.last_loss = Some(loss.clone());
+        state.last_error = Some(loss.to_string());
+        loss
+    }
+
+    fn report_loss(&self, loss: &DurabilityLost) {
+        tracing::error!(
+            backing = %self.uri_text(),
+            "{loss}: every FLUSH and FUA on this volume fails until it is reopened"
+        );
+        let hook = self
+            .on_loss
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(loss);
+        }
+    }
+
+    /// What losing the live connection of `slot` costs: writes it
+    /// acknowledged since the last FLUSH, and writes still in flight on it
+    /// (abandoned ones were counted when they timed out). Called under the
+    /// lock, before its requests are re-sent.
+    fn connection_lost(&self, state: &mut State, slot: usize) -> Option<DurabilityLost> {
+        let dirty = std::mem::take(&mut state.dirty[slot]);
+        let in_flight = state
+            .pending
+            .values()
+            .filter(|p| p.writes() && p.done.is_some())
+            .filter(|p| p.sent_on.is_some_and(|(s, _)| s == slot))
+            .count() as u64;
+        let loss = if dirty > state.flushed {
+            DurabilityLost::Unflushed {
+                writes: state.acked.saturating_sub(state.flushed),
+            }
+        } else if in_flight > 0 {
+            DurabilityLost::InFlight { writes: in_flight }
+        } else {
+            return None;
+        };
+        Some(self.lose(state, loss))
     }
 }
 
@@ -543,11 +731,18 @@ fn watchdog(s: &Shared) {
         let now = Instant::now();
         let mut expired = Vec::new();
         let mut stuck = Vec::new();
+        let mut late_write = None;
         state.pending.retain(|_, p| {
             if p.done.is_none() || now.duration_since(p.since) < s.options.timeout {
                 return true;
             }
             expired.extend(p.done.take());
+            if p.writes() && p.ever_sent {
+                late_write.get_or_insert(DurabilityLost::TimedOut {
+                    offset: p.offset,
+                    length: p.length,
+                });
+            }
             match p.sent_on {
                 // Kept (abandoned) so its reply, if one comes, is parsed and dropped.
                 Some((slot, _)) => {
@@ -560,7 +755,19 @@ fn watchdog(s: &Shared) {
         if expired.is_empty() {
             continue;
         }
+        let loss = late_write.map(|l| s.lose(&mut state, l));
         drop(state);
+        // Recorded and the connection broken before the client hears of
+        // the timeout: a write it sends next must not be answered, nor a
+        // FLUSH succeed, as if the stale one could not still land.
+        if let Some(loss) = &loss {
+            s.report_loss(loss);
+        }
+        stuck.sort_unstable();
+        stuck.dedup();
+        for &slot in &stuck {
+            s.links[slot].disconnect();
+        }
         s.counters
             .timeouts
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
@@ -575,11 +782,6 @@ fn watchdog(s: &Shared) {
                 io::ErrorKind::TimedOut,
                 "the remote backing did not answer in time",
             )));
-        }
-        stuck.sort_unstable();
-        stuck.dedup();
-        for slot in stuck {
-            s.links[slot].disconnect();
         }
         state = s.lock();
     }
@@ -627,12 +829,14 @@ fn detached(structured: bool, requests: &[(Command, u64, u32)], fill: u8) -> (Sh
         },
         state: Mutex::new(State {
             up: vec![Some(1)],
+            dirty: vec![0],
             ..State::default()
         }),
         changed: Condvar::new(),
         links: vec![Link::default()],
         closing: AtomicBool::new(false),
         counters: Counters::default(),
+        on_loss: Mutex::new(None),
     };
     let outcomes = Outcomes::default();
     {
@@ -665,6 +869,9 @@ fn detached(structured: bool, requests: &[(Command, u64, u32)], fill: u8) -> (Sh
                     done: Some(done),
                     error: None,
                     covered: coverage::Coverage::default(),
+                    ever_sent: true,
+                    covers: 0,
+                    losses: 0,
                 },
             );
         }
@@ -754,5 +961,212 @@ mod fuzz_seeds {
             seen += 1;
         }
         assert!(seen > 0);
+    }
+}
+
+/// Durability across lost connections (crafted replies fed to a detached
+/// client), and the handshake's deadline (a real socket).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn simple_ok(cookie: u64) -> Vec<u8> {
+        let mut out = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out
+    }
+
+    /// Feeds the server's simple OK replies to `cookies`.
+    fn ok(shared: &Shared, cookies: &[u64]) {
+        let bytes: Vec<u8> = cookies.iter().flat_map(|&c| simple_ok(c)).collect();
+        let mut r = &bytes[..];
+        while !r.is_empty() {
+            link::read_reply(shared, &mut r, false).expect("a framed reply");
+        }
+    }
+
+    /// Submits a request as `dispatch_new` would (what it covers and the
+    /// losses so far), already sent on the one connection.
+    fn submit(shared: &Shared, outcomes: &Outcomes, cookie: u64, command: Command, flags: u16) {
+        let seen = outcomes.clone();
+        let mut state = shared.lock();
+        let (covers, losses) = (state.acked, state.losses);
+        state.pending.insert(
+            cookie,
+            Pending {
+                command,
+                flags,
+                offset: 0,
+                length: if command == Command::Flush { 0 } else { 512 },
+                payload: None,
+                buf: None,
+                sent_on: Some((0, 1)),
+                since: Instant::now(),
+                done: Some(Box::new(move |r| {
+                    let r = r.map(|b| b.to_vec()).map_err(|e| e.raw_os_error());
+                    seen.lock().unwrap().insert(cookie, r);
+                })),
+                error: None,
+                covered: coverage::Coverage::default(),
+                ever_sent: true,
+                covers,
+                losses,
+            },
+        );
+    }
+
+    fn lose_connection(shared: &Shared) -> Option<DurabilityLost> {
+        let mut state = shared.lock();
+        shared.connection_lost(&mut state, 0)
+    }
+
+    #[test]
+    fn unflushed_writes_on_a_lost_connection_are_a_loss() {
+        let (shared, outcomes) = detached(false, &[], 0);
+        submit(&shared, &outcomes, 0, Command::Write, 0);
+        ok(&shared, &[0]);
+        assert_eq!(
+            lose_connection(&shared),
+            Some(DurabilityLost::Unflushed { writes: 1 })
+        );
+        // Counted once: the next connection starts clean.
+        assert_eq!(lose_connection(&shared), None);
+    }
+
+    #[test]
+    fn flushed_and_fua_writes_are_not_a_loss() {
+        let (shared, outcomes) = detached(false, &[], 0);
+        submit(&shared, &outcomes, 0, Command::Write, 0);
+        ok(&shared, &[0]);
+        submit(&shared, &outcomes, 1, Command::Flush, 0);
+        ok(&shared, &[1]);
+        submit(&shared, &outcomes, 2, Command::Write, CMD_FLAG_FUA);
+        ok(&shared, &[2]);
+        assert_eq!(lose_connection(&shared), None);
+        assert_eq!(outcomes.lock().unwrap()[&1], Ok(vec![]));
+        // A FLUSH submitted before a write was acknowledged does not cover it.
+        submit(&shared, &outcomes, 3, Command::Flush, 0);
+        submit(&shared, &outcomes, 4, Command::Write, 0);
+        ok(&shared, &[4, 3]);
+        assert_eq!(
+            lose_connection(&shared),
+            Some(DurabilityLost::Unflushed { writes: 1 })
+        );
+    }
+
+    #[test]
+    fn a_flush_in_flight_across_a_loss_fails() {
+        let (shared, outcomes) = detached(false, &[], 0);
+        submit(&shared, &outcomes, 0, Command::Write, 0);
+        ok(&shared, &[0]);
+        submit(&shared, &outcomes, 1, Command::Flush, 0);
+        assert!(lose_connection(&shared).is_some());
+        // Re-sent after the reconnect and answered by a server that lost
+        // the write: the FLUSH must not vouch for it.
+        ok(&shared, &[1]);
+        assert_eq!(outcomes.lock().unwrap()[&1], Err(None));
+        // A FLUSH submitted after the loss is the backing's to refuse
+        // (`io/write_back.rs`); the client runs it.
+        submit(&shared, &outcomes, 2, Command::Flush, 0);
+        ok(&shared, &[2]);
+        assert_eq!(outcomes.lock().unwrap()[&2], Ok(vec![]));
+    }
+
+    #[test]
+    fn writes_in_flight_on_a_lost_connection_are_a_loss() {
+        let (shared, outcomes) = detached(false, &[], 0);
+        submit(&shared, &outcomes, 0, Command::Write, CMD_FLAG_FUA);
+        assert_eq!(
+            lose_connection(&shared),
+            Some(DurabilityLost::InFlight { writes: 1 })
+        );
+        // Reads in flight are not.
+        let (shared, outcomes) = detached(false, &[(Command::Read, 0, 512)], 0);
+        drop(outcomes);
+        assert_eq!(lose_connection(&shared), None);
+    }
+
+    #[test]
+    fn the_hook_hears_of_a_loss_even_one_before_it_was_installed() {
+        let (shared, outcomes) = detached(false, &[], 0);
+        submit(&shared, &outcomes, 0, Command::Write, 0);
+        ok(&shared, &[0]);
+        let loss = lose_connection(&shared).expect("a loss");
+        shared.report_loss(&loss);
+        let client = NbdClient {
+            shared: Arc::new(shared),
+        };
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let h = heard.clone();
+        client.on_durability_lost(Arc::new(move |l| h.lock().unwrap().push(l.clone())));
+        assert_eq!(*heard.lock().unwrap(), vec![loss]);
+        assert!(client
+            .status()
+            .last_error
+            .unwrap()
+            .contains("not yet flushed"));
+    }
+
+    /// A server that accepts and then sends a valid greeting and option
+    /// replies one byte every `pace`, for as long as the client listens.
+    fn trickling_server(path: &std::path::Path, pace: Duration) {
+        let listener = std::os::unix::net::UnixListener::bind(path).expect("bind");
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    let mut bytes = NBDMAGIC.to_be_bytes().to_vec();
+                    bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
+                    bytes.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+                    for _ in 0..1000 {
+                        bytes.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+                        bytes.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+                        bytes.extend_from_slice(&REP_ACK.to_be_bytes());
+                        bytes.extend_from_slice(&0u32.to_be_bytes());
+                    }
+                    for b in bytes {
+                        // The server's own pace, not a test's synchronisation.
+                        std::thread::sleep(pace);
+                        if conn.write_all(&[b]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_trickling_handshake_fails_within_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("hostcrypt-trickle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("nbd.sock");
+        trickling_server(&socket, Duration::from_millis(50));
+        let timeout = Duration::from_secs(1);
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        let options = RemoteOptions {
+            connections: 4,
+            timeout,
+            tls_certificates: None,
+        };
+        let started = Instant::now();
+        // In a thread, so a regression fails the test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(NbdClient::connect(&uri, options).map(drop));
+        });
+        let outcome = rx
+            .recv_timeout(timeout * 5)
+            .expect("connect returned within five times its deadline");
+        let elapsed = started.elapsed();
+        match outcome {
+            Err(ClientError::HandshakeTimedOut { after, .. }) => assert_eq!(after, timeout),
+            other => panic!("{other:?}"),
+        }
+        assert!(elapsed < timeout * 2, "took {elapsed:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

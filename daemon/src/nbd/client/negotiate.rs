@@ -1,7 +1,10 @@
 //! The client side of the fixed newstyle handshake: structured replies
 //! when the server offers them, then NBD_OPT_GO asking for the export's
 //! block sizes. What a server may send back is bounded before it is
-//! read, as on the server side. The transmission phase lives in `mod.rs`.
+//! read, as on the server side: a reply's length (`MAX_OPTION_REPLY`)
+//! before anything is allocated for it, and how many replies one option
+//! may get (`MAX_OPTION_REPLIES`). How long the handshake may take is the
+//! caller's (`link::Deadlined`). The transmission phase lives in `mod.rs`.
 
 use std::io::{self, Read, Write};
 
@@ -27,12 +30,28 @@ impl ExportInfo {
     }
 }
 
+/// The longest option reply taken: the largest a client asks for is
+/// NBD_INFO_NAME or NBD_INFO_DESCRIPTION (strings of up to 4 KiB) or an
+/// error's message; four times that is a broken or hostile server.
+pub const MAX_OPTION_REPLY: u32 = 16 * 1024;
+
+/// How many replies one option may get: OPT_GO gets one per information
+/// type (a handful) and an ACK; a server that keeps sending INFO replies
+/// is not converging.
+pub const MAX_OPTION_REPLIES: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NegotiateError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("the server broke the NBD handshake: {0}")]
     Protocol(String),
+    #[error(
+        "the server sent an option reply of {len} bytes (at most {MAX_OPTION_REPLY} are taken)"
+    )]
+    ReplyTooLong { len: u32 },
+    #[error("the server sent more than {MAX_OPTION_REPLIES} replies to one option")]
+    TooManyReplies,
     #[error("the server refused {what}: {why}")]
     Refused { what: &'static str, why: String },
 }
@@ -111,7 +130,12 @@ pub fn choose<S: Read + Write>(stream: &mut S, export: &str) -> Result<ExportInf
     send_option(stream, OPT_GO, &go)?;
     let mut export_info = None;
     let mut sizes = (DEFAULT_MIN, DEFAULT_PREFERRED, DEFAULT_MAX);
+    let mut replies = 0;
     loop {
+        replies += 1;
+        if replies > MAX_OPTION_REPLIES {
+            return Err(NegotiateError::TooManyReplies);
+        }
         let (kind, data) = read_option_reply(stream, OPT_GO)?;
         match kind {
             REP_ACK => break,
@@ -201,10 +225,159 @@ fn read_option_reply(
     }
     let kind = be32(&head[12..16]);
     let len = be32(&head[16..20]);
-    if len > MAX_OPTION_LEN {
-        return Err(protocol(format!("an option reply of {len} bytes")));
+    if len > MAX_OPTION_REPLY {
+        return Err(NegotiateError::ReplyTooLong { len });
     }
     let mut data = vec![0u8; len as usize];
     stream.read_exact(&mut data)?;
     Ok((kind, data))
+}
+
+/// Crafted handshakes: what a server claims is bounded before anything is
+/// allocated or waited for.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server's bytes: `script` first, then `forever` repeated (up to
+    /// `limit` bytes in all, then EOF); what the client writes is
+    /// dropped. Counts what the client read.
+    struct Server {
+        script: Vec<u8>,
+        forever: Vec<u8>,
+        at: usize,
+        limit: usize,
+    }
+
+    impl Server {
+        fn new(script: Vec<u8>, forever: Vec<u8>, limit: usize) -> Self {
+            Server {
+                script,
+                forever,
+                at: 0,
+                limit,
+            }
+        }
+    }
+
+    impl Read for Server {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let mut n = 0;
+            while n < buf.len() && self.at < self.limit {
+                let byte = match self.script.get(self.at) {
+                    Some(&b) => b,
+                    None if self.forever.is_empty() => break,
+                    None => {
+                        let i = (self.at - self.script.len()) % self.forever.len();
+                        self.forever[i]
+                    }
+                };
+                buf[n] = byte;
+                n += 1;
+                self.at += 1;
+            }
+            Ok(n)
+        }
+    }
+
+    impl Write for Server {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn greeting() -> Vec<u8> {
+        let mut g = NBDMAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        g
+    }
+
+    fn reply_head(option: u32, kind: u32, len: u32) -> Vec<u8> {
+        let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&option.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    }
+
+    fn reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
+        let mut r = reply_head(option, kind, data.len() as u32);
+        r.extend_from_slice(data);
+        r
+    }
+
+    /// The greeting and an ACK for structured replies.
+    fn up_to_go() -> Vec<u8> {
+        let mut s = greeting();
+        s.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+        s
+    }
+
+    #[test]
+    fn a_well_formed_go_negotiates() {
+        let mut s = up_to_go();
+        let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+        export.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        export.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH).to_be_bytes());
+        s.extend(reply(OPT_GO, REP_INFO, &export));
+        s.extend(reply(OPT_GO, REP_ACK, &[]));
+        let n = s.len();
+        let info = negotiate(&mut Server::new(s, vec![], n), "").unwrap();
+        assert_eq!(info.size, 1 << 20);
+        assert!(info.structured);
+    }
+
+    #[test]
+    fn an_oversized_option_reply_is_refused_from_its_header() {
+        for (option, len) in [
+            (OPT_STRUCTURED_REPLY, u32::MAX),
+            (OPT_STRUCTURED_REPLY, MAX_OPTION_REPLY + 1),
+            (OPT_GO, 64 * 1024),
+        ] {
+            let mut s = greeting();
+            if option == OPT_GO {
+                s.extend(reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+            }
+            s.extend(reply_head(option, REP_INFO, len));
+            // The claimed payload never comes: the refusal must not wait
+            // for it (or allocate it).
+            let n = s.len();
+            let mut server = Server::new(s, vec![], n);
+            match negotiate(&mut server, "") {
+                Err(NegotiateError::ReplyTooLong { len: l }) => assert_eq!(l, len),
+                other => panic!("{len} bytes: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn endless_option_replies_are_refused() {
+        // An unknown INFO type, which a client must ignore, sent without
+        // end: refused after a bounded number, long before the stream
+        // (or the patience of a caller without a deadline) runs out.
+        let mut unknown = 0x7fffu16.to_be_bytes().to_vec();
+        unknown.extend_from_slice(&[0; 100]);
+        let forever = reply(OPT_GO, REP_INFO, &unknown);
+        let mut server = Server::new(up_to_go(), forever.clone(), 1 << 30);
+        match negotiate(&mut server, "") {
+            Err(NegotiateError::TooManyReplies) => {}
+            other => panic!("{other:?}"),
+        }
+        let read = server.at - up_to_go().len();
+        assert!(
+            read <= forever.len() * MAX_OPTION_REPLIES,
+            "{read} bytes read"
+        );
+        // Unknown non-error reply kinds are capped the same way.
+        let forever = reply(OPT_GO, 99, &[]);
+        let mut server = Server::new(up_to_go(), forever, 1 << 30);
+        assert!(matches!(
+            negotiate(&mut server, ""),
+            Err(NegotiateError::TooManyReplies)
+        ));
+    }
 }

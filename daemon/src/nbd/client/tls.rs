@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::link::{OpenError, Stream};
+use super::link::{Deadlined, OpenError, Stream};
 use super::negotiate::{choose, greet, starttls, ExportInfo, NegotiateError};
 use super::uri::{Address, NbdUri};
 use super::RemoteOptions;
@@ -67,10 +67,12 @@ pub fn client_config(dir: &Path) -> Result<rustls::ClientConfig, OpenError> {
 
 /// Greeting and STARTTLS in plaintext, the TLS handshake, then the export
 /// chosen inside the session.
+/// All of it by `deadline`.
 pub fn negotiate_tls(
     stream: Stream,
     uri: &NbdUri,
     options: &RemoteOptions,
+    deadline: std::time::Instant,
 ) -> Result<(Stream, ExportInfo), OpenError> {
     let Stream::Tcp(tcp) = stream else {
         return Err(io_other(
@@ -91,14 +93,15 @@ pub fn negotiate_tls(
     };
     let name = ServerName::try_from(host.clone())
         .map_err(|_| io_other(format!("{host:?} is not a valid TLS server name")))?;
-    let mut plain = &tcp;
+    let mut plain = Deadlined::new(&tcp, deadline);
     greet(&mut plain).map_err(OpenError::Negotiate)?;
     starttls(&mut plain).map_err(OpenError::Negotiate)?;
     let (ours, theirs) = UnixStream::pair().map_err(OpenError::Io)?;
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
     std::thread::Builder::new()
         .name("hostcrypt-nbd-tls".into())
-        .spawn(move || relay(tcp, theirs, config, name, ready_tx))
+        .spawn(move || relay(tcp, theirs, config, name, left, ready_tx))
         .map_err(OpenError::Io)?;
     match ready_rx.recv() {
         Ok(Ok(())) => {}
@@ -107,7 +110,7 @@ pub fn negotiate_tls(
     }
     let stream = Stream::Unix(ours);
     let info = {
-        let mut s = &stream;
+        let mut s = Deadlined::new(&stream, deadline);
         choose(&mut s, &uri.export).map_err(|e| match e {
             NegotiateError::Io(e) => io_other(format!("inside TLS: {e}")),
             other => OpenError::Negotiate(other),
@@ -123,6 +126,7 @@ fn relay(
     local: UnixStream,
     config: rustls::ClientConfig,
     name: ServerName<'static>,
+    within: std::time::Duration,
     ready: std::sync::mpsc::SyncSender<io::Result<()>>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -144,10 +148,9 @@ fn relay(
             let tcp = tokio::net::TcpStream::from_std(tcp)?;
             let local = tokio::net::UnixStream::from_std(local)?;
             let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-            let tls =
-                tokio::time::timeout(super::link::HANDSHAKE_TIMEOUT, connector.connect(name, tcp))
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake"))??;
+            let tls = tokio::time::timeout(within, connector.connect(name, tcp))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no TLS handshake"))??;
             Ok::<_, io::Error>((tls, local))
         };
         let (tls, mut local) = match setup.await {
