@@ -361,3 +361,24 @@ fn socket2_connect(source: [u8; 4], port: u16) -> std::net::TcpStream {
         std::net::TcpStream::from_raw_fd(fd)
     }
 }
+
+/// A key file that another user owns is refused, whatever its mode: its
+/// owner could chmod it or swap the key under the daemon.
+#[test]
+fn a_key_file_owned_by_another_user_is_refused() {
+    if !require_root("giving a file to another user") {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config("");
+    fx.create("v", "16M", 4096);
+    std::os::unix::fs::chown(&fx.kek, Some(65534), None).unwrap();
+    let out = fx.check();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("owned by uid 65534"), "{text}");
+    std::os::unix::fs::chown(&fx.kek, Some(0), None).unwrap();
+    let out = fx.check();
+    assert!(out.status.success(), "{}", output_text(&out));
+}

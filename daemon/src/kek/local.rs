@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use aes_kw::KeyInit;
@@ -74,13 +74,7 @@ impl LocalKek {
         };
         let mut file = File::open(path).map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(KekError::InsecureKeyFile {
-                path: path.to_owned(),
-                mode,
-            });
-        }
+        super::check_secret_metadata(path, &meta)?;
         if meta.len() != KEY_LEN as u64 {
             return Err(KekError::BadKeyFile {
                 path: path.to_owned(),

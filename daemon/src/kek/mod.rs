@@ -63,6 +63,8 @@ pub enum KekError {
     },
     #[error("secret file {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`")]
     InsecureKeyFile { path: PathBuf, mode: u32 },
+    #[error("secret file {path} is owned by uid {owner}, neither root nor the daemon's user: whoever owns it can change or replace the key; run `chown root {path}`")]
+    SecretFileOwner { path: PathBuf, owner: u32 },
     #[error("KEK file {path} is not a local KEK: {reason}")]
     BadKeyFile { path: PathBuf, reason: String },
     #[error("KEK file {path} already exists; refusing to overwrite a key")]
@@ -213,16 +215,37 @@ pub(crate) fn default_timeout() -> u64 {
 }
 
 /// Refuses a secret file (KEK, token, PIN, client secret) that group or
-/// others may read. A missing file passes: reading it reports that better.
+/// others may read, or that someone other than root or the daemon's user
+/// owns (the owner can chmod it, or swap the key). A missing file passes:
+/// reading it reports that better.
 pub(crate) fn check_secret_file(path: &std::path::Path) -> Result<(), KekError> {
-    use std::os::unix::fs::MetadataExt;
     match std::fs::metadata(path) {
-        Ok(m) if m.mode() & 0o077 != 0 => Err(KekError::InsecureKeyFile {
+        Ok(m) => check_secret_metadata(path, &m),
+        Err(_) => Ok(()),
+    }
+}
+
+/// `check_secret_file` on metadata already read (from an open file).
+pub(crate) fn check_secret_metadata(
+    path: &std::path::Path,
+    m: &std::fs::Metadata,
+) -> Result<(), KekError> {
+    use std::os::unix::fs::MetadataExt;
+    if m.mode() & 0o077 != 0 {
+        return Err(KekError::InsecureKeyFile {
             path: path.to_owned(),
             mode: m.mode() & 0o7777,
-        }),
-        _ => Ok(()),
+        });
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if m.uid() != 0 && m.uid() != me {
+        return Err(KekError::SecretFileOwner {
+            path: path.to_owned(),
+            owner: m.uid(),
+        });
+    }
+    Ok(())
 }
 
 /// Compares key versions numerically where both are numbers (`"10" > "9"`).

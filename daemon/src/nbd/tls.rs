@@ -63,6 +63,8 @@ pub enum TlsError {
     NoCertificate { path: PathBuf },
     #[error("{path} is readable by group or others (mode {mode:04o}); a private key must be 0600: chmod 600 {path}")]
     KeyNotPrivate { path: PathBuf, mode: u32 },
+    #[error("{path} is owned by uid {owner}, neither root nor the daemon's user: whoever owns it can replace the key; run `chown root {path}`")]
+    KeyNotOwned { path: PathBuf, owner: u32 },
     #[error("tls_verify_peer = true needs {path} (the CA that signs client certificates)")]
     NoCa { path: PathBuf },
     #[error("{path}: {message}")]
@@ -243,6 +245,15 @@ fn check_key_mode(path: &Path) -> Result<(), TlsError> {
         return Err(TlsError::KeyNotPrivate {
             path: path.to_owned(),
             mode,
+        });
+    }
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(TlsError::KeyNotOwned {
+            path: path.to_owned(),
+            owner: meta.uid(),
         });
     }
     Ok(())
