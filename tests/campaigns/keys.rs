@@ -28,7 +28,7 @@ fn setup(volume_kek: &str) -> KeysFixture {
     let token_file = fx.path("bao.token");
     bao.key_token("hostcrypt", &token_file);
     fx.kek_tables.push(format!(
-        "[kek.bao]\nprovider = \"vault\"\naddress = \"{}\"\nkey = \"hostcrypt\"\ntoken_file = \"{}\"\nattempts = 2\ntimeout_secs = 5\n",
+        "[kek.bao]\nprovider = \"vault\"\naddress = \"{}\"\nkey = \"hostcrypt\"\ntoken_file = \"{}\"\nattempts = 2\ntimeout_secs = 5\ninsecure_http = true\n",
         bao.addr,
         token_file.display()
     ));

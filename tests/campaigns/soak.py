@@ -127,7 +127,7 @@ class Soak:
                     f'tls_certificates = "{certs}/server"\ntls_verify_peer = true\n'
                     f'control = "{self.path("control.sock")}"\n'
                     f'audit_log = "{self.path("audit.log")}"\n\n'
-                    f'[kek.bao]\nprovider = "vault"\naddress = "{self.bao_addr}"\nkey = "soak"\n'
+                    f'[kek.bao]\nprovider = "vault"\naddress = "{self.bao_addr}"\nkey = "soak"\ninsecure_http = true\n'
                     f'token_file = "{token_file}"\n\n'
                     f'[kek.local]\nprovider = "local"\npath = "{kek}"\n\n{volumes}')
         for name, size in (("a", "1G"), ("b", "1G"), ("c1", "64M"), ("c2", "64M")):

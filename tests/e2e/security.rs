@@ -382,3 +382,47 @@ fn a_key_file_owned_by_another_user_is_refused() {
     let out = fx.check();
     assert!(out.status.success(), "{}", output_text(&out));
 }
+
+/// A Vault address in plain http is refused unless the config says so:
+/// the token and every unwrapped DEK would cross the network in clear.
+#[test]
+fn a_plain_http_vault_address_is_refused_unless_allowed() {
+    let mut fx = Fixture::new();
+    let token = fx.path("bao.token");
+    std::fs::write(&token, "s.dev").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let table = |extra: &str| {
+        format!(
+            "[kek.bao]\nprovider = \"vault\"\naddress = \"http://127.0.0.1:1\"\nkey = \"k\"\ntoken_file = \"{}\"\n{extra}",
+            token.display()
+        )
+    };
+    fx.kek_tables.push(table(""));
+    fx.volume("v", "cache", "");
+    fx.write_config("");
+    let check = Command::new(bin("hostcryptd"))
+        .arg("--config")
+        .arg(&fx.config)
+        .args(["--check"])
+        .output()
+        .unwrap();
+    let text = output_text(&check);
+    assert!(!check.status.success(), "{text}");
+    assert!(text.contains("use https://"), "{text}");
+    // Allowed: the address is accepted (the dev server is not running, so
+    // the provider is then merely unreachable, not refused as insecure).
+    fx.kek_tables = vec![table("insecure_http = true\n")];
+    fx.write_config("");
+    let check = Command::new(bin("hostcryptd"))
+        .arg("--config")
+        .arg(&fx.config)
+        .args(["--check"])
+        .output()
+        .unwrap();
+    assert!(
+        !output_text(&check).contains("use https://"),
+        "{}",
+        output_text(&check)
+    );
+}

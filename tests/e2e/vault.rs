@@ -36,7 +36,7 @@ impl VaultFixture {
         let token_file = fx.path("bao.token");
         let token = bao.key_token(&key, &token_file);
         fx.kek_tables.push(format!(
-            "[kek.bao]\nprovider = \"vault\"\naddress = \"{}\"\nkey = \"{key}\"\ntoken_file = \"{}\"\nattempts = 2\ntimeout_secs = 5\n",
+            "[kek.bao]\nprovider = \"vault\"\naddress = \"{}\"\nkey = \"{key}\"\ntoken_file = \"{}\"\nattempts = 2\ntimeout_secs = 5\ninsecure_http = true\n",
             bao.addr,
             token_file.display()
         ));

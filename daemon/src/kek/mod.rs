@@ -98,6 +98,11 @@ pub enum KekError {
         provider: String,
         operation: &'static str,
     },
+    #[error("{provider}: {reason}")]
+    Insecure {
+        provider: &'static str,
+        reason: String,
+    },
     #[error("{provider}: cannot read secret file {path}: {source}")]
     SecretFile {
         provider: String,

@@ -58,6 +58,11 @@ pub struct VaultConfig {
     /// Per-request timeout in seconds.
     #[serde(default = "super::default_timeout")]
     pub timeout_secs: u64,
+    /// Allow an `http://` address: the token and every wrapped and
+    /// unwrapped DEK then cross the network in the clear. Only for a dev
+    /// server on loopback.
+    #[serde(default)]
+    pub insecure_http: bool,
 }
 
 fn default_mount() -> String {
@@ -94,6 +99,18 @@ enum Failure {
 
 impl VaultKek {
     pub fn new(config: VaultConfig) -> Result<Self, KekError> {
+        let scheme = config.address.split("://").next().unwrap_or("");
+        if !scheme.eq_ignore_ascii_case("https")
+            && !(config.insecure_http && scheme.eq_ignore_ascii_case("http"))
+        {
+            return Err(KekError::Insecure {
+                provider: PROVIDER,
+                reason: format!(
+                    "address {:?}: use https:// (the token and unwrapped DEKs cross this connection); set insecure_http = true only for a dev server on loopback",
+                    config.address
+                ),
+            });
+        }
         super::check_secret_file(&config.token_file)?;
         let http = super::http::client(PROVIDER, config.timeout_secs, config.ca_file.as_deref())?;
         let kek = VaultKek {
