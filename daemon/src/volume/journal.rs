@@ -107,6 +107,9 @@ pub fn write_hashes(
     })
 }
 
+/// A journalled window: its sector size and its old sectors' hashes.
+pub type Hashes = (u32, Vec<[u8; 32]>);
+
 /// The sector size and old-sector hashes journalled for `key`, if a
 /// complete, matching, authenticated hash record is there. A matching
 /// record that is not authenticated by `mac_key` is an error.
@@ -114,7 +117,7 @@ pub fn read_hashes(
     backing: &Backing,
     key: JournalKey,
     mac_key: &[u8; 32],
-) -> Result<Option<(u32, Vec<[u8; 32]>)>, JournalError> {
+) -> Result<Option<Hashes>, JournalError> {
     let forged = |why| JournalError::Forged {
         checkpoint: key.checkpoint,
         why,
