@@ -140,14 +140,20 @@ pub fn transmission(data: &[u8]) {
     });
 }
 
+/// The journal key the fuzzed records are authenticated with.
+const FUZZ_JOURNAL_KEY: [u8; 32] = [0x4a; 32];
+
 /// The re-encryption journal as found on a disk. With the first byte odd,
-/// the record's checksums are fixed up first (as a valid writer would have
-/// left them), so the fuzzer gets past them to the fields behind.
+/// the record's checksums and MAC are fixed up first (as a valid writer
+/// would have left them), so the fuzzer gets past them to the fields
+/// behind; with bit 1 set too, as the old unauthenticated format, which
+/// must be refused as forged (the record always names its own window).
 pub fn journal(data: &[u8]) {
     let h = harness();
     let mut area = data.to_vec();
-    if area.first().is_some_and(|b| b & 1 == 1) {
-        fix_up_hash_record(&mut area);
+    let fixed = area.first().copied().filter(|b| b & 1 == 1);
+    if let Some(first) = fixed {
+        fix_up_hash_record(&mut area, first & 2 == 0);
     }
     if h.journal.write_at(&area, JOURNAL_AT).is_err() {
         return;
@@ -164,18 +170,29 @@ pub fn journal(data: &[u8]) {
             .and_then(|b| b.try_into().ok())
             .map_or(0, u32::from_le_bytes),
     };
-    let _ = journal::read_hashes(&h.journal, key);
-    let _ = journal::read(&h.journal, key);
+    let read = journal::read_hashes(&h.journal, key, &FUZZ_JOURNAL_KEY);
+    if let (Some(first), true) = (fixed, area.len() >= 144) {
+        let forged = matches!(read, Err(journal::JournalError::Forged { .. }));
+        assert_eq!(
+            forged,
+            first & 2 != 0,
+            "only the unauthenticated record is refused as forged"
+        );
+    }
     // Whatever was read, clear it for the next execution.
     let _ = h.journal.write_at(&vec![0u8; area.len()], JOURNAL_AT);
 }
 
-fn fix_up_hash_record(area: &mut [u8]) {
+fn fix_up_hash_record(area: &mut [u8], authenticated: bool) {
     const RECORD: usize = 4096;
-    if area.len() < 112 {
+    if area.len() < 144 {
         return;
     }
-    area[..8].copy_from_slice(b"HCJRNL\x00\x02");
+    area[..8].copy_from_slice(if authenticated {
+        b"HCJRNL\x00\x03"
+    } else {
+        b"HCJRNL\x00\x02"
+    });
     let len = u64::from_le_bytes(area[32..40].try_into().unwrap_or([0; 8]));
     let sector = u64::from(u32::from_le_bytes(
         area[44..48].try_into().unwrap_or([0; 4]),
@@ -194,6 +211,8 @@ fn fix_up_hash_record(area: &mut [u8]) {
     area[48..80].copy_from_slice(&table_sum);
     let sum = Sha256::digest(&area[..80]);
     area[80..112].copy_from_slice(&sum);
+    let tag = crate::volume::auth::mac(&FUZZ_JOURNAL_KEY, &area[..112]);
+    area[112..144].copy_from_slice(&tag);
 }
 
 /// What an NBD server sends to the remote-backing client: handshake

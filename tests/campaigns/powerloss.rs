@@ -309,13 +309,26 @@ fn check_one(
 ) {
     std::fs::write(path, image).expect("write the cut image");
     let had_journal = journal_pending(path);
+    // Each cut is another point in time of the volume: checked without an
+    // anti-rollback record (a fresh state directory each time).
+    let state = path.with_extension("state");
+    let _ = std::fs::remove_dir_all(&state);
+    let records = hostcryptd::volume::Records::new(&state);
     let opened = keks.iter().find_map(|kek| {
-        hostcryptd::volume::open_cache("r", path, None, kek.as_ref(), None, false).ok()
+        hostcryptd::volume::open_cache("r", path, None, kek.as_ref(), None, false, &records).ok()
     });
-    let Some((volume, _)) = opened else {
-        let err = hostcryptd::volume::open_cache("r", path, None, keks[0].as_ref(), None, false)
-            .err()
-            .map(|e| e.to_string());
+    let Some((volume, _, _)) = opened else {
+        let err = hostcryptd::volume::open_cache(
+            "r",
+            path,
+            None,
+            keks[0].as_ref(),
+            None,
+            false,
+            &records,
+        )
+        .err()
+        .map(|e| e.to_string());
         panic!("cut before event {event}: the volume does not open with either KEK: {err:?}");
     };
     if had_journal {

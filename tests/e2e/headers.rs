@@ -5,7 +5,11 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 
 use hostcrypt_e2e::*;
-use hostcryptd::volume::{BACKUP_AT, PRIMARY_AT};
+use hostcryptd::crypto::Dek;
+use hostcryptd::kek::{KeyProvider, LocalKek};
+use hostcryptd::volume::header::{Reencrypt, HEADER_SIZE};
+use hostcryptd::volume::{Header, Keyslot, Layer, BACKUP_AT, PRIMARY_AT};
+use sha2::{Digest, Sha256};
 
 fn corrupt(path: &std::path::Path, at: u64) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
@@ -317,4 +321,211 @@ fn erase_destroys_the_headers_and_the_volume_refuses_to_open() {
             .any(|l| l.contains("\"erase\"") && l.contains("\"ok\"")),
         "{audit}"
     );
+}
+
+// Header authentication: each test below performs an attack by writing the
+// backing as someone who holds neither the KEK's secret nor the DEK, and
+// expects the daemon to refuse the volume, name it, and write nothing.
+
+/// Rewrites both header copies as an attacker can: decode, change, bump
+/// the sequence, re-encode (the SHA-256 checksum needs no secret; the MAC
+/// is left as it was unless `change` replaces it).
+fn rewrite_header(path: &std::path::Path, change: impl FnOnce(&mut Header)) {
+    let mut raw = vec![0u8; HEADER_SIZE];
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    f.read_exact_at(&mut raw, PRIMARY_AT).unwrap();
+    let mut header = Header::decode(&raw).unwrap();
+    change(&mut header);
+    header.sequence += 1;
+    let encoded = header.encode().unwrap();
+    f.write_all_at(&encoded[..], PRIMARY_AT).unwrap();
+    f.write_all_at(&encoded[..], BACKUP_AT).unwrap();
+}
+
+fn header_area(path: &std::path::Path) -> Vec<u8> {
+    let mut raw = std::fs::read(path).unwrap();
+    raw.truncate(1 << 20);
+    raw
+}
+
+fn put_header_area(path: &std::path::Path, area: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(area, 0).unwrap();
+}
+
+/// Starts the daemon expecting `volume` refused for `what`; checks the
+/// backing is untouched and the refusal names the volume.
+fn refused_at_start(fx: &Fixture, backing: &std::path::Path, volume: &str, what: &str) {
+    let before = sha256_file(backing);
+    let d = fx.start_with_unavailable(volume);
+    let log = d.stderr();
+    assert_eq!(d.stop(), 0);
+    assert!(
+        log.contains(what) && log.contains(&format!("volume {volume:?}")),
+        "expected a refusal of {volume:?} for {what:?}:\n{log}"
+    );
+    assert_eq!(
+        sha256_file(backing),
+        before,
+        "a refused volume was written to"
+    );
+}
+
+/// Attack 1: a DEK of the attacker's choosing as the target of a
+/// re-encryption "in progress" (with an RSA KEK its public part is all
+/// this takes; the local KEK file stands in for it here). Refused by the
+/// MAC and the record; the data is never moved to the attacker's key.
+#[test]
+fn forged_reencryption_target_is_refused() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("h", "cache", "");
+    fx.create("h", "16M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("h"), &["write -P 0x61 0 1M"]);
+    assert_eq!(d.stop(), 0);
+    let kek = LocalKek::load(&fx.kek).unwrap();
+    let mine = Dek::generate().unwrap();
+    let wrapped = kek.wrap(&mine).unwrap();
+    rewrite_header(&backing, |h| {
+        h.keyslots.push(Keyslot {
+            generation: 2,
+            layer: Layer::Outer,
+            wrapped,
+        });
+        h.reencrypt = Some(Reencrypt {
+            checkpoint: 0,
+            target_generation: 2,
+        });
+        if let Some(a) = h.auth.as_mut() {
+            a.target_key_check = Some([0; 32]);
+        }
+    });
+    refused_at_start(&fx, &backing, "h", "was not started by this daemon");
+    // Without the record (state directory lost), the MAC still refuses it.
+    std::fs::remove_dir_all(fx.state_dir()).unwrap();
+    refused_at_start(&fx, &backing, "h", "MAC does not verify");
+}
+
+/// Attack 2: after a re-encryption to a new DEK generation, the header
+/// saved before it is written back: refused as a rollback.
+#[test]
+fn rolled_back_header_is_refused() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("h", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("h", "16M", 4096);
+    let old = header_area(&backing);
+    let d = fx.start();
+    qemu_io(&fx.uri("h"), &["write -P 0x62 0 1M"]);
+    let out = fx.cli(&["reencrypt", "h"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(d.stop(), 0);
+    assert_eq!(inspect_json(&backing)["dek_generation"], 2);
+    put_header_area(&backing, &old);
+    refused_at_start(&fx, &backing, "h", "a rollback");
+}
+
+/// Attack 3: another volume's keyslot under the same KEK pasted into
+/// this header: its DEK unwraps, but is not this volume's.
+#[test]
+fn pasted_keyslot_of_another_volume_is_refused() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("h", "cache", "");
+    let other = fx.volume("o", "cache", "");
+    fx.create("h", "16M", 4096);
+    fx.create("o", "16M", 4096);
+    let mut raw = vec![0u8; HEADER_SIZE];
+    std::fs::File::open(&other)
+        .unwrap()
+        .read_exact_at(&mut raw, PRIMARY_AT)
+        .unwrap();
+    let theirs = Header::decode(&raw).unwrap().keyslots[0].clone();
+    rewrite_header(&backing, |h| h.keyslots[0] = theirs);
+    refused_at_start(&fx, &backing, "h", "not this volume's");
+}
+
+/// Attack 4: a journal record for the window at the header's checkpoint,
+/// forged to claim the whole next window (under a MAC key of the
+/// attacker's choosing): refused, no sector and no checkpoint moves.
+#[test]
+fn forged_reencryption_journal_is_refused() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("h", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("h", "64M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("h"), &["write -P 0x63 0 8M"]);
+    let out = fx.cli(&["reencrypt", "h", "--rate", "1", "--no-wait"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    wait_until(
+        "the re-encryption passes its first window",
+        std::time::Duration::from_secs(30),
+        || {
+            let out = fx.cli(&["reencrypt", "h", "--status", "--json"]);
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            s["checkpoint"].as_u64().unwrap_or(0) > 0
+        },
+    );
+    assert_eq!(d.stop(), 0);
+    let mut raw = vec![0u8; HEADER_SIZE];
+    std::fs::File::open(&backing)
+        .unwrap()
+        .read_exact_at(&mut raw, PRIMARY_AT)
+        .unwrap();
+    let header = Header::decode(&raw).unwrap();
+    let r = header.reencrypt.expect("stopped mid-re-encryption");
+    let sectors = 256usize;
+    let table = vec![0u8; sectors * 32];
+    let mut rec = vec![0u8; 4096];
+    rec[..8].copy_from_slice(b"HCJRNL\x00\x03");
+    rec[8..24].copy_from_slice(header.uuid.as_bytes());
+    rec[24..32].copy_from_slice(&r.checkpoint.to_le_bytes());
+    rec[32..40].copy_from_slice(&((sectors * 4096) as u64).to_le_bytes());
+    rec[40..44].copy_from_slice(&r.target_generation.to_le_bytes());
+    rec[44..48].copy_from_slice(&4096u32.to_le_bytes());
+    rec[48..80].copy_from_slice(&Sha256::digest(&table));
+    let sum = Sha256::digest(&rec[..80]);
+    rec[80..112].copy_from_slice(&sum);
+    rec[112..144].copy_from_slice(&[0x66; 32]);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    f.write_all_at(&table, (512 << 10) + 4096).unwrap();
+    f.write_all_at(&rec, 512 << 10).unwrap();
+    drop(f);
+    refused_at_start(&fx, &backing, "h", "MAC that does not verify");
+}
+
+/// Attack 5: a version-1 header (as an older hostcryptd wrote it) is
+/// upgraded in place at the first open; writing the old header back is
+/// then refused as a downgrade.
+#[test]
+fn version_1_header_is_upgraded_and_the_downgrade_refused() {
+    let mut fx = Fixture::new();
+    let backing = fx.volume("h", "cache", "");
+    fx.create("h", "16M", 4096);
+    // As an older version left it: no MAC, format version 1, no record.
+    rewrite_header(&backing, |h| h.auth = None);
+    std::fs::remove_dir_all(fx.state_dir()).unwrap();
+    let legacy = header_area(&backing);
+    assert_eq!(u16::from_le_bytes([legacy[8], legacy[9]]), 1);
+    let d = fx.start();
+    qemu_io(&fx.uri("h"), &["write -P 0x64 0 1M"]);
+    let log = d.stderr();
+    assert_eq!(d.stop(), 0);
+    assert!(log.contains("upgrading it in place"), "{log}");
+    let upgraded = header_area(&backing);
+    for at in [PRIMARY_AT as usize, BACKUP_AT as usize] {
+        assert_eq!(u16::from_le_bytes([upgraded[at + 8], upgraded[at + 9]]), 3);
+    }
+    let d = fx.start();
+    qemu_io(&fx.uri("h"), &["read -P 0x64 0 1M"]);
+    assert_eq!(d.stop(), 0);
+    put_header_area(&backing, &legacy);
+    refused_at_start(&fx, &backing, "h", "downgrade");
 }

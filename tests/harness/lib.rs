@@ -189,6 +189,11 @@ impl Fixture {
         self.path("audit.log")
     }
 
+    /// The daemon's state directory (anti-rollback records).
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("state")
+    }
+
     /// Drops a `[[volume]]` from the config (call `write_config` after).
     pub fn remove_volume(&mut self, name: &str) {
         let head = format!("[[volume]]\nname = \"{name}\"\n");
@@ -201,8 +206,15 @@ impl Fixture {
     /// `HOSTCRYPT_E2E_RING_CONNECTIONS=0` keeps plaintext connections on
     /// tokio tasks (`ring_connections = false`; on rings is the default).
     pub fn write_config(&self, server_extra: &str) {
+        // Anti-rollback records in the fixture's directory (see
+        // [`Fixture::state_dir`]), never the system's.
+        let state_dir = if server_extra.contains("state_dir") {
+            String::new()
+        } else {
+            format!("state_dir = \"{}\"\n", self.state_dir().display())
+        };
         let text = format!(
-            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{}{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
+            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{state_dir}{}{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
             self.socket.display(),
             self.engine,
             if server_extra.contains("ring_connections") {

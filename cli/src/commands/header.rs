@@ -11,9 +11,10 @@ use anyhow::{bail, Context};
 use hostcryptd::config::Config;
 use hostcryptd::control::protocol::Status;
 use hostcryptd::control::Request;
+use hostcryptd::crypto::Dek;
 use hostcryptd::kek::audit::Event;
 use hostcryptd::volume::backup;
-use hostcryptd::volume::{Header, Layer};
+use hostcryptd::volume::{GenerationKeys, Header, HeaderKeys, Layer, Records};
 
 /// Whether the running daemon (if any) serves `volume` now.
 fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
@@ -81,10 +82,12 @@ pub fn backup(config_path: &Path, volume: &str, file: &Path) -> anyhow::Result<(
 }
 
 /// Every configured KEK needed by the header's active keys must unwrap
-/// them: a restored header nobody can open is no restore.
-fn check_unwraps(config: &Config, header: &Header) -> anyhow::Result<Vec<String>> {
+/// them: a restored header nobody can open is no restore. Returns what was
+/// proven, and the keys the restored header is sealed with.
+fn check_unwraps(config: &Config, header: &Header) -> anyhow::Result<(Vec<String>, HeaderKeys)> {
     let providers = hostcryptd::service::open_providers(config)?;
     let mut proven = Vec::new();
+    let mut deks: Vec<(Layer, Dek)> = Vec::new();
     for layer in [Layer::Outer, Layer::Inner] {
         let Some(slot) = header.active_slot(layer) else {
             continue;
@@ -96,18 +99,29 @@ fn check_unwraps(config: &Config, header: &Header) -> anyhow::Result<Vec<String>
                 slot.wrapped.kek
             );
         };
-        provider.unwrap(&slot.wrapped).with_context(|| {
+        let dek = provider.unwrap(&slot.wrapped).with_context(|| {
             format!("KEK {name:?} cannot unwrap the backup's {layer} key; nothing was written")
         })?;
+        deks.push((layer, dek));
         proven.push(format!("{layer} key unwrapped by KEK {name}"));
     }
-    if proven.is_empty() {
+    let find = |layer| deks.iter().find(|(l, _)| *l == layer).map(|(_, d)| d);
+    let Some(outer) = find(Layer::Outer) else {
         bail!(
-            "the backup holds no key for its DEK generation {}",
+            "the backup holds no outer key for its DEK generation {}",
             header.dek_generation
         );
-    }
-    Ok(proven)
+    };
+    let keys = HeaderKeys {
+        current: GenerationKeys::derive(
+            header.uuid,
+            header.dek_generation,
+            outer,
+            find(Layer::Inner),
+        ),
+        target: None,
+    };
+    Ok((proven, keys))
 }
 
 pub fn restore(config_path: &Path, backing: &Path, file: &Path, force: bool) -> anyhow::Result<()> {
@@ -121,11 +135,13 @@ pub fn restore(config_path: &Path, backing: &Path, file: &Path, force: bool) -> 
     if let Some(name) = &volume {
         refuse_if_served(config_path, name, "a header restore may touch")?;
     }
-    let proven = check_unwraps(&config, &header)?;
+    let (proven, keys) = check_unwraps(&config, &header)?;
     let label = volume
         .clone()
         .unwrap_or_else(|| backing.display().to_string());
-    match backup::restore(backing, &header, force) {
+    let records = Records::new(&config.server.state_dir);
+    let record = volume.as_deref().map(|name| records.volume(name));
+    match backup::restore(backing, &header, &keys, record.as_ref(), force) {
         Ok(()) => {
             audit(
                 &config,

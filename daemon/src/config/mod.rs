@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub ring_idle_poll: std::time::Duration,
     /// Append-only JSON-lines audit log of every key operation.
     pub audit_log: Option<PathBuf>,
+    /// Where the per-volume anti-rollback records live (`volume/record.rs`):
+    /// local, persistent, root-only. Absolute.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// Path of the control socket (`hostcrypt` talks to the daemon here).
     pub control: Option<PathBuf>,
     /// Group (name or gid) whose members may use the control socket besides root.
@@ -111,6 +115,10 @@ pub struct ServerConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/hostcrypt/state")
 }
 
 fn default_max_connections() -> usize {
@@ -161,6 +169,7 @@ impl Default for ServerConfig {
             ring_connections: default_ring_connections(),
             ring_idle_poll: default_ring_idle_poll(),
             audit_log: None,
+            state_dir: default_state_dir(),
             control: None,
             control_group: None,
             control_read_group: None,
@@ -449,6 +458,16 @@ impl Config {
                     ),
                 ));
             }
+        }
+        if !server.state_dir.is_absolute() {
+            return Err(invalid(
+                0..0,
+                "state_dir",
+                format!(
+                    "{} is not an absolute path; the anti-rollback records need a fixed place (default /var/lib/hostcrypt/state)",
+                    server.state_dir.display()
+                ),
+            ));
         }
         if server.max_connections == 0
             || server.max_connections_per_peer == 0

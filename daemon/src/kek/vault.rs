@@ -100,9 +100,9 @@ enum Failure {
 impl VaultKek {
     pub fn new(config: VaultConfig) -> Result<Self, KekError> {
         let scheme = config.address.split("://").next().unwrap_or("");
-        if !scheme.eq_ignore_ascii_case("https")
-            && !(config.insecure_http && scheme.eq_ignore_ascii_case("http"))
-        {
+        let allowed = scheme.eq_ignore_ascii_case("https")
+            || (config.insecure_http && scheme.eq_ignore_ascii_case("http"));
+        if !allowed {
             return Err(KekError::Insecure {
                 provider: PROVIDER,
                 reason: format!(

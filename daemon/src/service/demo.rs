@@ -54,12 +54,14 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, DemoError> {
             &kek,
             None,
             false,
+            Some(&volume::Records::new(&dir.join("state")).volume(DEMO_VOLUME)),
         )?;
     }
     let config = format!(
         r#"# Written by `hostcryptd` (demo mode). Copy and edit it for a real set-up.
 [server]
 unix = "{socket}"
+state_dir = "{state}"
 
 [kek.demo]
 provider = "local"
@@ -72,6 +74,7 @@ role = "cache"
 kek = "demo"
 "#,
         socket = socket.display(),
+        state = dir.join("state").display(),
         kek = kek_path.display(),
         backing = backing.display(),
     );

@@ -199,7 +199,7 @@ pub fn open_volumes(
             failed.push((v.name.get_ref().clone(), ServiceError::Connecting));
             continue;
         }
-        match open_volume(v, providers, audit) {
+        match open_volume(v, providers, audit, &config.server.state_dir) {
             Ok(export) => opened.push(export),
             Err(e) => failed.push((v.name.get_ref().clone(), e)),
         }
@@ -211,11 +211,13 @@ pub fn open_volumes(
     (registry, failed)
 }
 
-/// Opens one configured volume as an export.
+/// Opens one configured volume as an export; cache volumes are checked
+/// against their anti-rollback records in `state_dir`.
 pub fn open_volume(
     v: &crate::config::VolumeConfig,
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
     audit: &AuditLog,
+    state_dir: &std::path::Path,
 ) -> Result<Served, ServiceError> {
     let name = v.name.get_ref().clone();
     let backing = v.backing.get_ref();
@@ -245,6 +247,7 @@ pub fn open_volume(
                 }
                 None => None,
             };
+            let records = volume::Records::new(state_dir);
             let opened = volume::open_cache(
                 &name,
                 backing,
@@ -252,6 +255,7 @@ pub fn open_volume(
                 outer.provider.as_ref(),
                 inner.as_ref().map(|k| k.provider.as_ref()),
                 v.direct,
+                &records,
             );
             let kek_names = match &inner {
                 Some(i) => format!("keks {} (outer) and {} (inner)", outer.name, i.name),
@@ -266,17 +270,19 @@ pub fn open_volume(
             let slot_kek = opened
                 .as_ref()
                 .ok()
-                .and_then(|(_, header)| header.active_keyslot())
+                .and_then(|(_, header, _)| header.active_keyslot())
                 .map(|s| s.wrapped.kek.clone());
             if let Some(k) = &slot_kek {
                 event = event.key(k);
             }
             audit.record(&event);
-            let (opened, header) = opened.map_err(wrap)?;
+            let (opened, header, header_keys) = opened.map_err(wrap)?;
             let volume_keys = Arc::new(VolumeKeys::new(
                 backing,
                 &opened,
                 header,
+                header_keys,
+                records.volume(&name),
                 outer,
                 inner,
                 KeyPolicy {

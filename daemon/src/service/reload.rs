@@ -101,15 +101,19 @@ impl Reloader {
         for name in due {
             // Opened without the reloader's lock: a provider that hangs
             // must not hold up a reload.
-            let (volume, providers) = {
+            let (volume, providers, state_dir) = {
                 let state = self.lock();
-                (state.config.volume(&name).cloned(), state.providers.clone())
+                (
+                    state.config.volume(&name).cloned(),
+                    state.providers.clone(),
+                    state.config.server.state_dir.clone(),
+                )
             };
             let Some(v) = volume else {
                 self.waiting.remove(&name);
                 continue;
             };
-            match open_volume(&v, &providers, &self.audit) {
+            match open_volume(&v, &providers, &self.audit, &state_dir) {
                 Ok(export) => {
                     // Still configured the same way? A reload may have
                     // removed or changed it meanwhile.
@@ -210,18 +214,21 @@ impl Reloader {
                         "volume {name:?} changed: remove it, reload, then add it back and reload again"
                     ));
                 }
-                None => match open_volume(v, &providers, &self.audit) {
-                    Ok(export) => {
-                        list.push(export);
-                        report.added.push(name.into());
+                // The state directory is the one the daemon started with.
+                None => {
+                    match open_volume(v, &providers, &self.audit, &state.config.server.state_dir) {
+                        Ok(export) => {
+                            list.push(export);
+                            report.added.push(name.into());
+                        }
+                        Err(e) => {
+                            report
+                                .waiting
+                                .push(format!("{name}: {}", crate::report::error_chain(&e)));
+                            self.waiting.record(v, &e, &self.audit);
+                        }
                     }
-                    Err(e) => {
-                        report
-                            .waiting
-                            .push(format!("{name}: {}", crate::report::error_chain(&e)));
-                        self.waiting.record(v, &e, &self.audit);
-                    }
-                },
+                }
             }
             kept_config.push(name.to_owned());
         }

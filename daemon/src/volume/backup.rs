@@ -4,7 +4,11 @@
 //! A backup file is a 16-byte magic and the current header as encoded on
 //! disk: wrapped DEKs and their KEK references, never a plaintext key, so it
 //! is as safe to keep as the header itself (and as useless without the
-//! KEK). Restore writes it through the two-copy protocol (`store.rs`).
+//! KEK). Restore writes it through the two-copy protocol (`store.rs`),
+//! sealed with keys derived from the DEKs the caller unwrapped (`auth.rs`;
+//! a backup of a version 1 or 2 header comes back as version 3), and
+//! checked against and then written to the volume's anti-rollback record
+//! (`record.rs`).
 //! Erase overwrites both header copies and the journal: the data area stays
 //! but no key to it does. Which provider must unwrap a restored key before
 //! it is written is the caller's (the CLI's) to check; the checks here are
@@ -16,7 +20,9 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use super::auth::{self, AuthError, HeaderKeys};
 use super::header::{Header, HEADER_SIZE};
+use super::record::{RecordError, VolumeRecord};
 use super::store::{write_header, HeaderCopies, DATA_OFFSET};
 use super::{current_header, io_err, open_existing, VolumeError};
 
@@ -39,6 +45,21 @@ pub enum BackupError {
         backing: PathBuf,
         on_disk: Uuid,
         in_backup: Uuid,
+    },
+    #[error("{backing}: the backup does not belong to the keys that unwrap it: {source}; nothing was written")]
+    Forged {
+        backing: PathBuf,
+        #[source]
+        source: AuthError,
+    },
+    #[error("{backing}: the backup was taken during a re-encryption; restore a backup taken before or after it. Nothing was written")]
+    Reencrypting { backing: PathBuf },
+    #[error(
+        "{source}. Pass --force to restore it anyway (the record then follows the restored header)"
+    )]
+    Record {
+        #[source]
+        source: RecordError,
     },
     #[error("{backing}: the data is under DEK generation {on_disk}, the backup's key is generation {in_backup} (a re-encryption ran since the backup); restoring it would leave the data unreadable. Pass --force only if you know the data area matches the backup")]
     OtherGeneration {
@@ -96,11 +117,29 @@ pub fn read_backup(file: &Path) -> Result<Header, BackupError> {
     Header::decode(&raw[MAGIC.len()..]).map_err(|e| not(e.to_string()))
 }
 
-/// Writes `header` (from a backup) to both header copies of `backing`.
-/// Refuses another volume's header, or a key generation the data is no
-/// longer under, unless `force`. The caller has checked that a configured
-/// KEK unwraps the header's keys.
-pub fn restore(backing: &Path, header: &Header, force: bool) -> Result<(), BackupError> {
+/// Writes `header` (from a backup) to both header copies of `backing`,
+/// sealed with `keys` (derived by the caller from the DEKs it unwrapped
+/// with a configured KEK). Refuses another volume's header, a key
+/// generation the data is no longer under, or one the volume's
+/// anti-rollback `record` calls a rollback, unless `force`.
+pub fn restore(
+    backing: &Path,
+    header: &Header,
+    keys: &HeaderKeys,
+    record: Option<&VolumeRecord>,
+    force: bool,
+) -> Result<(), BackupError> {
+    if header.reencrypt.is_some() {
+        return Err(BackupError::Reencrypting {
+            backing: backing.to_owned(),
+        });
+    }
+    if header.auth.is_some() {
+        auth::verify(header, &keys.current).map_err(|source| BackupError::Forged {
+            backing: backing.to_owned(),
+            source,
+        })?;
+    }
     let disk = open_existing(backing)?;
     let copies = HeaderCopies::read(&disk).map_err(io_err(backing))?;
     let on_disk = copies.current().cloned();
@@ -120,15 +159,42 @@ pub fn restore(backing: &Path, header: &Header, force: bool) -> Result<(), Backu
             });
         }
     }
+    let recorded = match record {
+        Some(r) => r.load().map_err(VolumeError::from)?.map(|r| r.sequence),
+        None => None,
+    };
     let mut restored = header.clone();
-    // Newer than anything on disk, so the restored copy wins on open.
+    // Newer than anything on disk or recorded, so the restored copy wins
+    // on open and is no sequence rollback; a generation rollback is still
+    // one (checked below).
     let newest = [&copies.primary, &copies.backup]
         .iter()
         .filter_map(|c| c.as_ref().ok().map(|h| h.sequence))
+        .chain(recorded)
         .max()
         .unwrap_or(0);
     restored.sequence = restored.sequence.max(newest);
-    write_header(&disk, &mut restored).map_err(io_err(backing))?;
+    if let Some(record) = record {
+        // What the header will be once written: sequence bumped, sealed.
+        let mut sealed = restored.clone();
+        sealed.sequence += 1;
+        keys.seal(&mut sealed).map_err(|e| VolumeError::Io {
+            path: backing.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        match record.check(&sealed) {
+            Ok(()) => {}
+            Err(source @ RecordError::Refused { .. }) if !force => {
+                return Err(BackupError::Record { source })
+            }
+            Err(RecordError::Refused { .. }) => {}
+            Err(e) => return Err(VolumeError::from(e).into()),
+        }
+    }
+    write_header(&disk, &mut restored, keys).map_err(io_err(backing))?;
+    if let Some(record) = record {
+        record.save(&restored).map_err(VolumeError::from)?;
+    }
     Ok(())
 }
 
@@ -149,21 +215,31 @@ pub fn erase(backing: &Path) -> Result<Uuid, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::Dek;
+    use crate::volume::auth::GenerationKeys;
     use crate::volume::header::tests::sample;
-    use crate::volume::store::write_header;
 
-    fn volume(dir: &Path, name: &str, mut header: Header) -> PathBuf {
+    fn keys(header: &Header, dek: &Dek) -> HeaderKeys {
+        HeaderKeys {
+            current: GenerationKeys::derive(header.uuid, header.dek_generation, dek, None),
+            target: None,
+        }
+    }
+
+    fn volume(dir: &Path, name: &str, mut header: Header, dek: &Dek) -> PathBuf {
         let path = dir.join(name);
         let b = crate::io::Backing::open_or_create(&path).unwrap();
         b.set_len(DATA_OFFSET * 2).unwrap();
-        write_header(&b, &mut header).unwrap();
+        let keys = keys(&header, dek);
+        write_header(&b, &mut header, &keys).unwrap();
         path
     }
 
     #[test]
     fn backup_restores_both_copies_and_refuses_other_volumes() {
         let dir = tempfile::tempdir().unwrap();
-        let path = volume(dir.path(), "v.img", sample());
+        let dek = Dek::generate().unwrap();
+        let path = volume(dir.path(), "v.img", sample(), &dek);
         let file = dir.path().join("v.hdr");
         let saved = backup(&path, &file).unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -182,19 +258,25 @@ mod tests {
         assert!(erase(&path).is_err(), "nothing left to erase");
 
         let header = read_backup(&file).unwrap();
-        restore(&path, &header, false).unwrap();
+        let k = keys(&header, &dek);
+        let wrong = keys(&header, &Dek::generate().unwrap());
+        assert!(matches!(
+            restore(&path, &header, &wrong, None, false),
+            Err(BackupError::Forged { .. })
+        ));
+        restore(&path, &header, &k, None, false).unwrap();
         let copies = super::super::read_headers(&path).unwrap();
         assert!(copies.damage().is_none());
         assert_eq!(copies.current().unwrap().uuid, saved.uuid);
 
         let mut other = sample();
         other.uuid = Uuid::new_v4();
-        let other_path = volume(dir.path(), "w.img", other);
+        let other_path = volume(dir.path(), "w.img", other, &dek);
         assert!(matches!(
-            restore(&other_path, &header, false),
+            restore(&other_path, &header, &k, None, false),
             Err(BackupError::OtherVolume { .. })
         ));
-        restore(&other_path, &header, true).unwrap();
+        restore(&other_path, &header, &k, None, true).unwrap();
 
         std::fs::write(&file, b"not a backup").unwrap();
         assert!(matches!(

@@ -1,8 +1,12 @@
-//! The on-disk header, format versions 1 and 2: its fields and its byte
-//! encoding. Version 2 differs only in bytes 10-11, which name the inner
-//! layer's cipher; it is written only for an Adiantum inner layer, so a
-//! daemon that predates Adiantum refuses such a volume instead of reading
-//! it as XTS.
+//! The on-disk header, format versions 1, 2 and 3: its fields and its byte
+//! encoding. Version 2 differs from 1 only in bytes 10-11, which name the
+//! inner layer's cipher; it was written only for an Adiantum inner layer,
+//! so a daemon that predates Adiantum refuses such a volume instead of
+//! reading it as XTS. Version 3 is the authenticated header, the only one
+//! written now: bytes 10-11 name the inner cipher (0 = AES-XTS), and a
+//! trailer holds the key checks and an HMAC over everything before it
+//! (computed and verified in `auth.rs`). Versions 1 and 2 are still
+//! decoded, so that opening one upgrades it in place.
 //!
 //! Hand-written rather than serde+bincode because the byte layout *is* the
 //! product's format: it must stay stable across versions of every dependency
@@ -11,8 +15,8 @@
 //! ```text
 //! off  len  field
 //!   0    8  magic "HCRYPT\x00\x01"
-//!   8    2  format version (1, or 2 with a non-XTS inner layer)
-//!  10    2  version 1: reserved (0); version 2: inner-layer cipher (1 = Adiantum)
+//!   8    2  format version (3; 1 and 2 are read only)
+//!  10    2  versions 2, 3: inner-layer cipher (0 = AES-XTS, 1 = Adiantum); version 1: 0
 //!  12    8  sequence number (bumped on every update; the newer valid copy wins)
 //!  20   16  volume UUID
 //!  36    8  logical size in bytes
@@ -23,8 +27,12 @@
 //!  61    1  re-encryption state (0 = none); 8 checkpoint; 4 target generation
 //!  74    1  keyslot count, then per slot: generation u32 (top bit set = the
 //!           inner layer of a double-encrypted volume), provider, key id,
-//!           key version (each u16 length + UTF-8), wrapped DEK (u16 length + bytes)
-//! 4064  32  SHA-256 of bytes 0..4064
+//!           key version (each u16 length + UTF-8), wrapped DEK (u16 length + bytes);
+//!           in version 3 this part ends before byte 3968
+//! 3968  32  v3: key check of the re-encryption target's DEKs (zeros without one)
+//! 4000  32  v3: key check of the active generation's DEKs
+//! 4032  32  v3: HMAC-SHA256 of bytes 0..4032 under the active generation's MAC key
+//! 4064  32  SHA-256 of bytes 0..4064 (catches torn writes; no secret involved)
 //! ```
 //! All integers little-endian. Unused bytes are zero. Never a plaintext key.
 //! Where the copies sit and how they are updated is `store.rs`.
@@ -38,6 +46,8 @@ pub const MAGIC: [u8; 8] = *b"HCRYPT\x00\x01";
 pub const FORMAT_VERSION: u16 = 1;
 /// The format version of a volume whose inner layer is not XTS.
 pub const FORMAT_VERSION_INNER_CIPHER: u16 = 2;
+/// The authenticated header, the only version written.
+pub const FORMAT_VERSION_AUTH: u16 = 3;
 
 /// The cipher of a double-encrypted volume's inner layer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -60,6 +70,10 @@ impl std::fmt::Display for InnerCipher {
 }
 pub const HEADER_SIZE: usize = 4096;
 const CHECKSUM_AT: usize = HEADER_SIZE - 32;
+/// Where version 3's MAC sits; it covers every byte before it.
+pub const MAC_AT: usize = CHECKSUM_AT - 32;
+const KEY_CHECK_AT: usize = MAC_AT - 32;
+const TARGET_KEY_CHECK_AT: usize = KEY_CHECK_AT - 32;
 const MAX_KEYSLOTS: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -147,6 +161,18 @@ pub struct Header {
     pub keyslots: Vec<Keyslot>,
     /// The inner layer's cipher (meaningful with an inner layer only).
     pub inner_cipher: InnerCipher,
+    /// Version 3's authentication; `None`: a version 1 or 2 header.
+    pub auth: Option<Auth>,
+}
+
+/// What version 3 adds (`auth.rs` computes and checks it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Auth {
+    /// Commits the header to the active generation's DEKs.
+    pub key_check: [u8; 32],
+    /// Commits it to the re-encryption target's DEKs (with a re-encryption only).
+    pub target_key_check: Option<[u8; 32]>,
+    pub mac: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -190,6 +216,13 @@ impl Header {
             self.keyslots
                 .retain(|k| k.generation == r.target_generation);
             self.reencrypt = None;
+            // The target's commitment becomes the active one (resealed by
+            // whoever writes the header).
+            if let Some(auth) = self.auth.as_mut() {
+                if let Some(check) = auth.target_key_check.take() {
+                    auth.key_check = check;
+                }
+            }
             return true;
         }
         self.reencrypt = Some(Reencrypt {
@@ -210,16 +243,26 @@ impl Header {
         }
         let mut w = Writer::default();
         w.bytes(&MAGIC);
-        match self.inner_cipher {
-            InnerCipher::AesXts => {
-                w.u16(FORMAT_VERSION);
-                w.u16(0);
-            }
-            InnerCipher::Adiantum => {
-                w.u16(FORMAT_VERSION_INNER_CIPHER);
-                w.u16(1);
+        let cipher_code = match self.inner_cipher {
+            InnerCipher::AesXts => 0,
+            InnerCipher::Adiantum => 1,
+        };
+        // An unauthenticated header re-encodes as it was read (a backup of
+        // a volume not yet upgraded); every header the daemon writes is v3.
+        let (version, body_end) = match (&self.auth, self.inner_cipher) {
+            (Some(_), _) => (FORMAT_VERSION_AUTH, TARGET_KEY_CHECK_AT),
+            (None, InnerCipher::AesXts) => (FORMAT_VERSION, CHECKSUM_AT),
+            (None, InnerCipher::Adiantum) => (FORMAT_VERSION_INNER_CIPHER, CHECKSUM_AT),
+        };
+        if let Some(auth) = &self.auth {
+            if auth.target_key_check.is_some() != self.reencrypt.is_some() {
+                return Err(HeaderError::Malformed(
+                    "a target key check goes with a re-encryption, and only with one",
+                ));
             }
         }
+        w.u16(version);
+        w.u16(cipher_code);
         w.u64(self.sequence);
         w.bytes(self.uuid.as_bytes());
         w.u64(self.size);
@@ -253,11 +296,18 @@ impl Header {
             w.string(&slot.wrapped.kek.key_version)?;
             w.blob(&slot.wrapped.blob)?;
         }
-        if w.buf.len() > CHECKSUM_AT {
+        if w.buf.len() > body_end {
             return Err(HeaderError::TooLarge);
         }
         let mut out = Box::new([0u8; HEADER_SIZE]);
         out[..w.buf.len()].copy_from_slice(&w.buf);
+        if let Some(auth) = &self.auth {
+            if let Some(check) = auth.target_key_check {
+                out[TARGET_KEY_CHECK_AT..KEY_CHECK_AT].copy_from_slice(&check);
+            }
+            out[KEY_CHECK_AT..MAC_AT].copy_from_slice(&auth.key_check);
+            out[MAC_AT..CHECKSUM_AT].copy_from_slice(&auth.mac);
+        }
         let sum = Sha256::digest(&out[..CHECKSUM_AT]);
         out[CHECKSUM_AT..].copy_from_slice(&sum);
         Ok(out)
@@ -271,15 +321,20 @@ impl Header {
         if sum[..] != raw[CHECKSUM_AT..HEADER_SIZE] {
             return Err(HeaderError::BadChecksum);
         }
-        let mut r = Reader {
-            buf: &raw[..CHECKSUM_AT],
-            pos: 8,
+        let version = u16::from_le_bytes([raw[8], raw[9]]);
+        let body_end = match version {
+            FORMAT_VERSION_AUTH => TARGET_KEY_CHECK_AT,
+            _ => CHECKSUM_AT,
         };
-        let version = r.u16()?;
+        let mut r = Reader {
+            buf: &raw[..body_end],
+            pos: 10,
+        };
         let inner_cipher = match (version, r.u16()?) {
             (FORMAT_VERSION, _) => InnerCipher::AesXts,
-            (FORMAT_VERSION_INNER_CIPHER, 1) => InnerCipher::Adiantum,
-            (FORMAT_VERSION_INNER_CIPHER, _) => {
+            (FORMAT_VERSION_INNER_CIPHER | FORMAT_VERSION_AUTH, 1) => InnerCipher::Adiantum,
+            (FORMAT_VERSION_AUTH, 0) => InnerCipher::AesXts,
+            (FORMAT_VERSION_INNER_CIPHER | FORMAT_VERSION_AUTH, _) => {
                 return Err(HeaderError::Malformed("unknown inner-layer cipher"))
             }
             (other, _) => return Err(HeaderError::UnsupportedVersion(other)),
@@ -337,6 +392,18 @@ impl Header {
                 wrapped: WrappedDek { kek, blob },
             });
         }
+        let auth = (version == FORMAT_VERSION_AUTH).then(|| {
+            let field = |at: usize| {
+                let mut out = [0u8; 32];
+                out.copy_from_slice(&raw[at..at + 32]);
+                out
+            };
+            Auth {
+                target_key_check: reencrypt.map(|_| field(TARGET_KEY_CHECK_AT)),
+                key_check: field(KEY_CHECK_AT),
+                mac: field(MAC_AT),
+            }
+        });
         Ok(Header {
             sequence,
             uuid,
@@ -348,6 +415,7 @@ impl Header {
             reencrypt,
             keyslots,
             inner_cipher,
+            auth,
         })
     }
 }
@@ -455,6 +523,20 @@ pub(crate) mod tests {
                 },
             }],
             inner_cipher: InnerCipher::AesXts,
+            auth: None,
+        }
+    }
+
+    /// `sample()` as version 3, with made-up checks and MAC (decoding
+    /// does not verify them; `auth.rs` does).
+    pub(crate) fn sample_v3() -> Header {
+        Header {
+            auth: Some(Auth {
+                key_check: [0x11; 32],
+                target_key_check: None,
+                mac: [0x22; 32],
+            }),
+            ..sample()
         }
     }
 
@@ -468,6 +550,34 @@ pub(crate) mod tests {
         let raw = h.encode().unwrap();
         assert_eq!(&raw[..8], &MAGIC);
         assert_eq!(Header::decode(&raw[..]).unwrap(), h);
+    }
+
+    #[test]
+    fn version_3_round_trips_its_checks_and_mac() {
+        let mut h = sample_v3();
+        let raw = h.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([raw[8], raw[9]]), FORMAT_VERSION_AUTH);
+        assert_eq!(&raw[MAC_AT..CHECKSUM_AT], &[0x22; 32]);
+        assert_eq!(Header::decode(&raw[..]).unwrap(), h);
+        h.reencrypt = Some(Reencrypt {
+            checkpoint: 1 << 21,
+            target_generation: 2,
+        });
+        assert!(
+            h.encode().is_err(),
+            "a re-encryption needs its target's key check"
+        );
+        if let Some(a) = h.auth.as_mut() {
+            a.target_key_check = Some([0x33; 32]);
+        }
+        h.inner_cipher = InnerCipher::Adiantum;
+        let raw = h.encode().unwrap();
+        assert_eq!(u16::from_le_bytes([raw[8], raw[9]]), FORMAT_VERSION_AUTH);
+        assert_eq!(Header::decode(&raw[..]).unwrap(), h);
+        // Finishing the re-encryption makes the target's check the active one.
+        h.advance_reencrypt(h.size);
+        assert_eq!(h.auth.as_ref().unwrap().key_check, [0x33; 32]);
+        assert_eq!(h.auth.as_ref().unwrap().target_key_check, None);
     }
 
     #[test]
@@ -552,8 +662,8 @@ pub(crate) mod tests {
     proptest! {
         /// Any single corrupted byte is caught, never mis-parsed.
         #[test]
-        fn any_flipped_byte_is_rejected(pos in 0usize..HEADER_SIZE, bit in 0u8..8) {
-            let mut raw = sample().encode().unwrap();
+        fn any_flipped_byte_is_rejected(pos in 0usize..HEADER_SIZE, bit in 0u8..8, v3: bool) {
+            let mut raw = if v3 { sample_v3() } else { sample() }.encode().unwrap();
             raw[pos] ^= 1 << bit;
             prop_assert!(Header::decode(&raw[..]).is_err());
         }

@@ -11,23 +11,29 @@
 //! covers up to 63.5 MiB of 4 KiB sectors. A journal for any other
 //! checkpoint, volume or target generation is stale and ignored.
 //!
-//! Older versions journalled the window's new ciphertext itself (record
-//! magic `HCJRNL\x00\x01`); such a journal, left by a crash before an
-//! upgrade, is still replayed.
+//! A record is authenticated: HMAC-SHA256 over its fields (which hold the
+//! hash of the hash table) under the journal key of the active DEK
+//! generation (`auth.rs`). A record for the header's window whose MAC does
+//! not verify, or an unauthenticated one of an older format (magic
+//! `HCJRNL\x00\x02`, hashes; `HCJRNL\x00\x01`, the window's new
+//! ciphertext itself), is refused, not replayed: it would steer which
+//! sectors change key and how far the checkpoint moves.
 //!
 //! It lives in the unused space between the backup header and the data area
 //! (512 KiB .. 772 KiB):
 //!
 //! ```text
 //! off  len  field
-//!   0    8  magic "HCJRNL\x00\x01"
+//!   0    8  magic "HCJRNL\x00\x03"
 //!   8   16  volume UUID
 //!  24    8  checkpoint (data-area byte offset of the window)
 //!  32    8  window length
 //!  40    4  target DEK generation
-//!  44   32  SHA-256 of the window's data
-//!  76   32  SHA-256 of bytes 0..76
-//! 4096   …  the window's new ciphertext
+//!  44    4  sector size
+//!  48   32  SHA-256 of the hash table
+//!  80   32  SHA-256 of bytes 0..80
+//! 112   32  HMAC-SHA256 of bytes 0..112 (journal key of the active generation)
+//! 4096   …  the hash table: SHA-256 of each old sector's first block
 //! ```
 //! The data is ciphertext under the target key: the journal holds nothing
 //! an attacker without that key could use. Window movement is `reencrypt.rs`.
@@ -35,17 +41,26 @@
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use super::auth;
 use crate::io::Backing;
 
 const MAGIC: [u8; 8] = *b"HCJRNL\x00\x01";
 const HASH_MAGIC: [u8; 8] = *b"HCJRNL\x00\x02";
+const AUTH_MAGIC: [u8; 8] = *b"HCJRNL\x00\x03";
+
+/// A journal record that matches the header's window but cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("the re-encryption journal for the window at byte {checkpoint} {why}: it was not written by a holder of the volume's data key")]
+    Forged { checkpoint: u64, why: &'static str },
+}
 /// Where the journal record starts in the backing.
 pub const JOURNAL_AT: u64 = 512 * 1024;
 /// The journal area: up to the data area at 1 MiB.
 pub const JOURNAL_SIZE: u64 = 512 * 1024;
 const RECORD: usize = 4096;
-/// The largest window the legacy (data) journal held.
-pub const WINDOW: u64 = 256 * 1024;
 /// How many sector hashes the journal holds.
 pub const HASH_CAPACITY: usize = (JOURNAL_SIZE as usize - RECORD) / 32;
 
@@ -59,10 +74,12 @@ pub fn sector_hash(sector: &[u8]) -> [u8; 32] {
     Sha256::digest(&sector[..sector.len().min(16)]).into()
 }
 
-/// Writes the hashes of a window's old sectors and their record, and syncs.
+/// Writes the hashes of a window's old sectors and their record,
+/// authenticated with `mac_key`, and syncs.
 pub fn write_hashes(
     backing: &Backing,
     key: JournalKey,
+    mac_key: &[u8; 32],
     sector_size: u32,
     hashes: &[[u8; 32]],
 ) -> std::io::Result<()> {
@@ -73,7 +90,7 @@ pub fn write_hashes(
     }
     let table: Vec<u8> = hashes.iter().flatten().copied().collect();
     let mut r = vec![0u8; RECORD];
-    r[..8].copy_from_slice(&HASH_MAGIC);
+    r[..8].copy_from_slice(&AUTH_MAGIC);
     r[8..24].copy_from_slice(key.uuid.as_bytes());
     r[24..32].copy_from_slice(&key.checkpoint.to_le_bytes());
     r[32..40].copy_from_slice(&(hashes.len() as u64 * u64::from(sector_size)).to_le_bytes());
@@ -82,21 +99,45 @@ pub fn write_hashes(
     r[48..80].copy_from_slice(&Sha256::digest(&table));
     let sum = Sha256::digest(&r[..80]);
     r[80..112].copy_from_slice(&sum);
+    let tag = auth::mac(mac_key, &r[..112]);
+    r[112..144].copy_from_slice(&tag);
     backing.write_durably(|| {
         backing.write_at(&table, JOURNAL_AT + RECORD as u64)?;
         backing.write_at(&r, JOURNAL_AT)
     })
 }
 
+/// A journalled window: its sector size and its old sectors' hashes.
+pub type Hashes = (u32, Vec<[u8; 32]>);
+
 /// The sector size and old-sector hashes journalled for `key`, if a
-/// complete, matching hash record is there.
+/// complete, matching, authenticated hash record is there. A matching
+/// record that is not authenticated by `mac_key` is an error.
 pub fn read_hashes(
     backing: &Backing,
     key: JournalKey,
-) -> std::io::Result<Option<(u32, Vec<[u8; 32]>)>> {
-    let Some((r, found, len)) = read_record(backing, &HASH_MAGIC, 80)? else {
+    mac_key: &[u8; 32],
+) -> Result<Option<Hashes>, JournalError> {
+    let forged = |why| JournalError::Forged {
+        checkpoint: key.checkpoint,
+        why,
+    };
+    for (magic, summed) in [(&HASH_MAGIC, 80), (&MAGIC, 76)] {
+        if let Some((_, found, _)) = read_record(backing, magic, summed)? {
+            if found == key {
+                return Err(forged("is of an unauthenticated format"));
+            }
+        }
+    }
+    let Some((r, found, len)) = read_record(backing, &AUTH_MAGIC, 80)? else {
         return Ok(None);
     };
+    if found != key {
+        return Ok(None);
+    }
+    if !auth::mac_ok(mac_key, &r[..112], &r[112..144]) {
+        return Err(forged("has a MAC that does not verify"));
+    }
     let sector_size = u32::from_le_bytes(r[44..48].try_into().unwrap_or([0; 4]));
     if found != key || sector_size == 0 || len % u64::from(sector_size) != 0 {
         return Ok(None);
@@ -108,6 +149,8 @@ pub fn read_hashes(
     let mut table = vec![0u8; count * 32];
     backing.read_at(&mut table, JOURNAL_AT + RECORD as u64)?;
     if Sha256::digest(&table)[..] != r[48..80] {
+        // A torn table under an authentic record: the crash came before
+        // the record was synced, so the window was not touched yet.
         return Ok(None);
     }
     let hashes = table
@@ -125,35 +168,6 @@ pub struct JournalKey {
     pub target_generation: u32,
 }
 
-#[cfg(test)]
-fn record(key: JournalKey, data: &[u8]) -> Vec<u8> {
-    let mut r = vec![0u8; RECORD];
-    r[..8].copy_from_slice(&MAGIC);
-    r[8..24].copy_from_slice(key.uuid.as_bytes());
-    r[24..32].copy_from_slice(&key.checkpoint.to_le_bytes());
-    r[32..40].copy_from_slice(&(data.len() as u64).to_le_bytes());
-    r[40..44].copy_from_slice(&key.target_generation.to_le_bytes());
-    r[44..76].copy_from_slice(&Sha256::digest(data));
-    let sum = Sha256::digest(&r[..76]);
-    r[76..108].copy_from_slice(&sum);
-    r
-}
-
-/// Writes a legacy journal (a window's new ciphertext and its record):
-/// only tests make one now, to prove it is still replayed.
-#[cfg(test)]
-pub fn write(backing: &Backing, key: JournalKey, data: &[u8]) -> std::io::Result<()> {
-    if data.len() as u64 > WINDOW {
-        return Err(std::io::Error::other(
-            "re-encryption window larger than the journal",
-        ));
-    }
-    backing.write_durably(|| {
-        backing.write_at(data, JOURNAL_AT + RECORD as u64)?;
-        backing.write_at(&record(key, data), JOURNAL_AT)
-    })
-}
-
 /// Allocates the journal area (zeros) before a re-encryption starts, so a
 /// full filesystem refuses the start instead of failing a window midway.
 pub fn prepare(backing: &Backing) -> std::io::Result<()> {
@@ -167,7 +181,7 @@ pub fn prepare(backing: &Backing) -> std::io::Result<()> {
 pub fn clear(backing: &Backing) -> std::io::Result<()> {
     let mut magic = [0u8; 8];
     backing.read_at(&mut magic, JOURNAL_AT)?;
-    if magic != MAGIC && magic != HASH_MAGIC {
+    if magic != MAGIC && magic != HASH_MAGIC && magic != AUTH_MAGIC {
         return Ok(());
     }
     backing.write_durably(|| backing.write_at(&[0u8; 8], JOURNAL_AT))
@@ -196,22 +210,6 @@ fn read_record(
     Ok(Some((r, key, len)))
 }
 
-/// The journalled window for `key`, if a complete, matching record is there.
-pub fn read(backing: &Backing, key: JournalKey) -> std::io::Result<Option<Vec<u8>>> {
-    let Some((r, found, len)) = read_record(backing, &MAGIC, 76)? else {
-        return Ok(None);
-    };
-    if found != key || len > WINDOW {
-        return Ok(None);
-    }
-    let mut data = vec![0u8; len as usize];
-    backing.read_at(&mut data, JOURNAL_AT + RECORD as u64)?;
-    if Sha256::digest(&data)[..] != r[44..76] {
-        return Ok(None);
-    }
-    Ok(Some(data))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,53 +228,77 @@ mod tests {
         let hashes: Vec<[u8; 32]> = (0..HASH_CAPACITY)
             .map(|i| sector_hash(&i.to_le_bytes()))
             .collect();
-        write_hashes(&backing, key, 4096, &hashes).unwrap();
+        let mac = [5u8; 32];
+        write_hashes(&backing, key, &mac, 4096, &hashes).unwrap();
         assert_eq!(
-            read_hashes(&backing, key).unwrap(),
+            read_hashes(&backing, key, &mac).unwrap(),
             Some((4096, hashes.clone()))
         );
-        assert_eq!(read(&backing, key).unwrap(), None, "not a data journal");
         let stale = JournalKey {
             target_generation: 2,
             ..key
         };
-        assert_eq!(read_hashes(&backing, stale).unwrap(), None);
-        assert!(write_hashes(&backing, key, 4096, &vec![[0; 32]; HASH_CAPACITY + 1]).is_err());
+        assert_eq!(read_hashes(&backing, stale, &mac).unwrap(), None);
+        assert!(
+            write_hashes(&backing, key, &mac, 4096, &vec![[0; 32]; HASH_CAPACITY + 1]).is_err()
+        );
         backing
             .write_at(&[1u8; 8], JOURNAL_AT + RECORD as u64 + 64)
             .unwrap();
-        assert_eq!(read_hashes(&backing, key).unwrap(), None, "torn table");
-        write_hashes(&backing, key, 4096, &hashes).unwrap();
+        assert_eq!(
+            read_hashes(&backing, key, &mac).unwrap(),
+            None,
+            "torn table"
+        );
+        write_hashes(&backing, key, &mac, 4096, &hashes).unwrap();
         clear(&backing).unwrap();
-        assert_eq!(read_hashes(&backing, key).unwrap(), None);
+        assert_eq!(read_hashes(&backing, key, &mac).unwrap(), None);
     }
 
+    /// The attacks on the journal: a record of the old unauthenticated
+    /// formats, or one with a MAC under another key, for the header's own
+    /// window is refused; for another window it is ignored as stale.
     #[test]
-    fn only_a_complete_matching_record_is_replayed() {
+    fn forged_records_for_the_window_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let backing = Backing::open_or_create(&dir.path().join("b")).unwrap();
         backing.set_len(2 << 20).unwrap();
+        prepare(&backing).unwrap();
         let key = JournalKey {
             uuid: Uuid::new_v4(),
-            checkpoint: 3 * WINDOW,
+            checkpoint: 3 << 20,
             target_generation: 2,
         };
-        assert_eq!(read(&backing, key).unwrap(), None);
-        let data = vec![0x5a; WINDOW as usize];
-        write(&backing, key, &data).unwrap();
-        assert_eq!(read(&backing, key).unwrap().as_deref(), Some(&data[..]));
+        let hashes = vec![[7u8; 32]; 4];
+        // Forged with a key the attacker chose.
+        write_hashes(&backing, key, &[2; 32], 4096, &hashes).unwrap();
+        assert!(matches!(
+            read_hashes(&backing, key, &[1; 32]),
+            Err(JournalError::Forged { .. })
+        ));
+        // The old unauthenticated format, checksums and all.
+        let mut r = vec![0u8; RECORD];
+        backing.read_at(&mut r, JOURNAL_AT).unwrap();
+        r[..8].copy_from_slice(&HASH_MAGIC);
+        let sum = Sha256::digest(&r[..80]);
+        r[80..112].copy_from_slice(&sum);
+        backing.write_at(&r, JOURNAL_AT).unwrap();
+        assert!(matches!(
+            read_hashes(&backing, key, &[1; 32]),
+            Err(JournalError::Forged { .. })
+        ));
+        r[..8].copy_from_slice(&MAGIC);
+        let sum = Sha256::digest(&r[..76]);
+        r[76..108].copy_from_slice(&sum);
+        backing.write_at(&r, JOURNAL_AT).unwrap();
+        assert!(matches!(
+            read_hashes(&backing, key, &[1; 32]),
+            Err(JournalError::Forged { .. })
+        ));
         let other = JournalKey {
             checkpoint: 0,
             ..key
         };
-        assert_eq!(read(&backing, other).unwrap(), None);
-        clear(&backing).unwrap();
-        assert_eq!(read(&backing, key).unwrap(), None);
-        write(&backing, key, &data).unwrap();
-        // A torn data write (checksum mismatch) is not replayed.
-        backing
-            .write_at(&[0u8; 16], JOURNAL_AT + RECORD as u64 + 100)
-            .unwrap();
-        assert_eq!(read(&backing, key).unwrap(), None);
+        assert!(read_hashes(&backing, other, &[1; 32]).unwrap().is_none());
     }
 }

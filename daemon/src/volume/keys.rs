@@ -18,6 +18,9 @@
 //! Header updates (rotation, rekey) rewrite the keyslot of the active DEK
 //! generation through the two-copy protocol (`store.rs`): a crash leaves
 //! either the old or the new wrapping, both of which unwrap the same DEK.
+//! Every header written here is sealed with the keys derived from the DEKs
+//! (`auth.rs`, held in `Current`) and then recorded in the volume's
+//! anti-rollback record (`record.rs`).
 //!
 //! A double-encrypted volume (`kek_inner`) has two layers, each with its own
 //! DEK and KEK; checks cover both (losing either is key loss), rotation and
@@ -30,6 +33,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::auth::HeaderKeys;
+use super::record::{RecordError, VolumeRecord};
 use super::{store, DataArea, Header, Layer};
 use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{version_newer, KekError, KekRef, KeyProvider, WrappedDek};
@@ -129,10 +134,14 @@ pub enum KeyOpError {
     KeyLost,
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    Record(#[from] RecordError),
 }
 
 pub(super) struct Current {
     pub(super) header: Header,
+    /// What the header is sealed with (derived from its DEKs).
+    pub(super) auth: HeaderKeys,
     outer: LayerKek,
     inner: Option<LayerKek>,
     last_check: Option<SystemTime>,
@@ -207,6 +216,8 @@ pub struct VolumeKeys {
     checking: Mutex<()>,
     /// The online re-encryption's controls (`reencrypt.rs`).
     pub(super) reencryption: super::reencrypt::Controls,
+    /// The anti-rollback record, updated after every header write.
+    pub(super) record: VolumeRecord,
 }
 
 impl std::fmt::Debug for VolumeKeys {
@@ -219,10 +230,13 @@ impl std::fmt::Debug for VolumeKeys {
 }
 
 impl VolumeKeys {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         path: &Path,
         volume: &super::Volume,
         header: super::Header,
+        auth: HeaderKeys,
+        record: VolumeRecord,
         outer: LayerKek,
         inner: Option<LayerKek>,
         policy: KeyPolicy,
@@ -238,9 +252,11 @@ impl VolumeKeys {
             checks_ok: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             reencryption: Default::default(),
+            record,
             checking: Mutex::new(()),
             current: Mutex::new(Current {
                 header,
+                auth,
                 outer,
                 inner,
                 last_check: None,
@@ -725,33 +741,47 @@ impl VolumeKeys {
         self.write_header(cur, header)
     }
 
-    /// Writes `header` through the two-copy protocol and makes it current.
-    /// Once the primary copy is durable the change has taken effect (every
-    /// later open reads it), so it is reported as done, never as failed: a
-    /// backup copy that could not be written is logged, and repaired at the
-    /// next header write or open, which rewrite a stale copy.
+    /// Writes `header` sealed through the two-copy protocol, makes it
+    /// current and records it. Once the primary copy is durable the change
+    /// has taken effect (every later open reads it), so it is reported as
+    /// done, never as failed: a backup copy that could not be written is
+    /// logged, and repaired at the next header write or open, which rewrite
+    /// a stale copy.
     pub(super) fn write_header(
         &self,
         cur: &mut Current,
         mut header: Header,
     ) -> Result<(), KeyOpError> {
-        match store::write_header_copies(self.data.backing(), &mut header) {
+        self.write_header_io(cur, &mut header)
+            .map_err(|source| KeyOpError::Header {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// `write_header` for the re-encryption worker, which reports I/O errors.
+    pub(super) fn write_header_io(
+        &self,
+        cur: &mut Current,
+        header: &mut Header,
+    ) -> std::io::Result<()> {
+        match store::write_header_copies(self.data.backing(), header, &cur.auth) {
             Ok(()) => {}
-            Err(e) if e.primary_durable => {
-                tracing::warn!(
-                    volume = %self.name,
-                    "header change is durable in the primary copy, but the backup copy could not be written ({}); it is repaired at the next header write or open",
-                    e.source
-                );
-            }
-            Err(e) => {
-                return Err(KeyOpError::Header {
-                    path: self.path.clone(),
-                    source: e.source,
-                })
-            }
+            Err(e) if e.primary_durable => tracing::warn!(
+                volume = %self.name,
+                "header change is durable in the primary copy, but the backup copy could not be written ({}); it is repaired at the next header write or open",
+                e.source
+            ),
+            Err(e) => return Err(e.source),
         }
-        cur.header = header;
+        cur.auth.advance(header);
+        cur.header = header.clone();
+        // The header is durable; a record that lags behind it is still
+        // accepted at open (newer sequence, same or pinned key), so a
+        // failed update is logged rather than failing the operation.
+        if let Err(e) = self.record.save(header) {
+            tracing::error!(volume = %self.name, "{e}");
+        }
         Ok(())
     }
 }

@@ -5,16 +5,20 @@
 //! Roles: a `cache` volume is persistent and its DEK is stored wrapped by the
 //! volume's KEK; a `temp` volume gets a fresh DEK at every start that is never
 //! written anywhere, and its backing is recreated, so a restart erases it
-//! cryptographically. Opening never writes before the key is unwrapped: a
-//! wrong KEK or a corrupt header leaves the disk untouched.
+//! cryptographically. Opening never writes before the key is unwrapped and
+//! the header is verified: a wrong KEK, a corrupt, forged or rolled-back
+//! header leaves the disk untouched. Header authentication is `auth.rs`,
+//! the anti-rollback record `record.rs`.
 
 mod allocation;
+pub mod auth;
 pub mod backup;
 mod cipher;
 mod data;
 pub mod header;
 pub(crate) mod journal;
 pub mod keys;
+pub mod record;
 pub mod reencrypt;
 mod shared_read;
 mod store;
@@ -25,12 +29,14 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 pub use allocation::Allocation;
+pub use auth::{AuthError, GenerationKeys, HeaderKeys};
 pub use cipher::VolumeCipher;
 pub use data::DataArea;
 pub use header::{Header, HeaderError, InnerCipher, Keyslot, Layer, Role};
 pub use keys::{
     InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, OnKeyUnreachable, VolumeKeys,
 };
+pub use record::{RecordError, Records, VolumeRecord};
 pub use reencrypt::{ReencryptAction, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
 pub use submit::{Op, Outcome};
@@ -95,6 +101,24 @@ pub enum VolumeError {
     InnerKekMissing { path: PathBuf, inner: String },
     #[error("{path} has a single encryption layer, but the config sets kek_inner; double encryption is chosen at `hostcrypt create` (remove kek_inner, or re-create the volume)")]
     InnerLayerMissing { path: PathBuf },
+    #[error("volume {volume:?} ({path}): {source}; refusing to open it, nothing was written")]
+    Forged {
+        volume: String,
+        path: PathBuf,
+        #[source]
+        source: AuthError,
+    },
+    #[error("volume {volume:?} ({path}): {source}; refusing to open it, nothing was written")]
+    Journal {
+        volume: String,
+        path: PathBuf,
+        #[source]
+        source: journal::JournalError,
+    },
+    #[error("volume {volume:?} ({path}): the header is of format version 1 or 2 (not authenticated) and records a re-encryption in progress, which cannot be told from a forged one; refusing to open it, nothing was written. Finish the re-encryption with the hostcrypt version that started it, then upgrade")]
+    UnauthenticatedReencrypt { volume: String, path: PathBuf },
+    #[error(transparent)]
+    Record(#[from] RecordError),
     #[error("invalid volume geometry: {0}")]
     Geometry(String),
     #[error("random generator failed: {0}")]
@@ -194,13 +218,15 @@ fn missing_or(path: &Path, opened: std::io::Result<Backing>) -> Result<Backing, 
 
 /// Formats `path` as a cache volume whose DEK is wrapped by `kek` (and,
 /// for double encryption, with a second DEK wrapped by `inner`). Refuses to
-/// overwrite a hostcrypt volume or a non-empty file unless `force`.
+/// overwrite a hostcrypt volume or a non-empty file unless `force`. The
+/// volume's anti-rollback `record`, if given, is replaced by the new one.
 pub fn create(
     path: &Path,
     geometry: Geometry,
     kek: &dyn KeyProvider,
     inner: Option<(&dyn KeyProvider, InnerCipher)>,
     force: bool,
+    record: Option<&VolumeRecord>,
 ) -> Result<Header, VolumeError> {
     geometry.validate()?;
     // Before the claim: a mounted device refuses O_EXCL, and the operator
@@ -218,6 +244,7 @@ pub fn create(
         (Layer::Outer, Some(kek)),
         (Layer::Inner, inner.map(|(p, _)| p)),
     ];
+    let mut deks = Vec::new();
     for (layer, provider) in layers {
         let Some(provider) = provider else { continue };
         let dek = Dek::generate().map_err(VolumeError::Random)?;
@@ -230,8 +257,21 @@ pub fn create(
             layer,
             wrapped,
         });
+        deks.push(dek);
     }
-    lay_out(path, &backing, &mut header)?;
+    let (outer, inner) = match &deks[..] {
+        [outer] => (outer, None),
+        [outer, inner] => (outer, Some(inner)),
+        _ => unreachable!("one or two layers"),
+    };
+    let keys = HeaderKeys {
+        current: GenerationKeys::derive(header.uuid, 1, outer, inner),
+        target: None,
+    };
+    lay_out(path, &backing, &mut header, &keys)?;
+    if let Some(record) = record {
+        record.save(&header)?;
+    }
     Ok(header)
 }
 
@@ -247,18 +287,24 @@ fn new_header(geometry: Geometry, role: Role) -> Header {
         reencrypt: None,
         keyslots: Vec::new(),
         inner_cipher: InnerCipher::AesXts,
+        auth: None,
     }
 }
 
 /// Sizes the backing (a regular file is emptied first so no old ciphertext
-/// survives) and writes both header copies.
-fn lay_out(path: &Path, backing: &Backing, header: &mut Header) -> Result<(), VolumeError> {
+/// survives) and writes both header copies, sealed with `keys`.
+fn lay_out(
+    path: &Path,
+    backing: &Backing,
+    header: &mut Header,
+    keys: &HeaderKeys,
+) -> Result<(), VolumeError> {
     let total = header.data_offset + header.size;
     if !backing.is_fixed_size() {
         backing.set_len(0).map_err(io_err(path))?;
     }
     backing.set_len(total).map_err(io_err(path))?;
-    store::write_header(backing, header).map_err(io_err(path))
+    store::write_header(backing, header, keys).map_err(io_err(path))
 }
 
 fn refuse_if_mounted(path: &Path) -> Result<(), VolumeError> {
@@ -354,9 +400,12 @@ fn mount_point(path: &Path) -> std::io::Result<Option<String>> {
     }))
 }
 
-/// Opens a cache volume: reads the header, unwraps its DEK with `kek`, and
-/// only then repairs a damaged header copy. Returns the header as it is on
-/// disk after opening, for the volume's `VolumeKeys` to own.
+/// Opens a cache volume: reads the header, checks it against the volume's
+/// anti-rollback record, unwraps its DEKs, verifies the header with them,
+/// and only then writes: the upgrade of a version 1 or 2 header to the
+/// authenticated version 3, the repair of a damaged copy, a journal replay,
+/// the record. Returns the header as it is on disk after opening and the
+/// keys it is sealed with, for the volume's `VolumeKeys` to own.
 pub fn open_cache(
     name: &str,
     path: &Path,
@@ -364,7 +413,8 @@ pub fn open_cache(
     kek: &dyn KeyProvider,
     inner: Option<&dyn KeyProvider>,
     direct: bool,
-) -> Result<(Volume, Header), VolumeError> {
+    records: &Records,
+) -> Result<(Volume, Header, HeaderKeys), VolumeError> {
     let backing = open_existing(path)?;
     let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
     let header = current_header(path, &copies)?;
@@ -382,6 +432,19 @@ pub fn open_cache(
             expected,
         });
     }
+    let record = records.volume(name);
+    record.check(&header)?;
+    if header.auth.is_none() && header.reencrypt.is_some() {
+        return Err(VolumeError::UnauthenticatedReencrypt {
+            volume: name.to_owned(),
+            path: path.to_owned(),
+        });
+    }
+    let forged = |source| VolumeError::Forged {
+        volume: name.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
     let unwrap_generation = |generation: u32, layer: Layer, provider: &dyn KeyProvider| {
         let slot = header
             .keyslots
@@ -417,7 +480,14 @@ pub fn open_cache(
         }
     };
     let dek = unwrap(Layer::Outer, kek)?;
-    // Mid-re-encryption: the target generation's keys too.
+    let current_keys =
+        GenerationKeys::derive(header.uuid, header.dek_generation, &dek, inner_dek.as_ref());
+    // A version 1 or 2 header has nothing to verify: it is upgraded below.
+    if header.auth.is_some() {
+        auth::verify(&header, &current_keys).map_err(forged)?;
+    }
+    // Mid-re-encryption: the target generation's keys too, which the
+    // verified header commits to.
     let target = match header.reencrypt {
         Some(r) => {
             let outer = unwrap_generation(r.target_generation, Layer::Outer, kek)?;
@@ -429,23 +499,38 @@ pub fn open_cache(
                 )?),
                 None => None,
             };
-            Some((outer, inner))
+            let keys =
+                GenerationKeys::derive(header.uuid, r.target_generation, &outer, inner.as_ref());
+            auth::verify_target(&header, &keys).map_err(forged)?;
+            Some((outer, inner, keys))
         }
         None => None,
     };
-    if let Some(damage) = copies.damage() {
+    let (target, target_keys) = match target {
+        Some((outer, inner, keys)) => (Some((outer, inner)), Some(keys)),
+        None => (None, None),
+    };
+    let mut keys = HeaderKeys {
+        current: current_keys,
+        target: target_keys,
+    };
+    let mut header = header;
+    if header.auth.is_none() {
+        tracing::warn!(volume = name, path = %path.display(), "header is not authenticated; upgrading it in place to format version 3");
+        store::write_header(&backing, &mut header, &keys).map_err(io_err(path))?;
+    } else if let Some(damage) = copies.damage() {
         tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
         copies.repair(&backing).map_err(io_err(path))?;
     }
-    let mut header = header;
     if let (Some((outer, inner)), Some(_)) = (&target, header.reencrypt) {
         let sector_size = header.sector_size as usize;
         let ciphers = (
             VolumeCipher::new(&dek, inner_dek.as_ref(), header.inner_cipher, sector_size),
             VolumeCipher::new(outer, inner.as_ref(), header.inner_cipher, sector_size),
         );
-        replay_journal(name, path, &backing, &mut header, &ciphers)?;
+        replay_journal(name, path, &backing, &mut header, &mut keys, &ciphers)?;
     }
+    record.save(&header)?;
     // A replay that completed the re-encryption makes the target current.
     let finished = target.is_some() && header.reencrypt.is_none();
     let current = match (&target, finished) {
@@ -465,20 +550,22 @@ pub fn open_cache(
             .begin_reencrypt(cipher, r.checkpoint)
             .map_err(io_err(path))?;
     }
-    Ok((volume, header))
+    Ok((volume, header, keys))
 }
 
 /// After a crash mid-re-encryption: if the journal covers the window at the
 /// header's checkpoint, finish that window and move the checkpoint past it
-/// (finishing the re-encryption if it was the last window). With a hash
-/// journal, every sector of the window whose ciphertext still has its old
-/// hash is re-encrypted (`ciphers`: current, target); the others already
-/// hold the new ciphertext. A legacy data journal is copied into place.
+/// (finishing the re-encryption if it was the last window). Every sector of
+/// the window whose ciphertext still has its old hash is re-encrypted
+/// (`ciphers`: current, target); the others already hold the new
+/// ciphertext. A journal record for this window that is not authenticated
+/// by the active generation's journal key is refused before anything moves.
 fn replay_journal(
     name: &str,
     path: &Path,
     backing: &Backing,
     header: &mut Header,
+    keys: &mut HeaderKeys,
     (current, target): &(VolumeCipher, VolumeCipher),
 ) -> Result<(), VolumeError> {
     let Some(r) = header.reencrypt else {
@@ -489,59 +576,55 @@ fn replay_journal(
         checkpoint: r.checkpoint,
         target_generation: r.target_generation,
     };
-    if let Some((sector_size, hashes)) = journal::read_hashes(backing, key).map_err(io_err(path))? {
-        if sector_size != header.sector_size {
-            return Err(io_err(path)(std::io::Error::other(
-                "the re-encryption journal's sector size differs from the header's",
-            )));
-        }
-        let sector = sector_size as usize;
-        let mut redone = 0usize;
-        let mut buf = vec![0u8; sector];
-        for (i, old) in hashes.iter().enumerate() {
-            let at = r.checkpoint + (i * sector) as u64;
-            backing
-                .read_at(&mut buf, header.data_offset + at)
-                .map_err(io_err(path))?;
-            // Holes stay holes; a sector whose hash changed is already new.
-            if buf.iter().all(|&b| b == 0) || journal::sector_hash(&buf) != *old {
-                continue;
-            }
-            let index = at / u64::from(sector_size);
-            current.decrypt(&mut buf, index);
-            target.encrypt(&mut buf, index);
-            backing
-                .write_at(&buf, header.data_offset + at)
-                .map_err(io_err(path))?;
-            redone += 1;
-        }
-        backing.sync_rewritten().map_err(io_err(path))?;
-        tracing::warn!(
-            volume = name,
-            checkpoint = r.checkpoint,
-            sectors = hashes.len(),
-            redone,
-            "re-encryption was interrupted inside a window; replaying it from the journal (hash journal)"
-        );
-        header.advance_reencrypt(r.checkpoint + (hashes.len() * sector) as u64);
-        return store::write_header(backing, header).map_err(io_err(path));
-    }
-    let Some(window) = journal::read(backing, key).map_err(io_err(path))? else {
+    let found =
+        journal::read_hashes(backing, key, &keys.current.journal_key()).map_err(|e| match e {
+            journal::JournalError::Io(e) => io_err(path)(e),
+            source => VolumeError::Journal {
+                volume: name.to_owned(),
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+    let Some((sector_size, hashes)) = found else {
         return Ok(());
     };
+    if sector_size != header.sector_size {
+        return Err(io_err(path)(std::io::Error::other(
+            "the re-encryption journal's sector size differs from the header's",
+        )));
+    }
+    let sector = sector_size as usize;
+    let mut redone = 0usize;
+    let mut buf = vec![0u8; sector];
+    for (i, old) in hashes.iter().enumerate() {
+        let at = r.checkpoint + (i * sector) as u64;
+        backing
+            .read_at(&mut buf, header.data_offset + at)
+            .map_err(io_err(path))?;
+        // Holes stay holes; a sector whose hash changed is already new.
+        if buf.iter().all(|&b| b == 0) || journal::sector_hash(&buf) != *old {
+            continue;
+        }
+        let index = at / u64::from(sector_size);
+        current.decrypt(&mut buf, index);
+        target.encrypt(&mut buf, index);
+        backing
+            .write_at(&buf, header.data_offset + at)
+            .map_err(io_err(path))?;
+        redone += 1;
+    }
+    backing.sync_rewritten().map_err(io_err(path))?;
     tracing::warn!(
         volume = name,
         checkpoint = r.checkpoint,
-        len = window.len(),
+        sectors = hashes.len(),
+        redone,
         "re-encryption was interrupted inside a window; replaying it from the journal"
     );
-    data::for_nonzero_runs(&window, header.sector_size as usize, |run, at| {
-        backing.write_at(run, header.data_offset + r.checkpoint + at)
-    })
-    .and_then(|()| backing.sync_rewritten())
-    .map_err(io_err(path))?;
-    header.advance_reencrypt(r.checkpoint + window.len() as u64);
-    store::write_header(backing, header).map_err(io_err(path))
+    header.advance_reencrypt(r.checkpoint + (hashes.len() * sector) as u64);
+    store::write_header(backing, header, keys).map_err(io_err(path))?;
+    keys.advance(header);
+    Ok(())
 }
 
 /// The last step of opening either role: O_DIRECT if asked, the cipher,
@@ -607,8 +690,13 @@ pub fn open_temp(
             }
         }
     }
+    let dek = Dek::generate().map_err(VolumeError::Random)?;
     let mut header = new_header(geometry, Role::Temp);
-    lay_out(path, &backing, &mut header)?;
+    let keys = HeaderKeys {
+        current: GenerationKeys::derive(header.uuid, header.dek_generation, &dek, None),
+        target: None,
+    };
+    lay_out(path, &backing, &mut header, &keys)?;
     // A block device or remote export is not emptied like a file: zero its
     // data area (BLKZEROOUT, WRITE_ZEROES where offered), so last run's
     // ciphertext, unreadable under the new key, reads as zeros, not garbage.
@@ -617,7 +705,6 @@ pub fn open_temp(
             .zero_range(header.data_offset, header.size)
             .map_err(io_err(path))?;
     }
-    let dek = Dek::generate().map_err(VolumeError::Random)?;
     ready(name, path, backing, &header, (&dek, None), direct)
 }
 
@@ -625,6 +712,71 @@ pub fn open_temp(
 mod tests {
     use super::*;
     use crate::kek::LocalKek;
+    use std::os::unix::fs::FileExt;
+
+    fn records(dir: &Path) -> Records {
+        Records::new(&dir.join("state"))
+    }
+
+    fn geometry() -> Geometry {
+        Geometry {
+            size: 16 * 4096,
+            sector_size: 4096,
+        }
+    }
+
+    /// The backing's first MiB and data area, to prove a refusal wrote nothing.
+    fn bytes(path: &Path) -> Vec<u8> {
+        std::fs::read(path).unwrap()
+    }
+
+    fn header_of(path: &Path) -> Header {
+        current_header(path, &read_headers(path).unwrap()).unwrap()
+    }
+
+    /// A refusal that names the volume and leaves the backing as it was.
+    fn refused(path: &Path, kek: &dyn KeyProvider, records: &Records, what: &str) -> VolumeError {
+        let before = bytes(path);
+        let err = open_cache("v", path, None, kek, None, false, records).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("\"v\""), "the error names the volume: {text}");
+        assert!(text.contains(what), "expected {what:?}: {text}");
+        assert!(bytes(path) == before, "a refused open wrote to the backing");
+        err
+    }
+
+    /// Starts a re-encryption by hand, as `reencrypt.rs` does: pin, seal
+    /// with both generations' keys, write, record. Returns the keys and
+    /// the new DEK.
+    fn start_reencryption(
+        path: &Path,
+        kek: &dyn KeyProvider,
+        records: &Records,
+    ) -> (Header, HeaderKeys, Dek) {
+        let (volume, mut header, mut keys) =
+            open_cache("v", path, None, kek, None, false, records).unwrap();
+        drop(volume);
+        let backing = Backing::open(path).unwrap();
+        let new_dek = Dek::generate().unwrap();
+        header.keyslots.push(Keyslot {
+            generation: 2,
+            layer: Layer::Outer,
+            wrapped: kek.wrap(&new_dek).unwrap(),
+        });
+        header.reencrypt = Some(header::Reencrypt {
+            checkpoint: 0,
+            target_generation: 2,
+        });
+        let target = GenerationKeys::derive(header.uuid, 2, &new_dek, None);
+        let record = records.volume("v");
+        record
+            .pin_target(&header_of(path), 2, target.key_check)
+            .unwrap();
+        keys.target = Some(target);
+        store::write_header(&backing, &mut header, &keys).unwrap();
+        record.save(&header).unwrap();
+        (header, keys, new_dek)
+    }
 
     /// A crash in the middle of a window's in-place write, made by hand:
     /// the hash journal records the window's old ciphertext, half of its
@@ -635,40 +787,30 @@ mod tests {
     fn hash_journal_replay_finishes_a_torn_window() {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let records = records(dir.path());
         let path = dir.path().join("v.img");
         let sector = 4096usize;
-        let geometry = Geometry {
-            size: 16 * sector as u64,
-            sector_size: sector as u32,
-        };
-        let mut header = create(&path, geometry, &kek, None, false).unwrap();
-        let backing = Backing::open(&path).unwrap();
+        let created = create(&path, geometry(), &kek, None, false, None).unwrap();
         let old_dek = kek
-            .unwrap(&header.active_slot(Layer::Outer).unwrap().wrapped)
+            .unwrap(&created.active_slot(Layer::Outer).unwrap().wrapped)
             .unwrap();
-        let new_dek = Dek::generate().unwrap();
         let old = VolumeCipher::new(&old_dek, None, InnerCipher::AesXts, sector);
-        let new = VolumeCipher::new(&new_dek, None, InnerCipher::AesXts, sector);
 
         // Sectors 0..8 hold data under the old key, 8..10 are holes.
         let mut plain = vec![0u8; 10 * sector];
         getrandom::fill(&mut plain[..8 * sector]).unwrap();
         let mut disk = plain.clone();
         old.encrypt(&mut disk[..8 * sector], 0);
-        backing.write_at(&disk, header.data_offset).unwrap();
+        Backing::open(&path)
+            .unwrap()
+            .write_at(&disk, created.data_offset)
+            .unwrap();
 
         // Re-encryption of the window 0..10 sectors began: journal, then
         // sectors 0..4 rewritten in place, then the crash.
-        header.keyslots.push(Keyslot {
-            generation: 2,
-            layer: Layer::Outer,
-            wrapped: kek.wrap(&new_dek).unwrap(),
-        });
-        header.reencrypt = Some(header::Reencrypt {
-            checkpoint: 0,
-            target_generation: 2,
-        });
-        store::write_header(&backing, &mut header).unwrap();
+        let (header, keys, new_dek) = start_reencryption(&path, &kek, &records);
+        let new = VolumeCipher::new(&new_dek, None, InnerCipher::AesXts, sector);
+        let backing = Backing::open(&path).unwrap();
         journal::prepare(&backing).unwrap();
         let hashes: Vec<[u8; 32]> = disk
             .chunks_exact(sector)
@@ -679,14 +821,16 @@ mod tests {
             checkpoint: 0,
             target_generation: 2,
         };
-        journal::write_hashes(&backing, key, sector as u32, &hashes).unwrap();
+        let mac_key = keys.current.journal_key();
+        journal::write_hashes(&backing, key, &mac_key, sector as u32, &hashes).unwrap();
         let mut half = disk[..4 * sector].to_vec();
         old.decrypt(&mut half, 0);
         new.encrypt(&mut half, 0);
         backing.write_at(&half, header.data_offset).unwrap();
         drop(backing);
 
-        let (volume, opened) = open_cache("v", &path, None, &kek, None, false).unwrap();
+        let (volume, opened, _) =
+            open_cache("v", &path, None, &kek, None, false, &records).unwrap();
         let r = opened
             .reencrypt
             .expect("still re-encrypting past the window");
@@ -705,6 +849,277 @@ mod tests {
         assert!(raw[..8 * sector] == expect[..]);
     }
 
+    /// Attack 1: a writer of the backing who can wrap a DEK of their own
+    /// (an RSA KEK's public part; here the local KEK stands in for it)
+    /// adds a target keyslot and marks a re-encryption in progress. Every
+    /// variant is refused, naming the volume, and nothing is written: the
+    /// old MAC does not cover the change; resealing with the attacker's own
+    /// key fails the key check; sealing everything under the attacker's
+    /// DEK passes the MAC but not the record; dropping the MAC is a
+    /// downgrade, and without a record an unauthenticated re-encryption.
+    #[test]
+    fn a_forged_reencryption_target_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let records = records(dir.path());
+        let path = dir.path().join("v.img");
+        create(
+            &path,
+            geometry(),
+            &kek,
+            None,
+            false,
+            Some(&records.volume("v")),
+        )
+        .unwrap();
+        open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        let genuine = header_of(&path);
+        let mine = Dek::generate().unwrap();
+        let mut forged = genuine.clone();
+        forged.keyslots.push(Keyslot {
+            generation: 2,
+            layer: Layer::Outer,
+            wrapped: kek.wrap(&mine).unwrap(),
+        });
+        forged.reencrypt = Some(header::Reencrypt {
+            checkpoint: 0,
+            target_generation: 2,
+        });
+        let my_target = GenerationKeys::derive(genuine.uuid, 2, &mine, None);
+        forged.auth.as_mut().unwrap().target_key_check = Some(my_target.key_check);
+        let backing = Backing::open(&path).unwrap();
+        store::write_as_is(&backing, &mut forged.clone()).unwrap();
+        drop(backing);
+        // The record refuses it first; without one, the MAC does.
+        let fresh = Records::new(&dir.path().join("empty"));
+        refused(&path, &kek, &records, "not started by this daemon");
+        refused(&path, &kek, &fresh, "MAC does not verify");
+
+        // Everything sealed under the attacker's own DEK, as current.
+        let mut whole = forged.clone();
+        whole.keyslots = vec![Keyslot {
+            generation: 1,
+            layer: Layer::Outer,
+            wrapped: kek.wrap(&mine).unwrap(),
+        }];
+        whole.reencrypt = None;
+        let my_keys = HeaderKeys {
+            current: GenerationKeys::derive(genuine.uuid, 1, &mine, None),
+            target: None,
+        };
+        let backing = Backing::open(&path).unwrap();
+        store::write_header(&backing, &mut whole, &my_keys).unwrap();
+        drop(backing);
+        refused(&path, &kek, &records, "another data key than recorded");
+
+        let backing = Backing::open(&path).unwrap();
+        store::write_legacy(&backing, &mut forged.clone()).unwrap();
+        drop(backing);
+        refused(&path, &kek, &records, "downgrade");
+        refused(&path, &kek, &fresh, "re-encryption in progress");
+    }
+
+    /// Attack 2: a header saved before a rekey (same generation, older
+    /// sequence) and one saved before a re-encryption finished (older
+    /// generation) are written back: both are refused as rollbacks.
+    #[test]
+    fn a_rolled_back_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let other = LocalKek::init(&dir.path().join("other.key")).unwrap();
+        let records = records(dir.path());
+        let path = dir.path().join("v.img");
+        create(
+            &path,
+            geometry(),
+            &kek,
+            None,
+            false,
+            Some(&records.volume("v")),
+        )
+        .unwrap();
+        let saved = bytes(&path)[..DATA_OFFSET as usize].to_vec();
+        let (volume, header, keys) =
+            open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        let layer_kek = |name: &str, provider: LocalKek| LayerKek {
+            name: name.into(),
+            provider: std::sync::Arc::new(provider),
+        };
+        let vk = VolumeKeys::new(
+            &path,
+            &volume,
+            header,
+            keys,
+            records.volume("v"),
+            layer_kek("main", LocalKek::load(&dir.path().join("kek.key")).unwrap()),
+            None,
+            KeyPolicy {
+                on_key_loss: OnKeyLoss::Stop,
+                on_key_unreachable: OnKeyUnreachable::Serve,
+                unreachable_grace: std::time::Duration::from_secs(1),
+                auto_rotate: false,
+                check_interval: std::time::Duration::from_secs(1),
+            },
+            crate::kek::audit::AuditLog::disabled(),
+        );
+        vk.rekey(Layer::Outer, layer_kek("other", other), None)
+            .unwrap();
+        drop(vk);
+        drop(volume);
+        let other = LocalKek::load(&dir.path().join("other.key")).unwrap();
+        open_cache("v", &path, None, &other, None, false, &records).unwrap();
+        let rekeyed = bytes(&path)[..DATA_OFFSET as usize].to_vec();
+        // The old header still unwraps with the old KEK, and its MAC holds.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&saved, 0)
+            .unwrap();
+        refused(&path, &kek, &records, "a rollback");
+
+        // Across generations: back to the rekeyed header, re-encrypt to
+        // generation 2 and finish; then the generation-1 header again.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&rekeyed, 0)
+            .unwrap();
+        let (mut header, mut keys, _) = start_reencryption(&path, &other, &records);
+        header.advance_reencrypt(header.size);
+        let backing = Backing::open(&path).unwrap();
+        store::write_header(&backing, &mut header, &keys).unwrap();
+        keys.advance(&header);
+        records.volume("v").save(&header).unwrap();
+        drop(backing);
+        open_cache("v", &path, None, &other, None, false, &records).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&rekeyed, 0)
+            .unwrap();
+        refused(
+            &path,
+            &other,
+            &records,
+            "generation 1 is older than the recorded 2",
+        );
+    }
+
+    /// Attack 3: the keyslot of another volume under the same KEK is
+    /// pasted into this header: its DEK unwraps, but it fails this
+    /// header's key check (bound to this volume's UUID and generation).
+    #[test]
+    fn another_volumes_keyslot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let records = records(dir.path());
+        let path = dir.path().join("v.img");
+        create(
+            &path,
+            geometry(),
+            &kek,
+            None,
+            false,
+            Some(&records.volume("v")),
+        )
+        .unwrap();
+        let theirs = create(
+            &dir.path().join("w.img"),
+            geometry(),
+            &kek,
+            None,
+            false,
+            Some(&records.volume("w")),
+        )
+        .unwrap();
+        let mut pasted = header_of(&path);
+        pasted.keyslots[0] = theirs.keyslots[0].clone();
+        let backing = Backing::open(&path).unwrap();
+        store::write_as_is(&backing, &mut pasted).unwrap();
+        drop(backing);
+        // Without a record too: the key check alone refuses it.
+        refused(
+            &path,
+            &kek,
+            &Records::new(&dir.path().join("empty")),
+            "not this volume's",
+        );
+        refused(&path, &kek, &records, "not this volume's");
+    }
+
+    /// Attack 4: a journal record for the header's window, forged under a
+    /// key of the attacker's choosing, or in the old unauthenticated
+    /// format: refused before any sector or the checkpoint moves.
+    #[test]
+    fn a_forged_journal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let records = records(dir.path());
+        let path = dir.path().join("v.img");
+        create(
+            &path,
+            geometry(),
+            &kek,
+            None,
+            false,
+            Some(&records.volume("v")),
+        )
+        .unwrap();
+        let (header, _, _) = start_reencryption(&path, &kek, &records);
+        let backing = Backing::open(&path).unwrap();
+        journal::prepare(&backing).unwrap();
+        let key = journal::JournalKey {
+            uuid: header.uuid,
+            checkpoint: 0,
+            target_generation: 2,
+        };
+        // Claims the whole data area: every sector would change key.
+        journal::write_hashes(&backing, key, &[0x66; 32], 4096, &[[0; 32]; 16]).unwrap();
+        drop(backing);
+        let err = refused(&path, &kek, &records, "MAC that does not verify");
+        assert!(matches!(err, VolumeError::Journal { .. }));
+    }
+
+    /// Attack 5: a version-1 header is upgraded in place at open (MAC,
+    /// record); writing the old header back is then refused as a
+    /// downgrade. A crash inside the upgrade (new primary, old backup)
+    /// opens on the new copy.
+    #[test]
+    fn a_version_1_header_is_upgraded_and_cannot_be_downgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let records = records(dir.path());
+        let path = dir.path().join("v.img");
+        let mut old = create(&path, geometry(), &kek, None, false, None).unwrap();
+        let backing = Backing::open(&path).unwrap();
+        store::write_legacy(&backing, &mut old).unwrap();
+        drop(backing);
+        let legacy = bytes(&path)[..DATA_OFFSET as usize].to_vec();
+        assert_eq!(u16::from_le_bytes([legacy[8], legacy[9]]), 1);
+
+        let (_, upgraded, _) = open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        assert!(upgraded.auth.is_some());
+        let raw = bytes(&path);
+        for at in [PRIMARY_AT, BACKUP_AT] {
+            let at = at as usize;
+            assert_eq!(u16::from_le_bytes([raw[at + 8], raw[at + 9]]), 3);
+        }
+        assert!(records.volume("v").load().unwrap().is_some());
+
+        // Torn upgrade: the old backup copy comes back; the new primary wins.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&legacy[..header::HEADER_SIZE], BACKUP_AT)
+            .unwrap();
+        open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+
+        f.write_all_at(&legacy, 0).unwrap();
+        drop(f);
+        refused(&path, &kek, &records, "downgrade");
+    }
+
     /// One owner per backing: while a volume is open, `create --force`, a
     /// second open (another daemon, a reload's re-add), a temp volume on
     /// the same path, erase and restore are refused before they write a
@@ -718,16 +1133,17 @@ mod tests {
             size: 1 << 20,
             sector_size: 4096,
         };
-        let created = create(&path, geometry, &kek, None, false).unwrap();
-        let (volume, _) = open_cache("v", &path, None, &kek, None, false).unwrap();
+        let records = records(dir.path());
+        let created = create(&path, geometry, &kek, None, false, None).unwrap();
+        let (volume, _, _) = open_cache("v", &path, None, &kek, None, false, &records).unwrap();
         let busy = |e: VolumeError| match e {
             VolumeError::Io { source, .. } => {
                 assert_eq!(source.kind(), std::io::ErrorKind::ResourceBusy, "{source}")
             }
             other => panic!("expected a busy backing, got {other}"),
         };
-        busy(create(&path, geometry, &kek, None, true).unwrap_err());
-        busy(open_cache("v", &path, None, &kek, None, false).unwrap_err());
+        busy(create(&path, geometry, &kek, None, true, None).unwrap_err());
+        busy(open_cache("v", &path, None, &kek, None, false, &records).unwrap_err());
         busy(open_temp("t", &path, geometry, false).unwrap_err());
         match backup::erase(&path).unwrap_err() {
             backup::BackupError::Volume(e) => busy(e),
@@ -735,11 +1151,18 @@ mod tests {
         }
         let header = current_header(&path, &read_headers(&path).unwrap()).unwrap();
         assert_eq!(header.uuid, created.uuid, "nothing was rewritten");
-        match backup::restore(&path, &header, true).unwrap_err() {
+        let dek = kek
+            .unwrap(&header.active_slot(Layer::Outer).unwrap().wrapped)
+            .unwrap();
+        let keys = HeaderKeys {
+            current: GenerationKeys::derive(header.uuid, 1, &dek, None),
+            target: None,
+        };
+        match backup::restore(&path, &header, &keys, None, true).unwrap_err() {
             backup::BackupError::Volume(e) => busy(e),
             other => panic!("expected a busy backing, got {other}"),
         }
         drop(volume);
-        open_cache("v", &path, None, &kek, None, false).unwrap();
+        open_cache("v", &path, None, &kek, None, false, &records).unwrap();
     }
 }

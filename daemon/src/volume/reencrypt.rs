@@ -2,8 +2,11 @@
 //! area moves to freshly generated DEKs (one per layer) while the volume
 //! keeps serving, like `cryptsetup reencrypt`.
 //!
-//! Start writes a header that holds both generations' wrapped DEKs and a
-//! checkpoint of 0. A worker thread then walks the data area one window at
+//! Start pins the target generation's key check in the anti-rollback
+//! record (`record.rs`), then writes a header that holds both generations'
+//! wrapped DEKs, the target's key check and a checkpoint of 0, sealed with
+//! the active generation's keys (`auth.rs`): only a holder of the active
+//! DEK can start or steer a re-encryption. A worker thread then walks the data area one window at
 //! a time: under the window's range lock it rewrites the window's sectors
 //! from the old key to the new, through the journal (`journal.rs`), and
 //! records the new checkpoint in the header before releasing the window.
@@ -27,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::auth::GenerationKeys;
 use super::data::PreparedWindow;
 use super::header::{Keyslot, Layer, Reencrypt};
 use super::journal::{self, JournalKey, HASH_CAPACITY, JOURNAL_AT, JOURNAL_SIZE};
 use super::keys::{KeyOpError, VolumeKeys};
-use super::{store, VolumeCipher};
+use super::VolumeCipher;
 use crate::crypto::Dek;
 use crate::kek::audit::Event;
 
@@ -264,7 +268,16 @@ impl VolumeKeys {
             checkpoint: 0,
             target_generation: target,
         });
-        self.write_header(&mut cur, header)?;
+        let target_keys = GenerationKeys::derive(header.uuid, target, outer, inner);
+        // Pinned before the header exists: a header at the target
+        // generation is then known to be this daemon's.
+        self.record
+            .pin_target(&cur.header, target, target_keys.key_check)?;
+        cur.auth.target = Some(target_keys);
+        if let Err(e) = self.write_header(&mut cur, header) {
+            cur.auth.target = None;
+            return Err(e);
+        }
         self.data
             .begin_reencrypt(
                 VolumeCipher::new(
@@ -374,7 +387,7 @@ impl VolumeKeys {
                 self.reencryption.wait(Duration::from_secs(1));
                 continue;
             }
-            let (checkpoint, key) = {
+            let (checkpoint, key, mac_key) = {
                 let cur = self.lock();
                 let Some(r) = cur.header.reencrypt else {
                     return;
@@ -386,6 +399,7 @@ impl VolumeKeys {
                         checkpoint: r.checkpoint,
                         target_generation: r.target_generation,
                     },
+                    cur.auth.current.journal_key(),
                 )
             };
             let started = Instant::now();
@@ -403,7 +417,15 @@ impl VolumeKeys {
             let result = prepared.and_then(|mut w| {
                 self.data.write_window(
                     &mut w,
-                    |hashes| journal::write_hashes(self.data.backing(), key, sector as u32, hashes),
+                    |hashes| {
+                        journal::write_hashes(
+                            self.data.backing(),
+                            key,
+                            &mac_key,
+                            sector as u32,
+                            hashes,
+                        )
+                    },
                     || journal::clear(self.data.backing()),
                     &stop,
                 )?;
@@ -479,16 +501,7 @@ impl VolumeKeys {
         };
         let done = header.advance_reencrypt(next);
         // A durable primary copy is the commit (see `VolumeKeys::write_header`).
-        match store::write_header_copies(self.data.backing(), &mut header) {
-            Ok(()) => {}
-            Err(e) if e.primary_durable => tracing::warn!(
-                volume = %self.name,
-                "re-encryption checkpoint is durable in the primary header copy, but the backup copy could not be written ({}); it is repaired at the next header write or open",
-                e.source
-            ),
-            Err(e) => return Err(e.source),
-        }
-        cur.header = header;
+        self.write_header_io(&mut cur, &mut header)?;
         self.data.advance_checkpoint(next);
         if done {
             // Fails only while the key is lost; the recovery then loads the

@@ -6,10 +6,13 @@
 //! table) rarely takes both. An update bumps the sequence number and writes
 //! the primary, syncs, then writes the backup and syncs; whichever copy a
 //! crash tears, the other is valid, and on open the valid copy with the
-//! highest sequence number wins. Encoding lives in `header.rs`.
+//! highest sequence number wins. Every header written is sealed (its MAC
+//! set, `auth.rs`) after the sequence is bumped; a repair copies the
+//! current copy's bytes, MAC and all. Encoding lives in `header.rs`.
 
 use std::io;
 
+use super::auth::HeaderKeys;
 use super::header::{Header, HeaderError, HEADER_SIZE};
 use crate::io::Backing;
 
@@ -92,10 +95,11 @@ impl HeaderCopies {
     }
 }
 
-/// Writes `header` with its sequence number bumped, primary then backup,
-/// syncing after each, so a crash leaves one valid copy.
-pub fn write_header(backing: &Backing, header: &mut Header) -> io::Result<()> {
-    write_header_copies(backing, header).map_err(|e| e.source)
+/// Writes `header` with its sequence number bumped and sealed with `keys`,
+/// primary then backup, syncing after each, so a crash leaves one valid
+/// copy.
+pub fn write_header(backing: &Backing, header: &mut Header, keys: &HeaderKeys) -> io::Result<()> {
+    write_header_copies(backing, header, keys).map_err(|e| e.source)
 }
 
 /// A header write that failed, and whether the primary copy was already
@@ -108,16 +112,56 @@ pub struct HeaderWriteError {
     pub source: io::Error,
 }
 
+impl HeaderWriteError {
+    fn before_primary(source: io::Error) -> Self {
+        HeaderWriteError {
+            primary_durable: false,
+            source,
+        }
+    }
+}
+
 /// `write_header`, telling a failure before the primary copy was durable
 /// (nothing changed) from one after (the change took effect).
-pub fn write_header_copies(backing: &Backing, header: &mut Header) -> Result<(), HeaderWriteError> {
+pub fn write_header_copies(
+    backing: &Backing,
+    header: &mut Header,
+    keys: &HeaderKeys,
+) -> Result<(), HeaderWriteError> {
+    header.sequence = header
+        .sequence
+        .checked_add(1)
+        .ok_or_else(|| io::Error::other("header sequence number exhausted"))
+        .map_err(HeaderWriteError::before_primary)?;
+    keys.seal(header)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        .map_err(HeaderWriteError::before_primary)?;
+    write_copies(backing, header)
+}
+
+/// Writes a header as it is (unsealed: version 1 or 2), for tests that
+/// need one as an older daemon left it.
+#[cfg(test)]
+pub(crate) fn write_legacy(backing: &Backing, header: &mut Header) -> io::Result<()> {
+    header.auth = None;
+    write_as_is(backing, header)
+}
+
+/// Writes a header with whatever authentication it carries, as an
+/// attacker who can compute checksums but not MACs would.
+#[cfg(test)]
+pub(crate) fn write_as_is(backing: &Backing, header: &mut Header) -> io::Result<()> {
+    header.sequence += 1;
+    write_copies(backing, header).map_err(|e| e.source)
+}
+
+fn write_copies(backing: &Backing, header: &Header) -> Result<(), HeaderWriteError> {
     let failed = |primary_durable| {
         move |source| HeaderWriteError {
             primary_durable,
             source,
         }
     };
-    header.sequence += 1;
     let raw = header
         .encode()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
@@ -146,7 +190,7 @@ mod tests {
     fn newest_valid_copy_wins_and_repair_restores_both() {
         let (_d, b) = backing();
         let mut h = sample();
-        write_header(&b, &mut h).unwrap();
+        write_legacy(&b, &mut h).unwrap();
         // Simulate a crash after the primary of the next update was written.
         let mut newer = h.clone();
         newer.sequence += 1;
@@ -169,7 +213,7 @@ mod tests {
     fn torn_primary_falls_back_to_backup() {
         let (_d, b) = backing();
         let mut h = sample();
-        write_header(&b, &mut h).unwrap();
+        write_legacy(&b, &mut h).unwrap();
         b.write_at(&[0xff; 100], PRIMARY_AT + 50).unwrap();
         let copies = HeaderCopies::read(&b).unwrap();
         assert_eq!(copies.current(), Some(&h));
