@@ -196,7 +196,7 @@ fn connection_over_the_limit_is_refused_while_the_others_are_served() {
     fx.volume("v", "cache", "");
     // Idle handshakes must outlive the test: a long handshake timeout.
     fx.write_config(&format!(
-        "{}\nmax_connections = 1024\nmax_connections_per_peer = 2048\nhandshake_timeout = \"300s\"",
+        "{}\nmax_connections = 1024\nmax_connections_per_peer = 2048\nmax_handshakes = 1024\nhandshake_timeout = \"300s\"",
         fx.control_and_audit()
     ));
     fx.create("v", "16M", 4096);

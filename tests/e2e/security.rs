@@ -426,3 +426,38 @@ fn a_plain_http_vault_address_is_refused_unless_allowed() {
         output_text(&check)
     );
 }
+
+/// A volume a client may not open answers GO, INFO and META_CONTEXT the
+/// way a missing one does, so a client cannot learn which names exist (it
+/// used to get ERR_POLICY for one and ERR_UNKNOWN for the other).
+#[test]
+fn a_refused_export_cannot_be_told_from_a_missing_one() {
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "allow = [\"uid:12345\"]");
+    fx.write_config("");
+    fx.create("v", "16M", 4096);
+    let _d = fx.start();
+    let script = "\nimport socket, struct\n\
+def ask(option, name):\n    \
+s = socket.socket(socket.AF_UNIX)\n    \
+s.connect(sys.argv[1])\n    \
+assert s.recv(18, socket.MSG_WAITALL)[:8] == b'NBDMAGIC'\n    \
+s.sendall(struct.pack('>I', 3))\n    \
+if option == 10:\n        \
+s.sendall(struct.pack('>QII', 0x49484156454F5054, 8, 0))\n        \
+_, _, ack, length = struct.unpack('>QIII', s.recv(20, socket.MSG_WAITALL))\n        \
+assert ack == 1 and length == 0, (ack, length)\n        \
+data = struct.pack('>I', len(name)) + name + struct.pack('>I', 1) + struct.pack('>I', 15) + b'base:allocation'\n    \
+else:\n        \
+data = struct.pack('>I', len(name)) + name + struct.pack('>H', 0)\n    \
+s.sendall(struct.pack('>QII', 0x49484156454F5054, option, len(data)) + data)\n    \
+_, _, kind, length = struct.unpack('>QIII', s.recv(20, socket.MSG_WAITALL))\n    \
+message = s.recv(length, socket.MSG_WAITALL).decode()\n    \
+return kind, message.replace(name.decode(), 'NAME')\n\
+for option in (6, 7, 10):\n    \
+refused, missing = ask(option, b'v'), ask(option, b'w')\n    \
+assert refused == missing, (option, refused, missing)\n    \
+assert refused[0] == (1 << 31) | 6, hex(refused[0])\n\
+print('OK')\n";
+    python_nbd(script, &fx.socket.display().to_string());
+}

@@ -9,7 +9,12 @@
 //! client falls back.
 //! Who may see and open a volume is decided here too, from the peer's
 //! identity and the volume's allow list: refused volumes are absent from
-//! LIST and answer GO/INFO with NBD_REP_ERR_POLICY. A violation of a MUST in
+//! LIST and answer GO, INFO and META_CONTEXT exactly as a missing volume
+//! does (NBD_REP_ERR_UNKNOWN, "no export named ..."), so a client cannot
+//! tell a volume it may not open from one that does not exist; why is in
+//! the log, whose refusal lines are rate-limited. A client allowed to see a
+//! volume that is not open gets its state, never the error behind it
+//! (paths, provider messages): those go to the log. A violation of a MUST in
 //! the protocol (bad magic, unknown client flags, an absurd option length)
 //! ends this connection only.
 
@@ -252,17 +257,16 @@ where
                 let Some(export) = session.exports.find(&name) else {
                     let msg = match session.exports.find_unavailable(&name) {
                         Some(u) if u.allow.permits(session.peer) => format!(
-                            "volume {:?} is not available ({}): {}",
-                            u.name, u.state, u.reason
+                            "volume {:?} is not available yet ({}); the daemon's log says why",
+                            u.name, u.state
                         ),
-                        _ => format!("no export named {:?}", shorten(&name, LOGGED_NAME)),
+                        _ => no_such_export(&name),
                     };
                     error(stream, option, REP_ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
                 if !permitted(session.peer, &export) {
-                    let msg = format!("access to export {:?} is not allowed", export.name());
-                    error(stream, option, REP_ERR_POLICY, &msg).await?;
+                    error(stream, option, REP_ERR_UNKNOWN, &no_such_export(&name)).await?;
                     continue;
                 }
                 send_info(stream, option, &export, &requests).await?;
@@ -380,12 +384,10 @@ where
         .await;
     };
     let Some(export) = session.exports.find(&name) else {
-        let msg = format!("no export named {:?}", shorten(&name, LOGGED_NAME));
-        return error(stream, option, REP_ERR_UNKNOWN, &msg).await;
+        return error(stream, option, REP_ERR_UNKNOWN, &no_such_export(&name)).await;
     };
     if !permitted(session.peer, &export) {
-        let msg = format!("access to export {:?} is not allowed", export.name());
-        return error(stream, option, REP_ERR_POLICY, &msg).await;
+        return error(stream, option, REP_ERR_UNKNOWN, &no_such_export(&name)).await;
     }
     let wanted = if set {
         queries.iter().any(|q| q == META_BASE_ALLOCATION)
@@ -432,13 +434,53 @@ fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
     (at == data.len()).then_some((name, queries))
 }
 
+/// What a client hears of a volume that is missing or that it may not open.
+fn no_such_export(name: &str) -> String {
+    format!("no export named {:?}", shorten(name, LOGGED_NAME))
+}
+
+/// Refusal log lines per second, over all connections: a client that
+/// retries in a loop must not flood the journal.
+const REFUSAL_LINES_PER_SECOND: u64 = 20;
+
+/// Whether this refusal may be logged now (the count of those that were
+/// not is logged with the next that is).
+fn refusal_may_be_logged() -> Option<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static IN_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if SECOND.swap(now, Ordering::Relaxed) != now {
+        IN_SECOND.store(0, Ordering::Relaxed);
+    }
+    if IN_SECOND.fetch_add(1, Ordering::Relaxed) < REFUSAL_LINES_PER_SECOND {
+        Some(SUPPRESSED.swap(0, Ordering::Relaxed))
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// Whether `peer` may open `export`; a refusal is logged with the peer's
-/// identity and counted.
+/// identity (rate-limited) and counted.
 fn permitted(peer: &Peer, export: &Export) -> bool {
     if export.allow.load().permits(peer) {
         return true;
     }
     export.metrics.refuse();
+    let Some(suppressed) = refusal_may_be_logged() else {
+        return false;
+    };
+    if suppressed > 0 {
+        tracing::warn!(
+            suppressed,
+            "refusals not logged (more than {REFUSAL_LINES_PER_SECOND} a second)"
+        );
+    }
     if export.allow.load().is_default() {
         tracing::warn!(
             peer = %peer,
