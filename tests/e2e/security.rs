@@ -461,3 +461,32 @@ assert refused[0] == (1 << 31) | 6, hex(refused[0])\n\
 print('OK')\n";
     python_nbd(script, &fx.socket.display().to_string());
 }
+
+/// A CRL past its nextUpdate may be missing revocations: it is refused
+/// unless the config says to warn (then the daemon starts and says so).
+#[test]
+fn a_stale_crl_is_refused_unless_the_config_says_warn() {
+    let mut fx = Fixture::new();
+    let certs = hostcrypt_e2e::tls::Certs::make(&fx);
+    fx.volume("v", "cache", "");
+    let port = free_port();
+    let server = |extra: &str| {
+        format!(
+            "tcp = \"127.0.0.1:{port}\"\ntls = \"require\"\ntls_certificates = \"{}\"\n{extra}",
+            certs.dir("stalecrl").display()
+        )
+    };
+    fx.write_config(&server(""));
+    fx.create("v", "16M", 4096);
+    let out = fx.check();
+    let text = output_text(&out);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("nextUpdate"), "{text}");
+    fx.write_config(&server("tls_crl_expired = \"warn\""));
+    let d = fx.start();
+    wait_until(
+        "the stale CRL is warned about",
+        Duration::from_secs(10),
+        || d.stderr().contains("the CRL has expired"),
+    );
+}

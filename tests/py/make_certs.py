@@ -6,6 +6,7 @@ quirks about back-dated or revoked certificates).
 
 OUT/server   ca-cert.pem server-cert.pem server-key.pem ca-crl.pem
 OUT/server2  the same CA, another server certificate (CN=hostcrypt-2)
+OUT/stalecrl the server credentials with a CRL past its nextUpdate
 OUT/client   ca-cert.pem client-cert.pem client-key.pem, DN CN=vm-17,O=Example
 OUT/other    a valid client certificate with DN CN=vm-99,O=Example
 OUT/rogue    a client certificate from another CA
@@ -152,7 +153,24 @@ def main(out):
         .sign(ca_key, hashes.SHA256())
     )
 
-    for dirname, cn in (("server", "hostcrypt"), ("server2", "hostcrypt-2")):
+    stale_crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(NOW - 10 * DAY)
+        .next_update(NOW - DAY)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .add_extension(x509.CRLNumber(2), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    for dirname, cn, this_crl in (
+        ("server", "hostcrypt", crl),
+        ("server2", "hostcrypt-2", crl),
+        ("stalecrl", "hostcrypt", stale_crl),
+    ):
         k, c = leaf(ca_key, ca_cert, cn, True)
         write(
             os.path.join(out, dirname),
@@ -160,7 +178,7 @@ def main(out):
                 "ca-cert.pem": ca_pem,
                 "server-cert.pem": pem_cert(c),
                 "server-key.pem": pem_key(k),
-                "ca-crl.pem": crl.public_bytes(serialization.Encoding.PEM),
+                "ca-crl.pem": this_crl.public_bytes(serialization.Encoding.PEM),
             },
         )
 

@@ -94,6 +94,10 @@ pub struct ServerConfig {
     /// Clients must present a certificate signed by ca-cert.pem.
     #[serde(default = "yes")]
     pub tls_verify_peer: bool,
+    /// A ca-crl.pem past its nextUpdate: `refuse` (the default: it is not
+    /// loaded, and clients are refused while it is stale) or `warn`.
+    #[serde(default)]
+    pub tls_crl_expired: crate::nbd::tls::CrlExpired,
     /// Serve plaintext on a TCP address other hosts can reach.
     #[serde(default)]
     pub insecure_plaintext_tcp: bool,
@@ -177,6 +181,7 @@ impl Default for ServerConfig {
             tls: Default::default(),
             tls_certificates: None,
             tls_verify_peer: true,
+            tls_crl_expired: Default::default(),
             insecure_plaintext_tcp: false,
             max_connections: default_max_connections(),
             max_connections_per_peer: default_max_connections_per_peer(),

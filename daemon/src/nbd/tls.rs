@@ -51,6 +51,8 @@ impl std::fmt::Display for TlsMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error("{path}: the CRL's nextUpdate ({next_update}) has passed, so revoked certificates may be missing from it; publish a fresh ca-crl.pem, or set tls_crl_expired = \"warn\" to serve with it anyway")]
+    CrlExpired { path: PathBuf, next_update: String },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -110,7 +112,7 @@ impl TlsContext {
     /// Loads and checks the credentials in `dir`: the key is private, the
     /// server certificate is valid now and (when ca-cert.pem exists) signed
     /// by that CA, and key and certificate belong together.
-    pub fn load(dir: &Path, verify_peer: bool) -> Result<Self, TlsError> {
+    pub fn load(dir: &Path, verify_peer: bool, crl_expired: CrlExpired) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert_path = dir.join(SERVER_CERT);
         let key_path = dir.join(SERVER_KEY);
@@ -151,6 +153,31 @@ impl TlsContext {
                 .map(|(_, crl)| crl.iter_revoked_certificates().count())
                 .sum()
         });
+        if let Some(list) = &crls {
+            for crl in list {
+                let Ok((_, parsed)) = x509_parser::parse_x509_crl(crl.as_ref()) else {
+                    continue;
+                };
+                let Some(next) = parsed.next_update() else {
+                    continue;
+                };
+                if next.timestamp() < x509_parser::time::ASN1Time::now().timestamp() {
+                    match crl_expired {
+                        CrlExpired::Refuse => {
+                            return Err(TlsError::CrlExpired {
+                                path: crl_path.clone(),
+                                next_update: next.to_string(),
+                            })
+                        }
+                        CrlExpired::Warn => tracing::warn!(
+                            crl = %crl_path.display(),
+                            next_update = %next,
+                            "the CRL has expired; serving with it anyway (tls_crl_expired = \"warn\")"
+                        ),
+                    }
+                }
+            }
+        }
 
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -165,12 +192,18 @@ impl TlsContext {
                     })?;
                 }
                 let mut verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                        // A CA without a CRL of its own (an intermediate, say)
-                        // is not a reason to refuse every client it signed.
-                        .allow_unknown_revocation_status();
-                if let Some(crls) = crls {
-                    verifier = verifier.with_crls(crls);
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                match crls {
+                    // Once a CRL is configured, a certificate whose status
+                    // it cannot tell is not let in, and (unless the config
+                    // says warn) neither is any while the CRL is stale.
+                    Some(crls) => {
+                        verifier = verifier.with_crls(crls);
+                        if crl_expired == CrlExpired::Refuse {
+                            verifier = verifier.enforce_revocation_expiration();
+                        }
+                    }
+                    None => verifier = verifier.allow_unknown_revocation_status(),
                 }
                 if !verify_peer {
                     verifier = verifier.allow_unauthenticated();
@@ -205,6 +238,17 @@ impl TlsContext {
             },
         })
     }
+}
+
+/// What a CRL past its nextUpdate does (`tls_crl_expired`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlExpired {
+    /// Refuse to load it (and clients, should it expire while loaded).
+    #[default]
+    Refuse,
+    /// Log a warning and serve with it.
+    Warn,
 }
 
 fn pem_message(e: rustls_pki_types::pem::Error) -> String {
@@ -430,7 +474,9 @@ mod tests {
         let key = dir.path().join(SERVER_KEY);
         std::fs::write(&key, "x").unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = TlsContext::load(dir.path(), false).unwrap_err().to_string();
+        let err = TlsContext::load(dir.path(), false, CrlExpired::Refuse)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(&key.display().to_string()) && err.contains("0644"),
             "{err}"

@@ -373,7 +373,11 @@ pub async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
 pub fn load_tls(config: &Config) -> Result<Option<TlsContext>, ServiceError> {
     match (config.server.tls, config.server.tls_dir()) {
         (TlsMode::Off, _) | (_, None) => Ok(None),
-        (_, Some(dir)) => Ok(Some(TlsContext::load(dir, config.server.tls_verify_peer)?)),
+        (_, Some(dir)) => Ok(Some(TlsContext::load(
+            dir,
+            config.server.tls_verify_peer,
+            config.server.tls_crl_expired,
+        )?)),
     }
 }
 
