@@ -358,9 +358,18 @@ impl Header {
         if data_offset < (2 * HEADER_SIZE) as u64 || data_offset % 4096 != 0 {
             return Err(HeaderError::Malformed("data offset"));
         }
+        // Every later offset is data_offset + something below size.
+        if data_offset.checked_add(size).is_none() {
+            return Err(HeaderError::Malformed("data offset plus size overflows"));
+        }
         let dek_generation = r.u32()?;
         let reencrypt = match (r.u8()?, r.u64()?, r.u32()?) {
             (0, _, _) => None,
+            (1, checkpoint, _) if checkpoint > size => {
+                return Err(HeaderError::Malformed(
+                    "re-encryption checkpoint beyond the size",
+                ))
+            }
             (1, checkpoint, target_generation) => Some(Reencrypt {
                 checkpoint,
                 target_generation,

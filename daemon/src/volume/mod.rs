@@ -121,6 +121,12 @@ pub enum VolumeError {
     Record(#[from] RecordError),
     #[error("invalid volume geometry: {0}")]
     Geometry(String),
+    #[error("{path} holds {have} bytes, but its header needs {needed} (data offset plus size): the backing was truncated or is not this volume's; refusing to serve reads past its end as zeros")]
+    BackingTooSmall {
+        path: PathBuf,
+        have: u64,
+        needed: u64,
+    },
     #[error("random generator failed: {0}")]
     Random(getrandom::Error),
 }
@@ -637,6 +643,19 @@ fn ready(
     (dek, inner): (&Dek, Option<&Dek>),
     direct: bool,
 ) -> Result<Volume, VolumeError> {
+    // Checked arithmetic: a header is untrusted until here too.
+    let needed = header
+        .data_offset
+        .checked_add(header.size)
+        .ok_or_else(|| VolumeError::Geometry("data offset plus size overflows".into()))?;
+    let have = backing.size().map_err(io_err(path))?;
+    if have < needed {
+        return Err(VolumeError::BackingTooSmall {
+            path: path.to_owned(),
+            have,
+            needed,
+        });
+    }
     if direct {
         let block_size = backing.logical_block_size().map_err(io_err(path))?;
         if header.sector_size < block_size {
@@ -1164,5 +1183,31 @@ mod tests {
         }
         drop(volume);
         open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+    }
+
+    /// A backing shorter than its header says (truncated, or another
+    /// volume's header pasted onto a smaller file) is refused at open,
+    /// instead of serving the missing part as zeros.
+    #[test]
+    fn a_backing_shorter_than_its_header_says_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
+        let path = dir.path().join("v.img");
+        let geometry = Geometry {
+            size: 1 << 20,
+            sector_size: 4096,
+        };
+        let records = records(dir.path());
+        create(&path, geometry, &kek, None, false, None).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(DATA_OFFSET + (1 << 19)).unwrap();
+        drop(file);
+        match open_cache("v", &path, None, &kek, None, false, &records) {
+            Err(VolumeError::BackingTooSmall { have, needed, .. }) => {
+                assert_eq!(have, DATA_OFFSET + (1 << 19));
+                assert_eq!(needed, DATA_OFFSET + (1 << 20));
+            }
+            other => panic!("expected BackingTooSmall, got {:?}", other.map(|_| ())),
+        }
     }
 }
