@@ -490,3 +490,35 @@ fn a_stale_crl_is_refused_unless_the_config_says_warn() {
         || d.stderr().contains("the CRL has expired"),
     );
 }
+
+/// The empty export name selects the volume only when it is the only one
+/// configured; otherwise a reconnecting client could land on whichever
+/// volume a reload left first.
+#[test]
+fn the_empty_export_name_selects_only_a_sole_volume() {
+    let mut fx = Fixture::new();
+    fx.volume("only", "temp", "size = \"16M\"");
+    fx.write_config("");
+    let d = fx.start();
+    let bare = format!("nbd+unix:///?socket={}", fx.socket.display());
+    let out = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (16u64 << 20).to_string()
+    );
+    drop(d);
+    fx.volume("second", "temp", "size = \"8M\"");
+    fx.write_config("");
+    let _d = fx.start();
+    let out = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(&bare)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", output_text(&out));
+}

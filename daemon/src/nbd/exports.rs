@@ -1,8 +1,12 @@
 //! The set of exports a server offers: each is an open volume under its NBD
-//! name. An empty export name selects the first volume, so
-//! `nbd+unix:///?socket=...` works without knowing names. Beside them, the
-//! configured volumes that are not open (yet): listed, and refused with
-//! the reason, so a client learns why instead of "no such export".
+//! name. An empty export name selects the volume when exactly one is
+//! configured, so `nbd+unix:///?socket=...` works without knowing names;
+//! with more, it selects none: which volume is "first" changes when a
+//! reload removes one, and a client that reconnects with an empty name
+//! (qemu's reconnect-delay, `nbd-client -persist`) must not land on, and
+//! write to, another volume. Beside them, the configured volumes that are
+//! not open (yet): listed, and refused with their state, so a client learns
+//! why instead of "no such export".
 
 use std::sync::Arc;
 
@@ -138,7 +142,8 @@ impl Exports {
     pub fn find(&self, name: &str) -> Option<Arc<Export>> {
         let list = self.list.load();
         if name.is_empty() {
-            return list.first().cloned();
+            let only_one = list.len() == 1 && self.unavailable.load().is_empty();
+            return list.first().filter(|_| only_one).cloned();
         }
         list.iter().find(|e| e.name() == name).cloned()
     }

@@ -264,13 +264,7 @@ impl Reloader {
         for served in &added {
             served.start();
         }
-        for export in removed {
-            if let Err(e) = export.retire() {
-                tracing::error!(
-                    volume = export.name(),
-                    "flush of a removed volume failed: {e}"
-                );
-            }
+        for export in &removed {
             report.removed.push(export.name().to_owned());
         }
         // Changed volumes stay as they were: keep their old settings, so the
@@ -295,6 +289,22 @@ impl Reloader {
         state.providers = providers;
         self.waiting.retain_configured(&state.config);
         self.waiting.publish(&self.registry, &state.config);
+        // Outside the reloader's lock, all at once: a removed volume may
+        // wait up to its drain time for its connections, which must hold
+        // up neither status nor the other removals.
+        drop(state);
+        std::thread::scope(|scope| {
+            for export in &removed {
+                scope.spawn(move || {
+                    if let Err(e) = export.retire() {
+                        tracing::error!(
+                            volume = export.name(),
+                            "flush of a removed volume failed: {e}"
+                        );
+                    }
+                });
+            }
+        });
         tracing::info!(
             added = ?report.added,
             removed = ?report.removed,
