@@ -401,12 +401,7 @@ fn a_plain_http_vault_address_is_refused_unless_allowed() {
     fx.kek_tables.push(table(""));
     fx.volume("v", "cache", "");
     fx.write_config("");
-    let check = Command::new(bin("hostcryptd"))
-        .arg("--config")
-        .arg(&fx.config)
-        .args(["--check"])
-        .output()
-        .unwrap();
+    let check = fx.check();
     let text = output_text(&check);
     assert!(!check.status.success(), "{text}");
     assert!(text.contains("use https://"), "{text}");
@@ -414,12 +409,7 @@ fn a_plain_http_vault_address_is_refused_unless_allowed() {
     // the provider is then merely unreachable, not refused as insecure).
     fx.kek_tables = vec![table("insecure_http = true\n")];
     fx.write_config("");
-    let check = Command::new(bin("hostcryptd"))
-        .arg("--config")
-        .arg(&fx.config)
-        .args(["--check"])
-        .output()
-        .unwrap();
+    let check = fx.check();
     assert!(
         !output_text(&check).contains("use https://"),
         "{}",

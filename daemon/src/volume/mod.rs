@@ -737,6 +737,22 @@ mod tests {
         Records::new(&dir.join("state"))
     }
 
+    /// A fresh cache volume `v` at `dir/v.img`, its record under `dir`.
+    fn created_v(dir: &Path, kek: &LocalKek) -> (Records, PathBuf) {
+        let records = records(dir);
+        let path = dir.join("v.img");
+        create(
+            &path,
+            geometry(),
+            kek,
+            None,
+            false,
+            Some(&records.volume("v")),
+        )
+        .unwrap();
+        (records, path)
+    }
+
     fn geometry() -> Geometry {
         Geometry {
             size: 16 * 4096,
@@ -880,17 +896,7 @@ mod tests {
     fn a_forged_reencryption_target_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
-        let records = records(dir.path());
-        let path = dir.path().join("v.img");
-        create(
-            &path,
-            geometry(),
-            &kek,
-            None,
-            false,
-            Some(&records.volume("v")),
-        )
-        .unwrap();
+        let (records, path) = created_v(dir.path(), &kek);
         open_cache("v", &path, None, &kek, None, false, &records).unwrap();
         let genuine = header_of(&path);
         let mine = Dek::generate().unwrap();
@@ -946,17 +952,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
         let other = LocalKek::init(&dir.path().join("other.key")).unwrap();
-        let records = records(dir.path());
-        let path = dir.path().join("v.img");
-        create(
-            &path,
-            geometry(),
-            &kek,
-            None,
-            false,
-            Some(&records.volume("v")),
-        )
-        .unwrap();
+        let (records, path) = created_v(dir.path(), &kek);
         let saved = bytes(&path)[..DATA_OFFSET as usize].to_vec();
         let (volume, header, keys) =
             open_cache("v", &path, None, &kek, None, false, &records).unwrap();
@@ -1034,17 +1030,7 @@ mod tests {
     fn another_volumes_keyslot_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
-        let records = records(dir.path());
-        let path = dir.path().join("v.img");
-        create(
-            &path,
-            geometry(),
-            &kek,
-            None,
-            false,
-            Some(&records.volume("v")),
-        )
-        .unwrap();
+        let (records, path) = created_v(dir.path(), &kek);
         let theirs = create(
             &dir.path().join("w.img"),
             geometry(),
@@ -1076,17 +1062,7 @@ mod tests {
     fn a_forged_journal_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
-        let records = records(dir.path());
-        let path = dir.path().join("v.img");
-        create(
-            &path,
-            geometry(),
-            &kek,
-            None,
-            false,
-            Some(&records.volume("v")),
-        )
-        .unwrap();
+        let (records, path) = created_v(dir.path(), &kek);
         let (header, _, _) = start_reencryption(&path, &kek, &records);
         let backing = Backing::open(&path).unwrap();
         journal::prepare(&backing).unwrap();
