@@ -512,3 +512,67 @@ fn the_empty_export_name_selects_only_a_sole_volume() {
         .unwrap();
     assert!(!out.status.success(), "{}", output_text(&out));
 }
+
+/// A client that sends requests and never reads the replies holds at most
+/// its connection's byte budget, and only for `reply_timeout`: then the
+/// connection is closed and what it held is freed. Replies used to have no
+/// write timeout, so such a client pinned up to 64 MiB for ever.
+#[test]
+fn a_client_that_never_reads_is_disconnected() {
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config(&format!(
+        "control = \"{}\"\nreply_timeout = \"2s\"",
+        fx.path("control.sock").display()
+    ));
+    fx.create("v", "64M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("v"), &["write -P 0x5a 0 64M"]);
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _client = Killed(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import socket, struct, sys, time\n\
+s = socket.socket(socket.AF_UNIX)\n\
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n\
+s.connect(sys.argv[1])\n\
+assert s.recv(18, socket.MSG_WAITALL)[:8] == b'NBDMAGIC'\n\
+s.sendall(struct.pack('>I', 3))\n\
+s.sendall(struct.pack('>QII', 0x49484156454F5054, 1, 1) + b'v')\n\
+s.recv(10, socket.MSG_WAITALL)\n\
+for i in range(8):\n    \
+s.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 0, i, 0, 32 << 20))\n\
+time.sleep(600)\n",
+            )
+            .arg(&fx.socket)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python3"),
+    );
+    let connections = |fx: &Fixture| {
+        fx.status()["volumes"][0]["io"]["connections"]
+            .as_i64()
+            .unwrap_or(-1)
+    };
+    wait_until("the reader connected", Duration::from_secs(20), || {
+        connections(&fx) == 1
+    });
+    wait_until(
+        "the non-reader is disconnected",
+        Duration::from_secs(30),
+        || connections(&fx) == 0,
+    );
+    assert!(
+        d.stderr().contains("the client is not reading"),
+        "{}",
+        d.stderr()
+    );
+    qemu_io(&fx.uri("v"), &["read -P 0x5a 0 1M"]);
+}

@@ -115,6 +115,10 @@ pub struct ServerConfig {
     /// How long a client may take from connecting to choosing an export.
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
     pub handshake_timeout: std::time::Duration,
+    /// How long a reply may wait for a client that does not read it; then
+    /// the connection is closed and what it held is freed.
+    #[serde(default = "default_reply_timeout", deserialize_with = "duration")]
+    pub reply_timeout: std::time::Duration,
 }
 
 fn yes() -> bool {
@@ -131,6 +135,10 @@ fn default_max_connections() -> usize {
 
 fn default_max_connections_per_peer() -> usize {
     256
+}
+
+fn default_reply_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(60)
 }
 
 fn default_max_handshakes() -> usize {
@@ -187,6 +195,7 @@ impl Default for ServerConfig {
             max_connections_per_peer: default_max_connections_per_peer(),
             max_handshakes: default_max_handshakes(),
             handshake_timeout: default_handshake_timeout(),
+            reply_timeout: default_reply_timeout(),
         }
     }
 }
@@ -201,6 +210,7 @@ impl ServerConfig {
             max_handshakes: self.max_handshakes,
             reserve_per_transport: self.unix.is_some() && self.tcp.is_some(),
             handshake_timeout: self.handshake_timeout,
+            reply_timeout: self.reply_timeout,
             ring_connections: self.ring_connections,
         }
     }

@@ -229,8 +229,18 @@ impl Backing {
     /// for a client's FLUSH or FUA: fails for good once any sync has
     /// failed (`write_back.rs`).
     pub fn sync(&self) -> io::Result<()> {
+        // The check, the sync and its recording under one lock, and a
+        // failure recorded meanwhile by anyone (a remote backing's lost
+        // connection) fails this sync too: a FLUSH waiting behind a failed
+        // one must not succeed on the error the kernel reports only once.
+        let _one_at_a_time = self.write_back.serialize();
         self.write_back.check()?;
-        self.sync_rewritten()
+        let before = self.write_back.failures();
+        self.sync_raw()?;
+        if self.write_back.failures() != before {
+            return self.write_back.check();
+        }
+        Ok(())
     }
 
     /// A sync for a writer that has just written everything it needs
@@ -242,6 +252,11 @@ impl Backing {
         // tells only one fsync on a descriptor of a write-back error, and
         // a concurrent one must not return Ok before the failure counts.
         let _one_at_a_time = self.write_back.serialize();
+        self.sync_raw()
+    }
+
+    /// One sync, its failure recorded; the caller holds `serialize`.
+    fn sync_raw(&self) -> io::Result<()> {
         let result = match &self.kind {
             Kind::File(f) => f.sync(),
             Kind::Remote(r) => r.sync(),

@@ -170,8 +170,16 @@ impl Conn<'_> {
                     };
                     tracing::info!(peer = %peer, export = export.name(), tls = "off", reader = "ring", "client connected");
                     let label = peer.to_string();
-                    let served =
-                        serve_on_ring(socket, rings, export.clone(), features, stop, &label).await;
+                    let served = serve_on_ring(
+                        socket,
+                        rings,
+                        export.clone(),
+                        features,
+                        stop,
+                        &label,
+                        self.gate.settings.reply_timeout,
+                    )
+                    .await;
                     return log_end(peer, &export, served);
                 }
                 // Replies may go straight to the plaintext socket.
@@ -181,6 +189,7 @@ impl Conn<'_> {
                     peer,
                     tls: None,
                     direct: Some(fd),
+                    reply_timeout: self.gate.settings.reply_timeout,
                 };
                 transmit(r, w, (export, features), link, stop).await
             }
@@ -191,6 +200,7 @@ impl Conn<'_> {
                     peer,
                     tls: Some(session),
                     direct: None,
+                    reply_timeout: self.gate.settings.reply_timeout,
                 };
                 transmit(r, w, (export, features), link, stop).await
             }
@@ -304,13 +314,20 @@ struct Link<'a> {
     tls: Option<String>,
     /// The plaintext socket, for replies sent without the writer task.
     direct: Option<RawFd>,
+    /// How long a reply may wait for the client to read it.
+    reply_timeout: std::time::Duration,
 }
 
 async fn transmit<R, W>(
     reader: R,
     writer: W,
     (export, features): (Arc<Export>, Features),
-    Link { peer, tls, direct }: Link<'_>,
+    Link {
+        peer,
+        tls,
+        direct,
+        reply_timeout,
+    }: Link<'_>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -322,7 +339,10 @@ async fn transmit<R, W>(
     let served = serve(
         reader,
         writer,
-        direct,
+        super::replies::ReplyRoute {
+            direct,
+            timeout: reply_timeout,
+        },
         export.clone(),
         features,
         shutdown,

@@ -37,6 +37,9 @@ pub struct GateSettings {
     /// other cannot take.
     pub reserve_per_transport: bool,
     pub handshake_timeout: Duration,
+    /// How long a reply may wait for a client that does not read it before
+    /// the connection is closed (`replies.rs`).
+    pub reply_timeout: Duration,
     /// Plaintext connections live on io_uring rings (`ring_reader.rs`).
     pub ring_connections: bool,
 }
@@ -50,6 +53,7 @@ impl Default for GateSettings {
             max_handshakes: 64,
             reserve_per_transport: false,
             handshake_timeout: Duration::from_secs(30),
+            reply_timeout: Duration::from_secs(60),
             ring_connections: true,
         }
     }

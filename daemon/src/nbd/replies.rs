@@ -11,6 +11,12 @@
 //! two replies never interleave. A reply only partly sent is finished by
 //! the writer before anything else.
 //!
+//! A reply that cannot be written for `reply_timeout` (the client stopped
+//! reading) ends the connection: the socket is shut down, so the reader
+//! sees the end too, and every reply still owed is dropped with the byte
+//! budget it held. A client that never reads pins at most its connection's
+//! budget, and only for that long.
+//!
 //! What lives elsewhere: encoding a reply (`transmission.rs`), the byte
 //! budget whose permits replies carry until they are written.
 
@@ -84,6 +90,15 @@ impl Reply {
     }
 }
 
+/// How a connection's replies leave: straight to the plaintext socket
+/// when there is one (`direct`), and how long one may wait for a client
+/// that does not read it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyRoute {
+    pub direct: Option<RawFd>,
+    pub timeout: std::time::Duration,
+}
+
 /// Where a connection's replies go.
 pub struct ReplySink {
     /// The plaintext socket, when direct sends are allowed. It stays open
@@ -115,7 +130,13 @@ impl ReplyWriter {
 
 impl ReplySink {
     /// The sink and its writer task, started on the current runtime.
-    pub fn start<W>(writer: W, direct: Option<RawFd>) -> (Arc<ReplySink>, ReplyWriter)
+    pub fn start<W>(
+        writer: W,
+        ReplyRoute {
+            direct,
+            timeout: reply_timeout,
+        }: ReplyRoute,
+    ) -> (Arc<ReplySink>, ReplyWriter)
     where
         W: AsyncWrite + Unpin + Send + 'static,
     {
@@ -125,7 +146,12 @@ impl ReplySink {
             writer_owns: Mutex::new(false),
             queue,
         });
-        let task = tokio::spawn(write_replies(writer, rx, Arc::downgrade(&sink)));
+        let task = tokio::spawn(write_replies(
+            writer,
+            rx,
+            Arc::downgrade(&sink),
+            reply_timeout,
+        ));
         (sink, ReplyWriter(task))
     }
 
@@ -173,9 +199,23 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     sink: std::sync::Weak<ReplySink>,
+    reply_timeout: std::time::Duration,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     let mut result = Ok(());
+    // A write that makes no progress for `reply_timeout` ends the
+    // connection (see the module doc).
+    let stalled = |sink: &std::sync::Weak<ReplySink>| {
+        tracing::warn!(
+            "a reply could not be written for {reply_timeout:?} (the client is not reading); closing the connection"
+        );
+        if let Some(fd) = sink.upgrade().and_then(|s| s.direct) {
+            // SAFETY: the socket stays open while this writer owns its
+            // write half; shutdown takes no memory.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "reply write timed out")
+    };
     while let Some(reply) = rx.recv().await {
         if result.is_err() {
             // Keep the socket (and so its descriptor) until every request
@@ -183,17 +223,31 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             continue;
         }
         for part in reply.unsent() {
-            if let Err(e) = out.write_all(part).await {
-                result = Err(e);
-                break;
+            match tokio::time::timeout(reply_timeout, out.write_all(part)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    result = Err(e);
+                    break;
+                }
+                Err(_) => {
+                    result = Err(stalled(&sink));
+                    break;
+                }
             }
         }
         drop(reply);
         // Batch replies that are already waiting into one write.
         if rx.is_empty() && result.is_ok() {
-            if let Err(e) = out.flush().await {
-                result = Err(e);
-                continue;
+            match tokio::time::timeout(reply_timeout, out.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    result = Err(e);
+                    continue;
+                }
+                Err(_) => {
+                    result = Err(stalled(&sink));
+                    continue;
+                }
             }
             // Hand the socket back to direct sends if nothing came in
             // meanwhile (replies are queued under the same lock).
@@ -206,6 +260,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         }
     }
     result?;
-    out.flush().await?;
-    out.shutdown().await
+    let last = async {
+        out.flush().await?;
+        out.shutdown().await
+    };
+    match tokio::time::timeout(reply_timeout, last).await {
+        Ok(done) => done,
+        Err(_) => Err(stalled(&sink)),
+    }
 }

@@ -104,6 +104,7 @@ pub async fn serve_on_ring(
     features: Features,
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
+    reply_timeout: std::time::Duration,
 ) -> io::Result<()> {
     let counted = export.clone();
     let _connected = counted.metrics.connect();
@@ -113,7 +114,11 @@ pub async fn serve_on_ring(
         socket: socket.clone(),
         waiting: None,
     };
-    let (sink, replies) = ReplySink::start(writer, Some(fd));
+    let route = super::replies::ReplyRoute {
+        direct: Some(fd),
+        timeout: reply_timeout,
+    };
+    let (sink, replies) = ReplySink::start(writer, route);
     let stopping = Arc::new(AtomicBool::new(false));
     let (ended, mut done) = oneshot::channel();
     let placement = engine.place_connection();

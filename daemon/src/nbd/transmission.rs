@@ -21,14 +21,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use std::os::fd::RawFd;
-
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
 use super::proto::*;
-use super::replies::{Head, Reply, ReplySink};
+use super::replies::{Head, Reply, ReplyRoute, ReplySink};
 use crate::io::IoBuf;
 use crate::volume::{Allocation, Op, Outcome};
 
@@ -50,12 +48,12 @@ enum Body {
 
 /// Serves requests until the client disconnects, sends garbage, or the
 /// server shuts down; then waits for in-flight requests and their replies.
-/// `direct` is the plaintext socket behind `writer`, if any: replies are
+/// `route.direct` is the plaintext socket behind `writer`, if any: replies are
 /// then sent from the thread that completed them (`replies.rs`).
 pub async fn serve<R, W>(
     reader: R,
     writer: W,
-    direct: Option<RawFd>,
+    route: ReplyRoute,
     export: Arc<Export>,
     features: Features,
     mut shutdown: watch::Receiver<bool>,
@@ -67,7 +65,7 @@ where
 {
     let _connected = export.metrics.connect();
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
-    let (sink, replies) = ReplySink::start(writer, direct);
+    let (sink, replies) = ReplySink::start(writer, route);
     let header_len = Request::header_len(features.extended);
 
     // Buffered: at queue depth 32 one recv() brings in many request headers
@@ -536,7 +534,16 @@ mod tests {
                 let (server_r, server_w) = tokio::io::split(server);
                 let (from_server, to_server) = tokio::io::split(client);
                 let server = tokio::spawn(async move {
-                    serve(server_r, server_w, None, served, features, shutdown, "test").await
+                    serve(
+                        server_r,
+                        server_w,
+                        route(None),
+                        served,
+                        features,
+                        shutdown,
+                        "test",
+                    )
+                    .await
                 });
                 (server, Box::new(from_server), Box::new(to_server))
             }
@@ -558,6 +565,7 @@ mod tests {
                         features,
                         shutdown,
                         "test",
+                        REPLY_TIMEOUT,
                     )
                     .await
                 });
@@ -574,6 +582,14 @@ mod tests {
         }
     }
 
+    const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn route(direct: Option<std::os::fd::RawFd>) -> super::super::replies::ReplyRoute {
+        super::super::replies::ReplyRoute {
+            direct,
+            timeout: REPLY_TIMEOUT,
+        }
+    }
     const SIMPLE: Features = Features {
         structured: false,
         extended: false,
@@ -892,7 +908,7 @@ mod tests {
             serve(
                 server_r,
                 server_w,
-                Some(fd),
+                route(Some(fd)),
                 served,
                 SIMPLE,
                 shutdown,

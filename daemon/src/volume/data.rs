@@ -798,7 +798,9 @@ impl DataArea {
                                 if let Err(e) = &r {
                                     self.backing.record_sync_failure(e);
                                 }
-                                done(r.map(drop))
+                                // A failure another sync recorded meanwhile
+                                // may cover this write too.
+                                done(r.and_then(|_| self.backing.check_write_back()))
                             }),
                         ),
                     },

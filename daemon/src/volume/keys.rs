@@ -218,6 +218,10 @@ pub struct VolumeKeys {
     pub(super) reencryption: super::reencrypt::Controls,
     /// The anti-rollback record, updated after every header write.
     pub(super) record: VolumeRecord,
+    /// Set when the record could not follow the last header write: the
+    /// next header change first brings the record up to date, or is
+    /// refused, so the record lags by at most one header.
+    record_behind: AtomicBool,
 }
 
 impl std::fmt::Debug for VolumeKeys {
@@ -253,6 +257,7 @@ impl VolumeKeys {
             checks_failed: AtomicU64::new(0),
             reencryption: Default::default(),
             record,
+            record_behind: AtomicBool::new(false),
             checking: Mutex::new(()),
             current: Mutex::new(Current {
                 header,
@@ -765,6 +770,14 @@ impl VolumeKeys {
         cur: &mut Current,
         header: &mut Header,
     ) -> std::io::Result<()> {
+        // A record that lags more than one header would let a writer of
+        // the backing roll back to any header in between.
+        if self.record_behind.load(Ordering::SeqCst) {
+            self.record
+                .save(&cur.header)
+                .map_err(|e| std::io::Error::other(format!("the anti-rollback record is behind the header and cannot be updated, so no header change is made: {e}")))?;
+            self.record_behind.store(false, Ordering::SeqCst);
+        }
         match store::write_header_copies(self.data.backing(), header, &cur.auth) {
             Ok(()) => {}
             Err(e) if e.primary_durable => tracing::warn!(
@@ -780,7 +793,8 @@ impl VolumeKeys {
         // accepted at open (newer sequence, same or pinned key), so a
         // failed update is logged rather than failing the operation.
         if let Err(e) = self.record.save(header) {
-            tracing::error!(volume = %self.name, "{e}");
+            self.record_behind.store(true, Ordering::SeqCst);
+            tracing::error!(volume = %self.name, "{e}; the next header change waits until the record can be written");
         }
         Ok(())
     }

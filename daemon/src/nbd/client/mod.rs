@@ -621,7 +621,10 @@ impl Shared {
                 state.dirty[slot] = state.acked;
             }
         } else if p.command == Command::Flush {
-            if state.losses != p.losses {
+            // Any loss so far, not only one during this FLUSH: a FLUSH
+            // sent after a reconnect covers only what the backend still
+            // holds, so it must not vouch for writes lost before it.
+            if state.losses != p.losses || state.losses > 0 {
                 return state.last_loss.clone();
             }
             state.flushed = state.flushed.max(p.covers);
@@ -1066,11 +1069,12 @@ mod tests {
         // the write: the FLUSH must not vouch for it.
         ok(&shared, &[1]);
         assert_eq!(outcomes.lock().unwrap()[&1], Err(None));
-        // A FLUSH submitted after the loss is the backing's to refuse
-        // (`io/write_back.rs`); the client runs it.
+        // A FLUSH submitted after the loss fails too, in the client
+        // itself: the backing's record of the loss (`io/write_back.rs`)
+        // may come a moment later, and this FLUSH must not win that race.
         submit(&shared, &outcomes, 2, Command::Flush, 0);
         ok(&shared, &[2]);
-        assert_eq!(outcomes.lock().unwrap()[&2], Ok(vec![]));
+        assert_eq!(outcomes.lock().unwrap()[&2], Err(None));
     }
 
     #[test]
