@@ -139,9 +139,12 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
             Ok(request) => {
                 tracing::info!(uid, pid, request = ?request, "control request");
                 let state = state.clone();
-                tokio::task::spawn_blocking(move || handle(&state, request, uid))
-                    .await
-                    .unwrap_or_else(|e| Response::error(format!("request failed: {e}")))
+                tokio::task::spawn_blocking(move || match request {
+                    Request::CheckKey { volume } if reader_only => cached_check_key(&state, volume),
+                    request => handle(&state, request, uid),
+                })
+                .await
+                .unwrap_or_else(|e| Response::error(format!("request failed: {e}")))
             }
             Err(e) => Response::error(format!("malformed request: {e}")),
         },
@@ -157,41 +160,68 @@ fn daemon_euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// `check-key` over the volumes it names: `check` decides each one.
+fn check_key(
+    state: &ControlState,
+    volume: Option<String>,
+    check: impl Fn(&crate::service::registry::Served, &crate::volume::VolumeKeys) -> Result<(), String>,
+) -> Response {
+    let mut results = Vec::new();
+    for export in state.registry.iter() {
+        if volume.as_deref().is_some_and(|v| v != export.name()) {
+            continue;
+        }
+        let Some(keys) = &export.keys else { continue };
+        let outcome = check(&export, keys);
+        let status = keys.status();
+        results.push(CheckResult {
+            volume: export.name().to_owned(),
+            ok: outcome.is_ok(),
+            error: outcome.err(),
+            state: status.state,
+            warnings: status.warnings,
+        });
+    }
+    if let Some(v) = &volume {
+        if results.is_empty() {
+            return Response::error(unknown_volume(state, v));
+        }
+    }
+    Response::ok(results)
+}
+
+/// `check-key` for `control_read_group`: the outcome of the last periodic
+/// check, with no provider call. A live check may rotate a key
+/// (`auto_rotate`) or declare it lost and stop I/O: changes a reader must
+/// not be able to time.
+fn cached_check_key(state: &ControlState, volume: Option<String>) -> Response {
+    check_key(state, volume, |export, keys| {
+        if let Some(failure) = export.volume.data.failure() {
+            return Err(failure.to_owned());
+        }
+        let status = keys.status();
+        match (status.state.as_str(), status.last_error) {
+            (_, Some(e)) => Err(e),
+            ("serving", None) => Ok(()),
+            (other, None) => Err(format!("the key is {other}")),
+        }
+    })
+}
+
 /// Runs one request (blocking: providers may talk to remote servers).
 pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
     let uid = Some(uid);
     match request {
         Request::Status => Response::ok(status(state)),
-        Request::CheckKey { volume } => {
-            let mut results = Vec::new();
-            for export in state.registry.iter() {
-                if volume.as_deref().is_some_and(|v| v != export.name()) {
-                    continue;
-                }
-                let Some(keys) = &export.keys else { continue };
-                // A key that unwraps says nothing of a backing that is gone.
-                let outcome = export
-                    .volume
-                    .data
-                    .check_backing()
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| keys.check(uid).map_err(|e| e.to_string()));
-                let status = keys.status();
-                results.push(CheckResult {
-                    volume: export.name().to_owned(),
-                    ok: outcome.is_ok(),
-                    error: outcome.err(),
-                    state: status.state,
-                    warnings: status.warnings,
-                });
-            }
-            if let Some(v) = &volume {
-                if results.is_empty() {
-                    return Response::error(unknown_volume(state, v));
-                }
-            }
-            Response::ok(results)
-        }
+        Request::CheckKey { volume } => check_key(state, volume, |export, keys| {
+            // A key that unwraps says nothing of a backing that is gone.
+            export
+                .volume
+                .data
+                .check_backing()
+                .map_err(|e| e.to_string())
+                .and_then(|()| keys.check(uid).map_err(|e| e.to_string()))
+        }),
         Request::RotateKek {
             volume,
             to_version,

@@ -238,34 +238,32 @@ fn settle<S>(
     gate: &Gate,
 ) -> Option<Ready<S>> {
     let counters = &gate.counters;
-    match outcome {
-        Ok(Ok(ready)) => Some(ready),
-        Ok(Err(ConnectError::TlsRequired)) => {
-            Gate::count(&counters.tls_required);
-            tracing::warn!(peer = %peer, "refused: plaintext client on a listener that requires TLS");
-            None
-        }
+    let (counter, what) = match outcome {
+        Ok(Ok(ready)) => return Some(ready),
+        Ok(Err(ConnectError::TlsRequired)) => (
+            &counters.tls_required,
+            "refused: plaintext client on a listener that requires TLS".to_string(),
+        ),
         Ok(Err(ConnectError::Handshake(e @ HandshakeError::ExportNameWithoutTls))) => {
-            Gate::count(&counters.tls_required);
-            tracing::warn!(peer = %peer, "refused: {e}");
-            None
+            (&counters.tls_required, format!("refused: {e}"))
         }
-        Ok(Err(e @ ConnectError::Tls(_))) => {
-            Gate::count(&counters.tls_failures);
-            tracing::warn!(peer = %peer, "refused: {e}");
-            None
-        }
-        Ok(Err(e)) => {
-            Gate::count(&counters.handshake_failures);
-            tracing::warn!(peer = %peer, "handshake failed: {e}; closing this connection");
-            None
-        }
-        Err(_) => {
-            Gate::count(&counters.handshake_failures);
-            tracing::warn!(peer = %peer, "handshake timed out; closing this connection");
-            None
-        }
+        Ok(Err(e @ ConnectError::Tls(_))) => (&counters.tls_failures, format!("refused: {e}")),
+        Ok(Err(e)) => (
+            &counters.handshake_failures,
+            format!("handshake failed: {e}; closing this connection"),
+        ),
+        Err(_) => (
+            &counters.handshake_failures,
+            "handshake timed out; closing this connection".to_string(),
+        ),
+    };
+    Gate::count(counter);
+    // Rate-limited: a client failing handshakes in a loop must not flood
+    // the log (the counters still count every one).
+    if super::peer::may_log_refusal() {
+        tracing::warn!(peer = %peer, "{what}");
     }
+    None
 }
 
 async fn handshake<S>(

@@ -197,7 +197,10 @@ where
                     return Err(HandshakeError::UnknownExport(shorten(&name, LOGGED_NAME)));
                 };
                 if !permitted(session.peer, &export) {
-                    return Err(HandshakeError::ExportNameRefused(name));
+                    return Err(HandshakeError::ExportNameRefused(shorten(
+                        &name,
+                        LOGGED_NAME,
+                    )));
                 }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
@@ -439,32 +442,6 @@ fn no_such_export(name: &str) -> String {
     format!("no export named {:?}", shorten(name, LOGGED_NAME))
 }
 
-/// Refusal log lines per second, over all connections: a client that
-/// retries in a loop must not flood the journal.
-const REFUSAL_LINES_PER_SECOND: u64 = 20;
-
-/// Whether this refusal may be logged now (the count of those that were
-/// not is logged with the next that is).
-fn refusal_may_be_logged() -> Option<u64> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SECOND: AtomicU64 = AtomicU64::new(0);
-    static IN_SECOND: AtomicU64 = AtomicU64::new(0);
-    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    if SECOND.swap(now, Ordering::Relaxed) != now {
-        IN_SECOND.store(0, Ordering::Relaxed);
-    }
-    if IN_SECOND.fetch_add(1, Ordering::Relaxed) < REFUSAL_LINES_PER_SECOND {
-        Some(SUPPRESSED.swap(0, Ordering::Relaxed))
-    } else {
-        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
-        None
-    }
-}
-
 /// Whether `peer` may open `export`; a refusal is logged with the peer's
 /// identity (rate-limited) and counted.
 fn permitted(peer: &Peer, export: &Export) -> bool {
@@ -472,14 +449,8 @@ fn permitted(peer: &Peer, export: &Export) -> bool {
         return true;
     }
     export.metrics.refuse();
-    let Some(suppressed) = refusal_may_be_logged() else {
+    if !super::peer::may_log_refusal() {
         return false;
-    };
-    if suppressed > 0 {
-        tracing::warn!(
-            suppressed,
-            "refusals not logged (more than {REFUSAL_LINES_PER_SECOND} a second)"
-        );
     }
     if export.allow.load().is_default() {
         tracing::warn!(

@@ -156,6 +156,38 @@ pub fn shorten(text: &str, max: usize) -> String {
     format!("{}…({} bytes)", &text[..end], text.len())
 }
 
+/// Refusal and failed-handshake log lines per second, over all
+/// connections: a client that retries in a loop must not flood the log.
+const REFUSAL_LINES_PER_SECOND: u64 = 20;
+
+/// Whether a refusal may be logged now. When lines were dropped, the first
+/// line allowed after them is preceded by one saying how many.
+pub fn may_log_refusal() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SECOND: AtomicU64 = AtomicU64::new(0);
+    static IN_SECOND: AtomicU64 = AtomicU64::new(0);
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    if SECOND.swap(now, Ordering::Relaxed) != now {
+        IN_SECOND.store(0, Ordering::Relaxed);
+    }
+    if IN_SECOND.fetch_add(1, Ordering::Relaxed) >= REFUSAL_LINES_PER_SECOND {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    let suppressed = SUPPRESSED.swap(0, Ordering::Relaxed);
+    if suppressed > 0 {
+        tracing::warn!(
+            suppressed,
+            "refusals not logged (more than {REFUSAL_LINES_PER_SECOND} a second)"
+        );
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
