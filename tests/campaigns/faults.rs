@@ -428,7 +428,7 @@ fn eio_bursts(campaign: &'static str, mib: usize, during_reencrypt: bool) {
 
 #[test]
 fn eio_bursts_during_writes_with_fua_and_flush() {
-    eio_bursts("EIO bursts during writes", 32, false);
+    eio_bursts("EIO bursts during writes", 16, false);
 }
 
 #[test]
@@ -554,7 +554,7 @@ fn reload_remove_and_readd_during_writes_and_reencrypt() {
 #[test]
 fn backend_crash_with_unflushed_writes() {
     require_tool("nbdcopy");
-    const MIB: usize = 32;
+    const MIB: usize = 16;
     let blocks = (MIB << 20) / BLOCK;
     let mut fx = Fixture::new();
     let image = sparse_image(&fx, "backend.img", MIB as u64 + 16);
