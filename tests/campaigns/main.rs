@@ -12,6 +12,11 @@
 //! What a kill -9 cannot show is whether FLUSH reached the disk (the page
 //! cache outlives the process); `powerloss.rs` shows that with a recording
 //! NBD backend and images rebuilt as a power cut would leave them.
+//!
+//! `faults.rs` holds the campaigns whose fault is not a kill: EIO bursts on
+//! a block device (during writes, during `reencrypt`), a volume removed
+//! and re-added by `reload`, a remote backend that crashes with writes
+//! not yet flushed. Same modes, same figures.
 
 mod faults;
 mod keys;
