@@ -12,7 +12,13 @@
 //! What a kill -9 cannot show is whether FLUSH reached the disk (the page
 //! cache outlives the process); `powerloss.rs` shows that with a recording
 //! NBD backend and images rebuilt as a power cut would leave them.
+//!
+//! `faults.rs` holds the campaigns whose fault is not a kill: EIO bursts on
+//! a block device (during writes, during `reencrypt`), a volume removed
+//! and re-added by `reload`, a remote backend that crashes with writes
+//! not yet flushed. Same modes, same figures.
 
+mod faults;
 mod keys;
 mod powerloss;
 mod reencrypt;
@@ -67,6 +73,8 @@ pub struct Figures {
     pub repairs: usize,
     /// Writes acknowledged as durable and checked after the restart.
     pub durable_writes_checked: usize,
+    /// Further counts a campaign reports (`count`).
+    pub extra: Vec<(&'static str, usize)>,
 }
 
 impl Figures {
@@ -87,9 +95,25 @@ impl Figures {
         }
     }
 
+    /// Adds one to a further count, reported with the rest.
+    pub fn count(&mut self, what: &'static str) {
+        match self.extra.iter_mut().find(|(name, _)| *name == what) {
+            Some((_, n)) => *n += 1,
+            None => self.extra.push((what, 1)),
+        }
+    }
+
+    /// A further count (0 if never counted).
+    pub fn counted(&self, what: &str) -> usize {
+        self.extra
+            .iter()
+            .find(|(name, _)| *name == what)
+            .map_or(0, |(_, n)| *n)
+    }
+
     /// Prints the figures (failures are panics: reaching here means none).
     pub fn report(&self) {
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "campaign": self.campaign,
             "trials": self.trials,
             "failures": 0,
@@ -98,6 +122,9 @@ impl Figures {
             "header_repairs": self.repairs,
             "durable_writes_checked": self.durable_writes_checked,
         });
+        for (name, n) in &self.extra {
+            line[*name] = (*n).into();
+        }
         eprintln!("campaign figures: {line}");
         if let Some(path) = std::env::var_os("HOSTCRYPT_CAMPAIGN_REPORT") {
             use std::io::Write;

@@ -19,7 +19,7 @@ use crate::{both_headers_valid, kill_9, random_u64, trials, Figures};
 const BLOCKS: usize = 8192; // 32 MiB of 4 KiB blocks
 
 /// What `durable_writer.py` writes into block `index` in `trial`.
-fn pattern(trial: u32, index: u32) -> Vec<u8> {
+pub(crate) fn pattern(trial: u32, index: u32) -> Vec<u8> {
     let mut block = Vec::with_capacity(4096);
     block.extend_from_slice(b"HC");
     block.extend_from_slice(&trial.to_le_bytes());

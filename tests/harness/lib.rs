@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod azure;
 pub mod bao;
+pub mod flaky;
 pub mod remote;
 pub mod softhsm;
 pub mod tls;
