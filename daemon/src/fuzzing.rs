@@ -130,7 +130,10 @@ pub fn transmission(data: &[u8]) {
         let _ = crate::nbd::transmission::serve(
             data,
             tokio::io::sink(),
-            None,
+            crate::nbd::ReplyRoute {
+                direct: None,
+                timeout: std::time::Duration::from_secs(60),
+            },
             h.export.clone(),
             features,
             shutdown,

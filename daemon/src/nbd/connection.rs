@@ -337,7 +337,7 @@ async fn transmit<R, W>(
     let served = serve(
         reader,
         writer,
-        super::replies::ReplyRoute {
+        super::ReplyRoute {
             direct,
             timeout: reply_timeout,
         },

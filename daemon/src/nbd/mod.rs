@@ -29,4 +29,5 @@ pub mod tls;
 pub(crate) mod transmission;
 
 pub use exports::{Export, Exports, Unavailable};
+pub(crate) use replies::ReplyRoute;
 pub use server::{run, Listener};

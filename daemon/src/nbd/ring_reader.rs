@@ -114,7 +114,7 @@ pub async fn serve_on_ring(
         socket: socket.clone(),
         waiting: None,
     };
-    let route = super::replies::ReplyRoute {
+    let route = super::ReplyRoute {
         direct: Some(fd),
         timeout: reply_timeout,
     };
