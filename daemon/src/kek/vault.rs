@@ -194,7 +194,8 @@ impl VaultKek {
             .send()
             .map_err(|e| Failure::Transport(e.without_url().to_string()))?;
         let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
+        // A decrypt response carries the DEK in base64.
+        let text = Zeroizing::new(resp.text().unwrap_or_default());
         if (200..300).contains(&status) {
             if text.trim().is_empty() {
                 return Ok(Value::Null);
@@ -206,10 +207,18 @@ impl VaultKek {
     }
 
     /// A request with retries for transient failures, classified on failure.
-    fn call(&self, path: &str, body: Value) -> Result<Value, KekError> {
+    /// The request body is wiped when the call ends (an encrypt request
+    /// carries a DEK in base64).
+    fn call(&self, path: &str, mut body: Value) -> Result<Value, KekError> {
+        let result = self.call_once_or_retry(path, &body);
+        scrub(&mut body);
+        result
+    }
+
+    fn call_once_or_retry(&self, path: &str, body: &Value) -> Result<Value, KekError> {
         let mut backoff = Backoff::new(self.config.attempts, Duration::from_secs(5));
         loop {
-            let last = match self.exchange(reqwest::Method::POST, path, Some(&body)) {
+            let last = match self.exchange(reqwest::Method::POST, path, Some(body)) {
                 Ok(v) => return Ok(v),
                 Err(Failure::Status(403, msg)) => return Err(self.explain_denied(path, msg)),
                 Err(Failure::Status(status, msg)) if status == 429 || status >= 500 => {
@@ -362,10 +371,12 @@ impl KeyProvider for VaultKek {
             &format!("{}/decrypt/{}", self.config.mount, self.config.key),
             body,
         )?;
+        let mut response = response;
         let encoded = response["data"]["plaintext"].as_str().unwrap_or_default();
         let raw = base64::engine::general_purpose::STANDARD
             .decode(encoded)
             .ok();
+        scrub(&mut response);
         super::dek_from(raw, || self.describe())
     }
 
@@ -438,9 +449,31 @@ fn error_text(body: &str) -> String {
     }
 }
 
+/// Overwrites every string in a JSON value with zeros before it is
+/// dropped: request and response bodies may carry a DEK in base64. (What
+/// reqwest copies internally is out of reach; this wipes our copies.)
+fn scrub(value: &mut Value) {
+    use zeroize::Zeroize;
+    match value {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(scrub),
+        Value::Object(map) => map.values_mut().for_each(scrub),
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scrub_wipes_every_string() {
+        let mut v = json!({"data": {"plaintext": "c2VjcmV0", "list": ["a", 1]}});
+        scrub(&mut v);
+        assert_eq!(v["data"]["plaintext"], "");
+        assert_eq!(v["data"]["list"][0], "");
+        assert_eq!(v["data"]["list"][1], 1);
+    }
 
     #[test]
     fn versions_come_from_the_prefix() {
