@@ -237,13 +237,6 @@ fn the_read_only_control_role_reads_and_changes_nothing() {
 fn a_silent_remote_backend_does_not_hold_up_the_start() {
     let mut fx = Fixture::new();
     let silent = fx.path("silent.sock");
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _server = Killed(
         Command::new("/usr/bin/python3")
             .arg("-c")
@@ -528,13 +521,6 @@ fn a_client_that_never_reads_is_disconnected() {
     fx.create("v", "64M", 4096);
     let d = fx.start();
     qemu_io(&fx.uri("v"), &["write -P 0x5a 0 64M"]);
-    struct Killed(std::process::Child);
-    impl Drop for Killed {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let _client = Killed(
         Command::new("/usr/bin/python3")
             .arg("-c")
@@ -575,4 +561,15 @@ time.sleep(600)\n",
         d.stderr()
     );
     qemu_io(&fx.uri("v"), &["read -P 0x5a 0 1M"]);
+}
+
+/// A helper process (a misbehaving peer) killed and reaped when the test
+/// ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
