@@ -78,12 +78,17 @@ impl WriteBack {
 
     /// Fails once any sync has failed: what a client's FLUSH asks first.
     pub fn check(&self) -> io::Result<()> {
-        match self.error() {
-            None => Ok(()),
-            Some(first) => Err(io::Error::other(format!(
-                "an earlier sync of the backing failed or its writes were lost ({first}); acknowledged writes may be lost, so flushes fail until the volume is reopened"
-            ))),
+        // The counter, not the message, decides: it is one atomic load on
+        // every FUA write, and it moves before the message is stored.
+        if self.failures() == 0 {
+            return Ok(());
         }
+        let first = self
+            .error()
+            .unwrap_or_else(|| "a failure being recorded".into());
+        Err(io::Error::other(format!(
+            "an earlier sync of the backing failed or its writes were lost ({first}); acknowledged writes may be lost, so flushes fail until the volume is reopened"
+        )))
     }
 }
 
