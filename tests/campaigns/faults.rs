@@ -583,16 +583,7 @@ fn backend_crash_with_unflushed_writes() {
     let blocks = (MIB << 20) / BLOCK;
     let mut fx = Fixture::new();
     let image = sparse_image(&fx, "backend.img", MIB as u64 + 16);
-    let mut backend = Backend::nbdkit(
-        &fx,
-        "be",
-        &[
-            "--filter=cache",
-            "file",
-            &image.display().to_string(),
-            "cache=writeback",
-        ],
-    );
+    let mut backend = Backend::nbdkit_writeback_cache(&fx, "be", &image);
     fx.volume_at(
         "r",
         "cache",

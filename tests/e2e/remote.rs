@@ -674,16 +674,7 @@ fn backend_that_lost_unflushed_writes_fails_the_next_flush() {
     use std::io::{BufRead, BufReader, Write};
     let mut fx = Fixture::new();
     let image = sparse_image(&fx, "backend.img", 80);
-    let mut backend = Backend::nbdkit(
-        &fx,
-        "be",
-        &[
-            "--filter=cache",
-            "file",
-            &image.display().to_string(),
-            "cache=writeback",
-        ],
-    );
+    let mut backend = Backend::nbdkit_writeback_cache(&fx, "be", &image);
     remote_fixture(&mut fx, &backend.uri(), "64M", "backing_timeout = \"10s\"");
     let d = fx.start();
     let uri = fx.uri("r");

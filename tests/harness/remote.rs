@@ -37,6 +37,22 @@ impl Backend {
         Self::nbdkit(fx, name, &["file", &image.display().to_string()])
     }
 
+    /// `nbdkit --filter=cache file IMAGE cache=writeback`: a backend with a
+    /// volatile cache, which loses writes it acknowledged but had not
+    /// flushed when it is killed.
+    pub fn nbdkit_writeback_cache(fx: &Fixture, name: &str, image: &Path) -> Backend {
+        Self::nbdkit(
+            fx,
+            name,
+            &[
+                "--filter=cache",
+                "file",
+                &image.display().to_string(),
+                "cache=writeback",
+            ],
+        )
+    }
+
     /// `qemu-nbd` serving `image` (raw) to several clients.
     pub fn qemu_nbd(fx: &Fixture, name: &str, image: &Path) -> Backend {
         require_tool("qemu-nbd");

@@ -284,4 +284,34 @@ mod tests {
             Err(BackupError::NotABackup { .. })
         ));
     }
+
+    /// A hostile backup file: stripped of its MAC (as a version-2 backup
+    /// would be) and carrying a DEK of the attacker's own for the same
+    /// generation. The volume's anti-rollback record knows that
+    /// generation's key check, so the restore is refused and the backing
+    /// keeps its bytes.
+    #[test]
+    fn a_backup_stripped_of_its_mac_with_another_dek_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dek = Dek::generate().unwrap();
+        let path = volume(dir.path(), "v.img", sample(), &dek);
+        let genuine =
+            super::super::current_header(&path, &super::super::read_headers(&path).unwrap())
+                .unwrap();
+        let record = super::super::record::Records::new(&dir.path().join("state")).volume("v");
+        record.save(&genuine).unwrap();
+        let before = std::fs::read(&path).unwrap();
+
+        let mut forged = genuine.clone();
+        forged.auth = None;
+        let theirs = keys(&forged, &Dek::generate().unwrap());
+        assert!(matches!(
+            restore(&path, &forged, &theirs, Some(&record), false),
+            Err(BackupError::Record { .. })
+        ));
+        assert!(
+            std::fs::read(&path).unwrap() == before,
+            "the backing changed"
+        );
+    }
 }
