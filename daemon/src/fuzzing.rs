@@ -120,7 +120,7 @@ pub fn transmission(data: &[u8]) {
     let (mode, data) = data.split_first().unwrap_or((&0, &[]));
     let extended = mode & 4 == 4;
     let structured = mode & 1 == 1 || extended;
-    let features = crate::nbd::proto::Features {
+    let features = crate::wire::nbd::Features {
         structured,
         extended,
         base_allocation: structured && mode & 2 == 2,
@@ -221,5 +221,5 @@ fn fix_up_hash_record(area: &mut [u8], authenticated: bool) {
 /// What an NBD server sends to the remote-backing client: handshake
 /// replies, or replies to requests in flight (first byte picks which).
 pub fn nbd_client(data: &[u8]) {
-    crate::nbd::client::fuzz(data);
+    crate::io::remote::client::fuzz(data);
 }

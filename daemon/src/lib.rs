@@ -19,3 +19,4 @@ pub mod nbd;
 pub mod report;
 pub mod service;
 pub mod volume;
+pub mod wire;

@@ -357,9 +357,9 @@ impl VolumeConfig {
     }
 
     /// How a remote backing is reached (defaults for what is unset).
-    pub fn remote_options(&self) -> crate::nbd::client::RemoteOptions {
-        let defaults = crate::nbd::client::RemoteOptions::default();
-        crate::nbd::client::RemoteOptions {
+    pub fn remote_options(&self) -> crate::io::remote::client::RemoteOptions {
+        let defaults = crate::io::remote::client::RemoteOptions::default();
+        crate::io::remote::client::RemoteOptions {
             connections: self
                 .backing_connections
                 .as_ref()
@@ -532,7 +532,7 @@ impl Config {
             }
             if v.is_remote() {
                 let uri = v.backing.get_ref().to_string_lossy();
-                match crate::nbd::client::NbdUri::parse(&uri) {
+                match crate::io::remote::client::NbdUri::parse(&uri) {
                     Err(e) => return Err(invalid(v.backing.span(), "backing", e.to_string())),
                     Ok(u)
                         if u.tls

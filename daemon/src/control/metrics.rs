@@ -184,7 +184,7 @@ impl Collector for DaemonCollector {
             let labels: Labels = vec![("volume", name)];
             ConstGauge::new(b.connections_up as i64).encode(family.encode_family(&labels)?)?;
         }
-        type Field = fn(&crate::nbd::client::RemoteStatus) -> u64;
+        type Field = fn(&crate::io::remote::client::RemoteStatus) -> u64;
         let remote_counters: [(&str, &str, Field); 4] = [
             (
                 "hostcrypt_backing_reconnects",

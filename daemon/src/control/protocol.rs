@@ -202,7 +202,7 @@ pub struct VolumeStatus {
     pub reencrypt: Option<crate::volume::ReencryptStatus>,
     /// A remote (NBD) backing's connection state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backing: Option<crate::nbd::client::RemoteStatus>,
+    pub backing: Option<crate::io::remote::client::RemoteStatus>,
     /// The first failed sync of the backing: from then on every FLUSH and
     /// FUA fails until the volume is reopened.
     #[serde(default, skip_serializing_if = "Option::is_none")]

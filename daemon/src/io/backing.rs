@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::file::FileBacking;
 use super::remote::RemoteBacking;
 use super::write_back::WriteBack;
-use crate::nbd::client::NbdUri;
+use crate::io::remote::client::NbdUri;
 
 #[derive(Debug)]
 pub struct Backing {

@@ -16,7 +16,7 @@
 //! the cipher before it has been fully written. Whoever fills one answers
 //! for every byte: a local read fills the whole length (zeros past the end
 //! of a file) or fails; a remote read is handed over only when the server's reply covered all of
-//! it (`nbd/client/coverage.rs`; a failed one has its unwritten bytes
+//! it (`io/remote/client/coverage.rs`; a failed one has its unwritten bytes
 //! zeroed). `new` does not zero (that cost is on the hot path); use
 //! `zeroed` where nothing else will write the whole buffer.
 

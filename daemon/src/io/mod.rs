@@ -1,5 +1,5 @@
 //! Backing I/O: the file, block device (`file.rs`) or remote NBD export
-//! (`remote.rs`) under a volume (`backing.rs` joins them), the two engines
+//! (`remote/`) under a volume (`backing.rs` joins them), the two engines
 //! that run I/O (`uring.rs`, `workers.rs`, chosen in `engine.rs`), pooled
 //! and registered buffers, the range lock that serialises writers on
 //! overlapping sectors, and the claim that gives a local backing one owner

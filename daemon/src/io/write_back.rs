@@ -5,7 +5,7 @@
 //! such an error for the same reason). A remote backend may do the same
 //! after a crash, or may lose acknowledged writes it had not flushed when
 //! its connection was lost, or apply a timed-out write late
-//! (`nbd/client/mod.rs`): those count as failed syncs too
+//! (`io/remote/client/mod.rs`): those count as failed syncs too
 //! (`record_lost`). So once a sync fails:
 //!
 //! - a client's FLUSH or FUA fails from then on, until the volume is

@@ -22,11 +22,11 @@ use super::exports::{Export, Exports};
 use super::gate::{Admitted, Gate};
 use super::handshake::{greet, negotiate, HandshakeError, Outcome, Session, TlsPhase};
 use super::peer::Peer;
-use super::proto::Features;
 use super::ring_reader::serve_on_ring;
 use super::tls::{self, TlsContext, TlsMode};
 use super::transmission::serve;
 use crate::io::engine::{self, Engine};
+use crate::wire::nbd::Features;
 
 /// An accepted socket, before the handshake.
 pub enum Stream {

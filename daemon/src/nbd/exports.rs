@@ -14,8 +14,8 @@ use arc_swap::ArcSwap;
 
 use super::access::AllowList;
 use super::metrics::ExportMetrics;
-use super::proto::*;
 use crate::volume::Volume;
+use crate::wire::nbd::*;
 
 #[derive(Debug)]
 pub struct Export {

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::exports::{Export, Exports};
 use super::peer::{shorten, Peer};
-use super::proto::*;
+use crate::wire::nbd::*;
 use std::sync::Arc;
 
 /// Longest error message sent to a client (the NBD spec's string limit).

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::proto::*;
+use crate::wire::nbd::*;
 
 /// Command kinds we count, in the order of [`COMMAND_NAMES`].
 pub const COMMAND_NAMES: [&str; 7] = [

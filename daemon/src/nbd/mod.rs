@@ -1,12 +1,12 @@
-//! The NBD server: wire constants (`proto.rs`), the export set
+//! The NBD server: the export set
 //! (`exports.rs`), the fixed-newstyle handshake (`handshake.rs`), the
 //! transmission phase (`transmission.rs`; on an io_uring ring for
 //! plaintext connections, `ring_reader.rs`), listeners (`server.rs`), one
 //! connection's life from greeting to goodbye (`connection.rs`), TLS
 //! credentials (`tls.rs`), who the peer is (`peer.rs`), per-volume allow
 //! lists (`access.rs`), connection limits and refusal counters (`gate.rs`)
-//! and per-export request metrics (`metrics.rs`); and the client side,
-//! for remote backings (`client/`).
+//! and per-export request metrics (`metrics.rs`). The wire format is
+//! `wire/nbd.rs`; the client side, for remote backings, is `io/remote/`.
 //!
 //! Hand-written rather than built on the `nbd` crate: that crate speaks only
 //! the old EXPORT_NAME handshake and serves one request at a time, while we
@@ -14,14 +14,12 @@
 //! out-of-order replies. Encryption happens below, in `volume/`.
 
 pub mod access;
-pub mod client;
 mod connection;
 mod exports;
 pub mod gate;
 pub(crate) mod handshake;
 pub mod metrics;
 pub mod peer;
-pub mod proto;
 mod replies;
 mod ring_reader;
 mod server;

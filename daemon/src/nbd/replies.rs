@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use super::proto::MAX_CHUNK_HEADER;
 use crate::io::IoBuf;
+use crate::wire::nbd::MAX_CHUNK_HEADER;
 
 /// Longest inline reply header: an extended chunk header and a read's
 /// offset (an error chunk's errno and message length are shorter).

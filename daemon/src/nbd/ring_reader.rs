@@ -39,11 +39,11 @@ use tokio::io::{AsyncWrite, Interest};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
-use super::proto::{Features, Request, EXTENDED_REQUEST_LEN};
 use super::replies::{send_now, ReplySink};
 use super::transmission::{admit, handle, handle_write, Ctx, Next, BUDGET_UNITS, READ_BUFFER};
 use crate::io::uring::{Ring, UringEngine};
 use crate::io::IoBuf;
+use crate::wire::nbd::{Features, Request, EXTENDED_REQUEST_LEN};
 
 /// What the reader is in the middle of.
 enum Stage {

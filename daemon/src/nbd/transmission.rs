@@ -25,10 +25,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::exports::Export;
-use super::proto::*;
 use super::replies::{Head, Reply, ReplyRoute, ReplySink};
 use crate::io::IoBuf;
 use crate::volume::{Allocation, Op, Outcome};
+use crate::wire::nbd::*;
 
 /// Per-connection in-flight budget: 64 MiB in 4 KiB units.
 pub(super) const BUDGET_UNITS: u32 = 16 * 1024;

@@ -18,7 +18,7 @@ use super::negotiate::{negotiate, ExportInfo, NegotiateError};
 use super::uri::{Address, NbdUri};
 use super::{RemoteOptions, Shared};
 use crate::io::IoBuf;
-use crate::nbd::proto::*;
+use crate::wire::nbd::*;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);

@@ -1,4 +1,4 @@
-//! A remote backing: an NBD export (`nbd/client/`) used the way a file is,
+//! A remote backing: an NBD export (`client/`) used the way a file is,
 //! with the export's block sizes honoured. Requests larger than its
 //! maximum block are split and sent in parallel; requests that do not
 //! cover whole minimum blocks become read-modify-write under a range lock
@@ -19,8 +19,10 @@
 //! Durability: writes acknowledged but not yet flushed when a connection
 //! is lost, and writes that timed out (which the backend may still apply
 //! later, over newer ones), are a durability loss the client reports
-//! (`nbd/client/mod.rs`); `backing.rs` records it as a failed sync, so
+//! (`client/mod.rs`); `backing.rs` records it as a failed sync, so
 //! FLUSH and FUA fail until the volume is reopened.
+
+pub mod client;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -28,8 +30,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use super::{IoBuf, RangeLock};
-use crate::nbd::client::{LossHook, NbdClient, RemoteOptions, RemoteStatus};
-use crate::nbd::proto::*;
+use crate::wire::nbd::*;
+use client::{LossHook, NbdClient, RemoteOptions, RemoteStatus};
 
 static OPTIONS: Mutex<BTreeMap<String, RemoteOptions>> = Mutex::new(BTreeMap::new());
 
@@ -143,7 +145,7 @@ impl RemoteBacking {
 
     /// One read the caller checked with `reads_directly`; `done` runs on
     /// the connection's thread.
-    pub fn submit_read(&self, offset: u64, len: usize, done: crate::nbd::client::Done) {
+    pub fn submit_read(&self, offset: u64, len: usize, done: client::Done) {
         self.client
             .submit(Command::Read, 0, offset, len as u32, None, done);
     }

@@ -46,7 +46,7 @@
 //! (`call`) wait for such a callback. Hand-written, as the server side
 //! is: no maintained Rust NBD client speaks OPT_GO, structured replies and
 //! out-of-order completion (the `nbd` crate speaks EXPORT_NAME only).
-//! Block-size alignment and splitting are the caller's (`io/remote.rs`).
+//! Block-size alignment and splitting are the caller's (`io/remote/mod.rs`).
 
 mod coverage;
 mod link;
@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::io::IoBuf;
-use crate::nbd::proto::*;
+use crate::wire::nbd::*;
 pub use negotiate::ExportInfo;
 pub use uri::NbdUri;
 
@@ -612,7 +612,7 @@ impl Shared {
     /// coverage. Returns the loss that fails a FLUSH which was in flight
     /// when it happened.
     fn account(&self, state: &mut State, p: &Pending) -> Option<DurabilityLost> {
-        // A server without FLUSH has no cache to lose (`io/remote.rs`),
+        // A server without FLUSH has no cache to lose (`io/remote/mod.rs`),
         // and a FUA write is on stable storage when acknowledged.
         let volatile = self.info.has(TFLAG_SEND_FLUSH) && p.flags & CMD_FLAG_FUA == 0;
         if p.writes() && volatile {

@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 
-use crate::nbd::proto::*;
+use crate::wire::nbd::*;
 
 /// What NBD_OPT_GO told us about the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
