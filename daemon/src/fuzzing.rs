@@ -14,11 +14,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use crate::export::access::AllowList;
+use crate::export::peer::Peer;
+use crate::export::{Export, Exports};
+use crate::frontend::nbd::handshake::{greet, negotiate, Session, TlsPhase};
 use crate::io::Backing;
-use crate::nbd::access::AllowList;
-use crate::nbd::handshake::{greet, negotiate, Session, TlsPhase};
-use crate::nbd::peer::Peer;
-use crate::nbd::{Export, Exports};
 use crate::volume::journal::{self, JournalKey, JOURNAL_AT};
 
 /// What every execution reuses: one runtime, one small temp volume (on a
@@ -59,14 +59,12 @@ fn harness() -> &'static Harness {
         };
         let volume = crate::volume::open_temp("fuzz", &scratch("volume"), geometry, false)
             .unwrap_or_else(|e| panic!("temp volume: {e}"));
-        let export = Arc::new(Export {
+        let export = Arc::new(Export::new(
             volume,
-            description: "fuzz".into(),
-            allow_discards: true,
-            allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
-            metrics: Default::default(),
-            retirement: Default::default(),
-        });
+            "fuzz".into(),
+            true,
+            AllowList::anyone(),
+        ));
         let exports = Exports::new(vec![export.clone()]);
         let journal = Backing::open_or_create(&scratch("journal"))
             .unwrap_or_else(|e| panic!("journal backing: {e}"));
@@ -127,10 +125,10 @@ pub fn transmission(data: &[u8]) {
     };
     h.runtime.block_on(async {
         let (_keep, shutdown) = watch::channel(false);
-        let _ = crate::nbd::transmission::serve(
+        let _ = crate::frontend::nbd::transmission::serve(
             data,
             tokio::io::sink(),
-            crate::nbd::ReplyRoute {
+            crate::frontend::nbd::ReplyRoute {
                 direct: None,
                 timeout: std::time::Duration::from_secs(60),
             },

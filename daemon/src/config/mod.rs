@@ -87,7 +87,7 @@ pub struct ServerConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// TLS on the TCP listener: `off`, `on` (optional) or `require`.
     #[serde(default)]
-    pub tls: crate::nbd::tls::TlsMode,
+    pub tls: crate::frontend::tls::TlsMode,
     /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and
     /// optionally ca-crl.pem (the layout qemu, nbdkit and libnbd share).
     pub tls_certificates: Option<Spanned<PathBuf>>,
@@ -97,7 +97,7 @@ pub struct ServerConfig {
     /// A ca-crl.pem past its nextUpdate: `refuse` (the default: it is not
     /// loaded, and clients are refused while it is stale) or `warn`.
     #[serde(default)]
-    pub tls_crl_expired: crate::nbd::tls::CrlExpired,
+    pub tls_crl_expired: crate::frontend::tls::CrlExpired,
     /// Serve plaintext on a TCP address other hosts can reach.
     #[serde(default)]
     pub insecure_plaintext_tcp: bool,
@@ -202,8 +202,8 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// The gate settings the NBD server runs with.
-    pub fn gate(&self) -> crate::nbd::gate::GateSettings {
-        crate::nbd::gate::GateSettings {
+    pub fn gate(&self) -> crate::frontend::nbd::gate::GateSettings {
+        crate::frontend::nbd::gate::GateSettings {
             tls_mode: self.tls,
             max_connections: self.max_connections,
             max_connections_per_peer: self.max_connections_per_peer,
@@ -379,12 +379,12 @@ impl VolumeConfig {
     /// The allow list, with names resolved now (a reload resolves again).
     pub fn allow_list(
         &self,
-    ) -> Result<crate::nbd::access::AllowList, crate::nbd::access::RuleError> {
+    ) -> Result<crate::export::access::AllowList, crate::export::access::RuleError> {
         let entries: Option<Vec<&str>> = self
             .allow
             .as_ref()
             .map(|l| l.iter().map(|e| e.get_ref().as_str()).collect());
-        crate::nbd::access::AllowList::parse(entries.as_deref())
+        crate::export::access::AllowList::parse(entries.as_deref())
     }
 }
 
@@ -450,7 +450,7 @@ impl Config {
             ));
         }
         let server = &self.server;
-        if server.tls != crate::nbd::tls::TlsMode::Off && server.tls_certificates.is_none() {
+        if server.tls != crate::frontend::tls::TlsMode::Off && server.tls_certificates.is_none() {
             return Err(invalid(
                 0..0,
                 "tls_certificates",
@@ -461,7 +461,7 @@ impl Config {
             ));
         }
         if let Some(tcp) = &server.tcp {
-            if server.tls != crate::nbd::tls::TlsMode::Require
+            if server.tls != crate::frontend::tls::TlsMode::Require
                 && !server.insecure_plaintext_tcp
                 && !is_loopback(tcp)
             {
@@ -587,7 +587,7 @@ impl Config {
                 }
             }
             for entry in v.allow.iter().flatten() {
-                if let Err(e) = crate::nbd::access::Rule::parse(entry.get_ref()) {
+                if let Err(e) = crate::export::access::Rule::parse(entry.get_ref()) {
                     return Err(invalid(entry.span(), "allow", e.to_string()));
                 }
             }

@@ -18,14 +18,14 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::nbd::metrics::{CommandTotals, COMMAND_NAMES};
+use crate::export::metrics::{CommandTotals, KIND_NAMES};
 use crate::service::registry::{Registry as Volumes, Served};
 
 /// Reads every export's counters at scrape time.
 #[derive(Debug)]
 pub struct DaemonCollector {
     pub registry: Volumes,
-    pub gate: std::sync::Arc<crate::nbd::gate::Gate>,
+    pub gate: std::sync::Arc<crate::frontend::nbd::gate::Gate>,
     pub engine: &'static str,
     pub started: Instant,
 }
@@ -100,7 +100,7 @@ impl Collector for DaemonCollector {
             MetricType::Histogram,
         )?;
         for e in self.registry.iter() {
-            for (i, name) in COMMAND_NAMES.iter().enumerate() {
+            for (i, name) in KIND_NAMES.iter().enumerate() {
                 let (sum, count, buckets) = e.metrics.latency(i).snapshot();
                 let labels: Labels = vec![("volume", e.name()), ("command", name)];
                 family
@@ -221,7 +221,7 @@ impl Collector for DaemonCollector {
             MetricType::Gauge,
         )?;
         for u in self.registry.unavailable().iter() {
-            let labels: Labels = vec![("volume", &u.name), ("state", u.state)];
+            let labels: Labels = vec![("volume", &u.name), ("state", u.state.as_str())];
             ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(

@@ -151,7 +151,7 @@ pub struct Status {
     pub listeners: Vec<ListenerStatus>,
     /// The TLS credentials new connections get, when TLS is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<crate::nbd::tls::TlsInfo>,
+    pub tls: Option<crate::frontend::tls::TlsInfo>,
     #[serde(default)]
     pub connections: ConnectionStatus,
     pub volumes: Vec<VolumeStatus>,
@@ -162,7 +162,7 @@ pub struct ListenerStatus {
     pub address: String,
     /// The TCP listener's TLS mode (`off` on Unix sockets, whose peers are
     /// identified by SO_PEERCRED).
-    pub tls: crate::nbd::tls::TlsMode,
+    pub tls: crate::frontend::tls::TlsMode,
 }
 
 /// Connections open now, the limits, and everyone turned away since start.

@@ -36,7 +36,7 @@ pub struct ControlState {
     pub allowed_gid: Option<u32>,
     /// `control_read_group`: may only read (`Request::is_read_only`).
     pub read_gid: Option<u32>,
-    pub gate: Arc<crate::nbd::gate::Gate>,
+    pub gate: Arc<crate::frontend::nbd::gate::Gate>,
     pub listeners: Vec<super::protocol::ListenerStatus>,
 }
 
@@ -73,7 +73,7 @@ pub fn bind(path: &Path, group: Option<u32>, open_to_readers: bool) -> io::Resul
 
 /// Resolves `control_group` (a name from /etc/group or a numeric gid).
 pub fn resolve_group(group: &str) -> io::Result<u32> {
-    crate::nbd::access::resolve_id(group, "/etc/group")
+    crate::export::access::resolve_id(group, "/etc/group")
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no group named {group:?}")))
 }
 
@@ -104,7 +104,7 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
         }
     };
     let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
-    let groups = crate::nbd::peer::peer_groups(std::os::unix::io::AsRawFd::as_raw_fd(&stream));
+    let groups = crate::export::peer::peer_groups(std::os::unix::io::AsRawFd::as_raw_fd(&stream));
     let member = |gid: Option<u32>| gid.is_some_and(|g| cred.gid() == g || groups.contains(&g));
     let allowed = uid == 0 || uid == daemon_euid() || member(state.allowed_gid);
     let reader_only = !allowed && member(state.read_gid);
@@ -330,7 +330,7 @@ fn status(state: &ControlState) -> Status {
                 allow: u.allow.describe(),
                 refused: 0,
                 unavailable: Some(UnavailableStatus {
-                    state: u.state.into(),
+                    state: u.state.as_str().into(),
                     error: u.reason.clone(),
                     since: u.since,
                 }),
@@ -345,7 +345,7 @@ fn status(state: &ControlState) -> Status {
     }
 }
 
-fn connection_status(gate: &crate::nbd::gate::Gate) -> ConnectionStatus {
+fn connection_status(gate: &crate::frontend::nbd::gate::Gate) -> ConnectionStatus {
     use std::sync::atomic::Ordering::Relaxed;
     let c = &gate.counters;
     ConnectionStatus {
@@ -359,7 +359,7 @@ fn connection_status(gate: &crate::nbd::gate::Gate) -> ConnectionStatus {
     }
 }
 
-fn io_status(export: &crate::nbd::Export) -> IoStatus {
+fn io_status(export: &crate::export::Export) -> IoStatus {
     let mut io = IoStatus {
         connections: export.metrics.connections(),
         in_flight: export.metrics.in_flight(),

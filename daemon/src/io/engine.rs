@@ -5,7 +5,7 @@
 //! back to threads, saying so once in the log, where io_uring is refused
 //! (seccomp, `kernel.io_uring_disabled`, old kernels).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 
@@ -34,13 +34,13 @@ impl Engine {
     }
 }
 
-static ENGINE: OnceLock<Engine> = OnceLock::new();
+static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
 
 /// Starts the engine `kind` asks for, its rings polling for up to
 /// `idle_poll` before they sleep; later calls return the first choice.
-pub fn init(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result<&'static Engine> {
+pub fn init(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result<Arc<Engine>> {
     if let Some(engine) = ENGINE.get() {
-        return Ok(engine);
+        return Ok(engine.clone());
     }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let engine = match kind {
@@ -62,11 +62,11 @@ pub fn init(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result
             );
         }
     }
-    Ok(ENGINE.get_or_init(|| engine))
+    Ok(ENGINE.get_or_init(|| Arc::new(engine)).clone())
 }
 
 /// The running engine (the thread pool if `init` was never called, as in
 /// unit tests).
 pub fn current() -> &'static Engine {
-    ENGINE.get_or_init(|| Engine::Threads)
+    ENGINE.get_or_init(|| Arc::new(Engine::Threads))
 }

@@ -81,3 +81,19 @@ kek = "demo"
     std::fs::write(&config_path, config).map_err(io(&config_path))?;
     Ok(config_path)
 }
+
+/// What to try next, printed when the demo starts serving.
+pub fn print_help(config: &crate::config::Config) {
+    let Some(sock) = config.server.unix.as_ref() else {
+        return;
+    };
+    let sock = sock.display();
+    let name = DEMO_VOLUME;
+    println!(
+        "\nhostcryptd is serving the encrypted demo volume {name:?} on {sock}\n\
+         Try, from another terminal:\n  \
+         nbdinfo 'nbd+unix:///{name}?socket={sock}'\n  \
+         qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' 'nbd+unix:///{name}?socket={sock}'\n\
+         Stop with Ctrl-C (or SIGTERM).\n"
+    );
+}

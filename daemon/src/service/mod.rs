@@ -1,7 +1,9 @@
-//! Running the daemon: open every configured volume, bind the listeners,
-//! serve until told to stop, then drain connections and flush volumes.
-//! The embedded demo defaults live in `demo.rs`, the key-check monitor in
-//! `keys.rs`.
+//! The daemon's volumes and keys: opening the key providers and every
+//! configured volume into exports (`registry.rs`), retrying the ones that
+//! wait (`waiting.rs`), reload (`reload.rs`), the key-check monitor
+//! (`keys.rs`), the shutdown signal (`shutdown.rs`), systemd's protocols
+//! (`systemd.rs`) and the embedded demo (`demo.rs`). Starting and
+//! stopping the whole daemon, frontends included, is `daemon/`.
 
 pub mod demo;
 pub mod keys;
@@ -15,15 +17,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::sync::watch;
-
 use crate::config::{Config, KekConfig};
+use crate::export::Export;
+use crate::frontend::tls::{TlsContext, TlsMode};
 use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{AzureKek, KekError, KeyProvider, LocalKek, Pkcs11Kek, VaultKek};
-use crate::nbd::gate::Gate;
-use crate::nbd::tls::{TlsContext, TlsMode};
-use crate::nbd::Export;
-pub use crate::nbd::Listener;
 use crate::volume::{self, Geometry, KeyPolicy, Layer, LayerKek, Role, VolumeError, VolumeKeys};
 use registry::{Registry, Served};
 
@@ -57,10 +55,10 @@ pub enum ServiceError {
     Allow {
         volume: String,
         #[source]
-        source: crate::nbd::access::RuleError,
+        source: crate::export::access::RuleError,
     },
     #[error("TLS certificates: {0}")]
-    Tls(#[from] crate::nbd::tls::TlsError),
+    Tls(#[from] crate::frontend::tls::TlsError),
     #[error("cannot listen on {what}: {source}")]
     Bind {
         what: String,
@@ -334,39 +332,8 @@ pub fn open_volume(
         volume: name.clone(),
         source,
     })?;
-    let export = Arc::new(Export {
-        volume: opened,
-        description,
-        allow_discards: v.allow_discards,
-        allow: arc_swap::ArcSwap::from_pointee(allow),
-        metrics: Default::default(),
-        retirement: Default::default(),
-    });
+    let export = Arc::new(Export::new(opened, description, v.allow_discards, allow));
     Ok(Served { export, keys })
-}
-
-/// Binds the configured listeners.
-pub async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
-    let mut listeners = Vec::new();
-    if let Some(path) = &config.server.unix {
-        listeners.push(
-            Listener::bind_unix(path).map_err(|source| ServiceError::Bind {
-                what: format!("unix:{}", path.display()),
-                source,
-            })?,
-        );
-    }
-    if let Some(addr) = &config.server.tcp {
-        listeners.push(
-            Listener::bind_tcp(addr)
-                .await
-                .map_err(|source| ServiceError::Bind {
-                    what: format!("tcp:{addr}"),
-                    source,
-                })?,
-        );
-    }
-    Ok(listeners)
 }
 
 /// Loads the TLS credentials `[server]` names (none when `tls = "off"`).
@@ -381,45 +348,8 @@ pub fn load_tls(config: &Config) -> Result<Option<TlsContext>, ServiceError> {
     }
 }
 
-/// The gate every NBD connection passes: limits and TLS credentials.
-pub fn open_gate(config: &Config) -> Result<Arc<Gate>, ServiceError> {
-    Ok(Gate::new(config.server.gate(), load_tls(config)?))
-}
-
-/// Refuses a TCP socket handed over by systemd that other hosts can reach
-/// when the config would serve it in plaintext: the same rule the config
-/// applies to `tcp = ...`.
-pub fn check_activated_tcp(
-    config: &Config,
-    socket: &std::net::TcpListener,
-) -> Result<(), ServiceError> {
-    let addr = socket.local_addr().map_err(|source| ServiceError::Bind {
-        what: "a TCP socket from systemd".into(),
-        source,
-    })?;
-    if addr.ip().is_loopback()
-        || config.server.tls == TlsMode::Require
-        || config.server.insecure_plaintext_tcp
-    {
-        return Ok(());
-    }
-    Err(ServiceError::Bind {
-        what: format!("tcp:{addr} (from systemd)"),
-        source: std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "reachable from other hosts without tls = \"require\"; set tls = \"require\" with tls_certificates, or insecure_plaintext_tcp = true",
-        ),
-    })
-}
-
-/// Serves until `shutdown` turns true, then drains and flushes every volume.
-pub async fn serve(
-    listeners: Vec<Listener>,
-    registry: Registry,
-    gate: Arc<Gate>,
-    shutdown: watch::Receiver<bool>,
-) {
-    crate::nbd::run(listeners, registry.exports().clone(), gate, shutdown).await;
+/// Flushes every served volume (at stop, once the frontends drained).
+pub async fn flush_all(registry: &Registry) {
     for served in registry.iter() {
         let export = served.export;
         let flushed =

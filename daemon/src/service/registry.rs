@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::nbd::{Export, Exports, Unavailable};
+use crate::export::{Export, Exports, Unavailable};
 use crate::volume::VolumeKeys;
 
 /// One open volume: what NBD serves, and its keys (`None` for temp

@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{open_provider, open_volume, ServiceError};
 use crate::config::{Config, VolumeConfig};
+use crate::frontend::nbd::gate::Gate;
 use crate::kek::audit::AuditLog;
 use crate::kek::KeyProvider;
-use crate::nbd::gate::Gate;
 use crate::service::registry::Registry;
 
 /// What a reload did.

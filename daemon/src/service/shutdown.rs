@@ -3,7 +3,7 @@
 //! task and thread holds — async tasks wait on its watch channel, threads
 //! (key checks, metrics) on its condition variable. What stops in which
 //! order (NBD drain, re-encryptions, control socket, metrics, key checks)
-//! stays in `hostcryptd.rs`, where it reads top to bottom.
+//! stays in `daemon/mod.rs` (`Daemon::drain`), where it reads top to bottom.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::ServiceError;
 use crate::config::{Config, VolumeConfig};
+use crate::export::access::AllowList;
+use crate::export::{Unavailable, UnavailableState};
 use crate::kek::audit::{AuditLog, Event};
-use crate::nbd::access::AllowList;
-use crate::nbd::Unavailable;
 use crate::service::registry::Registry;
 
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -25,7 +25,7 @@ pub struct Waiting {
 
 #[derive(Debug)]
 struct Entry {
-    state: &'static str,
+    state: UnavailableState,
     error: String,
     since: SystemTime,
     next: Instant,
@@ -34,9 +34,9 @@ struct Entry {
 
 /// `connecting` for a remote volume not tried yet, `waiting-for-key` when
 /// the key is the problem, `open-failed` otherwise.
-fn state_of(error: &ServiceError) -> &'static str {
+fn state_of(error: &ServiceError) -> UnavailableState {
     if matches!(error, ServiceError::Connecting) {
-        return "connecting";
+        return UnavailableState::Connecting;
     }
     let key_related = match error {
         ServiceError::Kek { .. } => true,
@@ -44,9 +44,9 @@ fn state_of(error: &ServiceError) -> &'static str {
         _ => false,
     };
     if key_related {
-        "waiting-for-key"
+        UnavailableState::WaitingForKey
     } else {
-        "open-failed"
+        UnavailableState::OpenFailed
     }
 }
 
@@ -71,7 +71,7 @@ impl Waiting {
             next: Instant::now(),
             delay: FIRST_RETRY / 2,
         });
-        if state == "connecting" {
+        if state == UnavailableState::Connecting {
             // Not a failure: the first try is due now.
             entry.next = Instant::now();
             entry.state = state;
@@ -84,7 +84,7 @@ impl Waiting {
         entry.state = state;
         entry.error = text.clone();
         if changed {
-            tracing::error!(volume = %name, state, "volume not served: {text}; retrying, the other volumes serve meanwhile");
+            tracing::error!(volume = %name, state = state.as_str(), "volume not served: {text}; retrying, the other volumes serve meanwhile");
             audit.record(&Event::new(&name, "open", "error").detail(format!("{state}: {text}")));
         }
     }

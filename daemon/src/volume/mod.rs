@@ -39,7 +39,7 @@ pub use keys::{
 pub use record::{RecordError, Records, VolumeRecord};
 pub use reencrypt::{ReencryptAction, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
-pub use submit::{Op, Outcome};
+pub use submit::{Op, OpKind, Outcome};
 
 use crate::crypto::Dek;
 use crate::io::Backing;

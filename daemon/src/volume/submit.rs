@@ -68,6 +68,30 @@ pub enum Op {
     },
 }
 
+/// The kind of an [`Op`], without its data: what metrics count by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+    Trim,
+    Allocation,
+}
+
+impl Op {
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Read { .. } => OpKind::Read,
+            Op::Write { .. } => OpKind::Write,
+            Op::Flush => OpKind::Flush,
+            Op::WriteZeroes { .. } => OpKind::WriteZeroes,
+            Op::Trim { .. } => OpKind::Trim,
+            Op::Allocation { .. } => OpKind::Allocation,
+        }
+    }
+}
+
 /// What a successful op produced.
 #[derive(Debug)]
 pub enum Outcome {

@@ -20,8 +20,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::exports::{Export, Exports};
-use super::peer::{shorten, Peer};
+use crate::export::peer::{shorten, Peer};
+use crate::export::{Export, Exports};
 use crate::wire::nbd::*;
 use std::sync::Arc;
 
@@ -204,7 +204,7 @@ where
                 }
                 let mut reply = Vec::with_capacity(134);
                 reply.extend_from_slice(&export.size().to_be_bytes());
-                reply.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                reply.extend_from_slice(&transmission_flags(&export).to_be_bytes());
                 if !session.no_zeroes {
                     reply.extend_from_slice(&[0u8; 124]);
                 }
@@ -449,7 +449,7 @@ fn permitted(peer: &Peer, export: &Export) -> bool {
         return true;
     }
     export.metrics.refuse();
-    if !super::peer::may_log_refusal() {
+    if !crate::export::peer::may_log_refusal() {
         return false;
     }
     if export.allow.load().is_default() {
@@ -494,7 +494,7 @@ async fn send_info<S: AsyncWrite + Unpin>(
     let mut body = Vec::with_capacity(12);
     body.extend_from_slice(&INFO_EXPORT.to_be_bytes());
     body.extend_from_slice(&export.size().to_be_bytes());
-    body.extend_from_slice(&export.transmission_flags().to_be_bytes());
+    body.extend_from_slice(&transmission_flags(&export).to_be_bytes());
     reply(stream, option, REP_INFO, &body).await?;
     for &request in requests {
         let mut body = request.to_be_bytes().to_vec();
@@ -502,7 +502,7 @@ async fn send_info<S: AsyncWrite + Unpin>(
             INFO_NAME => body.extend_from_slice(export.name().as_bytes()),
             INFO_DESCRIPTION => body.extend_from_slice(export.description.as_bytes()),
             INFO_BLOCK_SIZE => {
-                let (min, preferred, max) = export.block_sizes();
+                let (min, preferred, max) = block_sizes(export);
                 for v in [min, preferred, max] {
                     body.extend_from_slice(&v.to_be_bytes());
                 }
@@ -542,6 +542,31 @@ async fn error<S: AsyncWrite + Unpin>(
         end -= 1;
     }
     reply(stream, option, kind, &message.as_bytes()[..end]).await
+}
+
+/// Transmission flags: flush and FUA always (writes go to a page cache),
+/// multi-conn because every connection shares one backing file, so a
+/// flush on any connection persists writes completed on all of them.
+/// TRIM only when the volume allows discards.
+fn transmission_flags(export: &Export) -> u16 {
+    let mut flags = TFLAG_HAS_FLAGS
+        | TFLAG_SEND_FLUSH
+        | TFLAG_SEND_FUA
+        | TFLAG_SEND_WRITE_ZEROES
+        | TFLAG_CAN_MULTI_CONN
+        | TFLAG_SEND_CACHE
+        | TFLAG_SEND_FAST_ZERO;
+    if export.allow_discards {
+        flags |= TFLAG_SEND_TRIM;
+    }
+    flags
+}
+
+/// Minimum, preferred and maximum block size. Any byte alignment works
+/// (partial sectors are read-modify-written), but whole encryption
+/// sectors avoid that cost, so the sector size is preferred.
+fn block_sizes(export: &Export) -> (u32, u32, u32) {
+    (1, export.volume.data.sector_size() as u32, MAX_PAYLOAD)
 }
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use super::peer::PeerKey;
-use super::tls::{TlsContext, TlsMode};
+use crate::export::peer::PeerKey;
+use crate::frontend::tls::{TlsContext, TlsMode};
 
 /// The settings that shape the gate (from `[server]`).
 #[derive(Debug, Clone)]

@@ -1,26 +1,40 @@
-//! The set of exports a server offers: each is an open volume under its NBD
-//! name. An empty export name selects the volume when exactly one is
-//! configured, so `nbd+unix:///?socket=...` works without knowing names;
-//! with more, it selects none: which volume is "first" changes when a
-//! reload removes one, and a client that reconnects with an empty name
-//! (qemu's reconnect-delay, `nbd-client -persist`) must not land on, and
-//! write to, another volume. Beside them, the configured volumes that are
-//! not open (yet): listed, and refused with their state, so a client learns
-//! why instead of "no such export".
+//! What every frontend serves: an [`Export`] is an open volume under its
+//! name, with the rules for who may open it (`access.rs`, deciding on a
+//! peer's identity from `peer.rs`) and its request metrics, counted by
+//! the kind of `volume::Op` (`metrics.rs`); [`Exports`] is the set a
+//! reload swaps. Beside them, the configured volumes that are not open
+//! (yet): listed, and refused with their state, so a client learns why
+//! instead of "no such export".
+//!
+//! An empty export name selects the volume when exactly one is configured,
+//! so `nbd+unix:///?socket=...` works without knowing names; with more, it
+//! selects none: which volume is "first" changes when a reload removes one,
+//! and a client that reconnects with an empty name (qemu's reconnect-delay,
+//! `nbd-client -persist`) must not land on, and write to, another volume.
+//!
+//! What lives elsewhere: how a frontend turns its wire requests into
+//! `volume::Op`s and its flags (`frontend/`); opening volumes and building
+//! exports from the config (`service/`). Nothing here knows a protocol.
+
+pub mod access;
+pub mod metrics;
+pub mod peer;
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use super::access::AllowList;
-use super::metrics::ExportMetrics;
 use crate::volume::Volume;
-use crate::wire::nbd::*;
+use access::AllowList;
+use metrics::ExportMetrics;
 
 #[derive(Debug)]
 pub struct Export {
     pub volume: Volume,
     pub description: String,
+    /// Whether clients may discard (TRIM, or WRITE_ZEROES that punches
+    /// holes): discards reveal which blocks are unused, as with
+    /// dm-crypt's `allow_discards`.
     pub allow_discards: bool,
     /// Who may open it; a reload swaps the list in place.
     pub allow: ArcSwap<AllowList>,
@@ -57,38 +71,29 @@ impl Retirement {
 }
 
 impl Export {
+    /// The one way to make an export: fresh metrics, not retired.
+    pub fn new(
+        volume: Volume,
+        description: String,
+        allow_discards: bool,
+        allow: AllowList,
+    ) -> Self {
+        Export {
+            volume,
+            description,
+            allow_discards,
+            allow: ArcSwap::from_pointee(allow),
+            metrics: ExportMetrics::default(),
+            retirement: Retirement::default(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.volume.name
     }
 
     pub fn size(&self) -> u64 {
         self.volume.data.size()
-    }
-
-    /// Transmission flags: flush and FUA always (writes go to a page cache),
-    /// multi-conn because every connection shares one backing file, so a
-    /// flush on any connection persists writes completed on all of them.
-    /// TRIM only when the volume opts in: discards reveal which blocks are
-    /// unused, as with dm-crypt's `allow_discards`.
-    pub fn transmission_flags(&self) -> u16 {
-        let mut flags = TFLAG_HAS_FLAGS
-            | TFLAG_SEND_FLUSH
-            | TFLAG_SEND_FUA
-            | TFLAG_SEND_WRITE_ZEROES
-            | TFLAG_CAN_MULTI_CONN
-            | TFLAG_SEND_CACHE
-            | TFLAG_SEND_FAST_ZERO;
-        if self.allow_discards {
-            flags |= TFLAG_SEND_TRIM;
-        }
-        flags
-    }
-
-    /// Minimum, preferred and maximum block size. Any byte alignment works
-    /// (partial sectors are read-modify-written), but whole encryption
-    /// sectors avoid that cost, so the sector size is preferred.
-    pub fn block_sizes(&self) -> (u32, u32, u32) {
-        (1, self.volume.data.sector_size() as u32, MAX_PAYLOAD)
     }
 }
 
@@ -97,12 +102,39 @@ impl Export {
 #[derive(Debug, Clone)]
 pub struct Unavailable {
     pub name: String,
-    /// `waiting-for-key` or `open-failed`.
-    pub state: &'static str,
+    pub state: UnavailableState,
     pub reason: String,
     pub allow: AllowList,
     /// Seconds since the epoch of the first failure.
     pub since: u64,
+}
+
+/// Why a configured volume is not served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnavailableState {
+    /// A remote volume not tried yet (it opens off the start-up path).
+    Connecting,
+    /// Its key cannot be unwrapped (yet).
+    WaitingForKey,
+    /// Anything else; retried.
+    OpenFailed,
+}
+
+impl UnavailableState {
+    /// The name `status`, the metrics and the log use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnavailableState::Connecting => "connecting",
+            UnavailableState::WaitingForKey => "waiting-for-key",
+            UnavailableState::OpenFailed => "open-failed",
+        }
+    }
+}
+
+impl std::fmt::Display for UnavailableState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The served exports. Clones share one list, which `hostcrypt reload`

@@ -24,10 +24,11 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
-use super::exports::Export;
 use super::replies::{Head, Reply, ReplyRoute, ReplySink};
+use crate::export::metrics::RequestKind;
+use crate::export::Export;
 use crate::io::IoBuf;
-use crate::volume::{Allocation, Op, Outcome};
+use crate::volume::{Allocation, Op, OpKind, Outcome};
 use crate::wire::nbd::*;
 
 /// Per-connection in-flight budget: 64 MiB in 4 KiB units.
@@ -239,9 +240,9 @@ impl Drop for Ctx {
 impl Ctx {
     fn respond(&self, error: u32, body: Body, budget: OwnedSemaphorePermit) {
         self.export.metrics.complete(
-            self.req.command,
+            request_kind(self.req.command),
             self.req.length,
-            error,
+            error != 0,
             self.started.elapsed(),
         );
         let (cookie, offset, extended) = (self.req.cookie, self.req.offset, self.features.extended);
@@ -451,6 +452,20 @@ pub(super) fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
     }
 }
 
+/// What the metrics count a command as: the kind of op it becomes.
+fn request_kind(command: Command) -> RequestKind {
+    match command {
+        Command::Read => RequestKind::Op(OpKind::Read),
+        Command::Write => RequestKind::Op(OpKind::Write),
+        Command::Flush => RequestKind::Op(OpKind::Flush),
+        Command::Trim => RequestKind::Op(OpKind::Trim),
+        Command::WriteZeroes => RequestKind::Op(OpKind::WriteZeroes),
+        Command::BlockStatus => RequestKind::Op(OpKind::Allocation),
+        Command::Cache => RequestKind::Prefetch,
+        Command::Disc | Command::Unknown(_) => RequestKind::Other,
+    }
+}
+
 /// Reads and drops `len` bytes of a payload we refuse.
 async fn discard<R: AsyncRead + Unpin>(reader: &mut R, len: u64) -> std::io::Result<()> {
     let copied = tokio::io::copy(&mut reader.take(len), &mut tokio::io::sink()).await?;
@@ -469,7 +484,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::nbd::access::AllowList;
+    use crate::export::access::AllowList;
 
     const SIZE: u64 = 8 << 20;
 
@@ -492,14 +507,12 @@ mod tests {
         };
         let volume =
             crate::volume::open_temp("t", &dir.path().join("volume"), geometry, false).unwrap();
-        let export = Arc::new(Export {
+        let export = Arc::new(Export::new(
             volume,
-            description: String::new(),
-            allow_discards: true,
-            allow: arc_swap::ArcSwap::from_pointee(AllowList::anyone()),
-            metrics: Default::default(),
-            retirement: Default::default(),
-        });
+            String::new(),
+            true,
+            AllowList::anyone(),
+        ));
         (export, dir)
     }
 

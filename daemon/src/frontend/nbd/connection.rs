@@ -18,13 +18,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
-use super::exports::{Export, Exports};
 use super::gate::{Admitted, Gate};
 use super::handshake::{greet, negotiate, HandshakeError, Outcome, Session, TlsPhase};
-use super::peer::Peer;
 use super::ring_reader::serve_on_ring;
-use super::tls::{self, TlsContext, TlsMode};
 use super::transmission::serve;
+use crate::export::peer::Peer;
+use crate::export::{Export, Exports};
+use crate::frontend::tls::{self, TlsContext, TlsMode};
 use crate::io::engine::{self, Engine};
 use crate::wire::nbd::Features;
 
@@ -260,7 +260,7 @@ fn settle<S>(
     Gate::count(counter);
     // Rate-limited: a client failing handshakes in a loop must not flood
     // the log (the counters still count every one).
-    if super::peer::may_log_refusal() {
+    if crate::export::peer::may_log_refusal() {
         tracing::warn!(peer = %peer, "{what}");
     }
     None

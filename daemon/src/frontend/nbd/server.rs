@@ -12,9 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::connection::{self, Stream};
-use super::exports::Exports;
 use super::gate::Gate;
-use super::peer::Peer;
+use crate::export::peer::Peer;
+use crate::export::Exports;
 /// How long shutdown waits for in-flight requests before dropping connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Send buffer asked for on accepted Unix sockets (the kernel doubles it
@@ -100,6 +100,29 @@ impl Listener {
                 Err(_) => "tcp:?".into(),
             },
         }
+    }
+}
+
+/// The NBD frontend as the daemon starts it: bound listeners and the gate
+/// (limits, TLS credentials) they admit through.
+pub struct NbdFrontend {
+    pub listeners: Vec<Listener>,
+    pub gate: Arc<Gate>,
+}
+
+impl crate::frontend::Frontend for NbdFrontend {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn start(self: Box<Self>, context: crate::frontend::Context) -> crate::frontend::Running {
+        let task = tokio::spawn(run(
+            self.listeners,
+            context.exports,
+            self.gate,
+            context.shutdown,
+        ));
+        crate::frontend::Running::new("nbd", task)
     }
 }
 

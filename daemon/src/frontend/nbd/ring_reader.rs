@@ -38,9 +38,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWrite, Interest};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::exports::Export;
 use super::replies::{send_now, ReplySink};
 use super::transmission::{admit, handle, handle_write, Ctx, Next, BUDGET_UNITS, READ_BUFFER};
+use crate::export::Export;
 use crate::io::uring::{Ring, UringEngine};
 use crate::io::IoBuf;
 use crate::wire::nbd::{Features, Request, EXTENDED_REQUEST_LEN};

@@ -13,7 +13,7 @@
 
 use std::net::IpAddr;
 
-use super::peer::{Peer, Transport};
+use crate::export::peer::{Peer, Transport};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rule {

@@ -1,6 +1,7 @@
 //! Per-export request metrics, kept beside the export (as Firecracker keeps
-//! device metrics beside the device): requests, bytes and errors by
-//! command, latency histograms, requests in flight and open connections.
+//! device metrics beside the device): requests, bytes and errors by the
+//! kind of request (the `volume::Op` it became, whatever frontend it came
+//! from), latency histograms, requests in flight and open connections.
 //! Plain atomics, so the hot path pays one relaxed add per counter and never
 //! a lock; `control/metrics.rs` turns them into Prometheus/OpenMetrics text
 //! at scrape time. Crypto time is the data area's (`volume/data.rs`), key
@@ -9,10 +10,21 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::wire::nbd::*;
+use crate::volume::OpKind;
 
-/// Command kinds we count, in the order of [`COMMAND_NAMES`].
-pub const COMMAND_NAMES: [&str; 7] = [
+/// What a frontend counts a request as: the kind of `volume::Op` it
+/// became, a prefetch hint answered without one (NBD CACHE), or anything
+/// else (a refused or unknown request, a block-status query).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    Op(OpKind),
+    Prefetch,
+    Other,
+}
+
+/// Kinds we count, in the order of [`KIND_NAMES`]; the names are the
+/// metrics' `command` label.
+pub const KIND_NAMES: [&str; 7] = [
     "read",
     "write",
     "flush",
@@ -27,15 +39,15 @@ pub const LATENCY_BOUNDS: [f64; 12] = [
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
 ];
 
-fn command_index(command: Command) -> usize {
-    match command {
-        Command::Read => 0,
-        Command::Write => 1,
-        Command::Flush => 2,
-        Command::Trim => 3,
-        Command::Cache => 4,
-        Command::WriteZeroes => 5,
-        _ => 6,
+fn kind_index(kind: RequestKind) -> usize {
+    match kind {
+        RequestKind::Op(OpKind::Read) => 0,
+        RequestKind::Op(OpKind::Write) => 1,
+        RequestKind::Op(OpKind::Flush) => 2,
+        RequestKind::Op(OpKind::Trim) => 3,
+        RequestKind::Prefetch => 4,
+        RequestKind::Op(OpKind::WriteZeroes) => 5,
+        RequestKind::Op(OpKind::Allocation) | RequestKind::Other => 6,
     }
 }
 
@@ -75,10 +87,10 @@ impl Histogram {
 
 #[derive(Debug, Default)]
 pub struct ExportMetrics {
-    requests: [AtomicU64; COMMAND_NAMES.len()],
-    bytes: [AtomicU64; COMMAND_NAMES.len()],
-    errors: [AtomicU64; COMMAND_NAMES.len()],
-    latency: [Histogram; COMMAND_NAMES.len()],
+    requests: [AtomicU64; KIND_NAMES.len()],
+    bytes: [AtomicU64; KIND_NAMES.len()],
+    errors: [AtomicU64; KIND_NAMES.len()],
+    latency: [Histogram; KIND_NAMES.len()],
     in_flight: AtomicI64,
     connections: AtomicI64,
     /// Clients refused by the volume's allow list.
@@ -104,15 +116,15 @@ impl ExportMetrics {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Counts one answered request.
-    pub fn complete(&self, command: Command, length: u64, error: u32, elapsed: Duration) {
-        let i = command_index(command);
+    /// Counts one answered request; `failed` when it got an error.
+    pub fn complete(&self, kind: RequestKind, length: u64, failed: bool, elapsed: Duration) {
+        let i = kind_index(kind);
         self.requests[i].fetch_add(1, Ordering::Relaxed);
-        if error != 0 {
+        if failed {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         } else if matches!(
-            command,
-            Command::Read | Command::Write | Command::WriteZeroes | Command::Trim
+            kind,
+            RequestKind::Op(OpKind::Read | OpKind::Write | OpKind::WriteZeroes | OpKind::Trim)
         ) {
             self.bytes[i].fetch_add(length, Ordering::Relaxed);
         }
@@ -126,7 +138,7 @@ impl ExportMetrics {
     }
 
     pub fn commands(&self) -> impl Iterator<Item = CommandTotals> + '_ {
-        COMMAND_NAMES
+        KIND_NAMES
             .iter()
             .enumerate()
             .map(|(i, name)| CommandTotals {
@@ -181,8 +193,9 @@ mod tests {
             m.end();
         }
         assert_eq!((m.in_flight(), m.connections()), (0, 0));
-        m.complete(Command::Read, 4096, 0, Duration::from_micros(30));
-        m.complete(Command::Read, 4096, EINVAL, Duration::from_secs(2));
+        let read = RequestKind::Op(OpKind::Read);
+        m.complete(read, 4096, false, Duration::from_micros(30));
+        m.complete(read, 4096, true, Duration::from_secs(2));
         let read = m.commands().next().unwrap();
         assert_eq!((read.requests, read.bytes, read.errors), (2, 4096, 1));
         let (sum, count, buckets) = m.latency(0).snapshot();
