@@ -45,6 +45,10 @@ fi
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+# No two modules import each other, no folder imports one that imports it
+# back (ARCHITECTURE.md).
+echo "==> module graph: scripts/check-modules"
+scripts/check-modules
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p hostcryptd --features fuzzing --locked -- -D warnings

@@ -315,7 +315,16 @@ fn check_one(
     let _ = std::fs::remove_dir_all(&state);
     let records = hostcryptd::volume::Records::new(&state);
     let opened = keks.iter().find_map(|kek| {
-        hostcryptd::volume::open_cache("r", path, None, kek.as_ref(), None, false, &records).ok()
+        hostcryptd::volume::open_cache(
+            "r",
+            path,
+            None,
+            kek.as_ref(),
+            None,
+            &Default::default(),
+            &records,
+        )
+        .ok()
     });
     let Some((volume, _, _)) = opened else {
         let err = hostcryptd::volume::open_cache(
@@ -324,7 +333,7 @@ fn check_one(
             None,
             keks[0].as_ref(),
             None,
-            false,
+            &Default::default(),
             &records,
         )
         .err()

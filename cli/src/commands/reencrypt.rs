@@ -4,7 +4,7 @@
 use crate::control::ask;
 use anyhow::bail;
 use hostcryptd::control::Request;
-use hostcryptd::volume::{ReencryptAction, ReencryptStatus};
+use hostcryptd::volume::{ReencryptAction, ReencryptState, ReencryptStatus};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -59,9 +59,9 @@ pub fn reencrypt(
             }
             None => {}
         }
-        match status.state.as_str() {
-            "done" | "idle" => break,
-            "failed" => {
+        match status.state {
+            ReencryptState::Done | ReencryptState::Idle => break,
+            ReencryptState::Failed => {
                 if let Some(bar) = &bar {
                     bar.abandon();
                 }
@@ -70,7 +70,7 @@ pub fn reencrypt(
                     status.error.unwrap_or_default()
                 );
             }
-            "paused" => {
+            ReencryptState::Paused => {
                 if let Some(bar) = &bar {
                     bar.abandon_with_message(format!("{volume} paused"));
                 }

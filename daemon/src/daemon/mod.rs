@@ -167,15 +167,16 @@ impl Daemon {
         );
         // One shutdown: every task and thread below holds its signal.
         let shutdown = Shutdown::new();
-        let reloader = Arc::new(Reloader::new(
+        let reloader = Arc::new(Reloader::new(service::reload::Started {
             config_path,
-            config.clone(),
+            config: config.clone(),
             providers,
-            registry.clone(),
-            gate.clone(),
+            registry: registry.clone(),
+            gate: gate.clone(),
             audit,
             failed,
-        ));
+            engine: engine.clone(),
+        }));
         let retry = reloader.clone();
         let checked = registry.clone();
         let monitor =
@@ -365,9 +366,9 @@ fn open(config: &Config) -> Result<Opened, DaemonError> {
             return Err(DaemonError::AlreadyServed(socket.clone()));
         }
     }
-    let (registry, failed) = service::open_volumes(&config, &providers, &audit);
-    let engine = crate::io::engine::init(config.server.io_engine, config.server.ring_idle_poll)
+    let engine = crate::io::engine::start(config.server.io_engine, config.server.ring_idle_poll)
         .map_err(DaemonError::Engine)?;
+    let (registry, failed) = service::open_volumes(config, &providers, &audit, &engine);
     tracing::info!(
         engine = engine.name(),
         ring_idle_poll = ?config.server.ring_idle_poll,

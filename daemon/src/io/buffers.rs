@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::fixed::{FixedArena, FixedSlot};
+use super::page::{Page, PAGE};
 
 const MIN_CLASS: u32 = 12; // 4 KiB
 const MAX_CLASS: u32 = 25; // 32 MiB
@@ -34,13 +35,6 @@ const MAX_IDLE_BYTES: usize = 256 << 20;
 
 static FREE: [Mutex<Vec<Vec<Page>>>; CLASSES] = [const { Mutex::new(Vec::new()) }; CLASSES];
 static IDLE_BYTES: AtomicUsize = AtomicUsize::new(0);
-
-pub(super) const PAGE: usize = 4096;
-
-/// One page of buffer memory; the alignment is what O_DIRECT needs.
-#[derive(Clone, Copy)]
-#[repr(C, align(4096))]
-pub(super) struct Page(pub(super) [u8; PAGE]);
 
 /// A byte buffer of a requested length, returned to the pool on drop.
 /// Its contents on arrival are whatever the last user left: callers

@@ -1,11 +1,11 @@
-//! Which engine runs backing I/O, chosen once at start-up from
+//! Which engine runs backing I/O, started once by the daemon from
 //! `io_engine = "auto" | "uring" | "threads"` in `[server]`:
 //! `uring` (per-core rings, `uring.rs`) or `threads` (per-core worker
 //! threads with pread/pwrite, `workers.rs`). `auto` tries io_uring and falls
 //! back to threads, saying so once in the log, where io_uring is refused
 //! (seccomp, `kernel.io_uring_disabled`, old kernels).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -21,11 +21,17 @@ pub enum EngineKind {
 }
 
 pub enum Engine {
-    Uring(UringEngine),
+    Uring(Arc<UringEngine>),
     Threads,
 }
 
 impl Engine {
+    /// The thread pool: what tools and tests that open a volume without a
+    /// daemon use.
+    pub fn threads() -> Arc<Engine> {
+        Arc::new(Engine::Threads)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Engine::Uring(_) => "uring",
@@ -34,20 +40,16 @@ impl Engine {
     }
 }
 
-static ENGINE: OnceLock<Arc<Engine>> = OnceLock::new();
-
 /// Starts the engine `kind` asks for, its rings polling for up to
-/// `idle_poll` before they sleep; later calls return the first choice.
-pub fn init(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result<Arc<Engine>> {
-    if let Some(engine) = ENGINE.get() {
-        return Ok(engine.clone());
-    }
+/// `idle_poll` before they sleep. The daemon starts one and hands it to
+/// every volume it opens and every frontend it starts.
+pub fn start(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result<Arc<Engine>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let engine = match kind {
         EngineKind::Threads => Engine::Threads,
-        EngineKind::Uring => Engine::Uring(UringEngine::start(threads, idle_poll)?),
+        EngineKind::Uring => Engine::Uring(Arc::new(UringEngine::start(threads, idle_poll)?)),
         EngineKind::Auto => match UringEngine::start(threads, idle_poll) {
-            Ok(e) => Engine::Uring(e),
+            Ok(e) => Engine::Uring(Arc::new(e)),
             Err(e) => {
                 tracing::warn!("io_uring is not available ({e}); using the thread-pool engine");
                 Engine::Threads
@@ -62,11 +64,5 @@ pub fn init(kind: EngineKind, idle_poll: std::time::Duration) -> std::io::Result
             );
         }
     }
-    Ok(ENGINE.get_or_init(|| Arc::new(engine)).clone())
-}
-
-/// The running engine (the thread pool if `init` was never called, as in
-/// unit tests).
-pub fn current() -> &'static Engine {
-    ENGINE.get_or_init(|| Arc::new(Engine::Threads))
+    Ok(Arc::new(engine))
 }

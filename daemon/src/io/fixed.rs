@@ -15,7 +15,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::buffers::{Page, PAGE};
+use super::page::{Page, PAGE};
 
 /// Slots per ring: a queue depth of 32 per ring, the deepest the
 /// benchmarks drive; deeper queues borrow pooled buffers.

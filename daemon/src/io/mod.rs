@@ -14,6 +14,7 @@ pub mod engine;
 mod file;
 mod fixed;
 mod owner;
+mod page;
 mod range_lock;
 pub mod remote;
 pub mod uring;

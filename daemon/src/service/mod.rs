@@ -20,6 +20,7 @@ use std::sync::Arc;
 use crate::config::{Config, KekConfig};
 use crate::export::Export;
 use crate::frontend::tls::{TlsContext, TlsMode};
+use crate::io::engine::Engine;
 use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{AzureKek, KekError, KeyProvider, LocalKek, Pkcs11Kek, VaultKek};
 use crate::volume::{self, Geometry, KeyPolicy, Layer, LayerKek, Role, VolumeError, VolumeKeys};
@@ -186,6 +187,7 @@ pub fn open_volumes(
     config: &Config,
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
     audit: &AuditLog,
+    engine: &Arc<Engine>,
 ) -> (Registry, Vec<(String, ServiceError)>) {
     let mut opened = Vec::new();
     let mut failed = Vec::new();
@@ -197,7 +199,7 @@ pub fn open_volumes(
             failed.push((v.name.get_ref().clone(), ServiceError::Connecting));
             continue;
         }
-        match open_volume(v, providers, audit, &config.server.state_dir) {
+        match open_volume(v, providers, audit, &config.server.state_dir, engine) {
             Ok(export) => opened.push(export),
             Err(e) => failed.push((v.name.get_ref().clone(), e)),
         }
@@ -216,8 +218,13 @@ pub fn open_volume(
     providers: &BTreeMap<String, Arc<dyn KeyProvider>>,
     audit: &AuditLog,
     state_dir: &std::path::Path,
+    engine: &Arc<Engine>,
 ) -> Result<Served, ServiceError> {
     let name = v.name.get_ref().clone();
+    let io = volume::IoSetup {
+        engine: engine.clone(),
+        direct: v.direct,
+    };
     let backing = v.backing.get_ref();
     let wrap = |source| ServiceError::Volume {
         name: name.clone(),
@@ -252,7 +259,7 @@ pub fn open_volume(
                 v.size_bytes(),
                 outer.provider.as_ref(),
                 inner.as_ref().map(|k| k.provider.as_ref()),
-                v.direct,
+                &io,
                 &records,
             );
             let kek_names = match &inner {
@@ -301,7 +308,7 @@ pub fn open_volume(
                 size: v.size_bytes().unwrap_or(0),
                 sector_size: v.sector_size,
             };
-            volume::open_temp(&name, backing, geometry, v.direct).map_err(wrap)?
+            volume::open_temp(&name, backing, geometry, &io).map_err(wrap)?
         }
     };
     opened

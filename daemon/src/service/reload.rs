@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::{open_provider, open_volume, ServiceError};
 use crate::config::{Config, VolumeConfig};
 use crate::frontend::nbd::gate::Gate;
+use crate::io::engine::Engine;
 use crate::kek::audit::AuditLog;
 use crate::kek::KeyProvider;
 use crate::service::registry::Registry;
@@ -45,12 +46,27 @@ pub struct ReloadReport {
     pub waiting: Vec<String>,
 }
 
+/// What a [`Reloader`] starts from: the daemon's state after start-up.
+pub struct Started {
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub providers: BTreeMap<String, Arc<dyn KeyProvider>>,
+    pub registry: Registry,
+    pub gate: Arc<Gate>,
+    pub audit: AuditLog,
+    /// Volumes that did not open at start-up, with why.
+    pub failed: Vec<(String, ServiceError)>,
+    /// The engine volumes opened later (retried, added) run on.
+    pub engine: Arc<Engine>,
+}
+
 /// The running daemon's view of its config, for reloads.
 pub struct Reloader {
     config_path: PathBuf,
     registry: Registry,
     gate: Arc<Gate>,
     audit: AuditLog,
+    engine: Arc<Engine>,
     state: Mutex<State>,
     /// Configured volumes that are not open yet.
     waiting: super::waiting::Waiting,
@@ -62,15 +78,17 @@ struct State {
 }
 
 impl Reloader {
-    pub fn new(
-        config_path: PathBuf,
-        config: Config,
-        providers: BTreeMap<String, Arc<dyn KeyProvider>>,
-        registry: Registry,
-        gate: Arc<Gate>,
-        audit: AuditLog,
-        failed: Vec<(String, ServiceError)>,
-    ) -> Self {
+    pub fn new(started: Started) -> Self {
+        let Started {
+            config_path,
+            config,
+            providers,
+            registry,
+            gate,
+            audit,
+            failed,
+            engine,
+        } = started;
         let waiting = super::waiting::Waiting::default();
         for (name, error) in &failed {
             if let Some(v) = config.volume(name) {
@@ -83,6 +101,7 @@ impl Reloader {
             registry,
             gate,
             audit,
+            engine,
             state: Mutex::new(State { config, providers }),
             waiting,
         }
@@ -113,7 +132,7 @@ impl Reloader {
                 self.waiting.remove(&name);
                 continue;
             };
-            match open_volume(&v, &providers, &self.audit, &state_dir) {
+            match open_volume(&v, &providers, &self.audit, &state_dir, &self.engine) {
                 Ok(export) => {
                     // Still configured the same way? A reload may have
                     // removed or changed it meanwhile.
@@ -216,7 +235,13 @@ impl Reloader {
                 }
                 // The state directory is the one the daemon started with.
                 None => {
-                    match open_volume(v, &providers, &self.audit, &state.config.server.state_dir) {
+                    match open_volume(
+                        v,
+                        &providers,
+                        &self.audit,
+                        &state.config.server.state_dir,
+                        &self.engine,
+                    ) {
                         Ok(export) => {
                             list.push(export);
                             report.added.push(name.into());

@@ -215,7 +215,7 @@ pub struct VolumeKeys {
     /// Serialises key checks (held across their provider calls).
     checking: Mutex<()>,
     /// The online re-encryption's controls (`reencrypt.rs`).
-    pub(super) reencryption: super::reencrypt::Controls,
+    pub(super) reencryption: super::reencrypt_status::Controls,
     /// The anti-rollback record, updated after every header write.
     pub(super) record: VolumeRecord,
     /// Set when the record could not follow the last header write: the

@@ -20,11 +20,12 @@ pub(crate) mod journal;
 pub mod keys;
 pub mod record;
 pub mod reencrypt;
-mod shared_read;
+pub mod reencrypt_status;
 mod store;
 mod submit;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -37,11 +38,12 @@ pub use keys::{
     InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, OnKeyUnreachable, VolumeKeys,
 };
 pub use record::{RecordError, Records, VolumeRecord};
-pub use reencrypt::{ReencryptAction, ReencryptStatus};
+pub use reencrypt_status::{ReencryptAction, ReencryptState, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
 pub use submit::{Op, OpKind, Outcome};
 
 use crate::crypto::Dek;
+use crate::io::engine::Engine;
 use crate::io::Backing;
 use crate::kek::{KekError, KeyProvider};
 
@@ -177,6 +179,25 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
     move |source| VolumeError::Io {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// How an open volume's I/O runs: on which engine, and whether the
+/// backing bypasses the page cache (`direct = true`, O_DIRECT).
+#[derive(Clone)]
+pub struct IoSetup {
+    pub engine: Arc<Engine>,
+    pub direct: bool,
+}
+
+impl Default for IoSetup {
+    /// Buffered, on the thread pool: for tools and tests that open a
+    /// volume without a daemon.
+    fn default() -> Self {
+        IoSetup {
+            engine: Engine::threads(),
+            direct: false,
+        }
     }
 }
 
@@ -418,7 +439,7 @@ pub fn open_cache(
     expected_size: Option<u64>,
     kek: &dyn KeyProvider,
     inner: Option<&dyn KeyProvider>,
-    direct: bool,
+    io: &IoSetup,
     records: &Records,
 ) -> Result<(Volume, Header, HeaderKeys), VolumeError> {
     let backing = open_existing(path)?;
@@ -543,7 +564,7 @@ pub fn open_cache(
         (Some((outer, inner)), true) => (outer, inner.as_ref()),
         _ => (&dek, inner_dek.as_ref()),
     };
-    let volume = ready(name, path, backing, &header, current, direct)?;
+    let volume = ready(name, path, backing, &header, current, io)?;
     if let (Some((outer, inner)), Some(r)) = (&target, header.reencrypt) {
         let cipher = VolumeCipher::new(
             outer,
@@ -641,7 +662,7 @@ fn ready(
     mut backing: Backing,
     header: &Header,
     (dek, inner): (&Dek, Option<&Dek>),
-    direct: bool,
+    io: &IoSetup,
 ) -> Result<Volume, VolumeError> {
     // Checked arithmetic: a header is untrusted until here too.
     let needed = header
@@ -656,7 +677,7 @@ fn ready(
             needed,
         });
     }
-    if direct {
+    if io.direct {
         let block_size = backing.logical_block_size().map_err(io_err(path))?;
         if header.sector_size < block_size {
             return Err(VolumeError::SectorBelowBlockSize {
@@ -668,11 +689,16 @@ fn ready(
         backing.enable_direct().map_err(io_err(path))?;
     }
     let cipher = VolumeCipher::new(dek, inner, header.inner_cipher, header.sector_size as usize);
-    let data = DataArea::new(backing, cipher, header.size, header.data_offset);
+    let data = DataArea::new(
+        backing,
+        cipher,
+        (header.size, header.data_offset),
+        io.engine.clone(),
+    );
     Ok(Volume {
         name: name.to_owned(),
         role: header.role,
-        data: std::sync::Arc::new(data),
+        data: Arc::new(data),
     })
 }
 
@@ -683,7 +709,7 @@ pub fn open_temp(
     name: &str,
     path: &Path,
     geometry: Geometry,
-    direct: bool,
+    io: &IoSetup,
 ) -> Result<Volume, VolumeError> {
     geometry.validate()?;
     // Claimed first (a file is created if missing), then checked: a remote
@@ -724,7 +750,7 @@ pub fn open_temp(
             .zero_range(header.data_offset, header.size)
             .map_err(io_err(path))?;
     }
-    ready(name, path, backing, &header, (&dek, None), direct)
+    ready(name, path, backing, &header, (&dek, None), io)
 }
 
 #[cfg(test)]
@@ -772,7 +798,7 @@ mod tests {
     /// A refusal that names the volume and leaves the backing as it was.
     fn refused(path: &Path, kek: &dyn KeyProvider, records: &Records, what: &str) -> VolumeError {
         let before = bytes(path);
-        let err = open_cache("v", path, None, kek, None, false, records).unwrap_err();
+        let err = open_cache("v", path, None, kek, None, &IoSetup::default(), records).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("\"v\""), "the error names the volume: {text}");
         assert!(text.contains(what), "expected {what:?}: {text}");
@@ -789,7 +815,7 @@ mod tests {
         records: &Records,
     ) -> (Header, HeaderKeys, Dek) {
         let (volume, mut header, mut keys) =
-            open_cache("v", path, None, kek, None, false, records).unwrap();
+            open_cache("v", path, None, kek, None, &IoSetup::default(), records).unwrap();
         drop(volume);
         let backing = Backing::open(path).unwrap();
         let new_dek = Dek::generate().unwrap();
@@ -865,7 +891,7 @@ mod tests {
         drop(backing);
 
         let (volume, opened, _) =
-            open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+            open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
         let r = opened
             .reencrypt
             .expect("still re-encrypting past the window");
@@ -897,7 +923,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
         let (records, path) = created_v(dir.path(), &kek);
-        open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
         let genuine = header_of(&path);
         let mine = Dek::generate().unwrap();
         let mut forged = genuine.clone();
@@ -955,7 +981,7 @@ mod tests {
         let (records, path) = created_v(dir.path(), &kek);
         let saved = bytes(&path)[..DATA_OFFSET as usize].to_vec();
         let (volume, header, keys) =
-            open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+            open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
         let layer_kek = |name: &str, provider: LocalKek| LayerKek {
             name: name.into(),
             provider: std::sync::Arc::new(provider),
@@ -982,7 +1008,16 @@ mod tests {
         drop(vk);
         drop(volume);
         let other = LocalKek::load(&dir.path().join("other.key")).unwrap();
-        open_cache("v", &path, None, &other, None, false, &records).unwrap();
+        open_cache(
+            "v",
+            &path,
+            None,
+            &other,
+            None,
+            &IoSetup::default(),
+            &records,
+        )
+        .unwrap();
         let rekeyed = bytes(&path)[..DATA_OFFSET as usize].to_vec();
         // The old header still unwraps with the old KEK, and its MAC holds.
         std::fs::OpenOptions::new()
@@ -1008,7 +1043,16 @@ mod tests {
         keys.advance(&header);
         records.volume("v").save(&header).unwrap();
         drop(backing);
-        open_cache("v", &path, None, &other, None, false, &records).unwrap();
+        open_cache(
+            "v",
+            &path,
+            None,
+            &other,
+            None,
+            &IoSetup::default(),
+            &records,
+        )
+        .unwrap();
         std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
@@ -1095,7 +1139,8 @@ mod tests {
         let legacy = bytes(&path)[..DATA_OFFSET as usize].to_vec();
         assert_eq!(u16::from_le_bytes([legacy[8], legacy[9]]), 1);
 
-        let (_, upgraded, _) = open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        let (_, upgraded, _) =
+            open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
         assert!(upgraded.auth.is_some());
         let raw = bytes(&path);
         for at in [PRIMARY_AT, BACKUP_AT] {
@@ -1108,7 +1153,7 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&legacy[..header::HEADER_SIZE], BACKUP_AT)
             .unwrap();
-        open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
 
         f.write_all_at(&legacy, 0).unwrap();
         drop(f);
@@ -1130,7 +1175,8 @@ mod tests {
         };
         let records = records(dir.path());
         let created = create(&path, geometry, &kek, None, false, None).unwrap();
-        let (volume, _, _) = open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        let (volume, _, _) =
+            open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
         let busy = |e: VolumeError| match e {
             VolumeError::Io { source, .. } => {
                 assert_eq!(source.kind(), std::io::ErrorKind::ResourceBusy, "{source}")
@@ -1138,8 +1184,8 @@ mod tests {
             other => panic!("expected a busy backing, got {other}"),
         };
         busy(create(&path, geometry, &kek, None, true, None).unwrap_err());
-        busy(open_cache("v", &path, None, &kek, None, false, &records).unwrap_err());
-        busy(open_temp("t", &path, geometry, false).unwrap_err());
+        busy(open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap_err());
+        busy(open_temp("t", &path, geometry, &IoSetup::default()).unwrap_err());
         match backup::erase(&path).unwrap_err() {
             backup::BackupError::Volume(e) => busy(e),
             other => panic!("expected a busy backing, got {other}"),
@@ -1158,7 +1204,7 @@ mod tests {
             other => panic!("expected a busy backing, got {other}"),
         }
         drop(volume);
-        open_cache("v", &path, None, &kek, None, false, &records).unwrap();
+        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
     }
 
     /// A backing shorter than its header says (truncated, or another
@@ -1178,7 +1224,7 @@ mod tests {
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         file.set_len(DATA_OFFSET + (1 << 19)).unwrap();
         drop(file);
-        match open_cache("v", &path, None, &kek, None, false, &records) {
+        match open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records) {
             Err(VolumeError::BackingTooSmall { have, needed, .. }) => {
                 assert_eq!(have, DATA_OFFSET + (1 << 19));
                 assert_eq!(needed, DATA_OFFSET + (1 << 20));

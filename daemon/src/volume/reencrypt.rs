@@ -25,91 +25,23 @@
 //! and resume, and a stop at shutdown (between windows). A lost key pauses
 //! the walk until the key is back.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use serde::{Deserialize, Serialize};
 
 use super::auth::GenerationKeys;
 use super::data::PreparedWindow;
 use super::header::{Keyslot, Layer, Reencrypt};
 use super::journal::{self, JournalKey, HASH_CAPACITY, JOURNAL_AT, JOURNAL_SIZE};
 use super::keys::{KeyOpError, VolumeKeys};
+use super::reencrypt_status::{
+    ReencryptAction, ReencryptState, ReencryptStatus, MAX_RATE_MBPS, MIN_RATE_MBPS,
+};
 use super::VolumeCipher;
 use crate::crypto::Dek;
 use crate::kek::audit::Event;
 
 /// A window re-encrypted in memory, with its old sectors' journal hashes.
 type Prepared<'a> = PreparedWindow<'a, Vec<[u8; 32]>>;
-
-/// What `hostcrypt reencrypt --status` shows.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ReencryptStatus {
-    pub volume: String,
-    /// `idle` (none in progress), `running`, `paused`, `waiting-for-key`,
-    /// `failed` (see `error`; resume retries) or `done`.
-    pub state: String,
-    /// Bytes of the data area already under the new DEK.
-    pub checkpoint: u64,
-    pub size: u64,
-    pub target_generation: Option<u32>,
-    /// The DEK generation in use (after completion: the new one).
-    pub generation: u32,
-    pub rate_limit_mbps: Option<f64>,
-    /// Measured since the worker last started.
-    pub rate_mbps: f64,
-    pub error: Option<String>,
-}
-
-/// What the operator asks of a re-encryption.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ReencryptAction {
-    /// Start one (or resume the one in progress).
-    Start,
-    Pause,
-    Resume,
-    Status,
-}
-
-#[derive(Default)]
-struct State {
-    paused: bool,
-    stop: bool,
-    worker: Option<std::thread::JoinHandle<()>>,
-    /// Bytes per second; `None` = as fast as it goes.
-    rate: Option<f64>,
-    phase: &'static str,
-    error: Option<String>,
-    started: Option<Instant>,
-    /// When the walk ended (so the reported rate stops decaying).
-    ended: Option<Instant>,
-    moved: u64,
-}
-
-/// Per-volume re-encryption controls, shared by the worker and the control
-/// requests.
-#[derive(Default)]
-pub struct Controls {
-    state: Mutex<State>,
-    changed: Condvar,
-}
-
-impl Controls {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits up to `timeout` for a control change (pause, resume, stop).
-    fn wait(&self, timeout: Duration) {
-        let guard = self.lock();
-        let _ = self.changed.wait_timeout(guard, timeout);
-    }
-}
-
-/// The re-encryption rates an operator may set, in MB/s (0: unlimited).
-pub const MIN_RATE_MBPS: f64 = 0.1;
-pub const MAX_RATE_MBPS: f64 = 1_000_000.0;
 
 impl VolumeKeys {
     /// Handles one operator request; every action is safe to repeat.
@@ -194,18 +126,24 @@ impl VolumeKeys {
             None => 0.0,
         };
         let phase = match header_state {
-            None if state.phase == "done" => "done",
-            None => "idle",
-            Some(_) if state.error.is_some() => "failed",
-            Some(_) if state.paused => "paused",
-            Some(_) if !self.data.key_loaded() => "waiting-for-key",
-            Some(_) => "running",
+            None if state.phase == ReencryptState::Done => ReencryptState::Done,
+            None => ReencryptState::Idle,
+            Some(_) if state.error.is_some() => ReencryptState::Failed,
+            Some(_) if state.paused => ReencryptState::Paused,
+            Some(_) if !self.data.key_loaded() => ReencryptState::WaitingForKey,
+            Some(_) => ReencryptState::Running,
         };
         ReencryptStatus {
             volume: self.name.clone(),
-            state: phase.into(),
-            checkpoint: header_state
-                .map_or(if phase == "done" { size } else { 0 }, |r| r.checkpoint),
+            state: phase,
+            checkpoint: header_state.map_or(
+                if phase == ReencryptState::Done {
+                    size
+                } else {
+                    0
+                },
+                |r| r.checkpoint,
+            ),
             size,
             target_generation: header_state.map(|r| r.target_generation),
             generation,
@@ -292,7 +230,7 @@ impl VolumeKeys {
         {
             let mut state = self.reencryption.lock();
             state.error = None;
-            state.phase = "running";
+            state.phase = ReencryptState::Running;
         }
         tracing::info!(volume = %self.name, generation = target, "re-encryption started");
         self.audit.record(
@@ -511,7 +449,7 @@ impl VolumeKeys {
             }
             {
                 let mut state = self.reencryption.lock();
-                state.phase = "done";
+                state.phase = ReencryptState::Done;
                 state.ended = Some(Instant::now());
             }
             tracing::info!(volume = %self.name, generation = r.target_generation, "re-encryption finished");

@@ -25,7 +25,7 @@ use super::transmission::serve;
 use crate::export::peer::Peer;
 use crate::export::{Export, Exports};
 use crate::frontend::tls::{self, TlsContext, TlsMode};
-use crate::io::engine::{self, Engine};
+use crate::io::engine::Engine;
 use crate::wire::nbd::Features;
 
 /// An accepted socket, before the handshake.
@@ -61,14 +61,23 @@ enum ConnectError {
     TlsRequired,
 }
 
+/// What every connection of one NBD server shares.
+pub struct Server {
+    pub exports: Exports,
+    /// Limits and TLS credentials.
+    pub gate: Arc<Gate>,
+    /// Where plaintext connections' rings come from (io_uring).
+    pub engine: Arc<Engine>,
+}
+
 pub async fn run(
     stream: Stream,
     mut peer: Peer,
-    gate: Arc<Gate>,
-    exports: Arc<Exports>,
+    server: Arc<Server>,
     shutdown: watch::Receiver<bool>,
     slot: Admitted,
 ) {
+    let gate = &server.gate;
     // The credentials are fixed for this connection when it is accepted:
     // a reload changes what later connections get.
     let credentials = gate.tls();
@@ -81,8 +90,9 @@ pub async fn run(
     let conn = Conn {
         phase,
         credentials: credentials.as_deref(),
-        exports: &exports,
-        gate: &gate,
+        exports: &server.exports,
+        gate,
+        engine: &server.engine,
         shutdown,
         slot,
     };
@@ -117,6 +127,7 @@ struct Conn<'a> {
     credentials: Option<&'a TlsContext>,
     exports: &'a Exports,
     gate: &'a Gate,
+    engine: &'a Engine,
     shutdown: watch::Receiver<bool>,
     /// Held for the connection's life; leaves the handshake pool once the
     /// handshake is done.
@@ -154,7 +165,7 @@ impl Conn<'_> {
         };
         match ready {
             Some(Ready::Plain(s, export, features)) => {
-                let on_ring = match engine::current() {
+                let on_ring = match self.engine {
                     Engine::Uring(rings) if self.gate.settings.ring_connections => {
                         Some(rings).filter(|rings| rings.receives_sockets())
                     }
@@ -172,7 +183,7 @@ impl Conn<'_> {
                     let label = peer.to_string();
                     let served = serve_on_ring(
                         socket,
-                        rings,
+                        rings.clone(),
                         export.clone(),
                         features,
                         stop,

@@ -89,7 +89,7 @@ struct RingReader {
     stopping: Arc<AtomicBool>,
     ended: Option<oneshot::Sender<io::Result<()>>>,
     runtime: tokio::runtime::Handle,
-    engine: &'static UringEngine,
+    engine: Arc<UringEngine>,
     worker: usize,
 }
 
@@ -99,7 +99,7 @@ struct RingReader {
 /// still owed.
 pub async fn serve_on_ring(
     socket: OwnedFd,
-    engine: &'static UringEngine,
+    engine: Arc<UringEngine>,
     export: Arc<Export>,
     features: Features,
     mut shutdown: watch::Receiver<bool>,
@@ -139,7 +139,7 @@ pub async fn serve_on_ring(
         stopping: stopping.clone(),
         ended: Some(ended),
         runtime: tokio::runtime::Handle::current(),
-        engine,
+        engine: engine.clone(),
         worker,
     });
     engine.submit_to(worker, move |ring| reader.run(ring));
@@ -403,7 +403,7 @@ impl RingReader {
         runtime.spawn(async move {
             match budget.acquire_many_owned(units).await {
                 Ok(permit) => {
-                    let (engine, worker) = (self.engine, self.worker);
+                    let (engine, worker) = (self.engine.clone(), self.worker);
                     engine.submit_to(worker, move |ring| self.resume(ring, waiting, permit))
                 }
                 Err(_) => self.finish(Ok(())),

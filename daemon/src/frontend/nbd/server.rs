@@ -11,10 +11,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::connection::{self, Stream};
+use super::connection::{self, Server, Stream};
 use super::gate::Gate;
 use crate::export::peer::Peer;
-use crate::export::Exports;
 /// How long shutdown waits for in-flight requests before dropping connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Send buffer asked for on accepted Unix sockets (the kernel doubles it
@@ -116,43 +115,28 @@ impl crate::frontend::Frontend for NbdFrontend {
     }
 
     fn start(self: Box<Self>, context: crate::frontend::Context) -> crate::frontend::Running {
-        let task = tokio::spawn(run(
-            self.listeners,
-            context.exports,
-            self.gate,
-            context.shutdown,
-        ));
+        let server = Arc::new(Server {
+            exports: context.exports,
+            gate: self.gate,
+            engine: context.engine,
+        });
+        let task = tokio::spawn(run(self.listeners, server, context.shutdown));
         crate::frontend::Running::new("nbd", task)
     }
 }
 
 /// Accepts connections on every listener until `shutdown` turns true, then
 /// waits (bounded) for connections to finish their in-flight requests.
-pub async fn run(
-    listeners: Vec<Listener>,
-    exports: Exports,
-    gate: Arc<Gate>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let exports = Arc::new(exports);
+pub async fn run(listeners: Vec<Listener>, server: Arc<Server>, shutdown: watch::Receiver<bool>) {
     let mut accept_loops = JoinSet::new();
     for listener in listeners {
-        accept_loops.spawn(accept_loop(
-            listener,
-            exports.clone(),
-            gate.clone(),
-            shutdown.clone(),
-        ));
+        accept_loops.spawn(accept_loop(listener, server.clone(), shutdown.clone()));
     }
     while accept_loops.join_next().await.is_some() {}
 }
 
-async fn accept_loop(
-    listener: Listener,
-    exports: Arc<Exports>,
-    gate: Arc<Gate>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: Listener, server: Arc<Server>, mut shutdown: watch::Receiver<bool>) {
+    let gate = &server.gate;
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
@@ -165,8 +149,7 @@ async fn accept_loop(
                         connections.spawn(connection::run(
                             stream,
                             peer,
-                            gate.clone(),
-                            exports.clone(),
+                            server.clone(),
                             shutdown.clone(),
                             slot,
                         ));

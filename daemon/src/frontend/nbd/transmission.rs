@@ -505,8 +505,13 @@ mod tests {
             size: SIZE,
             sector_size: 512,
         };
-        let volume =
-            crate::volume::open_temp("t", &dir.path().join("volume"), geometry, false).unwrap();
+        let volume = crate::volume::open_temp(
+            "t",
+            &dir.path().join("volume"),
+            geometry,
+            &Default::default(),
+        )
+        .unwrap();
         let export = Arc::new(Export::new(
             volume,
             String::new(),
@@ -525,12 +530,16 @@ mod tests {
     }
 
     /// One ring, private to these tests.
-    fn test_rings() -> &'static crate::io::uring::UringEngine {
-        static RINGS: std::sync::OnceLock<crate::io::uring::UringEngine> =
+    fn test_rings() -> Arc<crate::io::uring::UringEngine> {
+        static RINGS: std::sync::OnceLock<Arc<crate::io::uring::UringEngine>> =
             std::sync::OnceLock::new();
-        RINGS.get_or_init(|| {
-            crate::io::uring::UringEngine::start(1, std::time::Duration::ZERO).unwrap()
-        })
+        RINGS
+            .get_or_init(|| {
+                Arc::new(
+                    crate::io::uring::UringEngine::start(1, std::time::Duration::ZERO).unwrap(),
+                )
+            })
+            .clone()
     }
 
     fn serve_volume(features: Features, reader: Reader) -> Served {

@@ -51,6 +51,7 @@
 mod coverage;
 mod link;
 pub mod negotiate;
+mod socket;
 mod tls;
 pub mod uri;
 

@@ -19,8 +19,8 @@ use rustls::pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::link::{Deadlined, OpenError, Stream};
 use super::negotiate::{choose, greet, starttls, ExportInfo, NegotiateError};
+use super::socket::{Deadlined, OpenError, Stream};
 use super::uri::{Address, NbdUri};
 use super::RemoteOptions;
 

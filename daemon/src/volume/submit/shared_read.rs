@@ -21,7 +21,7 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::data::{DataArea, DataKeys};
+use crate::volume::data::{DataArea, DataKeys};
 
 /// What a lender runs on the thread it lends: claims pieces until none is left.
 pub(super) type HelperJob = Box<dyn FnOnce() + Send>;

@@ -21,14 +21,25 @@
 //!   (the inode lock may block), which cost a third of random-write IOPS;
 //! - everything else on the thread pool (`io/workers.rs`).
 //!
-//! What lives elsewhere: range locks, re-encryption and the per-engine
-//! read and write paths (`data.rs`); the engines (`io/`).
+//! The paths themselves live beside this file: the caller's-thread fast
+//! paths (`inline.rs`, `shared_read.rs`), ring reads and writes
+//! (`ring.rs`), remote reads and writes (`remote.rs`), and the checks and
+//! completions they share (`unlocked.rs`). Only this folder knows the
+//! engine. What lives elsewhere: geometry, keys, range locks and the
+//! synchronous operations the thread pool runs (`volume/data/`); the
+//! engines (`io/`).
+
+mod inline;
+mod remote;
+mod ring;
+mod shared_read;
+mod unlocked;
 
 use std::io;
 use std::sync::Arc;
 
 use super::{Allocation, DataArea};
-use crate::io::engine::{self, Engine};
+use crate::io::engine::Engine;
 use crate::io::IoBuf;
 
 /// Remote-backing writes up to this size are encrypted on the caller's
@@ -113,10 +124,14 @@ impl DataArea {
             Op::Read { offset, len } if remote => {
                 self.read_remote(offset, len, move |r| done(r.map(Outcome::Data)))
             }
-            Op::Read { offset, len } => match self.read_cached(offset, len, lend_an_idle_ring) {
-                Some(result) => done(result.map(Outcome::Data)),
-                None => self.read_on_engine(offset, len, done),
-            },
+            Op::Read { offset, len } => {
+                let engine = self.engine.clone();
+                let lend = move |job| lend_an_idle_ring(&engine, job);
+                match self.read_cached(offset, len, lend) {
+                    Some(result) => done(result.map(Outcome::Data)),
+                    None => self.read_on_engine(offset, len, done),
+                }
+            }
             Op::Write { offset, data, fua } if remote => {
                 let small = data.len() <= INLINE_ENCRYPT_MAX;
                 let write = move || {
@@ -128,7 +143,7 @@ impl DataArea {
                     crate::io::workers::spawn(write);
                 }
             }
-            Op::Write { offset, data, fua } => match engine::current() {
+            Op::Write { offset, data, fua } => match self.engine.clone().as_ref() {
                 Engine::Uring(ring) if self.backing().is_direct() => ring.submit(move |ring| {
                     self.write_on_ring(ring, offset, data, fua, move |r| {
                         done(r.map(|()| Outcome::Done))
@@ -168,7 +183,7 @@ impl DataArea {
     where
         F: FnOnce(io::Result<Outcome>) + Send + 'static,
     {
-        match engine::current() {
+        match self.engine.clone().as_ref() {
             Engine::Uring(ring) => ring.submit(move |ring| {
                 self.read_on_ring(ring, offset, len, move |r| done(r.map(Outcome::Data)))
             }),
@@ -207,8 +222,8 @@ impl DataArea {
 
 /// Starts a shared read's helper (`shared_read.rs`) on a ring that no
 /// connection lives on, when the engine has one; `false` otherwise.
-fn lend_an_idle_ring(job: super::shared_read::HelperJob) -> bool {
-    match engine::current() {
+fn lend_an_idle_ring(engine: &Engine, job: shared_read::HelperJob) -> bool {
+    match engine {
         Engine::Uring(rings) => rings.lend_idle_ring(move |_| job()),
         Engine::Threads => false,
     }
