@@ -11,15 +11,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::export::access::AllowList;
 use crate::export::peer::Peer;
 use crate::export::{Export, Exports};
-use crate::frontend::nbd::handshake::{greet, negotiate, Session, TlsPhase};
+use crate::frontend::nbd::handshake::{Session, Then, TlsPhase};
 use crate::io::Backing;
 use crate::volume::journal::{self, JournalKey, JOURNAL_AT};
+use crate::wire::nbd::{OPTION_REPLY_MAGIC, OPT_EXPORT_NAME};
 
 /// What every execution reuses: one runtime, one small temp volume (on a
 /// tmpfs where there is one), one journal area.
@@ -82,32 +82,60 @@ fn harness() -> &'static Harness {
 /// the end of input. The first byte picks the listener's TLS mode.
 pub fn handshake(data: &[u8]) {
     let h = harness();
-    let (mode, input) = data.split_first().unwrap_or((&0, &[]));
+    let (mode, mut input) = data.split_first().unwrap_or((&0, &[]));
     let tls = match mode % 3 {
         0 => TlsPhase::Unavailable,
         1 => TlsPhase::Offered { required: false },
         _ => TlsPhase::Offered { required: true },
     };
-    let input = input.to_vec();
-    h.runtime.block_on(async {
-        let (client, mut server) = tokio::io::duplex(64 * 1024);
-        let (mut from_server, mut to_server) = tokio::io::split(client);
-        let feeder = tokio::spawn(async move {
-            let _ = to_server.write_all(&input).await;
-            let _ = to_server.shutdown().await;
-        });
-        let drain = tokio::spawn(async move {
-            let _ = tokio::io::copy(&mut from_server, &mut tokio::io::sink()).await;
-        });
-        let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 10809)));
-        if let Ok(no_zeroes) = greet(&mut server).await {
-            let mut session = Session::new(&peer, &h.exports, tls, no_zeroes);
-            let _ = negotiate(&mut server, &mut session).await;
+    let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 10809)));
+    let mut session = Session::new(&peer, &h.exports, tls, mode & 4 == 4);
+    // The state machine alone, no runtime: each option header, then its
+    // data, as the async driver feeds them.
+    loop {
+        let Some((header, rest)) = input.split_first_chunk::<16>() else {
+            let _ = session.on_eof();
+            return;
+        };
+        let magic = u64::from_be_bytes(header[..8].try_into().unwrap_or_default());
+        let option = u32::from_be_bytes(header[8..12].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(header[12..].try_into().unwrap_or_default());
+        if let Some(step) = session.on_header(magic, option, len) {
+            check_replies(option, &step.replies);
+            return;
         }
-        drop(server);
-        let _ = feeder.await;
-        let _ = drain.await;
-    });
+        let Some((body, rest)) = rest.split_at_checked(len as usize) else {
+            return;
+        };
+        input = rest;
+        let step = session.on_option(option, body);
+        if option != OPT_EXPORT_NAME {
+            check_replies(option, &step.replies);
+        }
+        if !matches!(step.then, Then::Continue) {
+            return;
+        }
+    }
+}
+
+/// Every reply to an option is well-formed: the reply magic, that option,
+/// a length that matches the bytes, a bounded message.
+fn check_replies(option: u32, mut replies: &[u8]) {
+    while !replies.is_empty() {
+        assert!(replies.len() >= 20, "a truncated option reply");
+        assert_eq!(
+            u64::from_be_bytes(replies[..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
+        assert_eq!(
+            u32::from_be_bytes(replies[8..12].try_into().unwrap()),
+            option
+        );
+        let len = u32::from_be_bytes(replies[16..20].try_into().unwrap()) as usize;
+        assert!(len <= 64 * 1024, "an option reply of {len} bytes");
+        assert!(replies.len() >= 20 + len, "a reply longer than its bytes");
+        replies = &replies[20 + len..];
+    }
 }
 
 /// The transmission phase: `data` is the request stream a client sends

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use super::gate::{Admitted, Gate};
-use super::handshake::{greet, negotiate, HandshakeError, Outcome, Session, TlsPhase};
+use super::handshake::{greet, negotiate, HandshakeError, Negotiated, Session, TlsPhase};
 use super::ring_reader::serve_on_ring;
 use super::transmission::serve;
 use crate::export::peer::Peer;
@@ -290,12 +290,12 @@ where
     let no_zeroes = greet(&mut stream).await?;
     let mut session = Session::new(peer, exports, phase, no_zeroes);
     match negotiate(&mut stream, &mut session).await? {
-        Outcome::Transmission(export, features) => {
+        Negotiated::Transmission(export, features) => {
             return Ok(Ready::Plain(stream, export, features))
         }
-        Outcome::Closed => return Ok(Ready::Closed),
-        Outcome::Refused => return Err(ConnectError::TlsRequired),
-        Outcome::StartTls => {}
+        Negotiated::Closed => return Ok(Ready::Closed),
+        Negotiated::Refused => return Err(ConnectError::TlsRequired),
+        Negotiated::StartTls => {}
     }
     let Some(credentials) = credentials else {
         // negotiate only acknowledges STARTTLS when credentials exist.
@@ -311,8 +311,10 @@ where
     // requires: a fresh session.
     let mut session = Session::new(peer, exports, TlsPhase::Active, no_zeroes);
     match negotiate(&mut tls, &mut session).await? {
-        Outcome::Transmission(export, features) => Ok(Ready::Tls(Box::new(tls), export, features)),
-        Outcome::Closed | Outcome::Refused | Outcome::StartTls => Ok(Ready::Closed),
+        Negotiated::Transmission(export, features) => {
+            Ok(Ready::Tls(Box::new(tls), export, features))
+        }
+        Negotiated::Closed | Negotiated::Refused | Negotiated::StartTls => Ok(Ready::Closed),
     }
 }
 

@@ -2,6 +2,12 @@
 //! client picks an export (OPT_GO or EXPORT_NAME), asks for TLS (STARTTLS:
 //! the caller upgrades the stream and calls [`negotiate`] again), or leaves.
 //!
+//! The decisions are a state machine without I/O, as rustls's `msgs/`:
+//! [`Session::on_header`] and [`Session::on_option`] turn an option into
+//! encoded replies and what comes next ([`Step`], [`Then`]); [`negotiate`]
+//! is the short async loop that reads options and sends the replies. The
+//! fuzz target and the table tests drive the state machine with bytes.
+//!
 //! Supported: EXPORT_NAME, ABORT, LIST, INFO, GO with NBD_INFO_EXPORT / NAME /
 //! DESCRIPTION / BLOCK_SIZE, STARTTLS when the listener offers TLS,
 //! STRUCTURED_REPLY, EXTENDED_HEADERS, and LIST/SET_META_CONTEXT for
@@ -74,6 +80,9 @@ pub struct Session<'a> {
     pub extended: bool,
     /// The export SET_META_CONTEXT selected `base:allocation` for.
     pub base_allocation_for: Option<String>,
+    /// A TLS-required refusal was sent: a client that then leaves counts
+    /// as refused, not as a polite close.
+    told_tls_required: bool,
 }
 
 impl<'a> Session<'a> {
@@ -86,6 +95,7 @@ impl<'a> Session<'a> {
             structured: false,
             extended: false,
             base_allocation_for: None,
+            told_tls_required: false,
         }
     }
 
@@ -102,7 +112,7 @@ impl<'a> Session<'a> {
 }
 
 /// How the handshake ended.
-pub enum Outcome {
+pub enum Negotiated {
     /// The client chose this export; transmission follows with what was
     /// negotiated.
     Transmission(Arc<Export>, Features),
@@ -116,301 +126,407 @@ pub enum Outcome {
     Refused,
 }
 
+/// What comes after the replies of one step.
+pub enum Then {
+    /// Read the next option.
+    Continue,
+    /// Send the replies, then end the handshake.
+    End(Negotiated),
+    /// Send the replies if the client still listens (ABORT: its ACK is a
+    /// courtesy), then end the handshake.
+    Leave(Negotiated),
+    /// Send the replies if the client still listens, then drop the
+    /// connection: the client broke a MUST of the protocol.
+    Fail(HandshakeError),
+}
+
+/// The handshake's answer to one input: option replies, already encoded,
+/// and what to do next. Built without I/O, so tests and the fuzz target
+/// drive it with bytes alone.
+pub struct Step {
+    pub replies: Vec<u8>,
+    pub then: Then,
+}
+
+impl Step {
+    fn new(then: Then) -> Self {
+        Step {
+            replies: Vec::new(),
+            then,
+        }
+    }
+
+    fn continuing() -> Self {
+        Step::new(Then::Continue)
+    }
+
+    fn reply(&mut self, option: u32, kind: u32, body: &[u8]) {
+        self.replies
+            .extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        self.replies.extend_from_slice(&option.to_be_bytes());
+        self.replies.extend_from_slice(&kind.to_be_bytes());
+        self.replies
+            .extend_from_slice(&(body.len() as u32).to_be_bytes());
+        self.replies.extend_from_slice(body);
+    }
+
+    /// An error reply carrying a human-readable message, as the spec allows.
+    fn error(&mut self, option: u32, kind: u32, message: &str) {
+        let mut end = message.len().min(MAX_MESSAGE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.reply(option, kind, &message.as_bytes()[..end]);
+    }
+}
+
+/// The server greeting: magic, IHAVEOPT and the handshake flags.
+pub fn greeting() -> [u8; 18] {
+    let mut hello = [0u8; 18];
+    hello[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    hello[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    hello[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    hello
+}
+
+/// The client's flags: whether it asked for no zero padding, or an error
+/// for flags we do not know.
+pub fn client_flags(flags: u32) -> Result<bool, HandshakeError> {
+    if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+        return Err(HandshakeError::UnknownClientFlags(flags));
+    }
+    Ok(flags & CLIENT_NO_ZEROES != 0)
+}
+
+impl Session<'_> {
+    /// How the handshake ends when the client closes the connection where
+    /// an option should start.
+    pub fn on_eof(&self) -> Negotiated {
+        if self.told_tls_required {
+            Negotiated::Refused
+        } else {
+            Negotiated::Closed
+        }
+    }
+
+    /// An option's header, before its data is read: `Some` ends the
+    /// handshake (bad magic; a length over the limit, said to the client
+    /// first so it learns why), `None` reads `len` bytes of data next.
+    pub fn on_header(&self, magic: u64, option: u32, len: u32) -> Option<Step> {
+        if magic != IHAVEOPT {
+            return Some(Step::new(Then::Fail(HandshakeError::BadMagic(magic))));
+        }
+        if len > MAX_OPTION_LEN {
+            let mut step = Step::new(Then::Fail(HandshakeError::OptionTooLong(len)));
+            step.error(option, REP_ERR_TOO_BIG, "option too long");
+            return Some(step);
+        }
+        None
+    }
+
+    /// One option with its data: the replies, and what comes next.
+    pub fn on_option(&mut self, option: u32, data: &[u8]) -> Step {
+        let tls_required = self.tls == TlsPhase::Offered { required: true };
+        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
+            if option == OPT_EXPORT_NAME {
+                return Step::new(Then::Fail(HandshakeError::ExportNameWithoutTls));
+            }
+            let mut step = Step::continuing();
+            step.error(
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: use STARTTLS (nbds:// URIs, qemu tls-creds)",
+            );
+            self.told_tls_required = true;
+            return step;
+        }
+        match option {
+            OPT_EXPORT_NAME => self.export_name(data),
+            OPT_ABORT => {
+                let mut step = Step::new(Then::Leave(self.on_eof()));
+                step.reply(option, REP_ACK, &[]);
+                step
+            }
+            OPT_LIST => self.list(data),
+            OPT_INFO | OPT_GO => self.info_or_go(option, data),
+            OPT_STARTTLS => self.starttls(data),
+            OPT_STRUCTURED_REPLY => {
+                let mut step = Step::continuing();
+                if !data.is_empty() {
+                    step.error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    );
+                } else if self.extended {
+                    // Extended headers take precedence; no downgrade.
+                    step.error(
+                        option,
+                        REP_ERR_EXT_HEADER_REQD,
+                        "extended headers are already negotiated",
+                    );
+                } else {
+                    self.structured = true;
+                    step.reply(option, REP_ACK, &[]);
+                }
+                step
+            }
+            OPT_EXTENDED_HEADERS => {
+                let mut step = Step::continuing();
+                if !data.is_empty() {
+                    step.error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    );
+                } else {
+                    self.extended = true;
+                    step.reply(option, REP_ACK, &[]);
+                }
+                step
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(option, data),
+            _ => {
+                let mut step = Step::continuing();
+                step.error(option, REP_ERR_UNSUP, "option not supported");
+                step
+            }
+        }
+    }
+
+    fn export_name(&mut self, data: &[u8]) -> Step {
+        // The client promised not to: the transmission it expects cannot
+        // be told from the one EXPORT_NAME implies.
+        if self.extended {
+            return Step::new(Then::Fail(HandshakeError::ExportNameAfterExtendedHeaders));
+        }
+        let name = String::from_utf8_lossy(data).into_owned();
+        let Some(export) = self.exports.find(&name) else {
+            let name = shorten(&name, LOGGED_NAME);
+            return Step::new(Then::Fail(HandshakeError::UnknownExport(name)));
+        };
+        if !permitted(self.peer, &export) {
+            let name = shorten(&name, LOGGED_NAME);
+            return Step::new(Then::Fail(HandshakeError::ExportNameRefused(name)));
+        }
+        let features = self.features(&export);
+        let mut step = Step::continuing();
+        step.replies.extend_from_slice(&export.size().to_be_bytes());
+        step.replies
+            .extend_from_slice(&transmission_flags(&export).to_be_bytes());
+        if !self.no_zeroes {
+            step.replies.extend_from_slice(&[0u8; 124]);
+        }
+        step.then = Then::End(Negotiated::Transmission(export, features));
+        step
+    }
+
+    fn list(&self, data: &[u8]) -> Step {
+        let mut step = Step::continuing();
+        if !data.is_empty() {
+            step.error(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
+            return step;
+        }
+        let served = self
+            .exports
+            .iter()
+            .filter(|e| e.allow.load().permits(self.peer))
+            .map(|e| e.name().to_owned());
+        let waiting = self.exports.unavailable();
+        let waiting = waiting
+            .iter()
+            .filter(|u| u.allow.permits(self.peer))
+            .map(|u| u.name.clone());
+        for name in served.chain(waiting).collect::<Vec<_>>() {
+            let name = name.as_bytes();
+            let mut body = Vec::with_capacity(4 + name.len());
+            body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            body.extend_from_slice(name);
+            step.reply(OPT_LIST, REP_SERVER, &body);
+        }
+        step.reply(OPT_LIST, REP_ACK, &[]);
+        step
+    }
+
+    fn info_or_go(&self, option: u32, data: &[u8]) -> Step {
+        let mut step = Step::continuing();
+        let Some((name, requests)) = parse_info_request(data) else {
+            step.error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO");
+            return step;
+        };
+        let Some(export) = self.exports.find(&name) else {
+            let msg = match self.exports.find_unavailable(&name) {
+                Some(u) if u.allow.permits(self.peer) => format!(
+                    "volume {:?} is not available yet ({}); the daemon's log says why",
+                    u.name, u.state
+                ),
+                _ => no_such_export(&name),
+            };
+            step.error(option, REP_ERR_UNKNOWN, &msg);
+            return step;
+        };
+        if !permitted(self.peer, &export) {
+            step.error(option, REP_ERR_UNKNOWN, &no_such_export(&name));
+            return step;
+        }
+        info(&mut step, option, &export, &requests);
+        step.reply(option, REP_ACK, &[]);
+        if option == OPT_GO {
+            let features = self.features(&export);
+            step.then = Then::End(Negotiated::Transmission(export, features));
+        }
+        step
+    }
+
+    fn starttls(&self, data: &[u8]) -> Step {
+        let option = OPT_STARTTLS;
+        let mut step = Step::continuing();
+        match self.tls {
+            TlsPhase::Unavailable => step.error(
+                option,
+                REP_ERR_UNSUP,
+                "TLS is not configured on this listener",
+            ),
+            TlsPhase::Active => step.error(option, REP_ERR_INVALID, "TLS is already active"),
+            TlsPhase::Offered { .. } if !data.is_empty() => {
+                step.error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            }
+            TlsPhase::Offered { .. } => {
+                step.reply(option, REP_ACK, &[]);
+                step.then = Then::End(Negotiated::StartTls);
+            }
+        }
+        step
+    }
+
+    /// LIST_META_CONTEXT and SET_META_CONTEXT. The one context is
+    /// `base:allocation`; LIST with no queries, or the query `base:`, lists
+    /// it. SET needs structured replies and replaces any earlier selection.
+    fn meta_context(&mut self, option: u32, data: &[u8]) -> Step {
+        let mut step = Step::continuing();
+        let set = option == OPT_SET_META_CONTEXT;
+        if set && !(self.structured || self.extended) {
+            step.error(
+                option,
+                REP_ERR_INVALID,
+                "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first",
+            );
+            return step;
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            step.error(option, REP_ERR_INVALID, "malformed meta context request");
+            return step;
+        };
+        let Some(export) = self.exports.find(&name) else {
+            step.error(option, REP_ERR_UNKNOWN, &no_such_export(&name));
+            return step;
+        };
+        if !permitted(self.peer, &export) {
+            step.error(option, REP_ERR_UNKNOWN, &no_such_export(&name));
+            return step;
+        }
+        let wanted = if set {
+            queries.iter().any(|q| q == META_BASE_ALLOCATION)
+        } else {
+            queries.is_empty()
+                || queries
+                    .iter()
+                    .any(|q| q == META_BASE_ALLOCATION || q == "base:")
+        };
+        if set {
+            self.base_allocation_for = wanted.then(|| export.name().to_owned());
+        }
+        if wanted {
+            // LIST replies carry id 0, as the protocol asks.
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            let mut body = id.to_be_bytes().to_vec();
+            body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            step.reply(option, REP_META_CONTEXT, &body);
+        }
+        step.reply(option, REP_ACK, &[]);
+        step
+    }
+}
+
 /// Sends the server greeting and reads the client flags.
 pub async fn greet<S>(stream: &mut S) -> Result<bool, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut hello = Vec::with_capacity(18);
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    stream.write_all(&hello).await?;
+    stream.write_all(&greeting()).await?;
     stream.flush().await?;
-
-    let client_flags = stream.read_u32().await?;
-    if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(HandshakeError::UnknownClientFlags(client_flags));
-    }
-    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+    client_flags(stream.read_u32().await?)
 }
 
-/// Option haggling, until the client picks an export, asks for TLS or leaves.
+/// Option haggling, until the client picks an export, asks for TLS or
+/// leaves: reads each option and sends what [`Session::on_option`] answers.
 pub async fn negotiate<S>(
     stream: &mut S,
     session: &mut Session<'_>,
-) -> Result<Outcome, HandshakeError>
+) -> Result<Negotiated, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut told_tls_required = false;
     loop {
         let magic = match stream.read_u64().await {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Ok(if told_tls_required {
-                    Outcome::Refused
-                } else {
-                    Outcome::Closed
-                })
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(session.on_eof()),
             Err(e) => return Err(e.into()),
         };
-        if magic != IHAVEOPT {
-            return Err(HandshakeError::BadMagic(magic));
-        }
         let option = stream.read_u32().await?;
         let len = stream.read_u32().await?;
-        if len > MAX_OPTION_LEN {
-            // Said before hanging up, so the client learns why.
-            let _ = error(stream, option, REP_ERR_TOO_BIG, "option too long").await;
-            return Err(HandshakeError::OptionTooLong(len));
-        }
-        let mut data = vec![0u8; len as usize];
-        stream.read_exact(&mut data).await?;
-
-        let tls_required = session.tls == TlsPhase::Offered { required: true };
-        if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
-            if option == OPT_EXPORT_NAME {
-                return Err(HandshakeError::ExportNameWithoutTls);
+        let step = match session.on_header(magic, option, len) {
+            Some(step) => step,
+            None => {
+                // Bounded by on_header (MAX_OPTION_LEN) before allocating.
+                let mut data = vec![0u8; len as usize];
+                stream.read_exact(&mut data).await?;
+                session.on_option(option, &data)
             }
-            error(
-                stream,
-                option,
-                REP_ERR_TLS_REQD,
-                "this server requires TLS: use STARTTLS (nbds:// URIs, qemu tls-creds)",
-            )
-            .await?;
-            told_tls_required = true;
-            continue;
-        }
-
-        match option {
-            // The client promised not to: the transmission it expects
-            // cannot be told from the one EXPORT_NAME implies.
-            OPT_EXPORT_NAME if session.extended => {
-                return Err(HandshakeError::ExportNameAfterExtendedHeaders);
+        };
+        let sent = send(stream, &step.replies).await;
+        match step.then {
+            Then::Continue => sent?,
+            Then::End(negotiated) => {
+                sent?;
+                return Ok(negotiated);
             }
-            OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = session.exports.find(&name) else {
-                    return Err(HandshakeError::UnknownExport(shorten(&name, LOGGED_NAME)));
-                };
-                if !permitted(session.peer, &export) {
-                    return Err(HandshakeError::ExportNameRefused(shorten(
-                        &name,
-                        LOGGED_NAME,
-                    )));
-                }
-                let mut reply = Vec::with_capacity(134);
-                reply.extend_from_slice(&export.size().to_be_bytes());
-                reply.extend_from_slice(&transmission_flags(&export).to_be_bytes());
-                if !session.no_zeroes {
-                    reply.extend_from_slice(&[0u8; 124]);
-                }
-                stream.write_all(&reply).await?;
-                stream.flush().await?;
-                let features = session.features(&export);
-                return Ok(Outcome::Transmission(export, features));
-            }
-            OPT_ABORT => {
-                // The client may already be gone; its ACK is a courtesy.
-                let _ = reply(stream, option, REP_ACK, &[]).await;
-                return Ok(if told_tls_required {
-                    Outcome::Refused
-                } else {
-                    Outcome::Closed
-                });
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    error(
-                        stream,
-                        option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_LIST takes no data",
-                    )
-                    .await?;
-                    continue;
-                }
-                let served = session
-                    .exports
-                    .iter()
-                    .filter(|e| e.allow.load().permits(session.peer))
-                    .map(|e| e.name().to_owned());
-                let waiting = session.exports.unavailable();
-                let waiting = waiting
-                    .iter()
-                    .filter(|u| u.allow.permits(session.peer))
-                    .map(|u| u.name.clone());
-                for name in served.chain(waiting).collect::<Vec<_>>() {
-                    let name = name.as_bytes();
-                    let mut body = Vec::with_capacity(4 + name.len());
-                    body.extend_from_slice(&(name.len() as u32).to_be_bytes());
-                    body.extend_from_slice(name);
-                    reply(stream, option, REP_SERVER, &body).await?;
-                }
-                reply(stream, option, REP_ACK, &[]).await?;
-            }
-            OPT_INFO | OPT_GO => {
-                let Some((name, requests)) = parse_info_request(&data) else {
-                    error(stream, option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO").await?;
-                    continue;
-                };
-                let Some(export) = session.exports.find(&name) else {
-                    let msg = match session.exports.find_unavailable(&name) {
-                        Some(u) if u.allow.permits(session.peer) => format!(
-                            "volume {:?} is not available yet ({}); the daemon's log says why",
-                            u.name, u.state
-                        ),
-                        _ => no_such_export(&name),
-                    };
-                    error(stream, option, REP_ERR_UNKNOWN, &msg).await?;
-                    continue;
-                };
-                if !permitted(session.peer, &export) {
-                    error(stream, option, REP_ERR_UNKNOWN, &no_such_export(&name)).await?;
-                    continue;
-                }
-                send_info(stream, option, &export, &requests).await?;
-                reply(stream, option, REP_ACK, &[]).await?;
-                if option == OPT_GO {
-                    let features = session.features(&export);
-                    return Ok(Outcome::Transmission(export, features));
-                }
-            }
-            OPT_STARTTLS => match session.tls {
-                TlsPhase::Unavailable => {
-                    error(
-                        stream,
-                        option,
-                        REP_ERR_UNSUP,
-                        "TLS is not configured on this listener",
-                    )
-                    .await?;
-                }
-                TlsPhase::Active => {
-                    error(stream, option, REP_ERR_INVALID, "TLS is already active").await?;
-                }
-                TlsPhase::Offered { .. } if !data.is_empty() => {
-                    error(
-                        stream,
-                        option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_STARTTLS takes no data",
-                    )
-                    .await?;
-                }
-                TlsPhase::Offered { .. } => {
-                    reply(stream, option, REP_ACK, &[]).await?;
-                    return Ok(Outcome::StartTls);
-                }
-            },
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    error(
-                        stream,
-                        option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_STRUCTURED_REPLY takes no data",
-                    )
-                    .await?;
-                    continue;
-                }
-                if session.extended {
-                    // Extended headers take precedence; no downgrade.
-                    error(
-                        stream,
-                        option,
-                        REP_ERR_EXT_HEADER_REQD,
-                        "extended headers are already negotiated",
-                    )
-                    .await?;
-                    continue;
-                }
-                session.structured = true;
-                reply(stream, option, REP_ACK, &[]).await?;
-            }
-            OPT_EXTENDED_HEADERS => {
-                if !data.is_empty() {
-                    error(
-                        stream,
-                        option,
-                        REP_ERR_INVALID,
-                        "NBD_OPT_EXTENDED_HEADERS takes no data",
-                    )
-                    .await?;
-                    continue;
-                }
-                session.extended = true;
-                reply(stream, option, REP_ACK, &[]).await?;
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(stream, option, &data, session).await?;
-            }
-            _ => {
-                error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
-            }
+            Then::Leave(negotiated) => return Ok(negotiated),
+            Then::Fail(error) => return Err(error),
         }
     }
 }
 
-/// LIST_META_CONTEXT and SET_META_CONTEXT. The one context is
-/// `base:allocation`; LIST with no queries, or the query `base:`, lists
-/// it. SET needs structured replies and replaces any earlier selection.
-async fn meta_context<S>(
-    stream: &mut S,
-    option: u32,
-    data: &[u8],
-    session: &mut Session<'_>,
-) -> std::io::Result<()>
-where
-    S: AsyncWrite + Unpin,
-{
-    let set = option == OPT_SET_META_CONTEXT;
-    if set && !(session.structured || session.extended) {
-        return error(
-            stream,
-            option,
-            REP_ERR_INVALID,
-            "NBD_OPT_SET_META_CONTEXT needs structured replies or extended headers first",
-        )
-        .await;
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
     }
-    let Some((name, queries)) = parse_meta_request(data) else {
-        return error(
-            stream,
-            option,
-            REP_ERR_INVALID,
-            "malformed meta context request",
-        )
-        .await;
-    };
-    let Some(export) = session.exports.find(&name) else {
-        return error(stream, option, REP_ERR_UNKNOWN, &no_such_export(&name)).await;
-    };
-    if !permitted(session.peer, &export) {
-        return error(stream, option, REP_ERR_UNKNOWN, &no_such_export(&name)).await;
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// NBD_INFO_EXPORT always, then the information the client asked for.
+fn info(step: &mut Step, option: u32, export: &Export, requests: &[u16]) {
+    let mut body = Vec::with_capacity(12);
+    body.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    body.extend_from_slice(&export.size().to_be_bytes());
+    body.extend_from_slice(&transmission_flags(export).to_be_bytes());
+    step.reply(option, REP_INFO, &body);
+    for &request in requests {
+        let mut body = request.to_be_bytes().to_vec();
+        match request {
+            INFO_NAME => body.extend_from_slice(export.name().as_bytes()),
+            INFO_DESCRIPTION => body.extend_from_slice(export.description.as_bytes()),
+            INFO_BLOCK_SIZE => {
+                let (min, preferred, max) = block_sizes(export);
+                for v in [min, preferred, max] {
+                    body.extend_from_slice(&v.to_be_bytes());
+                }
+            }
+            _ => continue,
+        }
+        step.reply(option, REP_INFO, &body);
     }
-    let wanted = if set {
-        queries.iter().any(|q| q == META_BASE_ALLOCATION)
-    } else {
-        queries.is_empty()
-            || queries
-                .iter()
-                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
-    };
-    if set {
-        session.base_allocation_for = wanted.then(|| export.name().to_owned());
-    }
-    if wanted {
-        // LIST replies carry id 0, as the protocol asks.
-        let id = if set { BASE_ALLOCATION_ID } else { 0 };
-        let mut body = id.to_be_bytes().to_vec();
-        body.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-        reply(stream, option, REP_META_CONTEXT, &body).await?;
-    }
-    reply(stream, option, REP_ACK, &[]).await
 }
 
 /// Parses `u32 name length, name, u32 count, count × (u32 length, query)`.
@@ -483,65 +599,6 @@ fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
         .map(|c| u16::from_be_bytes([c[0], c[1]]))
         .collect();
     Some((name, requests))
-}
-
-async fn send_info<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    option: u32,
-    export: &Export,
-    requests: &[u16],
-) -> std::io::Result<()> {
-    let mut body = Vec::with_capacity(12);
-    body.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-    body.extend_from_slice(&export.size().to_be_bytes());
-    body.extend_from_slice(&transmission_flags(&export).to_be_bytes());
-    reply(stream, option, REP_INFO, &body).await?;
-    for &request in requests {
-        let mut body = request.to_be_bytes().to_vec();
-        match request {
-            INFO_NAME => body.extend_from_slice(export.name().as_bytes()),
-            INFO_DESCRIPTION => body.extend_from_slice(export.description.as_bytes()),
-            INFO_BLOCK_SIZE => {
-                let (min, preferred, max) = block_sizes(export);
-                for v in [min, preferred, max] {
-                    body.extend_from_slice(&v.to_be_bytes());
-                }
-            }
-            _ => continue,
-        }
-        reply(stream, option, REP_INFO, &body).await?;
-    }
-    Ok(())
-}
-
-async fn reply<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    option: u32,
-    kind: u32,
-    body: &[u8],
-) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(20 + body.len());
-    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&option.to_be_bytes());
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    stream.write_all(&out).await?;
-    stream.flush().await
-}
-
-/// An error reply carrying a human-readable message, as the spec allows.
-async fn error<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    option: u32,
-    kind: u32,
-    message: &str,
-) -> std::io::Result<()> {
-    let mut end = message.len().min(MAX_MESSAGE);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    reply(stream, option, kind, &message.as_bytes()[..end]).await
 }
 
 /// Transmission flags: flush and FUA always (writes go to a page cache),
@@ -646,6 +703,94 @@ mod tests {
             out = &out[20 + len..];
         }
         seen
+    }
+
+    /// Feeds `options` to a fresh session; returns each reply's (option,
+    /// type) and how the last step ended.
+    fn run_table(tls: TlsPhase, options: &[(u32, &[u8])]) -> (Vec<(u32, u32)>, &'static str) {
+        let exports = Exports::new(Vec::new());
+        let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+        let mut session = Session::new(&peer, &exports, tls, true);
+        let mut seen = Vec::new();
+        for &(option, data) in options {
+            let step = session.on_option(option, data);
+            seen.extend(replies(&step.replies));
+            let end = match step.then {
+                Then::Continue => continue,
+                Then::End(Negotiated::StartTls) => "starttls",
+                Then::End(_) => "end",
+                Then::Leave(Negotiated::Refused) => "refused",
+                Then::Leave(_) => "closed",
+                Then::Fail(_) => "fail",
+            };
+            return (seen, end);
+        }
+        (seen, "continue")
+    }
+
+    #[test]
+    fn options_answer_as_the_table_says() {
+        let no_tls = TlsPhase::Unavailable;
+        let required = TlsPhase::Offered { required: true };
+        let offered = TlsPhase::Offered { required: false };
+        let name_v = [0, 0, 0, 1, b'v', 0, 0];
+        #[rustfmt::skip]
+        let table: &[(TlsPhase, &[(u32, &[u8])], &[(u32, u32)], &str)] = &[
+            // Unknown options are unsupported; the client falls back.
+            (no_tls, &[(99, b"")], &[(99, REP_ERR_UNSUP)], "continue"),
+            // LIST with data is invalid; without, an empty list is an ACK.
+            (no_tls, &[(OPT_LIST, b"x")], &[(OPT_LIST, REP_ERR_INVALID)], "continue"),
+            (no_tls, &[(OPT_LIST, b"")], &[(OPT_LIST, REP_ACK)], "continue"),
+            // GO for a missing export: UNKNOWN, and the session goes on.
+            (no_tls, &[(OPT_GO, &name_v)], &[(OPT_GO, REP_ERR_UNKNOWN)], "continue"),
+            (no_tls, &[(OPT_GO, b"\0")], &[(OPT_GO, REP_ERR_INVALID)], "continue"),
+            // STARTTLS where there is none, with data, and accepted.
+            (no_tls, &[(OPT_STARTTLS, b"")], &[(OPT_STARTTLS, REP_ERR_UNSUP)], "continue"),
+            (offered, &[(OPT_STARTTLS, b"x")], &[(OPT_STARTTLS, REP_ERR_INVALID)], "continue"),
+            (offered, &[(OPT_STARTTLS, b"")], &[(OPT_STARTTLS, REP_ACK)], "starttls"),
+            // TLS required: everything but STARTTLS and ABORT is refused;
+            // EXPORT_NAME cannot be answered and ends the connection; a
+            // client told so that aborts counts as refused.
+            (required, &[(OPT_LIST, b"")], &[(OPT_LIST, REP_ERR_TLS_REQD)], "continue"),
+            (required, &[(OPT_EXPORT_NAME, b"v")], &[], "fail"),
+            (required, &[(OPT_GO, &name_v), (OPT_ABORT, b"")],
+             &[(OPT_GO, REP_ERR_TLS_REQD), (OPT_ABORT, REP_ACK)], "refused"),
+            (no_tls, &[(OPT_ABORT, b"")], &[(OPT_ABORT, REP_ACK)], "closed"),
+            // SET_META_CONTEXT needs structured replies first.
+            (no_tls, &[(OPT_SET_META_CONTEXT, b"")], &[(OPT_SET_META_CONTEXT, REP_ERR_INVALID)], "continue"),
+            (no_tls, &[(OPT_STRUCTURED_REPLY, b""), (OPT_LIST_META_CONTEXT, b"\0")],
+             &[(OPT_STRUCTURED_REPLY, REP_ACK), (OPT_LIST_META_CONTEXT, REP_ERR_INVALID)], "continue"),
+            // Unknown export by EXPORT_NAME: no reply exists for it.
+            (no_tls, &[(OPT_EXPORT_NAME, b"v")], &[], "fail"),
+        ];
+        for (i, (tls, options, expected, end)) in table.iter().enumerate() {
+            let (seen, ended) = run_table(*tls, options);
+            assert_eq!((&seen[..], ended), (*expected, *end), "row {i}");
+        }
+    }
+
+    #[test]
+    fn a_bad_header_ends_the_handshake_and_says_why_when_it_can() {
+        let exports = Exports::new(Vec::new());
+        let peer = Peer::tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 1)));
+        let session = Session::new(&peer, &exports, TlsPhase::Unavailable, true);
+        assert!(session.on_header(IHAVEOPT, OPT_LIST, 0).is_none());
+        let bad_magic = session.on_header(1, OPT_LIST, 0).unwrap();
+        assert!(bad_magic.replies.is_empty());
+        assert!(matches!(
+            bad_magic.then,
+            Then::Fail(HandshakeError::BadMagic(1))
+        ));
+        let too_long = session
+            .on_header(IHAVEOPT, OPT_LIST, MAX_OPTION_LEN + 1)
+            .unwrap();
+        assert_eq!(replies(&too_long.replies), [(OPT_LIST, REP_ERR_TOO_BIG)]);
+        assert!(matches!(
+            too_long.then,
+            Then::Fail(HandshakeError::OptionTooLong(_))
+        ));
+        assert_eq!(client_flags(CLIENT_FIXED_NEWSTYLE).ok(), Some(false));
+        assert!(client_flags(1 << 7).is_err());
     }
 
     #[tokio::test]
