@@ -56,7 +56,7 @@ pub struct ServerConfig {
     pub io_engine: crate::io::engine::EngineKind,
     /// With the io_uring engine, receive each plaintext connection's
     /// requests on one ring, which also reads, decrypts and replies for it
-    /// (`nbd/ring_reader.rs`). On by default: on AMD Zen 3 at or ahead of
+    /// (`frontend/nbd/ring_reader.rs`). On by default: on AMD Zen 3 at or ahead of
     /// the tokio reader on 8 of 9 benchmark jobs, with lower tail latency
     /// (BENCHMARKS.md). `false` keeps every connection on a tokio task.
     #[serde(default = "default_ring_connections")]

@@ -2,7 +2,7 @@
 //! `GET /metrics` answers OpenMetrics text, which Prometheus scrapes.
 //!
 //! The `prometheus-client` crate does the encoding through a collector that
-//! reads the daemon's own atomics at scrape time (`nbd/metrics.rs`, the data
+//! reads the daemon's own atomics at scrape time (`export/metrics.rs`, the data
 //! area's crypto time, the key lifecycle's counters), so serving I/O never
 //! touches a registry or a lock. `tiny_http` serves the one endpoint on its
 //! own thread: a scrape never competes with the NBD runtime.

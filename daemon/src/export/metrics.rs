@@ -4,7 +4,7 @@
 //! from), latency histograms, requests in flight and open connections.
 //! Plain atomics, so the hot path pays one relaxed add per counter and never
 //! a lock; `control/metrics.rs` turns them into Prometheus/OpenMetrics text
-//! at scrape time. Crypto time is the data area's (`volume/data.rs`), key
+//! at scrape time. Crypto time is the data area's (`volume/data/`), key
 //! checks the key lifecycle's (`volume/keys.rs`).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

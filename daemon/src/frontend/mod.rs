@@ -1,6 +1,6 @@
 //! Frontends: the ways clients reach an export. Each is one folder (today
 //! `nbd/`, the NBD server) that turns its wire requests into `volume::Op`s,
-//! submits them through the one submit point (`volume/submit.rs`) and
+//! submits them through the one submit point (`volume/submit/`) and
 //! answers; each starts the same way, through [`Frontend::start`], so the
 //! daemon (`daemon.rs`) starts every configured frontend alike. TLS
 //! credentials (`tls.rs`) are shared by the frontends that listen on TCP.

@@ -12,7 +12,7 @@
 //! the cipher run where the completion lands.
 //!
 //! A job submitted from a ring's own thread (a continuation, or a
-//! connection served on that ring, `nbd/ring_reader.rs`) stays on that
+//! connection served on that ring, `frontend/nbd/ring_reader.rs`) stays on that
 //! ring: it is queued thread-locally and run before the thread next
 //! sleeps, with no channel, no eventfd and no other core involved.
 //!
@@ -421,7 +421,7 @@ impl UringEngine {
     }
 
     /// Whether rings can receive from sockets, so that connections can
-    /// live on them (`nbd/ring_reader.rs`).
+    /// live on them (`frontend/nbd/ring_reader.rs`).
     pub fn receives_sockets(&self) -> bool {
         self.fast_poll
     }
@@ -467,7 +467,7 @@ impl UringEngine {
 
     /// Runs `job` on a ring that no connection lives on, when the calling
     /// thread is itself a ring thread and such a ring exists: a connection
-    /// borrowing a core no other connection uses (`volume/shared_read.rs`).
+    /// borrowing a core no other connection uses (`volume/submit/shared_read.rs`).
     /// `false`, with `job` dropped unrun, otherwise.
     pub fn lend_idle_ring(&self, job: impl FnOnce(&mut Ring) + Send + 'static) -> bool {
         let on_a_ring = LOCAL_JOBS.with_borrow(|local| local.is_some());

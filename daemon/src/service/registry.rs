@@ -2,7 +2,7 @@
 //! volume's NBD export beside its key lifecycle (`VolumeKeys`), and the
 //! configured volumes that are not open yet.
 //!
-//! The NBD layer sees only `nbd::Exports` (names, sizes, allow lists, data
+//! Frontends see only `export::Exports` (names, sizes, allow lists, data
 //! areas); key state lives here, read by the control socket, the metrics,
 //! the key monitor and reloads. What does not live here: opening volumes
 //! (`service/mod.rs`) and retrying the ones that failed (`waiting.rs`).

@@ -1,7 +1,7 @@
 //! Volumes that are configured but not open: at start or at a reload their
 //! key could not be unwrapped (or their backing could not be opened). One
 //! such volume never stops the daemon or the other volumes: it stays
-//! listed to clients with the reason (`nbd::Unavailable`), shows in status
+//! listed to clients with the reason (`export::Unavailable`), shows in status
 //! and the metrics, and is retried with backoff, from 1 s up to its
 //! `key_check_interval`, until it opens (`Reloader::retry_waiting`).
 

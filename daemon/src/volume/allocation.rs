@@ -11,7 +11,7 @@
 //! the client asks again from there, as the protocol allows.
 //!
 //! What lives elsewhere: the zero-sector convention and the sector mapping
-//! (`data.rs`); the wire encoding of extents (`nbd/transmission.rs`).
+//! (`volume/data/`); the wire encoding of extents (`frontend/nbd/transmission.rs`).
 
 use std::io;
 

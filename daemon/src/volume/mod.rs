@@ -1,6 +1,6 @@
 //! Volumes: formatting a backing, opening it by role, and the encrypted data
 //! path. The byte layout of the header is `header.rs`, the two-copy update
-//! protocol `store.rs`, the sector mapping `data.rs`.
+//! protocol `store.rs`, the sector mapping `data/`, the engine paths `submit/`.
 //!
 //! Roles: a `cache` volume is persistent and its DEK is stored wrapped by the
 //! volume's KEK; a `temp` volume gets a fresh DEK at every start that is never

@@ -11,7 +11,7 @@
 //! from the old key to the new, through the journal (`journal.rs`), and
 //! records the new checkpoint in the header before releasing the window.
 //! I/O elsewhere goes on; writes into the window wait for that window
-//! only, reads only while its sectors change in place (`data.rs`). The
+//! only, reads only while its sectors change in place (`data/window.rs`). The
 //! next window is read and re-encrypted in memory while the current one
 //! commits (`walk`). At the end the header keeps only the new generation.
 //!

@@ -10,7 +10,7 @@
 //! connection and no other.
 //!
 //! This layer validates, submits and replies; which engine runs a request
-//! is `volume/submit.rs`'s business alone.
+//! is `volume/submit/`'s business alone.
 //!
 //! Headers are compact (28-byte requests) or, with extended headers, 32
 //! bytes with 64-bit lengths. Replies are simple, or structured chunks
