@@ -56,16 +56,16 @@ pub struct ServerConfig {
     pub io_engine: crate::io::engine::EngineKind,
     /// With the io_uring engine, receive each plaintext connection's
     /// requests on one ring, which also reads, decrypts and replies for it
-    /// (`frontend/nbd/ring_reader.rs`). On by default: on AMD Zen 3 at or ahead of
-    /// the tokio reader on 8 of 9 benchmark jobs, with lower tail latency
-    /// (BENCHMARKS.md). `false` keeps every connection on a tokio task.
+    /// (`frontend/nbd/ring_reader.rs`). On by default: nothing crosses
+    /// threads on a request's path (BENCHMARKS.md, "Ring connections after
+    /// the writer fix"). `false` keeps every connection on a tokio task.
     #[serde(default = "default_ring_connections")]
     pub ring_connections: bool,
     /// With the io_uring engine, how long a ring keeps polling for work
     /// after its last before it sleeps, e.g. `"50us"`; `"0s"` sleeps at
-    /// once. Waking a sleeping core (on a VM, a halted vCPU) cost a QD1
-    /// 4 KiB read two thirds of its latency on AMD Zen 3 (BENCHMARKS.md);
-    /// the price is up to this much CPU time after each burst of requests.
+    /// once. Waking a sleeping core (on a VM, a halted vCPU) is most of a
+    /// QD1 read's latency (BENCHMARKS.md, "Idle polling on the rings"); the
+    /// price is up to this much CPU time after each burst of requests.
     #[serde(default = "default_ring_idle_poll", deserialize_with = "idle_poll")]
     pub ring_idle_poll: std::time::Duration,
     /// Append-only JSON-lines audit log of every key operation.

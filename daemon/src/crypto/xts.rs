@@ -148,8 +148,8 @@ impl SectorCipher {
             "buffer is not a whole number of sectors"
         );
         // The initial tweaks of up to TWEAK_BATCH sectors are encrypted in
-        // one pipelined call: one block per sector, serially, cost ~15% of a
-        // 4 KiB sector's time in profiles.
+        // one pipelined call: one block per sector, serially, stalls on
+        // each block's latency.
         let mut initial = [0u8; 16 * TWEAK_BATCH];
         for (c, group) in buf.chunks_mut(self.sector_size * TWEAK_BATCH).enumerate() {
             let first = first_sector.wrapping_add((c * TWEAK_BATCH) as u64);

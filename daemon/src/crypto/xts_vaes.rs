@@ -1,8 +1,8 @@
 //! The VAES kernels' key schedules and dispatch, and the 512-bit kernel:
 //! XTS-AES-256 with AVX-512F + VAES + AES-NI, sixteen AES blocks per step,
 //! tweaks generated in the vector registers, for x86-64 CPUs that have it
-//! (Ice Lake and later, Zen 4 and later). CPUs with VAES but no AVX-512
-//! (Zen 3, Alder Lake) get the 256-bit loops in `xts_vaes_avx2.rs`. Chosen
+//! (Intel Ice Lake, AMD Zen 4 and later). CPUs with VAES but no AVX-512
+//! get the 256-bit loops in `xts_vaes_avx2.rs`. Chosen
 //! at run time by `xts.rs`; other CPUs use the portable path there, so
 //! release binaries need no `-C target-cpu=native`.
 //!
@@ -89,7 +89,7 @@ impl VaesKeys {
     /// Encrypts sector numbers into initial tweaks in place: `blocks` holds
     /// 16-byte little-endian sector numbers, and its length must satisfy
     /// [`VaesKeys::fits`]. Batched because one serial AES block per sector
-    /// showed up at ~15% of the sector's own cost in profiles.
+    /// waits out each block's latency.
     pub fn encrypt_tweaks(&self, blocks: &mut [u8]) {
         assert!(Self::fits(blocks.len()));
         // SAFETY: `self` exists only if the CPU has its width's features

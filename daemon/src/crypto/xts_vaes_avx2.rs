@@ -5,10 +5,9 @@
 //! file only holds the 256-bit loops.
 //!
 //! Hand-written for the same reason as the 512-bit kernel (no maintained
-//! crate has a VAES XTS): on Zen 3 the `aes` crate's AES-NI batch path runs
-//! one 128-bit block per instruction, and this kernel is 3.8× faster
-//! than our portable path on it (8.3 vs 2.2 GB/s at 4 KiB). The AES
-//! rounds are inline asm (`middle_rounds`), the rest intrinsics.
+//! crate has a VAES XTS): the `aes` crate's AES-NI batch path runs one
+//! 128-bit block per instruction (BENCHMARKS.md, "XTS micro-benchmarks").
+//! The AES rounds are inline asm (`middle_rounds`), the rest intrinsics.
 //! Tweak update: each vector holds two consecutive tweaks (t, t·α), so the
 //! next vector is this one times α²; in general t·α^K = (t << K) ⊕ (top K
 //! bits of t)·0x87, the carry-less product of a K-bit v with 0x87 being
@@ -27,11 +26,8 @@
 use std::arch::x86_64::*;
 
 /// Vectors per step (12 × 2 blocks = 384 bytes): with the key and the
-/// twelve blocks in registers, the three spare ones hold the tweak chain.
-/// Measured on a 2-vCPU Zen 3 VM, 4 KiB, one thread: the round-major Rust
-/// loop peaked at 16 vectors with 5.7 GB/s (LLVM serialized it; see
-/// `middle_rounds`); asm rounds at 8 vectors 5.7–6.9, at 12 plus an
-/// eight-vector tail step 5.7–7.2 GB/s.
+/// twelve blocks in registers, the three spare ones hold the tweak chain
+/// (the widths tried are in BENCHMARKS.md, "XTS micro-benchmarks").
 const WIDE: usize = 12;
 
 /// Multiplies each 128-bit lane by α^K in GF(2¹²⁸), for K ≤ 8; `R` must
@@ -117,7 +113,7 @@ fn rounds<const ENCRYPT: bool>(mut x: __m256i, rk: &[__m256i; 15]) -> __m256i {
 /// round. In asm because LLVM's scheduler, short of registers (AVX2 has 16),
 /// turned the round-major Rust loop back into one vector's fourteen
 /// dependent rounds after another, leaving the AES units idle for most of
-/// each latency (4.3 GB/s; 6.3–7.0 with this).
+/// each latency.
 macro_rules! middle_rounds {
     ($name:ident, $n:literal, [$($x:ident),+]) => {
         /// # Safety
@@ -197,10 +193,9 @@ unsafe fn step<const N: usize, const ENCRYPT: bool>(
 
 /// One step over `WIDE` vectors at `p` whose tweaks are `t`, which it
 /// then moves on by α^(2·WIDE) (α^24) for the next step: a byte shift and
-/// one carry-less multiply per vector. (Deriving each vector's tweak from
-/// the one before with bit shifts, as before, took about eleven vector
-/// operations per vector, which on Zen 3 shared the pipes with VAES: the
-/// loop ran at 8.8 GB/s, 9.8 with this.)
+/// one carry-less multiply per vector, where bit shifts take about eleven
+/// vector operations that compete with VAES for the same pipes
+/// (BENCHMARKS.md, "The AVX2 kernel's tweaks by byte shift").
 ///
 /// # Safety
 /// The CPU must have avx2, vaes, aes and vpclmulqdq; `p .. p + 32 * WIDE`

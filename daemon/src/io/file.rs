@@ -16,13 +16,13 @@
 //! of `UNCACHED_WRITE_MIN` or more go out with `RWF_DONTCACHE` (kernel
 //! 6.14+; plain writes where the kernel or file system refuses it). Large
 //! writes land in large page-cache folios, and every later 4 KiB write
-//! into such a folio walks all of its buffer heads under the inode lock:
-//! 4k random writes after a sequential fill ran up to 2x slower. Dropping
+//! into such a folio walks all of its buffer heads under the inode lock,
+//! so 4k random writes after a sequential fill slow down. Dropping
 //! those folios once written back keeps the cache in small folios and
 //! keeps streaming writes from evicting what the host had cached, but the
-//! writer then starts the writeback itself: sequential writes measured
-//! 12-28% slower, so it is not the default (BENCHMARKS.md, "4k random
-//! writes depend on how the page cache was filled").
+//! writer then starts the writeback itself and sequential writes slow
+//! down, so it is not the default (BENCHMARKS.md, "4k random writes
+//! depend on how the page cache was filled").
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -513,9 +513,8 @@ fn run_local_jobs(ring: &mut Ring) {
 /// `window`: its completions (through the TASKRUN flag, since deferred
 /// completion work runs only when the thread enters the kernel) and its
 /// job queues. On a VM a sleeping vCPU halts, and waking it costs an exit
-/// to the host; on this Firecracker guest (haltpoll with
-/// `guest_halt_poll_ns=0`) that was two thirds of a QD1 4 KiB read's
-/// latency (p50 74 µs; 26 µs with a 50 µs window). A busy ring never
+/// to the host, most of a QD1 read's latency where the guest does not
+/// poll before halting (BENCHMARKS.md, "Idle polling on the rings"). A busy ring never
 /// reaches the poll; an idle one polls once per burst, then sleeps.
 /// `true` when there is work to do (or the engine is closing), `false`
 /// when the window passed without any.

@@ -5,8 +5,7 @@
 //! cached reads and the backing reads its requests start, their decryption
 //! and their replies (`replies.rs` sends from the completing thread) all run
 //! on that ring's thread; nothing crosses threads on the read path unless
-//! the socket is full. Before, a tokio task read the requests and handed
-//! each to a ring chosen per request.
+//! the socket is full.
 //!
 //! The reader is a small state machine that owns itself: it moves into
 //! each receive's continuation and comes back with the buffer, so it needs

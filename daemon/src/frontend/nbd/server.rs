@@ -17,9 +17,9 @@ use crate::export::peer::Peer;
 /// How long shutdown waits for in-flight requests before dropping connections.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Send buffer asked for on accepted Unix sockets (the kernel doubles it
-/// for its bookkeeping): room for a few 1 MiB read replies. With the
-/// usual default (about 200 KiB) a large reply went out in pieces, the
-/// writer task waking for each: 1.3-1.5x on sequential 1 MiB reads.
+/// for its bookkeeping): room for a few 1 MiB read replies, so a large
+/// reply goes out at once instead of in pieces with the writer task
+/// waking for each (BENCHMARKS.md, "Wide send buffers on Unix sockets").
 const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
 
 pub enum Listener {

@@ -18,7 +18,7 @@
 //!   thread pool;
 //! - io_uring: reads on a ring; writes on a ring only with O_DIRECT, since
 //!   buffered writes on ext4 are punted to io_uring's own io-wq threads
-//!   (the inode lock may block), which cost a third of random-write IOPS;
+//!   (the inode lock may block), which costs random writes dearly;
 //! - everything else on the thread pool (`io/workers.rs`).
 //!
 //! The paths themselves live beside this file: the caller's-thread fast

@@ -7,8 +7,8 @@
 //!
 //! Why: one connection's sequential 1 MiB reads keep its ring thread busy
 //! (copy from the page cache, XTS, copy into the socket, one after the
-//! other; 2.5–2.9 GB/s on a Zen 3 vCPU) while the second core is half
-//! idle. The borrowed thread is a ring no connection lives on
+//! other) while the second core is half idle (BENCHMARKS.md, "Large
+//! cached reads shared with an idle ring"). The borrowed thread is a ring no connection lives on
 //! (`UringEngine::lend_idle_ring`), so two busy connections never take
 //! each other's core. Pieces are claimed, never handed out: the
 //! connection's thread does every piece nobody else took, so a helper that
@@ -28,7 +28,7 @@ pub(super) type HelperJob = Box<dyn FnOnce() + Send>;
 
 /// Bytes per piece: eight per 1 MiB read, so a helper that arrives some
 /// tens of microseconds late still finds most of the pieces unclaimed,
-/// while the extra `preadv2` calls stay under 2 % of the read's time.
+/// while the extra `preadv2` calls stay a small part of the read's time.
 const PIECE: usize = 128 * 1024;
 
 /// One shared read. The buffer is the reader's; the pointer into it is
@@ -112,7 +112,7 @@ impl Drop for HelpersOut<'_> {
             .fetch_max(self.0.count, Ordering::Relaxed)
             .min(self.0.count);
         // Only pieces a helper is in the middle of are left: a piece's
-        // time at most (about 20 µs), unless its thread lost its core.
+        // time at most, unless its thread lost its core.
         let mut turns = 0u32;
         while self.0.done.load(Ordering::Acquire) < claimed {
             turns = turns.wrapping_add(1);
