@@ -14,7 +14,7 @@ trap cleanup EXIT
 
 ./target/release/hostcrypt kek init-local "$work/kek.key" >/dev/null
 cat > "$work/hostcryptd.toml" <<TOML
-[server]
+[nbd]
 unix = "$work/hc.sock"
 [kek.main]
 provider = "local"

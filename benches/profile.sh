@@ -17,7 +17,7 @@ cleanup() { [ -n "$pid" ] && kill "$pid" 2>/dev/null; wait 2>/dev/null; if [ -n 
 trap cleanup EXIT
 "$bin/hostcrypt" kek init-local "$dir/kek.key" >/dev/null
 cat >"$dir/h.toml" <<CFG
-[server]
+[nbd]
 unix = "$dir/nbd.sock"
 [kek.main]
 provider = "local"

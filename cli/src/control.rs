@@ -1,5 +1,5 @@
 //! Talking to the running daemon: one request over the control socket
-//! (`control` in `[server]`), with the exit code for an unreachable daemon.
+//! (`control` in `[daemon]`), with the exit code for an unreachable daemon.
 
 use crate::Exit;
 use anyhow::bail;
@@ -31,9 +31,9 @@ pub fn ask<T: TryFrom<Reply, Error = Reply>>(
 /// Sends one request to the daemon named by the config's `control`.
 pub fn control(config_path: &Path, request: &Request) -> anyhow::Result<Reply> {
     let config = Config::load(config_path)?;
-    let Some(socket) = &config.server.control else {
+    let Some(socket) = &config.daemon.control else {
         bail!(
-            "{} sets no `control` socket in [server]; add e.g. control = \"/run/hostcrypt/control.sock\" and restart hostcryptd",
+            "{} sets no `control` socket in [daemon]; add e.g. control = \"/run/hostcrypt/control.sock\" and restart hostcryptd",
             config_path.display()
         );
     };

@@ -6,7 +6,7 @@
 //! `commands/` (one module each), the control-socket client in
 //! `control.rs`. Commands that act on a running daemon (`status`,
 //! `check-key`, `rotate-kek`, `rekey`, `reload`, `reencrypt`) talk to its
-//! control socket (`control` in `[server]`); the rest work on files.
+//! control socket (`control` in `[daemon]`); the rest work on files.
 //!
 //! Exit codes, for scripts: 0 success; 1 any error (the message says what
 //! to do next); 2 usage error (from clap); 3 the daemon cannot be reached;
@@ -142,7 +142,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the audit log (`audit_log` in [server]).
+    /// Show the audit log (`audit_log` in [daemon]).
     Audit {
         #[command(subcommand)]
         command: AuditCommand,

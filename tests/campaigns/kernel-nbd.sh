@@ -167,7 +167,7 @@ port=$(free_port)
 port2=$(free_port)
 head -c 32 /dev/urandom > "$work/kek"; chmod 600 "$work/kek"
 cat > "$work/c.toml" <<EOF
-[server]
+[nbd]
 tcp = "127.0.0.1:$port"
 [kek.main]
 provider = "local"

@@ -122,11 +122,11 @@ class Soak:
                     f'size = "256M"\n')
         self.config = self.path("hostcryptd.toml")
         with open(self.config, "w") as f:
-            f.write(f'[server]\nunix = "{self.path("nbd.sock")}"\n'
-                    f'tcp = "127.0.0.1:{self.port}"\ntls = "on"\n'
-                    f'tls_certificates = "{certs}/server"\ntls_verify_peer = true\n'
-                    f'control = "{self.path("control.sock")}"\n'
+            f.write(f'[daemon]\ncontrol = "{self.path("control.sock")}"\n'
                     f'audit_log = "{self.path("audit.log")}"\n\n'
+                    f'[nbd]\nunix = "{self.path("nbd.sock")}"\n'
+                    f'tcp = "127.0.0.1:{self.port}"\ntls = "on"\n'
+                    f'tls_certificates = "{certs}/server"\ntls_verify_peer = true\n\n'
                     f'[kek.bao]\nprovider = "vault"\naddress = "{self.bao_addr}"\nkey = "soak"\ninsecure_http = true\n'
                     f'token_file = "{token_file}"\n\n'
                     f'[kek.local]\nprovider = "local"\npath = "{kek}"\n\n{volumes}')

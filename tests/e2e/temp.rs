@@ -62,6 +62,14 @@ fn temp_volume_refuses_a_cache_backing() {
         "{}",
         d.stderr()
     );
+    // This config still has the old [server] section: it works, with one
+    // warning that says where its keys went.
+    assert_eq!(
+        d.stderr().matches("[server] section is deprecated").count(),
+        1,
+        "{}",
+        d.stderr()
+    );
     assert_eq!(d.stop(), 0);
     assert_eq!(sha256_file(&backing), before);
 }

@@ -176,7 +176,7 @@ impl Fixture {
             .collect()
     }
 
-    /// `[server]` lines for a control socket and an audit log in the
+    /// `[daemon]` lines for a control socket and an audit log in the
     /// fixture's directory (see [`Fixture::audit_log`]).
     pub fn control_and_audit(&self) -> String {
         format!(
@@ -201,7 +201,9 @@ impl Fixture {
         self.volumes.retain(|v| !v.starts_with(&head));
     }
 
-    /// (Re)writes the config; `server_extra` lines go into `[server]`.
+    /// (Re)writes the config; each `server_extra` line goes into
+    /// `[daemon]` or `[nbd]` by its key, as `hostcryptd` splits a legacy
+    /// `[server]` section (`config::migrate_server`).
     /// `HOSTCRYPT_E2E_IO_ENGINE` (auto, uring, threads) picks the I/O
     /// engine, so the whole suite can run once per engine;
     /// `HOSTCRYPT_E2E_RING_CONNECTIONS=0` keeps plaintext connections on
@@ -214,10 +216,11 @@ impl Fixture {
         } else {
             format!("state_dir = \"{}\"\n", self.state_dir().display())
         };
+        let (daemon_extra, nbd_extra) = split_server_lines(server_extra);
         let text = format!(
-            "[server]\nunix = \"{}\"\nio_engine = \"{}\"\n{state_dir}{}{server_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
-            self.socket.display(),
+            "[daemon]\nio_engine = \"{}\"\n{state_dir}{daemon_extra}\n[nbd]\nunix = \"{}\"\n{}{nbd_extra}\n[kek.main]\nprovider = \"local\"\npath = \"{}\"\n\n{}\n{}",
             self.engine,
+            self.socket.display(),
             if server_extra.contains("ring_connections") {
                 ""
             } else {
@@ -624,4 +627,33 @@ pub fn require_root(why: &str) -> bool {
     }
     skip(&format!("{why} needs root"));
     false
+}
+
+/// The keys of `[daemon]` (the rest of a legacy `[server]` section is
+/// `[nbd]`'s).
+const DAEMON_KEYS: &[&str] = &[
+    "io_engine",
+    "ring_idle_poll",
+    "audit_log",
+    "state_dir",
+    "control",
+    "control_group",
+    "control_read_group",
+    "metrics",
+];
+
+/// Splits `key = value` lines into (`[daemon]` lines, `[nbd]` lines).
+fn split_server_lines(lines: &str) -> (String, String) {
+    let (mut daemon, mut nbd) = (String::new(), String::new());
+    for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+        let key = line.split('=').next().unwrap_or("").trim();
+        let to = if DAEMON_KEYS.contains(&key) {
+            &mut daemon
+        } else {
+            &mut nbd
+        };
+        to.push_str(line);
+        to.push('\n');
+    }
+    (daemon, nbd)
 }

@@ -26,7 +26,7 @@ impl Certs {
         self.root.join(name)
     }
 
-    /// `[server]` lines for a loopback TCP listener with TLS `mode`.
+    /// `[nbd]` lines for a loopback TCP listener with TLS `mode`.
     pub fn server_lines(&self, port: u16, mode: &str) -> String {
         format!(
             "tcp = \"127.0.0.1:{port}\"\ntls = \"{mode}\"\ntls_certificates = \"{}\"\n",

@@ -16,9 +16,9 @@ pub fn audit_tail(
 ) -> anyhow::Result<()> {
     use std::io::{BufRead, Seek};
     let config = Config::load(config_path)?;
-    let Some(path) = &config.server.audit_log else {
+    let Some(path) = &config.daemon.audit_log else {
         bail!(
-            "{} sets no `audit_log` in [server]; add e.g. audit_log = \"/var/log/hostcrypt/audit.jsonl\"",
+            "{} sets no `audit_log` in [daemon]; add e.g. audit_log = \"/var/log/hostcrypt/audit.jsonl\"",
             config_path.display()
         );
     };

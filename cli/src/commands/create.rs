@@ -65,7 +65,7 @@ pub fn create(
         kek.as_ref(),
         inner.as_deref().map(|p| (p, inner_cipher)),
         force,
-        Some(&volume::Records::new(&config.server.state_dir).volume(name)),
+        Some(&volume::Records::new(&config.daemon.state_dir).volume(name)),
     );
     audit_create(&config, name, &kek_name, &created);
     let header = created?;

@@ -19,7 +19,7 @@ use hostcryptd::volume::{GenerationKeys, Header, HeaderKeys, Layer, Records};
 /// Whether the running daemon (if any) serves `volume` now.
 fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
     let config = Config::load(config_path)?;
-    if config.server.control.is_none() {
+    if config.daemon.control.is_none() {
         return Ok(false);
     }
     let status: Status = match crate::control::ask(config_path, &Request::Status) {
@@ -139,7 +139,7 @@ pub fn restore(config_path: &Path, backing: &Path, file: &Path, force: bool) -> 
     let label = volume
         .clone()
         .unwrap_or_else(|| backing.display().to_string());
-    let records = Records::new(&config.server.state_dir);
+    let records = Records::new(&config.daemon.state_dir);
     let record = volume.as_deref().map(|name| records.volume(name));
     match backup::restore(backing, &header, &keys, record.as_ref(), force) {
         Ok(()) => {

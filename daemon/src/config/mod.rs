@@ -1,16 +1,24 @@
 //! The daemon's TOML configuration: its shape (serde, unknown keys refused)
 //! and the checks serde cannot express, each reported with the key and the
-//! line it is on.
+//! line it is on. One file per section: `[daemon]` (`daemon.rs`), `[nbd]`
+//! (`nbd.rs`), `[[volume]]` and `[kek.NAME]` (`volume.rs`). A `[server]`
+//! section, the form before `[daemon]` and `[nbd]` existed, is split into
+//! them here (`migrate_server`), with a warning.
 
+mod daemon;
+mod nbd;
 mod size;
+mod volume;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use toml::Spanned;
 
+pub use daemon::DaemonConfig;
+pub use nbd::NbdConfig;
 pub use size::ByteSize;
+pub use volume::{KekConfig, VolumeConfig};
 
 use crate::volume::Role;
 
@@ -33,292 +41,36 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    #[serde(default)]
-    pub server: ServerConfig,
-    #[serde(default)]
+    pub daemon: DaemonConfig,
+    pub nbd: NbdConfig,
     pub kek: BTreeMap<String, KekConfig>,
-    #[serde(default, rename = "volume")]
     pub volumes: Vec<VolumeConfig>,
+    /// A `[server]` section this config still has (the form before
+    /// `[daemon]` and `[nbd]`): accepted, with a warning, and shown
+    /// migrated by `hostcryptd --check`.
+    pub legacy_server: Option<toml::Table>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// The file as written: `[server]` is the deprecated form of `[daemon]`
+/// plus `[nbd]`.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ServerConfig {
-    /// Path of the NBD Unix socket.
-    pub unix: Option<PathBuf>,
-    /// Address of the NBD TCP listener, e.g. `127.0.0.1:10809`.
-    pub tcp: Option<String>,
-    /// Backing I/O engine: `auto` (io_uring, else threads), `uring`, `threads`.
+struct Raw {
+    server: Option<toml::Table>,
+    daemon: Option<DaemonConfig>,
+    nbd: Option<NbdConfig>,
     #[serde(default)]
-    pub io_engine: crate::io::engine::EngineKind,
-    /// With the io_uring engine, receive each plaintext connection's
-    /// requests on one ring, which also reads, decrypts and replies for it
-    /// (`frontend/nbd/ring_reader.rs`). On by default: nothing crosses
-    /// threads on a request's path (BENCHMARKS.md, "Ring connections after
-    /// the writer fix"). `false` keeps every connection on a tokio task.
-    #[serde(default = "default_ring_connections")]
-    pub ring_connections: bool,
-    /// With the io_uring engine, how long a ring keeps polling for work
-    /// after its last before it sleeps, e.g. `"50us"`; `"0s"` sleeps at
-    /// once. Waking a sleeping core (on a VM, a halted vCPU) is most of a
-    /// QD1 read's latency (BENCHMARKS.md, "Idle polling on the rings"); the
-    /// price is up to this much CPU time after each burst of requests.
-    #[serde(default = "default_ring_idle_poll", deserialize_with = "idle_poll")]
-    pub ring_idle_poll: std::time::Duration,
-    /// Append-only JSON-lines audit log of every key operation.
-    pub audit_log: Option<PathBuf>,
-    /// Where the per-volume anti-rollback records live (`volume/record.rs`):
-    /// local, persistent, root-only. Absolute.
-    #[serde(default = "default_state_dir")]
-    pub state_dir: PathBuf,
-    /// Path of the control socket (`hostcrypt` talks to the daemon here).
-    pub control: Option<PathBuf>,
-    /// Group (name or gid) whose members may use the control socket besides root.
-    pub control_group: Option<String>,
-    /// Group (name or gid) whose members may only read over the control
-    /// socket: `status`, `volumes`, `check-key`. The socket is then mode
-    /// 0666 and the daemon's own check (SO_PEERCRED, SO_PEERGROUPS) is
-    /// the boundary.
-    pub control_read_group: Option<String>,
-    /// Address of the Prometheus/OpenMetrics endpoint, e.g. `127.0.0.1:9310`.
-    pub metrics: Option<std::net::SocketAddr>,
-    /// TLS on the TCP listener: `off`, `on` (optional) or `require`.
-    #[serde(default)]
-    pub tls: crate::frontend::tls::TlsMode,
-    /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and
-    /// optionally ca-crl.pem (the layout qemu, nbdkit and libnbd share).
-    pub tls_certificates: Option<Spanned<PathBuf>>,
-    /// Clients must present a certificate signed by ca-cert.pem.
-    #[serde(default = "yes")]
-    pub tls_verify_peer: bool,
-    /// A ca-crl.pem past its nextUpdate: `refuse` (the default: it is not
-    /// loaded, and clients are refused while it is stale) or `warn`.
-    #[serde(default)]
-    pub tls_crl_expired: crate::frontend::tls::CrlExpired,
-    /// Serve plaintext on a TCP address other hosts can reach.
-    #[serde(default)]
-    pub insecure_plaintext_tcp: bool,
-    /// Open NBD connections at most, over all listeners.
-    #[serde(default = "default_max_connections")]
-    pub max_connections: usize,
-    /// Open NBD connections at most from one IPv4 address, IPv6 /64 or
-    /// Unix uid.
-    #[serde(default = "default_max_connections_per_peer")]
-    pub max_connections_per_peer: usize,
-    /// Connections at most still in the handshake (not yet authenticated);
-    /// each also counts towards `max_connections`.
-    #[serde(default = "default_max_handshakes")]
-    pub max_handshakes: usize,
-    /// How long a client may take from connecting to choosing an export.
-    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
-    pub handshake_timeout: std::time::Duration,
-    /// How long a reply may wait for a client that does not read it; then
-    /// the connection is closed and what it held is freed.
-    #[serde(default = "default_reply_timeout", deserialize_with = "duration")]
-    pub reply_timeout: std::time::Duration,
-}
-
-fn yes() -> bool {
-    true
-}
-
-fn default_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/hostcrypt/state")
-}
-
-fn default_max_connections() -> usize {
-    1024
-}
-
-fn default_max_connections_per_peer() -> usize {
-    256
-}
-
-fn default_reply_timeout() -> std::time::Duration {
-    std::time::Duration::from_secs(60)
-}
-
-fn default_max_handshakes() -> usize {
-    64
-}
-
-fn default_ring_connections() -> bool {
-    true
-}
-
-fn default_ring_idle_poll() -> std::time::Duration {
-    std::time::Duration::from_micros(50)
-}
-
-/// Longest idle poll accepted: beyond a millisecond a ring would burn a
-/// core between requests of any client that is merely slow.
-const MAX_IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
-
-fn idle_poll<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
-    let text = String::deserialize(d)?;
-    let value = humantime::parse_duration(&text).map_err(serde::de::Error::custom)?;
-    if value > MAX_IDLE_POLL {
-        return Err(serde::de::Error::custom(
-            "must be at most 1ms (\"0s\" turns polling off)",
-        ));
-    }
-    Ok(value)
-}
-
-fn default_handshake_timeout() -> std::time::Duration {
-    std::time::Duration::from_secs(30)
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        ServerConfig {
-            unix: None,
-            tcp: None,
-            io_engine: Default::default(),
-            ring_connections: default_ring_connections(),
-            ring_idle_poll: default_ring_idle_poll(),
-            audit_log: None,
-            state_dir: default_state_dir(),
-            control: None,
-            control_group: None,
-            control_read_group: None,
-            metrics: None,
-            tls: Default::default(),
-            tls_certificates: None,
-            tls_verify_peer: true,
-            tls_crl_expired: Default::default(),
-            insecure_plaintext_tcp: false,
-            max_connections: default_max_connections(),
-            max_connections_per_peer: default_max_connections_per_peer(),
-            max_handshakes: default_max_handshakes(),
-            handshake_timeout: default_handshake_timeout(),
-            reply_timeout: default_reply_timeout(),
-        }
-    }
-}
-
-impl ServerConfig {
-    /// The gate settings the NBD server runs with.
-    pub fn gate(&self) -> crate::frontend::nbd::gate::GateSettings {
-        crate::frontend::nbd::gate::GateSettings {
-            tls_mode: self.tls,
-            max_connections: self.max_connections,
-            max_connections_per_peer: self.max_connections_per_peer,
-            max_handshakes: self.max_handshakes,
-            reserve_per_transport: self.unix.is_some() && self.tcp.is_some(),
-            handshake_timeout: self.handshake_timeout,
-            reply_timeout: self.reply_timeout,
-            ring_connections: self.ring_connections,
-        }
-    }
-
-    pub fn tls_dir(&self) -> Option<&Path> {
-        self.tls_certificates
-            .as_ref()
-            .map(|d| d.get_ref().as_path())
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
-pub enum KekConfig {
-    /// A KEK in a root-only file on this host.
-    Local { path: PathBuf },
-    /// An OpenBao / Vault transit key.
-    Vault(crate::kek::VaultConfig),
-    /// A key on a PKCS#11 token (HSM, SoftHSM2).
-    Pkcs11(crate::kek::Pkcs11Config),
-    /// An RSA key in Azure Key Vault or Managed HSM.
-    Azure(crate::kek::AzureConfig),
-}
-
-impl KekConfig {
-    pub fn provider_name(&self) -> &'static str {
-        match self {
-            KekConfig::Local { .. } => "local",
-            KekConfig::Vault(_) => "vault",
-            KekConfig::Pkcs11(_) => "pkcs11",
-            KekConfig::Azure(_) => "azure",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeConfig {
-    /// The NBD export name.
-    pub name: Spanned<String>,
-    pub backing: Spanned<PathBuf>,
-    pub role: Role,
-    pub kek: Option<Spanned<String>>,
-    /// Double encryption: a second layer whose DEK this other KEK wraps.
-    pub kek_inner: Option<Spanned<String>>,
-    /// The inner layer's cipher, chosen at `create`: `aes-xts` (default)
-    /// or `adiantum` (another primitive and mode than the outer XTS-AES).
-    pub inner_cipher: Option<Spanned<crate::volume::InnerCipher>>,
-    pub size: Option<Spanned<ByteSize>>,
-    #[serde(default = "default_sector_size", deserialize_with = "sector_size")]
-    pub sector_size: u32,
-    #[serde(default)]
-    pub allow_discards: bool,
-    /// O_DIRECT on the data area (bypass the host page cache).
-    #[serde(default)]
-    pub direct: bool,
-    /// Keep writes of 128 KiB and more in the host page cache (default);
-    /// `false` lets them leave it once written back (RWF_DONTCACHE), see
-    /// `io/file.rs`.
-    #[serde(default = "yes")]
-    pub cache_large_writes: bool,
-    pub description: Option<String>,
-    /// Who may open this volume (nbdkit ip-filter syntax); absent = anyone.
-    pub allow: Option<Vec<Spanned<String>>>,
-    /// What to do when the KEK becomes unusable: `stop` or `until-restart`.
-    #[serde(default)]
-    pub on_key_loss: crate::volume::OnKeyLoss,
-    /// While the KEK's provider cannot be reached: `serve` from memory for
-    /// `key_unreachable_grace`, or `stop` as on key loss.
-    #[serde(default)]
-    pub on_key_unreachable: crate::volume::OnKeyUnreachable,
-    /// How long an unreachable provider is tolerated (`"24h"`).
-    #[serde(default = "default_unreachable_grace", deserialize_with = "duration")]
-    pub key_unreachable_grace: std::time::Duration,
-    /// Rewrap to the provider's newest key version at every key check.
-    #[serde(default)]
-    pub auto_rotate: bool,
-    /// How often the daemon verifies it can still unwrap the DEK (`60s`, `1s`, ...).
-    #[serde(default = "default_key_check", deserialize_with = "duration")]
-    pub key_check_interval: std::time::Duration,
-    /// Remote backings (`backing = "nbd://…"`): connections to open when
-    /// the server allows several (default 4).
-    pub backing_connections: Option<Spanned<usize>>,
-    /// How long clients stall while a remote backing is unreachable
-    /// before their requests fail with EIO (default `30s`).
-    #[serde(default, deserialize_with = "optional_duration")]
-    pub backing_timeout: Option<std::time::Duration>,
-    /// `nbds://` credentials: `ca-cert.pem`, optional `client-cert.pem`
-    /// and `client-key.pem`.
-    pub backing_tls_certificates: Option<Spanned<PathBuf>>,
-}
-
-fn optional_duration<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<std::time::Duration>, D::Error> {
-    duration(d).map(Some)
-}
-
-fn default_unreachable_grace() -> std::time::Duration {
-    std::time::Duration::from_secs(24 * 3600)
-}
-
-fn default_key_check() -> std::time::Duration {
-    std::time::Duration::from_secs(60)
+    kek: BTreeMap<String, KekConfig>,
+    #[serde(default, rename = "volume")]
+    volumes: Vec<VolumeConfig>,
 }
 
 /// `"90s"`, `"1m"`, `"500ms"` (humantime) or a number of seconds; at least 1 s.
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+pub(crate) fn duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::time::Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {
@@ -335,74 +87,6 @@ fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duratio
     Ok(value)
 }
 
-fn default_sector_size() -> u32 {
-    4096
-}
-
-fn sector_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let v = u32::deserialize(d)?;
-    if v == 512 || v == 4096 {
-        Ok(v)
-    } else {
-        Err(serde::de::Error::custom(format!(
-            "sector_size must be 512 or 4096, not {v}"
-        )))
-    }
-}
-
-impl VolumeConfig {
-    /// Whether the backing is an NBD URI rather than a local path.
-    pub fn is_remote(&self) -> bool {
-        crate::io::is_remote(self.backing.get_ref())
-    }
-
-    /// How a remote backing is reached (defaults for what is unset).
-    pub fn remote_options(&self) -> crate::io::remote::client::RemoteOptions {
-        let defaults = crate::io::remote::client::RemoteOptions::default();
-        crate::io::remote::client::RemoteOptions {
-            connections: self
-                .backing_connections
-                .as_ref()
-                .map_or(defaults.connections, |c| *c.get_ref()),
-            timeout: self.backing_timeout.unwrap_or(defaults.timeout),
-            tls_certificates: self
-                .backing_tls_certificates
-                .as_ref()
-                .map(|d| d.get_ref().clone()),
-        }
-    }
-
-    pub fn size_bytes(&self) -> Option<u64> {
-        self.size.as_ref().map(|s| s.get_ref().0)
-    }
-
-    /// The allow list, with names resolved now (a reload resolves again).
-    pub fn allow_list(
-        &self,
-    ) -> Result<crate::export::access::AllowList, crate::export::access::RuleError> {
-        let entries: Option<Vec<&str>> = self
-            .allow
-            .as_ref()
-            .map(|l| l.iter().map(|e| e.get_ref().as_str()).collect());
-        crate::export::access::AllowList::parse(entries.as_deref())
-    }
-}
-
-/// Whether every address `addr` (`host:port`) names is a loopback address.
-fn is_loopback(addr: &str) -> bool {
-    use std::net::ToSocketAddrs;
-    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
-        return a.ip().is_loopback();
-    }
-    match addr.to_socket_addrs() {
-        Ok(addrs) => {
-            let addrs: Vec<_> = addrs.collect();
-            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
-        }
-        Err(_) => false,
-    }
-}
-
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -414,10 +98,29 @@ impl Config {
 
     /// Parses and validates; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let parse_error = |message: String| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+            message: message.trim_end().to_string(),
+        };
+        let raw: Raw = toml::from_str(text).map_err(|e| parse_error(e.to_string()))?;
+        let (daemon, nbd) = match (raw.server.clone(), raw.daemon, raw.nbd) {
+            (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+                return Err(parse_error(
+                    "[server] is the old form of [daemon] and [nbd]: use one or the other, not both (`hostcryptd --check` prints the migrated form)".into(),
+                ))
+            }
+            (Some(server), None, None) => {
+                migrate_server(server).map_err(|e| parse_error(format!("[server]: {e}")))?
+            }
+            (None, daemon, nbd) => (daemon.unwrap_or_default(), nbd.unwrap_or_default()),
+        };
+        let config = Config {
+            daemon,
+            nbd,
+            kek: raw.kek,
+            volumes: raw.volumes,
+            legacy_server: raw.server,
+        };
         config.validate(text, path)?;
         // Every later open of a remote backing (daemon or CLI) finds its
         // options by URI.
@@ -442,57 +145,17 @@ impl Config {
                 key: key.to_string(),
                 message,
             };
-        if self.server.unix.is_none() && self.server.tcp.is_none() {
-            return Err(invalid(
-                0..0,
-                "server",
-                "set `unix` or `tcp` (or both) so clients can connect".into(),
-            ));
+        if let Some((key, message)) = self.nbd.problem() {
+            return Err(invalid(0..0, key, message));
         }
-        let server = &self.server;
-        if server.tls != crate::frontend::tls::TlsMode::Off && server.tls_certificates.is_none() {
-            return Err(invalid(
-                0..0,
-                "tls_certificates",
-                format!(
-                    "tls = \"{}\" needs tls_certificates = DIR (with ca-cert.pem, server-cert.pem, server-key.pem)",
-                    server.tls
-                ),
-            ));
-        }
-        if let Some(tcp) = &server.tcp {
-            if server.tls != crate::frontend::tls::TlsMode::Require
-                && !server.insecure_plaintext_tcp
-                && !is_loopback(tcp)
-            {
-                return Err(invalid(
-                    0..0,
-                    "tcp",
-                    format!(
-                        "{tcp} is reachable from other hosts, and without tls = \"require\" every volume would cross the network decrypted. Set tls = \"require\" and tls_certificates = DIR, listen on 127.0.0.1, or set insecure_plaintext_tcp = true to accept plaintext"
-                    ),
-                ));
-            }
-        }
-        if !server.state_dir.is_absolute() {
+        if !self.daemon.state_dir.is_absolute() {
             return Err(invalid(
                 0..0,
                 "state_dir",
                 format!(
                     "{} is not an absolute path; the anti-rollback records need a fixed place (default /var/lib/hostcrypt/state)",
-                    server.state_dir.display()
+                    self.daemon.state_dir.display()
                 ),
-            ));
-        }
-        if server.max_connections == 0
-            || server.max_connections_per_peer == 0
-            || server.max_handshakes == 0
-        {
-            return Err(invalid(
-                0..0,
-                "max_connections",
-                "max_connections, max_connections_per_peer and max_handshakes must be at least 1"
-                    .into(),
             ));
         }
         if self.volumes.is_empty() {
@@ -661,6 +324,39 @@ impl Config {
     }
 }
 
+/// Splits a `[server]` table into `[daemon]` and `[nbd]`: the keys
+/// `[daemon]` knows go there, the rest to `[nbd]`, whose parser refuses
+/// what it does not know either.
+fn migrate_server(server: toml::Table) -> Result<(DaemonConfig, NbdConfig), toml::de::Error> {
+    let (daemon, nbd) = split_server(server);
+    Ok((daemon.try_into()?, nbd.try_into()?))
+}
+
+fn split_server(server: toml::Table) -> (toml::Table, toml::Table) {
+    server
+        .into_iter()
+        .partition(|(key, _)| daemon::KEYS.contains(&key.as_str()))
+}
+
+impl Config {
+    /// The `[daemon]` and `[nbd]` sections that replace this config's
+    /// `[server]` section, as TOML text; `None` when it has none.
+    pub fn migrated_server(&self) -> Option<String> {
+        let (daemon, nbd) = split_server(self.legacy_server.clone()?);
+        let mut text = String::new();
+        for (name, table) in [("daemon", daemon), ("nbd", nbd)] {
+            if table.is_empty() {
+                continue;
+            }
+            let mut section = toml::Table::new();
+            section.insert(name.into(), toml::Value::Table(table));
+            text.push_str(&toml::to_string(&section).unwrap_or_default());
+            text.push('\n');
+        }
+        Some(text.trim_end().to_string() + "\n")
+    }
+}
+
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
@@ -698,6 +394,59 @@ allow_discards = true
     }
 
     #[test]
+    fn the_example_config_parses_in_the_new_form() {
+        let text = include_str!("../../../systemd/hostcryptd.toml");
+        let c = parse(text).unwrap();
+        assert!(c.legacy_server.is_none());
+        assert!(c.migrated_server().is_none());
+        assert!(c.nbd.unix.is_some() && c.daemon.control.is_some());
+    }
+
+    #[test]
+    fn a_server_section_is_split_into_daemon_and_nbd() {
+        let legacy = parse(GOOD).unwrap();
+        assert!(legacy.legacy_server.is_some());
+        let migrated = legacy.migrated_server().unwrap();
+        assert!(
+            migrated.contains("[nbd]") && !migrated.contains("[daemon]"),
+            "{migrated}"
+        );
+        let new = GOOD.replace(
+            "[server]\nunix = \"/run/hostcrypt/nbd.sock\"\ntcp  = \"127.0.0.1:10809\"\n",
+            &migrated,
+        );
+        let c = parse(&new).unwrap();
+        assert!(c.legacy_server.is_none());
+        assert_eq!(format!("{:?}", c.nbd), format!("{:?}", legacy.nbd));
+        assert_eq!(format!("{:?}", c.daemon), format!("{:?}", legacy.daemon));
+        // Daemon-wide keys go to [daemon], listener keys to [nbd].
+        let both = GOOD.replace(
+            "[server]\n",
+            "[server]\ncontrol = \"/run/c.sock\"\nmax_handshakes = 3\n",
+        );
+        let c = parse(&both).unwrap();
+        assert_eq!(c.daemon.control.as_deref(), Some(Path::new("/run/c.sock")));
+        assert_eq!(c.nbd.max_handshakes, 3);
+        let text = c.migrated_server().unwrap();
+        assert!(
+            text.contains("[daemon]\ncontrol") && text.contains("max_handshakes = 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn server_beside_daemon_or_nbd_is_refused_and_unknown_server_keys_named() {
+        for extra in ["[daemon]\n", "[nbd]\n"] {
+            let err = parse(&format!("{GOOD}\n{extra}")).unwrap_err().to_string();
+            assert!(err.contains("old form of [daemon] and [nbd]"), "{err}");
+        }
+        let err = parse(&GOOD.replace("[server]\n", "[server]\nbogus = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
     fn parses_the_documented_example() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.volumes.len(), 2);
@@ -715,14 +464,14 @@ allow_discards = true
             ))
         };
         assert_eq!(
-            parse(GOOD).unwrap().server.ring_idle_poll,
+            parse(GOOD).unwrap().daemon.ring_idle_poll,
             std::time::Duration::from_micros(50)
         );
         assert_eq!(
-            with("\"200us\"").unwrap().server.ring_idle_poll,
+            with("\"200us\"").unwrap().daemon.ring_idle_poll,
             std::time::Duration::from_micros(200)
         );
-        assert!(with("\"0s\"").unwrap().server.ring_idle_poll.is_zero());
+        assert!(with("\"0s\"").unwrap().daemon.ring_idle_poll.is_zero());
         let err = with("\"5ms\"").unwrap_err().to_string();
         assert!(
             err.contains("ring_idle_poll") && err.contains("at most 1ms"),
@@ -778,7 +527,7 @@ allow_discards = true
         );
         let c = parse(&tls).unwrap();
         assert!(
-            c.server.tls_verify_peer,
+            c.nbd.tls_verify_peer,
             "client certificates are required by default"
         );
         let err = parse(&open.replace("[server]\n", "[server]\ntls = \"on\"\n"))

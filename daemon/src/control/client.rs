@@ -9,7 +9,7 @@ use super::{Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the daemon at {path}: {source} (is hostcryptd running, and is `control` set in [server]?)")]
+    #[error("cannot reach the daemon at {path}: {source} (is hostcryptd running, and is `control` set in [daemon]?)")]
     Connect {
         path: String,
         #[source]

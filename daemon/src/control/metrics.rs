@@ -1,4 +1,4 @@
-//! The metrics endpoint (`metrics = "127.0.0.1:9310"` in `[server]`):
+//! The metrics endpoint (`metrics = "127.0.0.1:9310"` in `[daemon]`):
 //! `GET /metrics` answers OpenMetrics text, which Prometheus scrapes.
 //!
 //! The `prometheus-client` crate does the encoding through a collector that

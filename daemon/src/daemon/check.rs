@@ -26,12 +26,18 @@ pub fn check(
     offline: bool,
     out: &mut dyn Write,
 ) -> Result<(), CheckError> {
+    if let Some(migrated) = config.migrated_server() {
+        writeln!(
+            out,
+            "warning: [server] is deprecated; replace it with these sections (same settings):\n\n{migrated}"
+        )?;
+    }
     if let Some(tls) = super::load_tls(config)? {
         let info = &tls.info;
         writeln!(
             out,
             "TLS ({}): server certificate {:?} valid until {}{}{}",
-            config.server.tls,
+            config.nbd.tls,
             info.server_subject,
             info.server_not_after,
             match &info.ca_subject {

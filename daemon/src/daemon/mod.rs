@@ -99,6 +99,12 @@ impl Daemon {
             config,
             handle_signals,
         } = settings;
+        if config.legacy_server.is_some() {
+            tracing::warn!(
+                config = %config_path.display(),
+                "the [server] section is deprecated: its keys now live in [daemon] and [nbd]; `hostcryptd --check` prints the migrated form"
+            );
+        }
         // Providers, volumes and the engine block (key servers, disks,
         // blocking HTTP clients): off the async workers.
         let opened = {
@@ -126,12 +132,12 @@ impl Daemon {
         // The control socket is bound before the NBD listeners: whoever
         // sees NBD accepting (a script, a test, an orchestrator) can use the
         // control socket at once, never a stale file from a killed run.
-        let gid = resolve_group("control_group", config.server.control_group.as_deref())?;
+        let gid = resolve_group("control_group", config.daemon.control_group.as_deref())?;
         let read_gid = resolve_group(
             "control_read_group",
-            config.server.control_read_group.as_deref(),
+            config.daemon.control_read_group.as_deref(),
         )?;
-        let control_socket = match (activated.control.take(), &config.server.control) {
+        let control_socket = match (activated.control.take(), &config.daemon.control) {
             (Some((socket, path)), _) => {
                 let listener = socket
                     .set_nonblocking(true)
@@ -204,7 +210,7 @@ impl Daemon {
             ));
             (task, path, owned)
         });
-        let metrics = match config.server.metrics {
+        let metrics = match config.daemon.metrics {
             Some(addr) => {
                 let collector = control::metrics::DaemonCollector {
                     registry: registry.clone(),
@@ -357,7 +363,7 @@ fn open(config: &Config) -> Result<Opened, DaemonError> {
     // remote backing has no lock to stop it (local ones do). Sockets
     // that systemd passes answer because systemd holds them.
     let activated_by_systemd = std::env::var_os("LISTEN_FDS").is_some();
-    for socket in [&config.server.control, &config.server.unix]
+    for socket in [&config.daemon.control, &config.nbd.unix]
         .into_iter()
         .flatten()
         .filter(|_| !activated_by_systemd)
@@ -366,15 +372,15 @@ fn open(config: &Config) -> Result<Opened, DaemonError> {
             return Err(DaemonError::AlreadyServed(socket.clone()));
         }
     }
-    let engine = crate::io::engine::start(config.server.io_engine, config.server.ring_idle_poll)
+    let engine = crate::io::engine::start(config.daemon.io_engine, config.daemon.ring_idle_poll)
         .map_err(DaemonError::Engine)?;
     let (registry, failed) = service::open_volumes(config, &providers, &audit, &engine);
     tracing::info!(
         engine = engine.name(),
-        ring_idle_poll = ?config.server.ring_idle_poll,
+        ring_idle_poll = ?config.daemon.ring_idle_poll,
         "I/O engine ready"
     );
-    let activated = service::systemd::activated_sockets(config.server.control.as_deref())
+    let activated = service::systemd::activated_sockets(config.daemon.control.as_deref())
         .map_err(DaemonError::Activation)?;
     if !activated.is_empty() {
         tracing::info!(

@@ -41,7 +41,7 @@ pub fn log_listeners(config: &Config, listeners: &[Listener]) -> Vec<ListenerSta
         .iter()
         .map(|l| {
             let tls = if l.is_tcp() {
-                config.server.tls
+                config.nbd.tls
             } else {
                 TlsMode::Off
             };
@@ -62,7 +62,7 @@ pub fn log_listeners(config: &Config, listeners: &[Listener]) -> Vec<ListenerSta
 /// Binds the configured listeners.
 async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
     let mut listeners = Vec::new();
-    if let Some(path) = &config.server.unix {
+    if let Some(path) = &config.nbd.unix {
         listeners.push(
             Listener::bind_unix(path).map_err(|source| ServiceError::Bind {
                 what: format!("unix:{}", path.display()),
@@ -70,7 +70,7 @@ async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
             })?,
         );
     }
-    if let Some(addr) = &config.server.tcp {
+    if let Some(addr) = &config.nbd.tcp {
         listeners.push(
             Listener::bind_tcp(addr)
                 .await
@@ -86,7 +86,7 @@ async fn bind(config: &Config) -> Result<Vec<Listener>, ServiceError> {
 /// The gate every NBD connection passes: limits and TLS credentials.
 pub fn open_gate(config: &Config) -> Result<Arc<Gate>, ServiceError> {
     Ok(Gate::new(
-        config.server.gate(),
+        config.nbd.gate(),
         crate::service::load_tls(config)?,
     ))
 }
@@ -103,8 +103,8 @@ pub fn check_activated_tcp(
         source,
     })?;
     if addr.ip().is_loopback()
-        || config.server.tls == TlsMode::Require
-        || config.server.insecure_plaintext_tcp
+        || config.nbd.tls == TlsMode::Require
+        || config.nbd.insecure_plaintext_tcp
     {
         return Ok(());
     }

@@ -26,7 +26,7 @@ pub const CA_CRL: &str = "ca-crl.pem";
 pub const SERVER_CERT: &str = "server-cert.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
-/// `tls` in `[server]`, with nbdkit's `--tls` meanings.
+/// `tls` in `[nbd]`, with nbdkit's `--tls` meanings.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {

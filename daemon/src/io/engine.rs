@@ -1,5 +1,5 @@
 //! Which engine runs backing I/O, started once by the daemon from
-//! `io_engine = "auto" | "uring" | "threads"` in `[server]`:
+//! `io_engine = "auto" | "uring" | "threads"` in `[daemon]`:
 //! `uring` (per-core rings, `uring.rs`) or `threads` (per-core worker
 //! threads with pread/pwrite, `workers.rs`). `auto` tries io_uring and falls
 //! back to threads, saying so once in the log, where io_uring is refused

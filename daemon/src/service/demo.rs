@@ -59,9 +59,11 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, DemoError> {
     }
     let config = format!(
         r#"# Written by `hostcryptd` (demo mode). Copy and edit it for a real set-up.
-[server]
-unix = "{socket}"
+[daemon]
 state_dir = "{state}"
+
+[nbd]
+unix = "{socket}"
 
 [kek.demo]
 provider = "local"
@@ -84,7 +86,7 @@ kek = "demo"
 
 /// What to try next, printed when the demo starts serving.
 pub fn print_help(config: &crate::config::Config) {
-    let Some(sock) = config.server.unix.as_ref() else {
+    let Some(sock) = config.nbd.unix.as_ref() else {
         return;
     };
     let sock = sock.display();

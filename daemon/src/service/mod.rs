@@ -110,7 +110,7 @@ pub fn prove_provider(provider: &dyn KeyProvider) -> Result<crate::kek::KekRef, 
 
 /// Opens the audit log the config names (or a tracing-only one).
 pub fn open_audit(config: &Config) -> Result<AuditLog, ServiceError> {
-    match &config.server.audit_log {
+    match &config.daemon.audit_log {
         Some(path) => AuditLog::open(path).map_err(|source| ServiceError::Audit {
             path: path.clone(),
             source,
@@ -199,7 +199,7 @@ pub fn open_volumes(
             failed.push((v.name.get_ref().clone(), ServiceError::Connecting));
             continue;
         }
-        match open_volume(v, providers, audit, &config.server.state_dir, engine) {
+        match open_volume(v, providers, audit, &config.daemon.state_dir, engine) {
             Ok(export) => opened.push(export),
             Err(e) => failed.push((v.name.get_ref().clone(), e)),
         }
@@ -343,14 +343,14 @@ pub fn open_volume(
     Ok(Served { export, keys })
 }
 
-/// Loads the TLS credentials `[server]` names (none when `tls = "off"`).
+/// Loads the TLS credentials `[nbd]` names (none when `tls = "off"`).
 pub fn load_tls(config: &Config) -> Result<Option<TlsContext>, ServiceError> {
-    match (config.server.tls, config.server.tls_dir()) {
+    match (config.nbd.tls, config.nbd.tls_dir()) {
         (TlsMode::Off, _) | (_, None) => Ok(None),
         (_, Some(dir)) => Ok(Some(TlsContext::load(
             dir,
-            config.server.tls_verify_peer,
-            config.server.tls_crl_expired,
+            config.nbd.tls_verify_peer,
+            config.nbd.tls_crl_expired,
         )?)),
     }
 }
@@ -371,5 +371,5 @@ pub async fn flush_all(registry: &Registry) {
 
 /// The socket paths a config will create, for messages.
 pub fn unix_socket(config: &Config) -> Option<PathBuf> {
-    config.server.unix.clone()
+    config.nbd.unix.clone()
 }

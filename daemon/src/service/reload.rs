@@ -12,7 +12,7 @@
 //! next. The re-added volume opens only once the old instance has let go
 //! of the backing (`io/owner.rs`), so one name never serves two instances. Allow lists and the TLS
 //! certificate files (CRL included) are re-read at every reload and apply
-//! to new connections; open connections keep serving. Other `[server]`
+//! to new connections; open connections keep serving. Other `[daemon]` and `[nbd]`
 //! changes need a restart and are reported. Reloading the same file twice
 //! changes nothing the second time.
 
@@ -125,7 +125,7 @@ impl Reloader {
                 (
                     state.config.volume(&name).cloned(),
                     state.providers.clone(),
-                    state.config.server.state_dir.clone(),
+                    state.config.daemon.state_dir.clone(),
                 )
             };
             let Some(v) = volume else {
@@ -174,7 +174,7 @@ impl Reloader {
         let mut state = self.lock();
         let mut report = ReloadReport::default();
         // Everything that can fail is read before anything changes.
-        // Certificates come from the running [server] (a changed [server]
+        // Certificates come from the running [nbd] (a changed [nbd]
         // needs a restart), allow lists from the new file.
         let tls = super::load_tls(&state.config)?;
         let mut allow = BTreeMap::new();
@@ -185,10 +185,11 @@ impl Reloader {
             })?;
             allow.insert(v.name.get_ref().clone(), list);
         }
-        if format!("{:?}", state.config.server) != format!("{:?}", new.server) {
+        let daemon_wide = |c: &Config| format!("{:?}{:?}", c.daemon, c.nbd);
+        if daemon_wide(&state.config) != daemon_wide(&new) {
             report
                 .not_applied
-                .push("[server] changed: restart hostcryptd to apply it".into());
+                .push("[daemon] or [nbd] changed: restart hostcryptd to apply it".into());
         }
 
         // Providers: keep the live object for an unchanged [kek.NAME] table
@@ -239,7 +240,7 @@ impl Reloader {
                         v,
                         &providers,
                         &self.audit,
-                        &state.config.server.state_dir,
+                        &state.config.daemon.state_dir,
                         &self.engine,
                     ) {
                         Ok(export) => {
@@ -309,7 +310,8 @@ impl Reloader {
                 }
             }
         }
-        config.server = std::mem::replace(&mut state.config.server, config.server);
+        config.daemon = std::mem::replace(&mut state.config.daemon, config.daemon);
+        config.nbd = std::mem::replace(&mut state.config.nbd, config.nbd);
         state.config = config;
         state.providers = providers;
         self.waiting.retain_configured(&state.config);

@@ -1,5 +1,5 @@
 //! The local anti-rollback record: one small JSON file per cache volume in
-//! the daemon's state directory (`[server] state_dir`), holding what the
+//! the daemon's state directory (`[daemon] state_dir`), holding what the
 //! backing cannot vouch for itself: the volume's UUID, its DEK generation,
 //! the newest header sequence and the key check of that generation's DEKs
 //! (and, from the moment a re-encryption starts, its target's).

@@ -25,7 +25,7 @@ use arc_swap::ArcSwapOption;
 use crate::export::peer::PeerKey;
 use crate::frontend::tls::{TlsContext, TlsMode};
 
-/// The settings that shape the gate (from `[server]`).
+/// The settings that shape the gate (from `[nbd]`).
 #[derive(Debug, Clone)]
 pub struct GateSettings {
     pub tls_mode: TlsMode,
