@@ -133,6 +133,9 @@ pub fn transmission(data: &[u8]) {
             crate::nbd::ReplyRoute {
                 direct: None,
                 timeout: std::time::Duration::from_secs(60),
+                memory: crate::nbd::budget::ReplyMemory::new(
+                    crate::nbd::budget::DEFAULT_REPLY_MEMORY,
+                ),
             },
             h.export.clone(),
             features,

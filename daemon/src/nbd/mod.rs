@@ -4,8 +4,9 @@
 //! plaintext connections, `ring_reader.rs`), listeners (`server.rs`), one
 //! connection's life from greeting to goodbye (`connection.rs`), TLS
 //! credentials (`tls.rs`), who the peer is (`peer.rs`), per-volume allow
-//! lists (`access.rs`), connection limits and refusal counters (`gate.rs`)
-//! and per-export request metrics (`metrics.rs`); and the client side,
+//! lists (`access.rs`), connection limits and refusal counters (`gate.rs`),
+//! the byte budgets of replies not yet sent (`budget.rs`) and per-export
+//! request metrics (`metrics.rs`); and the client side,
 //! for remote backings (`client/`).
 //!
 //! Hand-written rather than built on the `nbd` crate: that crate speaks only
@@ -14,6 +15,7 @@
 //! out-of-order replies. Encryption happens below, in `volume/`.
 
 pub mod access;
+pub mod budget;
 pub mod client;
 mod connection;
 mod exports;
