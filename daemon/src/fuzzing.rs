@@ -160,6 +160,9 @@ pub fn transmission(data: &[u8]) {
             crate::frontend::nbd::ReplyRoute {
                 direct: None,
                 timeout: std::time::Duration::from_secs(60),
+                memory: crate::frontend::nbd::budget::ReplyMemory::new(
+                    crate::frontend::nbd::budget::DEFAULT_REPLY_MEMORY,
+                ),
             },
             h.export.clone(),
             features,

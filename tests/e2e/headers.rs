@@ -529,3 +529,78 @@ fn version_1_header_is_upgraded_and_the_downgrade_refused() {
     put_header_area(&backing, &legacy);
     refused_at_start(&fx, &backing, "h", "downgrade");
 }
+
+/// Attack 1 as it was found, on a real token: an RSA KEK on SoftHSM2,
+/// whose public key anyone reads without a PIN. The attacker wraps a DEK
+/// of their own with RSA-OAEP (python3 `cryptography`, no hostcrypt
+/// code), writes it into the header as the target of a re-encryption
+/// marked in progress, with the key check that DEK really has (derivable
+/// by anyone who holds it); only the header MAC, keyed by the volume's
+/// own DEK, is beyond them. Refused, naming the volume; nothing written.
+#[test]
+fn forged_rsa_reencryption_target_on_softhsm_is_refused() {
+    use hostcrypt_e2e::softhsm::{SoftHsm, MODULE};
+    let mut fx = Fixture::new();
+    let hsm = SoftHsm::new(fx.dir.path(), "hc");
+    fx.env.push(hsm.env());
+    fx.kek_tables
+        .push(hsm.kek_table("hsm", "hcr", "oaep_hash = \"sha1\""));
+    fx.default_kek = "hsm".into();
+    let backing = fx.volume("h", "cache", "");
+    hsm.rsa_key("hcr:v1");
+    fx.create("h", "16M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("h"), &["write -P 0x61 0 1M"]);
+    assert_eq!(d.stop(), 0);
+
+    // The attacker: no PIN, no login.
+    let public = fx.path("attacker.pub.der");
+    run_ok(
+        Command::new("pkcs11-tool")
+            .env("SOFTHSM2_CONF", &hsm.conf)
+            .args(["--module", MODULE, "--token-label", "hc"])
+            .args(["--read-object", "--type", "pubkey", "--label", "hcr:v1"])
+            .arg("--output-file")
+            .arg(&public),
+    );
+    let mine = Dek::generate().unwrap();
+    let wrap = "import sys\n\
+        from cryptography.hazmat.primitives import hashes, serialization\n\
+        from cryptography.hazmat.primitives.asymmetric import padding\n\
+        key = serialization.load_der_public_key(open(sys.argv[1], 'rb').read())\n\
+        dek = bytes.fromhex(sys.argv[2])\n\
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)\n\
+        sys.stdout.write(key.encrypt(dek, oaep).hex())\n";
+    let out = Command::new("python3")
+        .args(["-c", wrap])
+        .arg(&public)
+        .arg(hex::encode(mine.expose()))
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let blob = hex::decode(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+    assert_eq!(blob.len(), 256);
+
+    rewrite_header(&backing, |h| {
+        let mut wrapped = h.keyslots[0].wrapped.clone();
+        assert_eq!(wrapped.kek.provider, "pkcs11");
+        wrapped.blob = blob;
+        h.keyslots.push(Keyslot {
+            generation: 2,
+            layer: Layer::Outer,
+            wrapped,
+        });
+        h.reencrypt = Some(Reencrypt {
+            checkpoint: 0,
+            target_generation: 2,
+        });
+        let check = hostcryptd::volume::GenerationKeys::derive(h.uuid, 2, &mine, None).key_check;
+        if let Some(a) = h.auth.as_mut() {
+            a.target_key_check = Some(check);
+        }
+    });
+    refused_at_start(&fx, &backing, "h", "was not started by this daemon");
+    // Without the anti-rollback record, the MAC alone refuses it.
+    std::fs::remove_dir_all(fx.state_dir()).unwrap();
+    refused_at_start(&fx, &backing, "h", "MAC does not verify");
+}

@@ -563,6 +563,104 @@ time.sleep(600)\n",
     qemu_io(&fx.uri("v"), &["read -P 0x5a 0 1M"]);
 }
 
+/// A client on the Unix socket that asks for `reads` reads of 32 MiB
+/// and never reads a reply (a 4 KiB receive buffer).
+fn non_reader(fx: &Fixture, reads: u32) -> Killed {
+    Killed(
+        Command::new("/usr/bin/python3")
+            .arg("-c")
+            .arg(
+                "import socket, struct, sys, time\n\
+s = socket.socket(socket.AF_UNIX)\n\
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n\
+s.connect(sys.argv[1])\n\
+assert s.recv(18, socket.MSG_WAITALL)[:8] == b'NBDMAGIC'\n\
+s.sendall(struct.pack('>I', 3))\n\
+s.sendall(struct.pack('>QII', 0x49484156454F5054, 1, 1) + b'v')\n\
+s.recv(10, socket.MSG_WAITALL)\n\
+for i in range(int(sys.argv[2])):\n    \
+s.sendall(struct.pack('>IHHQQI', 0x25609513, 0, 0, i, (i % 2) << 25, 32 << 20))\n\
+time.sleep(600)\n",
+            )
+            .arg(&fx.socket)
+            .arg(reads.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3"),
+    )
+}
+
+/// Several clients that ask for big reads and never read the replies
+/// pin at most `reply_memory` between them, not a connection budget
+/// (64 MiB) each: the daemon reserves a read's bytes before it allocates
+/// them, and a connection that cannot reserve stops taking requests. One
+/// after another the stuck ones are closed by `reply_timeout`, and a
+/// well-behaved client waiting behind them is then served.
+#[test]
+fn clients_that_never_read_share_one_reply_memory_budget() {
+    const BUDGET: i64 = 64 << 20;
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config(&format!(
+        "control = \"{}\"\nreply_timeout = \"3s\"\nreply_memory = \"64M\"",
+        fx.path("control.sock").display()
+    ));
+    fx.create("v", "64M", 4096);
+    let d = fx.start();
+    qemu_io(&fx.uri("v"), &["write -P 0x5a 0 64M"]);
+    let status = |fx: &Fixture| {
+        let s = fx.status();
+        let pending = s["connections"]["reply_bytes_pending"].as_i64().unwrap();
+        assert_eq!(s["connections"]["reply_memory"].as_i64(), Some(BUDGET));
+        let connections = s["volumes"][0]["io"]["connections"].as_i64().unwrap();
+        (pending, connections)
+    };
+
+    // Three connections of eight 32 MiB reads: 192 MiB of replies owed
+    // within their connection budgets, three times `reply_memory`.
+    let stuck: Vec<Killed> = (0..3).map(|_| non_reader(&fx, 8)).collect();
+    let mut most = 0;
+    wait_until(
+        "the stuck clients to connect and fill the budget",
+        Duration::from_secs(30),
+        || {
+            let (pending, connections) = status(&fx);
+            most = most.max(pending);
+            assert!(pending <= BUDGET, "{pending} bytes of replies pending");
+            connections == 3 && pending >= 32 << 20
+        },
+    );
+
+    // A well-behaved client queues behind them and is served once the
+    // stuck ones are timed out; the budget is never exceeded meanwhile.
+    let uri = fx.uri("v");
+    let good = std::thread::spawn(move || qemu_io(&uri, &["read -P 0x5a 0 4M"]));
+    wait_until(
+        "the well-behaved client to be served",
+        Duration::from_secs(90),
+        || {
+            let (pending, _) = status(&fx);
+            most = most.max(pending);
+            assert!(pending <= BUDGET, "{pending} bytes of replies pending");
+            good.is_finished()
+        },
+    );
+    good.join().expect("the well-behaved read");
+    assert!(most >= 32 << 20, "the stuck clients never held budget");
+    wait_until(
+        "every stuck client to be disconnected",
+        Duration::from_secs(60),
+        || status(&fx) == (0, 0),
+    );
+    let log = d.stderr();
+    assert!(
+        log.matches("the client is not reading").count() >= 1,
+        "{log}"
+    );
+    drop(stuck);
+}
+
 /// A helper process (a misbehaving peer) killed and reaped when the test
 /// ends, however it ends.
 struct Killed(std::process::Child);

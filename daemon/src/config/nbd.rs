@@ -61,6 +61,11 @@ pub struct NbdConfig {
         deserialize_with = "super::duration"
     )]
     pub reply_timeout: std::time::Duration,
+    /// Bytes that read replies not yet sent may hold, over all connections
+    /// (64M to 1T); a connection whose read would exceed it waits, and
+    /// reads no further requests meanwhile.
+    #[serde(default = "default_reply_memory", deserialize_with = "reply_memory")]
+    pub reply_memory: u64,
 }
 
 fn yes() -> bool {
@@ -77,6 +82,23 @@ fn default_max_connections_per_peer() -> usize {
 
 fn default_reply_timeout() -> std::time::Duration {
     std::time::Duration::from_secs(60)
+}
+
+fn default_reply_memory() -> u64 {
+    crate::frontend::nbd::budget::DEFAULT_REPLY_MEMORY
+}
+
+/// `reply_memory`: at least one connection's budget (64 MiB, so any one
+/// request fits in the whole), at most 1 TiB.
+fn reply_memory<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    use crate::frontend::nbd::budget::{MAX_REPLY_MEMORY, MIN_REPLY_MEMORY};
+    let super::ByteSize(bytes) = super::ByteSize::deserialize(d)?;
+    if !(MIN_REPLY_MEMORY..=MAX_REPLY_MEMORY).contains(&bytes) {
+        return Err(serde::de::Error::custom(
+            "must be from 64M (one connection's budget, so any one request fits) to 1T",
+        ));
+    }
+    Ok(bytes)
 }
 
 fn default_max_handshakes() -> usize {
@@ -103,6 +125,7 @@ impl Default for NbdConfig {
             max_handshakes: default_max_handshakes(),
             handshake_timeout: default_handshake_timeout(),
             reply_timeout: default_reply_timeout(),
+            reply_memory: default_reply_memory(),
         }
     }
 }
@@ -118,6 +141,7 @@ impl NbdConfig {
             reserve_per_transport: self.unix.is_some() && self.tcp.is_some(),
             handshake_timeout: self.handshake_timeout,
             reply_timeout: self.reply_timeout,
+            reply_memory: self.reply_memory,
             ring_connections: self.ring_connections,
         }
     }

@@ -257,6 +257,19 @@ impl Collector for DaemonCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        let replies = &self.gate.replies;
+        ConstGauge::new(replies.pending_bytes() as i64).encode(encoder.encode_descriptor(
+            "hostcrypt_reply_bytes_pending",
+            "Bytes reserved by read replies not yet sent, over all connections",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(replies.limit_bytes() as i64).encode(encoder.encode_descriptor(
+            "hostcrypt_reply_memory_bytes",
+            "The budget for read replies not yet sent (reply_memory)",
+            None,
+            MetricType::Gauge,
+        )?)?;
         let mut family = encoder.encode_descriptor(
             "hostcrypt_key_checks",
             "Key checks by outcome",

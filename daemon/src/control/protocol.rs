@@ -175,6 +175,11 @@ pub struct ConnectionStatus {
     pub refused_tls_required: u64,
     pub tls_failures: u64,
     pub handshake_failures: u64,
+    /// Bytes reserved by read replies not yet sent, and the budget.
+    #[serde(default)]
+    pub reply_bytes_pending: u64,
+    #[serde(default)]
+    pub reply_memory: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

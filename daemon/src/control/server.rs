@@ -356,6 +356,8 @@ fn connection_status(gate: &crate::frontend::nbd::gate::Gate) -> ConnectionStatu
         refused_tls_required: c.tls_required.load(Relaxed),
         tls_failures: c.tls_failures.load(Relaxed),
         handshake_failures: c.handshake_failures.load(Relaxed),
+        reply_bytes_pending: gate.replies.pending_bytes(),
+        reply_memory: gate.replies.limit_bytes(),
     }
 }
 

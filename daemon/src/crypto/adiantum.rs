@@ -10,20 +10,22 @@
 //! `test_vectors/ours/Adiantum`); this file only maps sectors to it. The
 //! tweak is dm-crypt's plain64: the sector number, 64-bit little-endian,
 //! zero-padded to Adiantum's 32-byte tweak. The key is the first 32 bytes
-//! of the layer's DEK.
+//! of the layer's DEK; the expanded cipher (its XChaCha12, NH, Poly1305 and
+//! AES keys) lives in a slot of the key arena (`arena.rs`).
 
 use adiantum::cipher::KeyInit;
 use adiantum::Cipher;
 use aes08::Aes256;
 use chacha20::XChaCha12;
 
+use super::arena::Locked;
 use super::Dek;
 
 /// Adiantum's key length (the XChaCha12 key).
 pub const KEY_LEN: usize = 32;
 
 pub struct AdiantumSectorCipher {
-    cipher: Cipher<XChaCha12, Aes256>,
+    cipher: Locked<Cipher<XChaCha12, Aes256>>,
     sector_size: usize,
 }
 
@@ -33,7 +35,7 @@ impl AdiantumSectorCipher {
             &dek.expose()[..KEY_LEN],
         );
         AdiantumSectorCipher {
-            cipher: Cipher::new(key),
+            cipher: Locked::new(|| Cipher::new(key)),
             sector_size,
         }
     }
@@ -86,6 +88,14 @@ mod tests {
             cipher.decrypt(&mut buf, &hex("tweak"));
             assert_eq!(buf, hex("plaintext"));
         }
+    }
+
+    #[test]
+    fn the_expanded_cipher_lives_in_the_arena() {
+        let sectors = AdiantumSectorCipher::new(&Dek::generate().unwrap(), 4096);
+        let at = &*sectors.cipher as *const Cipher<XChaCha12, Aes256> as usize;
+        let len = std::mem::size_of::<Cipher<XChaCha12, Aes256>>();
+        assert!(crate::crypto::arena::contains(at, len));
     }
 
     #[test]

@@ -1,25 +1,21 @@
 //! The data encryption key (DEK) as a secret value.
 //!
 //! A DEK is 64 bytes (two AES-256 keys for XTS). It is drawn from the OS
-//! CSPRNG, kept in one heap allocation that is locked in memory (best effort,
-//! so it is not swapped out) and zeroized on drop, and it never prints: its
-//! `Debug` shows only that a key is present. Wrapping it under a KEK is the job
-//! of `kek/`.
+//! CSPRNG straight into a slot of the key arena (`arena.rs`: locked in
+//! memory, out of core dumps, zeroed when freed), and it never prints: its
+//! `Debug` shows only that a key is present. A clone is another slot.
+//! Wrapping it under a KEK is the job of `kek/`.
 
-use std::sync::Once;
-
-use zeroize::{Zeroize, Zeroizing};
+use super::arena::Locked;
 
 /// Length of an XTS-AES-256 key: data key then tweak key, 32 bytes each.
 pub const DEK_LEN: usize = 64;
 
 /// A 64-byte data encryption key.
+#[derive(Clone)]
 pub struct Dek {
-    bytes: Box<Zeroizing<[u8; DEK_LEN]>>,
-    locked: bool,
+    bytes: Locked<[u8; DEK_LEN]>,
 }
-
-static MLOCK_WARNING: Once = Once::new();
 
 impl Dek {
     /// A fresh random key from the operating system's CSPRNG.
@@ -29,10 +25,10 @@ impl Dek {
     /// with a working CSPRNG that never happens.
     pub fn generate() -> Result<Self, getrandom::Error> {
         loop {
-            let mut dek = Self::zeroed();
-            getrandom::fill(&mut dek.bytes[..])?;
-            if dek.bytes[..32] != dek.bytes[32..] {
-                return Ok(dek);
+            let mut bytes = Locked::<[u8; DEK_LEN]>::zeroed();
+            getrandom::fill(&mut bytes[..])?;
+            if bytes[..32] != bytes[32..] {
+                return Ok(Dek { bytes });
             }
         }
     }
@@ -43,15 +39,9 @@ impl Dek {
         if key.len() != DEK_LEN {
             return None;
         }
-        let mut dek = Self::zeroed();
-        dek.bytes.copy_from_slice(key);
-        Some(dek)
-    }
-
-    fn zeroed() -> Self {
-        let bytes = Box::new(Zeroizing::new([0u8; DEK_LEN]));
-        let locked = lock_in_memory(&bytes[..]);
-        Dek { bytes, locked }
+        let mut bytes = Locked::<[u8; DEK_LEN]>::zeroed();
+        bytes.copy_from_slice(key);
+        Some(Dek { bytes })
     }
 
     /// The raw key. Callers hand it straight to a cipher or a key wrap and
@@ -61,55 +51,16 @@ impl Dek {
     }
 }
 
-impl Clone for Dek {
-    fn clone(&self) -> Self {
-        let mut dek = Self::zeroed();
-        dek.bytes.copy_from_slice(&self.bytes[..]);
-        dek
-    }
-}
-
-impl Drop for Dek {
-    fn drop(&mut self) {
-        self.bytes.zeroize();
-        if self.locked {
-            // SAFETY: the pointer and length describe the live allocation we
-            // locked in `zeroed`; munlock only changes paging attributes.
-            unsafe {
-                libc::munlock(self.bytes.as_ptr().cast(), DEK_LEN);
-            }
-        }
-    }
-}
-
 impl std::fmt::Debug for Dek {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Dek(<secret>)")
     }
 }
 
-/// Locks the pages holding a key so they are never written to swap.
-/// Failure (RLIMIT_MEMLOCK too low) is logged once and otherwise tolerated:
-/// refusing to serve over it would punish hosts without swap, where it is moot.
-fn lock_in_memory(bytes: &[u8]) -> bool {
-    // SAFETY: `bytes` is a live allocation of `bytes.len()` bytes; mlock does
-    // not read or write the memory, it only pins its pages.
-    let rc = unsafe { libc::mlock(bytes.as_ptr().cast(), bytes.len()) };
-    if rc != 0 {
-        MLOCK_WARNING.call_once(|| {
-            tracing::warn!(
-                "could not lock key memory (mlock: {}); raise LimitMEMLOCK to keep keys out of swap",
-                std::io::Error::last_os_error()
-            );
-        });
-        return false;
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::arena;
 
     #[test]
     fn debug_never_shows_key_bytes() {
@@ -129,5 +80,49 @@ mod tests {
     #[test]
     fn from_slice_rejects_wrong_length() {
         assert!(Dek::from_slice(&[1; 32]).is_none());
+    }
+
+    #[test]
+    fn keys_and_their_clones_live_in_the_arena() {
+        let dek = Dek::generate().unwrap();
+        let copy = dek.clone();
+        for key in [&dek, &copy] {
+            let at = key.expose().as_ptr() as usize;
+            assert!(arena::contains(at, DEK_LEN));
+            assert!(arena::tests::is_protected(at));
+        }
+        assert_ne!(dek.expose().as_ptr(), copy.expose().as_ptr());
+    }
+
+    /// Per-key munlock used to unlock pages that other live keys shared:
+    /// after 10,000 keys come and go (several regions' worth), every key
+    /// still alive is in a locked, non-dumped mapping and intact.
+    #[test]
+    fn many_keys_allocated_and_freed_stay_locked() {
+        let key = |i: u32| {
+            let mut raw = [0u8; DEK_LEN];
+            raw[..4].copy_from_slice(&i.to_le_bytes());
+            raw[32] = 1;
+            (Dek::from_slice(&raw).unwrap(), raw)
+        };
+        let mut live: Vec<(Dek, [u8; DEK_LEN])> = (0..10_000).map(key).collect();
+        // Free two of every three, scattered over the regions, then take
+        // freed slots again.
+        let mut i = 0;
+        live.retain(|_| {
+            i += 1;
+            i % 3 == 0
+        });
+        live.extend((10_000..12_000).map(key));
+        let regions = arena::regions();
+        assert!(regions.len() >= 2, "{regions:?}");
+        for region in &regions {
+            assert!(arena::tests::is_protected(region.0), "{region:x?}");
+        }
+        for (dek, raw) in &live {
+            assert_eq!(dek.expose(), raw);
+            let at = dek.expose().as_ptr() as usize;
+            assert!(arena::contains(at, DEK_LEN), "{at:#x}");
+        }
     }
 }

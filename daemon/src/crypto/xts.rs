@@ -16,7 +16,8 @@
 use aes::cipher::{Array, BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
 
-use super::Dek;
+use super::arena::Locked;
+use super::{Dek, DEK_LEN};
 
 /// The AES block size; every sector size is a multiple of it.
 pub const XTS_BLOCK: usize = 16;
@@ -49,15 +50,31 @@ impl XtsKernel {
 
 /// An XTS-AES-256 cipher bound to one DEK and one sector size.
 ///
-/// The expanded AES key schedules are zeroized on drop by the `aes` crate's
-/// `zeroize` feature.
+/// The expanded AES key schedules live in a slot of the key arena
+/// (`arena.rs`), zeroized when the cipher is dropped.
 pub struct SectorCipher {
+    keys: Locked<Schedules>,
+    sector_size: usize,
+}
+
+/// The key schedules of one XTS key.
+struct Schedules {
     data: Aes256,
     tweak: Aes256,
-    sector_size: usize,
     /// The VAES kernel's key schedule, when the CPU has VAES.
     #[cfg(target_arch = "x86_64")]
     vaes: Option<super::xts_vaes::VaesKeys>,
+}
+
+impl Schedules {
+    fn portable(key: &[u8; DEK_LEN]) -> Self {
+        Schedules {
+            data: Aes256::new(&Array::from(*arr32(&key[..32]))),
+            tweak: Aes256::new(&Array::from(*arr32(&key[32..]))),
+            #[cfg(target_arch = "x86_64")]
+            vaes: None,
+        }
+    }
 }
 
 impl SectorCipher {
@@ -81,17 +98,16 @@ impl SectorCipher {
                 XtsKernel::VaesAvx2 => Width::Avx2,
                 XtsKernel::VaesAvx512 => Width::Avx512,
             };
-            if !VaesKeys::fits(sector_size) {
+            if !VaesKeys::fits(sector_size) || !width.supported() {
                 return None;
             }
-            let mut cipher = Self::portable(dek, sector_size);
+            Self::check(sector_size);
             let key = dek.expose();
-            cipher.vaes = Some(VaesKeys::with_width(
-                arr32(&key[..32]),
-                arr32(&key[32..]),
-                width,
-            )?);
-            Some(cipher)
+            let keys = Locked::new(|| Schedules {
+                vaes: VaesKeys::with_width(arr32(&key[..32]), arr32(&key[32..]), width),
+                ..Schedules::portable(key)
+            });
+            Some(SectorCipher { keys, sector_size })
         }
         #[cfg(not(target_arch = "x86_64"))]
         match kernel {
@@ -103,7 +119,7 @@ impl SectorCipher {
     /// Which kernel [`SectorCipher::new`] picked, for logs and benchmarks.
     pub fn kernel(&self) -> &'static str {
         #[cfg(target_arch = "x86_64")]
-        if let Some(vaes) = &self.vaes {
+        if let Some(vaes) = &self.keys.vaes {
             return vaes.width().name();
         }
         "aes-ni (aes crate)"
@@ -112,18 +128,28 @@ impl SectorCipher {
     /// The portable kernel (the `aes` crate's batch API, which itself uses
     /// AES-NI when present); also the oracle the vector kernel is tested against.
     pub fn portable(dek: &Dek, sector_size: usize) -> Self {
+        Self::check(sector_size);
+        let key = dek.expose();
+        SectorCipher {
+            keys: Locked::new(|| Schedules::portable(key)),
+            sector_size,
+        }
+    }
+
+    fn check(sector_size: usize) {
         assert!(
             sector_size > 0 && sector_size.is_multiple_of(XTS_BLOCK),
             "sector size {sector_size} is not a multiple of 16"
         );
-        let key = dek.expose();
-        SectorCipher {
-            data: Aes256::new(&Array::from(*arr32(&key[..32]))),
-            tweak: Aes256::new(&Array::from(*arr32(&key[32..]))),
-            sector_size,
-            #[cfg(target_arch = "x86_64")]
-            vaes: None,
-        }
+    }
+
+    /// Where the key schedules live, for the arena's tests.
+    #[cfg(test)]
+    pub(crate) fn schedule_range(&self) -> (usize, usize) {
+        (
+            &*self.keys as *const Schedules as usize,
+            std::mem::size_of::<Schedules>(),
+        )
     }
 
     pub fn sector_size(&self) -> usize {
@@ -173,18 +199,18 @@ impl SectorCipher {
     /// Encrypts 16-byte sector numbers into initial tweaks, in place.
     fn encrypt_tweaks(&self, blocks: &mut [u8]) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(vaes) = &self.vaes {
+        if let Some(vaes) = &self.keys.vaes {
             vaes.encrypt_tweaks(blocks);
             return;
         }
         let (blocks, _) = Array::slice_as_chunks_mut(blocks);
-        self.tweak.encrypt_blocks(blocks);
+        self.keys.tweak.encrypt_blocks(blocks);
     }
 
     /// Applies XTS to one sector whose encrypted initial tweak is `tweak`.
     fn apply_sector(&self, sector: &mut [u8], mut tweak: u128, direction: Direction) {
         #[cfg(target_arch = "x86_64")]
-        if let Some(vaes) = &self.vaes {
+        if let Some(vaes) = &self.keys.vaes {
             match direction {
                 Direction::Encrypt => vaes.encrypt(sector, tweak),
                 Direction::Decrypt => vaes.decrypt(sector, tweak),
@@ -206,8 +232,8 @@ impl SectorCipher {
             let (blocks, rest) = Array::slice_as_chunks_mut(chunk);
             debug_assert!(rest.is_empty());
             match direction {
-                Direction::Encrypt => self.data.encrypt_blocks(blocks),
-                Direction::Decrypt => self.data.decrypt_blocks(blocks),
+                Direction::Encrypt => self.keys.data.encrypt_blocks(blocks),
+                Direction::Decrypt => self.keys.data.decrypt_blocks(blocks),
             }
             for (slot, block) in tweaks[..n].iter().zip(chunk.chunks_exact_mut(XTS_BLOCK)) {
                 xor_block(block, *slot);
@@ -427,7 +453,19 @@ mod tests {
         })
     }
 
-    use crate::crypto::DEK_LEN;
+    /// The key schedules of every kernel are in the key arena, in a
+    /// locked, non-dumped mapping, as is the DEK they came from.
+    #[test]
+    fn key_schedules_live_in_the_arena() {
+        let dek = Dek::generate().unwrap();
+        let at = dek.expose().as_ptr() as usize;
+        assert!(crate::crypto::arena::contains(at, DEK_LEN));
+        for xts in available(&dek, 4096) {
+            let (at, len) = xts.schedule_range();
+            assert!(crate::crypto::arena::contains(at, len), "{}", xts.kernel());
+            assert!(crate::crypto::arena::tests::is_protected(at));
+        }
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]

@@ -356,9 +356,9 @@ struct Opened {
 
 fn open(config: &Config) -> Result<Opened, DaemonError> {
     raise_fd_limit();
-    let providers = service::open_providers(&config)?;
-    let gate = nbd::open_gate(&config)?;
-    let audit = service::open_audit(&config)?;
+    let providers = service::open_providers(config)?;
+    let gate = nbd::open_gate(config)?;
+    let audit = service::open_audit(config)?;
     // A second daemon on this config stops before it opens anything: a
     // remote backing has no lock to stop it (local ones do). Sockets
     // that systemd passes answer because systemd holds them.

@@ -5,6 +5,10 @@
 //! keeps volumes openable and pointing the config at the wrong file gives an
 //! error that names both keys instead of a bare integrity failure. There is
 //! one version, "1": rotating a local KEK means `hostcrypt rekey` to a new file.
+//!
+//! The key is read from the file straight into a slot of the key arena
+//! (`crypto/arena.rs`); the daemon keeps only its expanded AES key wrap
+//! schedule, in another slot, and zeroes the raw bytes once that is built.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -17,7 +21,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use super::{KekError, KekRef, KeyProvider, WrappedDek};
-use crate::crypto::{Dek, DEK_LEN};
+use crate::crypto::{Dek, Locked, DEK_LEN};
 
 pub const PROVIDER: &str = "local";
 const KEY_LEN: usize = 32;
@@ -25,7 +29,8 @@ const VERSION: &str = "1";
 
 pub struct LocalKek {
     path: PathBuf,
-    key: Zeroizing<[u8; KEY_LEN]>,
+    /// The key's expanded schedule, the only form kept.
+    kwp: Locked<KwpAes256>,
     key_id: String,
 }
 
@@ -45,7 +50,7 @@ impl LocalKek {
             path: path.to_owned(),
             source,
         };
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        let mut key = Locked::<[u8; KEY_LEN]>::zeroed();
         getrandom::fill(&mut key[..]).map_err(KekError::Random)?;
         let mut file = OpenOptions::new()
             .write(true)
@@ -81,19 +86,22 @@ impl LocalKek {
                 reason: format!("expected {KEY_LEN} bytes, found {}", meta.len()),
             });
         }
-        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        let mut key = Locked::<[u8; KEY_LEN]>::zeroed();
         file.read_exact(&mut key[..]).map_err(io_err)?;
         Ok(Self::from_key(path, key))
     }
 
-    fn from_key(path: &Path, key: Zeroizing<[u8; KEY_LEN]>) -> Self {
-        let digest = Sha256::new()
-            .chain_update(b"hostcrypt local KEK id\0")
-            .chain_update(&key[..])
-            .finalize();
+    /// Takes the raw key (zeroed when it is dropped here).
+    fn from_key(path: &Path, key: Locked<[u8; KEY_LEN]>) -> Self {
+        // The hash state holds the key's bytes in its block buffer: built
+        // and finished in a slot too, and zeroed with it.
+        let mut hasher = Locked::new(Sha256::new);
+        hasher.update(b"hostcrypt local KEK id\0");
+        hasher.update(&key[..]);
+        let digest = hasher.finalize_reset();
         LocalKek {
             path: path.to_owned(),
-            key,
+            kwp: Locked::new(|| KwpAes256::new(&(*key).into())),
             key_id: hex::encode(&digest[..8]),
         }
     }
@@ -102,8 +110,8 @@ impl LocalKek {
         &self.key_id
     }
 
-    fn kwp(&self) -> KwpAes256 {
-        KwpAes256::new(&(*self.key).into())
+    fn kwp(&self) -> &KwpAes256 {
+        &self.kwp
     }
 }
 

@@ -32,7 +32,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use serde::Deserialize;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{KekError, KekRef, KeyProvider, WrappedDek};
 use crate::crypto::Dek;
@@ -368,16 +368,23 @@ impl Pkcs11Kek {
     ) -> Result<Vec<u8>, KekError> {
         match &key.kind {
             KeyKind::Aes(kek) => {
-                let dek_object = session
-                    .create_object(&[
-                        Attribute::Class(ObjectClass::SECRET_KEY),
-                        Attribute::KeyType(KeyType::GENERIC_SECRET),
-                        Attribute::Token(false),
-                        Attribute::Extractable(true),
-                        Attribute::Sensitive(false),
-                        Attribute::Value(dek.expose().to_vec()),
-                    ])
-                    .map_err(|e| self.fail(e, "importing the data key for wrapping"))?;
+                let mut template = [
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Token(false),
+                    Attribute::Extractable(true),
+                    Attribute::Sensitive(false),
+                    Attribute::Value(dek.expose().to_vec()),
+                ];
+                let created = session.create_object(&template);
+                // The template's copy of the DEK is wiped, whatever happened.
+                for attribute in &mut template {
+                    if let Attribute::Value(v) = attribute {
+                        v.zeroize();
+                    }
+                }
+                let dek_object =
+                    created.map_err(|e| self.fail(e, "importing the data key for wrapping"))?;
                 let wrapped = session.wrap_key(&Mechanism::AesKeyWrapPad, *kek, dek_object);
                 let _ = session.destroy_object(dek_object);
                 wrapped.map_err(|e| self.fail(e, "wrapping (CKM_AES_KEY_WRAP_PAD)"))

@@ -17,15 +17,17 @@
 //!
 //! Only a holder of the active DEKs can write a header or a journal record
 //! that verifies; a wrapped DEK alone (all an RSA public key gives) cannot.
+//!
+//! The secret keys, the HKDF input and its extract state (the PRK inside
+//! its HMAC) and each HMAC's state live in slots of the key arena
+//! (`crypto/arena.rs`), zeroed when dropped.
 
+use super::header::{Auth, Header, HeaderError};
+use crate::crypto::{Dek, Locked, DEK_LEN};
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use uuid::Uuid;
-use zeroize::Zeroizing;
-
-use super::header::{Auth, Header, HeaderError};
-use crate::crypto::Dek;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -34,8 +36,8 @@ pub struct GenerationKeys {
     pub generation: u32,
     /// Public: stored in the header and in the anti-rollback record.
     pub key_check: [u8; 32],
-    header_mac: Zeroizing<[u8; 32]>,
-    journal_mac: Zeroizing<[u8; 32]>,
+    header_mac: Locked<[u8; 32]>,
+    journal_mac: Locked<[u8; 32]>,
 }
 
 impl std::fmt::Debug for GenerationKeys {
@@ -48,51 +50,69 @@ impl std::fmt::Debug for GenerationKeys {
 
 impl GenerationKeys {
     pub fn derive(uuid: Uuid, generation: u32, outer: &Dek, inner: Option<&Dek>) -> Self {
-        let mut ikm = Zeroizing::new(Vec::with_capacity(128));
-        ikm.extend_from_slice(outer.expose());
-        if let Some(inner) = inner {
-            ikm.extend_from_slice(inner.expose());
-        }
-        let hk = Hkdf::<Sha256>::new(None, &ikm);
+        let mut ikm = Locked::<[u8; 2 * DEK_LEN]>::zeroed();
+        ikm[..DEK_LEN].copy_from_slice(outer.expose());
+        let len = match inner {
+            Some(inner) => {
+                ikm[DEK_LEN..].copy_from_slice(inner.expose());
+                2 * DEK_LEN
+            }
+            None => DEK_LEN,
+        };
+        let hk = Locked::new(|| Hkdf::<Sha256>::new(None, &ikm[..len]));
         let expand = |purpose: &[u8]| {
             let mut info = Vec::with_capacity(purpose.len() + 20);
             info.extend_from_slice(purpose);
             info.extend_from_slice(uuid.as_bytes());
             info.extend_from_slice(&generation.to_le_bytes());
-            let mut out = Zeroizing::new([0u8; 32]);
+            let mut out = Locked::<[u8; 32]>::zeroed();
             // 32 bytes is far below HKDF-SHA256's limit of 255 * 32.
             hk.expand(&info, &mut out[..])
                 .unwrap_or_else(|_| unreachable!("32-byte HKDF output"));
             out
         };
-        GenerationKeys {
+        let keys = GenerationKeys {
             generation,
             key_check: *expand(b"hostcrypt v3 key check\0"),
             header_mac: expand(b"hostcrypt v3 header mac\0"),
             journal_mac: expand(b"hostcrypt v3 journal mac\0"),
-        }
+        };
+        // `expand` ran HMAC blocks over the PRK on the stack.
+        crate::crypto::arena::scrub_stack();
+        keys
     }
 
-    /// The key of this generation's journal records.
-    pub fn journal_key(&self) -> Zeroizing<[u8; 32]> {
+    /// The key of this generation's journal records (another slot).
+    pub fn journal_key(&self) -> Locked<[u8; 32]> {
         self.journal_mac.clone()
     }
 }
 
 /// HMAC-SHA256 of `data` under `key`.
 pub fn mac(key: &[u8; 32], data: &[u8]) -> [u8; 32] {
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut m = keyed(key);
     m.update(data);
-    m.finalize().into_bytes().into()
+    m.finalize_reset().into_bytes().into()
+}
+
+/// An HMAC keyed by `key`: its state (the key's inner and outer pads)
+/// lives in the key arena and is zeroed when dropped.
+fn keyed(key: &[u8; 32]) -> Locked<HmacSha256> {
+    Locked::new(|| {
+        <HmacSha256 as Mac>::new_from_slice(key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+    })
 }
 
 /// Whether `tag` is the HMAC-SHA256 of `data` under `key` (constant time).
 pub fn mac_ok(key: &[u8; 32], data: &[u8], tag: &[u8]) -> bool {
-    let mut m = <HmacSha256 as Mac>::new_from_slice(key)
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let Ok(tag) = <[u8; 32]>::try_from(tag) else {
+        return false;
+    };
+    let mut m = keyed(key);
     m.update(data);
-    m.verify_slice(tag).is_ok()
+    // `CtOutput`'s equality is constant time.
+    m.finalize_reset() == hmac::digest::CtOutput::new(tag.into())
 }
 
 /// Why a header does not verify. Never carries key material.

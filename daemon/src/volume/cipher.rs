@@ -14,10 +14,10 @@ pub struct VolumeCipher {
     inner: Option<InnerLayer>,
 }
 
-// Both boxed: the two key schedules differ a lot in size.
+// The key schedules themselves are in the key arena (`crypto/arena.rs`).
 enum InnerLayer {
-    Xts(Box<SectorCipher>),
-    Adiantum(Box<AdiantumSectorCipher>),
+    Xts(SectorCipher),
+    Adiantum(AdiantumSectorCipher),
 }
 
 impl VolumeCipher {
@@ -31,11 +31,9 @@ impl VolumeCipher {
         VolumeCipher {
             outer: SectorCipher::new(outer, sector_size),
             inner: inner.map(|dek| match inner_cipher {
-                InnerCipher::AesXts => {
-                    InnerLayer::Xts(Box::new(SectorCipher::new(dek, sector_size)))
-                }
+                InnerCipher::AesXts => InnerLayer::Xts(SectorCipher::new(dek, sector_size)),
                 InnerCipher::Adiantum => {
-                    InnerLayer::Adiantum(Box::new(AdiantumSectorCipher::new(dek, sector_size)))
+                    InnerLayer::Adiantum(AdiantumSectorCipher::new(dek, sector_size))
                 }
             }),
         }

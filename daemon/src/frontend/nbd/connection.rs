@@ -11,7 +11,7 @@
 //! Listening and limits are `server.rs` and `gate.rs`; the options
 //! themselves `handshake.rs`.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -188,7 +188,7 @@ impl Conn<'_> {
                         features,
                         stop,
                         &label,
-                        self.gate.settings.reply_timeout,
+                        self.gate.reply_route(None),
                     )
                     .await;
                     return log_end(peer, &export, served);
@@ -199,8 +199,7 @@ impl Conn<'_> {
                 let link = Link {
                     peer,
                     tls: None,
-                    direct: Some(fd),
-                    reply_timeout: self.gate.settings.reply_timeout,
+                    route: self.gate.reply_route(Some(fd)),
                 };
                 transmit(r, w, (export, features), link, stop).await
             }
@@ -210,8 +209,7 @@ impl Conn<'_> {
                 let link = Link {
                     peer,
                     tls: Some(session),
-                    direct: None,
-                    reply_timeout: self.gate.settings.reply_timeout,
+                    route: self.gate.reply_route(None),
                 };
                 transmit(r, w, (export, features), link, stop).await
             }
@@ -323,22 +321,16 @@ struct Link<'a> {
     peer: &'a Peer,
     /// The TLS session's description, or `None` for plaintext.
     tls: Option<String>,
-    /// The plaintext socket, for replies sent without the writer task.
-    direct: Option<RawFd>,
-    /// How long a reply may wait for the client to read it.
-    reply_timeout: std::time::Duration,
+    /// How replies leave: the plaintext socket for replies sent without
+    /// the writer task, the reply timeout and the daemon-wide budget.
+    route: super::ReplyRoute,
 }
 
 async fn transmit<R, W>(
     reader: R,
     writer: W,
     (export, features): (Arc<Export>, Features),
-    Link {
-        peer,
-        tls,
-        direct,
-        reply_timeout,
-    }: Link<'_>,
+    Link { peer, tls, route }: Link<'_>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
@@ -350,10 +342,7 @@ async fn transmit<R, W>(
     let served = serve(
         reader,
         writer,
-        super::ReplyRoute {
-            direct,
-            timeout: reply_timeout,
-        },
+        route,
         export.clone(),
         features,
         shutdown,

@@ -14,6 +14,9 @@
 //! - a smaller pool per transport for connections still in the handshake
 //!   (`max_handshakes`): a peer that connects and says nothing holds one of
 //!   these only until the handshake deadline, and cannot fill the rest.
+//!
+//! The gate also holds the daemon-wide budget of read replies not yet
+//! sent (`reply_memory`, `budget.rs`), which every connection shares.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +25,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
+use super::budget::ReplyMemory;
 use crate::export::peer::PeerKey;
 use crate::frontend::tls::{TlsContext, TlsMode};
 
@@ -40,6 +44,9 @@ pub struct GateSettings {
     /// How long a reply may wait for a client that does not read it before
     /// the connection is closed (`replies.rs`).
     pub reply_timeout: Duration,
+    /// Bytes that read replies not yet sent may hold, over all
+    /// connections (`budget.rs`).
+    pub reply_memory: u64,
     /// Plaintext connections live on io_uring rings (`ring_reader.rs`).
     pub ring_connections: bool,
 }
@@ -54,6 +61,7 @@ impl Default for GateSettings {
             reserve_per_transport: false,
             handshake_timeout: Duration::from_secs(30),
             reply_timeout: Duration::from_secs(60),
+            reply_memory: super::budget::DEFAULT_REPLY_MEMORY,
             ring_connections: true,
         }
     }
@@ -86,6 +94,8 @@ pub struct Gate {
     tls: ArcSwapOption<TlsContext>,
     open: Mutex<OpenCount>,
     pub counters: GateCounters,
+    /// The daemon-wide budget of read replies not yet sent.
+    pub replies: Arc<ReplyMemory>,
 }
 
 #[derive(Debug, Default)]
@@ -130,11 +140,21 @@ impl std::fmt::Display for Refusal {
 impl Gate {
     pub fn new(settings: GateSettings, tls: Option<TlsContext>) -> Arc<Self> {
         Arc::new(Gate {
+            replies: ReplyMemory::new(settings.reply_memory),
             settings,
             tls: ArcSwapOption::from(tls.map(Arc::new)),
             open: Mutex::new(OpenCount::default()),
             counters: GateCounters::default(),
         })
+    }
+
+    /// How a connection's replies leave (`direct`: its plaintext socket).
+    pub fn reply_route(&self, direct: Option<std::os::fd::RawFd>) -> super::ReplyRoute {
+        super::ReplyRoute {
+            direct,
+            timeout: self.settings.reply_timeout,
+            memory: self.replies.clone(),
+        }
     }
 
     /// The credentials new TLS sessions use now.

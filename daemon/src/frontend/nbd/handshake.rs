@@ -728,6 +728,9 @@ mod tests {
         (seen, "continue")
     }
 
+    /// The TLS phase, the options sent, the replies expected, how it ends.
+    type Row<'a> = (TlsPhase, &'a [(u32, &'a [u8])], &'a [(u32, u32)], &'a str);
+
     #[test]
     fn options_answer_as_the_table_says() {
         let no_tls = TlsPhase::Unavailable;
@@ -735,7 +738,7 @@ mod tests {
         let offered = TlsPhase::Offered { required: false };
         let name_v = [0, 0, 0, 1, b'v', 0, 0];
         #[rustfmt::skip]
-        let table: &[(TlsPhase, &[(u32, &[u8])], &[(u32, u32)], &str)] = &[
+        let table: &[Row] = &[
             // Unknown options are unsupported; the client falls back.
             (no_tls, &[(99, b"")], &[(99, REP_ERR_UNSUP)], "continue"),
             // LIST with data is invalid; without, an empty list is an ACK.

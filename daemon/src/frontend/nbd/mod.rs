@@ -3,8 +3,8 @@
 //! plaintext connections, `ring_reader.rs`), replies and their routes
 //! (`replies.rs`), listeners (`server.rs`, which also implements the
 //! frontend contract), one connection's life from greeting to goodbye
-//! (`connection.rs`), and connection limits and refusal counters
-//! (`gate.rs`). Shared with other frontends: exports, access rules, peer
+//! (`connection.rs`), connection limits and refusal counters (`gate.rs`)
+//! and the byte budget of replies not yet sent (`budget.rs`). Shared with other frontends: exports, access rules, peer
 //! identity and metrics (`export/`), TLS credentials (`frontend/tls.rs`).
 //! The wire format is `wire/nbd.rs`; the client side, for remote
 //! backings, is `io/remote/`.
@@ -14,6 +14,7 @@
 //! need OPT_GO/OPT_INFO, block-size negotiation, many requests in flight and
 //! out-of-order replies. Encryption happens below, in `volume/`.
 
+pub mod budget;
 mod connection;
 pub mod gate;
 pub(crate) mod handshake;

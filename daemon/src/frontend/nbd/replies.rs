@@ -17,16 +17,21 @@
 //! budget it held. A client that never reads pins at most its connection's
 //! budget, and only for that long.
 //!
+//! A connection whose writer failed or timed out is marked broken, so a
+//! reader waiting for budget on its behalf gives up (`budget.rs`).
+//!
 //! What lives elsewhere: encoding a reply (`transmission.rs`), the byte
-//! budget whose permits replies carry until they are written.
+//! budgets whose permits replies carry until they are written (`budget.rs`).
 
 use std::io::IoSlice;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, Notify};
 
+use super::budget::{Permit, ReplyMemory};
 use crate::io::IoBuf;
 use crate::wire::nbd::MAX_CHUNK_HEADER;
 
@@ -69,8 +74,8 @@ pub struct Reply {
     pub data: Option<IoBuf>,
     /// Bytes already sent directly; the writer sends the rest.
     pub sent: usize,
-    /// Held until the reply is written: its share of the byte budget.
-    pub _budget: OwnedSemaphorePermit,
+    /// Held until the reply is written: its share of the byte budgets.
+    pub _budget: Permit,
 }
 
 impl Reply {
@@ -91,12 +96,13 @@ impl Reply {
 }
 
 /// How a connection's replies leave: straight to the plaintext socket
-/// when there is one (`direct`), and how long one may wait for a client
-/// that does not read it.
-#[derive(Debug, Clone, Copy)]
+/// when there is one (`direct`), how long one may wait for a client
+/// that does not read it, and the daemon-wide budget for read replies.
+#[derive(Debug, Clone)]
 pub struct ReplyRoute {
     pub direct: Option<RawFd>,
     pub timeout: std::time::Duration,
+    pub memory: Arc<ReplyMemory>,
 }
 
 /// Where a connection's replies go.
@@ -110,6 +116,9 @@ pub struct ReplySink {
     /// or its buffer not flushed). Replies are queued under this lock.
     writer_owns: Mutex<bool>,
     queue: mpsc::UnboundedSender<Reply>,
+    /// The writer failed or timed out: no reply reaches the client now.
+    broken: AtomicBool,
+    broke: Notify,
 }
 
 /// A connection's writer task, which ends when every clone of its sink
@@ -135,6 +144,7 @@ impl ReplySink {
         ReplyRoute {
             direct,
             timeout: reply_timeout,
+            ..
         }: ReplyRoute,
     ) -> (Arc<ReplySink>, ReplyWriter)
     where
@@ -145,6 +155,8 @@ impl ReplySink {
             direct,
             writer_owns: Mutex::new(false),
             queue,
+            broken: AtomicBool::new(false),
+            broke: Notify::new(),
         });
         let task = tokio::spawn(write_replies(
             writer,
@@ -158,6 +170,28 @@ impl ReplySink {
     fn owns(&self) -> MutexGuard<'_, bool> {
         // A panic while holding this lock cannot leave it inconsistent.
         self.writer_owns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the writer failed or timed out (see [`ReplySink::broken`]).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    /// Returns once the writer failed or timed out.
+    pub async fn broken(&self) {
+        loop {
+            // Created before the check, so a wake-up in between is kept.
+            let woken = self.broke.notified();
+            if self.is_broken() {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    fn break_off(&self) {
+        self.broken.store(true, Ordering::Release);
+        self.broke.notify_waiters();
     }
 
     /// Sends `reply` now if the socket takes it, else queues the rest.
@@ -209,10 +243,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         tracing::warn!(
             "a reply could not be written for {reply_timeout:?} (the client is not reading); closing the connection"
         );
-        if let Some(fd) = sink.upgrade().and_then(|s| s.direct) {
-            // SAFETY: the socket stays open while this writer owns its
-            // write half; shutdown takes no memory.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        if let Some(sink) = sink.upgrade() {
+            sink.break_off();
+            if let Some(fd) = sink.direct {
+                // SAFETY: the socket stays open while this writer owns its
+                // write half; shutdown takes no memory.
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
         }
         std::io::Error::new(std::io::ErrorKind::TimedOut, "reply write timed out")
     };
@@ -236,12 +273,20 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         drop(reply);
+        if result.is_err() {
+            if let Some(sink) = sink.upgrade() {
+                sink.break_off();
+            }
+        }
         // Batch replies that are already waiting into one write.
         if rx.is_empty() && result.is_ok() {
             match tokio::time::timeout(reply_timeout, out.flush()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     result = Err(e);
+                    if let Some(sink) = sink.upgrade() {
+                        sink.break_off();
+                    }
                     continue;
                 }
                 Err(_) => {

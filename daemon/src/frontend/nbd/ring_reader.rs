@@ -17,10 +17,12 @@
 //! The socket leaves tokio's reactor: replies that cannot be sent at
 //! once go through a writer task that watches it for writability only.
 //!
-//! Waiting for the byte budget is the one thing a ring cannot do: the
-//! reader then moves into a tokio task that waits for the permit and
-//! sends it back to its ring. Shutdown marks the reader stopping and
-//! shuts the socket's read side, which ends a receive in flight.
+//! Waiting for the byte budgets (`budget.rs`) is the one thing a ring
+//! cannot do: the reader then moves into a tokio task that waits for the
+//! permit and sends it back to its ring, or ends the reader when the
+//! connection broke or the server stops first. Shutdown marks the reader
+//! stopping and shuts the socket's read side, which ends a receive in
+//! flight.
 //!
 //! What lives elsewhere: framing decisions and replies
 //! (`transmission.rs`), reply sending (`replies.rs`), the ring
@@ -35,10 +37,11 @@ use std::task::{Context, Poll};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWrite, Interest};
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch};
 
-use super::replies::{send_now, ReplySink};
-use super::transmission::{admit, handle, handle_write, Ctx, Next, BUDGET_UNITS, READ_BUFFER};
+use super::budget::{Budget, Permit, Units};
+use super::replies::{send_now, ReplyRoute, ReplySink};
+use super::transmission::{admit, handle, handle_write, Ctx, Next, READ_BUFFER};
 use crate::export::Export;
 use crate::io::uring::{Ring, UringEngine};
 use crate::io::IoBuf;
@@ -58,7 +61,7 @@ enum Stage {
         ctx: Ctx,
         data: IoBuf,
         got: usize,
-        permit: OwnedSemaphorePermit,
+        permit: Permit,
     },
 }
 
@@ -83,9 +86,11 @@ struct RingReader {
     export: Arc<Export>,
     features: Features,
     sink: Arc<ReplySink>,
-    budget: Arc<Semaphore>,
+    budget: Budget,
     peer: String,
     stopping: Arc<AtomicBool>,
+    /// The server's stop signal, for a wait for budget on a tokio task.
+    shutdown: watch::Receiver<bool>,
     ended: Option<oneshot::Sender<io::Result<()>>>,
     runtime: tokio::runtime::Handle,
     engine: Arc<UringEngine>,
@@ -103,7 +108,7 @@ pub async fn serve_on_ring(
     features: Features,
     mut shutdown: watch::Receiver<bool>,
     peer: &str,
-    reply_timeout: std::time::Duration,
+    route: ReplyRoute,
 ) -> io::Result<()> {
     let counted = export.clone();
     let _connected = counted.metrics.connect();
@@ -113,9 +118,10 @@ pub async fn serve_on_ring(
         socket: socket.clone(),
         waiting: None,
     };
-    let route = super::ReplyRoute {
+    let budget = Budget::new(route.memory.clone());
+    let route = ReplyRoute {
         direct: Some(fd),
-        timeout: reply_timeout,
+        ..route
     };
     let (sink, replies) = ReplySink::start(writer, route);
     let stopping = Arc::new(AtomicBool::new(false));
@@ -133,9 +139,10 @@ pub async fn serve_on_ring(
         export,
         features,
         sink,
-        budget: Arc::new(Semaphore::new(BUDGET_UNITS as usize)),
+        budget,
         peer: peer.to_owned(),
         stopping: stopping.clone(),
+        shutdown: shutdown.clone(),
         ended: Some(ended),
         runtime: tokio::runtime::Handle::current(),
         engine: engine.clone(),
@@ -250,9 +257,9 @@ impl RingReader {
                         };
                         return self.receive(ring);
                     }
-                    match self.budget.clone().try_acquire_owned() {
-                        Ok(permit) => ctx.fail(code, permit),
-                        Err(_) => return self.wait(1, Waiting::Fail(ctx, code)),
+                    match self.budget.try_take(Units::ONE) {
+                        Some(permit) => ctx.fail(code, permit),
+                        None => return self.wait(Units::ONE, Waiting::Fail(ctx, code)),
                     }
                 }
                 Stage::Payload {
@@ -293,25 +300,21 @@ impl RingReader {
                                 code,
                             }
                         }
-                        Next::Handle { ctx, units } => {
-                            match self.budget.clone().try_acquire_many_owned(units) {
-                                Ok(permit) => handle(ctx, permit),
-                                Err(_) => return self.wait(units, Waiting::Handle(ctx)),
-                            }
-                        }
-                        Next::Write { ctx, len, units } => {
-                            match self.budget.clone().try_acquire_many_owned(units) {
-                                Ok(permit) => self.stage = Self::payload(ctx, len, permit),
-                                Err(_) => return self.wait(units, Waiting::Write(ctx, len)),
-                            }
-                        }
+                        Next::Handle { ctx, units } => match self.budget.try_take(units) {
+                            Some(permit) => handle(ctx, permit),
+                            None => return self.wait(units, Waiting::Handle(ctx)),
+                        },
+                        Next::Write { ctx, len, units } => match self.budget.try_take(units) {
+                            Some(permit) => self.stage = Self::payload(ctx, len, permit),
+                            None => return self.wait(units, Waiting::Write(ctx, len)),
+                        },
                     }
                 }
             }
         }
     }
 
-    fn payload(ctx: Ctx, len: usize, permit: OwnedSemaphorePermit) -> Stage {
+    fn payload(ctx: Ctx, len: usize, permit: Permit) -> Stage {
         Stage::Payload {
             ctx,
             data: IoBuf::new(len),
@@ -355,7 +358,7 @@ impl RingReader {
         ctx: Ctx,
         data: IoBuf,
         got: usize,
-        permit: OwnedSemaphorePermit,
+        permit: Permit,
     ) {
         let fd = self.fd;
         ring.recv(
@@ -395,27 +398,29 @@ impl RingReader {
     }
 
     /// Waits on a tokio task for `units` of budget, then goes on with
-    /// `waiting` on this reader's ring.
-    fn wait(self: Box<Self>, units: u32, waiting: Waiting) {
-        let budget = self.budget.clone();
+    /// `waiting` on this reader's ring; gives up when the connection
+    /// broke (a reply timed out) or the server stops first.
+    fn wait(self: Box<Self>, units: Units, waiting: Waiting) {
+        let (budget, sink) = (self.budget.clone(), self.sink.clone());
+        let mut shutdown = self.shutdown.clone();
         let runtime = self.runtime.clone();
         runtime.spawn(async move {
-            match budget.acquire_many_owned(units).await {
-                Ok(permit) => {
+            let permit = tokio::select! {
+                permit = budget.take(units) => permit,
+                _ = sink.broken() => None,
+                _ = shutdown.wait_for(|stop| *stop) => None,
+            };
+            match permit {
+                Some(permit) => {
                     let (engine, worker) = (self.engine.clone(), self.worker);
                     engine.submit_to(worker, move |ring| self.resume(ring, waiting, permit))
                 }
-                Err(_) => self.finish(Ok(())),
+                None => self.finish(Ok(())),
             }
         });
     }
 
-    fn resume(
-        mut self: Box<Self>,
-        ring: &mut Ring,
-        waiting: Waiting,
-        permit: OwnedSemaphorePermit,
-    ) {
+    fn resume(mut self: Box<Self>, ring: &mut Ring, waiting: Waiting, permit: Permit) {
         match waiting {
             Waiting::Handle(ctx) => handle(ctx, permit),
             Waiting::Write(ctx, len) => self.stage = Self::payload(ctx, len, permit),

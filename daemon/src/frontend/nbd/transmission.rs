@@ -3,8 +3,9 @@
 //!
 //! The reader task only parses headers and payloads, so many requests are in
 //! flight per connection and replies may overtake each other, as the protocol
-//! allows. A byte budget (a semaphore in 4 KiB units, released when a reply has
-//! been written) bounds the memory one connection can pin. A request the
+//! allows. Byte budgets (`budget.rs`: one per connection, one daemon-wide for
+//! read replies, released when a reply has been written) bound the memory one
+//! connection and all of them can pin. A request the
 //! server cannot honour gets an error reply; a request it cannot even frame
 //! (bad magic, truncated, a payload it will not consume) ends this
 //! connection and no other.
@@ -22,8 +23,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::watch;
 
+use super::budget::{Budget, Permit, Units, CONNECTION_UNITS, UNIT};
 use super::replies::{Head, Reply, ReplyRoute, ReplySink};
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
@@ -31,9 +33,6 @@ use crate::io::IoBuf;
 use crate::volume::{Allocation, Op, OpKind, Outcome};
 use crate::wire::nbd::*;
 
-/// Per-connection in-flight budget: 64 MiB in 4 KiB units.
-pub(super) const BUDGET_UNITS: u32 = 16 * 1024;
-const UNIT: u64 = 4096;
 pub(super) const READ_BUFFER: usize = 128 * 1024;
 /// Most extents in one BLOCK_STATUS reply (8 or 16 KiB of descriptors);
 /// the client asks again from where the reply ended.
@@ -65,7 +64,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let _connected = export.metrics.connect();
-    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
+    let budget = Budget::new(route.memory.clone());
     let (sink, replies) = ReplySink::start(writer, route);
     let header_len = Request::header_len(features.extended);
 
@@ -83,6 +82,20 @@ where
             },
             _ = shutdown.changed() => break Ok(()),
         }
+        // Waiting for budget is back-pressure: no request is read
+        // meanwhile. It ends with the connection or the server.
+        macro_rules! reserve {
+            ($units:expr) => {
+                tokio::select! {
+                    permit = budget.take($units) => match permit {
+                        Some(permit) => permit,
+                        None => break Ok(()),
+                    },
+                    _ = sink.broken() => break Ok(()),
+                    _ = shutdown.changed() => break Ok(()),
+                }
+            };
+        }
         match admit(&raw[..header_len], features, &export, &sink, peer) {
             Next::Close => break Ok(()),
             Next::Refuse { ctx, payload, code } => {
@@ -90,20 +103,11 @@ where
                 if let Err(e) = discard(&mut reader, payload).await {
                     break Err(e);
                 }
-                match budget.clone().acquire_owned().await {
-                    Ok(permit) => ctx.fail(code, permit),
-                    Err(_) => break Ok(()),
-                }
+                ctx.fail(code, reserve!(Units::ONE));
             }
-            Next::Handle { ctx, units } => match budget.clone().acquire_many_owned(units).await {
-                Ok(permit) => handle(ctx, permit),
-                Err(_) => break Ok(()),
-            },
+            Next::Handle { ctx, units } => handle(ctx, reserve!(units)),
             Next::Write { ctx, len, units } => {
-                let permit = match budget.clone().acquire_many_owned(units).await {
-                    Ok(p) => p,
-                    Err(_) => break Ok(()),
-                };
+                let permit = reserve!(units);
                 let mut data = IoBuf::new(len);
                 // A client that stalls inside a payload must not hold the
                 // connection open past a shutdown or its volume's removal.
@@ -134,13 +138,13 @@ pub(super) enum Next {
     /// Stop reading: DISC, or a request that cannot be framed.
     Close,
     /// Consume and drop `payload` bytes, then answer `code` (one unit of
-    /// budget).
+    /// the connection's budget).
     Refuse { ctx: Ctx, payload: u64, code: u32 },
     /// Take `units` of budget, then `handle`.
-    Handle { ctx: Ctx, units: u32 },
+    Handle { ctx: Ctx, units: Units },
     /// Take `units` of budget, read the `len`-byte payload, then
     /// `handle_write`.
-    Write { ctx: Ctx, len: usize, units: u32 },
+    Write { ctx: Ctx, len: usize, units: Units },
 }
 
 /// Parses and classifies one request header: the framing decisions every
@@ -175,10 +179,11 @@ pub(super) fn admit(
     let is_write = req.command == Command::Write;
     // Only payload-carrying commands pin memory; zeroing and trimming
     // a large range costs one unit.
-    let units = match req.command {
-        Command::Read | Command::Write => {
-            req.length.div_ceil(UNIT).clamp(1, u64::from(BUDGET_UNITS)) as u32
-        }
+    let connection_units = match req.command {
+        Command::Read | Command::Write => req
+            .length
+            .div_ceil(UNIT)
+            .clamp(1, u64::from(CONNECTION_UNITS)) as u32,
         _ => 1,
     };
     // A payload we refuse is still on the wire.
@@ -204,12 +209,26 @@ pub(super) fn admit(
         };
         return Next::Refuse { ctx, payload, code };
     }
+    let mut units = Units {
+        connection: connection_units,
+        replies: 0,
+    };
     if is_write {
         return Next::Write {
             ctx,
             len: payload as usize,
             units,
         };
+    }
+    // Only a read that will be served gets a data buffer: one that is
+    // refused replies with an error chunk and must not hold the
+    // daemon-wide budget while its client declines to read that.
+    if req.command == Command::Read
+        && req.length <= u64::from(MAX_PAYLOAD)
+        && req.flags & !valid_flags(req.command, features) == 0
+        && ctx.in_range()
+    {
+        units.replies = connection_units;
     }
     Next::Handle { ctx, units }
 }
@@ -238,7 +257,7 @@ impl Drop for Ctx {
 }
 
 impl Ctx {
-    fn respond(&self, error: u32, body: Body, budget: OwnedSemaphorePermit) {
+    fn respond(&self, error: u32, body: Body, budget: Permit) {
         self.export.metrics.complete(
             request_kind(self.req.command),
             self.req.length,
@@ -320,7 +339,7 @@ impl Ctx {
         out
     }
 
-    pub(super) fn fail(&self, error: u32, budget: OwnedSemaphorePermit) {
+    pub(super) fn fail(&self, error: u32, budget: Permit) {
         self.respond(error, Body::Empty, budget);
     }
 
@@ -336,7 +355,7 @@ impl Ctx {
     }
 
     /// Submits `op` to the data area and replies with its outcome.
-    fn submit(self, op: Op, budget: OwnedSemaphorePermit) {
+    fn submit(self, op: Op, budget: Permit) {
         let area = self.export.volume.data.clone();
         area.submit(op, move |outcome| {
             let outcome = outcome.map(|done| match done {
@@ -360,7 +379,7 @@ impl Ctx {
     }
 
     /// Replies with a request's outcome, logging failures.
-    fn finish(self, outcome: std::io::Result<Body>, budget: OwnedSemaphorePermit) {
+    fn finish(self, outcome: std::io::Result<Body>, budget: Permit) {
         match outcome {
             Ok(body) => self.respond(0, body, budget),
             Err(e) => {
@@ -377,7 +396,7 @@ impl Ctx {
     }
 }
 
-pub(super) fn handle_write(ctx: Ctx, data: IoBuf, budget: OwnedSemaphorePermit) {
+pub(super) fn handle_write(ctx: Ctx, data: IoBuf, budget: Permit) {
     if !ctx.in_range() {
         return ctx.fail(ENOSPC, budget);
     }
@@ -385,7 +404,7 @@ pub(super) fn handle_write(ctx: Ctx, data: IoBuf, budget: OwnedSemaphorePermit) 
     ctx.submit(Op::Write { offset, data, fua }, budget);
 }
 
-pub(super) fn handle(ctx: Ctx, budget: OwnedSemaphorePermit) {
+pub(super) fn handle(ctx: Ctx, budget: Permit) {
     let req = ctx.req;
     // Flags that are unknown, not valid for this command, or not
     // advertised (DF without structured replies, FAST_ZERO, FUA on READ).
@@ -587,7 +606,7 @@ mod tests {
                         features,
                         shutdown,
                         "test",
-                        REPLY_TIMEOUT,
+                        route(None),
                     )
                     .await
                 });
@@ -610,6 +629,9 @@ mod tests {
         super::super::replies::ReplyRoute {
             direct,
             timeout: REPLY_TIMEOUT,
+            memory: crate::frontend::nbd::budget::ReplyMemory::new(
+                crate::frontend::nbd::budget::DEFAULT_REPLY_MEMORY,
+            ),
         }
     }
     const SIMPLE: Features = Features {
@@ -755,7 +777,7 @@ mod tests {
     async fn byte_budget_bounds_what_one_connection_pins(reader: Reader) {
         let mut s = serve_volume(SIMPLE, reader);
         const READ: u64 = 4 << 20;
-        let in_budget = u64::from(BUDGET_UNITS) * UNIT / READ;
+        let in_budget = u64::from(CONNECTION_UNITS) * UNIT / READ;
         let sent = in_budget + 8;
         for cookie in 0..sent {
             s.send(request(Command::Read, 0, cookie, 0, READ), &[])
