@@ -4,9 +4,9 @@
 use crate::Exit;
 use anyhow::bail;
 use hostcryptd::config::Config;
-use hostcryptd::control::client::{self, ClientError};
-use hostcryptd::control::protocol::Reply;
-use hostcryptd::control::{Request, Response};
+use hostcryptd::control::client::{self, ControlClientError};
+use hostcryptd::control::protocol::ControlReply;
+use hostcryptd::control::{ControlRequest, ControlResponse};
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,11 +15,11 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Sends one request and decodes the answer as `T` (`Status`,
 /// `Vec<CheckResult>`, ...): the daemon's and the CLI's types are one.
-pub fn ask<T: TryFrom<Reply, Error = Reply>>(
+pub fn ask<T: TryFrom<ControlReply, Error = ControlReply>>(
     config_path: &Path,
-    request: &Request,
+    request: &ControlRequest,
 ) -> anyhow::Result<T> {
-    control(config_path, request)?.try_into().map_err(|other: Reply| {
+    control(config_path, request)?.try_into().map_err(|other: ControlReply| {
         anyhow::anyhow!(
             "the daemon answered with {} where {} was expected (is hostcryptd the same version as hostcrypt?)",
             other.kind(),
@@ -29,7 +29,7 @@ pub fn ask<T: TryFrom<Reply, Error = Reply>>(
 }
 
 /// Sends one request to the daemon named by the config's `control`.
-pub fn control(config_path: &Path, request: &Request) -> anyhow::Result<Reply> {
+pub fn control(config_path: &Path, request: &ControlRequest) -> anyhow::Result<ControlReply> {
     let config = Config::load(config_path)?;
     let Some(socket) = &config.daemon.control else {
         bail!(
@@ -37,9 +37,9 @@ pub fn control(config_path: &Path, request: &Request) -> anyhow::Result<Reply> {
             config_path.display()
         );
     };
-    let response: Response =
+    let response: ControlResponse =
         client::call(socket, request, CONTROL_TIMEOUT).map_err(|e| match e {
-            e @ ClientError::Connect { .. } => anyhow::Error::new(Exit::Unreachable(e)),
+            e @ ControlClientError::Connect { .. } => anyhow::Error::new(Exit::Unreachable(e)),
             e => anyhow::Error::new(e),
         })?;
     if !response.ok {

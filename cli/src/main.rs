@@ -21,8 +21,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hostcryptd::config::ByteSize;
-use hostcryptd::control::client::ClientError;
-use hostcryptd::control::Request;
+use hostcryptd::control::client::ControlClientError;
+use hostcryptd::control::ControlRequest;
 use hostcryptd::kek::LocalKek;
 use hostcryptd::volume::{Layer, ReencryptAction};
 
@@ -216,7 +216,7 @@ enum KekCommand {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Exit {
     #[error("{0}")]
-    Unreachable(ClientError),
+    Unreachable(ControlClientError),
     #[error("{0}")]
     KeyLost(String),
 }
@@ -339,7 +339,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => commands::keys::key_change(
             &cli.config,
-            Request::RotateKek {
+            ControlRequest::RotateKek {
                 volume,
                 to_version,
                 layer: layer(inner),
@@ -354,7 +354,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             json,
         } => commands::keys::key_change(
             &cli.config,
-            Request::Rekey {
+            ControlRequest::Rekey {
                 volume,
                 kek,
                 layer: layer(inner),

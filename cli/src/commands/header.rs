@@ -10,7 +10,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use hostcryptd::config::Config;
 use hostcryptd::control::protocol::Status;
-use hostcryptd::control::Request;
+use hostcryptd::control::ControlRequest;
 use hostcryptd::crypto::Dek;
 use hostcryptd::kek::audit::Event;
 use hostcryptd::volume::backup;
@@ -22,7 +22,7 @@ fn served(config_path: &Path, volume: &str) -> anyhow::Result<bool> {
     if config.daemon.control.is_none() {
         return Ok(false);
     }
-    let status: Status = match crate::control::ask(config_path, &Request::Status) {
+    let status: Status = match crate::control::ask(config_path, &ControlRequest::Status) {
         Ok(result) => result,
         // No daemon running: nothing serves it.
         Err(e) if matches!(e.downcast_ref(), Some(crate::Exit::Unreachable(_))) => {

@@ -4,11 +4,11 @@
 use crate::control::ask;
 use crate::Exit;
 use hostcryptd::control::protocol::{CheckResult, KeyChange};
-use hostcryptd::control::Request;
+use hostcryptd::control::ControlRequest;
 use std::path::Path;
 
 pub fn check_key(config_path: &Path, volume: Option<String>, json: bool) -> anyhow::Result<()> {
-    let checks: Vec<CheckResult> = ask(config_path, &Request::CheckKey { volume })?;
+    let checks: Vec<CheckResult> = ask(config_path, &ControlRequest::CheckKey { volume })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&checks)?);
     } else {
@@ -39,7 +39,7 @@ pub fn check_key(config_path: &Path, volume: Option<String>, json: bool) -> anyh
 
 pub fn key_change(
     config_path: &Path,
-    request: Request,
+    request: ControlRequest,
     verb: &str,
     json: bool,
 ) -> anyhow::Result<()> {

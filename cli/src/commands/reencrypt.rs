@@ -3,7 +3,7 @@
 
 use crate::control::ask;
 use anyhow::bail;
-use hostcryptd::control::Request;
+use hostcryptd::control::ControlRequest;
 use hostcryptd::volume::{ReencryptAction, ReencryptState, ReencryptStatus};
 use std::io::IsTerminal;
 use std::path::Path;
@@ -22,7 +22,7 @@ pub fn reencrypt(
     if let Some(rate) = rate_mbps.filter(|r| !r.is_finite()) {
         anyhow::bail!("--rate {rate}: give 0 (unlimited) or a rate in MB/s");
     }
-    let request = |action| Request::Reencrypt {
+    let request = |action| ControlRequest::Reencrypt {
         volume: volume.clone(),
         action,
         rate_mbps,

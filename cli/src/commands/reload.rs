@@ -1,11 +1,12 @@
 //! `hostcrypt reload`: re-read the config in the running daemon.
 
 use crate::control::ask;
-use hostcryptd::control::Request;
+use hostcryptd::control::ControlRequest;
 use std::path::Path;
 
 pub fn reload(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let report: hostcryptd::service::reload::ReloadReport = ask(config_path, &Request::Reload)?;
+    let report: hostcryptd::service::reload::ReloadReport =
+        ask(config_path, &ControlRequest::Reload)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

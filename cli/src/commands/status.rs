@@ -4,12 +4,12 @@
 use super::reencrypt::reencrypt_line;
 use crate::control::ask;
 use hostcryptd::control::protocol::Status;
-use hostcryptd::control::Request;
+use hostcryptd::control::ControlRequest;
 use std::path::Path;
 use std::time::Duration;
 
 pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let status: Status = ask(config_path, &Request::Status)?;
+    let status: Status = ask(config_path, &ControlRequest::Status)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(());
@@ -125,7 +125,7 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn volumes(config_path: &Path, json: bool) -> anyhow::Result<()> {
-    let status: Status = ask(config_path, &Request::Status)?;
+    let status: Status = ask(config_path, &ControlRequest::Status)?;
     if json {
         let list: Vec<_> = status
             .volumes

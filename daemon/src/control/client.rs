@@ -5,10 +5,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Request, Response};
+use super::{ControlRequest, ControlResponse};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub enum ControlClientError {
     #[error("cannot reach the daemon at {path}: {source} (is hostcryptd running, and is `control` set in [daemon]?)")]
     Connect {
         path: String,
@@ -22,8 +22,12 @@ pub enum ClientError {
 }
 
 /// Sends `request` and waits (up to `timeout`) for the daemon's answer.
-pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Response, ClientError> {
-    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+pub fn call(
+    path: &Path,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, ControlClientError> {
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlClientError::Connect {
         path: path.display().to_string(),
         source,
     })?;
@@ -38,9 +42,9 @@ pub fn call(path: &Path, request: &Request, timeout: Duration) -> Result<Respons
     match reader.read_line(&mut answer) {
         Ok(n) if n > 0 => Ok(serde_json::from_str(&answer)?),
         Ok(_) => Err(written.err().map_or_else(
-            || ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()),
-            ClientError::Io,
+            || ControlClientError::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            ControlClientError::Io,
         )),
-        Err(e) => Err(ClientError::Io(written.err().unwrap_or(e))),
+        Err(e) => Err(ControlClientError::Io(written.err().unwrap_or(e))),
     }
 }

@@ -8,4 +8,4 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 
-pub use protocol::{Request, Response};
+pub use protocol::{ControlRequest, ControlResponse};

@@ -1,7 +1,7 @@
 //! Control-socket messages: one JSON object per line, one request and one
 //! response per connection. JSON lines rather than HTTP: there is nothing to
 //! route, no client but our own CLI, and `socat`/`nc -U` can drive it by
-//! hand. Answers are one typed enum (`Reply`) that both the daemon and the
+//! hand. Answers are one typed enum (`ControlReply`) that both the daemon and the
 //! CLI use, so neither decodes untyped JSON. Never carries key material.
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
+pub enum ControlRequest {
     /// Daemon and per-volume state.
     Status,
     /// Verify key access now (all volumes, or one).
@@ -45,15 +45,15 @@ pub enum Request {
     },
 }
 
-impl Request {
+impl ControlRequest {
     /// What `control_read_group` may ask: nothing that changes a key, a
     /// volume or the config.
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Request::Status
-                | Request::CheckKey { .. }
-                | Request::Reencrypt {
+            ControlRequest::Status
+                | ControlRequest::CheckKey { .. }
+                | ControlRequest::Reencrypt {
                     action: ReencryptAction::Status,
                     rate_mbps: None,
                     ..
@@ -63,17 +63,17 @@ impl Request {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Response {
+pub struct ControlResponse {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub result: Option<Reply>,
+    pub result: Option<ControlReply>,
 }
 
-impl Response {
-    pub fn ok(reply: impl Into<Reply>) -> Self {
-        Response {
+impl ControlResponse {
+    pub fn ok(reply: impl Into<ControlReply>) -> Self {
+        ControlResponse {
             ok: true,
             error: None,
             result: Some(reply.into()),
@@ -81,7 +81,7 @@ impl Response {
     }
 
     pub fn error(message: impl std::fmt::Display) -> Self {
-        Response {
+        ControlResponse {
             ok: false,
             error: Some(message.to_string()),
             result: None,
@@ -93,7 +93,7 @@ impl Response {
 /// both ends decode the same types.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "value", rename_all = "kebab-case")]
-pub enum Reply {
+pub enum ControlReply {
     Status(Status),
     Checks(Vec<CheckResult>),
     KeyChange(KeyChange),
@@ -101,32 +101,32 @@ pub enum Reply {
     Reencrypt(crate::volume::ReencryptStatus),
 }
 
-impl Reply {
+impl ControlReply {
     /// The kind of answer, for an error about an unexpected one.
     pub fn kind(&self) -> &'static str {
         match self {
-            Reply::Status(_) => "status",
-            Reply::Checks(_) => "checks",
-            Reply::KeyChange(_) => "key-change",
-            Reply::Reload(_) => "reload",
-            Reply::Reencrypt(_) => "reencrypt",
+            ControlReply::Status(_) => "status",
+            ControlReply::Checks(_) => "checks",
+            ControlReply::KeyChange(_) => "key-change",
+            ControlReply::Reload(_) => "reload",
+            ControlReply::Reencrypt(_) => "reencrypt",
         }
     }
 }
 
-/// `Reply` from and into each answer type.
+/// `ControlReply` from and into each answer type.
 macro_rules! reply_variants {
     ($($variant:ident($ty:ty)),* $(,)?) => {$(
-        impl From<$ty> for Reply {
+        impl From<$ty> for ControlReply {
             fn from(value: $ty) -> Self {
-                Reply::$variant(value)
+                ControlReply::$variant(value)
             }
         }
-        impl TryFrom<Reply> for $ty {
-            type Error = Reply;
-            fn try_from(reply: Reply) -> Result<Self, Reply> {
+        impl TryFrom<ControlReply> for $ty {
+            type Error = ControlReply;
+            fn try_from(reply: ControlReply) -> Result<Self, ControlReply> {
                 match reply {
-                    Reply::$variant(value) => Ok(value),
+                    ControlReply::$variant(value) => Ok(value),
                     other => Err(other),
                 }
             }

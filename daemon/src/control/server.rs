@@ -18,7 +18,7 @@ use super::protocol::{
     CheckResult, ConnectionStatus, IoStatus, KeyChange, Status, UnavailableStatus, VolumeStatus,
     MAX_REQUEST,
 };
-use super::{Request, Response};
+use super::{ControlRequest, ControlResponse};
 use crate::service::registry::Registry;
 use crate::service::reload::Reloader;
 use crate::volume::LayerKek;
@@ -34,7 +34,7 @@ pub struct ControlState {
     /// Config reloads, and the KEK providers configured now.
     pub reloader: Arc<Reloader>,
     pub allowed_gid: Option<u32>,
-    /// `control_read_group`: may only read (`Request::is_read_only`).
+    /// `control_read_group`: may only read (`ControlRequest::is_read_only`).
     pub read_gid: Option<u32>,
     pub gate: Arc<crate::frontend::nbd::gate::Gate>,
     pub listeners: Vec<super::protocol::ListenerStatus>,
@@ -116,23 +116,23 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
     let mut line = String::new();
     let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
     let response = match read {
-        Err(_) => Response::error("no complete request line within 10 s"),
+        Err(_) => ControlResponse::error("no complete request line within 10 s"),
         Ok(Ok(0)) => return,
-        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+        Ok(Err(e)) => ControlResponse::error(format!("reading the request: {e}")),
         Ok(Ok(_)) if !allowed && !reader_only => {
             tracing::warn!(
                 uid,
                 pid,
                 "control: refused a peer that is neither root nor in control_group"
             );
-            Response::error(
+            ControlResponse::error(
                 "permission denied: only root or members of control_group may use the control socket",
             )
         }
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+        Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(&line) {
             Ok(request) if reader_only && !request.is_read_only() => {
                 tracing::warn!(uid, pid, request = ?request, "control: refused a change from a member of control_read_group");
-                Response::error(
+                ControlResponse::error(
                     "permission denied: control_read_group may only read (status, volumes, check-key); changes need root or control_group",
                 )
             }
@@ -140,13 +140,15 @@ async fn serve(stream: UnixStream, state: Arc<ControlState>) {
                 tracing::info!(uid, pid, request = ?request, "control request");
                 let state = state.clone();
                 tokio::task::spawn_blocking(move || match request {
-                    Request::CheckKey { volume } if reader_only => cached_check_key(&state, volume),
+                    ControlRequest::CheckKey { volume } if reader_only => {
+                        cached_check_key(&state, volume)
+                    }
                     request => handle(&state, request, uid),
                 })
                 .await
-                .unwrap_or_else(|e| Response::error(format!("request failed: {e}")))
+                .unwrap_or_else(|e| ControlResponse::error(format!("request failed: {e}")))
             }
-            Err(e) => Response::error(format!("malformed request: {e}")),
+            Err(e) => ControlResponse::error(format!("malformed request: {e}")),
         },
     };
     let mut text = serde_json::to_string(&response).unwrap_or_else(|_| "{\"ok\":false}".into());
@@ -165,7 +167,7 @@ fn check_key(
     state: &ControlState,
     volume: Option<String>,
     check: impl Fn(&crate::service::registry::Served, &crate::volume::VolumeKeys) -> Result<(), String>,
-) -> Response {
+) -> ControlResponse {
     let mut results = Vec::new();
     for export in state.registry.iter() {
         if volume.as_deref().is_some_and(|v| v != export.name()) {
@@ -184,17 +186,17 @@ fn check_key(
     }
     if let Some(v) = &volume {
         if results.is_empty() {
-            return Response::error(unknown_volume(state, v));
+            return ControlResponse::error(unknown_volume(state, v));
         }
     }
-    Response::ok(results)
+    ControlResponse::ok(results)
 }
 
 /// `check-key` for `control_read_group`: the outcome of the last periodic
 /// check, with no provider call. A live check may rotate a key
 /// (`auto_rotate`) or declare it lost and stop I/O: changes a reader must
 /// not be able to time.
-fn cached_check_key(state: &ControlState, volume: Option<String>) -> Response {
+fn cached_check_key(state: &ControlState, volume: Option<String>) -> ControlResponse {
     check_key(state, volume, |export, keys| {
         if let Some(failure) = export.volume.data.failure() {
             return Err(failure.to_owned());
@@ -209,11 +211,11 @@ fn cached_check_key(state: &ControlState, volume: Option<String>) -> Response {
 }
 
 /// Runs one request (blocking: providers may talk to remote servers).
-pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
+pub fn handle(state: &ControlState, request: ControlRequest, uid: u32) -> ControlResponse {
     let uid = Some(uid);
     match request {
-        Request::Status => Response::ok(status(state)),
-        Request::CheckKey { volume } => check_key(state, volume, |export, keys| {
+        ControlRequest::Status => ControlResponse::ok(status(state)),
+        ControlRequest::CheckKey { volume } => check_key(state, volume, |export, keys| {
             // A key that unwraps says nothing of a backing that is gone.
             export
                 .volume
@@ -222,40 +224,40 @@ pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
                 .map_err(|e| e.to_string())
                 .and_then(|()| keys.check(uid).map_err(|e| e.to_string()))
         }),
-        Request::RotateKek {
+        ControlRequest::RotateKek {
             volume,
             to_version,
             layer,
         } => match find_keys(state, &volume) {
-            Err(e) => Response::error(e),
+            Err(e) => ControlResponse::error(e),
             Ok(keys) => match keys.rotate(layer, to_version.as_deref(), uid) {
-                Ok(kek) => Response::ok(KeyChange { volume, layer, kek }),
-                Err(e) => Response::error(e),
+                Ok(kek) => ControlResponse::ok(KeyChange { volume, layer, kek }),
+                Err(e) => ControlResponse::error(e),
             },
         },
-        Request::Reencrypt {
+        ControlRequest::Reencrypt {
             volume,
             action,
             rate_mbps,
         } => match find_keys(state, &volume) {
-            Err(e) => Response::error(e),
+            Err(e) => ControlResponse::error(e),
             Ok(keys) => match keys.reencrypt(action, rate_mbps, uid) {
-                Ok(status) => Response::ok(status),
-                Err(e) => Response::error(e),
+                Ok(status) => ControlResponse::ok(status),
+                Err(e) => ControlResponse::error(e),
             },
         },
-        Request::Reload => match state.reloader.reload() {
-            Ok(report) => Response::ok(report),
-            Err(e) => Response::error(crate::report::error_chain(&e)),
+        ControlRequest::Reload => match state.reloader.reload() {
+            Ok(report) => ControlResponse::ok(report),
+            Err(e) => ControlResponse::error(crate::report::error_chain(&e)),
         },
-        Request::Rekey { volume, kek, layer } => {
+        ControlRequest::Rekey { volume, kek, layer } => {
             let Some(provider) = state.reloader.provider(&kek) else {
-                return Response::error(format!(
+                return ControlResponse::error(format!(
                     "no [kek.{kek}] is configured in the running daemon; add it and restart"
                 ));
             };
             match find_keys(state, &volume) {
-                Err(e) => Response::error(e),
+                Err(e) => ControlResponse::error(e),
                 Ok(keys) => match keys.rekey(
                     layer,
                     LayerKek {
@@ -264,8 +266,8 @@ pub fn handle(state: &ControlState, request: Request, uid: u32) -> Response {
                     },
                     uid,
                 ) {
-                    Ok(kek) => Response::ok(KeyChange { volume, layer, kek }),
-                    Err(e) => Response::error(e),
+                    Ok(kek) => ControlResponse::ok(KeyChange { volume, layer, kek }),
+                    Err(e) => ControlResponse::error(e),
                 },
             }
         }

@@ -29,17 +29,17 @@ use crate::io::engine::Engine;
 use crate::wire::nbd::Features;
 
 /// An accepted socket, before the handshake.
-pub enum Stream {
+pub enum Accepted {
     Unix(tokio::net::UnixStream),
     Tcp(tokio::net::TcpStream),
 }
 
-impl Stream {
+impl Accepted {
     /// Which kind of listener it came from, for the gate's reserves.
     pub fn transport(&self) -> super::gate::Transport {
         match self {
-            Stream::Unix(_) => super::gate::Transport::Unix,
-            Stream::Tcp(_) => super::gate::Transport::Tcp,
+            Accepted::Unix(_) => super::gate::Transport::Unix,
+            Accepted::Tcp(_) => super::gate::Transport::Tcp,
         }
     }
 }
@@ -71,7 +71,7 @@ pub struct Server {
 }
 
 pub async fn run(
-    stream: Stream,
+    stream: Accepted,
     mut peer: Peer,
     server: Arc<Server>,
     shutdown: watch::Receiver<bool>,
@@ -83,7 +83,7 @@ pub async fn run(
     let credentials = gate.tls();
     let phase = match (&credentials, gate.settings.tls_mode, &stream) {
         (None, _, _) | (_, TlsMode::Off, _) => TlsPhase::Unavailable,
-        (Some(_), TlsMode::Require, Stream::Tcp(_)) => TlsPhase::Offered { required: true },
+        (Some(_), TlsMode::Require, Accepted::Tcp(_)) => TlsPhase::Offered { required: true },
         // Unix peers are known by SO_PEERCRED; TLS there is the client's choice.
         (Some(_), _, _) => TlsPhase::Offered { required: false },
     };
@@ -97,14 +97,14 @@ pub async fn run(
         slot,
     };
     match stream {
-        Stream::Unix(s) => {
+        Accepted::Unix(s) => {
             let plain = Plain {
                 split: tokio::net::UnixStream::into_split,
                 into_fd: |s| s.into_std().map(OwnedFd::from),
             };
             conn.run(s, &mut peer, plain).await
         }
-        Stream::Tcp(s) => {
+        Accepted::Tcp(s) => {
             let plain = Plain {
                 split: tokio::net::TcpStream::into_split,
                 into_fd: |s| s.into_std().map(OwnedFd::from),
@@ -196,22 +196,22 @@ impl Conn<'_> {
                 // Replies may go straight to the plaintext socket.
                 let fd = s.as_raw_fd();
                 let (r, w) = (plain.split)(s);
-                let link = Link {
+                let channel = Channel {
                     peer,
                     tls: None,
                     route: self.gate.reply_route(Some(fd)),
                 };
-                transmit(r, w, (export, features), link, stop).await
+                transmit(r, w, (export, features), channel, stop).await
             }
             Some(Ready::Tls(s, export, features)) => {
                 let session = tls::describe_session(s.get_ref().1);
                 let (r, w) = tokio::io::split(*s);
-                let link = Link {
+                let channel = Channel {
                     peer,
                     tls: Some(session),
                     route: self.gate.reply_route(None),
                 };
-                transmit(r, w, (export, features), link, stop).await
+                transmit(r, w, (export, features), channel, stop).await
             }
             Some(Ready::Closed) | None => {}
         }
@@ -317,7 +317,7 @@ where
 }
 
 /// Who a transmission serves and over what.
-struct Link<'a> {
+struct Channel<'a> {
     peer: &'a Peer,
     /// The TLS session's description, or `None` for plaintext.
     tls: Option<String>,
@@ -330,7 +330,7 @@ async fn transmit<R, W>(
     reader: R,
     writer: W,
     (export, features): (Arc<Export>, Features),
-    Link { peer, tls, route }: Link<'_>,
+    Channel { peer, tls, route }: Channel<'_>,
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::connection::{self, Server, Stream};
+use super::connection::{self, Accepted, Server};
 use super::gate::Gate;
 use crate::export::peer::Peer;
 /// How long shutdown waits for in-flight requests before dropping connections.
@@ -184,18 +184,18 @@ async fn accept_loop(listener: Listener, server: Arc<Server>, mut shutdown: watc
     }
 }
 
-async fn accept(listener: &Listener) -> std::io::Result<(Stream, Peer)> {
+async fn accept(listener: &Listener) -> std::io::Result<(Accepted, Peer)> {
     match listener {
         Listener::Unix { listener, .. } => {
             let (s, _) = listener.accept().await?;
             widen_send_buffer(&s);
             let peer = Peer::unix(&s);
-            Ok((Stream::Unix(s), peer))
+            Ok((Accepted::Unix(s), peer))
         }
         Listener::Tcp(l) => {
             let (s, a) = l.accept().await?;
             let _ = s.set_nodelay(true);
-            Ok((Stream::Tcp(s), Peer::tcp(a)))
+            Ok((Accepted::Tcp(s), Peer::tcp(a)))
         }
     }
 }
