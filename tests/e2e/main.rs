@@ -13,6 +13,7 @@ mod durability;
 mod faults;
 mod filesystem;
 mod headers;
+mod in_process;
 mod operate;
 mod pkcs11;
 mod protocol;

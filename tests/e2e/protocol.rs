@@ -118,7 +118,7 @@ fn tcp_listener_serves_qemu() {
 /// Whether this kernel lets this process set up an io_uring (seccomp,
 /// `kernel.io_uring_disabled` and old kernels refuse it), probed here
 /// independently of the daemon.
-fn kernel_allows_io_uring() -> bool {
+pub(crate) fn kernel_allows_io_uring() -> bool {
     // io_uring_setup(2) with one entry and zeroed params; 425 on x86_64.
     let mut params = [0u8; 120];
     // SAFETY: the params buffer is larger than struct io_uring_params (120
