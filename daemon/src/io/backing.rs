@@ -1,6 +1,7 @@
 //! A volume's backing, local or remote, behind one type: a file or block
-//! device (`file.rs`) or an NBD export (`remote.rs`), chosen by whether
-//! the configured `backing` is an NBD URI. Callers that need the local
+//! device (`file.rs`) or an NBD export (`remote/`), chosen by whether
+//! the configured `backing` is an NBD URI; for tests, memory
+//! (`memory.rs`). Callers that need the local
 //! specifics (the io_uring engine's descriptor, O_DIRECT, holes) ask, and
 //! get `None` or a plain answer for a remote one. Opening to write claims a
 //! local backing for one owner (`owner.rs`); opening to read does not.
@@ -10,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::file::FileBacking;
+use super::memory::MemoryBacking;
 use super::remote::RemoteBacking;
 use super::write_back::WriteBack;
 use crate::io::remote::client::NbdUri;
@@ -26,6 +28,7 @@ pub struct Backing {
 enum Kind {
     File(FileBacking),
     Remote(RemoteBacking),
+    Memory(MemoryBacking),
 }
 
 /// Whether a configured backing names an NBD export rather than a path.
@@ -78,10 +81,23 @@ impl Backing {
             .map(Backing::new)
     }
 
+    /// A backing in memory of `len` bytes, for tests (`memory.rs`).
+    pub fn memory(len: u64) -> io::Result<Self> {
+        MemoryBacking::new(len).map(Kind::Memory).map(Backing::new)
+    }
+
+    /// The in-memory backing, to inject faults; `None` for any other.
+    pub fn as_memory(&self) -> Option<&MemoryBacking> {
+        match &self.kind {
+            Kind::Memory(m) => Some(m),
+            _ => None,
+        }
+    }
+
     pub fn remote(&self) -> Option<&RemoteBacking> {
         match &self.kind {
             Kind::Remote(r) => Some(r),
-            Kind::File(_) => None,
+            Kind::File(_) | Kind::Memory(_) => None,
         }
     }
 
@@ -89,7 +105,7 @@ impl Backing {
     pub fn enable_direct(&mut self) -> io::Result<()> {
         match &mut self.kind {
             Kind::File(f) => f.enable_direct(),
-            Kind::Remote(_) => Err(io::Error::new(
+            Kind::Remote(_) | Kind::Memory(_) => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "direct = true applies to local backings, not to a remote export",
             )),
@@ -101,7 +117,7 @@ impl Backing {
     pub fn data_fd(&self) -> Option<std::os::unix::io::RawFd> {
         match &self.kind {
             Kind::File(f) => Some(f.data_fd()),
-            Kind::Remote(_) => None,
+            Kind::Remote(_) | Kind::Memory(_) => None,
         }
     }
 
@@ -125,6 +141,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.path(),
             Kind::Remote(r) => r.path(),
+            Kind::Memory(m) => m.path(),
         }
     }
 
@@ -138,6 +155,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.is_block_device(),
             Kind::Remote(_) => true,
+            Kind::Memory(_) => false,
         }
     }
 
@@ -146,14 +164,14 @@ impl Backing {
     pub fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         match &self.kind {
             Kind::File(f) => f.next_data(offset),
-            Kind::Remote(_) => Ok(Some(offset)),
+            Kind::Remote(_) | Kind::Memory(_) => Ok(Some(offset)),
         }
     }
 
     pub fn next_hole(&self, offset: u64) -> io::Result<u64> {
         match &self.kind {
             Kind::File(f) => f.next_hole(offset),
-            Kind::Remote(_) => Ok(u64::MAX),
+            Kind::Remote(_) | Kind::Memory(_) => Ok(u64::MAX),
         }
     }
 
@@ -162,7 +180,7 @@ impl Backing {
     pub fn check_identity(&self, needed: u64) -> io::Result<()> {
         match &self.kind {
             Kind::File(f) => f.check_identity(needed),
-            Kind::Remote(_) => Ok(()),
+            Kind::Remote(_) | Kind::Memory(_) => Ok(()),
         }
     }
 
@@ -170,13 +188,14 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.size(),
             Kind::Remote(r) => Ok(r.size()),
+            Kind::Memory(m) => Ok(m.size()),
         }
     }
 
     pub fn logical_block_size(&self) -> io::Result<u32> {
         match &self.kind {
             Kind::File(f) => f.logical_block_size(),
-            Kind::Remote(_) => Ok(512),
+            Kind::Remote(_) | Kind::Memory(_) => Ok(512),
         }
     }
 
@@ -184,6 +203,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.set_len(len),
             Kind::Remote(r) => r.set_len(len),
+            Kind::Memory(m) => m.set_len(len),
         }
     }
 
@@ -192,6 +212,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.read_at(buf, offset),
             Kind::Remote(r) => r.read_at(buf, offset),
+            Kind::Memory(m) => m.read_at(buf, offset),
         }
     }
 
@@ -199,6 +220,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.write_at(buf, offset),
             Kind::Remote(r) => r.write_at(buf, offset),
+            Kind::Memory(m) => m.write_at(buf, offset),
         }
     }
 
@@ -206,7 +228,7 @@ impl Backing {
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
         match &self.kind {
             Kind::File(f) => f.read_cached(buf, offset),
-            Kind::Remote(_) => false,
+            Kind::Remote(_) | Kind::Memory(_) => false,
         }
     }
 
@@ -215,6 +237,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.read_data(buf, offset),
             Kind::Remote(r) => r.read_at(buf, offset),
+            Kind::Memory(m) => m.read_at(buf, offset),
         }
     }
 
@@ -222,6 +245,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.write_data(buf, offset),
             Kind::Remote(r) => r.write_at(buf, offset),
+            Kind::Memory(m) => m.write_at(buf, offset),
         }
     }
 
@@ -260,6 +284,7 @@ impl Backing {
         let result = match &self.kind {
             Kind::File(f) => f.sync(),
             Kind::Remote(r) => r.sync(),
+            Kind::Memory(m) => m.sync(),
         };
         if let Err(e) = &result {
             self.write_back.record(e);
@@ -313,6 +338,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.zero_range(offset, len),
             Kind::Remote(r) => r.zero_range(offset, len),
+            Kind::Memory(m) => m.zero_range(offset, len),
         }
     }
 
@@ -320,6 +346,7 @@ impl Backing {
         match &self.kind {
             Kind::File(f) => f.discard(offset, len),
             Kind::Remote(r) => r.discard(offset, len),
+            Kind::Memory(m) => m.zero_range(offset, len),
         }
     }
 }

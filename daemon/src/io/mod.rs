@@ -13,6 +13,7 @@ mod buffers;
 pub mod engine;
 mod file;
 mod fixed;
+mod memory;
 mod owner;
 mod page;
 mod range_lock;
@@ -23,4 +24,5 @@ mod write_back;
 
 pub use backing::{is_remote, Backing};
 pub use buffers::IoBuf;
+pub use memory::MemoryBacking;
 pub use range_lock::{RangeGuard, RangeLock};

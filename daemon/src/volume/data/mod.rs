@@ -442,25 +442,49 @@ pub(super) mod tests {
     use crate::crypto::Dek;
     use proptest::prelude::*;
 
-    pub(in crate::volume) fn area(sector: usize, size: u64) -> (tempfile::TempDir, DataArea) {
+    /// A data area of `size` bytes with `sector`-byte sectors on an
+    /// in-memory backing (`io/memory.rs`).
+    pub(in crate::volume) fn area(sector: usize, size: u64) -> DataArea {
+        area_on(Backing::memory(4096 + size).unwrap(), sector, size)
+    }
+
+    /// As [`area`], on a file in a fresh directory: for the paths that
+    /// need the page cache.
+    pub(in crate::volume) fn file_area(sector: usize, size: u64) -> (tempfile::TempDir, DataArea) {
         let dir = tempfile::tempdir().unwrap();
         let backing = Backing::open_or_create(&dir.path().join("d.img")).unwrap();
         backing.set_len(4096 + size).unwrap();
+        (dir, area_on(backing, sector, size))
+    }
+
+    fn area_on(backing: Backing, sector: usize, size: u64) -> DataArea {
         let cipher = VolumeCipher::new(
             &Dek::generate().unwrap(),
             None,
             super::super::InnerCipher::AesXts,
             sector,
         );
-        (
-            dir,
-            DataArea::new(backing, cipher, (size, 4096), Engine::threads()),
-        )
+        DataArea::new(backing, cipher, (size, 4096), Engine::threads())
+    }
+
+    #[test]
+    fn a_failed_sync_fails_every_later_flush_and_fua_write() {
+        let a = area(4096, 1 << 20);
+        a.write(0, &mut vec![1; 4096]).unwrap();
+        let memory = a.backing().as_memory().unwrap();
+        memory.fail_syncs(true);
+        assert!(a.flush().is_err());
+        memory.fail_syncs(false);
+        // The disk works again, but what the failed sync covered may be
+        // gone: the failure sticks until the volume is reopened.
+        assert!(a.flush().is_err(), "a FLUSH after a failed one succeeded");
+        assert!(a.backing().check_write_back().is_err(), "FUA must fail too");
+        assert!(a.backing().write_back_error().is_some());
     }
 
     #[test]
     fn fresh_area_reads_zeros_and_ciphertext_hides_plaintext() {
-        let (_d, a) = area(4096, 1 << 20);
+        let a = area(4096, 1 << 20);
         assert!(a.read(0, 8192).unwrap().iter().all(|&b| b == 0));
         let text = b"attack at dawn! ".repeat(256);
         a.write(4096, &mut text.clone()).unwrap();
@@ -472,7 +496,7 @@ pub(super) mod tests {
 
     #[test]
     fn beyond_end_is_invalid_input() {
-        let (_d, a) = area(512, 8192);
+        let a = area(512, 8192);
         assert_eq!(
             a.read(8000, 500).unwrap_err().kind(),
             io::ErrorKind::InvalidInput
@@ -485,7 +509,7 @@ pub(super) mod tests {
 
     #[test]
     fn punched_and_written_zeroes_read_as_zero() {
-        let (_d, a) = area(4096, 1 << 20);
+        let a = area(4096, 1 << 20);
         a.write(0, &mut vec![0xee; 1 << 20]).unwrap();
         a.write_zeroes(1000, 20000, true).unwrap();
         a.write_zeroes(100_000, 5000, false).unwrap();
@@ -520,7 +544,7 @@ pub(super) mod tests {
             ops in proptest::collection::vec((0u64..60_000, 1usize..9000, any::<u8>()), 1..12)
         ) {
             let size = 64 * 1024;
-            let (_d, a) = area(sector, size);
+            let a = area(sector, size);
             let mut model = vec![0u8; size as usize];
             for (off, len, byte) in ops {
                 let len = len.min((size - off) as usize);

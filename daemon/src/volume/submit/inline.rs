@@ -131,7 +131,7 @@ mod tests {
 
     #[test]
     fn inline_writes_take_free_whole_sectors_and_pause_after_a_slow_one() {
-        let (_d, a) = area(4096, 1 << 20);
+        let a = area(4096, 1 << 20);
         let text = b"inline!!".repeat(512);
         assert!(matches!(
             a.write_inline(8192, &mut text.clone()),

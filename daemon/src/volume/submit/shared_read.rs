@@ -162,13 +162,13 @@ pub(super) fn read_shared(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::volume::data::tests::area;
+    use crate::volume::data::tests::file_area;
 
     /// Every piece is read and decrypted once, whether the helper takes
     /// some, all or none of them.
     #[test]
     fn a_shared_read_returns_what_a_whole_read_returns() {
-        let (_d, a) = area(4096, 4 << 20);
+        let (_d, a) = file_area(4096, 4 << 20);
         let a = Arc::new(a);
         let text: Vec<u8> = (0..(1 << 20) + 8192).map(|i| (i * 7 % 251) as u8).collect();
         a.write(4096, &mut text.clone()).unwrap();
@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn a_shared_read_of_uncached_pages_misses() {
         use std::os::fd::AsRawFd;
-        let (dir, a) = area(4096, 4 << 20);
+        let (dir, a) = file_area(4096, 4 << 20);
         let a = Arc::new(a);
         a.write(0, &mut vec![9u8; 1 << 20]).unwrap();
         // The page cache is the file's, whichever descriptor advises it.
