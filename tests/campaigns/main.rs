@@ -13,6 +13,9 @@
 //! cache outlives the process); `powerloss.rs` shows that with a recording
 //! NBD backend and images rebuilt as a power cut would leave them.
 //!
+//! `upgrade.rs` kills the daemon at start-up, while it upgrades a version
+//! 1 or 2 header in place to the authenticated version 3.
+//!
 //! `faults.rs` holds the campaigns whose fault is not a kill: EIO bursts on
 //! a block device (during writes, during `reencrypt`), a volume removed
 //! and re-added by `reload`, a remote backend that crashes with writes
@@ -23,6 +26,7 @@ mod keys;
 mod powerloss;
 mod reencrypt;
 mod restore;
+mod upgrade;
 mod writes;
 
 use std::path::Path;
@@ -185,9 +189,21 @@ pub struct Tracer {
 
 impl Tracer {
     pub fn attach(pid: u32, kill_at: Option<KillPoint>, log: &Path) -> Tracer {
+        Tracer::attach_tracing(pid, &DISK_SYSCALLS, kill_at, log)
+    }
+
+    /// `attach`, recording `syscalls` (the kill point's among them).
+    pub fn attach_tracing(
+        pid: u32,
+        syscalls: &[&str],
+        kill_at: Option<KillPoint>,
+        log: &Path,
+    ) -> Tracer {
         require_tool("strace");
         let mut cmd = std::process::Command::new("strace");
-        cmd.args(["-f", "-qq", "-e", "trace=pwrite64,fdatasync", "-o"])
+        cmd.args(["-f", "-qq", "-e"])
+            .arg(format!("trace={}", syscalls.join(",")))
+            .arg("-o")
             .arg(log)
             .args(["-p", &pid.to_string()]);
         if let Some(k) = kill_at {
@@ -224,8 +240,13 @@ impl Tracer {
 
 /// Disk syscalls per kind in an strace log.
 pub fn disk_syscalls(log: &Path) -> Vec<(&'static str, usize)> {
+    syscall_counts(log, &DISK_SYSCALLS)
+}
+
+/// Calls per syscall of `syscalls` in an strace log.
+pub fn syscall_counts(log: &Path, syscalls: &[&'static str]) -> Vec<(&'static str, usize)> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    DISK_SYSCALLS
+    syscalls
         .iter()
         .map(|&s| {
             let call = format!("{s}(");

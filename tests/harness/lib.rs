@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub mod azure;
 pub mod bao;
 pub mod flaky;
+pub mod legacy;
 pub mod remote;
 pub mod softhsm;
 pub mod tls;
@@ -372,6 +373,33 @@ impl Fixture {
             .expect("spawn hostcryptd");
         Daemon { child, log }
     }
+
+    /// Like [`Fixture::spawn`], but held before `hostcryptd` runs: a shell
+    /// waits for [`HeldDaemon::release`], then `exec`s the daemon under the
+    /// same pid. A tracer attached meanwhile sees the daemon's first
+    /// syscall (its start-up, a header upgrade at open). Dropped without a
+    /// release, the shell exits and no daemon ever starts.
+    pub fn spawn_held(&self) -> HeldDaemon {
+        let log = self.path(&format!("hostcryptd-{}.log", unique()));
+        let mut child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg("read go && exec \"$0\" \"$@\" </dev/null")
+            .arg(bin("hostcryptd"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--log", "debug"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn a held hostcryptd");
+        let go = child.stdin.take().expect("the held shell's stdin");
+        HeldDaemon {
+            daemon: Daemon { child, log },
+            go,
+        }
+    }
 }
 
 /// The `ring_connections` line the suite's configs carry, if any.
@@ -432,6 +460,27 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// A `hostcryptd` not started yet (see [`Fixture::spawn_held`]).
+pub struct HeldDaemon {
+    daemon: Daemon,
+    go: std::process::ChildStdin,
+}
+
+impl HeldDaemon {
+    /// The pid the daemon will have.
+    pub fn pid(&self) -> u32 {
+        self.daemon.child.id()
+    }
+
+    /// Lets the daemon start; returns without waiting for it.
+    pub fn release(mut self) -> Daemon {
+        use std::io::Write;
+        self.go.write_all(b"go\n").expect("release the held daemon");
+        drop(self.go);
+        self.daemon
     }
 }
 
