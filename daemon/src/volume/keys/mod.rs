@@ -1,4 +1,5 @@
-//! A cache volume's key lifecycle while it is served: periodic key checks,
+//! A cache volume's key lifecycle while it is served (the state here; the
+//! check in `check.rs`, rotation and rekey in `rewrap.rs`): periodic key checks,
 //! key loss and recovery, rotation to a newer KEK version (by hand or
 //! `auto_rotate`), and migration to another KEK (`rekey`). Every step is
 //! audited. What the providers do is `kek/`; when checks run is the
@@ -30,6 +31,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+mod check;
+mod rewrap;
 
 use serde::{Deserialize, Serialize};
 
@@ -441,318 +445,13 @@ impl VolumeKeys {
         self.lock().unreachable_since.is_some()
     }
 
-    /// One key check: can every layer's provider still unwrap its DEK?
-    /// Handles loss, recovery and `auto_rotate`. Returns the check's own
-    /// outcome.
-    ///
-    /// The provider calls run without the volume's state lock, so a
-    /// provider that hangs never delays `status`, a reload or the other
-    /// volumes; checks of one volume still run one at a time.
-    pub fn check(&self, uid: Option<u32>) -> Result<(), KekError> {
-        let _one_at_a_time = self.checking.lock().unwrap_or_else(|p| p.into_inner());
-        let (slots, checkpoint) = {
-            let cur = self.lock();
-            (
-                cur.slots(),
-                cur.header.reencrypt.map_or(0, |r| r.checkpoint),
-            )
-        };
-        if slots.is_empty() {
-            return Ok(());
-        }
-        let outcome = self.check_slots(&slots, checkpoint);
-        let mut cur = self.lock();
-        cur.last_check = Some(SystemTime::now());
-        let counter = if outcome.is_ok() {
-            &self.checks_ok
-        } else {
-            &self.checks_failed
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        match &outcome {
-            Ok(()) => {
-                cur.last_error = None;
-                if let Some(since) = cur.unreachable_since.take() {
-                    let down = SystemTime::now().duration_since(since).unwrap_or_default();
-                    tracing::warn!(volume = %self.name, "key provider answers again after {down:?}");
-                    self.audit.record(
-                        &Event::new(&self.name, "key-reachable", "ok")
-                            .key(&slots[0].wrapped.kek)
-                            .detail(format!("provider answers again after {} s", down.as_secs())),
-                    );
-                }
-                for slot in &slots {
-                    self.audit.record(
-                        &Event::new(&self.name, "check", "ok")
-                            .key(&slot.wrapped.kek)
-                            .uid(uid),
-                    );
-                }
-                if self.lost.swap(false, Ordering::SeqCst) {
-                    tracing::warn!(volume = %self.name, "key access restored; serving again");
-                    self.audit.record(
-                        &Event::new(&self.name, "recovery", "ok")
-                            .key(&slots[0].wrapped.kek)
-                            .detail("key access restored; I/O resumed"),
-                    );
-                }
-            }
-            Err((failed, e)) => {
-                let failed = &slots[*failed].wrapped.kek;
-                cur.last_error = Some(e.to_string());
-                self.audit.record(
-                    &Event::new(&self.name, "check", "error")
-                        .key(failed)
-                        .error(e)
-                        .detail(e.class())
-                        .uid(uid),
-                );
-                if e.is_unreachable()
-                    && self.policy.on_key_unreachable == OnKeyUnreachable::Serve
-                    && !self.is_lost()
-                {
-                    let now = SystemTime::now();
-                    let since = match cur.unreachable_since {
-                        Some(since) => since,
-                        None => {
-                            let grace = humantime::format_duration(self.policy.unreachable_grace);
-                            tracing::warn!(volume = %self.name, "key provider unreachable: {e}; serving from memory for up to {grace}");
-                            self.audit.record(
-                                &Event::new(&self.name, "key-unreachable", "serving")
-                                    .key(failed)
-                                    .error(e)
-                                    .detail(format!("serving from memory for up to {grace}")),
-                            );
-                            cur.unreachable_since = Some(now);
-                            now
-                        }
-                    };
-                    let down = now.duration_since(since).unwrap_or_default();
-                    if down < self.policy.unreachable_grace {
-                        return outcome.map_err(|(_, e)| e);
-                    }
-                }
-                if !self.lost.swap(true, Ordering::SeqCst) {
-                    let action = match self.policy.on_key_loss {
-                        OnKeyLoss::Stop => {
-                            self.data.unload_key();
-                            "I/O stopped and the key wiped from memory"
-                        }
-                        OnKeyLoss::UntilRestart => "serving with the in-memory key until restart",
-                    };
-                    tracing::error!(volume = %self.name, "key lost: {e}; {action}");
-                    self.audit.record(
-                        &Event::new(&self.name, "key-loss", "lost")
-                            .key(failed)
-                            .error(e)
-                            .detail(action),
-                    );
-                }
-            }
-        }
-        if outcome.is_ok() {
-            drop(cur);
-            self.refresh_warnings();
-            cur = self.lock();
-        }
-        // Not while re-encrypting: the new DEKs are wrapped under the
-        // newest version anyway, and the header belongs to the re-encryption.
-        if outcome.is_ok() && self.policy.auto_rotate && cur.header.reencrypt.is_none() {
-            // A failed automatic rotation is audited and retried next check.
-            for slot in slots.iter().filter(|s| !s.target) {
-                let _ = self.rewrap_locked(&mut cur, slot.layer, None, "auto-rotate", uid);
-            }
-        }
-        outcome.map_err(|(_, e)| e)
-    }
-
-    /// Checks each needed DEK; reloads the keys if they were wiped. On
-    /// failure, the index of the slot that failed.
-    fn check_slots(&self, slots: &[Slot], checkpoint: u64) -> Result<(), (usize, KekError)> {
-        if self.data.key_loaded() {
-            for (i, slot) in slots.iter().enumerate() {
-                slot.kek.provider.check(&slot.wrapped).map_err(|e| (i, e))?;
-            }
-            return Ok(());
-        }
-        let mut deks = Vec::with_capacity(slots.len());
-        for (i, slot) in slots.iter().enumerate() {
-            let dek = slot
-                .kek
-                .provider
-                .unwrap(&slot.wrapped)
-                .map_err(|e| (i, e))?;
-            deks.push((slot.target, slot.layer, dek));
-        }
-        let find = |target: bool, layer: Layer| {
-            deks.iter()
-                .find(|(t, l, _)| *t == target && *l == layer)
-                .map(|(_, _, d)| d)
-        };
-        let generation =
-            |target: bool| find(target, Layer::Outer).map(|o| (o, find(target, Layer::Inner)));
-        if let Some(current) = generation(false) {
-            self.data
-                .load_keys(current, generation(true).map(|t| (t, checkpoint)));
-        }
-        Ok(())
-    }
-
-    /// Rewraps one layer's DEK under the newest (or the given) version of
-    /// its KEK. Idempotent: nothing is written when the version is already
-    /// the target.
-    pub fn rotate(
-        &self,
-        layer: Layer,
-        to_version: Option<&str>,
-        uid: Option<u32>,
-    ) -> Result<KekRef, KeyOpError> {
-        let mut cur = self.lock();
-        if cur.header.reencrypt.is_some() {
-            return Err(KeyOpError::Reencrypting);
-        }
-        self.rewrap_locked(&mut cur, layer, to_version, "rotate", uid)
-    }
-
-    fn rewrap_locked(
-        &self,
-        cur: &mut Current,
-        layer: Layer,
-        to_version: Option<&str>,
-        operation: &str,
-        uid: Option<u32>,
-    ) -> Result<KekRef, KeyOpError> {
-        let kek = cur.kek(layer).cloned().ok_or(KeyOpError::NoInnerLayer)?;
-        let old = cur
-            .header
-            .active_slot(layer)
-            .map(|s| s.wrapped.clone())
-            .ok_or(KeyOpError::NoKeyslot(layer))?;
-        let new = match kek.provider.rewrap(&old, to_version) {
-            Ok(new) => new,
-            Err(e) => {
-                self.audit.record(
-                    &Event::new(&self.name, operation, "error")
-                        .key(&old.kek)
-                        .error(&e)
-                        .detail(format!("{layer} layer"))
-                        .uid(uid),
-                );
-                return Err(e.into());
-            }
-        };
-        let changed = new.kek != old.kek;
-        let auto_noop = operation == "auto-rotate"
-            && !version_newer(&new.kek.key_version, &old.kek.key_version);
-        if !changed || auto_noop {
-            if operation != "auto-rotate" {
-                self.audit.record(
-                    &Event::new(&self.name, operation, "ok")
-                        .key(&old.kek)
-                        .detail(format!("{layer} layer already at the target version"))
-                        .uid(uid),
-                );
-            }
-            return Ok(old.kek);
-        }
-        self.store_wrapped(cur, layer, new.clone())?;
-        tracing::info!(volume = %self.name, %layer, from = %old.kek, to = %new.kek, "{operation}: DEK rewrapped");
-        self.audit.record(
-            &Event::new(&self.name, operation, "ok")
-                .key(&new.kek)
-                .detail(format!(
-                    "{layer} layer from version {}",
-                    old.kek.key_version
-                ))
-                .uid(uid),
-        );
-        Ok(new.kek)
-    }
-
-    /// Moves one layer's DEK under another configured KEK (e.g. local → vault).
-    pub fn rekey(
-        &self,
-        layer: Layer,
-        target: LayerKek,
-        uid: Option<u32>,
-    ) -> Result<KekRef, KeyOpError> {
-        let mut cur = self.lock();
-        if cur.header.reencrypt.is_some() {
-            return Err(KeyOpError::Reencrypting);
-        }
-        let current = cur.kek(layer).cloned().ok_or(KeyOpError::NoInnerLayer)?;
-        let other = match layer {
-            Layer::Outer => cur.inner.as_ref(),
-            Layer::Inner => Some(&cur.outer),
-        };
-        if other.is_some_and(|o| o.name == target.name) {
-            return Err(KeyOpError::SameKekBothLayers(target.name));
-        }
-        let old = cur
-            .header
-            .active_slot(layer)
-            .map(|s| s.wrapped.clone())
-            .ok_or(KeyOpError::NoKeyslot(layer))?;
-        let result = current
-            .provider
-            .unwrap(&old)
-            .and_then(|dek| target.provider.wrap(&dek));
-        let new = match result {
-            Ok(new) => new,
-            Err(e) => {
-                self.audit.record(
-                    &Event::new(&self.name, "rekey", "error")
-                        .key(&old.kek)
-                        .error(&e)
-                        .detail(format!("{layer} layer to kek {}", target.name))
-                        .uid(uid),
-                );
-                return Err(e.into());
-            }
-        };
-        self.store_wrapped(&mut cur, layer, new.clone())?;
-        let target_name = target.name.clone();
-        match layer {
-            Layer::Outer => cur.outer = target,
-            Layer::Inner => cur.inner = Some(target),
-        }
-        tracing::info!(volume = %self.name, %layer, from = %old.kek, to = %new.kek, "rekey: DEK moved to KEK {target_name}");
-        self.audit.record(
-            &Event::new(&self.name, "rekey", "ok")
-                .key(&new.kek)
-                .detail(format!(
-                    "{layer} layer from {} (kek {}) to kek {target_name}",
-                    old.kek, current.name
-                ))
-                .uid(uid),
-        );
-        Ok(new.kek)
-    }
-
-    fn store_wrapped(
-        &self,
-        cur: &mut Current,
-        layer: Layer,
-        wrapped: WrappedDek,
-    ) -> Result<(), KeyOpError> {
-        let mut header = cur.header.clone();
-        let generation = header.dek_generation;
-        let slot = header
-            .keyslots
-            .iter_mut()
-            .find(|k| k.generation == generation && k.layer == layer)
-            .ok_or(KeyOpError::NoKeyslot(layer))?;
-        slot.wrapped = wrapped;
-        self.write_header(cur, header)
-    }
-
     /// Writes `header` sealed through the two-copy protocol, makes it
     /// current and records it. Once the primary copy is durable the change
     /// has taken effect (every later open reads it), so it is reported as
     /// done, never as failed: a backup copy that could not be written is
     /// logged, and repaired at the next header write or open, which rewrite
     /// a stale copy.
-    pub(super) fn write_header(
+    pub(in crate::volume) fn write_header(
         &self,
         cur: &mut Current,
         mut header: Header,
@@ -765,7 +464,7 @@ impl VolumeKeys {
     }
 
     /// `write_header` for the re-encryption worker, which reports I/O errors.
-    pub(super) fn write_header_io(
+    pub(in crate::volume) fn write_header_io(
         &self,
         cur: &mut Current,
         header: &mut Header,
