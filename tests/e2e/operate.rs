@@ -149,14 +149,14 @@ fn control_socket_refuses_a_peer_that_is_not_root() {
     let cli = fx.path("hostcrypt");
     std::fs::copy(bin("hostcrypt"), &cli).unwrap();
     std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-        .arg(&cli)
-        .arg("--config")
-        .arg(&fx.config)
-        .arg("status")
-        .output()
-        .unwrap();
+    let out = output_when_not_busy(
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(&cli)
+            .arg("--config")
+            .arg(&fx.config)
+            .arg("status"),
+    );
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("permission denied"), "{text}");

@@ -190,14 +190,14 @@ fn the_read_only_control_role_reads_and_changes_nothing() {
     std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
     // uid 65534 whose primary group is 1 and supplementary group 65534.
     let run = |ids: &[&str], args: &[&str]| {
-        let out = Command::new("setpriv")
-            .args(ids)
-            .arg(&cli)
-            .arg("--config")
-            .arg(&fx.config)
-            .args(args)
-            .output()
-            .unwrap();
+        let out = output_when_not_busy(
+            Command::new("setpriv")
+                .args(ids)
+                .arg(&cli)
+                .arg("--config")
+                .arg(&fx.config)
+                .args(args),
+        );
         (out.status.code(), output_text(&out))
     };
     let reader = ["--reuid=65534", "--regid=1", "--groups=65534"];

@@ -706,3 +706,19 @@ fn split_server_lines(lines: &str) -> (String, String) {
     }
     (daemon, nbd)
 }
+
+/// Runs `command` and returns its output, running it again while exec
+/// failed with "Text file busy": a binary copied a moment ago (for another
+/// user to run) can be held open for writing by a child another test
+/// thread has forked but not yet exec'd. Gives up after 10 s.
+pub fn output_when_not_busy(command: &mut Command) -> Output {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = command.output().expect("run command");
+        let busy = out.status.code() == Some(126) && output_text(&out).contains("Text file busy");
+        if !busy || std::time::Instant::now() >= deadline {
+            return out;
+        }
+        std::thread::yield_now();
+    }
+}
