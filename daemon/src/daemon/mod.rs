@@ -61,8 +61,8 @@ pub enum DaemonError {
     },
     #[error("starting the key-check thread: {0}")]
     KeyChecks(#[source] std::io::Error),
-    #[error("a frontend, the control socket or a flush task failed at stop: {0}")]
-    Stop(String),
+    #[error("the start-up task (volumes, keys, engine) failed: {0}")]
+    Startup(String),
 }
 
 /// How to start: the config, where it came from (reload reads it again),
@@ -111,7 +111,7 @@ impl Daemon {
             let config = config.clone();
             tokio::task::spawn_blocking(move || open(&config))
                 .await
-                .map_err(|e| DaemonError::Stop(format!("start-up task: {e}")))??
+                .map_err(|e| DaemonError::Startup(e.to_string()))??
         };
         let Opened {
             providers,
