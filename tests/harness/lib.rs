@@ -678,25 +678,12 @@ pub fn require_root(why: &str) -> bool {
     false
 }
 
-/// The keys of `[daemon]` (the rest of a legacy `[server]` section is
-/// `[nbd]`'s).
-const DAEMON_KEYS: &[&str] = &[
-    "io_engine",
-    "ring_idle_poll",
-    "audit_log",
-    "state_dir",
-    "control",
-    "control_group",
-    "control_read_group",
-    "metrics",
-];
-
 /// Splits `key = value` lines into (`[daemon]` lines, `[nbd]` lines).
 fn split_server_lines(lines: &str) -> (String, String) {
     let (mut daemon, mut nbd) = (String::new(), String::new());
     for line in lines.lines().filter(|l| !l.trim().is_empty()) {
         let key = line.split('=').next().unwrap_or("").trim();
-        let to = if DAEMON_KEYS.contains(&key) {
+        let to = if hostcryptd::config::DAEMON_KEYS.contains(&key) {
             &mut daemon
         } else {
             &mut nbd

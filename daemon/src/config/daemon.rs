@@ -43,8 +43,9 @@ pub struct DaemonConfig {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
-/// The keys of `[daemon]`, for the migration of a `[server]` section.
-pub(super) const KEYS: &[&str] = &[
+/// The keys of `[daemon]`, for the migration of a `[server]` section
+/// (and the test harness, which splits lines the same way).
+pub const KEYS: &[&str] = &[
     "io_engine",
     "ring_idle_poll",
     "audit_log",

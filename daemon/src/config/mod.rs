@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-pub use daemon::DaemonConfig;
+pub use daemon::{DaemonConfig, KEYS as DAEMON_KEYS};
 pub use nbd::NbdConfig;
 pub use size::ByteSize;
 pub use volume::{KekConfig, VolumeConfig};

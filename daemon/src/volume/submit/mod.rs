@@ -125,9 +125,10 @@ impl DataArea {
                 self.read_remote(offset, len, move |r| done(r.map(Outcome::Data)))
             }
             Op::Read { offset, len } => {
-                let engine = self.engine.clone();
-                let lend = move |job| lend_an_idle_ring(&engine, job);
-                match self.read_cached(offset, len, lend) {
+                // Borrows the engine: no reference count on every read.
+                let cached =
+                    self.read_cached(offset, len, |job| lend_an_idle_ring(&self.engine, job));
+                match cached {
                     Some(result) => done(result.map(Outcome::Data)),
                     None => self.read_on_engine(offset, len, done),
                 }
