@@ -14,8 +14,9 @@
 //! over it would punish hosts without swap, where it is moot.
 //!
 //! Regions are cut into fixed-size slots (powers of two from 64 bytes to
-//! [`MAX_SLOT`]), each size with its own free list. A slot is zeroed when
-//! it is freed, so a fresh slot is always all zeros.
+//! [`MAX_SLOT`]), each aligned to its size and each size with its own
+//! free list. A slot is zeroed when it is freed, so a fresh slot is always
+//! all zeros.
 //!
 //! [`Locked<T>`] owns one slot holding a `T`. It is built in place where it
 //! can be (byte arrays are filled in the slot), and otherwise moved in from
@@ -43,6 +44,13 @@ const MIN_SLOT_SHIFT: u32 = 6;
 const MAX_SLOT_SHIFT: u32 = 13;
 pub const MAX_SLOT: usize = 1 << MAX_SLOT_SHIFT;
 const CLASSES: usize = (MAX_SLOT_SHIFT - MIN_SLOT_SHIFT + 1) as usize;
+// A region is only page-aligned and MAX_SLOT may exceed a page, so the
+// first slot of a fresh region can start up to MAX_SLOT - 1 bytes in; it
+// must still fit.
+const _: () = assert!(
+    2 * MAX_SLOT <= REGION,
+    "a region must hold an aligned largest slot"
+);
 /// Stack bytes overwritten after a value was built on it and moved into a
 /// slot: more than any key constructor here uses (an Adiantum cipher, the
 /// largest, builds about 5 KiB of state).
@@ -102,17 +110,24 @@ const fn slot_len(class: usize) -> usize {
 impl Arena {
     /// A zeroed slot of `class`, from the free list or the newest region.
     fn take(&mut self, class: usize) -> NonNull<u8> {
+        self.take_or_map(class, map_region)
+    }
+
+    /// [`Arena::take`], with `map` making a new region when one is needed.
+    fn take_or_map(&mut self, class: usize, map: impl FnOnce() -> Region) -> NonNull<u8> {
         if let Some(addr) = self.free[class].pop() {
             return NonNull::new(addr as *mut u8).expect("slots are never null");
         }
         let len = slot_len(class);
-        // Slots are aligned to their own size, so every `T` whose
-        // alignment is at most its class's size is aligned too.
+        // Slots are aligned to their own size (as addresses, not offsets
+        // in a region), so every `T` whose alignment is at most its
+        // class's size is aligned too. A region's base is only
+        // page-aligned, which is less than the largest slots need.
         let mut at = self.next.next_multiple_of(len);
         if self.end == 0 || at + len > self.end {
-            let region = map_region();
+            let region = map();
             self.regions.push(region);
-            at = region.base;
+            at = region.base.next_multiple_of(len);
             self.end = region.base + REGION;
         }
         self.next = at + len;
@@ -455,6 +470,37 @@ pub(crate) mod tests {
         let w = Locked::new(|| Wide([1; 10]));
         assert_eq!(&*w as *const Wide as usize % 256, 0);
         assert_eq!(w.0, [1; 10]);
+    }
+
+    /// A region's base is page-aligned only: the largest slots (larger
+    /// than a page) taken first from a fresh region are still aligned to
+    /// their size, and inside it. `take_or_map` only computes addresses,
+    /// so the regions here are made up and never touched.
+    #[test]
+    fn the_first_slots_of_a_fresh_region_are_aligned_to_their_size() {
+        assert!(MAX_SLOT > 4096, "this test needs a slot larger than a page");
+        let largest = class_of(MAX_SLOT, 1);
+        for base in [0x7f00_0000_1000usize, 0x7f00_0000_3000, 0x7f00_0000_2000] {
+            let mut arena = Arena {
+                regions: Vec::new(),
+                free: [const { Vec::new() }; CLASSES],
+                next: 0,
+                end: 0,
+            };
+            let region = || Region {
+                base,
+                locked: false,
+            };
+            let first = arena.take_or_map(largest, region).as_ptr() as usize;
+            let second = arena.take_or_map(largest, region).as_ptr() as usize;
+            let small = arena.take_or_map(0, region).as_ptr() as usize;
+            assert_eq!(arena.regions.len(), 1, "one region holds them all");
+            for (at, len) in [(first, MAX_SLOT), (second, MAX_SLOT), (small, 64)] {
+                assert_eq!(at % len, 0, "{at:#x} in a region at {base:#x}");
+                assert!(at >= base && at + len <= base + REGION, "{at:#x}");
+            }
+            assert_ne!(first, second);
+        }
     }
 
     #[test]
