@@ -219,6 +219,18 @@ pub fn scrub_stack() {
     std::hint::black_box(&area);
 }
 
+/// Overwrites `WORDS` words of the stack below the caller's frame: the
+/// smaller, cheaper [`scrub_stack`] for a hot path whose callee's stack
+/// depth is known (`adiantum.rs`).
+#[inline(never)]
+pub fn scrub_stack_words<const WORDS: usize>() {
+    let mut area = [0u64; WORDS];
+    // Word-sized volatile writes: not elided, and an eighth of the stores
+    // of a byte array.
+    area.zeroize();
+    std::hint::black_box(&area);
+}
+
 /// A `T` in a slot of the key arena; zeroed (after `T`'s own drop) when
 /// dropped.
 pub struct Locked<T> {
