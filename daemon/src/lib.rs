@@ -25,3 +25,7 @@ pub mod report;
 pub mod service;
 pub mod volume;
 pub mod wire;
+
+/// Counts heap allocations in unit tests (key material must not reach the heap).
+#[cfg(test)]
+mod test_heap;

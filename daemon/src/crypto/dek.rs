@@ -44,6 +44,12 @@ impl Dek {
         Some(Dek { bytes })
     }
 
+    /// Takes a key already in a slot of the arena (a key unwrapped or
+    /// decoded in place), without another copy.
+    pub fn from_locked(bytes: Locked<[u8; DEK_LEN]>) -> Self {
+        Dek { bytes }
+    }
+
     /// The raw key. Callers hand it straight to a cipher or a key wrap and
     /// must not copy it anywhere that outlives the call.
     pub fn expose(&self) -> &[u8; DEK_LEN] {

@@ -459,12 +459,15 @@ impl AzureKek {
     fn wrap_version(&self, dek: &Dek, version: &str) -> Result<WrappedDek, KekError> {
         let value =
             Zeroizing::new(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(dek.expose()));
-        let body = json!({ "alg": ALGORITHM, "value": value.as_str() });
+        let mut body = json!({ "alg": ALGORITHM, "value": value.as_str() });
         let result = self.call(
             reqwest::Method::POST,
             &format!("keys/{}/{version}/wrapkey", self.config.key_name),
             Some(&body),
-        )?;
+        );
+        // The request carried the DEK in base64: wiped, whatever happened.
+        super::scrub_json(&mut body);
+        let result = result?;
         let kid_version = result["kid"].as_str().and_then(version_of_kid);
         let blob = result["value"]
             .as_str()
@@ -513,8 +516,16 @@ impl KeyProvider for AzureKek {
             ),
             Some(&body),
         )?;
-        let raw = result["value"].as_str().and_then(decode_base64url);
-        super::dek_from(raw, || self.describe())
+        let mut result = result;
+        // Key Vault sends base64url without padding; accept padding too.
+        let dek = super::dek_from_base64(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            result["value"].as_str().map(|v| v.trim_end_matches('=')),
+            || self.describe(),
+        );
+        // The response carried the DEK in base64.
+        super::scrub_json(&mut result);
+        dek
     }
 
     /// Purge protection, enabled, expiry, key_ops and RSA size of the key

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::crypto::Dek;
+use crate::crypto::{Dek, Locked, DEK_LEN};
 
 pub use azure::{AzureAuth, AzureConfig, AzureKek};
 pub use local::LocalKek;
@@ -181,16 +181,40 @@ pub trait KeyProvider: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// A DEK from the bytes a provider unwrapped (zeroized here, whatever
-/// happens); anything but a DEK's length means the unwrap failed.
-pub(crate) fn dek_from(
-    raw: Option<Vec<u8>>,
+/// A DEK from the base64 `text` a provider answered with, decoded
+/// straight into a slot of the key arena so the plaintext never lands on
+/// the heap; anything but a DEK's length means the unwrap failed. (The
+/// text itself is the caller's to wipe: [`scrub_json`].)
+pub(crate) fn dek_from_base64(
+    engine: &impl base64::Engine,
+    text: Option<&str>,
     provider: impl FnOnce() -> String,
 ) -> Result<Dek, KekError> {
-    let raw = zeroize::Zeroizing::new(raw.unwrap_or_default());
-    Dek::from_slice(&raw).ok_or_else(|| KekError::UnwrapFailed {
-        provider: provider(),
-    })
+    let mut plain = Locked::<[u8; DEK_LEN]>::zeroed();
+    // Longer input fails (the slot is too small) instead of spilling.
+    let decoded = text.and_then(|text| engine.decode_slice(text, &mut plain[..]).ok());
+    // The decoder's last partial quad may sit on the stack.
+    crate::crypto::arena::scrub_stack();
+    match decoded {
+        Some(DEK_LEN) => Ok(Dek::from_locked(plain)),
+        _ => Err(KekError::UnwrapFailed {
+            provider: provider(),
+        }),
+    }
+}
+
+/// Overwrites every string in a JSON value with zeros before it is
+/// dropped: request and response bodies may carry a DEK in base64. (What
+/// the HTTP client copies internally is out of reach; this wipes ours.)
+pub(crate) fn scrub_json(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    use zeroize::Zeroize;
+    match value {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(scrub_json),
+        Value::Object(map) => map.values_mut().for_each(scrub_json),
+        _ => {}
+    }
 }
 
 /// The smallest RSA modulus hostcrypt wraps with.
@@ -258,5 +282,65 @@ pub fn version_newer(candidate: &str, than: &str) -> bool {
     match (candidate.parse::<u64>(), than.parse::<u64>()) {
         (Ok(a), Ok(b)) => a > b,
         _ => candidate != than,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+    use serde_json::json;
+
+    use super::*;
+    use crate::crypto::arena;
+    use crate::test_heap::allocations_in;
+
+    const STANDARD: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+    #[test]
+    fn scrub_wipes_every_string() {
+        let mut v = json!({"data": {"plaintext": "c2VjcmV0", "list": ["a", 1]}});
+        scrub_json(&mut v);
+        assert_eq!(v["data"]["plaintext"], "");
+        assert_eq!(v["data"]["list"][0], "");
+        assert_eq!(v["data"]["list"][1], 1);
+    }
+
+    /// The DEK a provider answers with in base64 is decoded into the
+    /// arena, with no plaintext copy on the heap on the way.
+    #[test]
+    fn a_base64_dek_is_decoded_into_the_arena_without_the_heap() {
+        let raw: Vec<u8> = (0..DEK_LEN as u8).collect();
+        let text = STANDARD.encode(&raw);
+        let provider = || "test".to_string();
+        // A slot from a fresh region allocates for the arena's own
+        // bookkeeping, rarely: one clean try out of three is enough.
+        let clean = (0..3).any(|_| {
+            let (dek, allocations) =
+                allocations_in(|| dek_from_base64(&STANDARD, Some(&text), provider).unwrap());
+            assert_eq!(&dek.expose()[..], &raw[..]);
+            assert!(arena::contains(dek.expose().as_ptr() as usize, DEK_LEN));
+            allocations == 0
+        });
+        assert!(clean, "every decode allocated on the heap");
+    }
+
+    #[test]
+    fn base64_that_is_not_a_dek_fails_without_a_panic() {
+        let provider = || "test".to_string();
+        let long = STANDARD.encode([7u8; 4096]);
+        for text in [
+            Some(STANDARD.encode([1u8; DEK_LEN - 1])),
+            Some(STANDARD.encode([1u8; DEK_LEN + 1])),
+            Some(long),
+            Some("not base64 at all!".to_string()),
+            Some(String::new()),
+            None,
+        ] {
+            let got = dek_from_base64(&STANDARD, text.as_deref(), provider);
+            assert!(
+                matches!(got, Err(KekError::UnwrapFailed { .. })),
+                "{text:?}"
+            );
+        }
     }
 }
