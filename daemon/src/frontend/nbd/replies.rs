@@ -12,8 +12,9 @@
 //! the writer before anything else.
 //!
 //! A reply that cannot be written for `reply_timeout` (the client stopped
-//! reading) ends the connection: the socket is shut down, so the reader
-//! sees the end too, and every reply still owed is dropped with the byte
+//! reading) ends the connection: the sink is marked broken, which the
+//! readers watch, and a plaintext socket is also shut down (a ring reader
+//! then sees the end); every reply still owed is dropped with the byte
 //! budget it held. A client that never reads pins at most its connection's
 //! budget, and only for that long.
 //!

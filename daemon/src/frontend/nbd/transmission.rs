@@ -5,7 +5,8 @@
 //! flight per connection and replies may overtake each other, as the protocol
 //! allows. Byte budgets (`budget.rs`: one per connection, one daemon-wide for
 //! read replies, released when a reply has been written) bound the memory one
-//! connection and all of them can pin. A request the
+//! connection and all of them can pin; a reply not taken for
+//! `reply_timeout` ends the connection, TLS or not. A request the
 //! server cannot honour gets an error reply; a request it cannot even frame
 //! (bad magic, truncated, a payload it will not consume) ends this
 //! connection and no other.
@@ -74,12 +75,16 @@ where
     let mut reader = tokio::io::BufReader::with_capacity(READ_BUFFER, reader);
     let result = loop {
         let mut raw = [0u8; EXTENDED_REQUEST_LEN];
+        // Every wait for the client also ends when the sink broke (a reply
+        // was not taken for `reply_timeout`): a TLS stream has no socket
+        // the writer could shut down under this reader.
         tokio::select! {
             read = reader.read_exact(&mut raw[..header_len]) => match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
                 Err(e) => break Err(e),
             },
+            _ = sink.broken() => break Ok(()),
             _ = shutdown.changed() => break Ok(()),
         }
         // Waiting for budget is back-pressure: no request is read
@@ -100,7 +105,12 @@ where
             Next::Close => break Ok(()),
             Next::Refuse { ctx, payload, code } => {
                 // Consume the payload so the stream stays framed.
-                if let Err(e) = discard(&mut reader, payload).await {
+                let discarded = tokio::select! {
+                    discarded = discard(&mut reader, payload) => discarded,
+                    _ = sink.broken() => break Ok(()),
+                    _ = shutdown.changed() => break Ok(()),
+                };
+                if let Err(e) = discarded {
                     break Err(e);
                 }
                 ctx.fail(code, reserve!(Units::ONE));
@@ -113,6 +123,7 @@ where
                 // connection open past a shutdown or its volume's removal.
                 let read = tokio::select! {
                     read = reader.read_exact(&mut data) => read,
+                    _ = sink.broken() => break Ok(()),
                     _ = shutdown.changed() => break Ok(()),
                 };
                 if let Err(e) = read {

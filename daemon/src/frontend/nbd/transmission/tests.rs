@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::super::budget::ReplyMemory;
 use super::*;
 use crate::export::access::AllowList;
 
@@ -13,6 +14,8 @@ struct Served {
     to_server: Box<dyn AsyncWrite + Unpin + Send>,
     from_server: Box<dyn AsyncRead + Unpin + Send>,
     export: Arc<Export>,
+    /// The daemon-wide reply budget this connection draws on.
+    memory: Arc<ReplyMemory>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown: watch::Sender<bool>,
     _dir: tempfile::TempDir,
@@ -62,7 +65,15 @@ fn test_rings() -> Arc<crate::io::uring::UringEngine> {
 }
 
 fn serve_volume(features: Features, reader: Reader) -> Served {
+    serve_volume_with(features, reader, route(None))
+}
+
+/// [`serve_volume`] with replies routed by `route` (its `direct` socket
+/// is ignored: the task reader's stream is in memory, the ring reader
+/// sends on its own socket).
+fn serve_volume_with(features: Features, reader: Reader, route: ReplyRoute) -> Served {
     let (export, dir) = temp_export();
+    let memory = route.memory.clone();
     let (stop, shutdown) = watch::channel(false);
     let served = export.clone();
     let (server, from_server, to_server): (
@@ -76,13 +87,7 @@ fn serve_volume(features: Features, reader: Reader) -> Served {
             let (from_server, to_server) = tokio::io::split(client);
             let server = tokio::spawn(async move {
                 serve(
-                    server_r,
-                    server_w,
-                    route(None),
-                    served,
-                    features,
-                    shutdown,
-                    "test",
+                    server_r, server_w, route, served, features, shutdown, "test",
                 )
                 .await
             });
@@ -106,7 +111,7 @@ fn serve_volume(features: Features, reader: Reader) -> Served {
                     features,
                     shutdown,
                     "test",
-                    route(None),
+                    route,
                 )
                 .await
             });
@@ -117,6 +122,7 @@ fn serve_volume(features: Features, reader: Reader) -> Served {
         to_server,
         from_server,
         export,
+        memory,
         server,
         shutdown: stop,
         _dir: dir,
@@ -125,8 +131,8 @@ fn serve_volume(features: Features, reader: Reader) -> Served {
 
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn route(direct: Option<std::os::fd::RawFd>) -> super::super::replies::ReplyRoute {
-    super::super::replies::ReplyRoute {
+fn route(direct: Option<std::os::fd::RawFd>) -> ReplyRoute {
+    ReplyRoute {
         direct,
         timeout: REPLY_TIMEOUT,
         memory: crate::frontend::nbd::budget::ReplyMemory::new(
@@ -397,6 +403,36 @@ async fn shutdown_ends_a_connection_waiting_for_requests(reader: Reader) {
     assert!(s.at_eof().await);
 }
 
+/// A client that sends requests and never reads their replies is
+/// disconnected once a reply could not be written for `reply_timeout`,
+/// whichever reader serves it. The task reader's stream here is in
+/// memory, with no socket the writer could shut down: as over TLS, only
+/// the reader watching the broken sink ends the connection.
+async fn a_client_that_never_reads_is_closed_after_the_reply_timeout(reader: Reader) {
+    let timeout = Duration::from_millis(300);
+    let mut s = serve_volume_with(
+        SIMPLE,
+        reader,
+        ReplyRoute {
+            timeout,
+            ..route(None)
+        },
+    );
+    // Replies far larger than the stream's buffers, then silence: the
+    // reader waits for the next header while the writer stalls.
+    for cookie in 0..8 {
+        s.send(request(Command::Read, 0, cookie, 0, 1 << 20), &[])
+            .await;
+    }
+    let served = tokio::time::timeout(Duration::from_secs(20), &mut s.server).await;
+    assert!(
+        matches!(served, Ok(Ok(Ok(())))),
+        "the connection outlived the reply timeout: {served:?}"
+    );
+    // Every reply it still owed was dropped with its budget.
+    assert_eq!(s.memory.pending_bytes(), 0);
+}
+
 /// Each transmission test, once per reader.
 macro_rules! on_both_readers {
     ($($name:ident),* $(,)?) => {
@@ -424,6 +460,7 @@ on_both_readers!(
     refused_write_payload_is_consumed_and_the_stream_stays_framed,
     byte_budget_bounds_what_one_connection_pins,
     extended_headers_carry_payload_lengths_and_64_bit_ranges,
+    a_client_that_never_reads_is_closed_after_the_reply_timeout,
 );
 
 /// Replies sent directly by the completing threads, over a real
