@@ -61,9 +61,9 @@ pub struct NbdConfig {
         deserialize_with = "super::duration"
     )]
     pub reply_timeout: std::time::Duration,
-    /// Bytes that read replies not yet sent may hold, over all connections
-    /// (64M to 1T); a connection whose read would exceed it waits, and
-    /// reads no further requests meanwhile.
+    /// Bytes that read and BLOCK_STATUS replies not yet sent may hold,
+    /// over all connections (64M to 1T); a connection whose request would
+    /// exceed it waits, and reads no further requests meanwhile.
     #[serde(default = "default_reply_memory", deserialize_with = "reply_memory")]
     pub reply_memory: u64,
 }

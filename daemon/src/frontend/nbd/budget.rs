@@ -3,11 +3,14 @@
 //!
 //! Two budgets, both semaphores in 4 KiB units:
 //! - per connection ([`CONNECTION_UNITS`], 64 MiB): what one client can pin,
-//!   for every command (a command without a payload costs one unit);
-//! - daemon-wide, for read replies only ([`ReplyMemory`], `reply_memory` in
-//!   `[server]`): the data buffer of a read is allocated and filled only
-//!   after its units are reserved, so replies that clients do not read can
-//!   pin at most `reply_memory` in all, however many connections there are.
+//!   for every command (one without a payload or a large reply costs one
+//!   unit);
+//! - daemon-wide, for the replies that can be large ([`ReplyMemory`],
+//!   `reply_memory` in `[nbd]`): reads, and BLOCK_STATUS (up to 16 KiB
+//!   of descriptors). The data buffer of a read is allocated and filled
+//!   only after its units are reserved, so replies that clients do not
+//!   read can pin at most `reply_memory` in all, however many connections
+//!   there are.
 //!
 //! A reader that cannot get its units stops taking requests (back-pressure
 //! on its socket) until they are free. Waits are first come, first served
@@ -38,7 +41,7 @@ pub const MAX_REPLY_MEMORY: u64 = 1 << 40;
 /// The default `reply_memory`.
 pub const DEFAULT_REPLY_MEMORY: u64 = 512 << 20;
 
-/// The daemon-wide budget for read replies not yet sent.
+/// The daemon-wide budget for read and BLOCK_STATUS replies not yet sent.
 #[derive(Debug)]
 pub struct ReplyMemory {
     units: Arc<Semaphore>,
@@ -57,7 +60,7 @@ impl ReplyMemory {
         })
     }
 
-    /// Bytes reserved by read replies not yet written.
+    /// Bytes reserved by read and BLOCK_STATUS replies not yet written.
     pub fn pending_bytes(&self) -> u64 {
         let free = self.units.available_permits() as u64;
         (u64::from(self.total) - free.min(u64::from(self.total))) * UNIT
@@ -73,7 +76,8 @@ impl ReplyMemory {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Units {
     pub connection: u32,
-    /// Of the daemon-wide budget: a read's length, else zero.
+    /// Of the daemon-wide budget: a read's length, a BLOCK_STATUS reply's
+    /// largest size, else zero.
     pub replies: u32,
 }
 

@@ -15,8 +15,8 @@
 //!   (`max_handshakes`): a peer that connects and says nothing holds one of
 //!   these only until the handshake deadline, and cannot fill the rest.
 //!
-//! The gate also holds the daemon-wide budget of read replies not yet
-//! sent (`reply_memory`, `budget.rs`), which every connection shares.
+//! The gate also holds the daemon-wide budget of read and BLOCK_STATUS
+//! replies not yet sent (`reply_memory`, `budget.rs`), which every connection shares.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,8 +44,8 @@ pub struct GateSettings {
     /// How long a reply may wait for a client that does not read it before
     /// the connection is closed (`replies.rs`).
     pub reply_timeout: Duration,
-    /// Bytes that read replies not yet sent may hold, over all
-    /// connections (`budget.rs`).
+    /// Bytes that read and BLOCK_STATUS replies not yet sent may hold,
+    /// over all connections (`budget.rs`).
     pub reply_memory: u64,
     /// Plaintext connections live on io_uring rings (`ring_reader.rs`).
     pub ring_connections: bool,
@@ -94,7 +94,7 @@ pub struct Gate {
     tls: ArcSwapOption<TlsContext>,
     open: Mutex<OpenCount>,
     pub counters: GateCounters,
-    /// The daemon-wide budget of read replies not yet sent.
+    /// The daemon-wide budget of read and BLOCK_STATUS replies not yet sent.
     pub replies: Arc<ReplyMemory>,
 }
 

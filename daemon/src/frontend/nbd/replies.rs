@@ -98,7 +98,8 @@ impl Reply {
 
 /// How a connection's replies leave: straight to the plaintext socket
 /// when there is one (`direct`), how long one may wait for a client
-/// that does not read it, and the daemon-wide budget for read replies.
+/// that does not read it, and the daemon-wide budget for read and
+/// BLOCK_STATUS replies.
 #[derive(Debug, Clone)]
 pub struct ReplyRoute {
     pub direct: Option<RawFd>,

@@ -4,9 +4,9 @@
 //! The reader task only parses headers and payloads, so many requests are in
 //! flight per connection and replies may overtake each other, as the protocol
 //! allows. Byte budgets (`budget.rs`: one per connection, one daemon-wide for
-//! read replies, released when a reply has been written) bound the memory one
-//! connection and all of them can pin; a reply not taken for
-//! `reply_timeout` ends the connection, TLS or not. A request the
+//! read and BLOCK_STATUS replies, released when a reply has been written)
+//! bound the memory one connection and all of them can pin; a reply not
+//! taken for `reply_timeout` ends the connection, TLS or not. A request the
 //! server cannot honour gets an error reply; a request it cannot even frame
 //! (bad magic, truncated, a payload it will not consume) ends this
 //! connection and no other.
@@ -188,13 +188,14 @@ pub(super) fn admit(
     }
     let payload = req.payload_len(features);
     let is_write = req.command == Command::Write;
-    // Only payload-carrying commands pin memory; zeroing and trimming
-    // a large range costs one unit.
+    // Only commands with a payload or a large reply pin memory; zeroing
+    // and trimming a large range costs one unit.
     let connection_units = match req.command {
         Command::Read | Command::Write => req
             .length
             .div_ceil(UNIT)
             .clamp(1, u64::from(CONNECTION_UNITS)) as u32,
+        Command::BlockStatus => status_reply_units(req.flags, features),
         _ => 1,
     };
     // A payload we refuse is still on the wire.
@@ -231,17 +232,36 @@ pub(super) fn admit(
             units,
         };
     }
-    // Only a read that will be served gets a data buffer: one that is
-    // refused replies with an error chunk and must not hold the
-    // daemon-wide budget while its client declines to read that.
-    if req.command == Command::Read
-        && req.length <= u64::from(MAX_PAYLOAD)
-        && req.flags & !valid_flags(req.command, features) == 0
-        && ctx.in_range()
-    {
+    // Only a read or BLOCK_STATUS that will be served gets a large reply
+    // (data, or up to MAX_EXTENTS descriptors): one that is refused
+    // replies with an error chunk and must not hold the daemon-wide
+    // budget while its client declines to read that.
+    let served = match req.command {
+        Command::Read => req.length <= u64::from(MAX_PAYLOAD),
+        Command::BlockStatus => features.base_allocation && req.length > 0,
+        _ => false,
+    };
+    if served && req.flags & !valid_flags(req.command, features) == 0 && ctx.in_range() {
         units.replies = connection_units;
     }
     Next::Handle { ctx, units }
+}
+
+/// Most extents a BLOCK_STATUS reply carries.
+fn max_extents(flags: u16) -> usize {
+    if flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    }
+}
+
+/// Budget units the largest BLOCK_STATUS reply takes: the chunk header,
+/// the context id and count, and the descriptors.
+fn status_reply_units(flags: u16, features: Features) -> u32 {
+    let descriptor = if features.extended { 16 } else { 8 };
+    let bytes = MAX_CHUNK_HEADER + 8 + descriptor * max_extents(flags);
+    (bytes as u64).div_ceil(UNIT) as u32
 }
 
 /// Why a request cannot be answered without losing the stream's framing:
@@ -462,15 +482,10 @@ pub(super) fn handle(ctx: Ctx, budget: Permit) {
             if !ctx.features.base_allocation || len == 0 || !ctx.in_range() {
                 return ctx.fail(EINVAL, budget);
             }
-            let max_runs = if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                1
-            } else {
-                MAX_EXTENTS
-            };
             let op = Op::Allocation {
                 offset,
                 len,
-                max_runs,
+                max_runs: max_extents(req.flags),
             };
             ctx.submit(op, budget);
         }

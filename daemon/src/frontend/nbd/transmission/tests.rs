@@ -433,6 +433,49 @@ async fn a_client_that_never_reads_is_closed_after_the_reply_timeout(reader: Rea
     assert_eq!(s.memory.pending_bytes(), 0);
 }
 
+/// BLOCK_STATUS replies (up to 16 KiB of descriptors each) hold the
+/// daemon-wide reply budget until they are written, like reads.
+async fn block_status_replies_hold_the_reply_budget(reader: Reader) {
+    let mut s = serve_volume(EXTENDED, reader);
+    // Data in every other 8 KiB: more extents than one reply carries.
+    let mut block = IoBuf::new(4096);
+    block.fill(0x5A);
+    for at in (0..SIZE).step_by(8192) {
+        s.export.volume.data.write(at, &mut block).unwrap();
+    }
+    const SENT: u64 = 128;
+    for cookie in 0..SENT {
+        s.send_as(request(Command::BlockStatus, 0, cookie, 0, SIZE), &[], true)
+            .await;
+    }
+    // Unread replies beyond what the stream and the writer's buffer take
+    // (a few hundred KiB) wait with their units reserved: at least 16 KiB
+    // each, and many more than 16 of them.
+    let expected = 16 * (16 << 10);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.memory.pending_bytes() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "unread BLOCK_STATUS replies hold {} bytes of the reply budget",
+            s.memory.pending_bytes()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for _ in 0..SENT {
+        let (_, kind, _, _, payload) = s.extended_chunk().await;
+        assert_eq!(kind, REPLY_TYPE_BLOCK_STATUS_EXT);
+        assert_eq!(be32(&payload[4..]) as usize, MAX_EXTENTS);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while s.memory.pending_bytes() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "written replies kept their budget"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Each transmission test, once per reader.
 macro_rules! on_both_readers {
     ($($name:ident),* $(,)?) => {
@@ -461,6 +504,7 @@ on_both_readers!(
     byte_budget_bounds_what_one_connection_pins,
     extended_headers_carry_payload_lengths_and_64_bit_ranges,
     a_client_that_never_reads_is_closed_after_the_reply_timeout,
+    block_status_replies_hold_the_reply_budget,
 );
 
 /// Replies sent directly by the completing threads, over a real
