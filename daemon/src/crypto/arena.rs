@@ -490,7 +490,7 @@ pub(crate) mod tests {
     /// so the regions here are made up and never touched.
     #[test]
     fn the_first_slots_of_a_fresh_region_are_aligned_to_their_size() {
-        assert!(MAX_SLOT > 4096, "this test needs a slot larger than a page");
+        const { assert!(MAX_SLOT > 4096, "this test needs a slot larger than a page") };
         let largest = class_of(MAX_SLOT, 1);
         for base in [0x7f00_0000_1000usize, 0x7f00_0000_3000, 0x7f00_0000_2000] {
             let mut arena = Arena {
