@@ -910,6 +910,9 @@ fn a_remote_backing_has_one_owner() {
 
     // A clean stop releases it: the first daemon opens it without take_over.
     assert_eq!(second.stop(), 0);
+    let owner = inspect_json(Path::new(&backend.uri()))["owner"].clone();
+    assert_eq!(owner["released"], true, "{owner}");
+    assert_eq!(inspect_json(Path::new(&backend.uri()))["format_version"], 3);
     let first = fx.start();
     qemu_io(&uri, &["read -P 0x6b 1M 1M", "read -P 0x6c 2M 4k"]);
     assert_eq!(failure(&fx), "");
