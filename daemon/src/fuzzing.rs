@@ -57,9 +57,14 @@ fn harness() -> &'static Harness {
             size: 64 << 10,
             sector_size: 512,
         };
-        let volume =
-            crate::volume::open_temp("fuzz", &scratch("volume"), geometry, &Default::default())
-                .unwrap_or_else(|e| panic!("temp volume: {e}"));
+        let volume = crate::volume::open_temp(
+            "fuzz",
+            &scratch("volume"),
+            geometry,
+            &Default::default(),
+            &crate::volume::Claimant::local(),
+        )
+        .unwrap_or_else(|e| panic!("temp volume: {e}"));
         let export = Arc::new(Export::new(
             volume,
             "fuzz".into(),

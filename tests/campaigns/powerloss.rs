@@ -323,6 +323,7 @@ fn check_one(
             None,
             &Default::default(),
             &records,
+            &hostcryptd::volume::Claimant::local(),
         )
         .ok()
     });
@@ -335,6 +336,7 @@ fn check_one(
             None,
             &Default::default(),
             &records,
+            &hostcryptd::volume::Claimant::local(),
         )
         .err()
         .map(|e| e.to_string());

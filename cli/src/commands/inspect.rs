@@ -15,7 +15,7 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("backing:        {}", path.display());
     println!("uuid:           {}", header.uuid);
-    println!("format version: {}", volume::header::FORMAT_VERSION);
+    println!("format version: {}", format_version(&header));
     println!("role:           {}", header.role);
     println!("size:           {} bytes", header.size);
     println!("sector size:    {}", header.sector_size);
@@ -27,6 +27,20 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
             r.target_generation, r.checkpoint
         ),
         None => println!("re-encryption:  none"),
+    }
+    match &header.owner {
+        Some(o) => println!(
+            "owner:          daemon {} on {} (generation {}{})",
+            o.daemon,
+            o.host,
+            o.generation,
+            if o.released {
+                ", released"
+            } else {
+                ", serving or not stopped cleanly"
+            }
+        ),
+        None => println!("owner:          none recorded"),
     }
     println!(
         "header copies:  primary {}, backup {}",
@@ -45,6 +59,15 @@ pub fn inspect(path: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The format version the header was read as: 3 when authenticated.
+fn format_version(header: &Header) -> u16 {
+    match (&header.auth, header.inner_cipher) {
+        (Some(_), _) => volume::header::FORMAT_VERSION_AUTH,
+        (None, volume::InnerCipher::AesXts) => volume::header::FORMAT_VERSION,
+        (None, volume::InnerCipher::Adiantum) => volume::header::FORMAT_VERSION_INNER_CIPHER,
+    }
+}
+
 pub fn copy_state(copy: &Result<Header, HeaderError>) -> String {
     match copy {
         Ok(h) => format!("valid (sequence {})", h.sequence),
@@ -56,10 +79,13 @@ pub fn header_json(path: &Path, header: &Header, copies: &HeaderCopies) -> serde
     serde_json::json!({
         "backing": path,
         "uuid": header.uuid,
-        "format_version": match header.inner_cipher {
-            volume::InnerCipher::AesXts => volume::header::FORMAT_VERSION,
-            volume::InnerCipher::Adiantum => volume::header::FORMAT_VERSION_INNER_CIPHER,
-        },
+        "format_version": format_version(header),
+        "owner": header.owner.as_ref().map(|o| serde_json::json!({
+            "daemon": o.daemon,
+            "host": o.host,
+            "generation": o.generation,
+            "released": o.released,
+        })),
         "inner_cipher": header.has_inner_layer().then_some(header.inner_cipher),
         "role": header.role,
         "size": header.size,

@@ -236,6 +236,7 @@ impl Config {
                         "backing_tls_certificates",
                         v.backing_tls_certificates.as_ref().map(|c| c.span()),
                     ),
+                    ("take_over", v.take_over.as_ref().map(|t| t.span())),
                 ];
                 for (key, span) in remote_only {
                     if let Some(span) = span {

@@ -233,3 +233,20 @@ fn bad_values_name_key_and_line() {
         .to_string();
     assert!(err.contains("needs a size"), "{err}");
 }
+
+#[test]
+fn take_over_applies_to_remote_backings_only() {
+    let local = GOOD.replace(
+        "role = \"cache\"\nkek = \"main\"",
+        "role = \"cache\"\nkek = \"main\"\ntake_over = true",
+    );
+    let err = parse(&local).unwrap_err().to_string();
+    assert!(err.contains("take_over") && err.contains("remote"), "{err}");
+    let remote = local.replace(
+        "backing = \"/var/lib/hostcrypt/cache0.img\"",
+        "backing = \"nbd://storage1/cache0\"",
+    );
+    let c = parse(&remote).unwrap();
+    assert!(c.volumes[0].take_over());
+    assert!(!c.volumes[1].take_over());
+}

@@ -93,6 +93,10 @@ pub struct VolumeConfig {
     /// `nbds://` credentials: `ca-cert.pem`, optional `client-cert.pem`
     /// and `client-key.pem`.
     pub backing_tls_certificates: Option<Spanned<PathBuf>>,
+    /// Remote backings: serve it even though another daemon's owner record
+    /// (not released) is in its header, after waiting for that daemon to
+    /// notice (`volume/claim.rs`). For a daemon that is gone for good.
+    pub take_over: Option<Spanned<bool>>,
 }
 
 fn optional_duration<'de, D: serde::Deserializer<'de>>(
@@ -125,6 +129,11 @@ fn sector_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> 
 }
 
 impl VolumeConfig {
+    /// Whether this volume may take over a remote backing (`take_over`).
+    pub fn take_over(&self) -> bool {
+        self.take_over.as_ref().is_some_and(|t| *t.get_ref())
+    }
+
     /// Whether the backing is an NBD URI rather than a local path.
     pub fn is_remote(&self) -> bool {
         crate::io::is_remote(self.backing.get_ref())

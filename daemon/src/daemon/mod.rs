@@ -17,6 +17,7 @@ pub mod logging;
 mod nbd;
 mod signals;
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,6 +64,12 @@ pub enum DaemonError {
     KeyChecks(#[source] std::io::Error),
     #[error("the start-up task (volumes, keys, engine) failed: {0}")]
     Startup(String),
+    #[error("state_dir {path}: {source}; each hostcryptd needs a state_dir of its own (its anti-rollback records and daemon identity)")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How to start: the config, where it came from (reload reads it again),
@@ -89,6 +96,8 @@ pub struct Daemon {
     watchdog: Option<tokio::task::JoinHandle<()>>,
     monitor: service::keys::Monitor,
     summary: String,
+    /// The lock on `state_dir` (see `lock_state_dir`), held while running.
+    _state_lock: std::fs::File,
 }
 
 impl Daemon {
@@ -121,6 +130,7 @@ impl Daemon {
             failed,
             engine,
             mut activated,
+            state_lock,
         } = opened;
         // Signal handlers before any socket exists: whoever sees a socket
         // may send SIGTERM at once, and it must drain, not kill, the daemon.
@@ -264,6 +274,7 @@ impl Daemon {
             watchdog,
             monitor,
             summary,
+            _state_lock: state_lock,
         })
     }
 
@@ -352,6 +363,23 @@ struct Opened {
     failed: Vec<(String, ServiceError)>,
     engine: Arc<Engine>,
     activated: service::systemd::ActivatedSockets,
+    state_lock: std::fs::File,
+}
+
+/// One daemon per state directory: its records and its identity
+/// (`volume/claim.rs`) would otherwise be shared by two daemons, and a
+/// remote backing's owner record could not tell them apart.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, DaemonError> {
+    let failed = |source| DaemonError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(failed)?;
+    crate::io::open_claimed(&dir.join("daemon.lock"), true).map_err(failed)
 }
 
 fn open(config: &Config) -> Result<Opened, DaemonError> {
@@ -372,6 +400,7 @@ fn open(config: &Config) -> Result<Opened, DaemonError> {
             return Err(DaemonError::AlreadyServed(socket.clone()));
         }
     }
+    let state_lock = lock_state_dir(&config.daemon.state_dir)?;
     let engine = crate::io::engine::start(config.daemon.io_engine, config.daemon.ring_idle_poll)
         .map_err(DaemonError::Engine)?;
     let (registry, failed) = service::open_volumes(config, &providers, &audit, &engine);
@@ -397,6 +426,7 @@ fn open(config: &Config) -> Result<Opened, DaemonError> {
         failed,
         engine,
         activated,
+        state_lock,
     })
 }
 

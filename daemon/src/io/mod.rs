@@ -25,4 +25,5 @@ mod write_back;
 pub use backing::{is_remote, Backing};
 pub use buffers::IoBuf;
 pub use memory::MemoryBacking;
+pub use owner::open_claimed;
 pub use range_lock::{RangeGuard, RangeLock};

@@ -230,6 +230,12 @@ pub fn open_volume(
         name: name.clone(),
         source: Box::new(source),
     };
+    // Only a remote backing carries an owner record (`volume/claim.rs`).
+    let claimant = match v.is_remote() {
+        true => volume::Claimant::load(state_dir, v.take_over())
+            .map_err(|e| wrap(volume::VolumeError::Claim(e)))?,
+        false => volume::Claimant::local(),
+    };
     let mut keys = None;
     let opened = match v.role {
         Role::Cache => {
@@ -261,6 +267,7 @@ pub fn open_volume(
                 inner.as_ref().map(|k| k.provider.as_ref()),
                 &io,
                 &records,
+                &claimant,
             );
             let kek_names = match &inner {
                 Some(i) => format!("keks {} (outer) and {} (inner)", outer.name, i.name),
@@ -308,7 +315,7 @@ pub fn open_volume(
                 size: v.size_bytes().unwrap_or(0),
                 sector_size: v.sector_size,
             };
-            volume::open_temp(&name, backing, geometry, &io).map_err(wrap)?
+            volume::open_temp(&name, backing, geometry, &io, &claimant).map_err(wrap)?
         }
     };
     opened
@@ -355,12 +362,20 @@ pub fn load_tls(config: &Config) -> Result<Option<TlsContext>, ServiceError> {
     }
 }
 
-/// Flushes every served volume (at stop, once the frontends drained).
+/// Flushes every served volume (at stop, once the frontends drained),
+/// then releases the owner records of remote cache volumes that flushed
+/// (`volume/claim.rs`).
 pub async fn flush_all(registry: &Registry) {
     for served in registry.iter() {
-        let export = served.export;
-        let flushed =
-            tokio::task::spawn_blocking(move || export.volume.data.flush().map(|_| export)).await;
+        let (export, keys) = (served.export, served.keys);
+        let flushed = tokio::task::spawn_blocking(move || {
+            export.volume.data.flush()?;
+            if let Some(keys) = keys {
+                keys.release_claim()?;
+            }
+            Ok::<_, std::io::Error>(export)
+        })
+        .await;
         match flushed {
             Ok(Ok(export)) => tracing::info!(volume = export.name(), "flushed"),
             Ok(Err(e)) => tracing::error!("flush at shutdown failed: {e}"),

@@ -27,11 +27,19 @@ pub struct Served {
 const RETIRE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Checks every served volume's backing is still the one it opened
-/// (deleted, replaced or truncated under the daemon fails the volume);
+/// (deleted, replaced or truncated under the daemon, or a remote one taken
+/// over by another daemon, fails the volume);
 /// called every second with the retries of waiting volumes.
 pub fn check_backings(registry: &Registry) {
     for served in registry.iter() {
-        let _ = served.volume.data.check_backing();
+        let data = &served.volume.data;
+        if data.check_backing().is_err() {
+            continue;
+        }
+        // A remote backing another daemon took over (`volume/claim.rs`).
+        if let Some(claim) = &served.volume.claim {
+            claim.check(data);
+        }
     }
 }
 
@@ -48,7 +56,8 @@ impl Served {
 
     /// Takes a volume out of service after a reload removed it from the
     /// registry: stops its re-encryption between windows, closes its
-    /// connections (waiting for them up to `RETIRE_DRAIN`), then flushes.
+    /// connections (waiting for them up to `RETIRE_DRAIN`), then flushes
+    /// and releases a remote backing's owner record.
     /// The backing's claim goes with the last reference, so a re-added
     /// instance opens only once this one is gone.
     pub fn retire(&self) -> std::io::Result<()> {
@@ -68,7 +77,13 @@ impl Served {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        self.export.volume.data.flush()
+        self.export.volume.data.flush()?;
+        // Connections that outlived the drain may still write: the record
+        // stays, as the local claim does.
+        match &self.keys {
+            Some(keys) if self.export.metrics.connections() == 0 => keys.release_claim(),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use super::auth::{self, AuthError, HeaderKeys};
 use super::header::{Header, HEADER_SIZE};
 use super::record::{RecordError, VolumeRecord};
 use super::store::{write_header, HeaderCopies, DATA_OFFSET};
-use super::{current_header, io_err, open_existing, VolumeError};
+use super::{current_header, guard, io_err, open_existing, VolumeError};
 
 const MAGIC: &[u8; 16] = b"HOSTCRYPT-HDRBK1";
 
@@ -141,6 +141,7 @@ pub fn restore(
         })?;
     }
     let disk = open_existing(backing)?;
+    guard::refuse_if_served_remotely(backing, &disk)?;
     let copies = HeaderCopies::read(&disk).map_err(io_err(backing))?;
     let on_disk = copies.current().cloned();
     if let (Some(current), false) = (&on_disk, force) {
@@ -164,6 +165,8 @@ pub fn restore(
         None => None,
     };
     let mut restored = header.clone();
+    // The backup's owner record is history; nobody serves the volume now.
+    restored.owner = None;
     // Newer than anything on disk or recorded, so the restored copy wins
     // on open and is no sequence rollback; a generation rollback is still
     // one (checked below).
@@ -204,6 +207,7 @@ pub fn restore(
 /// KEK it cannot be decrypted.
 pub fn erase(backing: &Path) -> Result<Uuid, BackupError> {
     let disk = open_existing(backing)?;
+    guard::refuse_if_served_remotely(backing, &disk)?;
     let copies = HeaderCopies::read(&disk).map_err(io_err(backing))?;
     let header = current_header(backing, &copies)?;
     disk.write_at(&vec![0u8; DATA_OFFSET as usize], 0)

@@ -1,7 +1,8 @@
 //! What keeps `create` and a temp volume from writing over a disk that is
 //! in use: a mounted filesystem, a known signature (blkid's names), any
-//! data that is not a volume of ours. Reading only; the callers decide
-//! (`mod.rs`).
+//! data that is not a volume of ours, a remote backing a daemon serves
+//! (its owner record, `claim.rs`). Reading only; the callers decide
+//! (`mod.rs`, `backup.rs`).
 
 use std::path::Path;
 
@@ -33,6 +34,25 @@ pub(super) fn refuse_if_in_use(path: &Path, backing: &Backing) -> Result<(), Vol
         });
     }
     Ok(())
+}
+
+/// Refuses a remote backing whose header names an owner that has not
+/// released it: a daemon may serve it right now, on this host or another,
+/// and no kernel lock says so. A local backing is claimed by the kernel.
+pub(super) fn refuse_if_served_remotely(path: &Path, backing: &Backing) -> Result<(), VolumeError> {
+    if backing.remote().is_none() {
+        return Ok(());
+    }
+    let copies = HeaderCopies::read(backing).map_err(io_err(path))?;
+    match copies.current().and_then(|h| h.owner.as_ref()) {
+        Some(o) if !o.released => Err(VolumeError::ServedRemotely {
+            path: path.to_owned(),
+            daemon: o.daemon,
+            host: o.host.clone(),
+            generation: o.generation,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// What a backing without a hostcrypt header holds, if anything: a known

@@ -29,6 +29,10 @@
 //!           inner layer of a double-encrypted volume), provider, key id,
 //!           key version (each u16 length + UTF-8), wrapped DEK (u16 length + bytes);
 //!           in version 3 this part ends before byte 3968
+//!      then v3, remote backings only: the owner record, "OWN1", generation
+//!           u64, daemon id (16 bytes), released u8, host (u16 length +
+//!           UTF-8, at most 255 bytes); absent when the bytes after the
+//!           slots are zero (`volume/claim.rs` says what it means)
 //! 3968  32  v3: key check of the re-encryption target's DEKs (zeros without one)
 //! 4000  32  v3: key check of the active generation's DEKs
 //! 4032  32  v3: HMAC-SHA256 of bytes 0..4032 under the active generation's MAC key
@@ -163,7 +167,29 @@ pub struct Header {
     pub inner_cipher: InnerCipher,
     /// Version 3's authentication; `None`: a version 1 or 2 header.
     pub auth: Option<Auth>,
+    /// Who serves the volume, on a remote backing (version 3 only).
+    pub owner: Option<Owner>,
 }
+
+/// The owner record of a remote backing (`volume/claim.rs`): under the
+/// header's MAC, so only a holder of the DEK can write one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Bumped by every open and take-over: an instance that finds another
+    /// generation on the backing has been replaced.
+    pub generation: u64,
+    /// The daemon's identity (its state directory's `daemon-id`).
+    pub daemon: Uuid,
+    /// The host name it ran on, for messages.
+    pub host: String,
+    /// Set when the owner let go cleanly (stop, or a reload removed it).
+    pub released: bool,
+}
+
+/// Marks an owner record after the keyslots.
+const OWNER_TAG: [u8; 4] = *b"OWN1";
+/// The longest host name an owner record keeps.
+pub const MAX_OWNER_HOST: usize = 255;
 
 /// What version 3 adds (`auth.rs` computes and checks it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -296,6 +322,21 @@ impl Header {
             w.string(&slot.wrapped.kek.key_version)?;
             w.blob(&slot.wrapped.blob)?;
         }
+        if let Some(owner) = &self.owner {
+            if self.auth.is_none() {
+                return Err(HeaderError::Malformed(
+                    "an owner record needs an authenticated header",
+                ));
+            }
+            if owner.host.len() > MAX_OWNER_HOST {
+                return Err(HeaderError::Malformed("owner host name too long"));
+            }
+            w.bytes(&OWNER_TAG);
+            w.u64(owner.generation);
+            w.bytes(owner.daemon.as_bytes());
+            w.u8(u8::from(owner.released));
+            w.string(&owner.host)?;
+        }
         if w.buf.len() > body_end {
             return Err(HeaderError::TooLarge);
         }
@@ -401,6 +442,32 @@ impl Header {
                 wrapped: WrappedDek { kek, blob },
             });
         }
+        // Bytes after the slots are zero unless an owner record follows
+        // (a daemon that predates it ignores it; the MAC covers it).
+        let owner = if version == FORMAT_VERSION_AUTH
+            && r.buf.get(r.pos..r.pos + 4) == Some(&OWNER_TAG[..])
+        {
+            r.take(4)?;
+            let generation = r.u64()?;
+            let daemon = Uuid::from_bytes(r.array()?);
+            let released = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(HeaderError::Malformed("owner record's released flag")),
+            };
+            let host = r.string()?;
+            if host.len() > MAX_OWNER_HOST {
+                return Err(HeaderError::Malformed("owner host name too long"));
+            }
+            Some(Owner {
+                generation,
+                daemon,
+                host,
+                released,
+            })
+        } else {
+            None
+        };
         let auth = (version == FORMAT_VERSION_AUTH).then(|| {
             let field = |at: usize| {
                 let mut out = [0u8; 32];
@@ -425,6 +492,7 @@ impl Header {
             keyslots,
             inner_cipher,
             auth,
+            owner,
         })
     }
 }
@@ -533,6 +601,7 @@ pub(crate) mod tests {
             }],
             inner_cipher: InnerCipher::AesXts,
             auth: None,
+            owner: None,
         }
     }
 
@@ -547,6 +616,55 @@ pub(crate) mod tests {
             }),
             ..sample()
         }
+    }
+
+    #[test]
+    fn owner_record_round_trips_after_the_slots_and_needs_version_3() {
+        let owner = Owner {
+            generation: 42,
+            daemon: Uuid::new_v4(),
+            host: "storage-host-1".into(),
+            released: false,
+        };
+        let h = Header {
+            owner: Some(owner.clone()),
+            ..sample_v3()
+        };
+        let raw = h.encode().unwrap();
+        assert_eq!(Header::decode(&raw[..]).unwrap(), h);
+        // Without one, the bytes after the slots stay zero.
+        let bare = sample_v3().encode().unwrap();
+        assert_eq!(Header::decode(&bare[..]).unwrap().owner, None);
+        // A released flag that is neither 0 nor 1 is malformed.
+        let mut bad = raw.clone();
+        let at = raw
+            .windows(4)
+            .position(|w| w == OWNER_TAG)
+            .expect("owner tag")
+            + 4
+            + 8
+            + 16;
+        bad[at] = 2;
+        let sum = Sha256::digest(&bad[..CHECKSUM_AT]);
+        bad[CHECKSUM_AT..].copy_from_slice(&sum);
+        assert!(matches!(
+            Header::decode(&bad[..]),
+            Err(HeaderError::Malformed(_))
+        ));
+        // Only an authenticated header carries one, and host names are bounded.
+        let legacy = Header {
+            owner: Some(owner.clone()),
+            ..sample()
+        };
+        assert!(legacy.encode().is_err());
+        let long = Header {
+            owner: Some(Owner {
+                host: "h".repeat(MAX_OWNER_HOST + 1),
+                ..owner
+            }),
+            ..sample_v3()
+        };
+        assert!(long.encode().is_err());
     }
 
     #[test]

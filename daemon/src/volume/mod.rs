@@ -14,6 +14,7 @@ mod allocation;
 pub mod auth;
 pub mod backup;
 mod cipher;
+pub mod claim;
 mod data;
 mod guard;
 pub mod header;
@@ -33,6 +34,7 @@ use uuid::Uuid;
 pub use allocation::Allocation;
 pub use auth::{AuthError, GenerationKeys, HeaderKeys};
 pub use cipher::VolumeCipher;
+pub use claim::{ClaimError, Claimant};
 pub use data::DataArea;
 pub use header::{Header, HeaderError, InnerCipher, Keyslot, Layer, Role};
 pub use keys::{
@@ -122,6 +124,15 @@ pub enum VolumeError {
     UnauthenticatedReencrypt { volume: String, path: PathBuf },
     #[error(transparent)]
     Record(#[from] RecordError),
+    #[error(transparent)]
+    Claim(#[from] ClaimError),
+    #[error("{path}: a hostcryptd serves it (daemon {daemon} on host {host:?}, owner generation {generation}) and has not released it; stop that daemon first (it releases the backing at stop). If it is gone for good, let a daemon with take_over = true on this volume open it, then stop that one")]
+    ServedRemotely {
+        path: PathBuf,
+        daemon: Uuid,
+        host: String,
+        generation: u64,
+    },
     #[error("invalid volume geometry: {0}")]
     Geometry(String),
     #[error("{path} holds {have} bytes, but its header needs {needed} (data offset plus size): the backing was truncated or is not this volume's; refusing to serve reads past its end as zeros")]
@@ -174,6 +185,9 @@ pub struct Volume {
     pub name: String,
     pub role: Role,
     pub data: std::sync::Arc<DataArea>,
+    /// The owner record this instance wrote, on a remote backing
+    /// (`claim.rs`): the periodic check compares the backing's with it.
+    pub claim: Option<Arc<claim::Claim>>,
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
@@ -261,6 +275,8 @@ pub fn create(
     // should hear where it is mounted, not only that it is busy.
     guard::refuse_if_mounted(path)?;
     let backing = Backing::open_or_create(path).map_err(io_err(path))?;
+    // Even with --force: the owner may be serving it right now.
+    guard::refuse_if_served_remotely(path, &backing)?;
     if !force {
         guard::refuse_if_in_use(path, &backing)?;
     }
@@ -316,6 +332,7 @@ fn new_header(geometry: Geometry, role: Role) -> Header {
         keyslots: Vec::new(),
         inner_cipher: InnerCipher::AesXts,
         auth: None,
+        owner: None,
     }
 }
 
@@ -349,6 +366,7 @@ pub fn open_cache(
     inner: Option<&dyn KeyProvider>,
     io: &IoSetup,
     records: &Records,
+    claimant: &Claimant,
 ) -> Result<(Volume, Header, HeaderKeys), VolumeError> {
     let backing = open_existing(path)?;
     let copies = HeaderCopies::read(&backing).map_err(io_err(path))?;
@@ -450,12 +468,27 @@ pub fn open_cache(
         target: target_keys,
     };
     let mut header = header;
+    // A remote backing's owner record, decided before anything is written
+    // and written with the first header write (`claim.rs`).
+    let claimed = match backing.remote().is_some() {
+        true => Some(claimant.admit(name, path, header.owner.as_ref())?),
+        false => None,
+    };
+    if let Some((owner, _)) = &claimed {
+        header.owner = Some(owner.clone());
+    }
     if header.auth.is_none() {
         tracing::warn!(volume = name, path = %path.display(), "header is not authenticated; upgrading it in place to format version 3");
+        store::write_header(&backing, &mut header, &keys).map_err(io_err(path))?;
+    } else if claimed.is_some() {
+        // Rewrites both copies, so it repairs a damaged one too.
         store::write_header(&backing, &mut header, &keys).map_err(io_err(path))?;
     } else if let Some(damage) = copies.damage() {
         tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
         copies.repair(&backing).map_err(io_err(path))?;
+    }
+    if let Some((_, claim::Admission::TakenOver(previous))) = &claimed {
+        claim::wait_out(name, previous);
     }
     if let (Some((outer, inner)), Some(_)) = (&target, header.reencrypt) {
         let sector_size = header.sector_size as usize;
@@ -607,6 +640,7 @@ fn ready(
         name: name.to_owned(),
         role: header.role,
         data: Arc::new(data),
+        claim: header.owner.clone().map(claim::Claim::new),
     })
 }
 
@@ -618,6 +652,7 @@ pub fn open_temp(
     path: &Path,
     geometry: Geometry,
     io: &IoSetup,
+    claimant: &Claimant,
 ) -> Result<Volume, VolumeError> {
     geometry.validate()?;
     // Claimed first (a file is created if missing), then checked: a remote
@@ -643,13 +678,26 @@ pub fn open_temp(
             }
         }
     }
+    // The last run's record cannot be verified (its key died with it),
+    // but it still tells another daemon's live temp volume from ours.
+    let claimed = match backing.remote().is_some() {
+        true => {
+            let found = copies.current().and_then(|h| h.owner.as_ref());
+            Some(claimant.admit(name, path, found)?)
+        }
+        false => None,
+    };
     let dek = Dek::generate().map_err(VolumeError::Random)?;
     let mut header = new_header(geometry, Role::Temp);
+    header.owner = claimed.as_ref().map(|(owner, _)| owner.clone());
     let keys = HeaderKeys {
         current: GenerationKeys::derive(header.uuid, header.dek_generation, &dek, None),
         target: None,
     };
     lay_out(path, &backing, &mut header, &keys)?;
+    if let Some((_, claim::Admission::TakenOver(previous))) = &claimed {
+        claim::wait_out(name, previous);
+    }
     // A block device or remote export is not emptied like a file: zero its
     // data area (BLKZEROOUT, WRITE_ZEROES where offered), so last run's
     // ciphertext, unreadable under the new key, reads as zeros, not garbage.

@@ -43,7 +43,17 @@ fn header_of(path: &Path) -> Header {
 /// A refusal that names the volume and leaves the backing as it was.
 fn refused(path: &Path, kek: &dyn KeyProvider, records: &Records, what: &str) -> VolumeError {
     let before = bytes(path);
-    let err = open_cache("v", path, None, kek, None, &IoSetup::default(), records).unwrap_err();
+    let err = open_cache(
+        "v",
+        path,
+        None,
+        kek,
+        None,
+        &IoSetup::default(),
+        records,
+        &Claimant::local(),
+    )
+    .unwrap_err();
     let text = err.to_string();
     assert!(text.contains("\"v\""), "the error names the volume: {text}");
     assert!(text.contains(what), "expected {what:?}: {text}");
@@ -59,8 +69,17 @@ fn start_reencryption(
     kek: &dyn KeyProvider,
     records: &Records,
 ) -> (Header, HeaderKeys, Dek) {
-    let (volume, mut header, mut keys) =
-        open_cache("v", path, None, kek, None, &IoSetup::default(), records).unwrap();
+    let (volume, mut header, mut keys) = open_cache(
+        "v",
+        path,
+        None,
+        kek,
+        None,
+        &IoSetup::default(),
+        records,
+        &Claimant::local(),
+    )
+    .unwrap();
     drop(volume);
     let backing = Backing::open(path).unwrap();
     let new_dek = Dek::generate().unwrap();
@@ -135,8 +154,17 @@ fn hash_journal_replay_finishes_a_torn_window() {
     backing.write_at(&half, header.data_offset).unwrap();
     drop(backing);
 
-    let (volume, opened, _) =
-        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    let (volume, opened, _) = open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
     let r = opened
         .reencrypt
         .expect("still re-encrypting past the window");
@@ -168,7 +196,17 @@ fn a_forged_reencryption_target_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let kek = LocalKek::init(&dir.path().join("kek.key")).unwrap();
     let (records, path) = created_v(dir.path(), &kek);
-    open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
     let genuine = header_of(&path);
     let mine = Dek::generate().unwrap();
     let mut forged = genuine.clone();
@@ -225,8 +263,17 @@ fn a_rolled_back_header_is_refused() {
     let other = LocalKek::init(&dir.path().join("other.key")).unwrap();
     let (records, path) = created_v(dir.path(), &kek);
     let saved = bytes(&path)[..DATA_OFFSET as usize].to_vec();
-    let (volume, header, keys) =
-        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    let (volume, header, keys) = open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
     let layer_kek = |name: &str, provider: LocalKek| LayerKek {
         name: name.into(),
         provider: std::sync::Arc::new(provider),
@@ -261,6 +308,7 @@ fn a_rolled_back_header_is_refused() {
         None,
         &IoSetup::default(),
         &records,
+        &Claimant::local(),
     )
     .unwrap();
     let rekeyed = bytes(&path)[..DATA_OFFSET as usize].to_vec();
@@ -296,6 +344,7 @@ fn a_rolled_back_header_is_refused() {
         None,
         &IoSetup::default(),
         &records,
+        &Claimant::local(),
     )
     .unwrap();
     std::fs::OpenOptions::new()
@@ -384,8 +433,17 @@ fn a_version_1_header_is_upgraded_and_cannot_be_downgraded() {
     let legacy = bytes(&path)[..DATA_OFFSET as usize].to_vec();
     assert_eq!(u16::from_le_bytes([legacy[8], legacy[9]]), 1);
 
-    let (_, upgraded, _) =
-        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    let (_, upgraded, _) = open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
     assert!(upgraded.auth.is_some());
     let raw = bytes(&path);
     for at in [PRIMARY_AT, BACKUP_AT] {
@@ -398,7 +456,17 @@ fn a_version_1_header_is_upgraded_and_cannot_be_downgraded() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.write_all_at(&legacy[..header::HEADER_SIZE], BACKUP_AT)
         .unwrap();
-    open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
 
     f.write_all_at(&legacy, 0).unwrap();
     drop(f);
@@ -420,8 +488,17 @@ fn an_open_volume_keeps_every_other_writer_off_its_backing() {
     };
     let records = records(dir.path());
     let created = create(&path, geometry, &kek, None, false, None).unwrap();
-    let (volume, _, _) =
-        open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    let (volume, _, _) = open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
     let busy = |e: VolumeError| match e {
         VolumeError::Io { source, .. } => {
             assert_eq!(source.kind(), std::io::ErrorKind::ResourceBusy, "{source}")
@@ -429,8 +506,29 @@ fn an_open_volume_keeps_every_other_writer_off_its_backing() {
         other => panic!("expected a busy backing, got {other}"),
     };
     busy(create(&path, geometry, &kek, None, true, None).unwrap_err());
-    busy(open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap_err());
-    busy(open_temp("t", &path, geometry, &IoSetup::default()).unwrap_err());
+    busy(
+        open_cache(
+            "v",
+            &path,
+            None,
+            &kek,
+            None,
+            &IoSetup::default(),
+            &records,
+            &Claimant::local(),
+        )
+        .unwrap_err(),
+    );
+    busy(
+        open_temp(
+            "t",
+            &path,
+            geometry,
+            &IoSetup::default(),
+            &Claimant::local(),
+        )
+        .unwrap_err(),
+    );
     match backup::erase(&path).unwrap_err() {
         backup::BackupError::Volume(e) => busy(e),
         other => panic!("expected a busy backing, got {other}"),
@@ -449,7 +547,17 @@ fn an_open_volume_keeps_every_other_writer_off_its_backing() {
         other => panic!("expected a busy backing, got {other}"),
     }
     drop(volume);
-    open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records).unwrap();
+    open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    )
+    .unwrap();
 }
 
 /// A backing shorter than its header says (truncated, or another
@@ -469,7 +577,16 @@ fn a_backing_shorter_than_its_header_says_is_refused() {
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     file.set_len(DATA_OFFSET + (1 << 19)).unwrap();
     drop(file);
-    match open_cache("v", &path, None, &kek, None, &IoSetup::default(), &records) {
+    match open_cache(
+        "v",
+        &path,
+        None,
+        &kek,
+        None,
+        &IoSetup::default(),
+        &records,
+        &Claimant::local(),
+    ) {
         Err(VolumeError::BackingTooSmall { have, needed, .. }) => {
             assert_eq!(have, DATA_OFFSET + (1 << 19));
             assert_eq!(needed, DATA_OFFSET + (1 << 20));

@@ -183,6 +183,15 @@ impl DataArea {
         Ok(())
     }
 
+    /// Fails the volume for good (the first reason stays): every request,
+    /// flush included, gets `reason` until it is reopened. For what the
+    /// data area cannot see itself, such as a take-over (`claim.rs`).
+    pub fn fail(&self, reason: String) {
+        if self.failed.set(reason.clone()).is_ok() {
+            tracing::error!(backing = %self.backing.path().display(), "{reason}");
+        }
+    }
+
     /// Why the volume failed, if it did (`check_backing`).
     pub fn failure(&self) -> Option<&str> {
         self.failed.get().map(String::as_str)

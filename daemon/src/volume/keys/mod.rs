@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::HeaderKeys;
 use super::record::{RecordError, VolumeRecord};
-use super::{store, DataArea, Header, Layer};
+use super::{claim, store, DataArea, Header, Layer};
 use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{version_newer, KekError, KekRef, KeyProvider, WrappedDek};
 
@@ -477,6 +477,14 @@ impl VolumeKeys {
                 .map_err(|e| std::io::Error::other(format!("the anti-rollback record is behind the header and cannot be updated, so no header change is made: {e}")))?;
             self.record_behind.store(false, Ordering::SeqCst);
         }
+        // Another daemon may have taken a remote backing over since the
+        // last check: its header must not be overwritten with ours.
+        if let Some(ours) = &cur.header.owner {
+            if let Err(reason) = claim::still_ours(self.data.backing(), ours) {
+                self.data.fail(reason.clone());
+                return Err(std::io::Error::other(reason));
+            }
+        }
         match store::write_header_copies(self.data.backing(), header, &cur.auth) {
             Ok(()) => {}
             Err(e) if e.primary_durable => tracing::warn!(
@@ -495,6 +503,22 @@ impl VolumeKeys {
             self.record_behind.store(true, Ordering::SeqCst);
             tracing::error!(volume = %self.name, "{e}; the next header change waits until the record can be written");
         }
+        Ok(())
+    }
+
+    /// Writes the remote backing's owner record back as released (at stop,
+    /// or when a reload removed the volume), so another daemon may open it
+    /// without `take_over`. Nothing to do on a local backing, or when the
+    /// record is no longer ours.
+    pub fn release_claim(&self) -> std::io::Result<()> {
+        let mut cur = self.lock();
+        let mut header = cur.header.clone();
+        match header.owner.as_mut() {
+            Some(owner) if !owner.released => owner.released = true,
+            _ => return Ok(()),
+        }
+        self.write_header_io(&mut cur, &mut header)?;
+        tracing::info!(volume = %self.name, "released the remote backing's owner record");
         Ok(())
     }
 }

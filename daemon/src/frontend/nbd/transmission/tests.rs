@@ -34,6 +34,7 @@ fn temp_export() -> (Arc<Export>, tempfile::TempDir) {
         &dir.path().join("volume"),
         geometry,
         &Default::default(),
+        &crate::volume::Claimant::local(),
     )
     .unwrap();
     let export = Arc::new(Export::new(

@@ -60,12 +60,18 @@ impl Shared {
     /// lock, before its requests are re-sent.
     pub(super) fn connection_lost(&self, state: &mut State, slot: usize) -> Option<DurabilityLost> {
         let dirty = std::mem::take(&mut state.dirty[slot]);
-        let in_flight = state
+        // Each may still land after a newer write: fenced (`fence.rs`).
+        let cut_off: Vec<(u64, u32)> = state
             .pending
             .values()
-            .filter(|p| p.writes() && p.done.is_some())
+            .filter(|p| p.writes() && p.done.is_some() && p.ever_sent)
             .filter(|p| p.sent_on.is_some_and(|(s, _)| s == slot))
-            .count() as u64;
+            .map(|p| (p.offset, p.length))
+            .collect();
+        for &(offset, length) in &cut_off {
+            state.fence.add(offset, length);
+        }
+        let in_flight = cut_off.len() as u64;
         let loss = if dirty > state.flushed {
             DurabilityLost::Unflushed {
                 writes: state.acked.saturating_sub(state.flushed),

@@ -35,11 +35,12 @@
 //! the hook the owner installs (`on_durability_lost`); `io/backing.rs`
 //! records it as a failed sync (`io/write_back.rs`), so every later FLUSH
 //! and FUA on the volume fails until it is reopened, as after a failed
-//! fdatasync on a local backing. Replaying unflushed writes instead would
-//! need a copy of every write until the next FLUSH, and would still not
-//! fence a stale write the server applies late; fencing ranges until a
-//! FLUSH on a fresh connection would, but the sticky failure is simpler,
-//! tells the client its durability is gone, and matches local backings.
+//! fdatasync on a local backing. The second hazard also fences the stale
+//! write's range (`fence.rs`): a newer write there fails at once instead
+//! of being acknowledged and then overwritten by the stale one. Replaying
+//! unflushed writes instead would need a copy of every write until the
+//! next FLUSH, and would still not stop a stale write the server applies
+//! late.
 //!
 //! Completions run on the reader thread as callbacks (`Done`), so many
 //! requests are in flight without a thread each; the blocking calls
@@ -52,6 +53,7 @@ mod coverage;
 #[cfg(any(test, feature = "fuzzing"))]
 mod detached;
 mod durability;
+mod fence;
 #[cfg(feature = "fuzzing")]
 pub(crate) use detached::fuzz;
 #[cfg(test)]
@@ -170,6 +172,8 @@ struct State {
     /// How many durability losses there have been, and the last one.
     losses: u64,
     last_loss: Option<DurabilityLost>,
+    /// Ranges a timed-out or cut-off write may still reach (`fence.rs`).
+    fence: fence::Fence,
 }
 
 /// Why writes the server acknowledged may not be what it holds: see the
@@ -479,6 +483,13 @@ impl Shared {
             drop(state);
             return fail(pending, self.unreachable());
         }
+        if pending.writes() {
+            if let Some((start, end)) = state.fence.overlap(pending.offset, pending.length) {
+                drop(state);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                return fail(pending, fenced(start, end));
+            }
+        }
         let cookie = state.next_cookie;
         state.next_cookie += 1;
         pending.covers = state.acked;
@@ -613,6 +624,13 @@ impl Shared {
             done(Ok(p.buf.unwrap_or_else(|| IoBuf::new(0))));
         }
     }
+}
+
+/// The error a write into a fenced range gets (`fence.rs`).
+fn fenced(start: u64, end: u64) -> io::Error {
+    io::Error::other(format!(
+        "bytes {start}..{end} of the remote backing are fenced: an earlier write there timed out or was cut off and the backend may still apply it; writes there fail until the volume is reopened"
+    ))
 }
 
 fn fail(p: Pending, err: io::Error) {

@@ -120,6 +120,80 @@ fn writes_in_flight_on_a_lost_connection_are_a_loss() {
     assert_eq!(lose_connection(&shared), None);
 }
 
+/// A new write through `dispatch_new` (as `NbdClient::submit` makes one);
+/// its outcome lands in `outcomes` under `key`.
+fn write_new(shared: &Shared, outcomes: &Outcomes, key: u64, offset: u64, length: u32) {
+    let seen = outcomes.clone();
+    shared.dispatch_new(Pending {
+        command: Command::Write,
+        flags: 0,
+        offset,
+        length,
+        payload: Some(Arc::new(IoBuf::new(length as usize))),
+        buf: None,
+        sent_on: None,
+        since: Instant::now(),
+        done: Some(Box::new(move |r| {
+            let r = r.map(|b| b.to_vec()).map_err(|e| e.raw_os_error());
+            seen.lock().unwrap().insert(key, r);
+        })),
+        error: None,
+        covered: coverage::Coverage::default(),
+        ever_sent: false,
+        covers: 0,
+        losses: 0,
+    });
+}
+
+#[test]
+fn a_write_cut_off_by_a_lost_connection_fences_its_range() {
+    let (shared, outcomes) = detached(false, &[], 0);
+    // Cookie 0: a 512-byte write at 0, in flight when the connection dies.
+    submit(&shared, &outcomes, 0, Command::Write, 0);
+    assert!(lose_connection(&shared).is_some());
+    // New requests get cookies of their own.
+    shared.lock().next_cookie = 1000;
+    // A newer write over it fails before it is sent; one beside it goes out.
+    write_new(&shared, &outcomes, 100, 256, 4096);
+    write_new(&shared, &outcomes, 101, 512, 4096);
+    let seen = outcomes.lock().unwrap();
+    assert_eq!(seen.get(&100), Some(&Err(None)), "{seen:?}");
+    assert_eq!(seen.get(&101), None, "not refused: {seen:?}");
+    drop(seen);
+    assert_eq!(
+        shared.lock().pending.len(),
+        2,
+        "the cut-off write and the neighbour"
+    );
+}
+
+#[test]
+fn a_read_of_a_fenced_range_is_not_refused() {
+    let (shared, outcomes) = detached(false, &[], 0);
+    submit(&shared, &outcomes, 0, Command::Write, 0);
+    assert!(lose_connection(&shared).is_some());
+    // New requests get cookies of their own.
+    shared.lock().next_cookie = 1000;
+    shared.dispatch_new(Pending {
+        command: Command::Read,
+        flags: 0,
+        offset: 0,
+        length: 512,
+        payload: None,
+        buf: None,
+        sent_on: None,
+        since: Instant::now(),
+        done: Some(Box::new(|_| {})),
+        error: None,
+        covered: coverage::Coverage::default(),
+        ever_sent: false,
+        covers: 0,
+        losses: 0,
+    });
+    assert_eq!(shared.lock().pending.len(), 2);
+    drop(outcomes);
+}
+
 #[test]
 fn the_hook_hears_of_a_loss_even_one_before_it_was_installed() {
     let (shared, outcomes) = detached(false, &[], 0);

@@ -20,12 +20,14 @@ pub(super) fn watchdog(s: &Shared) {
         let mut expired = Vec::new();
         let mut stuck = Vec::new();
         let mut late_write = None;
+        let mut stale = Vec::new();
         state.pending.retain(|_, p| {
             if p.done.is_none() || now.duration_since(p.since) < s.options.timeout {
                 return true;
             }
             expired.extend(p.done.take());
             if p.writes() && p.ever_sent {
+                stale.push((p.offset, p.length));
                 late_write.get_or_insert(DurabilityLost::TimedOut {
                     offset: p.offset,
                     length: p.length,
@@ -42,6 +44,9 @@ pub(super) fn watchdog(s: &Shared) {
         });
         if expired.is_empty() {
             continue;
+        }
+        for (offset, length) in stale {
+            state.fence.add(offset, length);
         }
         let loss = late_write.map(|l| s.lose(&mut state, l));
         drop(state);
