@@ -163,6 +163,11 @@ enum Command {
         /// Confirm: this cannot be undone without a header backup.
         #[arg(long)]
         yes: bool,
+        /// Erase a remote backing whose owner record says another daemon
+        /// serves it. Only when that daemon is gone for good (for example
+        /// its key is lost and it can never release the record).
+        #[arg(long)]
+        take_over: bool,
     },
     /// Show a volume header (never a secret).
     Inspect {
@@ -290,7 +295,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     force,
                 },
         } => commands::header::restore(&cli.config, &backing, &file, force),
-        Command::Erase { volume, yes } => commands::header::erase(&cli.config, &volume, yes),
+        Command::Erase {
+            volume,
+            yes,
+            take_over,
+        } => commands::header::erase(&cli.config, &volume, yes, take_over),
         Command::Volumes { json } => commands::status::volumes(&cli.config, json),
         Command::Reload { json } => commands::reload::reload(&cli.config, json),
         Command::Reencrypt {

@@ -171,7 +171,7 @@ pub fn restore(config_path: &Path, backing: &Path, file: &Path, force: bool) -> 
     }
 }
 
-pub fn erase(config_path: &Path, volume: &str, yes: bool) -> anyhow::Result<()> {
+pub fn erase(config_path: &Path, volume: &str, yes: bool, take_over: bool) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let v = super::volume_config(&config, config_path, volume)?;
     if !yes {
@@ -179,7 +179,10 @@ pub fn erase(config_path: &Path, volume: &str, yes: bool) -> anyhow::Result<()> 
     }
     refuse_if_served(config_path, volume, "erase destroys")?;
     let backing = v.backing.get_ref();
-    match backup::erase(backing) {
+    if take_over {
+        eprintln!("warning: --take-over: erasing {} even if its owner record names a daemon that has not released it; that daemon must be stopped or cut off from the storage", backing.display());
+    }
+    match backup::erase(backing, take_over) {
         Ok(uuid) => {
             audit(
                 &config,

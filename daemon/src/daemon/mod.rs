@@ -313,8 +313,8 @@ impl Daemon {
     }
 
     /// Stops in order: frontends close their listeners and drain their
-    /// connections, every volume is flushed, re-encryptions stop between
-    /// windows, then the control socket, the watchdog, metrics and key
+    /// connections, re-encryptions stop between windows, every volume is
+    /// flushed (and a remote one's owner record released), then the control socket, the watchdog, metrics and key
     /// checks end.
     pub async fn drain(self) -> Result<(), DaemonError> {
         tracing::info!("stopping: draining in-flight requests");
@@ -323,8 +323,9 @@ impl Daemon {
         for running in self.frontends {
             running.stopped().await;
         }
-        service::flush_all(&self.registry).await;
-        // Re-encryptions stop between windows; the header records where.
+        // Re-encryptions stop between windows (the header records where)
+        // before the flush, which releases remote owner records last: a
+        // released record means this daemon writes no more.
         let registry = self.registry.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for export in registry.iter() {
@@ -334,6 +335,7 @@ impl Daemon {
             }
         })
         .await;
+        service::flush_all(&self.registry).await;
         if let Some((control, path, owned)) = self.control {
             let _ = control.await;
             if owned {

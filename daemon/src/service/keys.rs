@@ -130,7 +130,8 @@ fn schedule(registry: Registry, stop: StopSignal) {
     loop {
         let now = Instant::now();
         let mut groups: HashMap<Group, Vec<Arc<VolumeKeys>>> = HashMap::new();
-        for volume in registry.iter().filter_map(|e| e.keys.clone()) {
+        // Removed instances still alive too: they still serve.
+        for volume in registry.live().into_iter().filter_map(|e| e.keys) {
             let interval = volume
                 .policy()
                 .check_interval

@@ -370,8 +370,9 @@ pub async fn flush_all(registry: &Registry) {
         let (export, keys) = (served.export, served.keys);
         let flushed = tokio::task::spawn_blocking(move || {
             export.volume.data.flush()?;
-            if let Some(keys) = keys {
-                keys.release_claim()?;
+            match keys {
+                Some(keys) => keys.release_claim()?,
+                None => export.volume.release_temp_claim()?,
             }
             Ok::<_, std::io::Error>(export)
         })

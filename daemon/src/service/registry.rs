@@ -27,19 +27,12 @@ pub struct Served {
 const RETIRE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Checks every served volume's backing is still the one it opened
-/// (deleted, replaced or truncated under the daemon, or a remote one taken
-/// over by another daemon, fails the volume);
+/// (deleted, replaced or truncated under the daemon fails the volume; a
+/// remote backing's owner record has a thread of its own, `volume/claim.rs`);
 /// called every second with the retries of waiting volumes.
 pub fn check_backings(registry: &Registry) {
-    for served in registry.iter() {
-        let data = &served.volume.data;
-        if data.check_backing().is_err() {
-            continue;
-        }
-        // A remote backing another daemon took over (`volume/claim.rs`).
-        if let Some(claim) = &served.volume.claim {
-            claim.check(data);
-        }
+    for served in registry.live() {
+        let _ = served.volume.data.check_backing();
     }
 }
 
@@ -80,9 +73,12 @@ impl Served {
         self.export.volume.data.flush()?;
         // Connections that outlived the drain may still write: the record
         // stays, as the local claim does.
+        if self.export.metrics.connections() > 0 {
+            return Ok(());
+        }
         match &self.keys {
-            Some(keys) if self.export.metrics.connections() == 0 => keys.release_claim(),
-            _ => Ok(()),
+            Some(keys) => keys.release_claim(),
+            None => self.export.volume.release_temp_claim(),
         }
     }
 }
@@ -102,7 +98,12 @@ impl std::ops::Deref for Served {
 pub struct Registry {
     served: Arc<ArcSwap<Vec<Served>>>,
     exports: Exports,
+    /// Instances a reload removed, while anything still holds them (a
+    /// connection that outlived the drain): still key- and backing-checked.
+    retired: Arc<std::sync::Mutex<Vec<RetiredRef>>>,
 }
+
+type RetiredRef = (std::sync::Weak<Export>, Option<std::sync::Weak<VolumeKeys>>);
 
 impl Registry {
     pub fn new(served: Vec<Served>) -> Self {
@@ -110,7 +111,37 @@ impl Registry {
         Registry {
             served: Arc::new(ArcSwap::from_pointee(served)),
             exports,
+            retired: Arc::default(),
         }
+    }
+
+    /// Keeps checking `removed` instances for as long as they live
+    /// (`live`).
+    pub fn watch_retired(&self, removed: &[Served]) {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|(export, _)| export.strong_count() > 0);
+        retired.extend(removed.iter().map(|s| {
+            (
+                Arc::downgrade(&s.export),
+                s.keys.as_ref().map(Arc::downgrade),
+            )
+        }));
+    }
+
+    /// The open volumes and the removed instances still alive: what key
+    /// and backing checks cover.
+    pub fn live(&self) -> Vec<Served> {
+        let mut live: Vec<Served> = self.iter().collect();
+        let retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        for (export, keys) in retired.iter() {
+            if let Some(export) = export.upgrade() {
+                live.push(Served {
+                    export,
+                    keys: keys.as_ref().and_then(std::sync::Weak::upgrade),
+                });
+            }
+        }
+        live
     }
 
     /// What the NBD server offers.

@@ -277,6 +277,7 @@ impl Reloader {
             .cloned()
             .collect();
         self.registry.replace(list);
+        self.registry.watch_retired(&removed);
         if let Some(tls) = tls {
             tracing::info!(
                 subject = %tls.info.server_subject,

@@ -205,9 +205,13 @@ pub fn restore(
 /// `DATA_OFFSET` bytes) with zeros and syncs. Returns the erased volume's
 /// UUID. The data area is left as it is: without a header backup and the
 /// KEK it cannot be decrypted.
-pub fn erase(backing: &Path) -> Result<Uuid, BackupError> {
+/// With `take_over`, a remote backing whose owner record was never
+/// released is erased too (the escape when that owner is gone for good).
+pub fn erase(backing: &Path, take_over: bool) -> Result<Uuid, BackupError> {
     let disk = open_existing(backing)?;
-    guard::refuse_if_served_remotely(backing, &disk)?;
+    if !take_over {
+        guard::refuse_if_served_remotely(backing, &disk)?;
+    }
     let copies = HeaderCopies::read(&disk).map_err(io_err(backing))?;
     let header = current_header(backing, &copies)?;
     disk.write_at(&vec![0u8; DATA_OFFSET as usize], 0)
@@ -256,10 +260,10 @@ mod tests {
             "an existing backup is not overwritten"
         );
 
-        let uuid = erase(&path).unwrap();
+        let uuid = erase(&path, false).unwrap();
         assert_eq!(uuid, saved.uuid);
         assert!(super::super::read_headers(&path).unwrap().is_foreign());
-        assert!(erase(&path).is_err(), "nothing left to erase");
+        assert!(erase(&path, false).is_err(), "nothing left to erase");
 
         let header = read_backup(&file).unwrap();
         let k = keys(&header, &dek);

@@ -8,50 +8,73 @@
 //! daemon's identity, its host name, and a generation bumped at every
 //! open), under the header's MAC for a cache volume:
 //!
+//! - **Inside this daemon** one instance at a time holds a backing: a
+//!   process-wide table of the header UUIDs in use ([`Hold`]), freed when
+//!   the last reference to the instance goes (a reload's re-add waits for
+//!   the removed instance's lingering connections, whatever the URI's
+//!   spelling).
 //! - **At open**, before anything is written: a record left by another
-//!   daemon that did not release it refuses the open, naming that daemon
-//!   and host, unless the volume says `take_over = true`. A record of this
-//!   same daemon (a restart, kill -9 included) or a released one is taken
-//!   over silently. The new record is written at once; a take-over of a
-//!   record that was not released then waits [`TAKE_OVER_GRACE`] so that a
-//!   previous owner still running notices and stops before this one serves.
-//! - **Every second** (`service/registry.rs`) and before every header write
-//!   (`keys/`), the owner reads the header back: another owner or another
-//!   generation there means it was taken over, and the volume fails for
-//!   good (every request gets EIO, `status` says by whom).
-//! - **At stop**, and when a reload removes the volume, a cache volume
-//!   writes its record back as released.
+//!   daemon (or by this daemon's identity on another host: a copied state
+//!   directory) that was not released refuses the open, unless the volume
+//!   says `take_over = true`. This daemon's own record (a restart, kill -9
+//!   included) or a released one is taken over silently. The new record is
+//!   written, then read back after [`SETTLE`] (two daemons opening at once:
+//!   the later writer wins, the other refuses), or after
+//!   [`TAKE_OVER_GRACE`] when it took over an unreleased record.
+//! - **While serving**, a thread of the volume's own reads the record back
+//!   every [`CHECK_INTERVAL`]. Writes go out only under a lease
+//!   (`io/remote/client/lease.rs`) of [`LEASE`] from the last read, counted
+//!   from when it was issued, that showed the record still ours: a daemon
+//!   whose link is down, or whose reads hang, stops sending writes by
+//!   itself. Another owner or generation there revokes the lease and fails
+//!   the volume for good (every request gets EIO, `status` says by whom).
+//!   Every header write first reads the record back, and does not write
+//!   unless it is confirmed ours.
+//! - **At stop**, and when a reload removes the volume, the record is
+//!   written back as released (`VolumeKeys::release_claim`,
+//!   [`Claim::release_temp`]).
 //!
 //! What this needs from the storage, and what it cannot do, is in
 //! `docs/security.md`: a write the export acknowledged and flushed is what
-//! every later read of it returns, on every connection; and between a
-//! take-over and the previous owner's next check, that owner may still
-//! write for about a second (the grace covers a live owner, not one that
-//! hangs for longer). The daemon identity is a random UUID kept in the state
-//! directory (`daemon-id`), so each daemon needs a state directory of its
-//! own; the daemon locks it at start (`daemon/mod.rs`).
+//! every later read of it returns, on every connection; a write the old
+//! owner had already sent may still sit in the server's queue after its
+//! lease ended, so a take-over is safe only once the old host is stopped or
+//! cut off from the storage. The daemon identity is a random UUID kept in
+//! the state directory (`daemon-id`), read once per state directory; each
+//! daemon needs a state directory of its own, which it locks at start
+//! (`daemon/mod.rs`).
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
+use super::auth::HeaderKeys;
 use super::data::DataArea;
 use super::header::{Header, Owner, HEADER_SIZE, MAX_OWNER_HOST};
-use super::store::{HeaderCopies, PRIMARY_AT};
+use super::store::{self, HeaderCopies};
+use crate::io::remote::RemoteHandle;
 use crate::io::Backing;
 
-/// How often a serving daemon checks its records (`service/registry.rs`).
+/// How often a serving daemon reads its record back.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How long a take-over of an unreleased record waits before serving: two
-/// checks of the previous owner, and some slack for a slow backend.
-pub const TAKE_OVER_GRACE: Duration = Duration::from_millis(2500);
+/// How long after a read that confirmed the record (counted from when the
+/// read was issued) writes may still go out.
+pub const LEASE: Duration = Duration::from_secs(5);
+
+/// How long a take-over of an unreleased record waits before serving: a
+/// previous owner still running has then either read the new record and
+/// stopped, or seen its lease run out.
+pub const TAKE_OVER_GRACE: Duration = Duration::from_secs(7);
+
+/// How long a new record settles before it is read back: two daemons that
+/// found the backing free at the same moment both wrote by then.
+pub const SETTLE: Duration = CHECK_INTERVAL;
 
 /// The file in the state directory that holds the daemon's identity.
 const DAEMON_ID_FILE: &str = "daemon-id";
@@ -75,13 +98,32 @@ pub enum ClaimError {
     },
     #[error("{path} does not hold a daemon identity (a UUID); remove it to have a new one made")]
     Malformed { path: PathBuf },
-    #[error("volume {volume:?} ({backing}): served by another hostcryptd (daemon {daemon} on host {host:?}, owner generation {generation}), which has not released it; a remote backing has one owner. Stop that daemon (it releases the backing at stop), or, if it is gone for good, set take_over = true on this volume")]
+    #[error("volume {volume:?} ({backing}): served by another hostcryptd (daemon {daemon} on host {host:?}, owner generation {generation}), which has not released it; a remote backing has one owner. Stop that daemon (it releases the backing at stop), or, if it is gone for good and cut off from the storage, set take_over = true on this volume")]
     OwnedElsewhere {
         volume: String,
         backing: PathBuf,
         daemon: Uuid,
         host: String,
         generation: u64,
+    },
+    #[error("volume {volume:?} ({backing}): its owner record names this daemon's identity on another host ({host:?}); the state directory (daemon-id) was copied. Give each host a state directory of its own; if the other host is gone for good, set take_over = true on this volume")]
+    CopiedIdentity {
+        volume: String,
+        backing: PathBuf,
+        host: String,
+    },
+    #[error("volume {volume:?} ({backing}): volume {other:?} of this daemon still holds the same backing (header {uuid}); it opens once that instance is gone")]
+    HeldHere {
+        volume: String,
+        backing: PathBuf,
+        other: String,
+        uuid: Uuid,
+    },
+    #[error("volume {volume:?} ({backing}): {reason}")]
+    Lost {
+        volume: String,
+        backing: PathBuf,
+        reason: String,
     },
 }
 
@@ -95,10 +137,21 @@ pub enum Admission {
 }
 
 impl Claimant {
-    /// This daemon's identity from `state_dir` (made on first use).
+    /// This daemon's identity from `state_dir` (made on first use, read
+    /// once per state directory and process).
     pub fn load(state_dir: &Path, take_over: bool) -> Result<Self, ClaimError> {
+        static IDS: Mutex<BTreeMap<PathBuf, Uuid>> = Mutex::new(BTreeMap::new());
+        let mut ids = IDS.lock().unwrap_or_else(|p| p.into_inner());
+        let daemon = match ids.get(state_dir) {
+            Some(id) => *id,
+            None => {
+                let id = daemon_id(state_dir)?;
+                ids.insert(state_dir.to_owned(), id);
+                id
+            }
+        };
         Ok(Claimant {
-            daemon: daemon_id(state_dir)?,
+            daemon,
             host: host_name(),
             take_over,
         })
@@ -125,8 +178,16 @@ impl Claimant {
         let generation = found.map_or(0, |o| o.generation).wrapping_add(1);
         let admission = match found {
             None => Admission::Free,
-            Some(o) if o.released || o.daemon == self.daemon => Admission::Free,
+            Some(o) if o.released => Admission::Free,
+            Some(o) if o.daemon == self.daemon && o.host == self.host => Admission::Free,
             Some(o) if self.take_over => Admission::TakenOver(o.clone()),
+            Some(o) if o.daemon == self.daemon => {
+                return Err(ClaimError::CopiedIdentity {
+                    volume: volume.to_owned(),
+                    backing: backing.to_owned(),
+                    host: o.host.clone(),
+                })
+            }
             Some(o) => {
                 return Err(ClaimError::OwnedElsewhere {
                     volume: volume.to_owned(),
@@ -147,100 +208,253 @@ impl Claimant {
     }
 }
 
-/// Whether the backing's current header still names `ours` as its owner.
-/// A header that cannot be read or decoded right now (a torn write in
-/// progress, the backend briefly down) proves nothing: that is `Ok`, and
-/// the next check decides.
-pub fn still_ours(backing: &Backing, ours: &Owner) -> Result<(), String> {
-    let Ok(copies) = HeaderCopies::read(backing) else {
-        return Ok(());
-    };
-    let Some(current) = copies.current() else {
-        return Ok(());
-    };
-    compare(current.owner.as_ref(), ours)
+/// A backing in use by one instance of this daemon, by the UUID of the
+/// header it found there and of the one it writes (they differ for a temp
+/// volume); freed when dropped.
+#[derive(Debug)]
+pub struct Hold {
+    uuids: Vec<Uuid>,
 }
 
-/// `Ok` when `found` is `ours` (same daemon and generation).
-fn compare(found: Option<&Owner>, ours: &Owner) -> Result<(), String> {
+static HELD: Mutex<BTreeMap<Uuid, String>> = Mutex::new(BTreeMap::new());
+
+impl Hold {
+    /// Holds `uuids` for `volume`, or names the instance that holds one.
+    pub fn take(volume: &str, backing: &Path, uuids: &[Uuid]) -> Result<Hold, ClaimError> {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((uuid, other)) = uuids
+            .iter()
+            .find_map(|u| held.get(u).map(|other| (*u, other.clone())))
+        {
+            return Err(ClaimError::HeldHere {
+                volume: volume.to_owned(),
+                backing: backing.to_owned(),
+                other,
+                uuid,
+            });
+        }
+        let mut mine = uuids.to_vec();
+        mine.sort_unstable();
+        mine.dedup();
+        for u in &mine {
+            held.insert(*u, volume.to_owned());
+        }
+        Ok(Hold { uuids: mine })
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        for u in &self.uuids {
+            held.remove(u);
+        }
+    }
+}
+
+/// What a read of the record back showed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    Ours,
+    /// Another owner or generation, or no record: ours no more.
+    Lost(String),
+    /// Unreadable or undecodable right now: proves nothing either way.
+    Unknown(String),
+}
+
+/// Reads the backing's current header (both copies) and compares its
+/// record with `ours`.
+pub fn still_ours(backing: &Backing, ours: &Owner) -> Found {
+    let copies = match HeaderCopies::read(backing) {
+        Ok(c) => c,
+        Err(e) => return Found::Unknown(format!("the header could not be read: {e}")),
+    };
+    match copies.current() {
+        Some(current) => compare(current.owner.as_ref(), ours),
+        None => Found::Unknown("neither header copy is valid right now".into()),
+    }
+}
+
+/// `Ours` when `found` is `ours` (same daemon, host and generation).
+fn compare(found: Option<&Owner>, ours: &Owner) -> Found {
     match found {
-        Some(o) if o.daemon == ours.daemon && o.generation == ours.generation => Ok(()),
-        Some(o) => Err(format!(
+        Some(o) if o.daemon == ours.daemon && o.host == ours.host && o.generation == ours.generation => {
+            Found::Ours
+        }
+        Some(o) => Found::Lost(format!(
             "the remote backing was taken over by daemon {} on host {:?} (owner generation {}, this instance had {}); I/O on this volume is stopped",
             o.daemon, o.host, o.generation, ours.generation
         )),
-        None => Err(
+        None => Found::Lost(
             "the remote backing's header no longer holds this daemon's owner record (another writer rewrote it); I/O on this volume is stopped"
                 .to_owned(),
         ),
     }
 }
 
-/// A served instance's record, and whether a check of it is in flight
-/// (one at a time, so a hung backend does not pile them up).
+/// After the record is written: waits for it to settle (or, after a
+/// take-over, for the previous owner to stop), then reads it back.
+/// Returns when the read that confirmed it was issued.
+pub fn settle(
+    volume: &str,
+    path: &Path,
+    backing: &Backing,
+    ours: &Owner,
+    admission: &Admission,
+) -> Result<Instant, ClaimError> {
+    let wait = match admission {
+        Admission::Free => SETTLE,
+        Admission::TakenOver(previous) => {
+            // Loud: a take-over is an operator's decision worth a line.
+            tracing::warn!(
+                volume,
+                daemon = %previous.daemon,
+                host = ?previous.host,
+                generation = previous.generation,
+                "take_over = true: taking the remote backing over from a daemon that did not release it; waiting {} for it to stop before serving",
+                humantime::format_duration(TAKE_OVER_GRACE)
+            );
+            TAKE_OVER_GRACE
+        }
+    };
+    std::thread::sleep(wait);
+    let issued = Instant::now();
+    match still_ours(backing, ours) {
+        Found::Ours => Ok(issued),
+        Found::Lost(reason) | Found::Unknown(reason) => Err(ClaimError::Lost {
+            volume: volume.to_owned(),
+            backing: path.to_owned(),
+            reason: format!("the owner record just written could not be confirmed ({reason}); another daemon may have opened it at the same moment"),
+        }),
+    }
+}
+
+/// A served instance's record: the in-process hold, the write lease, and
+/// the thread that keeps checking it.
 #[derive(Debug)]
 pub struct Claim {
     pub owner: Owner,
-    checking: AtomicBool,
+    volume: String,
+    remote: RemoteHandle,
+    data: OnceLock<Weak<DataArea>>,
+    lost: OnceLock<String>,
+    /// A temp volume's header and keys, to write the record back as
+    /// released (a cache volume's go through `VolumeKeys`).
+    temp: Mutex<Option<(Header, HeaderKeys)>>,
+    _hold: Hold,
 }
 
 impl Claim {
-    pub fn new(owner: Owner) -> Arc<Self> {
-        Arc::new(Claim {
+    /// Starts holding writes to the lease, renewed from `confirmed` (when
+    /// the read that confirmed the record was issued), and the checking
+    /// thread, which ends with the last reference to the claim.
+    pub fn start(
+        volume: &str,
+        owner: Owner,
+        backing: &Backing,
+        hold: Hold,
+        confirmed: Instant,
+    ) -> std::io::Result<Arc<Self>> {
+        let remote = backing
+            .remote()
+            .ok_or_else(|| std::io::Error::other("an owner record on a local backing"))?
+            .handle();
+        remote.require_write_lease();
+        remote.renew_write_lease(confirmed + LEASE);
+        let claim = Arc::new(Claim {
             owner,
-            checking: AtomicBool::new(false),
-        })
+            volume: volume.to_owned(),
+            remote,
+            data: OnceLock::new(),
+            lost: OnceLock::new(),
+            temp: Mutex::new(None),
+            _hold: hold,
+        });
+        let weak = Arc::downgrade(&claim);
+        std::thread::Builder::new()
+            .name("owner-check".into())
+            .spawn(move || watch(weak))?;
+        Ok(claim)
     }
 
-    /// Reads the backing's primary header copy without blocking the
-    /// caller (the key monitor's thread), and fails the volume if it names
-    /// another owner or generation. A copy that does not decode (torn by a
-    /// write in progress) proves nothing.
-    pub fn check(self: &Arc<Self>, data: &Arc<DataArea>) {
-        let Some(remote) = data.backing().remote() else {
-            return;
-        };
-        let min = (remote.status().min_block as usize).max(1);
-        let Some(len) = HEADER_SIZE.div_ceil(min).checked_mul(min) else {
-            return;
-        };
-        if !remote.reads_directly(PRIMARY_AT, len as u64)
-            || self.checking.swap(true, Ordering::AcqRel)
-        {
-            return;
+    /// The data area to fail when the record is lost (at once, if it was
+    /// lost while the volume opened).
+    pub fn attach(&self, data: &Arc<DataArea>) {
+        let _ = self.data.set(Arc::downgrade(data));
+        if let Some(reason) = self.lost.get() {
+            data.fail(reason.clone());
         }
-        let (claim, data_area) = (self.clone(), data.clone());
-        remote.submit_read(
-            PRIMARY_AT,
-            len,
-            Box::new(move |read| {
-                claim.checking.store(false, Ordering::Release);
-                let Ok(buf) = read else { return };
-                let Ok(found) = Header::decode(&buf[..]) else {
-                    return;
-                };
-                if let Err(reason) = compare(found.owner.as_ref(), &claim.owner) {
-                    data_area.fail(reason);
+    }
+
+    /// Keeps a temp volume's header and keys for `release_temp`.
+    pub fn keep_temp(&self, header: Header, keys: HeaderKeys) {
+        *self.temp.lock().unwrap_or_else(|p| p.into_inner()) = Some((header, keys));
+    }
+
+    /// Writes a temp volume's record back as released (at stop, or when a
+    /// reload removed it), unless it is no longer ours.
+    pub fn release_temp(&self, backing: &Backing) -> std::io::Result<()> {
+        let mut temp = self.temp.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((header, keys)) = temp.as_mut() else {
+            return Ok(());
+        };
+        match still_ours(backing, &self.owner) {
+            Found::Ours => {}
+            Found::Lost(reason) | Found::Unknown(reason) => {
+                return Err(std::io::Error::other(reason))
+            }
+        }
+        let mut released = header.clone();
+        if let Some(o) = released.owner.as_mut() {
+            o.released = true;
+        }
+        store::write_header(backing, &mut released, keys)?;
+        *temp = None;
+        tracing::info!(volume = %self.volume, "released the remote backing's owner record");
+        Ok(())
+    }
+
+    /// One read of the record: renews the lease, or ends writing for good.
+    /// `false` once the record is lost.
+    fn check(&self) -> bool {
+        let issued = Instant::now();
+        let found = match self.remote.read_start(HEADER_SIZE) {
+            Ok(buf) => match Header::decode(&buf[..]) {
+                Ok(h) => compare(h.owner.as_ref(), &self.owner),
+                // Torn by a header write in progress, or garbage.
+                Err(e) => Found::Unknown(e.to_string()),
+            },
+            Err(e) => Found::Unknown(e.to_string()),
+        };
+        match found {
+            Found::Ours => {
+                self.remote.renew_write_lease(issued + LEASE);
+                true
+            }
+            Found::Unknown(_) => true,
+            Found::Lost(reason) => {
+                let _ = self.lost.set(reason.clone());
+                self.remote.revoke_writes(reason.clone());
+                if let Some(data) = self.data.get().and_then(Weak::upgrade) {
+                    data.fail(reason);
+                } else {
+                    tracing::error!(volume = %self.volume, "{reason}");
                 }
-            }),
-        );
+                false
+            }
+        }
     }
 }
 
-/// After taking over `previous`'s unreleased record: waits until a
-/// previous owner that still runs has seen the new record and stopped
-/// (`TAKE_OVER_GRACE`), so the two never write at once. Loud: a take-over
-/// is an operator's decision worth a line in the log.
-pub fn wait_out(volume: &str, previous: &Owner) {
-    tracing::warn!(
-        volume,
-        daemon = %previous.daemon,
-        host = %previous.host,
-        generation = previous.generation,
-        "take_over = true: taking the remote backing over from a daemon that did not release it; waiting {} for it to notice before serving",
-        humantime::format_duration(TAKE_OVER_GRACE)
-    );
-    std::thread::sleep(TAKE_OVER_GRACE);
+/// The checking thread: one read per interval while the claim lives.
+fn watch(claim: Weak<Claim>) {
+    loop {
+        std::thread::sleep(CHECK_INTERVAL);
+        let Some(claim) = claim.upgrade() else { return };
+        if !claim.check() {
+            return;
+        }
+    }
 }
 
 /// Reads the daemon's identity, or makes one (0600, created exclusively,
@@ -342,7 +556,13 @@ mod tests {
         let me = claimant(false);
         for (found, generation) in [
             (None, 1),
-            (Some(owner(me.daemon, 3, false)), 4),
+            (
+                Some(Owner {
+                    host: me.host.clone(),
+                    ..owner(me.daemon, 3, false)
+                }),
+                4,
+            ),
             (Some(owner(Uuid::new_v4(), 9, true)), 10),
             (Some(owner(Uuid::new_v4(), u64::MAX, true)), 0),
         ] {
@@ -352,6 +572,57 @@ mod tests {
             assert_eq!(admission, Admission::Free);
             assert_eq!((new.daemon, new.generation), (me.daemon, generation));
         }
+    }
+
+    #[test]
+    fn this_daemons_identity_on_another_host_is_a_copied_state_dir() {
+        let me = claimant(false);
+        let copy = owner(me.daemon, 3, false);
+        let err = me
+            .admit("v", Path::new("nbd://h/e"), Some(&copy))
+            .unwrap_err();
+        assert!(matches!(err, ClaimError::CopiedIdentity { .. }), "{err}");
+        let (_, admission) = claimant(true)
+            .admit("v", Path::new("nbd://h/e"), Some(&copy))
+            .unwrap();
+        assert_eq!(admission, Admission::TakenOver(copy));
+    }
+
+    #[test]
+    fn one_instance_holds_a_backing_until_it_is_dropped() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let first = Hold::take("old", Path::new("nbd://h/e"), &[a]).unwrap();
+        // A re-add under another name, or a temp volume's new header.
+        let err = Hold::take("new", Path::new("nbd://h/E"), &[a, b]).unwrap_err();
+        assert!(err.to_string().contains("\"old\""), "{err}");
+        assert!(Hold::take("other", Path::new("x"), &[b]).is_ok());
+        drop(first);
+        assert!(Hold::take("new", Path::new("nbd://h/E"), &[a, b]).is_ok());
+    }
+
+    #[test]
+    fn a_record_is_ours_only_with_our_daemon_host_and_generation() {
+        let me = owner(Uuid::new_v4(), 4, false);
+        assert_eq!(compare(Some(&me), &me), Found::Ours);
+        let released = Owner {
+            released: true,
+            ..me.clone()
+        };
+        assert_eq!(compare(Some(&released), &me), Found::Ours);
+        for other in [
+            Owner {
+                generation: 5,
+                ..me.clone()
+            },
+            Owner {
+                host: "elsewhere".into(),
+                ..me.clone()
+            },
+            owner(Uuid::new_v4(), 4, false),
+        ] {
+            assert!(matches!(compare(Some(&other), &me), Found::Lost(_)));
+        }
+        assert!(matches!(compare(None, &me), Found::Lost(_)));
     }
 
     #[test]
@@ -367,10 +638,13 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(daemon_id(&state).unwrap(), a.daemon);
         std::fs::write(state.join(DAEMON_ID_FILE), "not a uuid").unwrap();
         assert!(matches!(
-            Claimant::load(&state, false),
+            daemon_id(&state),
             Err(ClaimError::Malformed { .. })
         ));
+        // Read once: a running daemon keeps the identity it started with.
+        assert_eq!(Claimant::load(&state, false).unwrap().daemon, a.daemon);
     }
 }

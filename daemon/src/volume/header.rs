@@ -32,7 +32,11 @@
 //!      then v3, remote backings only: the owner record, "OWN1", generation
 //!           u64, daemon id (16 bytes), released u8, host (u16 length +
 //!           UTF-8, at most 255 bytes); absent when the bytes after the
-//!           slots are zero (`volume/claim.rs` says what it means)
+//!           slots are zero (`volume/claim.rs` says what it means). A
+//!           daemon older than the record does not know it: its MAC
+//!           check re-encodes the header without it and refuses the
+//!           header as forged, so a remote volume once served by a
+//!           daemon that writes records cannot go back to an older one
 //! 3968  32  v3: key check of the re-encryption target's DEKs (zeros without one)
 //! 4000  32  v3: key check of the active generation's DEKs
 //! 4032  32  v3: HMAC-SHA256 of bytes 0..4032 under the active generation's MAC key

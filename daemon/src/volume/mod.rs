@@ -126,7 +126,7 @@ pub enum VolumeError {
     Record(#[from] RecordError),
     #[error(transparent)]
     Claim(#[from] ClaimError),
-    #[error("{path}: a hostcryptd serves it (daemon {daemon} on host {host:?}, owner generation {generation}) and has not released it; stop that daemon first (it releases the backing at stop). If it is gone for good, let a daemon with take_over = true on this volume open it, then stop that one")]
+    #[error("{path}: a hostcryptd serves it (daemon {daemon} on host {host:?}, owner generation {generation}) and has not released it; stop that daemon first (it releases the backing at stop). If it is gone for good and cut off from the storage, let a daemon with take_over = true on this volume open it, then stop that one; if its key is lost too, `hostcrypt erase VOLUME --yes --take-over` clears it")]
     ServedRemotely {
         path: PathBuf,
         daemon: Uuid,
@@ -188,6 +188,17 @@ pub struct Volume {
     /// The owner record this instance wrote, on a remote backing
     /// (`claim.rs`): the periodic check compares the backing's with it.
     pub claim: Option<Arc<claim::Claim>>,
+}
+
+impl Volume {
+    /// Writes a remote temp volume's owner record back as released (a
+    /// cache volume's goes through `VolumeKeys::release_claim`).
+    pub fn release_temp_claim(&self) -> std::io::Result<()> {
+        match &self.claim {
+            Some(claim) => claim.release_temp(self.data.backing()),
+            None => Ok(()),
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
@@ -358,6 +369,9 @@ fn lay_out(
 /// authenticated version 3, the repair of a damaged copy, a journal replay,
 /// the record. Returns the header as it is on disk after opening and the
 /// keys it is sealed with, for the volume's `VolumeKeys` to own.
+// Each argument is a different party's: the config's, the key providers',
+// the engine's, the state directory's.
+#[allow(clippy::too_many_arguments)]
 pub fn open_cache(
     name: &str,
     path: &Path,
@@ -471,10 +485,14 @@ pub fn open_cache(
     // A remote backing's owner record, decided before anything is written
     // and written with the first header write (`claim.rs`).
     let claimed = match backing.remote().is_some() {
-        true => Some(claimant.admit(name, path, header.owner.as_ref())?),
+        true => {
+            let hold = claim::Hold::take(name, path, &[header.uuid])?;
+            let (owner, admission) = claimant.admit(name, path, header.owner.as_ref())?;
+            Some((owner, admission, hold))
+        }
         false => None,
     };
-    if let Some((owner, _)) = &claimed {
+    if let Some((owner, ..)) = &claimed {
         header.owner = Some(owner.clone());
     }
     if header.auth.is_none() {
@@ -487,9 +505,16 @@ pub fn open_cache(
         tracing::warn!(volume = name, path = %path.display(), "{damage}; repairing from the valid copy");
         copies.repair(&backing).map_err(io_err(path))?;
     }
-    if let Some((_, claim::Admission::TakenOver(previous))) = &claimed {
-        claim::wait_out(name, previous);
-    }
+    let claim = match claimed {
+        Some((owner, admission, hold)) => {
+            let confirmed = claim::settle(name, path, &backing, &owner, &admission)?;
+            Some(
+                claim::Claim::start(name, owner, &backing, hold, confirmed)
+                    .map_err(io_err(path))?,
+            )
+        }
+        None => None,
+    };
     if let (Some((outer, inner)), Some(_)) = (&target, header.reencrypt) {
         let sector_size = header.sector_size as usize;
         let ciphers = (
@@ -505,7 +530,7 @@ pub fn open_cache(
         (Some((outer, inner)), true) => (outer, inner.as_ref()),
         _ => (&dek, inner_dek.as_ref()),
     };
-    let volume = ready(name, path, backing, &header, current, io)?;
+    let volume = ready(name, path, backing, &header, current, io, claim)?;
     if let (Some((outer, inner)), Some(r)) = (&target, header.reencrypt) {
         let cipher = VolumeCipher::new(
             outer,
@@ -604,6 +629,7 @@ fn ready(
     header: &Header,
     (dek, inner): (&Dek, Option<&Dek>),
     io: &IoSetup,
+    claim: Option<Arc<claim::Claim>>,
 ) -> Result<Volume, VolumeError> {
     // Checked arithmetic: a header is untrusted until here too.
     let needed = header
@@ -636,11 +662,15 @@ fn ready(
         (header.size, header.data_offset),
         io.engine.clone(),
     );
+    let data = Arc::new(data);
+    if let Some(claim) = &claim {
+        claim.attach(&data);
+    }
     Ok(Volume {
         name: name.to_owned(),
         role: header.role,
-        data: Arc::new(data),
-        claim: header.owner.clone().map(claim::Claim::new),
+        data,
+        claim,
     })
 }
 
@@ -680,24 +710,39 @@ pub fn open_temp(
     }
     // The last run's record cannot be verified (its key died with it),
     // but it still tells another daemon's live temp volume from ours.
+    let mut header = new_header(geometry, Role::Temp);
     let claimed = match backing.remote().is_some() {
         true => {
-            let found = copies.current().and_then(|h| h.owner.as_ref());
-            Some(claimant.admit(name, path, found)?)
+            let found = copies.current();
+            let uuids: Vec<Uuid> = found
+                .map(|h| h.uuid)
+                .into_iter()
+                .chain([header.uuid])
+                .collect();
+            let hold = claim::Hold::take(name, path, &uuids)?;
+            let (owner, admission) =
+                claimant.admit(name, path, found.and_then(|h| h.owner.as_ref()))?;
+            Some((owner, admission, hold))
         }
         false => None,
     };
     let dek = Dek::generate().map_err(VolumeError::Random)?;
-    let mut header = new_header(geometry, Role::Temp);
-    header.owner = claimed.as_ref().map(|(owner, _)| owner.clone());
+    header.owner = claimed.as_ref().map(|(owner, ..)| owner.clone());
     let keys = HeaderKeys {
         current: GenerationKeys::derive(header.uuid, header.dek_generation, &dek, None),
         target: None,
     };
     lay_out(path, &backing, &mut header, &keys)?;
-    if let Some((_, claim::Admission::TakenOver(previous))) = &claimed {
-        claim::wait_out(name, previous);
-    }
+    let claim = match claimed {
+        Some((owner, admission, hold)) => {
+            let confirmed = claim::settle(name, path, &backing, &owner, &admission)?;
+            let claim = claim::Claim::start(name, owner, &backing, hold, confirmed)
+                .map_err(io_err(path))?;
+            claim.keep_temp(header.clone(), keys);
+            Some(claim)
+        }
+        None => None,
+    };
     // A block device or remote export is not emptied like a file: zero its
     // data area (BLKZEROOUT, WRITE_ZEROES where offered), so last run's
     // ciphertext, unreadable under the new key, reads as zeros, not garbage.
@@ -706,7 +751,7 @@ pub fn open_temp(
             .zero_range(header.data_offset, header.size)
             .map_err(io_err(path))?;
     }
-    ready(name, path, backing, &header, (&dek, None), io)
+    ready(name, path, backing, &header, (&dek, None), io, claim)
 }
 
 #[cfg(test)]

@@ -529,7 +529,7 @@ fn an_open_volume_keeps_every_other_writer_off_its_backing() {
         )
         .unwrap_err(),
     );
-    match backup::erase(&path).unwrap_err() {
+    match backup::erase(&path, false).unwrap_err() {
         backup::BackupError::Volume(e) => busy(e),
         other => panic!("expected a busy backing, got {other}"),
     }

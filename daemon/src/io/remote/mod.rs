@@ -76,6 +76,45 @@ impl std::fmt::Debug for RemoteBacking {
 
 pub type WriteDone = Box<dyn FnOnce(io::Result<()>) + Send>;
 
+/// See `RemoteBacking::handle`.
+#[derive(Clone)]
+pub struct RemoteHandle {
+    client: Arc<NbdClient>,
+    min: u64,
+}
+
+impl std::fmt::Debug for RemoteHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteHandle").finish_non_exhaustive()
+    }
+}
+
+impl RemoteHandle {
+    /// The export's first `len` bytes (read whole backend blocks; never
+    /// held by the write lease).
+    pub fn read_start(&self, len: usize) -> io::Result<IoBuf> {
+        let whole = (len as u64).div_ceil(self.min).saturating_mul(self.min);
+        let whole = u32::try_from(whole)
+            .map_err(|_| io::Error::other("the backend's minimum block is too large"))?;
+        let mut buf = self.client.call(Command::Read, 0, 0, whole, None)?;
+        buf.truncate(len);
+        Ok(buf)
+    }
+
+    /// Holds writes until `renew_write_lease` (`client/lease.rs`).
+    pub fn require_write_lease(&self) {
+        self.client.require_write_lease();
+    }
+
+    pub fn renew_write_lease(&self, deadline: std::time::Instant) {
+        self.client.renew_write_lease(deadline);
+    }
+
+    pub fn revoke_writes(&self, reason: String) {
+        self.client.revoke_writes(reason);
+    }
+}
+
 impl RemoteBacking {
     pub fn connect(uri: &Path) -> io::Result<Self> {
         let text = uri.to_string_lossy();
@@ -105,6 +144,16 @@ impl RemoteBacking {
     /// See `NbdClient::on_durability_lost`.
     pub fn on_durability_lost(&self, hook: LossHook) {
         self.client.on_durability_lost(hook);
+    }
+
+    /// A handle on the same connections for a thread of its own (the
+    /// owner-record check, `volume/claim.rs`): it reads the export's start
+    /// and steers the write lease (`client/lease.rs`).
+    pub fn handle(&self) -> RemoteHandle {
+        RemoteHandle {
+            client: self.client.clone(),
+            min: self.min.max(1),
+        }
     }
 
     fn has(&self, flag: u16) -> bool {

@@ -479,10 +479,20 @@ impl VolumeKeys {
         }
         // Another daemon may have taken a remote backing over since the
         // last check: its header must not be overwritten with ours.
+        // Unconfirmed (the header unreadable right now) writes nothing
+        // either: the change is refused and can be tried again.
         if let Some(ours) = &cur.header.owner {
-            if let Err(reason) = claim::still_ours(self.data.backing(), ours) {
-                self.data.fail(reason.clone());
-                return Err(std::io::Error::other(reason));
+            match claim::still_ours(self.data.backing(), ours) {
+                claim::Found::Ours => {}
+                claim::Found::Lost(reason) => {
+                    self.data.fail(reason.clone());
+                    return Err(std::io::Error::other(reason));
+                }
+                claim::Found::Unknown(reason) => {
+                    return Err(std::io::Error::other(format!(
+                        "the remote backing's owner record could not be confirmed ({reason}), so no header change is made"
+                    )))
+                }
             }
         }
         match store::write_header_copies(self.data.backing(), header, &cur.auth) {

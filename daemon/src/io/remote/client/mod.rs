@@ -54,6 +54,7 @@ mod coverage;
 mod detached;
 mod durability;
 mod fence;
+mod lease;
 #[cfg(feature = "fuzzing")]
 pub(crate) use detached::fuzz;
 #[cfg(test)]
@@ -174,6 +175,8 @@ struct State {
     last_loss: Option<DurabilityLost>,
     /// Ranges a timed-out or cut-off write may still reach (`fence.rs`).
     fence: fence::Fence,
+    /// Whether writes may go out now (`lease.rs`).
+    lease: lease::WriteLease,
 }
 
 /// Why writes the server acknowledged may not be what it holds: see the
@@ -483,11 +486,20 @@ impl Shared {
             drop(state);
             return fail(pending, self.unreachable());
         }
+        let mut held = false;
         if pending.writes() {
             if let Some((start, end)) = state.fence.overlap(pending.offset, pending.length) {
                 drop(state);
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 return fail(pending, fenced(start, end));
+            }
+            match state.lease.allows(Instant::now()) {
+                Ok(allowed) => held = !allowed,
+                Err(reason) => {
+                    drop(state);
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    return fail(pending, io::Error::other(reason));
+                }
             }
         }
         let cookie = state.next_cookie;
@@ -495,7 +507,11 @@ impl Shared {
         pending.covers = state.acked;
         pending.losses = state.losses;
         state.pending.insert(cookie, pending);
-        let target = assign(&mut state, cookie);
+        // A held write waits, unassigned, for the lease (`lease.rs`).
+        let target = match held {
+            true => None,
+            false => assign(&mut state, cookie),
+        };
         drop(state);
         if let Some(target) = target {
             self.send(cookie, target);
@@ -542,8 +558,10 @@ impl Shared {
     /// Re-sends (in first-sent order) the requests that were on a lost
     /// connection or waiting for one.
     fn redispatch(&self, lost: Option<usize>) {
+        let mut refused = Vec::new();
         let moves: Vec<(u64, (usize, u64))> = {
             let mut state = self.lock();
+            let lease = state.lease.allows(Instant::now());
             let orphaned: Vec<u64> = state
                 .pending
                 .iter()
@@ -561,6 +579,22 @@ impl Shared {
                     state.pending.remove(&cookie);
                     continue;
                 }
+                if state.pending.get(&cookie).is_some_and(Pending::writes) {
+                    match &lease {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            if let Some(p) = state.pending.get_mut(&cookie) {
+                                p.sent_on = None;
+                            }
+                            continue;
+                        }
+                        Err(reason) => {
+                            refused
+                                .extend(state.pending.remove(&cookie).map(|p| (p, reason.clone())));
+                            continue;
+                        }
+                    }
+                }
                 if let Some(target) = assign(&mut state, cookie) {
                     if lost.is_some() {
                         self.counters.resent.fetch_add(1, Ordering::Relaxed);
@@ -570,6 +604,9 @@ impl Shared {
             }
             moves
         };
+        for (p, reason) in refused {
+            fail(p, io::Error::other(reason));
+        }
         for (cookie, target) in moves {
             self.send(cookie, target);
         }

@@ -276,3 +276,42 @@ fn a_trickling_handshake_fails_within_the_deadline() {
     assert!(elapsed < timeout * 2, "took {elapsed:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn writes_wait_for_the_lease_and_fail_once_it_is_revoked() {
+    let (shared, outcomes) = detached(false, &[], 0);
+    shared.lock().next_cookie = 1000;
+    shared.lock().lease = lease::WriteLease::Until(Instant::now());
+    // Held: in the table, on no connection, never sent.
+    write_new(&shared, &outcomes, 100, 0, 4096);
+    let held = |shared: &Shared| {
+        shared
+            .lock()
+            .pending
+            .values()
+            .filter(|p| p.sent_on.is_none() && !p.ever_sent)
+            .count()
+    };
+    assert_eq!(held(&shared), 1);
+    // A read is never held.
+    submit(&shared, &outcomes, 1, Command::Read, 0);
+    assert_eq!(held(&shared), 1);
+    // Renewed: the held write goes out.
+    shared.renew_lease(Instant::now() + Duration::from_secs(60));
+    assert_eq!(held(&shared), 0);
+    assert!(shared.lock().pending.values().all(|p| p.ever_sent));
+    // Run out again, then revoked: a held write fails, a new one too.
+    shared.lock().lease = lease::WriteLease::Until(Instant::now());
+    write_new(&shared, &outcomes, 101, 8192, 4096);
+    assert_eq!(held(&shared), 1);
+    shared.revoke_lease("taken over".into());
+    write_new(&shared, &outcomes, 102, 16384, 4096);
+    // A renewal cannot undo a revocation.
+    shared.renew_lease(Instant::now() + Duration::from_secs(60));
+    write_new(&shared, &outcomes, 103, 16384, 4096);
+    let seen = outcomes.lock().unwrap();
+    for key in [101, 102, 103] {
+        assert_eq!(seen.get(&key), Some(&Err(None)), "{key}: {seen:?}");
+    }
+    assert_eq!(seen.get(&100), None, "sent, still in flight: {seen:?}");
+}
