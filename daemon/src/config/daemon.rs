@@ -20,7 +20,7 @@ pub struct DaemonConfig {
     /// With the io_uring engine, how long a ring keeps polling for work
     /// after its last before it sleeps, e.g. `"50us"`; `"0s"` sleeps at
     /// once. Waking a sleeping core (on a VM, a halted vCPU) is most of a
-    /// QD1 read's latency (BENCHMARKS.md, "Idle polling on the rings"); the
+    /// QD1 read's latency (benches/results/history.md, "Idle polling on the rings"); the
     /// price is up to this much CPU time after each burst of requests.
     #[serde(default = "default_ring_idle_poll", deserialize_with = "idle_poll")]
     pub ring_idle_poll: std::time::Duration,

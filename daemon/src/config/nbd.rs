@@ -17,7 +17,7 @@ pub struct NbdConfig {
     /// With the io_uring engine, receive each plaintext connection's
     /// requests on one ring, which also reads, decrypts and replies for it
     /// (`frontend/nbd/ring_reader.rs`). On by default: nothing crosses
-    /// threads on a request's path (BENCHMARKS.md, "Ring connections after
+    /// threads on a request's path (benches/results/history.md, "Ring connections after
     /// the writer fix"). `false` keeps every connection on a tokio task.
     #[serde(default = "yes")]
     pub ring_connections: bool,

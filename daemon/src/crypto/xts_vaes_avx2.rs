@@ -6,7 +6,7 @@
 //!
 //! Hand-written for the same reason as the 512-bit kernel (no maintained
 //! crate has a VAES XTS): the `aes` crate's AES-NI batch path runs one
-//! 128-bit block per instruction (BENCHMARKS.md, "XTS micro-benchmarks").
+//! 128-bit block per instruction (benches/results/history.md, "XTS micro-benchmarks").
 //! The AES rounds are inline asm (`middle_rounds`), the rest intrinsics.
 //! Tweak update: each vector holds two consecutive tweaks (t, t·α), so the
 //! next vector is this one times α²; in general t·α^K = (t << K) ⊕ (top K
@@ -27,7 +27,7 @@ use std::arch::x86_64::*;
 
 /// Vectors per step (12 × 2 blocks = 384 bytes): with the key and the
 /// twelve blocks in registers, the three spare ones hold the tweak chain
-/// (the widths tried are in BENCHMARKS.md, "XTS micro-benchmarks").
+/// (the widths tried are in benches/results/history.md, "XTS micro-benchmarks").
 const WIDE: usize = 12;
 
 /// Multiplies each 128-bit lane by α^K in GF(2¹²⁸), for K ≤ 8; `R` must
@@ -195,7 +195,7 @@ unsafe fn step<const N: usize, const ENCRYPT: bool>(
 /// then moves on by α^(2·WIDE) (α^24) for the next step: a byte shift and
 /// one carry-less multiply per vector, where bit shifts take about eleven
 /// vector operations that compete with VAES for the same pipes
-/// (BENCHMARKS.md, "The AVX2 kernel's tweaks by byte shift").
+/// (benches/results/history.md, "The AVX2 kernel's tweaks by byte shift").
 ///
 /// # Safety
 /// The CPU must have avx2, vaes, aes and vpclmulqdq; `p .. p + 32 * WIDE`

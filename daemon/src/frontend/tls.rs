@@ -7,7 +7,8 @@
 //! GnuTLS: one TLS stack in the binary, memory-safe, TLS 1.3 and 1.2 only.
 //! The session runs in userspace: kernel TLS offload needs the kernel's
 //! `tls` module, which the machines we measure on lack (TCP_ULP "tls" gives
-//! ENOENT); BENCHMARKS.md has the TLS numbers and what was tried.
+//! ENOENT); benches/results/history.md ("NBD over TLS") has the TLS
+//! numbers and what was tried.
 //! The handshake itself runs in `connection.rs`; the STARTTLS option in
 //! `handshake.rs`.
 

@@ -21,7 +21,7 @@
 //! those folios once written back keeps the cache in small folios and
 //! keeps streaming writes from evicting what the host had cached, but the
 //! writer then starts the writeback itself and sequential writes slow
-//! down, so it is not the default (BENCHMARKS.md, "4k random writes
+//! down, so it is not the default (benches/results/history.md, "4k random writes
 //! depend on how the page cache was filled").
 
 use std::fs::{File, OpenOptions};

@@ -514,7 +514,7 @@ fn run_local_jobs(ring: &mut Ring) {
 /// completion work runs only when the thread enters the kernel) and its
 /// job queues. On a VM a sleeping vCPU halts, and waking it costs an exit
 /// to the host, most of a QD1 read's latency where the guest does not
-/// poll before halting (BENCHMARKS.md, "Idle polling on the rings"). A busy ring never
+/// poll before halting (benches/results/history.md, "Idle polling on the rings"). A busy ring never
 /// reaches the poll; an idle one polls once per burst, then sleeps.
 /// `true` when there is work to do (or the engine is closing), `false`
 /// when the window passed without any.

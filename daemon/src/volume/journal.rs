@@ -69,7 +69,7 @@ pub const HASH_CAPACITY: usize = (JOURNAL_SIZE as usize - RECORD) / 32;
 /// (a new key changes every block; two random 16-byte blocks collide with
 /// probability 2^-128) under the whole-sector writes the journal assumes
 /// anyway, and hashing 16 bytes instead of the sector removed a third of a
-/// window's time (BENCHMARKS.md).
+/// window's time (benches/results/history.md, "Online re-encryption").
 pub fn sector_hash(sector: &[u8]) -> [u8; 32] {
     Sha256::digest(&sector[..sector.len().min(16)]).into()
 }

@@ -19,7 +19,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Send buffer asked for on accepted Unix sockets (the kernel doubles it
 /// for its bookkeeping): room for a few 1 MiB read replies, so a large
 /// reply goes out at once instead of in pieces with the writer task
-/// waking for each (BENCHMARKS.md, "Wide send buffers on Unix sockets").
+/// waking for each (benches/results/history.md, "Wide send buffers on Unix sockets").
 const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
 
 pub enum Listener {

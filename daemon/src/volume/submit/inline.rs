@@ -16,7 +16,7 @@ use crate::volume::DataArea;
 /// Reads up to this size are tried from the page cache on the caller's
 /// thread (`read_cached`): there the hand-off to an engine thread costs
 /// more than the read and its decryption, and a connection keeps to one
-/// core (BENCHMARKS.md, "cached reads up to 1 MiB"). Larger reads keep
+/// core (benches/results/history.md, "cached reads up to 1 MiB"). Larger reads keep
 /// the engines, which spread them over cores.
 const INLINE_READ_MAX: usize = 1024 * 1024;
 /// Cached reads from this size on share their pieces with a ring no
@@ -79,8 +79,9 @@ impl DataArea {
     /// `write` on the caller's thread, for a whole-sector write of up to
     /// `INLINE_WRITE_MAX` to a buffered backing whose sectors no other
     /// writer holds: the encryption and one `pwrite` into the page cache
-    /// cost less than handing the write to a pool thread (BENCHMARKS.md,
-    /// "small writes on the connection's thread"). `None`
+    /// cost less than handing the write to a pool thread
+    /// (benches/results/history.md, "small writes on the connection's
+    /// thread"). `None`
     /// (nothing done) otherwise, or while inline writes are paused; the
     /// caller then submits the write to an engine.
     ///

@@ -7,7 +7,7 @@
 //!
 //! Why: one connection's sequential 1 MiB reads keep its ring thread busy
 //! (copy from the page cache, XTS, copy into the socket, one after the
-//! other) while the second core is half idle (BENCHMARKS.md, "Large
+//! other) while the second core is half idle (benches/results/history.md, "Large
 //! cached reads shared with an idle ring"). The borrowed thread is a ring no connection lives on
 //! (`UringEngine::lend_idle_ring`), so two busy connections never take
 //! each other's core. Pieces are claimed, never handed out: the
