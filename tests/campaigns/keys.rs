@@ -113,6 +113,10 @@ fn kill_9_during_rotate_kek_on_openbao() {
         kf.bao.rotate_key("hostcrypt");
         kill_during(&kf, &["rotate-kek", "v"], &counts, &mut figures);
     }
+    figures.require(
+        "kills that landed before the operation finished",
+        figures.trials - figures.completed,
+    );
     figures.report();
 }
 
@@ -130,5 +134,9 @@ fn kill_9_during_rekey_local_to_openbao() {
         let to = if provider == "vault" { "main" } else { "bao" };
         kill_during(&kf, &["rekey", "v", "--kek", to], &counts, &mut figures);
     }
+    figures.require(
+        "kills that landed before the operation finished",
+        figures.trials - figures.completed,
+    );
     figures.report();
 }

@@ -115,8 +115,23 @@ impl Figures {
             .map_or(0, |(_, n)| *n)
     }
 
+    /// Fails the campaign when `got`, the amount of some work it checked
+    /// (`what`), is zero: a campaign that checked nothing has not passed,
+    /// whatever its trials asserted (a writer that died at start leaves
+    /// an empty log, and an empty log holds no wrong block).
+    pub fn require(&self, what: &str, got: usize) {
+        assert!(
+            got > 0,
+            "campaign {:?}: {what} is 0 over {} trials: it checked nothing, so it has not passed",
+            self.campaign,
+            self.trials
+        );
+    }
+
     /// Prints the figures (failures are panics: reaching here means none).
+    /// At least one trial must have run.
     pub fn report(&self) {
+        self.require("trials run", self.trials);
         let mut line = serde_json::json!({
             "campaign": self.campaign,
             "trials": self.trials,

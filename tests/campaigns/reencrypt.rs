@@ -94,5 +94,9 @@ fn kill_9_during_reencrypt() {
         "no journal replay in {} trials",
         figures.trials
     );
+    figures.require(
+        "kills that landed before the operation finished",
+        figures.trials - figures.completed,
+    );
     figures.report();
 }

@@ -83,5 +83,9 @@ fn kill_9_during_header_restore() {
         assert_eq!(d.stop(), 0);
         figures.trials += 1;
     }
+    figures.require(
+        "kills that landed before the operation finished",
+        figures.trials - figures.completed,
+    );
     figures.report();
 }

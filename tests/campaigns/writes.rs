@@ -63,6 +63,7 @@ fn kill_9_during_writes_with_fua_and_flush() {
         let mut d = fx.start();
         let log = fx.path("writer.log");
         let _ = std::fs::remove_file(&log);
+        let errors = fx.path("writer.err");
         let mut client = Command::new("python3")
             .arg(&writer)
             .arg(fx.uri("w"))
@@ -70,14 +71,24 @@ fn kill_9_during_writes_with_fua_and_flush() {
             .arg(BLOCKS.to_string())
             .arg(trial.to_string())
             .arg(random_u64().to_string())
+            .stderr(std::fs::File::create(&errors).expect("the writer's stderr"))
             .spawn()
             .expect("start the writer");
         // The kill lands after a random number of logged operations.
         let lines = 1 + (random_u64() % 3000) as usize;
+        let logged = || std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
         wait_until("the writer's progress", Duration::from_secs(60), || {
-            let n = std::fs::read_to_string(&log).map_or(0, |t| t.lines().count());
-            n >= lines || client.try_wait().ok().flatten().is_some()
+            logged() >= lines || client.try_wait().ok().flatten().is_some()
         });
+        // The writer runs until it is killed: one that exited did not
+        // write what this trial is about to check.
+        if let Ok(Some(status)) = client.try_wait() {
+            panic!(
+                "trial {trial}: the writer exited ({status}) before the kill, after {} of {lines} log lines; its stderr:\n{}",
+                logged(),
+                std::fs::read_to_string(&errors).unwrap_or_default()
+            );
+        }
         kill_9(&mut d);
         let _ = client.wait();
 
@@ -118,5 +129,6 @@ fn kill_9_during_writes_with_fua_and_flush() {
         assert_eq!(d.stop(), 0);
         figures.trials += 1;
     }
+    figures.require("durable writes checked", figures.durable_writes_checked);
     figures.report();
 }

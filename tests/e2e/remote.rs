@@ -923,3 +923,69 @@ fn a_remote_backing_has_one_owner() {
     qemu_io(&uri, &["read -P 0x6b 1M 1M"]);
     assert_eq!(failure(&fx), "");
 }
+
+/// The write lease (`io/remote/client/lease.rs`): a daemon cut off from
+/// the storage (its path to it frozen, so whatever it sends lands later)
+/// holds the writes its clients send once its lease runs out instead of
+/// sending them. Another daemon takes the volume over (through its own
+/// path to the same storage) and writes; when the frozen path comes back,
+/// the first daemon reads the new record, fails the held write and its
+/// volume, and the new owner's data stays. Without the lease, the first
+/// daemon's write would have sat in the frozen server's socket and landed
+/// over the new owner's.
+#[test]
+fn a_daemon_cut_off_from_the_storage_sends_no_write_after_its_lease() {
+    let mut fx = Fixture::new();
+    let image = sparse_image(&fx, "backend.img", 80);
+    // Two servers of one image: two hosts' paths to the same storage.
+    let path_a = Backend::nbdkit_file(&fx, "path-a", &image);
+    let path_b = Backend::nbdkit_file(&fx, "path-b", &image);
+    // The watchdog must not end the stall first.
+    remote_fixture(&mut fx, &path_a.uri(), "64M", "backing_timeout = \"120s\"");
+    let _first = fx.start();
+    let uri = fx.uri("r");
+    qemu_io(&uri, &["write -P 0x5a 0 1M", "flush"]);
+    assert_eq!(remote_status(&fx)["write_lease"], "valid");
+
+    path_a.pause();
+    wait_until(
+        "the first daemon's write lease to run out",
+        Duration::from_secs(20),
+        || remote_status(&fx)["write_lease"] == "held",
+    );
+    let late_write = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x77 0 64k", &uri])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    wait_until(
+        "the late write to be held",
+        Duration::from_secs(20),
+        || remote_status(&fx)["writes_held"].as_u64() > Some(0),
+    );
+
+    let taker = second_daemon_fixture(&fx, &path_b.uri(), "take_over = true");
+    let _second = taker.start();
+    let taken_uri = taker.uri("r");
+    qemu_io(
+        &taken_uri,
+        &["read -P 0x5a 0 1M", "write -P 0x6b 0 1M", "flush"],
+    );
+
+    path_a.resume();
+    wait_until(
+        "the first daemon to see the take-over",
+        Duration::from_secs(20),
+        || failure(&fx).contains("taken over"),
+    );
+    let out = late_write.wait_with_output().expect("qemu-io");
+    assert!(
+        output_text(&out).contains("Input/output error"),
+        "the held write: {}",
+        output_text(&out)
+    );
+    assert_eq!(remote_status(&fx)["write_lease"], "revoked");
+    qemu_io(&taken_uri, &["read -P 0x6b 0 1M"]);
+    assert_eq!(failure(&taker), "");
+}

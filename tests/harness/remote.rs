@@ -135,6 +135,28 @@ impl Backend {
         );
     }
 
+    /// Freezes the server (SIGSTOP): the kernel still takes what is sent,
+    /// nothing answers, and it all lands at `resume`, as on a storage path
+    /// that hangs and comes back.
+    pub fn pause(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) with our own child's pid and a valid signal.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGSTOP);
+            }
+        }
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) with our own child's pid and a valid signal.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGCONT);
+            }
+        }
+    }
+
     /// SIGKILL, as a crash or a storage node going away.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

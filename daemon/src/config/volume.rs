@@ -94,8 +94,9 @@ pub struct VolumeConfig {
     /// and `client-key.pem`.
     pub backing_tls_certificates: Option<Spanned<PathBuf>>,
     /// Remote backings: serve it even though another daemon's owner record
-    /// (not released) is in its header, after waiting for that daemon to
-    /// notice (`volume/claim.rs`). For a daemon that is gone for good.
+    /// (not released) is in its header, after waiting out that daemon's
+    /// write lease (`volume/claim.rs`). Only for a daemon that is stopped
+    /// or cut off from the storage for good.
     pub take_over: Option<Spanned<bool>>,
 }
 

@@ -232,6 +232,13 @@ pub struct RemoteStatus {
     pub max_block: u32,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_error: Option<String>,
+    /// The write lease (`lease.rs`): `none`, `held` (run out: writes
+    /// wait), `valid` or `revoked`.
+    #[serde(default)]
+    pub write_lease: String,
+    /// Writes waiting for the lease.
+    #[serde(default)]
+    pub writes_held: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -436,6 +443,18 @@ impl NbdClient {
             min_block: s.info.min_block,
             max_block: s.info.max_block,
             last_error: state.last_error.clone(),
+            write_lease: match state.lease.allows(Instant::now()) {
+                Ok(true) if matches!(state.lease, lease::WriteLease::Unrestricted) => "none",
+                Ok(true) => "valid",
+                Ok(false) => "held",
+                Err(_) => "revoked",
+            }
+            .to_string(),
+            writes_held: state
+                .pending
+                .values()
+                .filter(|p| p.writes() && p.sent_on.is_none())
+                .count(),
         }
     }
 }
