@@ -959,11 +959,9 @@ fn a_daemon_cut_off_from_the_storage_sends_no_write_after_its_lease() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("qemu-io");
-    wait_until(
-        "the late write to be held",
-        Duration::from_secs(20),
-        || remote_status(&fx)["writes_held"].as_u64() > Some(0),
-    );
+    wait_until("the late write to be held", Duration::from_secs(20), || {
+        remote_status(&fx)["writes_held"].as_u64() > Some(0)
+    });
 
     let taker = second_daemon_fixture(&fx, &path_b.uri(), "take_over = true");
     let _second = taker.start();

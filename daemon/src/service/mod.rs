@@ -369,18 +369,19 @@ pub async fn flush_all(registry: &Registry) {
     for served in registry.iter() {
         let (export, keys) = (served.export, served.keys);
         let flushed = tokio::task::spawn_blocking(move || {
-            export.volume.data.flush()?;
-            match keys {
-                Some(keys) => keys.release_claim()?,
-                None => export.volume.release_temp_claim()?,
+            let name = export.name().to_owned();
+            match export.volume.data.flush() {
+                Ok(()) => tracing::info!(volume = %name, "flushed"),
+                Err(e) => tracing::error!(volume = %name, "flush at shutdown failed: {e}"),
             }
-            Ok::<_, std::io::Error>(export)
+            // Released even after a failed flush: this daemon is leaving.
+            if let Err(e) = export.volume.release_claim(keys.as_deref()) {
+                tracing::error!(volume = %name, "the remote backing's owner record was not released: {e}; another daemon will need take_over = true");
+            }
         })
         .await;
-        match flushed {
-            Ok(Ok(export)) => tracing::info!(volume = export.name(), "flushed"),
-            Ok(Err(e)) => tracing::error!("flush at shutdown failed: {e}"),
-            Err(e) => tracing::error!("flush task failed: {e}"),
+        if let Err(e) = flushed {
+            tracing::error!("flush task failed: {e}");
         }
     }
 }

@@ -70,16 +70,13 @@ impl Served {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        self.export.volume.data.flush()?;
+        let flushed = self.export.volume.data.flush();
         // Connections that outlived the drain may still write: the record
         // stays, as the local claim does.
-        if self.export.metrics.connections() > 0 {
-            return Ok(());
+        if self.export.metrics.connections() == 0 {
+            self.export.volume.release_claim(self.keys.as_deref())?;
         }
-        match &self.keys {
-            Some(keys) => keys.release_claim(),
-            None => self.export.volume.release_temp_claim(),
-        }
+        flushed
     }
 }
 

@@ -106,7 +106,7 @@ pub enum ClaimError {
         host: String,
         generation: u64,
     },
-    #[error("volume {volume:?} ({backing}): its owner record names this daemon's identity on another host ({host:?}); the state directory (daemon-id) was copied. Give each host a state directory of its own; if the other host is gone for good, set take_over = true on this volume")]
+    #[error("volume {volume:?} ({backing}): its owner record names this daemon's identity on another host ({host:?}): the state directory (daemon-id) was copied, or this host was renamed. Give each host a state directory of its own; after a rename, or if the other host is gone for good, set take_over = true on this volume once")]
     CopiedIdentity {
         volume: String,
         backing: PathBuf,
@@ -262,22 +262,30 @@ pub enum Found {
     Unknown(String),
 }
 
-/// Reads the backing's current header (both copies) and compares its
-/// record with `ours`.
-pub fn still_ours(backing: &Backing, ours: &Owner) -> Found {
+/// Reads the backing's current header (both copies) and compares it with
+/// ours: the volume `uuid` and the record `ours`.
+pub fn still_ours(backing: &Backing, uuid: Uuid, ours: &Owner) -> Found {
     let copies = match HeaderCopies::read(backing) {
         Ok(c) => c,
         Err(e) => return Found::Unknown(format!("the header could not be read: {e}")),
     };
     match copies.current() {
-        Some(current) => compare(current.owner.as_ref(), ours),
+        Some(current) => compare(current, uuid, ours),
         None => Found::Unknown("neither header copy is valid right now".into()),
     }
 }
 
-/// `Ours` when `found` is `ours` (same daemon, host and generation).
-fn compare(found: Option<&Owner>, ours: &Owner) -> Found {
-    match found {
+/// `Ours` when `found` is our volume (`uuid`: two temp volumes opened on
+/// one blank export write the same record but not the same UUID) and its
+/// record is `ours` (same daemon, host and generation).
+fn compare(found: &Header, uuid: Uuid, ours: &Owner) -> Found {
+    if found.uuid != uuid {
+        return Found::Lost(format!(
+            "the remote backing now holds another volume (header {}, this instance wrote {uuid}); I/O on this volume is stopped",
+            found.uuid
+        ));
+    }
+    match found.owner.as_ref() {
         Some(o) if o.daemon == ours.daemon && o.host == ours.host && o.generation == ours.generation => {
             Found::Ours
         }
@@ -292,6 +300,33 @@ fn compare(found: Option<&Owner>, ours: &Owner) -> Found {
     }
 }
 
+/// Reads the header again right before the record is written: one that
+/// changed since `read` (another daemon opened the volume meanwhile)
+/// refuses the open, which is tried again later.
+pub fn unchanged_since(
+    volume: &str,
+    path: &Path,
+    backing: &Backing,
+    read: &Header,
+) -> Result<(), ClaimError> {
+    let lost = |reason: String| ClaimError::Lost {
+        volume: volume.to_owned(),
+        backing: path.to_owned(),
+        reason,
+    };
+    let copies = HeaderCopies::read(backing).map_err(|e| {
+        lost(format!(
+            "the header could not be read again before the owner record was written ({e}); trying again"
+        ))
+    })?;
+    match copies.current() {
+        Some(now) if now == read => Ok(()),
+        _ => Err(lost(
+            "the header changed while the volume opened (another daemon may have opened it); trying again".into(),
+        )),
+    }
+}
+
 /// After the record is written: waits for it to settle (or, after a
 /// take-over, for the previous owner to stop), then reads it back.
 /// Returns when the read that confirmed it was issued.
@@ -299,7 +334,7 @@ pub fn settle(
     volume: &str,
     path: &Path,
     backing: &Backing,
-    ours: &Owner,
+    (uuid, ours): (Uuid, &Owner),
     admission: &Admission,
 ) -> Result<Instant, ClaimError> {
     let wait = match admission {
@@ -319,7 +354,7 @@ pub fn settle(
     };
     std::thread::sleep(wait);
     let issued = Instant::now();
-    match still_ours(backing, ours) {
+    match still_ours(backing, uuid, ours) {
         Found::Ours => Ok(issued),
         Found::Lost(reason) | Found::Unknown(reason) => Err(ClaimError::Lost {
             volume: volume.to_owned(),
@@ -334,6 +369,8 @@ pub fn settle(
 #[derive(Debug)]
 pub struct Claim {
     pub owner: Owner,
+    /// The volume's header UUID.
+    uuid: Uuid,
     volume: String,
     remote: RemoteHandle,
     data: OnceLock<Weak<DataArea>>,
@@ -341,6 +378,9 @@ pub struct Claim {
     /// A temp volume's header and keys, to write the record back as
     /// released (a cache volume's go through `VolumeKeys`).
     temp: Mutex<Option<(Header, HeaderKeys)>>,
+    /// Since when the export has answered with a header that does not
+    /// decode (erased, or overwritten by a writer that is not a daemon).
+    undecodable_since: Mutex<Option<Instant>>,
     _hold: Hold,
 }
 
@@ -350,7 +390,7 @@ impl Claim {
     /// thread, which ends with the last reference to the claim.
     pub fn start(
         volume: &str,
-        owner: Owner,
+        (uuid, owner): (Uuid, Owner),
         backing: &Backing,
         hold: Hold,
         confirmed: Instant,
@@ -363,11 +403,13 @@ impl Claim {
         remote.renew_write_lease(confirmed + LEASE);
         let claim = Arc::new(Claim {
             owner,
+            uuid,
             volume: volume.to_owned(),
             remote,
             data: OnceLock::new(),
             lost: OnceLock::new(),
             temp: Mutex::new(None),
+            undecodable_since: Mutex::new(None),
             _hold: hold,
         });
         let weak = Arc::downgrade(&claim);
@@ -398,7 +440,7 @@ impl Claim {
         let Some((header, keys)) = temp.as_mut() else {
             return Ok(());
         };
-        match still_ours(backing, &self.owner) {
+        match still_ours(backing, self.uuid, &self.owner) {
             Found::Ours => {}
             Found::Lost(reason) | Found::Unknown(reason) => {
                 return Err(std::io::Error::other(reason))
@@ -414,18 +456,39 @@ impl Claim {
         Ok(())
     }
 
+    /// Ends writing for good (after the record was released).
+    pub fn end_writes(&self, reason: &str) {
+        self.remote.revoke_writes(reason.to_owned());
+    }
+
     /// One read of the record: renews the lease, or ends writing for good.
     /// `false` once the record is lost.
     fn check(&self) -> bool {
         let issued = Instant::now();
+        let mut undecodable = self
+            .undecodable_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let found = match self.remote.read_start(HEADER_SIZE) {
             Ok(buf) => match Header::decode(&buf[..]) {
-                Ok(h) => compare(h.owner.as_ref(), &self.owner),
-                // Torn by a header write in progress, or garbage.
-                Err(e) => Found::Unknown(e.to_string()),
+                Ok(h) => {
+                    *undecodable = None;
+                    compare(&h, self.uuid, &self.owner)
+                }
+                // Torn by a header write in progress, briefly; for longer
+                // than a lease, the header is gone (erased, overwritten):
+                // the volume is not ours to serve any more.
+                Err(e) => match *undecodable.get_or_insert(issued) {
+                    since if since.elapsed() > LEASE => Found::Lost(format!(
+                        "the remote backing's header has not decoded for over {} ({e}): it was erased or overwritten; I/O on this volume is stopped",
+                        humantime::format_duration(LEASE)
+                    )),
+                    _ => Found::Unknown(e.to_string()),
+                },
             },
             Err(e) => Found::Unknown(e.to_string()),
         };
+        drop(undecodable);
         match found {
             Found::Ours => {
                 self.remote.renew_write_lease(issued + LEASE);
@@ -601,14 +664,35 @@ mod tests {
     }
 
     #[test]
-    fn a_record_is_ours_only_with_our_daemon_host_and_generation() {
+    fn a_record_is_ours_only_with_our_volume_daemon_host_and_generation() {
+        let uuid = Uuid::new_v4();
+        let header = |uuid: Uuid, owner: Option<Owner>| Header {
+            sequence: 1,
+            uuid,
+            size: 1 << 20,
+            sector_size: 4096,
+            role: super::super::Role::Temp,
+            data_offset: 1 << 20,
+            dek_generation: 1,
+            reencrypt: None,
+            keyslots: Vec::new(),
+            inner_cipher: super::super::InnerCipher::AesXts,
+            auth: None,
+            owner,
+        };
         let me = owner(Uuid::new_v4(), 4, false);
-        assert_eq!(compare(Some(&me), &me), Found::Ours);
+        assert_eq!(
+            compare(&header(uuid, Some(me.clone())), uuid, &me),
+            Found::Ours
+        );
         let released = Owner {
             released: true,
             ..me.clone()
         };
-        assert_eq!(compare(Some(&released), &me), Found::Ours);
+        assert_eq!(
+            compare(&header(uuid, Some(released)), uuid, &me),
+            Found::Ours
+        );
         for other in [
             Owner {
                 generation: 5,
@@ -620,9 +704,17 @@ mod tests {
             },
             owner(Uuid::new_v4(), 4, false),
         ] {
-            assert!(matches!(compare(Some(&other), &me), Found::Lost(_)));
+            let found = compare(&header(uuid, Some(other)), uuid, &me);
+            assert!(matches!(found, Found::Lost(_)), "{found:?}");
         }
-        assert!(matches!(compare(None, &me), Found::Lost(_)));
+        assert!(matches!(
+            compare(&header(uuid, None), uuid, &me),
+            Found::Lost(_)
+        ));
+        // The same record on another volume: a second temp volume laid out
+        // over ours on a blank export.
+        let found = compare(&header(Uuid::new_v4(), Some(me.clone())), uuid, &me);
+        assert!(matches!(found, Found::Lost(_)), "{found:?}");
     }
 
     #[test]

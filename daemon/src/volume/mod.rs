@@ -191,13 +191,19 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// Writes a remote temp volume's owner record back as released (a
-    /// cache volume's goes through `VolumeKeys::release_claim`).
-    pub fn release_temp_claim(&self) -> std::io::Result<()> {
-        match &self.claim {
-            Some(claim) => claim.release_temp(self.data.backing()),
-            None => Ok(()),
-        }
+    /// Writes a remote backing's owner record back as released (a cache
+    /// volume's through its `keys`, which serialize header writes), then
+    /// ends writing: a released record means this instance writes no more.
+    pub fn release_claim(&self, keys: Option<&VolumeKeys>) -> std::io::Result<()> {
+        let Some(claim) = &self.claim else {
+            return Ok(());
+        };
+        let released = match keys {
+            Some(keys) => keys.release_claim(),
+            None => claim.release_temp(self.data.backing()),
+        };
+        claim.end_writes("the remote backing's owner record was released");
+        released
     }
 }
 
@@ -488,6 +494,9 @@ pub fn open_cache(
         true => {
             let hold = claim::Hold::take(name, path, &[header.uuid])?;
             let (owner, admission) = claimant.admit(name, path, header.owner.as_ref())?;
+            // The header was read before the key was unwrapped, which may
+            // have taken seconds: another daemon may have opened it since.
+            claim::unchanged_since(name, path, &backing, &header)?;
             Some((owner, admission, hold))
         }
         false => None,
@@ -507,9 +516,9 @@ pub fn open_cache(
     }
     let claim = match claimed {
         Some((owner, admission, hold)) => {
-            let confirmed = claim::settle(name, path, &backing, &owner, &admission)?;
+            let confirmed = claim::settle(name, path, &backing, (header.uuid, &owner), &admission)?;
             Some(
-                claim::Claim::start(name, owner, &backing, hold, confirmed)
+                claim::Claim::start(name, (header.uuid, owner), &backing, hold, confirmed)
                     .map_err(io_err(path))?,
             )
         }
@@ -722,6 +731,9 @@ pub fn open_temp(
             let hold = claim::Hold::take(name, path, &uuids)?;
             let (owner, admission) =
                 claimant.admit(name, path, found.and_then(|h| h.owner.as_ref()))?;
+            if let Some(found) = found {
+                claim::unchanged_since(name, path, &backing, found)?;
+            }
             Some((owner, admission, hold))
         }
         false => None,
@@ -735,8 +747,8 @@ pub fn open_temp(
     lay_out(path, &backing, &mut header, &keys)?;
     let claim = match claimed {
         Some((owner, admission, hold)) => {
-            let confirmed = claim::settle(name, path, &backing, &owner, &admission)?;
-            let claim = claim::Claim::start(name, owner, &backing, hold, confirmed)
+            let confirmed = claim::settle(name, path, &backing, (header.uuid, &owner), &admission)?;
+            let claim = claim::Claim::start(name, (header.uuid, owner), &backing, hold, confirmed)
                 .map_err(io_err(path))?;
             claim.keep_temp(header.clone(), keys);
             Some(claim)

@@ -482,7 +482,7 @@ impl VolumeKeys {
         // Unconfirmed (the header unreadable right now) writes nothing
         // either: the change is refused and can be tried again.
         if let Some(ours) = &cur.header.owner {
-            match claim::still_ours(self.data.backing(), ours) {
+            match claim::still_ours(self.data.backing(), cur.header.uuid, ours) {
                 claim::Found::Ours => {}
                 claim::Found::Lost(reason) => {
                     self.data.fail(reason.clone());

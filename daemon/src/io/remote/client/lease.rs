@@ -13,10 +13,14 @@
 //! owner), every write not yet on a live connection fails at once and no
 //! write is sent again.
 //!
-//! So a daemon that was taken over sends no write more than one lease
-//! after the taker's record was written, however its link behaved; what
-//! it sent before may still be queued at the server (`fence.rs` has the
-//! same limit), which only fencing the old host at the storage can stop.
+//! The lease is checked again when a queued write is about to be written
+//! to the socket (`link.rs`): one that waited behind a write blocked on a
+//! full socket past the lease goes back to the table, held. So a daemon
+//! that was taken over hands no write to the kernel more than one lease
+//! after the taker's record was written; what it handed over before (in
+//! the socket's buffer, or the server's queue) may still land later
+//! (`fence.rs` has the same limit), which only fencing the old host at
+//! the storage can stop.
 //! Reads and FLUSH are never held: a FLUSH covers writes already sent.
 
 use std::time::Instant;
@@ -58,7 +62,14 @@ impl NbdClient {
     /// Lets writes go out until `deadline`, and sends the writes held
     /// meanwhile. A revoked lease stays revoked.
     pub fn renew_write_lease(&self, deadline: Instant) {
-        self.shared.renew_lease(deadline);
+        if self.shared.extend_lease(deadline) {
+            // Sent from a thread of its own: a full socket must not stop
+            // the caller (the owner-record check) from checking.
+            let shared = self.shared.clone();
+            let _ = std::thread::Builder::new()
+                .name("lease-resend".into())
+                .spawn(move || shared.redispatch(None));
+        }
     }
 
     /// Ends writing for good: every write not yet on a live connection
@@ -69,16 +80,60 @@ impl NbdClient {
 }
 
 impl Shared {
-    pub(super) fn renew_lease(&self, deadline: Instant) {
-        {
+    /// Takes the writes out of `batch` (about to be written to a socket)
+    /// when the lease does not allow them now: they go back to the table
+    /// unassigned, to be sent at the next renewal or failed at revocation.
+    /// After a revocation they fail instead.
+    pub(super) fn hold_unleased(&self, batch: &mut Vec<link::Outgoing>) {
+        let mut refused = Vec::new();
+        let revoked = {
             let mut state = self.lock();
-            match state.lease {
-                WriteLease::Revoked(_) => return,
-                WriteLease::Until(old) if old >= deadline => return,
-                _ => state.lease = WriteLease::Until(deadline),
-            }
+            let revoked = match state.lease.allows(Instant::now()) {
+                Ok(true) => return,
+                Ok(false) => None,
+                Err(reason) => Some(reason),
+            };
+            batch.retain(|out| {
+                let Some(cookie) = out.write_cookie() else {
+                    return true;
+                };
+                match &revoked {
+                    Some(_) => refused.extend(state.pending.remove(&cookie)),
+                    None => {
+                        if let Some(p) = state.pending.get_mut(&cookie) {
+                            p.sent_on = None;
+                        }
+                    }
+                }
+                false
+            });
+            revoked
+        };
+        for p in refused {
+            fail(p, io::Error::other(revoked.clone().unwrap_or_default()));
         }
-        self.redispatch(None);
+    }
+
+    /// Sets the lease to last until `deadline` (never shortens it, never
+    /// undoes a revocation); whether writes are held that may now go.
+    fn extend_lease(&self, deadline: Instant) -> bool {
+        let mut state = self.lock();
+        match state.lease {
+            WriteLease::Revoked(_) => return false,
+            WriteLease::Until(old) if old >= deadline => return false,
+            _ => state.lease = WriteLease::Until(deadline),
+        }
+        state
+            .pending
+            .values()
+            .any(|p| p.writes() && p.sent_on.is_none())
+    }
+
+    #[cfg(test)]
+    pub(super) fn renew_lease(&self, deadline: Instant) {
+        if self.extend_lease(deadline) {
+            self.redispatch(None);
+        }
     }
 
     pub(super) fn revoke_lease(&self, reason: String) {

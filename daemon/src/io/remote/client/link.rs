@@ -107,10 +107,18 @@ pub struct Link {
     generation: AtomicU64,
 }
 
-struct Outgoing {
+pub(super) struct Outgoing {
     generation: u64,
     header: [u8; REQUEST_LEN],
     payload: Option<Arc<IoBuf>>,
+    /// The cookie of a request that changes the export (the lease's).
+    write_cookie: Option<u64>,
+}
+
+impl Outgoing {
+    pub(super) fn write_cookie(&self) -> Option<u64> {
+        self.write_cookie
+    }
 }
 
 /// At most this many requests per `writev` (two iovecs each, under IOV_MAX).
@@ -143,11 +151,22 @@ impl Link {
     /// writing (that thread then writes this one too). A failed write
     /// shuts the socket down, which the reader notices and handles (the
     /// requests are re-sent from there).
-    pub fn send(&self, generation: u64, header: [u8; REQUEST_LEN], payload: Option<Arc<IoBuf>>) {
+    /// A write whose lease (`lease.rs`) ran out while it waited in the
+    /// queue, behind a write blocked on a full socket, is not written: it
+    /// goes back to the table, held.
+    pub fn send(
+        &self,
+        shared: &Shared,
+        generation: u64,
+        header: [u8; REQUEST_LEN],
+        payload: Option<Arc<IoBuf>>,
+        write_cookie: Option<u64>,
+    ) {
         self.queue().push(Outgoing {
             generation,
             header,
             payload,
+            write_cookie,
         });
         loop {
             let writer = match self.writer.try_lock() {
@@ -156,10 +175,11 @@ impl Link {
                 // The holder looks at the queue again after it lets go.
                 Err(std::sync::TryLockError::WouldBlock) => return,
             };
-            let batch = std::mem::take(&mut *self.queue());
+            let mut batch = std::mem::take(&mut *self.queue());
             if batch.is_empty() {
                 return;
             }
+            shared.hold_unleased(&mut batch);
             if let Some((live, stream)) = writer.as_ref() {
                 for chunk in batch.chunks(BATCH) {
                     if write_batch(stream, *live, chunk).is_err() {

@@ -553,7 +553,7 @@ impl Shared {
     /// `target` was assigned by `pick` under the lock; a request moved
     /// elsewhere since (its connection died) is not sent twice.
     fn send(&self, cookie: u64, target: (usize, u64)) {
-        let (header, payload) = {
+        let (header, payload, write_cookie) = {
             let mut state = self.lock();
             let Some(p) = state.pending.get_mut(&cookie) else {
                 return;
@@ -569,9 +569,10 @@ impl Shared {
             p.covered.clear();
             p.error = None;
             p.ever_sent = true;
-            (request_header(p, cookie), p.payload.clone())
+            let write_cookie = p.writes().then_some(cookie);
+            (request_header(p, cookie), p.payload.clone(), write_cookie)
         };
-        self.links[target.0].send(target.1, header, payload);
+        self.links[target.0].send(self, target.1, header, payload, write_cookie);
     }
 
     /// Re-sends (in first-sent order) the requests that were on a lost
