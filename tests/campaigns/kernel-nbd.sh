@@ -42,15 +42,15 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # qemu-system-x86 must come from where qemu-utils came from: mixing a
 # backports qemu-utils with the release's qemu-system-x86 makes apt remove
-# qemu-utils (and with it qemu-io, which the test suite needs). Only the
-# machine's configured apt sources are used: none is added here.
+# qemu-utils (and with it qemu-io, which the test suite needs).
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
   release=()
   if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
     codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
     if ! grep -rqs "$codename-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      echo "qemu-utils comes from $codename-backports, which no configured apt source offers: install qemu-system-x86 from the same place" >&2
-      exit 1
+      echo "deb http://deb.debian.org/debian $codename-backports main" \
+        > /etc/apt/sources.list.d/hostcrypt-backports.list
+      apt_updated=0
     fi
     release=(-t "$codename-backports")
   fi
