@@ -312,23 +312,22 @@ impl Daemon {
         }
     }
 
-    /// Stops in order: frontends close their listeners and drain their
-    /// connections, key checks and retries end, re-encryptions stop between
+    /// Stops in order: no volume joins any more, frontends close their
+    /// listeners and drain their connections, re-encryptions stop between
     /// windows, every volume is flushed (and a remote one's owner record
-    /// released), then the control socket, the watchdog and metrics end.
+    /// released), then the control socket, the watchdog, metrics and key
+    /// checks end.
     pub async fn drain(self) -> Result<(), DaemonError> {
         tracing::info!("stopping: draining in-flight requests");
         service::systemd::stopping();
         self.shutdown.trigger();
+        // No volume joins the registry from here on: one still opening
+        // is flushed and released by whoever opened it (`Reloader`).
+        let reloader = self.reloader.clone();
+        let _ = tokio::task::spawn_blocking(move || reloader.begin_stop()).await;
         for running in self.frontends {
             running.stopped().await;
         }
-        // The key checks and the retries of waiting volumes end first: a
-        // volume still opening finishes and joins the registry, so the
-        // flush below releases its owner record too. A check in progress
-        // finishes first (bounded by the provider's timeouts).
-        let monitor = self.monitor;
-        let _ = tokio::task::spawn_blocking(move || monitor.join()).await;
         // Re-encryptions stop between windows (the header records where)
         // before the flush, which releases remote owner records last: a
         // released record means this daemon writes no more.
@@ -354,6 +353,9 @@ impl Daemon {
         if let Some(metrics) = self.metrics {
             let _ = tokio::task::spawn_blocking(move || metrics.join()).await;
         }
+        // A check in progress finishes first (bounded by the provider's timeouts).
+        let monitor = self.monitor;
+        let _ = tokio::task::spawn_blocking(move || monitor.join()).await;
         tracing::info!("stopped");
         Ok(())
     }

@@ -362,24 +362,39 @@ pub fn load_tls(config: &Config) -> Result<Option<TlsContext>, ServiceError> {
     }
 }
 
+/// Flushes one volume the daemon lets go of, then releases a remote
+/// backing's owner record, but only after a flush that succeeded: after a
+/// failed one, writes the backend may still apply are out there, and a
+/// successor must come in with `take_over` and its grace. Either way the
+/// instance writes no more.
+pub fn flush_and_release(served: &Served) {
+    let volume = &served.export.volume;
+    let name = served.export.name();
+    match volume.data.flush() {
+        Ok(()) => {
+            tracing::info!(volume = name, "flushed");
+            if let Err(e) = volume.release_claim(served.keys.as_deref()) {
+                tracing::error!(volume = name, "the remote backing's owner record was not released: {e}; another daemon will need take_over = true");
+            }
+        }
+        Err(e) => {
+            tracing::error!(volume = name, "flush failed: {e}");
+            volume.end_writes("the volume's final flush failed");
+            if volume.claim.is_some() {
+                tracing::error!(volume = name, "the remote backing's owner record stays (writes the backend may still apply are out there); another daemon will need take_over = true");
+            }
+        }
+    }
+}
+
 /// Flushes every served volume (at stop, once the frontends drained),
 /// then releases the owner records of remote cache volumes that flushed
 /// (`volume/claim.rs`).
 pub async fn flush_all(registry: &Registry) {
     for served in registry.iter() {
         let (export, keys) = (served.export, served.keys);
-        let flushed = tokio::task::spawn_blocking(move || {
-            let name = export.name().to_owned();
-            match export.volume.data.flush() {
-                Ok(()) => tracing::info!(volume = %name, "flushed"),
-                Err(e) => tracing::error!(volume = %name, "flush at shutdown failed: {e}"),
-            }
-            // Released even after a failed flush: this daemon is leaving.
-            if let Err(e) = export.volume.release_claim(keys.as_deref()) {
-                tracing::error!(volume = %name, "the remote backing's owner record was not released: {e}; another daemon will need take_over = true");
-            }
-        })
-        .await;
+        let flushed =
+            tokio::task::spawn_blocking(move || flush_and_release(&Served { export, keys })).await;
         if let Err(e) = flushed {
             tracing::error!("flush task failed: {e}");
         }

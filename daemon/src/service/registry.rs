@@ -70,13 +70,13 @@ impl Served {
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let flushed = self.export.volume.data.flush();
         // Connections that outlived the drain may still write: the record
         // stays, as the local claim does.
         if self.export.metrics.connections() == 0 {
-            self.export.volume.release_claim(self.keys.as_deref())?;
+            super::flush_and_release(self);
+            return Ok(());
         }
-        flushed
+        self.export.volume.data.flush()
     }
 }
 

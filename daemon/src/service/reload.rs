@@ -70,6 +70,9 @@ pub struct Reloader {
     state: Mutex<State>,
     /// Configured volumes that are not open yet.
     waiting: super::waiting::Waiting,
+    /// Set (under `state`) when the daemon stops: nothing joins the
+    /// registry after its final flush has begun.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 struct State {
@@ -104,6 +107,7 @@ impl Reloader {
             engine,
             state: Mutex::new(State { config, providers }),
             waiting,
+            stopping: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -118,6 +122,9 @@ impl Reloader {
             return;
         }
         for name in due {
+            if self.stopping() {
+                return;
+            }
             // Opened without the reloader's lock: a provider that hangs
             // must not hold up a reload.
             let (volume, providers, state_dir) = {
@@ -138,8 +145,17 @@ impl Reloader {
                     // removed or changed it meanwhile.
                     let state = self.lock();
                     let current = state.config.volume(&name);
-                    if current.is_some_and(|c| fingerprint(c) == fingerprint(&v))
-                        && self.registry.find(&name).is_none()
+                    let wanted = !self.stopping()
+                        && current.is_some_and(|c| fingerprint(c) == fingerprint(&v))
+                        && self.registry.find(&name).is_none();
+                    if !wanted {
+                        drop(state);
+                        // Flushed and its owner record released: nothing
+                        // else will (the daemon's final flush has begun,
+                        // or the config moved on).
+                        super::flush_and_release(&export);
+                        continue;
+                    }
                     {
                         self.registry.add(export.clone());
                         export.start();
@@ -158,6 +174,18 @@ impl Reloader {
         self.waiting.publish(&self.registry, &state.config);
     }
 
+    /// From now on no volume joins the registry (the daemon is stopping);
+    /// waits for a reload in progress.
+    pub fn begin_stop(&self) {
+        let _state = self.lock();
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// The provider configured under `name` now.
     pub fn provider(&self, name: &str) -> Option<Arc<dyn KeyProvider>> {
         self.lock().providers.get(name).cloned()
@@ -172,6 +200,9 @@ impl Reloader {
         let new =
             Config::load(&self.config_path).map_err(|e| ServiceError::Reload(e.to_string()))?;
         let mut state = self.lock();
+        if self.stopping() {
+            return Err(ServiceError::Reload("the daemon is stopping".into()));
+        }
         let mut report = ReloadReport::default();
         // Everything that can fail is read before anything changes.
         // Certificates come from the running [nbd] (a changed [nbd]

@@ -56,7 +56,7 @@ use uuid::Uuid;
 use super::auth::HeaderKeys;
 use super::data::DataArea;
 use super::header::{Header, Owner, HEADER_SIZE, MAX_OWNER_HOST};
-use super::store::{self, HeaderCopies};
+use super::store::{self, HeaderCopies, BACKUP_AT, PRIMARY_AT};
 use crate::io::remote::RemoteHandle;
 use crate::io::Backing;
 
@@ -330,13 +330,20 @@ pub fn unchanged_since(
 /// After the record is written: waits for it to settle (or, after a
 /// take-over, for the previous owner to stop), then reads it back.
 /// Returns when the read that confirmed it was issued.
+/// The header must still be the one written (`written`: its sequence),
+/// not only carry our record: a previous owner that went on writing its
+/// header meanwhile (a re-encryption checkpoint) means it is alive.
 pub fn settle(
     volume: &str,
     path: &Path,
     backing: &Backing,
-    (uuid, ours): (Uuid, &Owner),
+    written: &Header,
     admission: &Admission,
 ) -> Result<Instant, ClaimError> {
+    let uuid = written.uuid;
+    let Some(ours) = written.owner.as_ref() else {
+        return Ok(Instant::now());
+    };
     let wait = match admission {
         Admission::Free => SETTLE,
         Admission::TakenOver(previous) => {
@@ -354,7 +361,18 @@ pub fn settle(
     };
     std::thread::sleep(wait);
     let issued = Instant::now();
-    match still_ours(backing, uuid, ours) {
+    let found = match HeaderCopies::read(backing) {
+        Err(e) => Found::Unknown(format!("the header could not be read: {e}")),
+        Ok(copies) => match copies.current() {
+            None => Found::Unknown("neither header copy is valid right now".into()),
+            Some(now) if now.sequence != written.sequence => Found::Lost(format!(
+                "the header moved on after the record was written (sequence {} now, {} written)",
+                now.sequence, written.sequence
+            )),
+            Some(now) => compare(now, uuid, ours),
+        },
+    };
+    match found {
         Found::Ours => Ok(issued),
         Found::Lost(reason) | Found::Unknown(reason) => Err(ClaimError::Lost {
             volume: volume.to_owned(),
@@ -469,8 +487,19 @@ impl Claim {
             .undecodable_since
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let found = match self.remote.read_start(HEADER_SIZE) {
-            Ok(buf) => match Header::decode(&buf[..]) {
+        // The primary copy, or the backup when the primary does not decode
+        // (torn by a write in progress, or damaged).
+        let read = |at| {
+            self.remote
+                .read_at(at, HEADER_SIZE)
+                .map(|buf| Header::decode(&buf[..]))
+        };
+        let decoded = match read(PRIMARY_AT) {
+            Ok(Err(_)) => read(BACKUP_AT),
+            other => other,
+        };
+        let found = match decoded {
+            Ok(decoded) => match decoded {
                 Ok(h) => {
                     *undecodable = None;
                     compare(&h, self.uuid, &self.owner)

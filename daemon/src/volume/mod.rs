@@ -205,6 +205,14 @@ impl Volume {
         claim.end_writes("the remote backing's owner record was released");
         released
     }
+
+    /// Ends writing to a remote backing for good (this instance is let go
+    /// of without a release). Nothing to do on a local one.
+    pub fn end_writes(&self, reason: &str) {
+        if let Some(claim) = &self.claim {
+            claim.end_writes(reason);
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VolumeError + '_ {
@@ -516,7 +524,7 @@ pub fn open_cache(
     }
     let claim = match claimed {
         Some((owner, admission, hold)) => {
-            let confirmed = claim::settle(name, path, &backing, (header.uuid, &owner), &admission)?;
+            let confirmed = claim::settle(name, path, &backing, &header, &admission)?;
             Some(
                 claim::Claim::start(name, (header.uuid, owner), &backing, hold, confirmed)
                     .map_err(io_err(path))?,
@@ -747,7 +755,7 @@ pub fn open_temp(
     lay_out(path, &backing, &mut header, &keys)?;
     let claim = match claimed {
         Some((owner, admission, hold)) => {
-            let confirmed = claim::settle(name, path, &backing, (header.uuid, &owner), &admission)?;
+            let confirmed = claim::settle(name, path, &backing, &header, &admission)?;
             let claim = claim::Claim::start(name, (header.uuid, owner), &backing, hold, confirmed)
                 .map_err(io_err(path))?;
             claim.keep_temp(header.clone(), keys);

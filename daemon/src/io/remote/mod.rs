@@ -90,13 +90,18 @@ impl std::fmt::Debug for RemoteHandle {
 }
 
 impl RemoteHandle {
-    /// The export's first `len` bytes (read whole backend blocks; never
-    /// held by the write lease).
-    pub fn read_start(&self, len: usize) -> io::Result<IoBuf> {
+    /// `len` bytes at `offset`, a multiple of the backend's minimum block
+    /// (whole blocks are read; never held by the write lease).
+    pub fn read_at(&self, offset: u64, len: usize) -> io::Result<IoBuf> {
+        if !offset.is_multiple_of(self.min) {
+            return Err(io::Error::other(
+                "a header copy that does not start on a backend block",
+            ));
+        }
         let whole = (len as u64).div_ceil(self.min).saturating_mul(self.min);
         let whole = u32::try_from(whole)
             .map_err(|_| io::Error::other("the backend's minimum block is too large"))?;
-        let mut buf = self.client.call(Command::Read, 0, 0, whole, None)?;
+        let mut buf = self.client.call(Command::Read, 0, offset, whole, None)?;
         buf.truncate(len);
         Ok(buf)
     }

@@ -81,37 +81,49 @@ impl NbdClient {
 
 impl Shared {
     /// Takes the writes out of `batch` (about to be written to a socket)
-    /// when the lease does not allow them now: they go back to the table
-    /// unassigned, to be sent at the next renewal or failed at revocation.
-    /// After a revocation they fail instead.
-    pub(super) fn hold_unleased(&self, batch: &mut Vec<link::Outgoing>) {
+    /// when the lease does not allow them now: each goes back to the table
+    /// unassigned, to be sent at the next renewal, or, after a revocation,
+    /// is returned to be failed (by the caller, outside its locks). Only an
+    /// entry that is still its request's current send is touched: one left
+    /// in the queue of a connection that died was re-sent elsewhere, and
+    /// is skipped by the writer anyway (its generation is gone).
+    pub(super) fn hold_unleased(&self, batch: &mut Vec<link::Outgoing>) -> Vec<(Pending, String)> {
         let mut refused = Vec::new();
-        let revoked = {
-            let mut state = self.lock();
-            let revoked = match state.lease.allows(Instant::now()) {
-                Ok(true) => return,
-                Ok(false) => None,
-                Err(reason) => Some(reason),
+        let mut state = self.lock();
+        let revoked = match state.lease.allows(Instant::now()) {
+            Ok(true) => return refused,
+            Ok(false) => None,
+            Err(reason) => Some(reason),
+        };
+        batch.retain(|out| {
+            let Some(w) = out.write() else {
+                return true;
             };
-            batch.retain(|out| {
-                let Some(cookie) = out.write_cookie() else {
-                    return true;
-                };
-                match &revoked {
-                    Some(_) => refused.extend(state.pending.remove(&cookie)),
-                    None => {
-                        if let Some(p) = state.pending.get_mut(&cookie) {
-                            p.sent_on = None;
+            let current = state
+                .pending
+                .get(&w.cookie)
+                .is_some_and(|p| p.sent_on == Some((w.slot, out.generation())));
+            if !current {
+                return true;
+            }
+            match &revoked {
+                Some(reason) => {
+                    refused.extend(state.pending.remove(&w.cookie).map(|p| (p, reason.clone())));
+                }
+                None => {
+                    if let Some(p) = state.pending.get_mut(&w.cookie) {
+                        p.sent_on = None;
+                        // Never reached the kernel: nothing of it can
+                        // land late (`fence.rs`, `watchdog.rs`).
+                        if w.first_send {
+                            p.ever_sent = false;
                         }
                     }
                 }
-                false
-            });
-            revoked
-        };
-        for p in refused {
-            fail(p, io::Error::other(revoked.clone().unwrap_or_default()));
-        }
+            }
+            false
+        });
+        refused
     }
 
     /// Sets the lease to last until `deadline` (never shortens it, never

@@ -111,13 +111,25 @@ pub(super) struct Outgoing {
     generation: u64,
     header: [u8; REQUEST_LEN],
     payload: Option<Arc<IoBuf>>,
-    /// The cookie of a request that changes the export (the lease's).
-    write_cookie: Option<u64>,
+    /// For a request that changes the export (the lease's, `lease.rs`):
+    /// its cookie, its slot, and whether this is its first send.
+    write: Option<OutgoingWrite>,
+}
+
+#[derive(Clone, Copy)]
+pub(super) struct OutgoingWrite {
+    pub cookie: u64,
+    pub slot: usize,
+    pub first_send: bool,
 }
 
 impl Outgoing {
-    pub(super) fn write_cookie(&self) -> Option<u64> {
-        self.write_cookie
+    pub(super) fn write(&self) -> Option<OutgoingWrite> {
+        self.write
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
     }
 }
 
@@ -160,13 +172,13 @@ impl Link {
         generation: u64,
         header: [u8; REQUEST_LEN],
         payload: Option<Arc<IoBuf>>,
-        write_cookie: Option<u64>,
+        write: Option<OutgoingWrite>,
     ) {
         self.queue().push(Outgoing {
             generation,
             header,
             payload,
-            write_cookie,
+            write,
         });
         loop {
             let writer = match self.writer.try_lock() {
@@ -179,7 +191,7 @@ impl Link {
             if batch.is_empty() {
                 return;
             }
-            shared.hold_unleased(&mut batch);
+            let refused = shared.hold_unleased(&mut batch);
             if let Some((live, stream)) = writer.as_ref() {
                 for chunk in batch.chunks(BATCH) {
                     if write_batch(stream, *live, chunk).is_err() {
@@ -189,6 +201,10 @@ impl Link {
                 }
             }
             drop(writer);
+            // Outside the writer's lock: a completion may take its time.
+            for (p, reason) in refused {
+                super::fail(p, io::Error::other(reason));
+            }
         }
     }
 

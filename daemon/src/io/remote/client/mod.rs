@@ -553,7 +553,7 @@ impl Shared {
     /// `target` was assigned by `pick` under the lock; a request moved
     /// elsewhere since (its connection died) is not sent twice.
     fn send(&self, cookie: u64, target: (usize, u64)) {
-        let (header, payload, write_cookie) = {
+        let (header, payload, write) = {
             let mut state = self.lock();
             let Some(p) = state.pending.get_mut(&cookie) else {
                 return;
@@ -568,11 +568,16 @@ impl Shared {
             // or reported does not count towards this one.
             p.covered.clear();
             p.error = None;
+            let first_send = !p.ever_sent;
             p.ever_sent = true;
-            let write_cookie = p.writes().then_some(cookie);
-            (request_header(p, cookie), p.payload.clone(), write_cookie)
+            let write = p.writes().then_some(link::OutgoingWrite {
+                cookie,
+                slot: target.0,
+                first_send,
+            });
+            (request_header(p, cookie), p.payload.clone(), write)
         };
-        self.links[target.0].send(self, target.1, header, payload, write_cookie);
+        self.links[target.0].send(self, target.1, header, payload, write);
     }
 
     /// Re-sends (in first-sent order) the requests that were on a lost
