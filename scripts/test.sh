@@ -76,7 +76,9 @@ skips=$(mktemp)
 export HOSTCRYPT_SKIP_LOG="$skips"
 trap 'rm -f "$log" "$skips"' EXIT
 status=0
-cargo test --workspace --locked -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: a failing test binary (say, a campaign) must not keep
+# the ones after it (the end-to-end suite) from running.
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee "$log" || status=$?
 # The data-path end-to-end tests again on the thread-pool engine (the first
 # pass ran the whole suite on io_uring where the kernel allows it), and with
 # connections on tokio tasks: what the engine and the connection reader

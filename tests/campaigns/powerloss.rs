@@ -314,19 +314,36 @@ fn check_one(
     let state = path.with_extension("state");
     let _ = std::fs::remove_dir_all(&state);
     let records = hostcryptd::volume::Records::new(&state);
-    let opened = keks.iter().find_map(|kek| {
+    let open = |kek: &dyn KeyProvider| {
         hostcryptd::volume::open_cache(
             "r",
             path,
             None,
-            kek.as_ref(),
+            kek,
             None,
             &Default::default(),
             &records,
             &hostcryptd::volume::Claimant::local(),
         )
-        .ok()
-    });
+    };
+    // The image's previous open has let go of it, but a child another test
+    // thread forks at that moment holds a copy of the descriptor (and so
+    // its lock) until it execs: busy is tried again, briefly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let opened = loop {
+        let mut busy = false;
+        let found = keks.iter().find_map(|kek| match open(kek.as_ref()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                busy |= e.to_string().contains("is claimed by another opener");
+                None
+            }
+        });
+        if found.is_some() || !busy || std::time::Instant::now() >= deadline {
+            break found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
     let Some((volume, _, _)) = opened else {
         let err = hostcryptd::volume::open_cache(
             "r",
