@@ -23,7 +23,8 @@ for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnb
             losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config \
             softhsm2-util:softhsm2 pkcs11-tool:opensc systemd-analyze:systemd \
             systemd-socket-activate:systemd setpriv:util-linux nbdkit:nbdkit \
-            qemu-nbd:qemu-utils spin:spin cc:gcc; do
+            qemu-nbd:qemu-utils spin:spin cc:gcc prometheus:prometheus \
+            promtool:prometheus; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)
@@ -61,6 +62,12 @@ cargo fmt --all -- --check
 # back (ARCHITECTURE.md).
 stage "module graph: scripts/check-modules"
 scripts/check-modules
+# The alerting rules: valid, and each alert's unit tests (fires on its
+# synthetic series, silent on healthy ones); tests/e2e/prometheus.rs runs
+# them in a real Prometheus.
+stage "alerting rules: promtool"
+promtool check rules contrib/prometheus/hostcrypt.rules.yml
+promtool test rules contrib/prometheus/hostcrypt.rules.test.yml
 stage "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy -p hostcryptd --features fuzzing --locked -- -D warnings

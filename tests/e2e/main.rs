@@ -16,6 +16,7 @@ mod headers;
 mod in_process;
 mod operate;
 mod pkcs11;
+mod prometheus;
 mod protocol;
 mod reencrypt;
 mod remote;

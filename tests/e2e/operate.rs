@@ -97,6 +97,20 @@ fn metrics_endpoint_parses_and_counts_what_clients_did() {
     assert_eq!((count, inf), (2.0, 2.0));
     assert!(sample(&s, "hostcrypt_crypto_seconds_total", &[("volume", "m")]) > 0.0);
     assert_eq!(sample(&s, "hostcrypt_key_lost", &[("volume", "m")]), 0.0);
+    // No grace series while the KEK answers; the re-encryption state idle.
+    assert!(
+        !s.iter()
+            .any(|(n, _, _)| n == "hostcrypt_key_grace_remaining_seconds"),
+        "a grace while the key is reachable"
+    );
+    let reencrypt = |state| {
+        sample(
+            &s,
+            "hostcrypt_reencrypt_state",
+            &[("volume", "m"), ("state", state)],
+        )
+    };
+    assert_eq!((reencrypt("idle"), reencrypt("running")), (1.0, 0.0));
     assert_eq!(
         sample(&s, "hostcrypt_volume_size_bytes", &[("volume", "t")]),
         8.0 * 1024.0 * 1024.0

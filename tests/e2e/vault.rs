@@ -15,20 +15,21 @@ use hostcrypt_e2e::*;
 /// within a few intervals (plus provider retries).
 const WITHIN: Duration = Duration::from_secs(20);
 
-struct VaultFixture {
-    fx: Fixture,
-    bao: Bao,
+/// Also used by the alerting-rule test (`prometheus.rs`).
+pub(crate) struct VaultFixture {
+    pub(crate) fx: Fixture,
+    pub(crate) bao: Bao,
     token_file: PathBuf,
     token: String,
     audit: PathBuf,
-    key: String,
+    pub(crate) key: String,
 }
 
 impl VaultFixture {
     /// A config with `[kek.bao]` on transit key `key` (created with
     /// `key_type`), control socket and audit log; one cache volume `v`
     /// using KEK `volume_kek` with the given extra volume settings.
-    fn new(key_type: &str, volume_kek: &str, volume_extra: &str) -> VaultFixture {
+    pub(crate) fn new(key_type: &str, volume_kek: &str, volume_extra: &str) -> VaultFixture {
         let mut fx = Fixture::new();
         let bao = Bao::start(fx.dir.path());
         let key = "hostcrypt".to_string();

@@ -12,6 +12,7 @@ pub mod azure;
 pub mod bao;
 pub mod flaky;
 pub mod legacy;
+pub mod prometheus;
 pub mod remote;
 pub mod softhsm;
 pub mod tls;
@@ -628,13 +629,17 @@ pub fn sha256_file(path: &Path) -> String {
 /// Whether a tool is on PATH; tests that need it fail loudly when it is not,
 /// because the test script installs every tool.
 pub fn require_tool(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
     assert!(
-        found,
+        on_path(tool),
         "{tool} is not installed; run scripts/test.sh, which installs the test tools"
     );
+}
+
+/// Whether `tool` is a file in a directory of PATH.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
 }
 
 /// Whether the tests run as root (mounts, loop devices, other users).

@@ -20,6 +20,7 @@ use prometheus_client::registry::Registry;
 
 use crate::export::metrics::{CommandTotals, KIND_NAMES};
 use crate::service::registry::{Registry as Volumes, Served};
+use crate::volume::ReencryptState;
 
 /// Reads every export's counters at scrape time.
 #[derive(Debug)]
@@ -153,6 +154,33 @@ impl Collector for DaemonCollector {
             for e in self.registry.iter() {
                 let labels: Labels = vec![("volume", e.name())];
                 ConstGauge::new(value(&e)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_key_grace_remaining_seconds",
+            "Seconds left of key_unreachable_grace while the volume's KEK provider cannot be reached (no series otherwise); then the key is lost",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in self.registry.iter() {
+            let Some(left) = e.keys.as_ref().and_then(|k| k.grace_remaining()) else {
+                continue;
+            };
+            let labels: Labels = vec![("volume", e.name())];
+            ConstGauge::new(left.as_secs_f64()).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "hostcrypt_reencrypt_state",
+            "1 for the state the volume's re-encryption is in (idle, running, paused, waiting-for-key, failed, done), 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for e in self.registry.iter() {
+            let Some(keys) = &e.keys else { continue };
+            let now = keys.reencrypt_status().state;
+            for state in ReencryptState::ALL {
+                let labels: Labels = vec![("volume", e.name()), ("state", state.as_str())];
+                ConstGauge::new(i64::from(state == now)).encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(

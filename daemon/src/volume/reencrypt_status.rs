@@ -25,6 +25,16 @@ pub enum ReencryptState {
 }
 
 impl ReencryptState {
+    /// Every state, in the order above (the metrics' `state` label set).
+    pub const ALL: [ReencryptState; 6] = [
+        ReencryptState::Idle,
+        ReencryptState::Running,
+        ReencryptState::Paused,
+        ReencryptState::WaitingForKey,
+        ReencryptState::Failed,
+        ReencryptState::Done,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReencryptState::Idle => "idle",

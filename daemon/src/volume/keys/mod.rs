@@ -194,6 +194,12 @@ impl Current {
     }
 }
 
+/// The part of `grace` not used up between `since` (when the provider
+/// stopped answering) and `now`; a clock that went back counts as no time.
+fn grace_left(since: SystemTime, now: SystemTime, grace: Duration) -> Duration {
+    grace.saturating_sub(now.duration_since(since).unwrap_or_default())
+}
+
 /// One wrapped DEK the volume needs.
 struct Slot {
     /// Whether it belongs to the re-encryption's target generation.
@@ -440,9 +446,26 @@ impl VolumeKeys {
         self.lock().warnings.len()
     }
 
-    /// Whether the provider is unreachable and the volume serves on grace.
+    /// Whether the provider is unreachable and the volume serves on grace
+    /// (as `status` says `key-unreachable-serving`: once the grace has run
+    /// out the key is lost, and this is false).
     pub fn is_unreachable(&self) -> bool {
-        self.lock().unreachable_since.is_some()
+        !self.is_lost() && self.lock().unreachable_since.is_some()
+    }
+
+    /// What is left of `key_unreachable_grace` while the volume serves on
+    /// it (`None` otherwise); zero once it has run out, until the next
+    /// check stops the volume.
+    pub fn grace_remaining(&self) -> Option<Duration> {
+        if self.is_lost() {
+            return None;
+        }
+        let since = self.lock().unreachable_since?;
+        Some(grace_left(
+            since,
+            SystemTime::now(),
+            self.policy.unreachable_grace,
+        ))
     }
 
     /// Writes `header` sealed through the two-copy protocol, makes it
@@ -530,5 +553,24 @@ impl VolumeKeys {
         self.write_header_io(&mut cur, &mut header)?;
         tracing::info!(volume = %self.name, "released the remote backing's owner record");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grace_left;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn grace_left_counts_down_to_zero_and_ignores_a_clock_that_went_back() {
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let grace = Duration::from_secs(600);
+        assert_eq!(grace_left(since, since, grace), grace);
+        let later = since + Duration::from_secs(450);
+        assert_eq!(grace_left(since, later, grace), Duration::from_secs(150));
+        let after = since + Duration::from_secs(601);
+        assert_eq!(grace_left(since, after, grace), Duration::ZERO);
+        let before = since - Duration::from_secs(5);
+        assert_eq!(grace_left(since, before, grace), grace);
     }
 }
