@@ -11,7 +11,7 @@ for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnb
             losetup:mount sha256sum:coreutils openssl:openssl pkg-config:pkg-config \
             softhsm2-util:softhsm2 pkcs11-tool:opensc systemd-analyze:systemd \
             systemd-socket-activate:systemd setpriv:util-linux nbdkit:nbdkit \
-            qemu-nbd:qemu-utils spin:spin cc:gcc; do
+            qemu-nbd:qemu-utils spin:spin cc:gcc man:man-db dpkg-shlibdeps:dpkg-dev; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)
@@ -41,6 +41,13 @@ bao version
 # target/kernel-nbd) for the kernel NBD client test; needs root.
 if [ "$(id -u)" -eq 0 ]; then
   tests/campaigns/kernel-nbd.sh --install-only
+fi
+# cargo-deb for the package test (tests/package.sh, root only), built once
+# into ~/.cargo/bin; the version is pinned because the test packages the
+# debug profile, which cargo-deb only warns about.
+if [ "$(id -u)" -eq 0 ] && ! command -v cargo-deb >/dev/null 2>&1; then
+  echo "==> installing cargo-deb"
+  cargo install cargo-deb --version "${CARGO_DEB_VERSION:-3.7.0}" --locked --quiet
 fi
 
 echo "==> cargo fmt --check"
@@ -76,6 +83,10 @@ HOSTCRYPT_E2E_IO_ENGINE=threads cargo test -p hostcrypt-e2e --locked --test e2e 
 echo "==> end-to-end tests with ring_connections = false"
 HOSTCRYPT_E2E_IO_ENGINE=uring HOSTCRYPT_E2E_RING_CONNECTIONS=0 cargo test -p hostcrypt-e2e --locked --test e2e -- \
   --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" 2>&1 | tee -a "$log" || status=$?
+# The Debian package, built from the debug binaries above and installed
+# with dpkg, then removed and purged (root only; a skip elsewhere).
+echo "==> Debian package: tests/package.sh"
+tests/package.sh 2>&1 | tee -a "$log" || status=$?
 # The header and journal protocol, model-checked with spin, and five
 # mutants of it that must each fail (RELIABILITY.md).
 echo "==> model check (spin): tests/models/check"
