@@ -24,7 +24,7 @@ for pair in qemu-io:qemu-utils nbdcopy:libnbd-bin nbdinfo:libnbd-bin nbdsh:libnb
             softhsm2-util:softhsm2 pkcs11-tool:opensc systemd-analyze:systemd \
             systemd-socket-activate:systemd setpriv:util-linux nbdkit:nbdkit \
             qemu-nbd:qemu-utils spin:spin cc:gcc prometheus:prometheus \
-            promtool:prometheus; do
+            promtool:prometheus man:man-db dpkg-shlibdeps:dpkg-dev; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need_apt+=("${pair##*:}")
 done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || need_apt+=(python3-libnbd)
@@ -54,6 +54,13 @@ bao version
 # target/kernel-nbd) for the kernel NBD client test; needs root.
 if [ "$(id -u)" -eq 0 ]; then
   tests/campaigns/kernel-nbd.sh --install-only
+fi
+# cargo-deb for the package test (tests/package.sh, root only), built once
+# into ~/.cargo/bin; the version is pinned because the test packages the
+# debug profile, which cargo-deb only warns about.
+if [ "$(id -u)" -eq 0 ] && ! command -v cargo-deb >/dev/null 2>&1; then
+  echo "==> installing cargo-deb"
+  cargo install cargo-deb --version "${CARGO_DEB_VERSION:-3.7.0}" --locked --quiet
 fi
 
 stage "cargo fmt --check"
@@ -105,6 +112,10 @@ HOSTCRYPT_E2E_IO_ENGINE=threads cargo test -p hostcrypt-e2e --locked --test e2e 
 stage "data-path end-to-end tests with ring_connections = false"
 HOSTCRYPT_E2E_IO_ENGINE=uring HOSTCRYPT_E2E_RING_CONNECTIONS=0 cargo test -p hostcrypt-e2e --locked --test e2e -- \
   --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" "${data_path[@]}" 2>&1 | tee -a "$log" || status=$?
+# The Debian package, built from the debug binaries above and installed
+# with dpkg, then removed and purged (root only; a skip elsewhere).
+stage "Debian package: tests/package.sh"
+tests/package.sh 2>&1 | tee -a "$log" || status=$?
 # The header and journal protocol, model-checked with spin, and five
 # mutants of it that must each fail (RELIABILITY.md).
 stage "model check (spin): tests/models/check"

@@ -149,7 +149,8 @@ enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
-    /// Write man pages (hostcrypt.1 and one per command) into DIR.
+    /// Write the man pages into DIR: hostcrypt.8, one per command
+    /// (hostcrypt-create.8, ...) and the config reference hostcryptd.toml.5.
     Man { dir: PathBuf },
     /// Back up or restore a volume's header (wrapped keys only).
     Header {
@@ -334,8 +335,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => commands::audit::audit_tail(&cli.config, lines, follow, json),
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "hostcrypt", &mut std::io::stdout());
+            use std::io::Write;
+            std::io::stdout().write_all(&completions(shell))?;
             Ok(())
         }
         Command::Man { dir } => man_pages(&dir),
@@ -382,12 +383,103 @@ fn layer(inner: bool) -> Layer {
     }
 }
 
-/// Writes hostcrypt.1 and hostcrypt-COMMAND.1 pages from the clap definitions.
+/// Writes the pages of [`pages`] into `dir`.
 fn man_pages(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let command = <Cli as clap::CommandFactory>::command();
-    clap_mangen::generate_to(command, dir)
-        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    for (name, text) in pages()? {
+        let path = dir.join(&name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("man pages written to {}", dir.display());
     Ok(())
+}
+
+/// The man pages, by file name: hostcrypt.8 and hostcrypt-COMMAND.8 from
+/// the clap definitions (section 8: the commands are root's), and the
+/// config reference hostcryptd.toml.5 from the daemon's config types.
+fn pages() -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    fn walk(command: clap::Command, out: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub.clone(), out)?;
+        }
+        let man = clap_mangen::Man::new(command)
+            .section("8")
+            .manual("hostcrypt");
+        let mut text = Vec::new();
+        man.render(&mut text)?;
+        out.push((man.get_filename(), text));
+        Ok(())
+    }
+    let mut command = <Cli as clap::CommandFactory>::command().disable_help_subcommand(true);
+    command.build();
+    let mut out = Vec::new();
+    walk(command, &mut out).context("rendering the man pages")?;
+    out.push((
+        "hostcryptd.toml.5".into(),
+        hostcryptd::config::reference::man_page().into_bytes(),
+    ));
+    out.sort();
+    Ok(out)
+}
+
+/// The completion script for `shell`, as `hostcrypt completions` prints it.
+fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "hostcrypt", &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    fn docs() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+    }
+
+    use super::*;
+
+    /// The Debian package ships docs/man and docs/completions; they must
+    /// be what the CLI generates now (scripts/gen-docs rewrites them).
+    #[test]
+    fn committed_man_pages_and_completions_match_the_cli() {
+        let fresh = pages().unwrap();
+        let mut committed: Vec<String> = std::fs::read_dir(docs().join("man"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("hostcrypt-") || n == "hostcrypt.8")
+                    .collect()
+            })
+            .unwrap_or_default();
+        committed.sort();
+        let generated: Vec<String> = fresh
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| n.starts_with("hostcrypt-") || n == "hostcrypt.8")
+            .collect();
+        assert_eq!(
+            committed, generated,
+            "docs/man is stale: run scripts/gen-docs"
+        );
+        for (name, text) in &fresh {
+            let on_disk = std::fs::read(docs().join("man").join(name)).unwrap_or_default();
+            assert!(
+                &on_disk == text,
+                "docs/man/{name} is stale: run scripts/gen-docs"
+            );
+        }
+        for (shell, file) in [
+            (clap_complete::Shell::Bash, "hostcrypt.bash"),
+            (clap_complete::Shell::Zsh, "_hostcrypt"),
+            (clap_complete::Shell::Fish, "hostcrypt.fish"),
+        ] {
+            let on_disk = std::fs::read(docs().join("completions").join(file)).unwrap_or_default();
+            assert!(
+                on_disk == completions(shell),
+                "docs/completions/{file} is stale: run scripts/gen-docs"
+            );
+        }
+    }
 }

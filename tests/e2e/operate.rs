@@ -250,12 +250,14 @@ fn cli_volumes_audit_tail_completions_and_man_pages() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("_hostcrypt()"));
     let man = fx.path("man");
     run_ok(Command::new(bin("hostcrypt")).arg("man").arg(&man));
-    let page = std::fs::read_to_string(man.join("hostcrypt.1")).unwrap();
+    let page = std::fs::read_to_string(man.join("hostcrypt.8")).unwrap();
     assert!(
-        page.contains(".TH hostcrypt") && page.contains("rotate\\-kek"),
+        page.contains(".TH hostcrypt 8") && page.contains("rotate\\-kek"),
         "{page}"
     );
-    assert!(man.join("hostcrypt-audit-tail.1").exists());
+    assert!(man.join("hostcrypt-audit-tail.8").exists());
+    let reference = std::fs::read_to_string(man.join("hostcryptd.toml.5")).unwrap();
+    assert!(reference.contains(".TH HOSTCRYPTD.TOML 5"), "{reference}");
 }
 
 #[test]

@@ -5,41 +5,62 @@
 
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
+
+use super::schema::{duration_text, DurationText};
 
 /// Longest idle poll accepted: beyond a millisecond a ring would burn a
 /// core between requests of any client that is merely slow.
 const MAX_IDLE_POLL: std::time::Duration = std::time::Duration::from_millis(1);
 
-#[derive(Debug, Clone, Deserialize)]
+/// Settings of the whole daemon, whatever frontends it runs: the I/O
+/// engine, the control socket, metrics, the audit log and where the
+/// anti-rollback records live.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonConfig {
     /// Backing I/O engine: `auto` (io_uring, else threads), `uring`, `threads`.
     #[serde(default)]
+    #[schemars(extend("examples" = ["threads"]))]
     pub io_engine: crate::io::engine::EngineKind,
     /// With the io_uring engine, how long a ring keeps polling for work
     /// after its last before it sleeps, e.g. `"50us"`; `"0s"` sleeps at
     /// once. Waking a sleeping core (on a VM, a halted vCPU) is most of a
     /// QD1 read's latency (benches/results/history.md, "Idle polling on the rings"); the
     /// price is up to this much CPU time after each burst of requests.
-    #[serde(default = "default_ring_idle_poll", deserialize_with = "idle_poll")]
+    #[serde(
+        default = "default_ring_idle_poll",
+        deserialize_with = "idle_poll",
+        serialize_with = "duration_text"
+    )]
+    #[schemars(with = "DurationText", extend("examples" = ["200us"]))]
     pub ring_idle_poll: std::time::Duration,
-    /// Append-only JSON-lines audit log of every key operation.
+    /// Append-only JSON-lines audit log of every key operation (fsync'd,
+    /// never a secret); absent = no audit log.
+    #[schemars(extend("examples" = ["/var/log/hostcrypt/audit.jsonl"]))]
     pub audit_log: Option<PathBuf>,
     /// Where the per-volume anti-rollback records live (`volume/record.rs`):
     /// local, persistent, root-only. Absolute.
     #[serde(default = "default_state_dir")]
+    #[schemars(extend("examples" = ["/srv/hostcrypt/state"]))]
     pub state_dir: PathBuf,
-    /// Path of the control socket (`hostcrypt` talks to the daemon here).
+    /// Path of the control socket (`hostcrypt` talks to the daemon here);
+    /// absent = no control socket.
+    #[schemars(extend("examples" = ["/run/hostcrypt/control.sock"]))]
     pub control: Option<PathBuf>,
     /// Group (name or gid) whose members may use the control socket besides root.
+    #[schemars(extend("examples" = ["hostcrypt"]))]
     pub control_group: Option<String>,
     /// Group (name or gid) whose members may only read over the control
     /// socket: `status`, `volumes`, `check-key`. The socket is then mode
     /// 0666 and the daemon's own check (SO_PEERCRED, SO_PEERGROUPS) is
     /// the boundary.
+    #[schemars(extend("examples" = ["hostcrypt-read"]))]
     pub control_read_group: Option<String>,
-    /// Address of the Prometheus/OpenMetrics endpoint, e.g. `127.0.0.1:9310`.
+    /// Address of the Prometheus/OpenMetrics endpoint (`GET /metrics`);
+    /// absent = none.
+    #[schemars(extend("examples" = ["127.0.0.1:9310"]))]
     pub metrics: Option<std::net::SocketAddr>,
 }
 

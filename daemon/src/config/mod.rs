@@ -3,10 +3,15 @@
 //! line it is on. One file per section: `[daemon]` (`daemon.rs`), `[nbd]`
 //! (`nbd.rs`), `[[volume]]` and `[kek.NAME]` (`volume.rs`). A `[server]`
 //! section, the form before `[daemon]` and `[nbd]` existed, is split into
-//! them here (`migrate_server`), with a warning.
+//! them here (`migrate_server`), with a warning. The reference pages
+//! (hostcryptd.toml(5), docs/config.md) are rendered from the section
+//! types' doc comments in `reference.rs`, through their JSON schema
+//! (`schema.rs` for what serde's types do not say).
 
 mod daemon;
 mod nbd;
+pub mod reference;
+mod schema;
 mod size;
 mod volume;
 

@@ -5,14 +5,24 @@
 
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize)]
+use super::schema::{duration_text, size_text, DurationText, SizeText};
+
+/// The NBD frontend: its listeners (a Unix socket, TCP, or both), TLS on
+/// TCP, connection limits and timeouts.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NbdConfig {
-    /// Path of the NBD Unix socket.
+    /// Path of the NBD Unix socket (qemu:
+    /// `nbd+unix:///NAME?socket=PATH`). At least one of `unix` and `tcp`
+    /// is needed.
+    #[schemars(extend("examples" = ["/run/hostcrypt/nbd.sock"]))]
     pub unix: Option<PathBuf>,
-    /// Address of the NBD TCP listener, e.g. `127.0.0.1:10809`.
+    /// Address of the NBD TCP listener. One other hosts can reach needs
+    /// `tls = "require"` (or `insecure_plaintext_tcp = true`).
+    #[schemars(extend("examples" = ["127.0.0.1:10809"]))]
     pub tcp: Option<String>,
     /// With the io_uring engine, receive each plaintext connection's
     /// requests on one ring, which also reads, decrypts and replies for it
@@ -20,51 +30,71 @@ pub struct NbdConfig {
     /// threads on a request's path (benches/results/history.md, "Ring connections after
     /// the writer fix"). `false` keeps every connection on a tokio task.
     #[serde(default = "yes")]
+    #[schemars(extend("examples" = [false]))]
     pub ring_connections: bool,
     /// TLS on the TCP listener: `off`, `on` (optional) or `require`.
     #[serde(default)]
+    #[schemars(extend("examples" = ["require"]))]
     pub tls: crate::frontend::tls::TlsMode,
     /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and
-    /// optionally ca-crl.pem (the layout qemu, nbdkit and libnbd share).
+    /// optionally ca-crl.pem (the layout qemu, nbdkit and libnbd share);
+    /// re-read by `hostcrypt reload` and SIGHUP.
+    #[schemars(extend("examples" = ["/etc/hostcrypt/tls"]))]
     pub tls_certificates: Option<PathBuf>,
     /// Clients must present a certificate signed by ca-cert.pem.
     #[serde(default = "yes")]
+    #[schemars(extend("examples" = [false]))]
     pub tls_verify_peer: bool,
     /// A ca-crl.pem past its nextUpdate: `refuse` (the default: it is not
     /// loaded, and clients are refused while it is stale) or `warn`.
     #[serde(default)]
+    #[schemars(extend("examples" = ["warn"]))]
     pub tls_crl_expired: crate::frontend::tls::CrlExpired,
-    /// Serve plaintext on a TCP address other hosts can reach.
+    /// Serve plaintext on a TCP address other hosts can reach: every
+    /// volume then crosses the network decrypted.
     #[serde(default)]
+    #[schemars(extend("examples" = [true]))]
     pub insecure_plaintext_tcp: bool,
     /// Open NBD connections at most, over all listeners.
     #[serde(default = "default_max_connections")]
+    #[schemars(extend("examples" = [4096]))]
     pub max_connections: usize,
     /// Open NBD connections at most from one IPv4 address, IPv6 /64 or
     /// Unix uid.
     #[serde(default = "default_max_connections_per_peer")]
+    #[schemars(extend("examples" = [16]))]
     pub max_connections_per_peer: usize,
     /// Connections at most still in the handshake (not yet authenticated);
     /// each also counts towards `max_connections`.
     #[serde(default = "default_max_handshakes")]
+    #[schemars(extend("examples" = [16]))]
     pub max_handshakes: usize,
     /// How long a client may take from connecting to choosing an export.
     #[serde(
         default = "default_handshake_timeout",
-        deserialize_with = "super::duration"
+        deserialize_with = "super::duration",
+        serialize_with = "duration_text"
     )]
+    #[schemars(with = "DurationText", extend("examples" = ["10s"]))]
     pub handshake_timeout: std::time::Duration,
     /// How long a reply may wait for a client that does not read it; then
     /// the connection is closed and what it held is freed.
     #[serde(
         default = "default_reply_timeout",
-        deserialize_with = "super::duration"
+        deserialize_with = "super::duration",
+        serialize_with = "duration_text"
     )]
+    #[schemars(with = "DurationText", extend("examples" = ["5m"]))]
     pub reply_timeout: std::time::Duration,
     /// Bytes that read and BLOCK_STATUS replies not yet sent may hold,
     /// over all connections (64M to 1T); a connection whose request would
     /// exceed it waits, and reads no further requests meanwhile.
-    #[serde(default = "default_reply_memory", deserialize_with = "reply_memory")]
+    #[serde(
+        default = "default_reply_memory",
+        deserialize_with = "reply_memory",
+        serialize_with = "size_text"
+    )]
+    #[schemars(with = "SizeText", extend("examples" = ["2G"]))]
     pub reply_memory: u64,
 }
 

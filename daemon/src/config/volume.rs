@@ -4,9 +4,11 @@
 
 use std::path::PathBuf;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::schema::{duration_text, DurationText, SizeText};
 use super::{duration, ByteSize};
 use crate::volume::Role;
 
@@ -14,11 +16,18 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A key-encryption key, `[kek.NAME]`: volumes name it in `kek` or
+/// `kek_inner`; `provider` says where the key lives.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(tag = "provider", rename_all = "lowercase", deny_unknown_fields)]
 pub enum KekConfig {
-    /// A KEK in a root-only file on this host.
-    Local { path: PathBuf },
+    /// A KEK in a root-only file on this host: 32 random bytes, created
+    /// with `hostcrypt kek init-local PATH`.
+    Local {
+        /// The key file (mode 0600, owned by root).
+        #[schemars(extend("examples" = ["/etc/hostcrypt/kek.key"]))]
+        path: PathBuf,
+    },
     /// An OpenBao / Vault transit key.
     Vault(crate::kek::VaultConfig),
     /// A key on a PKCS#11 token (HSM, SoftHSM2).
@@ -38,65 +47,124 @@ impl KekConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// One encrypted volume, `[[volume]]`: an NBD export over a backing file,
+/// block device or remote NBD export, which holds only ciphertext.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeConfig {
-    /// The NBD export name.
+    /// The NBD export name (1 to 256 bytes, unique).
+    #[schemars(with = "String", extend("examples" = ["cache0"]))]
     pub name: Spanned<String>,
+    /// Where the ciphertext lives: a file, a block device, or an NBD URI
+    /// of remote storage (`nbd://HOST/EXPORT`, `nbds://HOST/EXPORT` with
+    /// TLS). Each volume has its own.
+    #[schemars(with = "PathBuf", extend("examples" = ["/var/lib/hostcrypt/cache0.img"]))]
     pub backing: Spanned<PathBuf>,
+    /// `cache`: persistent, its DEK wrapped by `kek`, formatted once with
+    /// `hostcrypt create`. `temp`: a fresh key at every start that is
+    /// never written anywhere, and a backing recreated, so a restart
+    /// erases it.
+    #[schemars(extend("examples" = ["cache"]))]
     pub role: Role,
+    /// Name of the `[kek.NAME]` table whose KEK wraps this volume's DEK:
+    /// required for a cache volume, refused for a temp volume.
+    #[schemars(with = "Option<String>", extend("examples" = ["main"]))]
     pub kek: Option<Spanned<String>>,
     /// Double encryption: a second layer whose DEK this other KEK wraps.
+    #[schemars(with = "Option<String>", extend("examples" = ["hsm"]))]
     pub kek_inner: Option<Spanned<String>>,
     /// The inner layer's cipher, chosen at `create`: `aes-xts` (default)
     /// or `adiantum` (another primitive and mode than the outer XTS-AES).
+    #[schemars(
+        with = "Option<crate::volume::InnerCipher>",
+        extend("examples" = ["adiantum"])
+    )]
     pub inner_cipher: Option<Spanned<crate::volume::InnerCipher>>,
+    /// Logical size, a multiple of `sector_size`: required for a temp
+    /// volume; for a cache volume, what `hostcrypt create` formats when
+    /// given no `--size`.
+    #[schemars(with = "Option<SizeText>", extend("examples" = ["100G"]))]
     pub size: Option<Spanned<ByteSize>>,
+    /// Encryption sector size in bytes, 512 or 4096; fixed at `create`.
     #[serde(default = "default_sector_size", deserialize_with = "sector_size")]
+    #[schemars(extend("examples" = [512]))]
     pub sector_size: u32,
+    /// Pass TRIM and WRITE_ZEROES with discards on to the backing (holes
+    /// in a file, BLKDISCARD on a device). This reveals which blocks are
+    /// unused.
     #[serde(default)]
+    #[schemars(extend("examples" = [true]))]
     pub allow_discards: bool,
     /// O_DIRECT on the data area (bypass the host page cache).
     #[serde(default)]
+    #[schemars(extend("examples" = [true]))]
     pub direct: bool,
     /// Keep writes of 128 KiB and more in the host page cache (default);
     /// `false` lets them leave it once written back (RWF_DONTCACHE), see
     /// `io/file.rs`.
     #[serde(default = "yes")]
+    #[schemars(extend("examples" = [false]))]
     pub cache_large_writes: bool,
+    /// The export's description that NBD clients see (NBD_INFO_DESCRIPTION);
+    /// absent = the role, cipher and sector size.
+    #[schemars(extend("examples" = ["build cache"]))]
     pub description: Option<String>,
-    /// Who may open this volume (nbdkit ip-filter syntax); absent = anyone.
+    /// Who may open this volume: `uid:N`, `gid:NAME`, `dn:SUBJECT` of a
+    /// verified client certificate, addresses and networks (nbdkit
+    /// ip-filter syntax), or `all`. Absent = Unix-socket peers and
+    /// verified client certificates, never a bare TCP address.
+    #[schemars(
+        with = "Option<Vec<String>>",
+        extend("examples" = [["uid:107", "gid:kvm", "10.0.0.0/8"]])
+    )]
     pub allow: Option<Vec<Spanned<String>>>,
     /// What to do when the KEK becomes unusable: `stop` or `until-restart`.
     #[serde(default)]
+    #[schemars(extend("examples" = ["until-restart"]))]
     pub on_key_loss: crate::volume::OnKeyLoss,
     /// While the KEK's provider cannot be reached: `serve` from memory for
     /// `key_unreachable_grace`, or `stop` as on key loss.
     #[serde(default)]
+    #[schemars(extend("examples" = ["stop"]))]
     pub on_key_unreachable: crate::volume::OnKeyUnreachable,
     /// How long an unreachable provider is tolerated (`"24h"`).
-    #[serde(default = "default_unreachable_grace", deserialize_with = "duration")]
+    #[serde(
+        default = "default_unreachable_grace",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
+    #[schemars(with = "DurationText", extend("examples" = ["1h"]))]
     pub key_unreachable_grace: std::time::Duration,
     /// Rewrap to the provider's newest key version at every key check.
     #[serde(default)]
+    #[schemars(extend("examples" = [true]))]
     pub auto_rotate: bool,
     /// How often the daemon verifies it can still unwrap the DEK (`60s`, `1s`, ...).
-    #[serde(default = "default_key_check", deserialize_with = "duration")]
+    #[serde(
+        default = "default_key_check",
+        deserialize_with = "duration",
+        serialize_with = "duration_text"
+    )]
+    #[schemars(with = "DurationText", extend("examples" = ["5m"]))]
     pub key_check_interval: std::time::Duration,
     /// Remote backings (`backing = "nbd://…"`): connections to open when
-    /// the server allows several (default 4).
+    /// the server allows several (default 4), 1 to 64.
+    #[schemars(with = "Option<usize>", extend("examples" = [8]))]
     pub backing_connections: Option<Spanned<usize>>,
     /// How long clients stall while a remote backing is unreachable
     /// before their requests fail with EIO (default `30s`).
     #[serde(default, deserialize_with = "optional_duration")]
+    #[schemars(with = "Option<DurationText>", extend("examples" = ["2m"]))]
     pub backing_timeout: Option<std::time::Duration>,
     /// `nbds://` credentials: `ca-cert.pem`, optional `client-cert.pem`
     /// and `client-key.pem`.
+    #[schemars(with = "Option<PathBuf>", extend("examples" = ["/etc/hostcrypt/backing-tls"]))]
     pub backing_tls_certificates: Option<Spanned<PathBuf>>,
     /// Remote backings: serve it even though another daemon's owner record
     /// (not released) is in its header, after waiting out that daemon's
     /// write lease (`volume/claim.rs`). Only for a daemon that is stopped
     /// or cut off from the storage for good.
+    #[schemars(with = "Option<bool>", extend("examples" = [true]))]
     pub take_over: Option<Spanned<bool>>,
 }
 

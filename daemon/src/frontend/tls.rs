@@ -28,7 +28,9 @@ pub const SERVER_CERT: &str = "server-cert.pem";
 pub const SERVER_KEY: &str = "server-key.pem";
 
 /// `tls` in `[nbd]`, with nbdkit's `--tls` meanings.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// STARTTLS is refused; everything is plaintext.
@@ -242,7 +244,17 @@ impl TlsContext {
 }
 
 /// What a CRL past its nextUpdate does (`tls_crl_expired`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CrlExpired {
     /// Refuse to load it (and clients, should it expire while loaded).

@@ -11,12 +11,19 @@ use serde::Deserialize;
 
 use super::uring::UringEngine;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+/// `io_engine` in `[daemon]`.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
+    /// io_uring, falling back to threads where the kernel or a seccomp
+    /// filter refuses it.
     #[default]
     Auto,
+    /// io_uring, and fail to start where it is refused.
     Uring,
+    /// A thread pool doing blocking I/O.
     Threads,
 }
 

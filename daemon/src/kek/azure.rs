@@ -41,48 +41,76 @@ pub const PROVIDER: &str = "azure";
 const ALGORITHM: &str = "RSA-OAEP-256";
 
 /// How the daemon gets its Entra ID token.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum AzureAuth {
+    /// The VM's managed identity, through IMDS.
     #[default]
     ManagedIdentity,
+    /// An application's client id and secret (`tenant_id`, `client_id`,
+    /// `client_secret_file`).
     ClientCredentials,
 }
 
 /// The `[kek.NAME]` table of an `azure` provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AzureConfig {
-    /// e.g. `https://myvault.vault.azure.net` or `https://myhsm.managedhsm.azure.net`
+    /// The Key Vault or Managed HSM, e.g.
+    /// `https://myhsm.managedhsm.azure.net` for a Managed HSM.
+    #[schemars(extend("examples" = ["https://myvault.vault.azure.net"]))]
     pub vault_url: String,
+    /// Name of the RSA key.
+    #[schemars(extend("examples" = ["hostcrypt"]))]
     pub key_name: String,
     /// Pin one key version; absent = always the current version.
+    #[schemars(extend("examples" = ["0123456789abcdef0123456789abcdef"]))]
     pub key_version: Option<String>,
+    /// How the daemon gets its Entra ID token.
     #[serde(default)]
+    #[schemars(extend("examples" = ["client-credentials"]))]
     pub auth: AzureAuth,
     /// Managed identity: which user-assigned identity (optional).
     /// Client credentials: the application (client) id (required).
+    #[schemars(extend("examples" = ["00000000-0000-0000-0000-000000000000"]))]
     pub client_id: Option<String>,
     /// Client credentials: the directory (tenant) id.
+    #[schemars(extend("examples" = ["00000000-0000-0000-0000-000000000000"]))]
     pub tenant_id: Option<String>,
     /// Client credentials: file holding the client secret (mode 0600).
+    #[schemars(extend("examples" = ["/etc/hostcrypt/azure.secret"]))]
     pub client_secret_file: Option<PathBuf>,
     /// PEM bundle of CAs to trust in addition to the system roots
     /// (private endpoints, TLS-inspecting proxies).
+    #[schemars(extend("examples" = ["/etc/hostcrypt/azure-ca.pem"]))]
     pub ca_file: Option<PathBuf>,
     /// Token audience; `https://managedhsm.azure.net` for Managed HSM.
     #[serde(default = "default_resource")]
+    #[schemars(extend("examples" = ["https://managedhsm.azure.net"]))]
     pub resource: String,
+    /// Key Vault REST API version.
     #[serde(default = "default_api_version")]
+    #[schemars(extend("examples" = ["7.5"]))]
     pub api_version: String,
+    /// The instance metadata service that issues managed-identity tokens
+    /// (tests, sovereign clouds).
     #[serde(default = "default_imds")]
+    #[schemars(extend("examples" = ["http://127.0.0.1:8081"]))]
     pub imds_endpoint: String,
+    /// The Entra ID authority that issues client-credentials tokens
+    /// (sovereign clouds).
     #[serde(default = "default_authority")]
+    #[schemars(extend("examples" = ["https://login.microsoftonline.us"]))]
     pub authority: String,
     /// Attempts for retryable failures.
     #[serde(default = "super::default_attempts")]
+    #[schemars(extend("examples" = [8]))]
     pub attempts: u32,
+    /// Per-request timeout in seconds.
     #[serde(default = "super::default_timeout")]
+    #[schemars(extend("examples" = [30]))]
     pub timeout_secs: u64,
 }
 

@@ -40,27 +40,38 @@ use crate::crypto::Dek;
 pub const PROVIDER: &str = "pkcs11";
 
 /// Digest for RSA-OAEP (and its MGF1).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum OaepHash {
+    /// SHA-256.
     #[default]
     Sha256,
+    /// SHA-1, for modules that offer nothing else (SoftHSM2 2.6).
     Sha1,
 }
 
 /// The `[kek.NAME]` table of a `pkcs11` provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Pkcs11Config {
     /// Path of the PKCS#11 module (`.so`).
+    #[schemars(extend("examples" = ["/usr/lib/softhsm/libsofthsm2.so"]))]
     pub module: PathBuf,
     /// Label of the token that holds the key.
+    #[schemars(extend("examples" = ["hostcrypt"]))]
     pub token_label: String,
     /// File holding the user PIN (mode 0600).
+    #[schemars(extend("examples" = ["/etc/hostcrypt/hsm.pin"]))]
     pub pin_file: PathBuf,
-    /// Key label without the `:vN` version suffix.
+    /// Key label without the `:vN` version suffix: version N is the
+    /// object labelled `KEY_LABEL:vN`.
+    #[schemars(extend("examples" = ["hostcrypt-kek"]))]
     pub key_label: String,
+    /// Digest of RSA-OAEP and its MGF1, for an RSA key pair.
     #[serde(default)]
+    #[schemars(extend("examples" = ["sha1"]))]
     pub oaep_hash: OaepHash,
 }
 

@@ -37,31 +37,42 @@ use crate::crypto::Dek;
 pub const PROVIDER: &str = "vault";
 
 /// The `[kek.NAME]` table of a `vault` provider.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
-    /// e.g. `https://bao.example:8200`
+    /// Address of the server, `https://` (see `insecure_http`).
+    #[schemars(extend("examples" = ["https://bao.example:8200"]))]
     pub address: String,
+    /// Mount path of the transit secrets engine.
     #[serde(default = "default_mount")]
+    #[schemars(extend("examples" = ["transit-hostcrypt"]))]
     pub mount: String,
     /// Transit key name.
+    #[schemars(extend("examples" = ["hostcrypt"]))]
     pub key: String,
-    /// File holding the token (re-read when it changes).
+    /// File holding the token (re-read when it changes). Its policy needs
+    /// update on `transit/{encrypt,decrypt,rewrap}/KEY`.
+    #[schemars(extend("examples" = ["/etc/hostcrypt/bao.token"]))]
     pub token_file: PathBuf,
     /// PEM bundle of CAs to trust in addition to the system roots.
+    #[schemars(extend("examples" = ["/etc/hostcrypt/bao-ca.pem"]))]
     pub ca_file: Option<PathBuf>,
     /// Optional namespace (Vault Enterprise / OpenBao namespaces).
+    #[schemars(extend("examples" = ["team-a"]))]
     pub namespace: Option<String>,
     /// Attempts for retryable failures (429, 5xx, sealed, connection errors).
     #[serde(default = "super::default_attempts")]
+    #[schemars(extend("examples" = [8]))]
     pub attempts: u32,
     /// Per-request timeout in seconds.
     #[serde(default = "super::default_timeout")]
+    #[schemars(extend("examples" = [30]))]
     pub timeout_secs: u64,
     /// Allow an `http://` address: the token and every wrapped and
     /// unwrapped DEK then cross the network in the clear. Only for a dev
     /// server on loopback.
     #[serde(default)]
+    #[schemars(extend("examples" = [true]))]
     pub insecure_http: bool,
 }
 

@@ -58,7 +58,17 @@ pub const FORMAT_VERSION_INNER_CIPHER: u16 = 2;
 pub const FORMAT_VERSION_AUTH: u16 = 3;
 
 /// The cipher of a double-encrypted volume's inner layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum InnerCipher {
     /// XTS-AES-256, as the outer layer.
@@ -84,10 +94,15 @@ const KEY_CHECK_AT: usize = MAC_AT - 32;
 const TARGET_KEY_CHECK_AT: usize = KEY_CHECK_AT - 32;
 const MAX_KEYSLOTS: usize = 4;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What a volume is for (`role` in `[[volume]]`, and in its header).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Persistent: the DEK is wrapped by a KEK and kept in the header.
     Cache,
+    /// Erased at every start: a fresh DEK that is never written anywhere.
     Temp,
 }
 

@@ -44,7 +44,9 @@ use crate::kek::audit::{AuditLog, Event};
 use crate::kek::{version_newer, KekError, KekRef, KeyProvider, WrappedDek};
 
 /// What a volume does when its KEK becomes unusable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnKeyLoss {
     /// Stop I/O (EIO) and wipe the key from memory until access returns.
@@ -55,7 +57,9 @@ pub enum OnKeyLoss {
 }
 
 /// What a volume does while its KEK's provider cannot be reached.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnKeyUnreachable {
     /// Keep serving from memory for `key_unreachable_grace`, then stop as
