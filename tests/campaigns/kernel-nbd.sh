@@ -167,6 +167,10 @@ port=$(free_port)
 port2=$(free_port)
 head -c 32 /dev/urandom > "$work/kek"; chmod 600 "$work/kek"
 cat > "$work/c.toml" <<EOF
+[daemon]
+# A state directory of its own: the daemon locks it, and another daemon
+# (a test running beside this one) may be using the system's.
+state_dir = "$work/state"
 [nbd]
 tcp = "127.0.0.1:$port"
 [kek.main]

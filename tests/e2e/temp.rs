@@ -49,8 +49,9 @@ fn temp_volume_refuses_a_cache_backing() {
     std::fs::write(
         &fx.config,
         format!(
-            "[server]\nunix = \"{}\"\n[[volume]]\nname = \"t\"\nbacking = \"{}\"\nrole = \"temp\"\nsize = \"16M\"\n",
+            "[server]\nunix = \"{}\"\nstate_dir = \"{}\"\n[[volume]]\nname = \"t\"\nbacking = \"{}\"\nrole = \"temp\"\nsize = \"16M\"\n",
             fx.socket.display(),
+            fx.state_dir().display(),
             backing.display()
         ),
     )
