@@ -120,16 +120,16 @@ tests/package.sh 2>&1 | tee -a "$log" || status=$?
 # mutants of it that must each fail (RELIABILITY.md).
 stage "model check (spin): tests/models/check"
 tests/models/check || status=$?
-# Coverage-guided fuzzing, 10 s per target (fuzz/run; the recorded
-# campaigns are in RELIABILITY.md). Optimized: `fuzz/run --dev` builds in
-# half the time but runs some targets at 1 % of the speed (23 header
-# inputs a second). cargo-fuzz needs a nightly toolchain.
+# Coverage-guided fuzzing, 10 s per target, two targets at a time (one per
+# core; fuzz/run; the recorded campaigns are in RELIABILITY.md). Optimized:
+# `fuzz/run --dev` builds in half the time but runs some targets at 1 % of
+# the speed (23 header inputs a second). cargo-fuzz needs a nightly toolchain.
 stage "fuzz smoke: ${HOSTCRYPT_FUZZ_SECONDS:-10} s per target"
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
   rustup toolchain install nightly --profile minimal
 fi
 command -v cargo-fuzz >/dev/null 2>&1 || cargo +nightly install cargo-fuzz --locked --quiet
-fuzz/run --seconds "${HOSTCRYPT_FUZZ_SECONDS:-10}" || status=$?
+fuzz/run --seconds "${HOSTCRYPT_FUZZ_SECONDS:-10}" --parallel 2 || status=$?
 
 stage "summary"
 # Skipped tests report as passed to cargo; they are counted apart here.
