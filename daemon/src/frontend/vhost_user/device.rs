@@ -94,11 +94,16 @@ impl Device {
         bits | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    /// The vhost-user protocol features offered. INFLIGHT_SHMFD is not
-    /// among them: vhost-user-backend 0.24 does not implement it
-    /// (third_party/vhost-user-backend/HOSTCRYPT.md).
+    /// The vhost-user protocol features offered: the configuration space,
+    /// several queues, replies to every request (REPLY_ACK) and memory
+    /// regions added one at a time (CONFIGURE_MEM_SLOTS; libblkio needs
+    /// both). INFLIGHT_SHMFD is not among them: vhost-user-backend 0.24
+    /// does not implement it (third_party/vhost-user-backend/HOSTCRYPT.md).
     pub fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     /// What the request parser checks against.

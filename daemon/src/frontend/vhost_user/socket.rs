@@ -28,6 +28,8 @@ use super::spec::{SocketSpec, VhostUserError};
 use crate::export::peer::{may_log_refusal, Peer};
 use crate::export::{Export, Exports};
 
+/// How long a new client waits for the previous one's connection to end.
+const HANDOVER: Duration = Duration::from_secs(2);
 /// How long a closing connection's running requests may take.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -90,6 +92,14 @@ pub(super) async fn serve(bound: Bound, exports: Exports, mut shutdown: watch::R
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    // A client that reconnects at once may find its old
+                    // connection still closing: give that a moment.
+                    if let Some(session) = current.as_mut().filter(|c| !c.is_finished()) {
+                        if tokio::time::timeout(HANDOVER, session).await.is_ok() {
+                            // Awaited to its end: never poll it again.
+                            current = None;
+                        }
+                    }
                     if current.as_ref().is_some_and(|c| !c.is_finished()) {
                         if may_log_refusal() {
                             tracing::warn!(
