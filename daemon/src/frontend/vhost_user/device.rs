@@ -14,12 +14,17 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
 use super::request::{Limits, ID_LEN, SECTOR};
 
 /// Descriptors per virtqueue at most (the guest may choose fewer).
 pub const QUEUE_SIZE: u16 = 256;
+/// Data buffers per request at most (VIRTIO_BLK_F_SEG_MAX): a request,
+/// with its header and status, fits the smallest ring qemu gives a
+/// vhost-user-blk device (128 descriptors) even without indirect
+/// descriptors.
+pub const SEG_MAX: u32 = 128 - 2;
 /// Most queues a device offers: vhost-user-backend maps queues to its
 /// worker threads with a 64-bit mask.
 pub const MAX_QUEUES: usize = 64;
@@ -81,6 +86,7 @@ impl Device {
             VIRTIO_BLK_F_MQ,
             VIRTIO_BLK_F_WRITE_ZEROES,
             VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_F_VERSION_1,
         ]
         .iter()
@@ -124,9 +130,12 @@ impl Device {
         // capacity, in 512-byte sectors whatever the block size
         put(0, &(self.size / SECTOR).to_le_bytes());
         // size_max (offset 8) stays 0: SIZE_MAX is not offered.
-        // seg_max: data descriptors per request (the queue less the
-        // header and the status).
-        put(12, &(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
+        // seg_max: data descriptors per request. A driver without
+        // indirect descriptors must fit a whole request (with its header
+        // and status) in its ring, whose size it picks (qemu: 128), and a
+        // request that never fits hangs it: SEG_MAX of the queue size we
+        // allow would hang Linux under qemu.
+        put(12, &SEG_MAX.to_le_bytes());
         // geometry (16..20) unused.
         put(20, &self.block_size.to_le_bytes());
         // topology: physical_block_exp 0 (physical = logical),

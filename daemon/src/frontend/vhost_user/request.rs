@@ -35,8 +35,8 @@ pub const HEADER_LEN: u32 = 16;
 /// `struct virtio_blk_discard_write_zeroes`: sector, num_sectors, flags.
 pub const SEGMENT_LEN: u32 = 16;
 /// Longest chain read: the queue size bounds a direct chain, and this an
-/// indirect table (INDIRECT_DESC is not offered, but virtio-queue follows
-/// one), so a guest cannot make one request cost more than this.
+/// indirect table (INDIRECT_DESC, which virtio-queue's chain walker
+/// follows), so a guest cannot make one request cost more than this.
 pub const MAX_DESCRIPTORS: usize = 1024;
 /// The serial a GET_ID request returns, at most this long.
 pub const ID_LEN: usize = VIRTIO_BLK_ID_BYTES as usize;
