@@ -9,7 +9,8 @@
 #   → mkfs.ext4 → mount → files + SHA-256 → umount → mount again → every
 #   file verifies; the host then checks the plaintext never reached the
 #   backing file.
-# Prints "vhost-user VM: PASS" and exits 0, or says what failed.
+# Prints "vhost-user VM: PASS" and exits 0, or says what failed. The e2e
+# suite runs it as root (tests/e2e/vhost_user.rs).
 #   tests/campaigns/vhost-vm.sh [--bin target/release]
 # Not yet here (issue 30): restarting hostcryptd under the mounted
 # filesystem, which needs INFLIGHT_SHMFD and qemu's reconnect.
