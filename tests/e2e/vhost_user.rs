@@ -428,3 +428,67 @@ fn a_linux_guest_under_qemu_uses_the_disk() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("vhost-user VM: PASS"), "{text}");
 }
+
+/// A volume waiting for its key: its vhost-user socket is bound but
+/// refuses clients (the log says why), and serves them once a reload
+/// brings the right KEK and the volume opens, with the data written
+/// before. (Key loss while serving fails requests through the same data
+/// area as NBD; the local provider keeps its key in memory, so the
+/// revocation tests use Vault, PKCS#11 and Azure.)
+#[test]
+fn a_volume_waiting_for_its_key_refuses_clients_until_it_is_served() {
+    let mut fx = Fixture::new();
+    let socket = fx.path("v.vhost");
+    fx.volume(
+        "v",
+        "cache",
+        &format!(
+            "vhost_user = \"{}\"\nvhost_user_queues = 1",
+            socket.display()
+        ),
+    );
+    fx.write_config(&fx.control_and_audit());
+    fx.create("v", "16M", 4096);
+    let daemon = fx.start();
+    let mut c = BlkClient::connect(&socket, 1, 4 << 20).expect("set-up");
+    let buf = BUFFERS + 4096;
+    c.write(buf, &[0x6b; 4096]);
+    assert_eq!(c.request(0, T_OUT, 8, &[(buf, 4096)]).unwrap().0, S_OK);
+    assert_eq!(c.request(0, T_FLUSH, 0, &[]).unwrap().0, S_OK);
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+
+    // Start with another key in [kek.main]: the volume waits.
+    let right = fx.kek.clone();
+    fx.kek = fx.path("other.key");
+    run_ok(
+        std::process::Command::new(bin("hostcrypt"))
+            .args(["kek", "init-local"])
+            .arg(&fx.kek),
+    );
+    fx.write_config(&fx.control_and_audit());
+    let daemon = fx.start_with_unavailable("v");
+    assert!(
+        socket.exists(),
+        "the socket is bound while the volume waits"
+    );
+    assert!(BlkClient::connect(&socket, 1, 4 << 20).is_err());
+    wait_until("the refusal logged", Duration::from_secs(10), || {
+        daemon
+            .stderr()
+            .contains("vhost-user client refused: the volume is")
+    });
+
+    // The right KEK again, by reload: the volume opens, the socket serves.
+    fx.kek = right;
+    fx.write_config(&fx.control_and_audit());
+    let out = fx.cli(&["reload"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    fx.wait_key_state("v", "serving");
+    let mut c = BlkClient::connect(&socket, 1, 4 << 20).expect("served once the key is back");
+    c.write(buf, &[0; 4096]);
+    assert_eq!(c.request(0, T_IN, 8, &[(buf, 4096)]).unwrap().0, S_OK);
+    assert_eq!(c.read(buf, 4096), vec![0x6b; 4096]);
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}
