@@ -492,3 +492,42 @@ fn a_volume_waiting_for_its_key_refuses_clients_until_it_is_served() {
     drop(c);
     assert_eq!(daemon.stop(), 0);
 }
+
+/// A reload that removes the volume ends its vhost-user client's session
+/// (the export's retirement); the socket, bound at start, then refuses
+/// clients, and the reload reports the socket change as needing a restart.
+#[test]
+fn a_reload_that_removes_the_volume_disconnects_its_client() {
+    use ::vhost::VhostBackend;
+    let mut fx = Fixture::new();
+    let socket = fx.path("v.vhost");
+    fx.volume(
+        "v",
+        "cache",
+        &format!("vhost_user = \"{}\"", socket.display()),
+    );
+    fx.volume("w", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("v", "16M", 4096);
+    fx.create("w", "16M", 4096);
+    let daemon = fx.start();
+    let mut c = BlkClient::connect(&socket, 1, 4 << 20).expect("set-up");
+    assert_eq!(c.request(0, T_FLUSH, 0, &[]).unwrap().0, S_OK);
+
+    fx.remove_volume("v");
+    fx.write_config(&fx.control_and_audit());
+    let out = fx.cli(&["reload"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("vhost_user sockets changed"), "{text}");
+    wait_until("the client disconnected", Duration::from_secs(20), || {
+        daemon.stderr().contains("vhost-user client disconnected")
+    });
+    assert!(
+        c.frontend().get_features().is_err(),
+        "the session is still open"
+    );
+    drop(c);
+    assert!(BlkClient::connect(&socket, 1, 4 << 20).is_err());
+    assert_eq!(daemon.stop(), 0);
+}
