@@ -164,3 +164,34 @@ write("client", "structured-overlap", b"\x03"
       + chunk(0, 1, 0, struct.pack(">Q", 0) + b"\x22" * 300)
       + chunk(1, 1, 0, struct.pack(">Q", 200) + b"\x33" * 312)
       + simple(2))
+
+
+# vhost_request: a control byte (head index; bit 7 read-only, bit 6
+# discards), a 16-entry descriptor table (addr, len, flags, next), then
+# guest memory from 0x1000: headers at 0x1000, segments at 0x1100.
+def descriptor(addr, length, flags, nxt):
+    return struct.pack("<QIHH", addr, length, flags, nxt)
+
+
+def vhost_input(control, table, header, segment=b""):
+    table = b"".join(descriptor(*d) for d in table).ljust(256, b"\0")
+    memory = header.ljust(0x100, b"\0") + segment
+    return bytes([control]) + table + memory
+
+
+NEXT, WRITE = 1, 2
+for name, kind, data_flags, length in [("read", 0, NEXT | WRITE, 4096), ("write", 1, NEXT, 4096),
+                                       ("get-id", 8, NEXT | WRITE, 20)]:
+    write("vhost_request", name, vhost_input(0, [(0x1000, 16, NEXT, 1),
+                                                 (0x2000, length, data_flags, 2),
+                                                 (0x8000, 1, WRITE, 0)],
+                                             struct.pack("<IIQ", kind, 0, 8)))
+write("vhost_request", "flush", vhost_input(0, [(0x1000, 16, NEXT, 1), (0x8000, 1, WRITE, 0)],
+                                            struct.pack("<IIQ", 4, 0, 0)))
+for name, kind, flags in [("discard", 11, 0), ("write-zeroes-unmap", 13, 1)]:
+    write("vhost_request", name, vhost_input(0x40, [(0x1000, 16, NEXT, 1), (0x1100, 16, NEXT, 2),
+                                                    (0x8000, 1, WRITE, 0)],
+                                             struct.pack("<IIQ", kind, 0, 0),
+                                             struct.pack("<QII", 16, 8, flags)))
+write("vhost_request", "loop", vhost_input(0, [(0x1000, 16, NEXT, 1), (0x2000, 512, NEXT | WRITE, 1)],
+                                           struct.pack("<IIQ", 0, 0, 0)))

@@ -258,3 +258,90 @@ fn fix_up_hash_record(area: &mut [u8], authenticated: bool) {
 pub fn nbd_client(data: &[u8]) {
     crate::io::remote::client::fuzz(data);
 }
+
+/// A virtio-blk descriptor chain a guest controls: the first byte picks
+/// the head descriptor and the device's settings, the next 256 fill a
+/// 16-entry descriptor table, the rest guest memory from 4 KiB on (where
+/// the headers and segments the descriptors point at live). The chain
+/// virtio-queue walks from them either parses into a request whose every
+/// buffer lies in guest memory and whose range lies inside the volume, or
+/// is refused with a status address inside guest memory. Never a panic.
+pub fn vhost_request(data: &[u8]) {
+    use crate::frontend::vhost_user::request::{self, Command, Limits, SECTOR};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::{Queue, QueueOwnedT};
+    use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+    const MEMORY: usize = 64 << 10;
+    const QUEUE: u16 = 16;
+    let Some((&control, rest)) = data.split_first() else {
+        return;
+    };
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY)])
+        .unwrap_or_else(|e| panic!("guest memory: {e}"));
+    let vq = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE);
+    let table_len = 16 * usize::from(QUEUE);
+    let (table, contents) = rest.split_at(rest.len().min(table_len));
+    let contents = &contents[..contents.len().min(MEMORY - 0x1000)];
+    let written = mem
+        .write_slice(table, vq.desc_table_addr())
+        .and_then(|()| mem.write_slice(contents, GuestAddress(0x1000)));
+    // One available entry, whose head the control byte picks.
+    let avail = vq.avail_addr();
+    let head = u16::from(control) % QUEUE;
+    let written = written
+        .and_then(|()| mem.write_obj(head.to_le(), avail.unchecked_add(4)))
+        .and_then(|()| mem.write_obj(1u16.to_le(), avail.unchecked_add(2)));
+    if let Err(e) = written {
+        panic!("writing the fuzz input into guest memory: {e}");
+    }
+    let Ok(mut queue) = vq.create_queue::<Queue>() else {
+        return;
+    };
+    let Some(chain) = queue.iter(&mem).ok().and_then(|mut i| i.next()) else {
+        return;
+    };
+    let limits = Limits {
+        capacity: 1 << 20,
+        max_data: 64 << 10,
+        read_only: control & 0x80 != 0,
+        discard: control & 0x40 != 0,
+    };
+    match request::parse(chain, &mem, &limits) {
+        Ok(r) => {
+            assert!(mem.check_range(r.status, 1, Permissions::Write));
+            let mut sum = 0u64;
+            for s in &r.data {
+                assert!(mem.check_range(s.addr, s.len as usize, Permissions::ReadWrite));
+                sum += u64::from(s.len);
+            }
+            assert_eq!(sum, r.len);
+            let range = match r.command {
+                Command::Read { offset } | Command::Write { offset } => {
+                    assert!(r.len > 0 && r.len.is_multiple_of(SECTOR) && r.len <= limits.max_data);
+                    assert!(!limits.read_only || matches!(r.command, Command::Read { .. }));
+                    Some((offset, r.len))
+                }
+                Command::Discard { offset, len } => {
+                    assert!(limits.discard && !limits.read_only);
+                    Some((offset, len))
+                }
+                Command::WriteZeroes { offset, len, .. } => {
+                    assert!(!limits.read_only);
+                    Some((offset, len))
+                }
+                Command::Flush | Command::GetId => None,
+            };
+            if let Some((offset, len)) = range {
+                assert!(offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= limits.capacity));
+            }
+        }
+        Err(rejection) => {
+            if let Some(status) = rejection.status {
+                assert!(mem.check_range(status, 1, Permissions::Write));
+            }
+        }
+    }
+}

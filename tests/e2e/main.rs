@@ -1,4 +1,4 @@
-//! End-to-end tests: real NBD clients (nbdcopy, qemu-io, fio, nbdfuse with
+//! End-to-end tests: real NBD clients and a vhost-user-blk driver (nbdcopy, qemu-io, fio, nbdfuse with
 //! a real ext4 filesystem, libnbd's Python bindings) against a real
 //! `hostcryptd`, plus the break-glass oracle (OpenSSL decrypts the data
 //! area given the DEK) and fault cases. One test binary, one module per area.
@@ -26,3 +26,4 @@ mod systemd;
 mod temp;
 mod tls;
 mod vault;
+mod vhost_user;

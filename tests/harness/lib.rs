@@ -16,6 +16,7 @@ pub mod prometheus;
 pub mod remote;
 pub mod softhsm;
 pub mod tls;
+pub mod vhost;
 
 /// Directory holding the workspace's built binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {

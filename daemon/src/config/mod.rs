@@ -172,6 +172,7 @@ impl Config {
         }
         let mut names = HashSet::new();
         let mut backings = HashSet::new();
+        let mut vhost_sockets = HashSet::new();
         for v in &self.volumes {
             let name = v.name.get_ref();
             if name.is_empty() || name.len() > 256 || name.contains('\0') {
@@ -251,6 +252,75 @@ impl Config {
                             format!(
                                 "{key} applies only to a remote backing (backing = \"nbd://…\")"
                             ),
+                        ));
+                    }
+                }
+            }
+            match &v.vhost_user {
+                Some(socket) => {
+                    let path = socket.get_ref();
+                    let taken = [&self.nbd.unix, &self.daemon.control]
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p == path);
+                    if taken || !vhost_sockets.insert(path.clone()) {
+                        return Err(invalid(
+                            socket.span(),
+                            "vhost_user",
+                            format!("{} is another socket of this config", path.display()),
+                        ));
+                    }
+                    if let Some(q) = &v.vhost_user_queues {
+                        let max = crate::frontend::vhost_user::MAX_QUEUES;
+                        if !(1..=max).contains(&usize::from(*q.get_ref())) {
+                            return Err(invalid(
+                                q.span(),
+                                "vhost_user_queues",
+                                format!("vhost_user_queues is 1 to {max}"),
+                            ));
+                        }
+                    }
+                    if let Some(m) = &v.vhost_user_mode {
+                        if let Err(e) = volume::parse_mode(m.get_ref()) {
+                            return Err(invalid(m.span(), "vhost_user_mode", e));
+                        }
+                    }
+                    if let Some(g) = &v.vhost_user_group {
+                        if crate::export::access::resolve_id(g.get_ref(), "/etc/group").is_none() {
+                            return Err(invalid(
+                                g.span(),
+                                "vhost_user_group",
+                                format!("no group named {:?} in /etc/group", g.get_ref()),
+                            ));
+                        }
+                    }
+                }
+                None => {
+                    let vhost_only = [
+                        (
+                            "vhost_user_queues",
+                            v.vhost_user_queues.as_ref().map(|k| k.span()),
+                        ),
+                        (
+                            "vhost_user_group",
+                            v.vhost_user_group.as_ref().map(|k| k.span()),
+                        ),
+                        (
+                            "vhost_user_mode",
+                            v.vhost_user_mode.as_ref().map(|k| k.span()),
+                        ),
+                        (
+                            "vhost_user_read_only",
+                            v.vhost_user_read_only.as_ref().map(|k| k.span()),
+                        ),
+                    ];
+                    if let Some((key, Some(span))) =
+                        vhost_only.into_iter().find(|(_, s)| s.is_some())
+                    {
+                        return Err(invalid(
+                            span,
+                            key,
+                            format!("{key} applies only with a vhost-user socket (vhost_user = \"PATH\")"),
                         ));
                     }
                 }

@@ -250,3 +250,64 @@ fn take_over_applies_to_remote_backings_only() {
     assert!(c.volumes[0].take_over());
     assert!(!c.volumes[1].take_over());
 }
+
+#[test]
+fn vhost_user_keys_are_checked_with_their_line() {
+    let with = |keys: &str| GOOD.replace("kek = \"main\"\n", &format!("kek = \"main\"\n{keys}\n"));
+    let c = parse(&with(
+        "vhost_user = \"/run/hostcrypt/cache0.vhost\"\nvhost_user_queues = 4\nvhost_user_group = \"root\"\nvhost_user_mode = \"0600\"",
+    ))
+    .unwrap();
+    let spec = c.volumes[0].vhost_user_socket().unwrap().unwrap();
+    assert_eq!(
+        (
+            spec.volume.as_str(),
+            spec.queues,
+            spec.mode,
+            spec.group,
+            spec.read_only
+        ),
+        ("cache0", 4, 0o600, Some(0), false)
+    );
+    assert!(c.volumes[1].vhost_user_socket().is_none());
+    // Defaults: 0660, one queue per core, the daemon's group.
+    let c = parse(&with("vhost_user = \"/run/v.sock\"")).unwrap();
+    let spec = c.volumes[0].vhost_user_socket().unwrap().unwrap();
+    assert_eq!((spec.mode, spec.group), (0o660, None));
+    assert!((1..=64).contains(&spec.queues));
+    for (keys, key) in [
+        (
+            "vhost_user = \"/run/v.sock\"\nvhost_user_queues = 0",
+            "vhost_user_queues",
+        ),
+        (
+            "vhost_user = \"/run/v.sock\"\nvhost_user_queues = 65",
+            "vhost_user_queues",
+        ),
+        (
+            "vhost_user = \"/run/v.sock\"\nvhost_user_mode = \"0999\"",
+            "vhost_user_mode",
+        ),
+        (
+            "vhost_user = \"/run/v.sock\"\nvhost_user_mode = \"01777\"",
+            "vhost_user_mode",
+        ),
+        (
+            "vhost_user = \"/run/v.sock\"\nvhost_user_group = \"no-such-group-here\"",
+            "vhost_user_group",
+        ),
+        ("vhost_user_queues = 2", "vhost_user_queues"),
+        ("vhost_user_read_only = true", "vhost_user_read_only"),
+        ("vhost_user = \"/run/hostcrypt/nbd.sock\"", "vhost_user"),
+    ] {
+        let err = parse(&with(keys)).unwrap_err().to_string();
+        assert!(err.contains(key) && err.contains("line 1"), "{keys}: {err}");
+    }
+    // Two volumes cannot share a socket.
+    let twice = with("vhost_user = \"/run/v.sock\"").replace(
+        "sector_size = 512\n",
+        "sector_size = 512\nvhost_user = \"/run/v.sock\"\n",
+    );
+    let err = parse(&twice).unwrap_err().to_string();
+    assert!(err.contains("another socket"), "{err}");
+}

@@ -160,12 +160,49 @@ pub struct VolumeConfig {
     /// and `client-key.pem`.
     #[schemars(with = "Option<PathBuf>", extend("examples" = ["/etc/hostcrypt/backing-tls"]))]
     pub backing_tls_certificates: Option<Spanned<PathBuf>>,
+    /// Path of a vhost-user-blk socket for this volume: VMMs (qemu
+    /// `vhost-user-blk-pci`, cloud-hypervisor `--disk vhost_user=true`)
+    /// and libblkio connect here and share guest memory with the daemon.
+    /// Clients pass the volume's `allow` list like NBD clients; one client
+    /// at a time. Bound at start: a reload that changes it needs a restart.
+    #[schemars(with = "Option<PathBuf>", extend("examples" = ["/run/hostcrypt/cache0.vhost"]))]
+    pub vhost_user: Option<Spanned<PathBuf>>,
+    /// Virtqueues the vhost-user-blk device offers, 1 to 64 (default: one
+    /// per core); each is served by a thread of its own.
+    #[schemars(with = "Option<u16>", extend("examples" = [4]))]
+    pub vhost_user_queues: Option<Spanned<u16>>,
+    /// Group (name or gid) of the vhost-user socket, e.g. the VMM's (the
+    /// daemon's own group when absent).
+    #[schemars(with = "Option<String>", extend("examples" = ["kvm"]))]
+    pub vhost_user_group: Option<Spanned<String>>,
+    /// Permission bits of the vhost-user socket, in octal (default
+    /// `"0660"`: the owner and `vhost_user_group`).
+    #[schemars(with = "Option<String>", extend("examples" = ["0600"]))]
+    pub vhost_user_mode: Option<Spanned<String>>,
+    /// Offer the vhost-user-blk device read-only (VIRTIO_BLK_F_RO):
+    /// writes, discards and write-zeroes from it fail. NBD is unaffected.
+    #[schemars(with = "Option<bool>", extend("examples" = [true]))]
+    pub vhost_user_read_only: Option<Spanned<bool>>,
     /// Remote backings: serve it even though another daemon's owner record
     /// (not released) is in its header, after waiting out that daemon's
     /// write lease (`volume/claim.rs`). Only for a daemon that is stopped
     /// or cut off from the storage for good.
     #[schemars(with = "Option<bool>", extend("examples" = [true]))]
     pub take_over: Option<Spanned<bool>>,
+}
+
+/// One vhost-user queue per core, within what a device may offer.
+fn default_vhost_user_queues() -> u16 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.clamp(1, crate::frontend::vhost_user::MAX_QUEUES) as u16
+}
+
+/// Permission bits written in octal (`"0660"`, `"660"`), at most 0777.
+pub(super) fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not a file mode in octal (e.g. \"0660\")"))
 }
 
 fn optional_duration<'de, D: serde::Deserializer<'de>>(
@@ -222,6 +259,44 @@ impl VolumeConfig {
                 .as_ref()
                 .map(|d| d.get_ref().clone()),
         }
+    }
+
+    /// The vhost-user socket's settings; `None` without `vhost_user`.
+    /// Group names are resolved now (`Config::validate` checked them).
+    pub fn vhost_user_socket(
+        &self,
+    ) -> Option<Result<crate::frontend::vhost_user::SocketSpec, String>> {
+        let path = self.vhost_user.as_ref()?.get_ref().clone();
+        let queues = self
+            .vhost_user_queues
+            .as_ref()
+            .map(|q| *q.get_ref())
+            .unwrap_or_else(default_vhost_user_queues);
+        let mode = match self.vhost_user_mode.as_ref() {
+            Some(m) => match parse_mode(m.get_ref()) {
+                Ok(mode) => mode,
+                Err(e) => return Some(Err(e)),
+            },
+            None => 0o660,
+        };
+        let group = match self.vhost_user_group.as_ref() {
+            Some(g) => match crate::export::access::resolve_id(g.get_ref(), "/etc/group") {
+                Some(gid) => Some(gid),
+                None => return Some(Err(format!("no group named {:?}", g.get_ref()))),
+            },
+            None => None,
+        };
+        Some(Ok(crate::frontend::vhost_user::SocketSpec {
+            volume: self.name.get_ref().clone(),
+            path,
+            queues,
+            mode,
+            group,
+            read_only: self
+                .vhost_user_read_only
+                .as_ref()
+                .is_some_and(|r| *r.get_ref()),
+        }))
     }
 
     pub fn size_bytes(&self) -> Option<u64> {

@@ -66,6 +66,22 @@ pub fn check(
             return Err(CheckError::Keks(failed.join(", ")));
         }
     }
+    for v in &config.volumes {
+        match v.vhost_user_socket() {
+            Some(Ok(spec)) => writeln!(
+                out,
+                "vhost-user {}: {}, {} queue(s), mode {:04o}{}{}",
+                spec.volume,
+                spec.path.display(),
+                spec.queues,
+                spec.mode,
+                spec.group.map(|g| format!(", gid {g}")).unwrap_or_default(),
+                if spec.read_only { ", read-only" } else { "" },
+            )?,
+            Some(Err(e)) => writeln!(out, "vhost-user {}: {e}", v.name.get_ref())?,
+            None => {}
+        }
+    }
     writeln!(
         out,
         "{}: OK ({} volume(s))",

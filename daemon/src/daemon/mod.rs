@@ -9,13 +9,15 @@
 //!
 //! What lives elsewhere: opening volumes, reload and the key monitor
 //! (`service/`); what each frontend does (`frontend/`); the NBD listeners
-//! and gate built from the config (`nbd.rs`); `--check` (`check.rs`);
+//! and gate built from the config (`nbd.rs`); the vhost-user-blk sockets
+//! (`vhost_user.rs`); `--check` (`check.rs`);
 //! logging set-up (`logging.rs`).
 
 pub mod check;
 pub mod logging;
 mod nbd;
 mod signals;
+pub mod vhost_user;
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
@@ -46,6 +48,8 @@ pub enum DaemonError {
     Engine(#[source] std::io::Error),
     #[error("reading the sockets passed by systemd (LISTEN_FDS): {0}")]
     Activation(#[source] std::io::Error),
+    #[error(transparent)]
+    VhostUser(#[from] crate::frontend::vhost_user::VhostUserError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error("{what}: {source}")]
@@ -171,13 +175,22 @@ impl Daemon {
             (None, None) => None,
         };
         let listeners = nbd::listeners(&config, &mut activated).await?;
-        let listener_status = nbd::log_listeners(&config, &listeners);
+        let mut listener_status = nbd::log_listeners(&config, &listeners);
+        let vhost = vhost_user::frontend(&config)?;
+        for socket in vhost.describe() {
+            tracing::info!(listener = socket, "listening");
+            listener_status.push(control::protocol::ListenerStatus {
+                address: socket,
+                tls: crate::frontend::tls::TlsMode::Off,
+            });
+        }
         let summary = format!(
             "serving {} volume(s) on {}",
             registry.iter().count(),
             listeners
                 .iter()
                 .map(|l| l.describe())
+                .chain(vhost.describe())
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -235,8 +248,11 @@ impl Daemon {
             }
             None => None,
         };
-        let configured: Vec<Box<dyn Frontend>> =
+        let mut configured: Vec<Box<dyn Frontend>> =
             vec![Box::new(frontend::nbd::NbdFrontend { listeners, gate })];
+        if !vhost.is_empty() {
+            configured.push(Box::new(vhost));
+        }
         let frontends = configured
             .into_iter()
             .map(|f| {

@@ -1,5 +1,6 @@
-//! Frontends: the ways clients reach an export. Each is one folder (today
-//! `nbd/`, the NBD server) that turns its wire requests into `volume::Op`s,
+//! Frontends: the ways clients reach an export. Each is one folder
+//! (`nbd/`, the NBD server; `vhost_user/`, vhost-user-blk devices for
+//! VMs) that turns its wire requests into `volume::Op`s,
 //! submits them through the one submit point (`volume/submit/`) and
 //! answers; each starts the same way, through [`Frontend::start`], so the
 //! daemon (`daemon.rs`) starts every configured frontend alike. TLS
@@ -10,11 +11,12 @@
 //! `wire/`. It never reads the config or the key providers: the daemon
 //! builds what it needs (listeners, limits) and hands it over.
 //!
-//! A new frontend (vhost-user-blk, ublk) is a folder here with a type that
+//! A new frontend (ublk, say) is a folder here with a type that
 //! implements [`Frontend`], and a config section the daemon maps to it.
 
 pub mod nbd;
 pub mod tls;
+pub mod vhost_user;
 
 use std::sync::Arc;
 

@@ -222,6 +222,20 @@ impl Reloader {
                 .not_applied
                 .push("[daemon] or [nbd] changed: restart hostcryptd to apply it".into());
         }
+        // vhost-user sockets are bound at start (frontend/vhost_user/).
+        let vhost_sockets = |c: &Config| {
+            c.volumes
+                .iter()
+                .map(|v| format!("{:?}", v.vhost_user_socket()))
+                .filter(|s| s != "None")
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        if vhost_sockets(&state.config) != vhost_sockets(&new) {
+            report.not_applied.push(
+                "vhost_user sockets changed: restart hostcryptd to add, remove or change them"
+                    .into(),
+            );
+        }
 
         // Providers: keep the live object for an unchanged [kek.NAME] table
         // (volumes hold it), open the new and the changed ones.

@@ -1,0 +1,363 @@
+//! A minimal vhost-user-blk driver for the tests: the `vhost` crate's
+//! frontend speaks the protocol, "guest memory" is a memfd this process
+//! maps and shares, and the split virtqueues in it are written by hand, so
+//! a test can put any descriptor chain on a queue, well-formed or hostile
+//! (addresses outside memory, loops, wrong directions). Requests are
+//! polled on the used ring with a deadline: a device that never answers
+//! fails the test instead of hanging it.
+//!
+//! Layout of the shared memory (guest-physical addresses = offsets):
+//! queue `q`'s descriptor table, available and used rings in the first
+//! 64 KiB at `q * 16 KiB`, then buffers. The libblkio driver
+//! (`e2e/vhost_user.rs`) is the well-behaved client; this one is for what
+//! a well-behaved client never sends.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+pub const QUEUE_SIZE: u16 = 64;
+const QUEUE_STRIDE: u64 = 16 << 10;
+/// Where buffers start.
+pub const BUFFERS: u64 = 1 << 20;
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
+pub const F_NEXT: u16 = 1;
+pub const F_WRITE: u16 = 2;
+
+/// One descriptor as a test writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+struct Queue {
+    next_avail: u16,
+    last_used: u16,
+    kick: EventFd,
+    _call: EventFd,
+}
+
+/// A connected, started vhost-user-blk device.
+pub struct BlkClient {
+    frontend: Frontend,
+    _memfd: File,
+    base: *mut u8,
+    len: usize,
+    queues: Vec<Queue>,
+    pub features: u64,
+    /// The configuration space as the device reported it (60 bytes).
+    pub config: Vec<u8>,
+}
+
+// SAFETY: `base` points at a shared mapping this client owns for its
+// whole life; the client is used from one thread at a time (&mut self).
+unsafe impl Send for BlkClient {}
+
+/// What went wrong, as text (the tests only print it).
+pub type Error = String;
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl BlkClient {
+    /// Connects to `socket` and sets up `queues` virtqueues over `memory`
+    /// bytes of shared memory.
+    pub fn connect(socket: &Path, queues: usize, memory: usize) -> Result<Self, Error> {
+        let mut frontend = Frontend::connect(socket, queues as u64).map_err(text)?;
+        let offered = frontend.get_features().map_err(text)?;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if offered & protocol == 0 {
+            return Err("no PROTOCOL_FEATURES".into());
+        }
+        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        let offered_protocol = frontend.get_protocol_features().map_err(text)?;
+        frontend
+            .set_protocol_features(offered_protocol & wanted)
+            .map_err(text)?;
+        let device_queues = frontend.get_queue_num().map_err(text)? as usize;
+        if device_queues < queues {
+            return Err(format!("the device has {device_queues} queues"));
+        }
+        frontend.set_owner().map_err(text)?;
+        frontend.set_features(offered).map_err(text)?;
+        let (_, config) = frontend
+            .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+            .map_err(text)?;
+
+        // SAFETY: memfd_create with a valid C string; the fd is checked.
+        let fd = unsafe { libc::memfd_create(c"vhost-test".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        // SAFETY: a fresh fd we own.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(memory as u64).map_err(text)?;
+        // SAFETY: maps `memory` bytes of the memfd, shared; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                memory,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let base = base.cast::<u8>();
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: memory as u64,
+            userspace_addr: base as u64,
+            mmap_offset: 0,
+            mmap_handle: memfd.as_raw_fd(),
+        };
+        frontend.set_mem_table(&[region]).map_err(text)?;
+        let mut list = Vec::new();
+        for q in 0..queues {
+            let (desc, avail, used) = Self::rings(q);
+            frontend.set_vring_num(q, QUEUE_SIZE).map_err(text)?;
+            frontend
+                .set_vring_addr(
+                    q,
+                    &VringConfigData {
+                        queue_max_size: QUEUE_SIZE,
+                        queue_size: QUEUE_SIZE,
+                        flags: 0,
+                        desc_table_addr: base as u64 + desc,
+                        used_ring_addr: base as u64 + used,
+                        avail_ring_addr: base as u64 + avail,
+                        log_addr: None,
+                    },
+                )
+                .map_err(text)?;
+            frontend.set_vring_base(q, 0).map_err(text)?;
+            let call = EventFd::new(libc::EFD_NONBLOCK).map_err(text)?;
+            let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(text)?;
+            frontend.set_vring_call(q, &call).map_err(text)?;
+            frontend.set_vring_kick(q, &kick).map_err(text)?;
+            frontend.set_vring_enable(q, true).map_err(text)?;
+            list.push(Queue {
+                next_avail: 0,
+                last_used: 0,
+                kick,
+                _call: call,
+            });
+        }
+        Ok(BlkClient {
+            frontend,
+            _memfd: memfd,
+            base,
+            len: memory,
+            queues: list,
+            features: offered,
+            config,
+        })
+    }
+
+    /// Guest-physical addresses of queue `q`'s descriptor table, available
+    /// and used rings.
+    fn rings(q: usize) -> (u64, u64, u64) {
+        let at = q as u64 * QUEUE_STRIDE;
+        (at, at + 4096, at + 8192)
+    }
+
+    pub fn memory_len(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Writes `data` at guest-physical `gpa` (inside the shared memory).
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        assert!(gpa as usize + data.len() <= self.len);
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(gpa as usize), data.len())
+        }
+    }
+
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        assert!(gpa as usize + len <= self.len);
+        let mut out = vec![0u8; len];
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { std::ptr::copy_nonoverlapping(self.base.add(gpa as usize), out.as_mut_ptr(), len) }
+        out
+    }
+
+    fn read_u16(&self, gpa: u64) -> u16 {
+        fence(Ordering::SeqCst);
+        // SAFETY: aligned and in bounds (ring fields).
+        unsafe { std::ptr::read_volatile(self.base.add(gpa as usize).cast::<u16>()) }
+    }
+
+    fn write_u16(&self, gpa: u64, value: u16) {
+        // SAFETY: aligned and in bounds (ring fields).
+        unsafe { std::ptr::write_volatile(self.base.add(gpa as usize).cast::<u16>(), value) }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Puts `chain` in queue `q`'s descriptor table from index `first`
+    /// (as given: flags and `next` fields untouched) and makes `first` the
+    /// head of a new available entry; kicks the device.
+    pub fn submit_raw(&mut self, q: usize, first: u16, chain: &[Desc]) {
+        let (desc, avail, _) = Self::rings(q);
+        for (i, d) in chain.iter().enumerate() {
+            let index = (first as usize + i) % QUEUE_SIZE as usize;
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&d.next.to_le_bytes());
+            self.write(desc + index as u64 * 16, &raw);
+        }
+        let queue = &mut self.queues[q];
+        let slot = queue.next_avail % QUEUE_SIZE;
+        let next_avail = queue.next_avail.wrapping_add(1);
+        queue.next_avail = next_avail;
+        self.write_u16(avail + 4 + 2 * slot as u64, first);
+        self.write_u16(avail + 2, next_avail);
+        let _ = self.queues[q].kick.write(1);
+    }
+
+    /// Waits for the next used entry of queue `q`: (head, length written).
+    pub fn wait_used(&mut self, q: usize, deadline: Duration) -> Result<(u16, u32), Error> {
+        let (_, _, used) = Self::rings(q);
+        let start = Instant::now();
+        loop {
+            let idx = self.read_u16(used + 2);
+            let queue = &mut self.queues[q];
+            if idx != queue.last_used {
+                let slot = queue.last_used % QUEUE_SIZE;
+                queue.last_used = queue.last_used.wrapping_add(1);
+                let entry = self.read(used + 4 + 8 * slot as u64, 8);
+                let id = u32::from_le_bytes(entry[0..4].try_into().unwrap());
+                let len = u32::from_le_bytes(entry[4..8].try_into().unwrap());
+                return Ok((id as u16, len));
+            }
+            if start.elapsed() > deadline {
+                return Err(format!("queue {q}: no completion within {deadline:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// A well-formed request on queue `q`: its header and status byte at
+    /// the given addresses, the `data` buffers (address, length; device-
+    /// writable for reads and GET_ID) between. Its descriptors take `q`'s
+    /// table from `first`; returns the head to wait for.
+    pub fn submit(
+        &mut self,
+        q: usize,
+        first: u16,
+        kind: u32,
+        sector: u64,
+        data: &[(u64, u32)],
+        (header, status): (u64, u64),
+    ) -> u16 {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.write(header, &h);
+        self.write(status, &[0xff]);
+        let writes = matches!(kind, T_IN | T_GET_ID);
+        let mut chain = vec![Desc {
+            addr: header,
+            len: 16,
+            flags: 0,
+            next: 0,
+        }];
+        for &(addr, len) in data {
+            chain.push(Desc {
+                addr,
+                len,
+                flags: if writes { F_WRITE } else { 0 },
+                next: 0,
+            });
+        }
+        chain.push(Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        });
+        let n = chain.len();
+        for (i, d) in chain.iter_mut().enumerate() {
+            if i + 1 < n {
+                d.flags |= F_NEXT;
+                d.next = (first + i as u16 + 1) % QUEUE_SIZE;
+            }
+        }
+        self.submit_raw(q, first, &chain);
+        first
+    }
+
+    /// One request, waited for: (status byte, used length).
+    pub fn request(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        data: &[(u64, u32)],
+    ) -> Result<(u8, u32), Error> {
+        let (header, status) = (BUFFERS, BUFFERS + 64);
+        let head = self.submit(q, 0, kind, sector, data, (header, status));
+        let (id, len) = self.wait_used(q, Duration::from_secs(30))?;
+        if id != head {
+            return Err(format!("used id {id}, expected {head}"));
+        }
+        Ok((self.read(status, 1)[0], len))
+    }
+
+    /// A discard or write-zeroes segment at `at`.
+    pub fn segment(&self, at: u64, sector: u64, sectors: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&sectors.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        self.write(at, &s);
+    }
+
+    /// The device's capacity in bytes and its block size.
+    pub fn geometry(&self) -> (u64, u32) {
+        let capacity = u64::from_le_bytes(self.config[0..8].try_into().unwrap()) * 512;
+        let block = u32::from_le_bytes(self.config[20..24].try_into().unwrap());
+        (capacity, block)
+    }
+
+    /// The vhost-user connection, for protocol-level checks.
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+}
+
+impl Drop for BlkClient {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `connect`, used by no one after.
+        unsafe {
+            libc::munmap(self.base.cast(), self.len);
+        }
+    }
+}
