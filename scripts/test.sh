@@ -99,13 +99,14 @@ cargo test --workspace --locked --no-fail-fast -- --test-threads="${HOSTCRYPT_TE
 # change is how requests reach the backing, so these modules (real
 # clients, the protocol, hostile input, sparse files, filesystems, faults,
 # durability, temp and double-encrypted volumes, block devices and
-# re-encryption) run in every mode; key providers, TLS credentials, headers
+# re-encryption) run in every mode, and the vhost-user export (whose
+# queues sit on the rings, or on the thread pool) on both engines; key providers, TLS credentials, headers
 # and operations run once.
 data_path=(clients:: protocol:: bad_input:: sparse:: filesystem:: faults:: durability::
            temp:: double:: blockdev:: reencrypt::)
 stage "data-path end-to-end tests on the thread-pool engine"
 HOSTCRYPT_E2E_IO_ENGINE=threads cargo test -p hostcrypt-e2e --locked --test e2e -- \
-  --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" "${data_path[@]}" 2>&1 | tee -a "$log" || status=$?
+  --test-threads="${HOSTCRYPT_TEST_THREADS:-2}" "${data_path[@]}" vhost_user:: 2>&1 | tee -a "$log" || status=$?
 # And on io_uring with plaintext connections on tokio tasks
 # (`ring_connections = false`; the default puts them on the rings), the
 # reader TLS connections always use.
