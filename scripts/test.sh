@@ -55,13 +55,52 @@ bao version
 if [ "$(id -u)" -eq 0 ]; then
   tests/campaigns/kernel-nbd.sh --install-only
 fi
-# cargo-deb for the package test (tests/package.sh, root only), built once
-# into ~/.cargo/bin; the version is pinned because the test packages the
-# debug profile, which cargo-deb only warns about.
-if [ "$(id -u)" -eq 0 ] && ! command -v cargo-deb >/dev/null 2>&1; then
-  echo "==> installing cargo-deb"
-  cargo install cargo-deb --version "${CARGO_DEB_VERSION:-3.7.0}" --locked --quiet
-fi
+# A cold build in CI gains nothing from incremental compilation data, and
+# writing it costs time.
+[ "${CI:-}" = "true" ] && export CARGO_INCREMENTAL=0
+
+# What only the last stages need is built in the background at the lowest
+# priority, from here on: cargo-deb for the package test, and a nightly
+# toolchain, cargo-fuzz and the fuzz targets for the fuzz smoke. The tests
+# leave much of the two cores idle while they wait on daemons, clients and
+# guests; nice 19 gives these builds that idle time and little else.
+# Each stage below waits for its build, and prints its log if it failed.
+prep_dir=$(mktemp -d)
+prepare_package() {
+  # cargo-deb, built once into ~/.cargo/bin; the version is pinned because
+  # the test packages the debug profile, which cargo-deb only warns about.
+  if [ "$(id -u)" -eq 0 ] && ! command -v cargo-deb >/dev/null 2>&1; then
+    cargo install cargo-deb --version "${CARGO_DEB_VERSION:-3.7.0}" --locked --quiet
+  fi
+}
+prepare_fuzz() {
+  if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    rustup toolchain install nightly --profile minimal
+  fi
+  command -v cargo-fuzz >/dev/null 2>&1 || cargo +nightly install cargo-fuzz --locked --quiet
+  fuzz/run --build-only
+}
+# Each in a process group of its own (setsid), so that it can be reniced
+# and stopped as a whole.
+setsid nice -n 19 bash -ec "$(declare -f prepare_package); prepare_package" >"$prep_dir/package.log" 2>&1 &
+prepare_package_pid=$!
+setsid nice -n 19 bash -ec "$(declare -f prepare_fuzz); prepare_fuzz" >"$prep_dir/fuzz.log" 2>&1 &
+prepare_fuzz_pid=$!
+cleanup_files=("$prep_dir")
+cleanup() {
+  kill -- "-$prepare_package_pid" "-$prepare_fuzz_pid" 2>/dev/null || true
+  rm -rf "${cleanup_files[@]}"
+}
+trap cleanup EXIT
+# Waits for a background build; its log on failure.
+await_prepared() {
+  local pid=$1 what=$2
+  if ! wait "$pid"; then
+    echo "==> preparing $what failed:"
+    cat "$prep_dir/$what.log"
+    return 1
+  fi
+}
 
 stage "cargo fmt --check"
 cargo fmt --all -- --check
@@ -88,7 +127,7 @@ log=$(mktemp)
 # themselves in this file (tests/harness: `skip`); CI=true fails them.
 skips=$(mktemp)
 export HOSTCRYPT_SKIP_LOG="$skips"
-trap 'rm -f "$log" "$skips"' EXIT
+cleanup_files+=("$log" "$skips")
 status=0
 # --no-fail-fast: a failing test binary (say, a campaign) must not keep
 # the ones after it (the end-to-end suite) from running.
@@ -116,7 +155,11 @@ HOSTCRYPT_E2E_IO_ENGINE=uring HOSTCRYPT_E2E_RING_CONNECTIONS=0 cargo test -p hos
 # The Debian package, built from the debug binaries above and installed
 # with dpkg, then removed and purged (root only; a skip elsewhere).
 stage "Debian package: tests/package.sh"
-tests/package.sh 2>&1 | tee -a "$log" || status=$?
+if await_prepared "$prepare_package_pid" package; then
+  tests/package.sh 2>&1 | tee -a "$log" || status=$?
+else
+  status=1
+fi
 # The header and journal protocol, model-checked with spin, and five
 # mutants of it that must each fail (RELIABILITY.md).
 stage "model check (spin): tests/models/check"
@@ -124,13 +167,15 @@ tests/models/check || status=$?
 # Coverage-guided fuzzing, 10 s per target, two targets at a time (one per
 # core; fuzz/run; the recorded campaigns are in RELIABILITY.md). Optimized:
 # `fuzz/run --dev` builds in half the time but runs some targets at 1 % of
-# the speed (23 header inputs a second). cargo-fuzz needs a nightly toolchain.
+# the speed (23 header inputs a second). The build began in the background
+# (above); what is left of it finishes here at full priority.
 stage "fuzz smoke: ${HOSTCRYPT_FUZZ_SECONDS:-10} s per target"
-if ! rustup run nightly rustc --version >/dev/null 2>&1; then
-  rustup toolchain install nightly --profile minimal
+renice -n 0 -g "$prepare_fuzz_pid" >/dev/null 2>&1 || true
+if await_prepared "$prepare_fuzz_pid" fuzz; then
+  fuzz/run --seconds "${HOSTCRYPT_FUZZ_SECONDS:-10}" --parallel 2 || status=$?
+else
+  status=1
 fi
-command -v cargo-fuzz >/dev/null 2>&1 || cargo +nightly install cargo-fuzz --locked --quiet
-fuzz/run --seconds "${HOSTCRYPT_FUZZ_SECONDS:-10}" --parallel 2 || status=$?
 
 stage "summary"
 # Skipped tests report as passed to cargo; they are counted apart here.
