@@ -47,7 +47,7 @@ fn pattern(trial: u32, seq: u64, sector: u64) -> Vec<u8> {
     block.extend_from_slice(&trial.to_le_bytes());
     block.extend_from_slice(&seq.to_le_bytes());
     block.extend_from_slice(&sector.to_le_bytes());
-    let mut x = (seq ^ (sector << 20) ^ u64::from(trial) << 48) | 1;
+    let mut x = (seq ^ (sector << 20) ^ (u64::from(trial) << 48)) | 1;
     while block.len() < SECTOR as usize {
         x ^= x << 13;
         x ^= x >> 7;
