@@ -20,6 +20,9 @@
 //! a block device (during writes, during `reencrypt`), a volume removed
 //! and re-added by `reload`, a remote backend that crashes with writes
 //! not yet flushed. Same modes, same figures.
+//!
+//! `vhost.rs` kills the daemon during two-queue writes over vhost-user-blk
+//! (a libblkio client) and reads every completed write back.
 
 mod faults;
 mod keys;
@@ -27,6 +30,7 @@ mod powerloss;
 mod reencrypt;
 mod restore;
 mod upgrade;
+mod vhost;
 mod writes;
 
 use std::path::Path;
@@ -101,9 +105,14 @@ impl Figures {
 
     /// Adds one to a further count, reported with the rest.
     pub fn count(&mut self, what: &'static str) {
+        self.count_n(what, 1);
+    }
+
+    /// Adds `n` to a further count.
+    pub fn count_n(&mut self, what: &'static str, n: usize) {
         match self.extra.iter_mut().find(|(name, _)| *name == what) {
-            Some((_, n)) => *n += 1,
-            None => self.extra.push((what, 1)),
+            Some((_, c)) => *c += n,
+            None => self.extra.push((what, n)),
         }
     }
 
