@@ -306,6 +306,8 @@ pub fn vhost_request(data: &[u8]) {
         max_data: 64 << 10,
         read_only: control & 0x80 != 0,
         discard: control & 0x40 != 0,
+        max_segments: 8,
+        max_zero_sectors: 64,
     };
     match request::parse(chain, &mem, &limits) {
         Ok(r) => {
@@ -316,6 +318,7 @@ pub fn vhost_request(data: &[u8]) {
                 sum += u64::from(s.len);
             }
             assert_eq!(sum, r.len);
+            assert!(r.data.len() <= limits.max_segments);
             let range = match r.command {
                 Command::Read { offset } | Command::Write { offset } => {
                     assert!(r.len > 0 && r.len.is_multiple_of(SECTOR) && r.len <= limits.max_data);
@@ -324,10 +327,12 @@ pub fn vhost_request(data: &[u8]) {
                 }
                 Command::Discard { offset, len } => {
                     assert!(limits.discard && !limits.read_only);
+                    assert!(len <= u64::from(limits.max_zero_sectors) * SECTOR);
                     Some((offset, len))
                 }
                 Command::WriteZeroes { offset, len, .. } => {
                     assert!(!limits.read_only);
+                    assert!(len <= u64::from(limits.max_zero_sectors) * SECTOR);
                     Some((offset, len))
                 }
                 Command::Flush | Command::GetId => None,

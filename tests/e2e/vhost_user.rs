@@ -273,6 +273,26 @@ fn hostile_chains_get_error_statuses_and_the_daemon_lives() {
         d(status, 1, F_WRITE, 0),
     ];
     expect(&mut c, &chain, Some(S_IOERR), "4 GiB read");
+    // A write-zeroes and a discard of 2^32-1 sectors, over the
+    // configuration space's limits: refused at once, no worker tied up.
+    for kind in [T_WRITE_ZEROES, T_DISCARD] {
+        h(&c, kind, 0);
+        c.segment(data, 0, u32::MAX, 0);
+        let chain = [
+            d(header, 16, F_NEXT, 1),
+            d(data, 16, F_NEXT, 2),
+            d(status, 1, F_WRITE, 0),
+        ];
+        expect(&mut c, &chain, Some(S_IOERR), "2^32-1 sectors");
+    }
+    // The status is the last byte of the last descriptor (virtio 1.x),
+    // here one that also takes the data.
+    h(&c, T_IN, 0);
+    let chain = [d(header, 16, F_NEXT, 1), d(data, 513, F_WRITE, 0)];
+    c.write(data + 512, &[0xff]);
+    c.submit_raw(0, 0, &chain);
+    let (_, used) = c.wait_used(0, Duration::from_secs(30)).unwrap();
+    assert_eq!((c.read(data + 512, 1)[0], used), (S_OK, 513));
 
     // The device still works, and so does the daemon.
     c.write(data, &[0x5a; 4096]);

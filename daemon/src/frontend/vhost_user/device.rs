@@ -119,6 +119,8 @@ impl Device {
             max_data: MAX_DATA,
             read_only: self.read_only,
             discard: self.discard,
+            max_segments: SEG_MAX as usize,
+            max_zero_sectors: MAX_ZERO_SECTORS,
         }
     }
 

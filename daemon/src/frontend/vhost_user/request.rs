@@ -9,13 +9,16 @@
 //! The guest controls the descriptor table, so everything here is
 //! untrusted: addresses must lie in guest memory, lengths are summed with
 //! checked arithmetic, the data's direction must match the request type,
-//! and a read or write must lie inside the volume. Layout rules (those of
-//! cloud-hypervisor and Firecracker): the 16-byte header is in the first
-//! descriptor, device-readable; the status byte is the first byte of the
-//! last descriptor, device-writable; the descriptors between are the data.
-//! A header split across descriptors is refused rather than gathered.
-//! Loops and chains longer than the queue end the chain early
-//! (virtio-queue's iterator stops), which is refused too.
+//! and a read or write must lie inside the volume. Layout (virtio 1.x,
+//! where descriptor boundaries carry no meaning): the device-readable
+//! descriptors come first, then the device-writable ones; the header is
+//! the first 16 bytes of the readable part (it may span descriptors or
+//! share one with data), the status byte the last byte of the writable
+//! part, and the data what lies between. Bytes in the wrong direction for
+//! the request type are refused, never dropped. Requests over what the
+//! configuration space advertises (seg_max, the discard and write-zeroes
+//! sector limits) are refused. Loops and chains longer than the queue end
+//! the chain early (virtio-queue's iterator stops), which is refused too.
 //!
 //! Hand-written on purpose: the typed request is ours (it maps onto
 //! `volume::Op`), and the checks are the frontend's security boundary.
@@ -26,7 +29,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// virtio-blk counts sectors of 512 bytes, whatever the block size.
 pub const SECTOR: u64 = 512;
@@ -96,6 +99,11 @@ pub struct Limits {
     pub read_only: bool,
     /// VIRTIO_BLK_F_DISCARD was offered (`allow_discards`).
     pub discard: bool,
+    /// Data buffers per request at most (`seg_max`).
+    pub max_segments: usize,
+    /// Sectors per discard or write-zeroes at most (`max_discard_sectors`,
+    /// `max_write_zeroes_sectors`).
+    pub max_zero_sectors: u32,
 }
 
 /// Why a chain was refused. Those with a status address get
@@ -119,8 +127,8 @@ pub enum RequestError {
     StatusOutside(u64),
     #[error("the request header is in a device-writable descriptor")]
     HeaderWritable,
-    #[error("the first descriptor has {0} bytes, less than the 16-byte header (a header split across descriptors is not accepted)")]
-    HeaderSplit(u32),
+    #[error("the device-readable part has {0} bytes, less than the 16-byte header")]
+    HeaderShort(u64),
     #[error("the request header at {0:#x} is outside guest memory")]
     HeaderOutside(u64),
     #[error("request type {0} is not supported")]
@@ -133,6 +141,10 @@ pub enum RequestError {
     NotSectorMultiple(u64),
     #[error("the data length {0} is over the largest request accepted")]
     TooLong(u64),
+    #[error("{0} data buffers, over the seg_max the device advertises")]
+    TooManySegments(usize),
+    #[error("{sectors} sectors to discard or zero, over the {max} the device advertises")]
+    TooManySectors { sectors: u32, max: u32 },
     #[error("a read or write without data")]
     NoData,
     #[error("sector {sector} with {len} bytes is beyond the end of the volume ({capacity} bytes)")]
@@ -145,9 +157,7 @@ pub enum RequestError {
     ReadOnly,
     #[error("discards are not enabled on this volume (allow_discards)")]
     DiscardOff,
-    #[error(
-        "a discard or write-zeroes request needs exactly one 16-byte segment in one descriptor"
-    )]
+    #[error("a discard or write-zeroes request needs exactly one 16-byte segment")]
     BadSegment,
     #[error("unknown discard or write-zeroes flags {0:#x}")]
     BadFlags(u32),
@@ -189,29 +199,71 @@ where
     if descriptors.len() < 2 || !last.is_write_only() || last.len() == 0 {
         return Err(no_status(RequestError::NoStatus));
     }
-    let status = last.addr();
-    if !mem.check_range(status, 1, Permissions::Write) {
-        return Err(no_status(RequestError::StatusOutside(status.0)));
-    }
+    // virtio 1.x: the status is the last byte of the device-writable
+    // part, whatever the descriptor boundaries.
+    let status = last
+        .addr()
+        .checked_add(u64::from(last.len() - 1))
+        .filter(|s| mem.check_range(*s, 1, Permissions::Write))
+        .ok_or_else(|| no_status(RequestError::StatusOutside(last.addr().0)))?;
     let fail = |error| Rejection {
         status: Some(status),
         error,
     };
-
     if head.is_write_only() {
         return Err(fail(RequestError::HeaderWritable));
     }
-    if head.len() < HEADER_LEN {
-        return Err(fail(RequestError::HeaderSplit(head.len())));
+
+    // The device-readable part, then the device-writable part: a
+    // readable descriptor after a writable one is a malformed chain.
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
+    for (index, d) in descriptors.iter().enumerate() {
+        let (part, access) = if d.is_write_only() {
+            (&mut writable, Permissions::Write)
+        } else if writable.is_empty() {
+            (&mut readable, Permissions::Read)
+        } else {
+            return Err(fail(RequestError::WrongDirection { index }));
+        };
+        if !mem.check_range(d.addr(), d.len() as usize, access) {
+            if index == 0 {
+                return Err(fail(RequestError::HeaderOutside(d.addr().0)));
+            }
+            return Err(fail(RequestError::DataOutside {
+                addr: d.addr().0,
+                len: d.len(),
+            }));
+        }
+        if d.len() > 0 {
+            part.push(Piece {
+                index,
+                segment: Segment {
+                    addr: d.addr(),
+                    len: d.len(),
+                },
+            });
+        }
     }
+    // The header is the first 16 bytes of the readable part; the status
+    // byte is not data.
     let mut header = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut header, head.addr())
-        .map_err(|_| fail(RequestError::HeaderOutside(head.addr().0)))?;
+    let Some((header_pieces, out_data)) = split_front(&readable, u64::from(HEADER_LEN)) else {
+        let have = readable.iter().map(|p| u64::from(p.segment.len)).sum();
+        return Err(fail(RequestError::HeaderShort(have)));
+    };
+    read_pieces(mem, &header_pieces, &mut header)
+        .map_err(|addr| fail(RequestError::HeaderOutside(addr)))?;
+    let writable_total: u64 = writable.iter().map(|p| u64::from(p.segment.len)).sum();
+    let Some((in_data, _status)) = split_front(&writable, writable_total - 1) else {
+        return Err(fail(RequestError::NoStatus));
+    };
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
 
     // Which way the data goes: the device writes it (a read, the id) or
-    // reads it (everything else).
+    // reads it (everything else); bytes the other way are refused, not
+    // dropped.
     let device_writes = match kind {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID => true,
         VIRTIO_BLK_T_OUT
@@ -220,31 +272,22 @@ where
         | VIRTIO_BLK_T_WRITE_ZEROES => false,
         other => return Err(fail(RequestError::Unsupported(other))),
     };
-    let middle = &descriptors[1..descriptors.len() - 1];
-    let mut data = Vec::with_capacity(middle.len());
+    let (data, stray) = if device_writes {
+        (in_data, out_data)
+    } else {
+        (out_data, in_data)
+    };
+    if let Some(first) = stray.first() {
+        return Err(fail(RequestError::WrongDirection { index: first.index }));
+    }
+    if data.len() > limits.max_segments {
+        return Err(fail(RequestError::TooManySegments(data.len())));
+    }
     let mut len = 0u64;
-    for (i, d) in middle.iter().enumerate() {
-        if d.is_write_only() != device_writes {
-            return Err(fail(RequestError::WrongDirection { index: i + 1 }));
-        }
-        let access = if device_writes {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        if !mem.check_range(d.addr(), d.len() as usize, access) {
-            return Err(fail(RequestError::DataOutside {
-                addr: d.addr().0,
-                len: d.len(),
-            }));
-        }
+    for piece in &data {
         len = len
-            .checked_add(u64::from(d.len()))
+            .checked_add(u64::from(piece.segment.len))
             .ok_or_else(|| fail(RequestError::TooLong(u64::MAX)))?;
-        data.push(Segment {
-            addr: d.addr(),
-            len: d.len(),
-        });
     }
 
     let command = match kind {
@@ -276,7 +319,7 @@ where
             Command::GetId
         }
         _ => {
-            // DISCARD or WRITE_ZEROES: one segment (max_*_seg = 1).
+            // DISCARD or WRITE_ZEROES: one 16-byte segment (max_*_seg = 1).
             if limits.read_only {
                 return Err(fail(RequestError::ReadOnly));
             }
@@ -284,15 +327,11 @@ where
             if discard && !limits.discard {
                 return Err(fail(RequestError::DiscardOff));
             }
-            let [segment] = data[..] else {
-                return Err(fail(RequestError::BadSegment));
-            };
-            if segment.len != SEGMENT_LEN {
+            if len != u64::from(SEGMENT_LEN) {
                 return Err(fail(RequestError::BadSegment));
             }
             let mut raw = [0u8; SEGMENT_LEN as usize];
-            mem.read_slice(&mut raw, segment.addr)
-                .map_err(|_| fail(RequestError::BadSegment))?;
+            read_pieces(mem, &data, &mut raw).map_err(|_| fail(RequestError::BadSegment))?;
             let first = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
             let sectors = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
             let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
@@ -304,11 +343,17 @@ where
             if flags & !allowed != 0 {
                 return Err(fail(RequestError::BadFlags(flags)));
             }
+            // What the configuration space advertised: one request must
+            // not hold a worker thread for longer than that much takes.
+            if sectors > limits.max_zero_sectors {
+                return Err(fail(RequestError::TooManySectors {
+                    sectors,
+                    max: limits.max_zero_sectors,
+                }));
+            }
             let bytes = u64::from(sectors) * SECTOR;
             let offset = inside(first, bytes, limits.capacity).map_err(fail)?;
-            data.clear();
-            len = 0;
-            if discard {
+            let command = if discard {
                 Command::Discard { offset, len: bytes }
             } else {
                 Command::WriteZeroes {
@@ -316,15 +361,81 @@ where
                     len: bytes,
                     unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
                 }
-            }
+            };
+            return Ok(Request {
+                command,
+                data: Vec::new(),
+                len: 0,
+                status,
+            });
         }
     };
     Ok(Request {
         command,
-        data,
+        data: data.into_iter().map(|p| p.segment).collect(),
         len,
         status,
     })
+}
+
+/// A non-empty descriptor's buffer and its place in the chain (for errors).
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    index: usize,
+    segment: Segment,
+}
+
+/// `pieces` cut after their first `n` bytes: (those bytes, the rest), or
+/// `None` when they hold fewer. A descriptor may be cut in two.
+fn split_front(pieces: &[Piece], n: u64) -> Option<(Vec<Piece>, Vec<Piece>)> {
+    let mut front = Vec::new();
+    let mut back = Vec::new();
+    let mut wanted = n;
+    for piece in pieces {
+        // At most a u32: the piece's own length.
+        let take = wanted.min(u64::from(piece.segment.len)) as u32;
+        if take > 0 {
+            front.push(Piece {
+                segment: Segment {
+                    addr: piece.segment.addr,
+                    len: take,
+                },
+                ..*piece
+            });
+        }
+        if take < piece.segment.len {
+            // In range: the whole descriptor was checked against memory.
+            back.push(Piece {
+                segment: Segment {
+                    addr: GuestAddress(piece.segment.addr.0 + u64::from(take)),
+                    len: piece.segment.len - take,
+                },
+                ..*piece
+            });
+        }
+        wanted -= u64::from(take);
+    }
+    (wanted == 0).then_some((front, back))
+}
+
+/// Reads `pieces` (exactly `out.len()` bytes in all) into `out`; on
+/// failure, the address that could not be read.
+fn read_pieces<M: GuestMemory>(mem: &M, pieces: &[Piece], out: &mut [u8]) -> Result<(), u64> {
+    let mut at = 0usize;
+    for piece in pieces {
+        let end = at + piece.segment.len as usize;
+        let Some(target) = out.get_mut(at..end) else {
+            return Err(piece.segment.addr.0);
+        };
+        mem.read_slice(target, piece.segment.addr)
+            .map_err(|_| piece.segment.addr.0)?;
+        at = end;
+    }
+    if at == out.len() {
+        Ok(())
+    } else {
+        Err(0)
+    }
 }
 
 /// The byte offset of `sector` when `len` bytes from there lie inside a

@@ -23,6 +23,8 @@ fn limits() -> Limits {
         max_data: 64 << 10,
         read_only: false,
         discard: true,
+        max_segments: 4,
+        max_zero_sectors: 1 << 10,
     }
 }
 
@@ -197,9 +199,9 @@ fn bad_buffers_get_an_error_status() {
         error
     };
     header(&mem, VIRTIO_BLK_T_IN, 0);
-    // Header split across descriptors.
-    let e = io_error(chain(&[(HEADER, 8, R), (HEADER + 8, 8, R), (STATUS, 1, W)]));
-    assert_eq!(e, RequestError::HeaderSplit(8));
+    // A header shorter than 16 bytes.
+    let e = io_error(chain(&[(HEADER, 8, R), (STATUS, 1, W)]));
+    assert_eq!(e, RequestError::HeaderShort(8));
     // Header outside guest memory, and writable.
     let e = io_error(chain(&[(MEMORY - 8, 16, R), (STATUS, 1, W)]));
     assert_eq!(e, RequestError::HeaderOutside(MEMORY - 8));
@@ -290,4 +292,115 @@ fn chains_from_a_mock_queue_parse_and_loops_end() {
         parse(chain, &mem, &limits()).unwrap_err().error,
         RequestError::Truncated
     );
+}
+
+/// virtio 1.x layout: the header may span descriptors or share one with
+/// the data, and the status is the last byte of the last descriptor.
+#[test]
+fn descriptor_boundaries_carry_no_meaning() {
+    let mem = memory();
+    header(&mem, VIRTIO_BLK_T_IN, 8);
+    // A header split in two, data and status in one descriptor.
+    let c = chain(&[(HEADER, 8, R), (HEADER + 8, 8, R), (DATA, 4097, W)]);
+    let req = parse(c, &mem, &limits()).unwrap();
+    assert_eq!(req.command, Command::Read { offset: 4096 });
+    assert_eq!(req.len, 4096);
+    assert_eq!(
+        req.data,
+        vec![Segment {
+            addr: GuestAddress(DATA),
+            len: 4096
+        }]
+    );
+    assert_eq!(req.status, GuestAddress(DATA + 4096));
+
+    // A write whose header and data share the first descriptor.
+    let mut block = vec![0u8; 16 + 512];
+    block[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    mem.write_slice(&block, GuestAddress(DATA)).unwrap();
+    let c = chain(&[(DATA, 16 + 512, R), (STATUS, 1, W)]);
+    let req = parse(c, &mem, &limits()).unwrap();
+    assert_eq!(req.command, Command::Write { offset: 0 });
+    assert_eq!(
+        req.data,
+        vec![Segment {
+            addr: GuestAddress(DATA + 16),
+            len: 512
+        }]
+    );
+    assert_eq!(req.status, GuestAddress(STATUS));
+}
+
+/// Bytes that would be dropped are refused instead: a read whose header
+/// descriptor carries more than the header, a write with device-writable
+/// data before its status, a readable descriptor after a writable one.
+#[test]
+fn bytes_in_the_wrong_direction_are_refused_not_dropped() {
+    let mem = memory();
+    header(&mem, VIRTIO_BLK_T_IN, 0);
+    let c = chain(&[(HEADER, 16 + 512, R), (DATA, 512, W), (STATUS, 1, W)]);
+    assert_eq!(
+        rejected(parse(c, &mem, &limits())),
+        (
+            Some(GuestAddress(STATUS)),
+            RequestError::WrongDirection { index: 0 }
+        )
+    );
+    header(&mem, VIRTIO_BLK_T_OUT, 0);
+    let c = chain(&[(HEADER, 16, R), (DATA, 512, R), (STATUS, 2, W)]);
+    assert_eq!(
+        rejected(parse(c, &mem, &limits())).1,
+        RequestError::WrongDirection { index: 2 }
+    );
+    let c = chain(&[
+        (HEADER, 16, R),
+        (DATA, 512, W),
+        (DATA, 512, R),
+        (STATUS, 1, W),
+    ]);
+    assert_eq!(
+        rejected(parse(c, &mem, &limits())).1,
+        RequestError::WrongDirection { index: 2 }
+    );
+}
+
+/// What the configuration space advertises is enforced: seg_max, and the
+/// discard / write-zeroes sector limits (a 0xffffffff-sector write-zeroes
+/// would hold a worker thread for a 2 TiB zeroing).
+#[test]
+fn requests_over_the_advertised_limits_are_refused() {
+    let mem = memory();
+    header(&mem, VIRTIO_BLK_T_IN, 0);
+    let mut parts = vec![(HEADER, 16, R)];
+    parts.extend((0..5).map(|i| (DATA + i * 512, 512, W)));
+    parts.push((STATUS, 1, W));
+    let (status, error) = rejected(parse(chain(&parts), &mem, &limits()));
+    assert_eq!(
+        (status, error.clone()),
+        (Some(GuestAddress(STATUS)), RequestError::TooManySegments(5))
+    );
+    assert_eq!(error.status(), VIRTIO_BLK_S_IOERR as u8);
+    parts.remove(1);
+    assert!(parse(chain(&parts), &mem, &limits()).is_ok());
+
+    for kind in [VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD] {
+        header(&mem, kind, 0);
+        segment(&mem, 0, u32::MAX, 0);
+        let c = chain(&[(HEADER, 16, R), (DATA, 16, R), (STATUS, 1, W)]);
+        assert_eq!(
+            rejected(parse(c.clone(), &mem, &limits())).1,
+            RequestError::TooManySectors {
+                sectors: u32::MAX,
+                max: 1 << 10
+            }
+        );
+        segment(&mem, 0, 1 << 10, 0);
+        assert!(parse(c, &mem, &limits()).is_ok());
+        // Two segments (max_*_seg is 1).
+        let c = chain(&[(HEADER, 16, R), (DATA, 32, R), (STATUS, 1, W)]);
+        assert_eq!(
+            rejected(parse(c, &mem, &limits())).1,
+            RequestError::BadSegment
+        );
+    }
 }
