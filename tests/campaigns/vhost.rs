@@ -157,7 +157,7 @@ fn writer(
             );
             in_flight.insert(buf, write);
             sent += 1;
-            if sent % FLUSH_EVERY == 0 && flush_mark.is_none() {
+            if sent.is_multiple_of(FLUSH_EVERY) && flush_mark.is_none() {
                 q.flush(FLUSH_ID, flags);
                 flush_mark = Some(log.completed.len());
             }
