@@ -309,6 +309,70 @@ fn hostile_chains_get_error_statuses_and_the_daemon_lives() {
 }
 
 #[test]
+fn a_hostile_frontend_neither_crashes_nor_floods_the_daemon() {
+    let (_fx, daemon, socket, _) = setup("");
+    // Memory whose file ends before the region does: mapping it and
+    // touching the rings past the end would raise SIGBUS in the daemon.
+    // Refused at SET_MEM_TABLE (the connection ends), so either the
+    // set-up fails or the first request does.
+    // Here: 4 MiB offered over a 2 MiB file, and a read into the third.
+    let short = BlkClient::connect_over(&socket, 1, 4 << 20, 2 << 20);
+    if let Ok(mut c) = short {
+        assert!(
+            c.request(0, T_IN, 0, &[(3 << 20, 4096)]).is_err(),
+            "a region longer than its file was served"
+        );
+    }
+
+    // One head posted 64 times at once: every repeat is a request still
+    // in flight. The queue is stopped instead of running them all (each
+    // would pin its own 1 MiB bounce buffer, without bound).
+    let mut c = BlkClient::connect(&socket, 1, 8 << 20).expect("vhost-user-blk set-up");
+    let (header, status, data) = (BUFFERS, BUFFERS + 64, BUFFERS + 4096);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
+    c.write(header, &h);
+    let chain = [
+        Desc {
+            addr: header,
+            len: 16,
+            flags: F_NEXT,
+            next: 1,
+        },
+        Desc {
+            addr: data,
+            len: 1 << 20,
+            flags: F_NEXT,
+            next: 2,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        },
+    ];
+    c.submit_repeated(0, 0, &chain, QUEUE_SIZE);
+    let stopped = "vhost-user queue stopped: descriptor head 0 was posted again";
+    wait_until("the queue stop in the log", Duration::from_secs(30), || {
+        daemon.stderr().contains(stopped)
+    });
+    drop(c);
+    // The daemon (not killed by SIGBUS) and the device live on for the
+    // next client.
+    let mut again =
+        BlkClient::connect(&socket, 1, 4 << 20).expect("a client after the hostile one");
+    again.write(data, &[0x77; 4096]);
+    assert_eq!(again.request(0, T_OUT, 0, &[(data, 4096)]).unwrap().0, S_OK);
+    assert_eq!(
+        again.request(0, T_IN, 0, &[(data + 8192, 4096)]).unwrap().0,
+        S_OK
+    );
+    assert_eq!(again.read(data + 8192, 4096), vec![0x77; 4096]);
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
 fn a_peer_outside_the_allow_list_is_refused() {
     // uid 4242 is nobody here: this test's own uid is not on the list.
     let (_fx, daemon, socket, _) = setup("allow = [\"uid:4242\"]");
@@ -421,7 +485,10 @@ fn libblkio_drives_two_queues_at_once() {
         .collect();
     let mut model = Vec::new();
     for w in workers {
-        model.extend(w.join().expect("a blkio queue thread failed"));
+        model.extend(
+            w.join()
+                .unwrap_or_else(|_| panic!("a blkio queue thread failed\n{}", daemon.stderr())),
+        );
     }
     drop(b);
     assert_eq!(daemon.stop(), 0);

@@ -85,6 +85,18 @@ impl BlkClient {
     /// Connects to `socket` and sets up `queues` virtqueues over `memory`
     /// bytes of shared memory.
     pub fn connect(socket: &Path, queues: usize, memory: usize) -> Result<Self, Error> {
+        Self::connect_over(socket, queues, memory, memory)
+    }
+
+    /// As `connect`, but the memfd behind the `memory` bytes offered is
+    /// only `file_len` long: what a hostile frontend may send to make the
+    /// daemon touch a mapping past the end of its file (SIGBUS).
+    pub fn connect_over(
+        socket: &Path,
+        queues: usize,
+        memory: usize,
+        file_len: usize,
+    ) -> Result<Self, Error> {
         let mut frontend = Frontend::connect(socket, queues as u64).map_err(text)?;
         let offered = frontend.get_features().map_err(text)?;
         let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -113,7 +125,7 @@ impl BlkClient {
         }
         // SAFETY: a fresh fd we own.
         let memfd = unsafe { File::from_raw_fd(fd) };
-        memfd.set_len(memory as u64).map_err(text)?;
+        memfd.set_len(file_len as u64).map_err(text)?;
         // SAFETY: maps `memory` bytes of the memfd, shared; checked below.
         let base = unsafe {
             libc::mmap(
@@ -239,6 +251,23 @@ impl BlkClient {
         queue.next_avail = next_avail;
         self.write_u16(avail + 4 + 2 * slot as u64, first);
         self.write_u16(avail + 2, next_avail);
+        let _ = self.queues[q].kick.write(1);
+    }
+
+    /// Puts one chain on queue `q` and posts its head `times` times in the
+    /// available ring, then kicks once: a driver that reuses a head still
+    /// in flight.
+    pub fn submit_repeated(&mut self, q: usize, first: u16, chain: &[Desc], times: u16) {
+        self.submit_raw(q, first, chain);
+        let (_, avail, _) = Self::rings(q);
+        for _ in 1..times {
+            let queue = &mut self.queues[q];
+            let slot = queue.next_avail % QUEUE_SIZE;
+            let next_avail = queue.next_avail.wrapping_add(1);
+            queue.next_avail = next_avail;
+            self.write_u16(avail + 4 + 2 * slot as u64, first);
+            self.write_u16(avail + 2, next_avail);
+        }
         let _ = self.queues[q].kick.write(1);
     }
 

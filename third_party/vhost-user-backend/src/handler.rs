@@ -388,6 +388,7 @@ where
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
         for (region, file) in ctx.iter().zip(files) {
+            check_region_file(&file, region)?;
             let guest_region = GuestRegionMmap::new(
                 region.mmap_region(file)?,
                 GuestAddress(region.guest_phys_addr),
@@ -546,6 +547,7 @@ where
         // does File, so this is safe.
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd,
         // such as that proposed by Rust RFC #3128.
+        let file = file.map(nonblocking).transpose()?;
         vring.set_kick(file);
 
         if self.vring_needs_init(vring) {
@@ -561,6 +563,7 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        let file = file.map(nonblocking).transpose()?;
         vring.set_call(file);
 
         if self.vring_needs_init(vring) {
@@ -576,6 +579,7 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
+        let file = file.map(nonblocking).transpose()?;
         vring.set_err(file);
 
         Ok(())
@@ -696,6 +700,11 @@ where
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
         }
 
+        // hostcrypt: never more regions than GET_MAX_MEM_SLOTS promised.
+        if self.atomic_mem.memory().num_regions() as u64 >= MAX_MEM_SLOTS {
+            return Err(VhostUserError::InvalidParam);
+        }
+        check_region_file(&file, region)?;
         let guest_region = Arc::new(
             GuestRegionMmap::new(
                 region.mmap_region(file)?,
@@ -1074,4 +1083,38 @@ mod tests {
             }
         }
     }
+}
+
+/// hostcrypt: a memory region's file must be a regular file (a memfd,
+/// tmpfs or hugetlbfs file) at least as long as the part mapped. A
+/// mapping past the end of its file raises SIGBUS when touched, which
+/// would take the whole daemon down with every other volume it serves.
+fn check_region_file(file: &File, region: &VhostUserMemoryRegion) -> VhostUserResult<()> {
+    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
+    let end = region
+        .mmap_offset
+        .checked_add(region.memory_size)
+        .ok_or(VhostUserError::InvalidParam)?;
+    if !meta.file_type().is_file() || meta.len() < end {
+        log::error!(
+            "memory region refused: its file is not a regular file of at least {end} bytes"
+        );
+        return Err(VhostUserError::InvalidParam);
+    }
+    Ok(())
+}
+
+/// hostcrypt: a kick, call or error fd is read or written by threads that
+/// serve requests; one the frontend made blocking (a pipe, say) must not
+/// stall them.
+fn nonblocking(file: File) -> VhostUserResult<File> {
+    // SAFETY: fcntl on an fd this function owns, with no pointer argument.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0
+        // SAFETY: as above.
+        || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+    {
+        return Err(VhostUserError::ReqHandlerError(io::Error::last_os_error()));
+    }
+    Ok(file)
 }

@@ -6,6 +6,11 @@
 //! thread finished it: data into guest memory, the status byte, the used
 //! ring, a notification when the guest wants one (EVENT_IDX).
 //!
+//! What a connection may have in flight, and what a late completion may
+//! write, is `inflight.rs`'s to decide: a worker waits there when the
+//! connection's budget is spent, and a queue whose driver posts a head
+//! that is still in flight is stopped.
+//!
 //! Copies: a read's decrypted data is copied once, from the data area's
 //! result into the guest's buffers; a write is copied once, from guest
 //! memory into a bounce buffer that is encrypted and written (the guest may
@@ -18,13 +23,13 @@
 //! crates).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -33,6 +38,7 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{Device, QUEUE_SIZE};
+use super::inflight::{InFlight, Refusal, Ticket, BUDGET};
 use super::request::{self, Command, Rejection, Request, Segment};
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
@@ -54,7 +60,11 @@ pub struct BlockBackend {
     device: Device,
     memory: Memory,
     event_idx: AtomicBool,
+    /// The virtio features the driver acknowledged.
+    acked: AtomicU64,
     in_flight: Arc<InFlight>,
+    /// Queues stopped for a driver that broke the ring's rules.
+    broken: Box<[AtomicBool]>,
     /// For log lines: the peer, as `socket.rs` identified it.
     peer: String,
 }
@@ -63,10 +73,12 @@ impl BlockBackend {
     pub fn new(export: Arc<Export>, device: Device, memory: Memory, peer: String) -> Self {
         BlockBackend {
             export,
-            device,
             memory,
             event_idx: AtomicBool::new(false),
-            in_flight: Arc::new(InFlight::default()),
+            acked: AtomicU64::new(0),
+            in_flight: InFlight::new(usize::from(device.queues), QUEUE_SIZE, BUDGET),
+            broken: (0..device.queues).map(|_| AtomicBool::new(false)).collect(),
+            device,
             peer,
         }
     }
@@ -78,49 +90,87 @@ impl BlockBackend {
         self.in_flight.wait_idle(limit)
     }
 
-    /// Takes every available chain off `vring`, parses and submits each.
-    /// With EVENT_IDX, notifications stay off while it drains the ring and
-    /// it goes again if the guest added chains before they were back on.
-    fn process(&self, vring: &Vring) {
+    /// The connection has ended: nothing more is admitted, and requests
+    /// still running complete without writing into guest memory.
+    pub fn close(&self) {
+        self.in_flight.close();
+    }
+
+    /// Writes reach the backing before they complete when the driver did
+    /// not negotiate FLUSH (virtio: the device is then write-through).
+    fn write_through(&self) -> bool {
+        self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_FLUSH) == 0
+    }
+
+    /// Takes the available chains off queue `index` one at a time,
+    /// parses and submits each; waits in `InFlight::admit` while the
+    /// connection's budget is spent. With EVENT_IDX, notifications stay
+    /// off while it drains the ring and it goes again if the guest added
+    /// chains before they were back on.
+    fn process(&self, index: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let Some(broken) = self.broken.get(index) else {
+            return;
+        };
         loop {
+            if broken.load(Ordering::Relaxed) {
+                return;
+            }
             let memory = self.memory.memory();
             // The lock is not held while submitting: a request that
             // completes at once (a cached read) takes it to add_used.
-            let chains = {
+            let chain = {
                 let mut state = vring.get_mut();
                 if event_idx {
                     let _ = state.disable_notification();
                 }
-                let queue = state.get_queue_mut();
-                let mut chains = Vec::new();
-                while let Some(chain) = queue.pop_descriptor_chain(memory.clone()) {
-                    chains.push(chain);
-                }
-                chains
+                state.get_queue_mut().pop_descriptor_chain(memory.clone())
             };
-            for chain in chains {
-                let head = chain.head_index();
-                let parsed = request::parse(chain, &*memory, &self.device.limits());
-                let done = Done {
-                    vring: vring.clone(),
-                    memory: memory.clone().into_inner(),
-                    head,
-                    export: self.export.clone(),
-                    _in_flight: self.in_flight.begin(),
-                    started: Instant::now(),
-                };
-                match parsed {
-                    Ok(request) => self.run(request, done),
-                    Err(rejection) => self.reject(rejection, done),
+            let Some(chain) = chain else {
+                if !event_idx {
+                    return;
                 }
-            }
-            if !event_idx {
-                return;
-            }
-            match vring.get_mut().enable_notification() {
-                Ok(true) => continue,
-                _ => return,
+                match vring.get_mut().enable_notification() {
+                    Ok(true) => continue,
+                    _ => return,
+                }
+            };
+            let head = chain.head_index();
+            let parsed = request::parse(chain, &*memory, &self.device.limits());
+            let bytes = match &parsed {
+                Ok(request) => match request.command {
+                    Command::Read { .. } | Command::Write { .. } => request.len,
+                    _ => 0,
+                },
+                Err(_) => 0,
+            };
+            let ticket = match self.in_flight.admit(index, head, bytes) {
+                Ok(ticket) => ticket,
+                Err(Refusal::Closing) => return,
+                Err(refusal) => {
+                    // The ring can no longer be trusted: answering this
+                    // chain would put one head on the used ring twice.
+                    broken.store(true, Ordering::Relaxed);
+                    tracing::error!(
+                        export = self.export.name(),
+                        peer = self.peer,
+                        queue = index,
+                        "vhost-user queue stopped: {refusal}"
+                    );
+                    return;
+                }
+            };
+            let done = Done {
+                vring: vring.clone(),
+                memory: memory.clone().into_inner(),
+                head,
+                export: self.export.clone(),
+                ticket,
+                started: Instant::now(),
+            };
+            match parsed {
+                Ok(request) => self.run(request, done),
+                Err(rejection) => self.reject(rejection, done),
             }
         }
     }
@@ -142,6 +192,7 @@ impl BlockBackend {
                 Err(rejection.error.status()),
                 status,
                 1,
+                |_| virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8,
             ),
             None => done.finish_without_status(),
         }
@@ -158,20 +209,34 @@ impl BlockBackend {
         let area = self.export.volume.data.clone();
         match command {
             Command::Read { offset } => {
-                let memory = done.memory.clone();
                 area.submit(
                     Op::Read {
                         offset,
                         len: len as usize,
                     },
                     move |outcome| {
-                        let result = match outcome {
-                            Ok(Outcome::Data(buf)) => scatter(&memory, &data, &buf[..]),
+                        let buf = match outcome {
+                            Ok(Outcome::Data(buf)) => Ok(buf),
                             Ok(_) => Err(io::Error::other("a read returned no data")),
                             Err(e) => Err(e),
                         };
                         let used = len as u32 + 1;
-                        done.finish_io(RequestKind::Op(OpKind::Read), len, result, status, used)
+                        match buf {
+                            Ok(buf) => done.finish_io(
+                                RequestKind::Op(OpKind::Read),
+                                len,
+                                Ok(Some((&data[..], &buf[..]))),
+                                status,
+                                used,
+                            ),
+                            Err(e) => done.finish_io(
+                                RequestKind::Op(OpKind::Read),
+                                len,
+                                Err(e),
+                                status,
+                                used,
+                            ),
+                        }
                     },
                 );
             }
@@ -184,13 +249,13 @@ impl BlockBackend {
                     Op::Write {
                         offset,
                         data: buf,
-                        fua: false,
+                        fua: self.write_through(),
                     },
                     move |outcome| {
                         done.finish_io(
                             RequestKind::Op(OpKind::Write),
                             len,
-                            outcome.map(drop),
+                            outcome.map(|_| None),
                             status,
                             1,
                         )
@@ -201,28 +266,33 @@ impl BlockBackend {
                 done.finish_io(
                     RequestKind::Op(OpKind::Flush),
                     0,
-                    outcome.map(drop),
+                    outcome.map(|_| None),
                     status,
                     1,
                 )
             }),
             Command::GetId => {
                 let serial = &self.device.serial;
-                let result = scatter(&done.memory, &data, serial);
                 let written = (len as usize).min(serial.len()) as u32;
-                done.finish_io(RequestKind::Other, 0, result, status, written + 1)
+                done.finish_io(
+                    RequestKind::Other,
+                    0,
+                    Ok(Some((&data[..], &serial[..]))),
+                    status,
+                    written + 1,
+                )
             }
             Command::Discard { offset, len } => area.submit(
                 Op::Trim {
                     offset,
                     len,
-                    fua: false,
+                    fua: self.write_through(),
                 },
                 move |outcome| {
                     done.finish_io(
                         RequestKind::Op(OpKind::Trim),
                         len,
-                        outcome.map(drop),
+                        outcome.map(|_| None),
                         status,
                         1,
                     )
@@ -236,13 +306,13 @@ impl BlockBackend {
                         offset,
                         len,
                         punch,
-                        fua: false,
+                        fua: self.write_through(),
                     },
                     move |outcome| {
                         done.finish_io(
                             RequestKind::Op(OpKind::WriteZeroes),
                             len,
-                            outcome.map(drop),
+                            outcome.map(|_| None),
                             status,
                             1,
                         )
@@ -295,53 +365,82 @@ struct Done {
     memory: Arc<GuestMemory>,
     head: u16,
     export: Arc<Export>,
-    /// Counts the request as running until it completes.
-    _in_flight: Running,
+    /// Its admission: counts it as running until it completes, and says
+    /// whether its queue may still be written.
+    ticket: Ticket,
     started: Instant,
 }
 
+/// Data a completion copies into guest buffers: the buffers, the bytes.
+type Fill<'a> = Option<(&'a [Segment], &'a [u8])>;
+
 impl Done {
-    /// Completes with an I/O result: OK, or IOERR with the error logged.
+    /// Completes with an I/O result (and data for the guest's buffers):
+    /// OK, or IOERR with the error logged.
     fn finish_io(
         self,
         kind: RequestKind,
         len: u64,
-        result: io::Result<()>,
+        result: io::Result<Fill<'_>>,
         status: GuestAddress,
         used: u32,
     ) {
-        let result = result.map_err(|e| {
-            tracing::warn!(
-                export = self.export.name(),
-                "vhost-user request failed: {e}"
-            );
+        let export = self.export.clone();
+        let failed = |e: io::Error| {
+            tracing::warn!(export = export.name(), "vhost-user request failed: {e}");
             virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8
-        });
-        // A failed request wrote no data the guest may use.
-        let used = if result.is_ok() { used } else { 1 };
-        self.finish(kind, len, result, status, used)
+        };
+        match result {
+            Ok(fill) => self.finish(kind, len, Ok(fill), status, used, failed),
+            Err(e) => self.finish(kind, len, Err(failed(e)), status, 1, failed),
+        }
     }
 
-    /// Writes the status byte, counts the request, puts the chain on the
-    /// used ring and notifies the guest if it wants to be.
+    /// Copies the data and writes the status byte, puts the chain on the
+    /// used ring and notifies the guest if it wants to be, all only while
+    /// the request's queue is still the one it came from; counts it.
     fn finish(
         self,
         kind: RequestKind,
         len: u64,
-        result: Result<(), u8>,
+        result: Result<Fill<'_>, u8>,
         status: GuestAddress,
         used: u32,
+        failed: impl FnOnce(io::Error) -> u8,
     ) {
-        let code = match result {
-            Ok(()) => VIRTIO_BLK_S_OK as u8,
-            Err(code) => code,
-        };
-        // In range: the parser checked the status byte's address.
-        let _ = self.memory.write_slice(&[code], status);
-        let metrics = &self.export.metrics;
-        metrics.complete(kind, len, result.is_err(), self.started.elapsed());
+        let Done {
+            vring,
+            memory,
+            head,
+            export,
+            ticket,
+            started,
+        } = self;
+        let mut ok = result.is_ok();
+        ticket.complete(|| {
+            let code = match result {
+                Ok(Some((segments, data))) => match scatter(&memory, segments, data) {
+                    Ok(()) => Ok(used),
+                    Err(e) => Err(failed(e)),
+                },
+                Ok(None) => Ok(used),
+                Err(code) => Err(code),
+            };
+            // A failed request wrote no data the guest may use.
+            let (code, used) = match code {
+                Ok(used) => (VIRTIO_BLK_S_OK as u8, used),
+                Err(code) => {
+                    ok = false;
+                    (code, 1)
+                }
+            };
+            // In range: the parser checked the status byte's address.
+            let _ = memory.write_slice(&[code], status);
+            put_used(&vring, head, used);
+        });
+        let metrics = &export.metrics;
+        metrics.complete(kind, len, !ok, started.elapsed());
         metrics.end();
-        self.complete(used);
     }
 
     /// A chain without a status byte: returned to the guest unwritten.
@@ -350,59 +449,30 @@ impl Done {
             .metrics
             .complete(RequestKind::Other, 0, true, self.started.elapsed());
         self.export.metrics.end();
-        self.complete(0);
+        let Done {
+            vring,
+            head,
+            ticket,
+            ..
+        } = self;
+        ticket.complete(|| put_used(&vring, head, 0));
     }
+}
 
-    fn complete(self, used: u32) {
-        let mut state = self.vring.get_mut();
-        if state.add_used(self.head, used).is_err() {
-            return;
-        }
-        if notify_wanted(&mut state) {
-            let _ = state.signal_used_queue();
-        }
+/// Puts `head` on the used ring and notifies the guest if it wants to be.
+fn put_used(vring: &Vring, head: u16, used: u32) {
+    let mut state = vring.get_mut();
+    if state.add_used(head, used).is_err() {
+        return;
+    }
+    if notify_wanted(&mut state) {
+        let _ = state.signal_used_queue();
     }
 }
 
 /// Whether the guest wants an interrupt now (always without EVENT_IDX).
 fn notify_wanted(state: &mut VringState<Memory>) -> bool {
     state.needs_notification().unwrap_or(true)
-}
-
-/// Requests of one connection still running.
-#[derive(Default)]
-struct InFlight {
-    count: Mutex<usize>,
-    idle: Condvar,
-}
-
-impl InFlight {
-    fn begin(self: &Arc<Self>) -> Running {
-        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        Running(self.clone())
-    }
-
-    fn wait_idle(&self, limit: Duration) -> bool {
-        let count = self.count.lock().unwrap_or_else(|p| p.into_inner());
-        let (count, _) = self
-            .idle
-            .wait_timeout_while(count, limit, |n| *n > 0)
-            .unwrap_or_else(|p| p.into_inner());
-        *count == 0
-    }
-}
-
-/// One running request; dropping it (whatever path it took) counts it done.
-struct Running(Arc<InFlight>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let mut count = self.0.count.lock().unwrap_or_else(|p| p.into_inner());
-        *count -= 1;
-        if *count == 0 {
-            self.0.idle.notify_all();
-        }
-    }
 }
 
 impl VhostUserBackend for BlockBackend {
@@ -425,6 +495,10 @@ impl VhostUserBackend for BlockBackend {
         self.device.protocol_features()
     }
 
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -436,8 +510,15 @@ impl VhostUserBackend for BlockBackend {
     /// GET_VRING_BASE (the frontend stops the queue, e.g. to migrate or
     /// reset): the connection's requests complete first, so the
     /// used ring the frontend reads back is final.
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
-        if self.drain(STOP_TIMEOUT) {
+    /// Either way the queue is retired: what completes later writes
+    /// nothing into the ring the frontend may set up next.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let drained = self.drain(STOP_TIMEOUT);
+        self.in_flight.retire_queue(queue_index as usize);
+        if let Some(broken) = self.broken.get(queue_index as usize) {
+            broken.store(false, Ordering::Relaxed);
+        }
+        if drained {
             Ok(())
         } else {
             Err(io::Error::new(
@@ -468,17 +549,19 @@ impl VhostUserBackend for BlockBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!(
                 "unexpected epoll event {evset:?} on vhost-user queue event {device_event}"
             )));
         }
-        // Each thread serves one queue: its only vring.
+        // Each thread serves one queue (`queues_per_thread`): `vrings` is
+        // that queue alone, `device_event` its index there (0), and the
+        // thread's number is the queue's.
         match vrings.get(usize::from(device_event)) {
             Some(vring) => {
-                self.process(vring);
+                self.process(thread_id, vring);
                 Ok(())
             }
             None => Err(io::Error::other(format!(
@@ -517,14 +600,5 @@ mod tests {
         }];
         assert!(scatter(&memory, &outside, b"abcd").is_err());
         assert!(gather(&memory, &outside, &mut back[..4]).is_err());
-    }
-
-    #[test]
-    fn in_flight_waits_for_running_requests() {
-        let in_flight = Arc::new(InFlight::default());
-        let running = in_flight.begin();
-        assert!(!in_flight.wait_idle(Duration::from_millis(10)));
-        drop(running);
-        assert!(in_flight.wait_idle(Duration::from_millis(10)));
     }
 }

@@ -31,6 +31,7 @@
 
 mod backend;
 mod device;
+mod inflight;
 pub mod request;
 mod socket;
 mod spec;

@@ -216,13 +216,15 @@ where
 
     // The device-readable part, then the device-writable part: a
     // readable descriptor after a writable one is a malformed chain.
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
+    let split = descriptors
+        .iter()
+        .position(|d| d.is_write_only())
+        .unwrap_or(descriptors.len());
     for (index, d) in descriptors.iter().enumerate() {
-        let (part, access) = if d.is_write_only() {
-            (&mut writable, Permissions::Write)
-        } else if writable.is_empty() {
-            (&mut readable, Permissions::Read)
+        let access = if index < split {
+            Permissions::Read
+        } else if d.is_write_only() {
+            Permissions::Write
         } else {
             return Err(fail(RequestError::WrongDirection { index }));
         };
@@ -235,29 +237,26 @@ where
                 len: d.len(),
             }));
         }
-        if d.len() > 0 {
-            part.push(Piece {
-                index,
-                segment: Segment {
-                    addr: d.addr(),
-                    len: d.len(),
-                },
-            });
-        }
     }
+    let (readable, writable) = descriptors.split_at(split);
+    // At most 1024 descriptors of at most 4 GiB: no overflow.
+    let total = |part: &[Descriptor]| part.iter().map(|d| u64::from(d.len())).sum::<u64>();
+    let (readable_total, writable_total) = (total(readable), total(writable));
     // The header is the first 16 bytes of the readable part; the status
-    // byte is not data.
+    // byte (the writable part's last) is not data.
+    if readable_total < u64::from(HEADER_LEN) {
+        return Err(fail(RequestError::HeaderShort(readable_total)));
+    }
     let mut header = [0u8; HEADER_LEN as usize];
-    let Some((header_pieces, out_data)) = split_front(&readable, u64::from(HEADER_LEN)) else {
-        let have = readable.iter().map(|p| u64::from(p.segment.len)).sum();
-        return Err(fail(RequestError::HeaderShort(have)));
-    };
-    read_pieces(mem, &header_pieces, &mut header)
-        .map_err(|addr| fail(RequestError::HeaderOutside(addr)))?;
-    let writable_total: u64 = writable.iter().map(|p| u64::from(p.segment.len)).sum();
-    let Some((in_data, _status)) = split_front(&writable, writable_total - 1) else {
-        return Err(fail(RequestError::NoStatus));
-    };
+    read_pieces(
+        mem,
+        bytes(readable, 0, 0, u64::from(HEADER_LEN)),
+        &mut header,
+    )
+    .map_err(|addr| fail(RequestError::HeaderOutside(addr)))?;
+    let out_data = bytes(readable, 0, u64::from(HEADER_LEN), readable_total);
+    // Not zero: the last descriptor is writable and not empty.
+    let in_data = bytes(writable, split, 0, writable_total - 1);
     let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
 
@@ -272,19 +271,20 @@ where
         | VIRTIO_BLK_T_WRITE_ZEROES => false,
         other => return Err(fail(RequestError::Unsupported(other))),
     };
-    let (data, stray) = if device_writes {
+    let (data, mut stray) = if device_writes {
         (in_data, out_data)
     } else {
         (out_data, in_data)
     };
-    if let Some(first) = stray.first() {
+    if let Some(first) = stray.next() {
         return Err(fail(RequestError::WrongDirection { index: first.index }));
     }
-    if data.len() > limits.max_segments {
-        return Err(fail(RequestError::TooManySegments(data.len())));
+    let segments = data.clone().count();
+    if segments > limits.max_segments {
+        return Err(fail(RequestError::TooManySegments(segments)));
     }
     let mut len = 0u64;
-    for piece in &data {
+    for piece in data.clone() {
         len = len
             .checked_add(u64::from(piece.segment.len))
             .ok_or_else(|| fail(RequestError::TooLong(u64::MAX)))?;
@@ -331,7 +331,7 @@ where
                 return Err(fail(RequestError::BadSegment));
             }
             let mut raw = [0u8; SEGMENT_LEN as usize];
-            read_pieces(mem, &data, &mut raw).map_err(|_| fail(RequestError::BadSegment))?;
+            read_pieces(mem, data, &mut raw).map_err(|_| fail(RequestError::BadSegment))?;
             let first = u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes"));
             let sectors = u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes"));
             let flags = u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes"));
@@ -372,7 +372,11 @@ where
     };
     Ok(Request {
         command,
-        data: data.into_iter().map(|p| p.segment).collect(),
+        data: {
+            let mut buffers = Vec::with_capacity(segments);
+            buffers.extend(data.map(|p| p.segment));
+            buffers
+        },
         len,
         status,
     })
@@ -385,42 +389,39 @@ struct Piece {
     segment: Segment,
 }
 
-/// `pieces` cut after their first `n` bytes: (those bytes, the rest), or
-/// `None` when they hold fewer. A descriptor may be cut in two.
-fn split_front(pieces: &[Piece], n: u64) -> Option<(Vec<Piece>, Vec<Piece>)> {
-    let mut front = Vec::new();
-    let mut back = Vec::new();
-    let mut wanted = n;
-    for piece in pieces {
-        // At most a u32: the piece's own length.
-        let take = wanted.min(u64::from(piece.segment.len)) as u32;
-        if take > 0 {
-            front.push(Piece {
-                segment: Segment {
-                    addr: piece.segment.addr,
-                    len: take,
-                },
-                ..*piece
-            });
-        }
-        if take < piece.segment.len {
-            // In range: the whole descriptor was checked against memory.
-            back.push(Piece {
-                segment: Segment {
-                    addr: GuestAddress(piece.segment.addr.0 + u64::from(take)),
-                    len: piece.segment.len - take,
-                },
-                ..*piece
-            });
-        }
-        wanted -= u64::from(take);
-    }
-    (wanted == 0).then_some((front, back))
+/// The non-empty pieces of `part` (whose first descriptor is number
+/// `first` of the chain) that hold bytes `from..to` of its buffers laid
+/// end to end; a descriptor may be cut. Nothing is allocated: the parser
+/// walks the chain's descriptors instead of copying them into lists.
+fn bytes(
+    part: &[Descriptor],
+    first: usize,
+    from: u64,
+    to: u64,
+) -> impl Iterator<Item = Piece> + Clone + '_ {
+    let mut start = 0u64;
+    part.iter().enumerate().filter_map(move |(i, d)| {
+        let (lo, hi) = (start, start + u64::from(d.len()));
+        start = hi;
+        let (a, b) = (lo.max(from), hi.min(to));
+        // In range: the whole descriptor was checked against memory.
+        (a < b).then(|| Piece {
+            index: first + i,
+            segment: Segment {
+                addr: GuestAddress(d.addr().0 + (a - lo)),
+                len: (b - a) as u32,
+            },
+        })
+    })
 }
 
 /// Reads `pieces` (exactly `out.len()` bytes in all) into `out`; on
 /// failure, the address that could not be read.
-fn read_pieces<M: GuestMemory>(mem: &M, pieces: &[Piece], out: &mut [u8]) -> Result<(), u64> {
+fn read_pieces<M: GuestMemory>(
+    mem: &M,
+    pieces: impl Iterator<Item = Piece>,
+    out: &mut [u8],
+) -> Result<(), u64> {
     let mut at = 0usize;
     for piece in pieces {
         let end = at + piece.segment.len as usize;

@@ -63,15 +63,37 @@ pub(super) fn bind(spec: SocketSpec) -> Result<Bound, VhostUserError> {
         }
         std::fs::remove_file(&path).map_err(failed)?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(failed)?;
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(failed)?;
+    // Bound in a private directory, given its group and mode there, then
+    // moved into place: the socket is never reachable with the umask's
+    // permissions instead of the configured ones.
+    let staging = dir.join(format!(".hostcryptd-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging)
+            .map_err(failed)?;
     }
-    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(failed)?;
-    if let Some(gid) = spec.group {
-        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(failed)?;
-    }
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(spec.mode)).map_err(failed)?;
-    listener.set_nonblocking(true).map_err(failed)?;
+    let staged = staging.join("socket");
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        if let Some(gid) = spec.group {
+            std::os::unix::fs::chown(&staged, None, Some(gid))?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(spec.mode))?;
+        listener.set_nonblocking(true)?;
+        std::fs::rename(&staged, &path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&staging);
+    let listener = bound.map_err(failed)?;
     Ok(Bound { spec, listener })
 }
 
@@ -254,6 +276,10 @@ fn run(
         VhostUserDaemon::new("vhost-user".into(), backend.clone(), memory).map_err(session)?;
     daemon.start_stream(stream).map_err(session)?;
     let result = daemon.wait();
+    // Before the workers are told to exit: one waiting for the budget
+    // gives up, and late completions write nothing (the frontend may
+    // already have handed the guest's memory to a new connection).
+    backend.close();
     // Dropping the daemon signals the queue workers' exit events.
     drop(daemon);
     if !backend.drain(DRAIN_TIMEOUT) {

@@ -1,0 +1,325 @@
+//! What one vhost-user connection has in flight, and the rules that bound
+//! it: how many requests run (so closing can wait for them), how many
+//! bytes of bounce buffers and read results they pin (a budget the queue
+//! workers wait on), which descriptor heads of each queue are taken (a
+//! head the guest posts again while it is in flight is a broken or
+//! hostile driver, refused), and each queue's generation (a completion
+//! that outlives its queue, stopped by GET_VRING_BASE or by the end of
+//! the connection, writes nothing into guest memory the frontend may
+//! have handed to a new ring or a new connection).
+//!
+//! No I/O and no vhost-user types: `backend.rs` asks for a [`Ticket`]
+//! before it submits a request and completes through it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Bytes of request data one connection may have in flight. The queues'
+/// workers wait when it is spent; one request alone always fits (the
+/// parser bounds it to `device::MAX_DATA`, half of this).
+pub const BUDGET: u64 = 64 << 20;
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("descriptor head {0} was posted again while still in flight")]
+    HeadInFlight(u16),
+    #[error("descriptor head {0} is outside the queue")]
+    HeadOutside(u16),
+    #[error("queue {0} does not exist")]
+    NoQueue(usize),
+    #[error("the connection is closing")]
+    Closing,
+}
+
+/// One connection's requests in flight.
+pub struct InFlight {
+    state: Mutex<State>,
+    changed: Condvar,
+    queues: Vec<Mutex<Queue>>,
+    budget: u64,
+}
+
+struct State {
+    running: usize,
+    bytes: u64,
+    closing: bool,
+}
+
+struct Queue {
+    generation: u64,
+    heads: Box<[u64]>,
+}
+
+impl Queue {
+    fn slot(&self, head: u16) -> Option<(usize, u64)> {
+        let word = usize::from(head) / 64;
+        (word < self.heads.len()).then_some((word, 1u64 << (head % 64)))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl InFlight {
+    /// For `queues` queues of at most `queue_size` descriptors each.
+    pub fn new(queues: usize, queue_size: u16, budget: u64) -> Arc<Self> {
+        let words = usize::from(queue_size).div_ceil(64);
+        Arc::new(InFlight {
+            state: Mutex::new(State {
+                running: 0,
+                bytes: 0,
+                closing: false,
+            }),
+            changed: Condvar::new(),
+            queues: (0..queues)
+                .map(|_| {
+                    Mutex::new(Queue {
+                        generation: 0,
+                        heads: vec![0; words].into_boxed_slice(),
+                    })
+                })
+                .collect(),
+            budget,
+        })
+    }
+
+    /// Admits the request at `head` of `queue`, holding `bytes` of data:
+    /// waits while the budget is spent by others, refuses a head already
+    /// in flight and any request once the connection is closing.
+    pub fn admit(self: &Arc<Self>, queue: usize, head: u16, bytes: u64) -> Result<Ticket, Refusal> {
+        let generation = {
+            let q = self.queues.get(queue).ok_or(Refusal::NoQueue(queue))?;
+            let mut q = lock(q);
+            let (word, bit) = q.slot(head).ok_or(Refusal::HeadOutside(head))?;
+            if q.heads[word] & bit != 0 {
+                return Err(Refusal::HeadInFlight(head));
+            }
+            q.heads[word] |= bit;
+            q.generation
+        };
+        let mut ticket = Ticket {
+            owner: self.clone(),
+            queue,
+            head,
+            generation,
+            bytes: 0,
+            admitted: false,
+            holds_head: true,
+        };
+        let mut state = lock(&self.state);
+        // Another request holds part of the budget: wait for it. Alone, a
+        // request is admitted whatever its size.
+        state = self
+            .changed
+            .wait_while(state, |s| {
+                !s.closing && s.bytes > 0 && s.bytes.saturating_add(bytes) > self.budget
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if state.closing {
+            drop(state);
+            return Err(Refusal::Closing); // dropping `ticket` frees the head
+        }
+        state.running += 1;
+        state.bytes = state.bytes.saturating_add(bytes);
+        ticket.admitted = true;
+        ticket.bytes = bytes;
+        Ok(ticket)
+    }
+
+    /// The queue was stopped (GET_VRING_BASE) or reset: requests still in
+    /// flight on it write nothing when they complete, and its heads are
+    /// free for the ring the frontend sets up next.
+    pub fn retire_queue(&self, queue: usize) {
+        if let Some(q) = self.queues.get(queue) {
+            let mut q = lock(q);
+            q.generation += 1;
+            q.heads.fill(0);
+        }
+    }
+
+    /// The connection ended: no request is admitted any more (a worker
+    /// waiting for the budget gives up), and none in flight writes into
+    /// guest memory.
+    pub fn close(&self) {
+        lock(&self.state).closing = true;
+        self.changed.notify_all();
+        for queue in 0..self.queues.len() {
+            self.retire_queue(queue);
+        }
+    }
+
+    /// Waits up to `limit` for every admitted request to finish; whether
+    /// they all did.
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let state = lock(&self.state);
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, limit, |s| s.running > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        state.running == 0
+    }
+
+    #[cfg(test)]
+    fn bytes(&self) -> u64 {
+        lock(&self.state).bytes
+    }
+}
+
+/// One admitted request. Completing it through [`Ticket::complete`]
+/// writes into guest memory only while its queue is the one it came
+/// from; dropping it, on any path, frees its head and its bytes.
+pub struct Ticket {
+    owner: Arc<InFlight>,
+    queue: usize,
+    head: u16,
+    generation: u64,
+    bytes: u64,
+    /// Counted in `State::running` and `State::bytes`.
+    admitted: bool,
+    /// Its bit in the queue's heads is still set by it.
+    holds_head: bool,
+}
+
+impl Ticket {
+    /// Runs `write` (data, status byte, used ring) if the request's queue
+    /// has not been retired since it was admitted; whether `write` ran.
+    /// The head is freed first, under the queue's lock, so the guest may
+    /// post it again as soon as it sees the used entry; a queue is
+    /// retired under the same lock, so no retirement slips in between the
+    /// check and the writes.
+    pub fn complete(mut self, write: impl FnOnce()) -> bool {
+        let Some(q) = self.owner.queues.get(self.queue) else {
+            return false;
+        };
+        let mut q = lock(q);
+        self.holds_head = false;
+        if q.generation != self.generation {
+            return false;
+        }
+        if let Some((word, bit)) = q.slot(self.head) {
+            q.heads[word] &= !bit;
+        }
+        write();
+        true
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.holds_head {
+            // Refused, or dropped on a path that never completed it.
+            if let Some(q) = self.owner.queues.get(self.queue) {
+                let mut q = lock(q);
+                if q.generation == self.generation {
+                    if let Some((word, bit)) = q.slot(self.head) {
+                        q.heads[word] &= !bit;
+                    }
+                }
+            }
+        }
+        if !self.admitted {
+            return;
+        }
+        let mut state = lock(&self.owner.state);
+        state.running -= 1;
+        state.bytes -= self.bytes;
+        drop(state);
+        self.owner.changed.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_in_flight_is_refused_until_it_completes() {
+        let inflight = InFlight::new(2, 256, BUDGET);
+        let first = inflight.admit(0, 7, 4096).unwrap();
+        assert_eq!(
+            inflight.admit(0, 7, 4096).err(),
+            Some(Refusal::HeadInFlight(7))
+        );
+        // The same head on another queue is another request.
+        let other = inflight.admit(1, 7, 4096).unwrap();
+        assert_eq!(
+            inflight.admit(0, 256, 0).err(),
+            Some(Refusal::HeadOutside(256))
+        );
+        assert_eq!(inflight.admit(2, 0, 0).err(), Some(Refusal::NoQueue(2)));
+        assert!(first.complete(|| {}));
+        let again = inflight.admit(0, 7, 4096).unwrap();
+        drop((again, other));
+        assert!(inflight.wait_idle(Duration::ZERO));
+        assert_eq!(inflight.bytes(), 0);
+    }
+
+    #[test]
+    fn a_refused_or_dropped_ticket_frees_its_head() {
+        let inflight = InFlight::new(1, 256, BUDGET);
+        drop(inflight.admit(0, 3, 512).unwrap());
+        let ticket = inflight.admit(0, 3, 512).unwrap();
+        // The refusal of a duplicate leaves the original's head taken.
+        assert!(inflight.admit(0, 3, 512).is_err());
+        assert!(inflight.admit(0, 3, 512).is_err());
+        drop(ticket);
+        assert!(inflight.admit(0, 3, 512).is_ok());
+    }
+
+    #[test]
+    fn a_spent_budget_makes_the_next_request_wait() {
+        let inflight = InFlight::new(1, 256, 1 << 20);
+        let big = inflight.admit(0, 0, 1 << 20).unwrap();
+        let waiter = {
+            let inflight = inflight.clone();
+            std::thread::spawn(move || inflight.admit(0, 1, 4096).map(drop))
+        };
+        // The waiter cannot be admitted while `big` holds the budget.
+        assert!(!inflight.wait_idle(Duration::from_millis(50)));
+        assert_eq!(inflight.bytes(), 1 << 20);
+        assert!(big.complete(|| {}));
+        assert_eq!(waiter.join().unwrap(), Ok(()));
+        assert_eq!(inflight.bytes(), 0);
+        // Alone, a request larger than the budget still runs.
+        let huge = inflight.admit(0, 2, 4 << 20).unwrap();
+        drop(huge);
+    }
+
+    #[test]
+    fn closing_wakes_a_waiting_worker_and_refuses() {
+        let inflight = InFlight::new(1, 256, 1 << 20);
+        let big = inflight.admit(0, 0, 1 << 20).unwrap();
+        let waiter = {
+            let inflight = inflight.clone();
+            std::thread::spawn(move || inflight.admit(0, 1, 4096).map(drop))
+        };
+        inflight.close();
+        assert_eq!(waiter.join().unwrap(), Err(Refusal::Closing));
+        // A request admitted before the close completes without writing.
+        assert!(!big.complete(|| panic!("wrote after the close")));
+        assert!(inflight.wait_idle(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_retired_queue_s_late_completion_writes_nothing() {
+        let inflight = InFlight::new(2, 256, BUDGET);
+        let late = inflight.admit(0, 5, 4096).unwrap();
+        let kept = inflight.admit(1, 5, 4096).unwrap();
+        inflight.retire_queue(0);
+        // The new ring may reuse the head at once.
+        let fresh = inflight.admit(0, 5, 4096).unwrap();
+        assert!(!late.complete(|| panic!("a late completion wrote")));
+        // ...and the late one did not free the fresh one's head.
+        assert_eq!(
+            inflight.admit(0, 5, 0).err(),
+            Some(Refusal::HeadInFlight(5))
+        );
+        let mut wrote = false;
+        assert!(fresh.complete(|| wrote = true));
+        assert!(wrote);
+        assert!(kept.complete(|| {}));
+        assert!(inflight.wait_idle(Duration::ZERO));
+    }
+}
