@@ -50,10 +50,11 @@ if [ ! -x "$venv/bin/bao" ] || ! "$venv/bin/python3" -c 'import prometheus_clien
 fi
 export PATH="$PWD/$venv/bin:$PATH"
 bao version
-# qemu-system-x86, busybox, nbd-client and a Debian cloud kernel (cached in
-# target/kernel-nbd) for the kernel NBD client test; needs root.
+# The guest tests' VM harness (tests/vm/lib.sh): busybox, nbd-client,
+# a Debian 6.12 cloud kernel and qemu-system-x86_64, cached under
+# target/vm; needs root.
 if [ "$(id -u)" -eq 0 ]; then
-  tests/campaigns/kernel-nbd.sh --install-only
+  tests/vm/kernel-nbd.sh --install-only
 fi
 # A cold build in CI gains nothing from incremental compilation data, and
 # writing it costs time.

@@ -157,12 +157,12 @@ fn kernel_nbd_client_mounts_ext4_across_a_daemon_restart() {
     if !require_root("installing qemu and booting a guest") {
         return;
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("campaigns/kernel-nbd.sh");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/kernel-nbd.sh");
     let out = std::process::Command::new(&script)
         .arg("--bin")
         .arg(bin_dir())
         .output()
-        .expect("run kernel-nbd.sh");
+        .expect("run tests/vm/kernel-nbd.sh");
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("kernel nbd client: PASS"), "{text}");

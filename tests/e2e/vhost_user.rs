@@ -495,7 +495,7 @@ fn libblkio_drives_two_queues_at_once() {
     assert_decrypts_to(&fx, &backing, &model);
 }
 
-/// A Linux guest (the Debian cloud kernel kernel-nbd.sh fetches) under
+/// A Linux guest (the Debian cloud kernel tests/vm/lib.sh fetches) under
 /// qemu on a two-queue vhost-user-blk disk: the geometry it sees, O_DIRECT
 /// I/O, a discard, ext4 with files verified after a remount, and no
 /// plaintext in the backing. The script does it all and keeps its files
@@ -505,12 +505,12 @@ fn a_linux_guest_under_qemu_uses_the_disk() {
     if !require_root("installing qemu and booting a guest") {
         return;
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("campaigns/vhost-vm.sh");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vm/vhost-user.sh");
     let out = std::process::Command::new(&script)
         .arg("--bin")
         .arg(bin_dir())
         .output()
-        .expect("run vhost-vm.sh");
+        .expect("run tests/vm/vhost-user.sh");
     let text = output_text(&out);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("vhost-user VM: PASS"), "{text}");

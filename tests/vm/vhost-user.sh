@@ -11,11 +11,11 @@
 #   backing file.
 # Prints "vhost-user VM: PASS" and exits 0, or says what failed. The e2e
 # suite runs it as root (tests/e2e/vhost_user.rs).
-#   tests/campaigns/vhost-vm.sh [--bin target/release]
+#   tests/vm/vhost-user.sh [--bin target/release]
 # Not yet here (issue 30): restarting hostcryptd under the mounted
 # filesystem, which needs INFLIGHT_SHMFD and qemu's reconnect.
-# Needs root (apt), network to the Debian archive on the first run (the
-# kernel is cached under target/kernel-nbd, shared with kernel-nbd.sh).
+# Needs root (apt); the kernel and qemu come from tests/vm/lib.sh (cached
+# under target/vm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/release
@@ -26,21 +26,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -x "$bin/hostcryptd" ] || { echo "build first: cargo build --release" >&2; exit 2; }
-for tool in busybox cpio mke2fs qemu-system-x86_64; do
-  command -v "$tool" >/dev/null || { echo "needs $tool (tests/campaigns/kernel-nbd.sh --install-only installs it)" >&2; exit 2; }
-done
-
-cache=target/kernel-nbd
-mkdir -p "$cache"
-if ! ls "$cache"/k/boot/vmlinuz-* >/dev/null 2>&1; then
-  apt-get update -qq
-  pkg=$(apt-cache search --names-only '^linux-image-[0-9.]+-[0-9]+-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
-  [ -n "$pkg" ] || { echo "no Debian cloud kernel package found (apt sources?)" >&2; exit 1; }
-  (cd "$cache" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x linux-image-*.deb k)
-fi
-kernel=$(ls "$cache"/k/boot/vmlinuz-* | head -1)
-version=${kernel##*/vmlinuz-}
-busybox depmod -b "$cache/k" "$version"
+. tests/vm/lib.sh
+vm_prepare
 
 work=$(mktemp -d)
 daemon_pid=""
@@ -53,32 +40,16 @@ trap cleanup EXIT
 
 # --- the initramfs ---------------------------------------------------------
 root=$work/root
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,mnt,tmp,opt,lib/modules}
-cp "$(command -v busybox)" "$root/bin/busybox"
-# mke2fs under /opt, by full path: busybox's own applet is ext2-only.
-exe=$(command -v mke2fs)
-cp "$exe" "$root/opt/"
-ldd "$exe" | grep -oE '/[^ ]+' | while read -r lib; do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
-done
-cp /etc/mke2fs.conf "$root/etc/" 2>/dev/null || true
-moddir=$cache/k/lib/modules/$version
-mkdir -p "$root/lib/modules/$version"
-cp "$moddir"/modules.* "$root/lib/modules/$version/"
-for m in block/virtio_blk virtio/virtio_pci virtio/virtio_ring virtio/virtio \
-         virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev; do
-  src=$(find "$moddir/kernel" -path "*/$m.ko*" | head -1)
-  mkdir -p "$root/lib/modules/$version/$(dirname "${src#"$moddir"/}")"
-  cp "$src" "$root/lib/modules/$version/${src#"$moddir"/}"
-done
+vm_initramfs_begin "$root"
+vm_add_tool "$root" "$(command -v mke2fs)"
+vm_add_modules "$root" virtio_pci virtio_blk
 
 cat > "$root/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 fail() { echo "HOSTCRYPT-VHOST-VM: FAIL: $*"; poweroff -f; }
-for m in virtio_pci virtio_blk; do modprobe "$m" || fail "modprobe $m"; done
+vm-load virtio_pci virtio_blk || fail "modules"
 i=0
 until [ -b /dev/vda ]; do i=$((i + 1)); [ $i -gt 100 ] && fail "no /dev/vda"; sleep 0.1; done
 q=/sys/block/vda/queue
@@ -114,7 +85,7 @@ echo "HOSTCRYPT-VHOST-VM: PASS"
 poweroff -f
 EOF
 chmod +x "$root/init"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
+vm_pack "$root" "$work/initrd.gz"
 
 # --- hostcryptd with a vhost-user socket --------------------------------------
 head -c 32 /dev/urandom > "$work/kek"; chmod 600 "$work/kek"
@@ -144,12 +115,11 @@ for _ in $(seq 300); do [ -S "$work/vm0.vhost" ] && break; sleep 0.1; done
 # --- boot --------------------------------------------------------------------
 console=$work/console.log
 accel=${HOSTCRYPT_QEMU_ACCEL:-tcg}
-timeout "${HOSTCRYPT_VM_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=$accel,memory-backend=mem -cpu max -smp 2 -m 512 \
+vm_machine=q35,memory-backend=mem
+vm_boot "$console" "$work/initrd.gz" "" \
   -object memory-backend-memfd,id=mem,size=512M,share=on \
   -chardev socket,id=vm0,path="$work/vm0.vhost" \
-  -device vhost-user-blk-pci,chardev=vm0,num-queues=2 \
-  -kernel "$kernel" -initrd "$work/initrd.gz" -append "console=ttyS0 panic=-1 quiet" \
-  -nographic -no-reboot >"$console" 2>&1 || true
+  -device vhost-user-blk-pci,chardev=vm0,num-queues=2
 kill -TERM "$daemon_pid"; wait "$daemon_pid" || true
 daemon_pid=""
 if grep -q "HOSTCRYPT-VHOST-VM: PASS" "$console"; then
@@ -158,7 +128,7 @@ if grep -q "HOSTCRYPT-VHOST-VM: PASS" "$console"; then
   fi
   grep "guest:" "$console" | tr -d '\r'
   passed=1
-  echo "vhost-user VM: PASS ($kernel, accel $accel; 16 MiB O_DIRECT written and read back, discard, mkfs.ext4, files verified after a remount, no plaintext in the backing)"
+  echo "vhost-user VM: PASS ($vm_kernel, accel $accel; 16 MiB O_DIRECT written and read back, discard, mkfs.ext4, files verified after a remount, no plaintext in the backing)"
 else
   echo "vhost-user VM: FAIL; guest console:" >&2
   tr -d '\r' < "$console" | tail -40 >&2

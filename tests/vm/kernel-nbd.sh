@@ -9,11 +9,11 @@
 #   mounts, and checks every file; the host checks the plaintext never
 #   reached the backing file.
 # Prints "kernel nbd client: PASS" and exits 0, or says what failed.
-#   tests/campaigns/kernel-nbd.sh [--bin target/release] [--install-only]
-# --install-only installs the packages and fetches the kernel, then stops
-# (scripts/test.sh runs it before the suite; the suite runs the rest).
-# Needs root (apt), network to the Debian archive on the first run (the
-# kernel is cached under target/kernel-nbd).
+#   tests/vm/kernel-nbd.sh [--bin target/release] [--install-only]
+# --install-only prepares the VM harness (tests/vm/lib.sh: packages, the
+# kernel, qemu), then stops (scripts/test.sh runs it before the suite; the
+# suite runs the rest). Needs root (apt), and the Debian archive on the
+# first run (downloads are cached under target/vm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/release
@@ -26,51 +26,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-# A fresh machine may have stale or no package lists: update once, before
-# the first install or kernel lookup.
-apt_updated=0
-apt_update() {
-  if [ $apt_updated = 0 ]; then apt-get update -qq; apt_updated=1; fi
-}
-need=()
-for pair in busybox:busybox-static nbd-client:nbd-client mke2fs:e2fsprogs cpio:cpio; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  apt_update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-# qemu-system-x86 must come from where qemu-utils came from: mixing a
-# backports qemu-utils with the release's qemu-system-x86 makes apt remove
-# qemu-utils (and with it qemu-io, which the test suite needs).
-if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-  release=()
-  if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
-    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-    if ! grep -rqs "$codename-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-      echo "deb http://deb.debian.org/debian $codename-backports main" \
-        > /etc/apt/sources.list.d/hostcrypt-backports.list
-      apt_updated=0
-    fi
-    release=(-t "$codename-backports")
-  fi
-  apt_update
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${release[@]}" \
-    qemu-system-x86 qemu-utils >/dev/null
-fi
-command -v qemu-io >/dev/null || { echo "qemu-io is gone: reinstall qemu-utils" >&2; exit 1; }
-
-cache=target/kernel-nbd
-mkdir -p "$cache"
-if ! ls "$cache"/k/boot/vmlinuz-* >/dev/null 2>&1; then
-  apt_update
-  pkg=$(apt-cache search --names-only '^linux-image-[0-9.]+-[0-9]+-cloud-amd64$' | awk '{print $1}' | sort -V | tail -1)
-  [ -n "$pkg" ] || { echo "no Debian cloud kernel package found (apt sources?)" >&2; exit 1; }
-  (cd "$cache" && apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x linux-image-*.deb k)
-fi
-kernel=$(ls "$cache"/k/boot/vmlinuz-* | head -1)
-version=${kernel##*/vmlinuz-}
-busybox depmod -b "$cache/k" "$version"
+. tests/vm/lib.sh
+vm_prepare
 [ $install_only = 1 ] && exit 0
 [ -x "$bin/hostcryptd" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 
@@ -85,35 +42,9 @@ trap cleanup EXIT
 
 # --- the initramfs ---------------------------------------------------------
 root=$work/root
-mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,mnt,tmp,lib/modules}
-cp "$(command -v busybox)" "$root/bin/busybox"
-# Real tools under /opt, called by full path: Debian's static busybox shell
-# prefers its own applets of the same names (an ext2-only mke2fs, a
-# minimal nbd-client) over anything on PATH.
-mkdir -p "$root/opt"
-copy_with_libs() {
-  local exe=$1
-  cp "$exe" "$root/opt/"
-  ldd "$exe" | grep -oE '/[^ ]+' | while read -r lib; do
-    mkdir -p "$root$(dirname "$lib")"
-    cp -L "$lib" "$root$lib"
-  done
-}
-copy_with_libs "$(command -v nbd-client)"
-copy_with_libs "$(command -v mke2fs)"
-cp /etc/mke2fs.conf "$root/etc/" 2>/dev/null || true
-moddir=$cache/k/lib/modules/$version
-mkdir -p "$root/lib/modules/$version"
-cp "$moddir"/modules.* "$root/lib/modules/$version/"
-for m in block/nbd net/virtio_net net/net_failover virtio/virtio_pci virtio/virtio_ring virtio/virtio \
-         virtio/virtio_pci_modern_dev virtio/virtio_pci_legacy_dev; do
-  src=$(find "$moddir/kernel" -path "*/$m.ko*" | head -1)
-  mkdir -p "$root/lib/modules/$version/$(dirname "${src#"$moddir"/}")"
-  cp "$src" "$root/lib/modules/$version/${src#"$moddir"/}"
-done
-src=$(find "$moddir/kernel" -name "failover.ko*" -path "*net/core*" | head -1)
-mkdir -p "$root/lib/modules/$version/$(dirname "${src#"$moddir"/}")"
-cp "$src" "$root/lib/modules/$version/${src#"$moddir"/}"
+vm_initramfs_begin "$root"
+vm_add_tool "$root" "$(command -v nbd-client)" "$(command -v mke2fs)"
+vm_add_modules "$root" virtio_pci virtio_net nbd
 
 cat > "$root/init" <<'EOF'
 #!/bin/busybox sh
@@ -123,7 +54,7 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 fail() { echo "HOSTCRYPT-KERNEL-NBD: FAIL: $*"; poweroff -f; }
 port=$(sed -n 's/.*hc_port=\([0-9]*\).*/\1/p' /proc/cmdline)
 port2=$(sed -n 's/.*hc_port2=\([0-9]*\).*/\1/p' /proc/cmdline)
-for m in virtio_pci virtio_net nbd; do modprobe "$m" || fail "modprobe $m"; done
+vm-load virtio_pci virtio_net nbd || fail "modules"
 ip link set lo up; ip link set eth0 up || fail "no eth0"
 ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2
 connect() {
@@ -157,7 +88,7 @@ echo "HOSTCRYPT-KERNEL-NBD: PASS"
 poweroff -f
 EOF
 chmod +x "$root/init"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/initrd.gz"
+vm_pack "$root" "$work/initrd.gz"
 
 # --- hostcryptd on loopback TCP ----------------------------------------------
 free_port() {
@@ -203,10 +134,8 @@ console=$work/console.log
 # Software emulation by default: nested KVM on these VMs fails on some
 # instructions; HOSTCRYPT_QEMU_ACCEL=kvm where it works.
 accel=${HOSTCRYPT_QEMU_ACCEL:-tcg}
-timeout 900 qemu-system-x86_64 -machine accel=$accel -m 512 -nographic -no-reboot \
-  -kernel "$kernel" -initrd "$work/initrd.gz" \
-  -append "console=ttyS0 panic=-1 quiet hc_port=$port hc_port2=$port2" \
-  -netdev user,id=n0 -device virtio-net-pci,netdev=n0 >"$console" 2>&1 &
+vm_boot "$console" "$work/initrd.gz" "hc_port=$port hc_port2=$port2" \
+  -netdev user,id=n0 -device virtio-net-pci,netdev=n0 &
 qemu=$!
 restarted=0
 while kill -0 "$qemu" 2>/dev/null; do
@@ -228,7 +157,7 @@ if grep -q "HOSTCRYPT-KERNEL-NBD: PASS" "$console" && [ $restarted -eq 1 ]; then
   fi
   grep "guest:" "$console" | tr -d '\r'
   passed=1
-  echo "kernel nbd client: PASS ($kernel, accel $accel; mkfs.ext4, 16 MiB + files written, daemon restarted, reconnected, all SHA-256 equal, no plaintext in the backing)"
+  echo "kernel nbd client: PASS ($vm_kernel, accel $accel; mkfs.ext4, 16 MiB + files written, daemon restarted, reconnected, all SHA-256 equal, no plaintext in the backing)"
 else
   echo "kernel nbd client: FAIL; guest console:" >&2
   tr -d '\r' < "$console" | tail -40 >&2
