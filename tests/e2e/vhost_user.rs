@@ -32,6 +32,7 @@ fn setup(extra: &str) -> (Fixture, Daemon, std::path::PathBuf, std::path::PathBu
             socket.display()
         ),
     );
+    fx.write_config(&fx.control_and_audit());
     fx.create("v", "16M", 4096);
     let d = fx.start();
     (fx, d, socket, backing)
@@ -140,7 +141,24 @@ fn two_queues_serve_reads_writes_flush_discard_and_write_zeroes() {
     assert_eq!((status, used), (S_OK, 21));
     assert_eq!(&c.read(BUFFERS + 1024, 2), b"v\0");
     assert_eq!(c.request(1, T_FLUSH, 0, &[]).unwrap().0, S_OK);
+    // `status` lists the client while it is connected, and not after.
+    let clients = |fx: &Fixture| fx.status()["volumes"][0]["clients"].clone();
+    let listed = clients(&fx);
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["frontend"], "vhost-user", "{listed}");
+    assert_eq!(listed[0]["queues"], 2, "{listed}");
+    assert!(
+        listed[0]["peer"]
+            .as_str()
+            .is_some_and(|p| p.contains("uid=")),
+        "{listed}"
+    );
     drop(c);
+    wait_until(
+        "the client gone from status",
+        Duration::from_secs(10),
+        || clients(&fx).as_array().is_some_and(Vec::is_empty),
+    );
     assert_eq!(daemon.stop(), 0);
 
     assert_decrypts_to(&fx, &backing, &model);

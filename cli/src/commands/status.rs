@@ -120,8 +120,29 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
             v.io.write_bytes,
             v.io.errors
         );
+        for c in &v.clients {
+            let queues = c
+                .queues
+                .map(|q| format!(", {q} queues"))
+                .unwrap_or_default();
+            println!(
+                "  {:<16} client {} {}{queues}, connected {}",
+                "",
+                c.frontend,
+                c.peer,
+                since(c.since)
+            );
+        }
     }
     Ok(())
+}
+
+/// How long ago `epoch_secs` was, as `N s ago`.
+fn since(epoch_secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{} s ago", now.saturating_sub(epoch_secs))
 }
 
 pub fn volumes(config_path: &Path, json: bool) -> anyhow::Result<()> {

@@ -194,6 +194,9 @@ pub struct VolumeStatus {
     /// Clients the allow list turned away since start.
     #[serde(default)]
     pub refused: u64,
+    /// Clients connected now (NBD connections, vhost-user sessions).
+    #[serde(default)]
+    pub clients: Vec<crate::export::clients::ClientStatus>,
     /// Set while the volume is configured but not open (`waiting-for-key`,
     /// `open-failed`), with why; it is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]

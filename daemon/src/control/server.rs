@@ -312,6 +312,7 @@ fn status(state: &ControlState) -> Status {
                 sector_size: e.volume.data.sector_size(),
                 allow: e.allow.load().describe(),
                 refused: e.metrics.refused(),
+                clients: e.clients.list(),
                 key: e.keys.as_ref().map(|k| k.status()),
                 io: io_status(&e),
                 reencrypt: e
@@ -331,6 +332,7 @@ fn status(state: &ControlState) -> Status {
                 sector_size: 0,
                 allow: u.allow.describe(),
                 refused: 0,
+                clients: Vec::new(),
                 unavailable: Some(UnavailableStatus {
                     state: u.state.as_str().into(),
                     error: u.reason.clone(),

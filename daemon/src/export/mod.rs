@@ -17,6 +17,7 @@
 //! exports from the config (`service/`). Nothing here knows a protocol.
 
 pub mod access;
+pub mod clients;
 pub mod metrics;
 pub mod peer;
 
@@ -39,6 +40,8 @@ pub struct Export {
     /// Who may open it; a reload swaps the list in place.
     pub allow: ArcSwap<AllowList>,
     pub metrics: ExportMetrics,
+    /// Who is connected now (`status`).
+    pub clients: clients::Clients,
     /// Set when a reload removes the volume: its connections close.
     pub retirement: Retirement,
 }
@@ -84,6 +87,7 @@ impl Export {
             allow_discards,
             allow: ArcSwap::from_pointee(allow),
             metrics: ExportMetrics::default(),
+            clients: clients::Clients::default(),
             retirement: Retirement::default(),
         }
     }

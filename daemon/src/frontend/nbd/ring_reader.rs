@@ -112,6 +112,7 @@ pub async fn serve_on_ring(
 ) -> io::Result<()> {
     let counted = export.clone();
     let _connected = counted.metrics.connect();
+    let _listed = counted.clients.register("nbd", peer, None);
     let socket = Arc::new(socket);
     let fd = socket.as_raw_fd();
     let writer = SocketWriter {

@@ -65,6 +65,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let _connected = export.metrics.connect();
+    let _listed = export.clients.register("nbd", peer, None);
     let budget = Budget::new(route.memory.clone());
     let (sink, replies) = ReplySink::start(writer, route);
     let header_len = Request::header_len(features.extended);

@@ -264,6 +264,9 @@ fn run(
     use vhost_user_backend::Error as Daemon;
     let counted = export.clone();
     let _connected = counted.metrics.connect();
+    let _listed = counted
+        .clients
+        .register("vhost-user", peer, Some(device.queues));
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let backend = Arc::new(BlockBackend::new(
         export,
