@@ -46,6 +46,10 @@ use super::GM;
 // The 509 used to be the KVM limit, it supported 512, but 3 were used
 // for internal purposes (nowadays, it supports more than that).
 const MAX_MEM_SLOTS: u64 = 509;
+/// hostcrypt: guest memory one connection may map, in all (4 TiB): a
+/// sparse file costs no memory, but its mapping takes address space,
+/// and a daemon without any left fails its next allocation.
+const MAX_GUEST_MEMORY: u64 = 4 << 40;
 
 #[derive(Debug)]
 /// Errors related to vhost-user handler.
@@ -387,6 +391,11 @@ where
         let mut regions = Vec::new();
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
+        // hostcrypt: the whole table within the per-connection cap.
+        ctx.iter()
+            .try_fold(0u64, |total, r| total.checked_add(r.memory_size))
+            .filter(|total| *total <= MAX_GUEST_MEMORY)
+            .ok_or(VhostUserError::InvalidParam)?;
         for (region, file) in ctx.iter().zip(files) {
             check_region_file(&file, region)?;
             let guest_region = GuestRegionMmap::new(
@@ -547,7 +556,7 @@ where
         // does File, so this is safe.
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd,
         // such as that proposed by Rust RFC #3128.
-        let file = file.map(nonblocking).transpose()?;
+        let file = file.map(event_fd).transpose()?;
         vring.set_kick(file);
 
         if self.vring_needs_init(vring) {
@@ -563,7 +572,7 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
-        let file = file.map(nonblocking).transpose()?;
+        let file = file.map(event_fd).transpose()?;
         vring.set_call(file);
 
         if self.vring_needs_init(vring) {
@@ -579,7 +588,7 @@ where
             .get(index as usize)
             .ok_or(VhostUserError::InvalidParam)?;
 
-        let file = file.map(nonblocking).transpose()?;
+        let file = file.map(event_fd).transpose()?;
         vring.set_err(file);
 
         Ok(())
@@ -593,7 +602,8 @@ where
         // Note: backend that reported VHOST_USER_F_PROTOCOL_FEATURES must
         // support this message even before VHOST_USER_SET_FEATURES was
         // called.
-        self.acked_protocol_features = features;
+        // hostcrypt: only what was offered.
+        self.acked_protocol_features = features & self.backend.protocol_features().bits();
         Ok(())
     }
 
@@ -701,7 +711,18 @@ where
         }
 
         // hostcrypt: never more regions than GET_MAX_MEM_SLOTS promised.
-        if self.atomic_mem.memory().num_regions() as u64 >= MAX_MEM_SLOTS {
+        // hostcrypt: and the mapped total within the per-connection cap.
+        let mapped: u64 = self
+            .atomic_mem
+            .memory()
+            .iter()
+            .map(|r| vm_memory::GuestMemoryRegion::len(r))
+            .sum();
+        if self.atomic_mem.memory().num_regions() as u64 >= MAX_MEM_SLOTS
+            || mapped
+                .checked_add(region.memory_size)
+                .is_none_or(|total| total > MAX_GUEST_MEMORY)
+        {
             return Err(VhostUserError::InvalidParam);
         }
         check_region_file(&file, region)?;
@@ -1085,29 +1106,55 @@ mod tests {
     }
 }
 
-/// hostcrypt: a memory region's file must be a regular file (a memfd,
-/// tmpfs or hugetlbfs file) at least as long as the part mapped. A
-/// mapping past the end of its file raises SIGBUS when touched, which
-/// would take the whole daemon down with every other volume it serves.
+/// hostcrypt: a memory region's file must be a tmpfs or hugetlbfs file
+/// (a memfd is one) at least as long as the part mapped. A mapping past
+/// the end of its file raises SIGBUS when touched, which would take the
+/// whole daemon down with every other volume it serves; a file on FUSE,
+/// NFS or a disk can stall or fail page faults in threads that serve
+/// other volumes.
 fn check_region_file(file: &File, region: &VhostUserMemoryRegion) -> VhostUserResult<()> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
     let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
     let end = region
         .mmap_offset
         .checked_add(region.memory_size)
         .ok_or(VhostUserError::InvalidParam)?;
-    if !meta.file_type().is_file() || meta.len() < end {
+    // SAFETY: fstatfs fills the zeroed struct it is given for an fd we own.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let kind = if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } == 0 {
+        fs.f_type as i64
+    } else {
+        0
+    };
+    if !meta.file_type().is_file()
+        || meta.len() < end
+        || (kind != TMPFS_MAGIC && kind != HUGETLBFS_MAGIC)
+    {
         log::error!(
-            "memory region refused: its file is not a regular file of at least {end} bytes"
+            "memory region refused: its file is not a tmpfs or hugetlbfs file of at least {end} bytes"
         );
         return Err(VhostUserError::InvalidParam);
     }
     Ok(())
 }
 
-/// hostcrypt: a kick, call or error fd is read or written by threads that
-/// serve requests; one the frontend made blocking (a pipe, say) must not
-/// stall them.
-fn nonblocking(file: File) -> VhostUserResult<File> {
+/// hostcrypt: a kick, call or error fd must be an eventfd (a pipe could
+/// be filled or drained by the frontend to block a thread that serves
+/// requests), and is made non-blocking. The frontend shares the file
+/// description and may clear O_NONBLOCK again: the backend writes call
+/// fds from a notifier thread of the connection's own, never from
+/// threads shared with other volumes (daemon/src/frontend/vhost_user/).
+fn event_fd(file: File) -> VhostUserResult<File> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(VhostUserError::ReqHandlerError)?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        log::error!(
+            "a vring fd that is not an eventfd was refused: {}",
+            link.display()
+        );
+        return Err(VhostUserError::InvalidParam);
+    }
     // SAFETY: fcntl on an fd this function owns, with no pointer argument.
     let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
     if flags < 0

@@ -28,17 +28,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::device::{Device, QUEUE_SIZE};
+use super::guest::{GuestMemory, Memory, Vring};
 use super::inflight::{InFlight, Refusal, Ticket, BUDGET};
+use super::notify::Notifier;
 use super::request::{self, Command, Rejection, Request, Segment};
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
@@ -47,12 +49,6 @@ use crate::volume::{Op, OpKind, Outcome};
 
 /// How long stopping a queue waits for its requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Guest memory as vhost-user-backend maps it (no dirty-page bitmap: no
-/// live migration through this backend).
-pub type GuestMemory = GuestMemoryMmap<()>;
-pub type Memory = GuestMemoryAtomic<GuestMemory>;
-pub type Vring = VringMutex<Memory>;
 
 /// The device behind one vhost-user connection.
 pub struct BlockBackend {
@@ -65,22 +61,29 @@ pub struct BlockBackend {
     in_flight: Arc<InFlight>,
     /// Queues stopped for a driver that broke the ring's rules.
     broken: Box<[AtomicBool]>,
+    notifier: Arc<Notifier>,
     /// For log lines: the peer, as `socket.rs` identified it.
     peer: String,
 }
 
 impl BlockBackend {
-    pub fn new(export: Arc<Export>, device: Device, memory: Memory, peer: String) -> Self {
-        BlockBackend {
+    pub fn new(
+        export: Arc<Export>,
+        device: Device,
+        memory: Memory,
+        peer: String,
+    ) -> io::Result<Self> {
+        Ok(BlockBackend {
             export,
             memory,
             event_idx: AtomicBool::new(false),
             acked: AtomicU64::new(0),
             in_flight: InFlight::new(usize::from(device.queues), QUEUE_SIZE, BUDGET),
             broken: (0..device.queues).map(|_| AtomicBool::new(false)).collect(),
+            notifier: Notifier::start(usize::from(device.queues))?,
             device,
             peer,
-        }
+        })
     }
 
     /// Waits up to `limit` for the requests still running (their
@@ -94,6 +97,7 @@ impl BlockBackend {
     /// still running complete without writing into guest memory.
     pub fn close(&self) {
         self.in_flight.close();
+        self.notifier.stop();
     }
 
     /// Writes reach the backing before they complete when the driver did
@@ -112,10 +116,17 @@ impl BlockBackend {
         let Some(broken) = self.broken.get(index) else {
             return;
         };
+        // Pops that found nothing although the guest's index said more:
+        // a queue that is stopped, or an avail index the guest set past
+        // the ring (virtio-queue refuses both and returns nothing).
+        let mut empty_pops = 0;
         loop {
             if broken.load(Ordering::Relaxed) {
                 return;
             }
+            // Read before the pop: a GET_VRING_BASE that stops the queue
+            // after it retires the chain, which then runs no I/O.
+            let generation = self.in_flight.generation(index);
             let memory = self.memory.memory();
             // The lock is not held while submitting: a request that
             // completes at once (a cached read) takes it to add_used.
@@ -127,14 +138,16 @@ impl BlockBackend {
                 state.get_queue_mut().pop_descriptor_chain(memory.clone())
             };
             let Some(chain) = chain else {
-                if !event_idx {
+                if !event_idx || empty_pops > 0 {
                     return;
                 }
+                empty_pops += 1;
                 match vring.get_mut().enable_notification() {
                     Ok(true) => continue,
                     _ => return,
                 }
             };
+            empty_pops = 0;
             let head = chain.head_index();
             let parsed = request::parse(chain, &*memory, &self.device.limits());
             let bytes = match &parsed {
@@ -144,9 +157,11 @@ impl BlockBackend {
                 },
                 Err(_) => 0,
             };
-            let ticket = match self.in_flight.admit(index, head, bytes) {
+            let ticket = match self.in_flight.admit(index, head, bytes, generation) {
                 Ok(ticket) => ticket,
-                Err(Refusal::Closing) => return,
+                // The connection ends, or the queue was stopped while the
+                // chain was parsed: no I/O for it.
+                Err(Refusal::Closing | Refusal::Retired) => return,
                 Err(refusal) => {
                     // The ring can no longer be trusted: answering this
                     // chain would put one head on the used ring twice.
@@ -162,6 +177,8 @@ impl BlockBackend {
             };
             let done = Done {
                 vring: vring.clone(),
+                queue: index,
+                notifier: self.notifier.clone(),
                 memory: memory.clone().into_inner(),
                 head,
                 export: self.export.clone(),
@@ -323,6 +340,14 @@ impl BlockBackend {
     }
 }
 
+impl Drop for BlockBackend {
+    /// A session that never started (or ended without `close`) must not
+    /// leave its notifier thread waiting.
+    fn drop(&mut self) {
+        self.notifier.stop();
+    }
+}
+
 /// Copies `source` into the guest buffers `data`, in order, as far as
 /// both go.
 fn scatter(memory: &GuestMemory, data: &[Segment], source: &[u8]) -> io::Result<()> {
@@ -360,6 +385,8 @@ fn gather(memory: &GuestMemory, data: &[Segment], target: &mut [u8]) -> io::Resu
 /// What completing one request needs, on whichever thread it finishes.
 struct Done {
     vring: Vring,
+    queue: usize,
+    notifier: Arc<Notifier>,
     /// The guest memory the request's addresses refer to, kept mapped
     /// until it completes even if the frontend replaces the table.
     memory: Arc<GuestMemory>,
@@ -410,6 +437,8 @@ impl Done {
     ) {
         let Done {
             vring,
+            queue,
+            notifier,
             memory,
             head,
             export,
@@ -436,7 +465,7 @@ impl Done {
             };
             // In range: the parser checked the status byte's address.
             let _ = memory.write_slice(&[code], status);
-            put_used(&vring, head, used);
+            put_used(&vring, head, used, || notifier.signal(queue, &vring));
         });
         let metrics = &export.metrics;
         metrics.complete(kind, len, !ok, started.elapsed());
@@ -451,22 +480,28 @@ impl Done {
         self.export.metrics.end();
         let Done {
             vring,
+            queue,
+            notifier,
             head,
             ticket,
             ..
         } = self;
-        ticket.complete(|| put_used(&vring, head, 0));
+        ticket.complete(|| put_used(&vring, head, 0, || notifier.signal(queue, &vring)));
     }
 }
 
-/// Puts `head` on the used ring and notifies the guest if it wants to be.
-fn put_used(vring: &Vring, head: u16, used: u32) {
-    let mut state = vring.get_mut();
-    if state.add_used(head, used).is_err() {
-        return;
-    }
-    if notify_wanted(&mut state) {
-        let _ = state.signal_used_queue();
+/// Puts `head` on the used ring and, if the guest wants an interrupt,
+/// asks for one (`notify.rs` sends it, off this thread).
+fn put_used(vring: &Vring, head: u16, used: u32, interrupt: impl FnOnce()) {
+    let wanted = {
+        let mut state = vring.get_mut();
+        if state.add_used(head, used).is_err() {
+            return;
+        }
+        notify_wanted(&mut state)
+    };
+    if wanted {
+        interrupt();
     }
 }
 

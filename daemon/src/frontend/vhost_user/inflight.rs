@@ -30,6 +30,8 @@ pub enum Refusal {
     NoQueue(usize),
     #[error("the connection is closing")]
     Closing,
+    #[error("the queue was stopped after the request was taken off it")]
+    Retired,
 }
 
 /// One connection's requests in flight.
@@ -85,20 +87,36 @@ impl InFlight {
         })
     }
 
-    /// Admits the request at `head` of `queue`, holding `bytes` of data:
-    /// waits while the budget is spent by others, refuses a head already
-    /// in flight and any request once the connection is closing.
-    pub fn admit(self: &Arc<Self>, queue: usize, head: u16, bytes: u64) -> Result<Ticket, Refusal> {
-        let generation = {
+    /// The generation of `queue` now: read it before taking a chain off
+    /// the queue and hand it to [`InFlight::admit`].
+    pub fn generation(&self, queue: usize) -> u64 {
+        self.queues.get(queue).map_or(0, |q| lock(q).generation)
+    }
+
+    /// Admits the request at `head` of `queue`, taken off it in
+    /// `generation`, holding `bytes` of data: waits while the budget is
+    /// spent by others, refuses a head already in flight, a request whose
+    /// queue was stopped since (before or while it waited), and any
+    /// request once the connection is closing.
+    pub fn admit(
+        self: &Arc<Self>,
+        queue: usize,
+        head: u16,
+        bytes: u64,
+        generation: u64,
+    ) -> Result<Ticket, Refusal> {
+        {
             let q = self.queues.get(queue).ok_or(Refusal::NoQueue(queue))?;
             let mut q = lock(q);
+            if q.generation != generation {
+                return Err(Refusal::Retired);
+            }
             let (word, bit) = q.slot(head).ok_or(Refusal::HeadOutside(head))?;
             if q.heads[word] & bit != 0 {
                 return Err(Refusal::HeadInFlight(head));
             }
             q.heads[word] |= bit;
-            q.generation
-        };
+        }
         let mut ticket = Ticket {
             owner: self.clone(),
             queue,
@@ -120,6 +138,14 @@ impl InFlight {
         if state.closing {
             drop(state);
             return Err(Refusal::Closing); // dropping `ticket` frees the head
+        }
+        // A budget wait may have outlasted the queue; checked under the
+        // state lock, which `retire_queue` does not take, so the queue
+        // may still be retired right after: its completion then writes
+        // nothing, as for any request retired in flight.
+        if self.generation(queue) != generation {
+            drop(state);
+            return Err(Refusal::Retired);
         }
         state.running += 1;
         state.bytes = state.bytes.saturating_add(bytes);
@@ -159,6 +185,11 @@ impl InFlight {
             .wait_timeout_while(state, limit, |s| s.running > 0)
             .unwrap_or_else(|p| p.into_inner());
         state.running == 0
+    }
+
+    #[cfg(test)]
+    fn admit0(self: &Arc<Self>, queue: usize, head: u16, bytes: u64) -> Result<Ticket, Refusal> {
+        self.admit(queue, head, bytes, self.generation(queue))
     }
 
     #[cfg(test)]
@@ -237,20 +268,20 @@ mod tests {
     #[test]
     fn a_head_in_flight_is_refused_until_it_completes() {
         let inflight = InFlight::new(2, 256, BUDGET);
-        let first = inflight.admit(0, 7, 4096).unwrap();
+        let first = inflight.admit0(0, 7, 4096).unwrap();
         assert_eq!(
-            inflight.admit(0, 7, 4096).err(),
+            inflight.admit0(0, 7, 4096).err(),
             Some(Refusal::HeadInFlight(7))
         );
         // The same head on another queue is another request.
-        let other = inflight.admit(1, 7, 4096).unwrap();
+        let other = inflight.admit0(1, 7, 4096).unwrap();
         assert_eq!(
-            inflight.admit(0, 256, 0).err(),
+            inflight.admit0(0, 256, 0).err(),
             Some(Refusal::HeadOutside(256))
         );
-        assert_eq!(inflight.admit(2, 0, 0).err(), Some(Refusal::NoQueue(2)));
+        assert_eq!(inflight.admit0(2, 0, 0).err(), Some(Refusal::NoQueue(2)));
         assert!(first.complete(|| {}));
-        let again = inflight.admit(0, 7, 4096).unwrap();
+        let again = inflight.admit0(0, 7, 4096).unwrap();
         drop((again, other));
         assert!(inflight.wait_idle(Duration::ZERO));
         assert_eq!(inflight.bytes(), 0);
@@ -259,22 +290,22 @@ mod tests {
     #[test]
     fn a_refused_or_dropped_ticket_frees_its_head() {
         let inflight = InFlight::new(1, 256, BUDGET);
-        drop(inflight.admit(0, 3, 512).unwrap());
-        let ticket = inflight.admit(0, 3, 512).unwrap();
+        drop(inflight.admit0(0, 3, 512).unwrap());
+        let ticket = inflight.admit0(0, 3, 512).unwrap();
         // The refusal of a duplicate leaves the original's head taken.
-        assert!(inflight.admit(0, 3, 512).is_err());
-        assert!(inflight.admit(0, 3, 512).is_err());
+        assert!(inflight.admit0(0, 3, 512).is_err());
+        assert!(inflight.admit0(0, 3, 512).is_err());
         drop(ticket);
-        assert!(inflight.admit(0, 3, 512).is_ok());
+        assert!(inflight.admit0(0, 3, 512).is_ok());
     }
 
     #[test]
     fn a_spent_budget_makes_the_next_request_wait() {
         let inflight = InFlight::new(1, 256, 1 << 20);
-        let big = inflight.admit(0, 0, 1 << 20).unwrap();
+        let big = inflight.admit0(0, 0, 1 << 20).unwrap();
         let waiter = {
             let inflight = inflight.clone();
-            std::thread::spawn(move || inflight.admit(0, 1, 4096).map(drop))
+            std::thread::spawn(move || inflight.admit0(0, 1, 4096).map(drop))
         };
         // The waiter cannot be admitted while `big` holds the budget.
         assert!(!inflight.wait_idle(Duration::from_millis(50)));
@@ -283,17 +314,17 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Ok(()));
         assert_eq!(inflight.bytes(), 0);
         // Alone, a request larger than the budget still runs.
-        let huge = inflight.admit(0, 2, 4 << 20).unwrap();
+        let huge = inflight.admit0(0, 2, 4 << 20).unwrap();
         drop(huge);
     }
 
     #[test]
     fn closing_wakes_a_waiting_worker_and_refuses() {
         let inflight = InFlight::new(1, 256, 1 << 20);
-        let big = inflight.admit(0, 0, 1 << 20).unwrap();
+        let big = inflight.admit0(0, 0, 1 << 20).unwrap();
         let waiter = {
             let inflight = inflight.clone();
-            std::thread::spawn(move || inflight.admit(0, 1, 4096).map(drop))
+            std::thread::spawn(move || inflight.admit0(0, 1, 4096).map(drop))
         };
         inflight.close();
         assert_eq!(waiter.join().unwrap(), Err(Refusal::Closing));
@@ -303,17 +334,30 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_taken_before_its_queue_was_stopped_is_not_admitted() {
+        let inflight = InFlight::new(1, 256, BUDGET);
+        let taken = inflight.generation(0);
+        inflight.retire_queue(0);
+        assert_eq!(
+            inflight.admit(0, 1, 512, taken).err(),
+            Some(Refusal::Retired)
+        );
+        // ...and its head is not left taken.
+        assert!(inflight.admit0(0, 1, 512).is_ok());
+    }
+
+    #[test]
     fn a_retired_queue_s_late_completion_writes_nothing() {
         let inflight = InFlight::new(2, 256, BUDGET);
-        let late = inflight.admit(0, 5, 4096).unwrap();
-        let kept = inflight.admit(1, 5, 4096).unwrap();
+        let late = inflight.admit0(0, 5, 4096).unwrap();
+        let kept = inflight.admit0(1, 5, 4096).unwrap();
         inflight.retire_queue(0);
         // The new ring may reuse the head at once.
-        let fresh = inflight.admit(0, 5, 4096).unwrap();
+        let fresh = inflight.admit0(0, 5, 4096).unwrap();
         assert!(!late.complete(|| panic!("a late completion wrote")));
         // ...and the late one did not free the fresh one's head.
         assert_eq!(
-            inflight.admit(0, 5, 0).err(),
+            inflight.admit0(0, 5, 0).err(),
             Some(Refusal::HeadInFlight(5))
         );
         let mut wrote = false;

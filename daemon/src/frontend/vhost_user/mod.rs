@@ -31,7 +31,9 @@
 
 mod backend;
 mod device;
+mod guest;
 mod inflight;
+mod notify;
 pub mod request;
 mod socket;
 mod spec;

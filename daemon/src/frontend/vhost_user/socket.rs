@@ -268,13 +268,11 @@ fn run(
         .clients
         .register("vhost-user", peer, Some(device.queues));
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let backend = Arc::new(BlockBackend::new(
-        export,
-        device,
-        memory.clone(),
-        peer.to_owned(),
-    ));
     let session = |e: Daemon| VhostUserError::Session(e.to_string());
+    let backend = Arc::new(
+        BlockBackend::new(export, device, memory.clone(), peer.to_owned())
+            .map_err(|e| VhostUserError::Session(format!("notifier thread: {e}")))?,
+    );
     let mut daemon =
         VhostUserDaemon::new("vhost-user".into(), backend.clone(), memory).map_err(session)?;
     daemon.start_stream(stream).map_err(session)?;
