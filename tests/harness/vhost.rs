@@ -235,6 +235,13 @@ impl BlkClient {
     /// (as given: flags and `next` fields untouched) and makes `first` the
     /// head of a new available entry; kicks the device.
     pub fn submit_raw(&mut self, q: usize, first: u16, chain: &[Desc]) {
+        self.submit_repeated(q, first, chain, 1);
+    }
+
+    /// Puts one chain on queue `q` and posts its head `times` times in the
+    /// available ring, then kicks once: with `times` over 1, a driver that
+    /// reuses a head still in flight.
+    pub fn submit_repeated(&mut self, q: usize, first: u16, chain: &[Desc], times: u16) {
         let (desc, avail, _) = Self::rings(q);
         for (i, d) in chain.iter().enumerate() {
             let index = (first as usize + i) % QUEUE_SIZE as usize;
@@ -245,22 +252,7 @@ impl BlkClient {
             raw[14..16].copy_from_slice(&d.next.to_le_bytes());
             self.write(desc + index as u64 * 16, &raw);
         }
-        let queue = &mut self.queues[q];
-        let slot = queue.next_avail % QUEUE_SIZE;
-        let next_avail = queue.next_avail.wrapping_add(1);
-        queue.next_avail = next_avail;
-        self.write_u16(avail + 4 + 2 * slot as u64, first);
-        self.write_u16(avail + 2, next_avail);
-        let _ = self.queues[q].kick.write(1);
-    }
-
-    /// Puts one chain on queue `q` and posts its head `times` times in the
-    /// available ring, then kicks once: a driver that reuses a head still
-    /// in flight.
-    pub fn submit_repeated(&mut self, q: usize, first: u16, chain: &[Desc], times: u16) {
-        self.submit_raw(q, first, chain);
-        let (_, avail, _) = Self::rings(q);
-        for _ in 1..times {
+        for _ in 0..times {
             let queue = &mut self.queues[q];
             let slot = queue.next_avail % QUEUE_SIZE;
             let next_avail = queue.next_avail.wrapping_add(1);
