@@ -31,14 +31,7 @@ vm_prepare
 [ $install_only = 1 ] && exit 0
 [ -x "$bin/hostcryptd" ] || { echo "build first: cargo build --release" >&2; exit 2; }
 
-work=$(mktemp -d)
-daemon_pid=""
-passed=0
-cleanup() {
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
-  if [ "$passed" = 1 ]; then rm -rf "$work"; else echo "kept for inspection: $work" >&2; fi
-}
-trap cleanup EXIT
+vm_workdir
 
 # --- the initramfs ---------------------------------------------------------
 root=$work/root

@@ -27,6 +27,7 @@
 #   vm_add_modules DIR MODULE...           # with their dependencies
 #   vm_pack DIR OUT.gz
 #   vm_boot CONSOLE INITRD APPEND [QEMU ARGS...]   # blocks until poweroff
+#   vm_workdir                             # $work, cleaned up at exit
 
 vm_cache=$(realpath -m "${HOSTCRYPT_VM_CACHE:-target/vm}")
 # -machine, before ",accel=": a caller may add options (memory-backend=).
@@ -205,6 +206,21 @@ vm_add_modules() {
       esac
     done
   done
+}
+
+# Sets `work` to a new directory and `daemon_pid` and `passed` to empty
+# and 0; at exit, kills $daemon_pid and removes $work if passed=1, or
+# keeps it for inspection.
+vm_workdir() {
+  work=$(mktemp -d)
+  daemon_pid=""
+  passed=0
+  trap _vm_cleanup EXIT
+}
+
+_vm_cleanup() {
+  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
+  if [ "$passed" = 1 ]; then rm -rf "$work"; else echo "kept for inspection: $work" >&2; fi
 }
 
 vm_pack() {

@@ -29,14 +29,7 @@ done
 . tests/vm/lib.sh
 vm_prepare
 
-work=$(mktemp -d)
-daemon_pid=""
-passed=0
-cleanup() {
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
-  if [ "$passed" = 1 ]; then rm -rf "$work"; else echo "kept for inspection: $work" >&2; fi
-}
-trap cleanup EXIT
+vm_workdir
 
 # --- the initramfs ---------------------------------------------------------
 root=$work/root
