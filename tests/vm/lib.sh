@@ -27,6 +27,8 @@
 #   vm_add_modules DIR MODULE...           # with their dependencies
 #   vm_pack DIR OUT.gz
 #   vm_boot CONSOLE INITRD APPEND [QEMU ARGS...]   # blocks until poweroff
+#   vm_start CONSOLE INITRD APPEND [QEMU ARGS...]  # in the background ($vm_pid)
+#   vm_await CONSOLE TEXT SECONDS          # the guest printed TEXT (or gave up)
 #   vm_workdir                             # $work, cleaned up at exit
 
 vm_cache=$(realpath -m "${HOSTCRYPT_VM_CACHE:-target/vm}")
@@ -220,6 +222,7 @@ vm_workdir() {
 
 _vm_cleanup() {
   [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
+  [ -n "${vm_pid:-}" ] && kill "$vm_pid" 2>/dev/null || true
   if [ "$passed" = 1 ]; then rm -rf "$work"; else echo "kept for inspection: $work" >&2; fi
 }
 
@@ -239,4 +242,25 @@ vm_boot() {
   timeout "${HOSTCRYPT_VM_TIMEOUT:-900}" "${vm_qemu[@]}" -machine "$vm_machine,accel=$accel" -cpu max -smp 2 -m 512 \
     -kernel "$vm_kernel" -initrd "$initrd" -append "console=ttyS0 panic=-1 quiet $append" \
     -nographic -no-reboot "$@" >"$console" 2>&1 || true
+}
+
+# vm_boot in the background: $vm_pid is its process, `wait "$vm_pid"`
+# returns when the guest powers off.
+vm_start() {
+  vm_boot "$@" &
+  vm_pid=$!
+}
+
+# Waits until the guest's console CONSOLE shows TEXT: 0 once it does, 1
+# when the guest failed (a line with ": FAIL"), powered off without it, or
+# SECONDS passed.
+vm_await() {
+  local console=$1 text=$2 deadline=$((SECONDS + $3))
+  while [ $SECONDS -lt "$deadline" ]; do
+    grep -qF -- "$text" "$console" 2>/dev/null && return 0
+    grep -q ": FAIL" "$console" 2>/dev/null && return 1
+    kill -0 "$vm_pid" 2>/dev/null || { grep -qF -- "$text" "$console"; return; }
+    sleep 0.1
+  done
+  return 1
 }

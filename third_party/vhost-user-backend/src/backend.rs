@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -143,6 +143,28 @@ pub trait VhostUserBackend: Send + Sync {
     /// unregistered. Asynchronous backends should block until previously accepted requests
     /// have completed. Wrapper implementations may hold their backend lock during this call.
     fn stop_vring(&self, _queue_index: u32) -> Result<()> {
+        Ok(())
+    }
+
+    /// hostcrypt: GET_INFLIGHT_FD (protocol feature INFLIGHT_SHMFD): a
+    /// new region, zeroed, where the backend records the requests it has
+    /// taken off each queue and not completed; the frontend keeps the fd
+    /// and hands it back after a reconnect.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+
+    /// hostcrypt: SET_INFLIGHT_FD: the region to use from now on (the one
+    /// GET_INFLIGHT_FD made, perhaps in an earlier backend process).
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+
+    /// hostcrypt: the vring was started (its kick fd set, memory and ring
+    /// addresses known), before its kick fd is watched: the backend may
+    /// take up the ring where the guest's used index says it stands and
+    /// resubmit what the inflight region says is still pending.
+    fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
         Ok(())
     }
 
@@ -422,6 +444,18 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.deref().stop_vring(queue_index)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.deref().start_vring(queue_index, vring)
     }
 
     fn handle_event(

@@ -245,6 +245,17 @@ where
         self.handlers.clone()
     }
 
+    /// hostcrypt: GET/SET_INFLIGHT_FD only after INFLIGHT_SHMFD was agreed.
+    fn check_inflight_negotiated(&self) -> VhostUserResult<()> {
+        if self.acked_protocol_features & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() != 0 {
+            Ok(())
+        } else {
+            Err(VhostUserError::InvalidOperation(
+                "INFLIGHT_SHMFD was not negotiated",
+            ))
+        }
+    }
+
     fn vring_needs_init(&self, vring: &T::Vring) -> bool {
         let vring_state = vring.get_ref();
 
@@ -255,6 +266,11 @@ where
 
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         vring.set_queue_ready(true);
+        // hostcrypt: the backend takes the ring up (used index, requests
+        // to resubmit) before its kick fd is watched.
+        self.backend
+            .start_vring(u32::from(index), vring)
+            .map_err(VhostUserError::ReqHandlerError)?;
         self.update_vring_registration(vring, index)
     }
 
@@ -677,22 +693,26 @@ where
         }
     }
 
+    // hostcrypt: the inflight region is the backend's, once negotiated.
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.check_inflight_negotiated()?;
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        self.check_inflight_negotiated()?;
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {

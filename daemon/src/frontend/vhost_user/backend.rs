@@ -11,6 +11,14 @@
 //! connection's budget is spent, and a queue whose driver posts a head
 //! that is still in flight is stopped.
 //!
+//! Restarts (INFLIGHT_SHMFD): each head taken off a queue is recorded in
+//! the inflight log the VMM keeps (`inflight_log.rs`) until it is on the
+//! used ring. When a queue starts, the ring is taken up where the guest's
+//! used index stands and what the log says is pending is resubmitted
+//! first, oldest first (`resubmit.rs` finds those chains), so a guest
+//! whose requests were running when the daemon died gets them answered
+//! by the next one.
+//!
 //! Copies: a read's decrypted data is copied once, from the data area's
 //! result into the guest's buffers; a write is copied once, from guest
 //! memory into a bounce buffer that is encrypted and written (the guest may
@@ -22,12 +30,15 @@
 //! the vhost-user protocol itself (the `vhost` and `vhost-user-backend`
 //! crates).
 
+use std::collections::VecDeque;
+use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
@@ -40,8 +51,10 @@ use vmm_sys_util::event::{
 use super::device::{Device, QUEUE_SIZE};
 use super::guest::{GuestMemory, Memory, Vring};
 use super::inflight::{InFlight, Refusal, Ticket, BUDGET};
+use super::inflight_log::{InflightLog, QueueLog, Shape};
 use super::notify::Notifier;
 use super::request::{self, Command, Rejection, Request, Segment};
+use super::resubmit;
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
 use crate::io::IoBuf;
@@ -62,8 +75,24 @@ pub struct BlockBackend {
     /// Queues stopped for a driver that broke the ring's rules.
     broken: Box<[AtomicBool]>,
     notifier: Arc<Notifier>,
+    /// The inflight log, once the frontend set one up (INFLIGHT_SHMFD).
+    log: RwLock<Option<Arc<InflightLog>>>,
+    /// Per queue: heads the log said were pending when it started,
+    /// resubmitted before anything new is taken off the ring.
+    resubmit: Box<[Mutex<VecDeque<u16>>]>,
     /// For log lines: the peer, as `socket.rs` identified it.
     peer: String,
+}
+
+/// A chain to run: taken off the available ring, or named by the
+/// inflight log after a restart.
+enum Taken<C> {
+    Popped(C),
+    Again {
+        head: u16,
+        table: GuestAddress,
+        size: u16,
+    },
 }
 
 impl BlockBackend {
@@ -81,6 +110,8 @@ impl BlockBackend {
             in_flight: InFlight::new(usize::from(device.queues), QUEUE_SIZE, BUDGET),
             broken: (0..device.queues).map(|_| AtomicBool::new(false)).collect(),
             notifier: Notifier::start(usize::from(device.queues))?,
+            log: RwLock::new(None),
+            resubmit: (0..device.queues).map(|_| Mutex::default()).collect(),
             device,
             peer,
         })
@@ -106,6 +137,21 @@ impl BlockBackend {
         self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_FLUSH) == 0
     }
 
+    fn inflight_log(&self) -> Option<Arc<InflightLog>> {
+        self.log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn next_resubmitted(&self, index: usize) -> Option<u16> {
+        self.resubmit
+            .get(index)?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_front()
+    }
+
     /// Takes the available chains off queue `index` one at a time,
     /// parses and submits each; waits in `InFlight::admit` while the
     /// connection's budget is spent. With EVENT_IDX, notifications stay
@@ -120,6 +166,8 @@ impl BlockBackend {
         // a queue that is stopped, or an avail index the guest set past
         // the ring (virtio-queue refuses both and returns nothing).
         let mut empty_pops = 0;
+        let log = self.inflight_log();
+        let limits = self.device.limits();
         loop {
             if broken.load(Ordering::Relaxed) {
                 return;
@@ -130,14 +178,24 @@ impl BlockBackend {
             let memory = self.memory.memory();
             // The lock is not held while submitting: a request that
             // completes at once (a cached read) takes it to add_used.
-            let chain = {
+            let taken = {
                 let mut state = vring.get_mut();
                 if event_idx {
                     let _ = state.disable_notification();
                 }
-                state.get_queue_mut().pop_descriptor_chain(memory.clone())
+                match self.next_resubmitted(index) {
+                    Some(head) => Some(Taken::Again {
+                        head,
+                        table: GuestAddress(state.get_queue().desc_table()),
+                        size: state.get_queue().size(),
+                    }),
+                    None => state
+                        .get_queue_mut()
+                        .pop_descriptor_chain(memory.clone())
+                        .map(Taken::Popped),
+                }
             };
-            let Some(chain) = chain else {
+            let Some(taken) = taken else {
                 if !event_idx || empty_pops > 0 {
                     return;
                 }
@@ -148,8 +206,20 @@ impl BlockBackend {
                 }
             };
             empty_pops = 0;
-            let head = chain.head_index();
-            let parsed = request::parse(chain, &*memory, &self.device.limits());
+            let (head, parsed) = match taken {
+                Taken::Popped(chain) => {
+                    let head = chain.head_index();
+                    // Pending from here until it is on the used ring.
+                    if let Some(queue) = log.as_ref().and_then(|log| log.queue(index)) {
+                        queue.taken(head);
+                    }
+                    (head, request::parse(chain, &*memory, &limits))
+                }
+                Taken::Again { head, table, size } => {
+                    let chain = resubmit::chain_at(&*memory, table, size, head);
+                    (head, request::parse(chain, &*memory, &limits))
+                }
+            };
             let bytes = match &parsed {
                 Ok(request) => match request.command {
                     Command::Read { .. } | Command::Write { .. } => request.len,
@@ -178,6 +248,7 @@ impl BlockBackend {
             let done = Done {
                 vring: vring.clone(),
                 queue: index,
+                log: log.clone(),
                 notifier: self.notifier.clone(),
                 memory: memory.clone().into_inner(),
                 head,
@@ -386,6 +457,9 @@ fn gather(memory: &GuestMemory, data: &[Segment], target: &mut [u8]) -> io::Resu
 struct Done {
     vring: Vring,
     queue: usize,
+    /// Where the request is recorded as pending (the log it was taken
+    /// under, kept mapped until it completes).
+    log: Option<Arc<InflightLog>>,
     notifier: Arc<Notifier>,
     /// The guest memory the request's addresses refer to, kept mapped
     /// until it completes even if the frontend replaces the table.
@@ -438,6 +512,7 @@ impl Done {
         let Done {
             vring,
             queue,
+            log,
             notifier,
             memory,
             head,
@@ -465,7 +540,9 @@ impl Done {
             };
             // In range: the parser checked the status byte's address.
             let _ = memory.write_slice(&[code], status);
-            put_used(&vring, head, used, || notifier.signal(queue, &vring));
+            put_used(&vring, head, used, pending(&log, queue), || {
+                notifier.signal(queue, &vring)
+            });
         });
         let metrics = &export.metrics;
         metrics.complete(kind, len, !ok, started.elapsed());
@@ -481,22 +558,46 @@ impl Done {
         let Done {
             vring,
             queue,
+            log,
             notifier,
             head,
             ticket,
             ..
         } = self;
-        ticket.complete(|| put_used(&vring, head, 0, || notifier.signal(queue, &vring)));
+        ticket.complete(|| {
+            put_used(&vring, head, 0, pending(&log, queue), || {
+                notifier.signal(queue, &vring)
+            })
+        });
     }
 }
 
-/// Puts `head` on the used ring and, if the guest wants an interrupt,
-/// asks for one (`notify.rs` sends it, off this thread).
-fn put_used(vring: &Vring, head: u16, used: u32, interrupt: impl FnOnce()) {
+/// The log's records of `queue`, if there is a log.
+fn pending(log: &Option<Arc<InflightLog>>, queue: usize) -> Option<QueueLog<'_>> {
+    log.as_deref()?.queue(queue)
+}
+
+/// Puts `head` on the used ring (clearing its record in the inflight
+/// log, if any, in the order a restart can tell apart) and, if the guest
+/// wants an interrupt, asks for one (`notify.rs` sends it, off this
+/// thread).
+fn put_used(
+    vring: &Vring,
+    head: u16,
+    used: u32,
+    log: Option<QueueLog<'_>>,
+    interrupt: impl FnOnce(),
+) {
     let wanted = {
         let mut state = vring.get_mut();
+        if let Some(log) = &log {
+            log.completing(head);
+        }
         if state.add_used(head, used).is_err() {
             return;
+        }
+        if let Some(log) = &log {
+            log.completed(head, state.get_queue().next_used());
         }
         notify_wanted(&mut state)
     };
@@ -561,6 +662,105 @@ impl VhostUserBackend for BlockBackend {
                 format!("requests still running after {STOP_TIMEOUT:?}"),
             ))
         }
+    }
+
+    /// GET_INFLIGHT_FD: a new log for the frontend's queues, in use from
+    /// now on (the frontend hands it back with SET_INFLIGHT_FD).
+    fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        if asked.num_queues > self.device.queues {
+            return Err(io::Error::other(format!(
+                "inflight region for {} queues; the device has {}",
+                asked.num_queues, self.device.queues
+            )));
+        }
+        let (log, file, shape) =
+            InflightLog::create(asked.num_queues, asked.queue_size).map_err(io::Error::other)?;
+        *self.log.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(log));
+        let reply = VhostUserInflight::new(
+            shape.mmap_size,
+            shape.mmap_offset,
+            shape.queues,
+            shape.queue_size,
+        );
+        Ok((reply, file))
+    }
+
+    /// SET_INFLIGHT_FD: the log to record in, perhaps one an earlier
+    /// daemon filled.
+    fn set_inflight_fd(&self, given: &VhostUserInflight, file: File) -> io::Result<()> {
+        if given.num_queues > self.device.queues {
+            return Err(io::Error::other(format!(
+                "inflight region for {} queues; the device has {}",
+                given.num_queues, self.device.queues
+            )));
+        }
+        let shape = Shape {
+            mmap_size: given.mmap_size,
+            mmap_offset: given.mmap_offset,
+            queues: given.num_queues,
+            queue_size: given.queue_size,
+        };
+        let log = InflightLog::open(&file, shape).map_err(io::Error::other)?;
+        *self.log.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(log));
+        Ok(())
+    }
+
+    /// A queue starts: it carries on from the used index in guest memory
+    /// (a restarted daemon's ring stands where the last one left it, not
+    /// at 0), and with an inflight log, after the requests still pending
+    /// there, which are resubmitted first. Then a kick of its own: the
+    /// guest may be waiting for those and post nothing new.
+    fn start_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
+        let index = queue_index as usize;
+        let memory = self.memory.memory();
+        let mut pending = VecDeque::new();
+        {
+            let mut state = vring.get_mut();
+            let used = state
+                .get_queue()
+                .used_idx(&*memory, Ordering::Acquire)
+                .map_err(io::Error::other)?
+                .0;
+            state.get_queue_mut().set_next_used(used);
+            if let Some(queue) = self.inflight_log().as_ref().and_then(|l| l.queue(index)) {
+                match queue.recover(used, state.get_queue().size()) {
+                    Ok(recovery) => {
+                        let taken = u16::try_from(recovery.pending.len()).unwrap_or(u16::MAX);
+                        state
+                            .get_queue_mut()
+                            .set_next_avail(used.wrapping_add(taken));
+                        pending = recovery.pending.into();
+                    }
+                    Err(why) => tracing::warn!(
+                        export = self.export.name(),
+                        peer = self.peer,
+                        queue = index,
+                        "vhost-user inflight log: {why}"
+                    ),
+                }
+            }
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                export = self.export.name(),
+                peer = self.peer,
+                queue = index,
+                "vhost-user: resubmitting {} requests left pending by an earlier connection",
+                pending.len()
+            );
+        }
+        if let Some(slot) = self.resubmit.get(index) {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = pending;
+        }
+        if let Some(kick) = vring.get_ref().get_kick() {
+            // The kick fd is an eventfd (the handler checked) we may only
+            // consume through its type; adding 1 is what the guest does.
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to an fd the vring
+            // keeps open while its state is borrowed.
+            let _ = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+        Ok(())
     }
 
     fn update_memory(&self, _memory: Memory) -> io::Result<()> {

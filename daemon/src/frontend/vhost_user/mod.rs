@@ -10,7 +10,10 @@
 //! connection's life (`socket.rs`); the device on one connection, from
 //! descriptor chain to `volume::Op` and back (`backend.rs`); the request
 //! parser, without I/O (`request.rs`); features and configuration space
-//! (`device.rs`). Shared with other frontends: exports, access rules,
+//! (`device.rs`); what a connection has in flight (`inflight.rs`); the
+//! inflight log the VMM keeps across a daemon restart
+//! (`inflight_log.rs`) and the chains resubmitted from it
+//! (`resubmit.rs`); interrupts (`notify.rs`). Shared with other frontends: exports, access rules,
 //! peer identity and metrics (`export/`). The daemon builds the specs from
 //! the config (`daemon/vhost_user.rs`); this folder never reads it.
 //!
@@ -33,8 +36,10 @@ mod backend;
 mod device;
 mod guest;
 mod inflight;
+mod inflight_log;
 mod notify;
 pub mod request;
+mod resubmit;
 mod socket;
 mod spec;
 
