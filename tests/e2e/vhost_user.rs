@@ -636,3 +636,122 @@ fn a_reload_that_removes_the_volume_disconnects_its_client() {
     assert!(BlkClient::connect(&socket, 1, 4 << 20).is_err());
     assert_eq!(daemon.stop(), 0);
 }
+
+/// What qemu does across a daemon restart (INFLIGHT_SHMFD, a reconnecting
+/// chardev), with the state a killed daemon leaves written by the test:
+/// on queue 0, A completed; H and J were taken off the ring, J completed
+/// (out of order) and H did not; K was posted after the daemon died. The
+/// next daemon must answer H from the inflight log, then K from the
+/// ring, and must not run J again: counting from the used index alone
+/// would take J for the next request and never answer H.
+#[test]
+fn a_restarted_daemon_answers_what_its_predecessor_left_pending() {
+    let (fx, mut daemon, socket, _) = setup("");
+    let mut c = BlkClient::connect_inflight(&socket, 2, 4 << 20).expect("set-up, INFLIGHT_SHMFD");
+    let buf = |n: u64| BUFFERS + 4096 * n;
+    let place = |n: u64| (BUFFERS + 256 + 64 * n, BUFFERS + 2048 + 64 * n);
+    c.write(buf(1), &pattern(1, 4096));
+    assert_eq!(c.request(0, T_OUT, 0, &[(buf(1), 4096)]).unwrap().0, S_OK);
+
+    daemon.child.kill().expect("kill -9");
+    daemon.child.wait().expect("reap");
+    for n in 2..=4 {
+        c.write(buf(n), &pattern(n, 4096));
+    }
+    let h = c.post(0, 8, T_OUT, 8, &[(buf(2), 4096)], place(2));
+    let j = c.post(0, 16, T_OUT, 16, &[(buf(3), 4096)], place(3));
+    c.log_pending(0, h, 10);
+    c.log_pending(0, j, 11);
+    c.complete_as_device(0, j);
+    assert_eq!(c.wait_used(0, Duration::from_secs(1)).unwrap().0, j);
+    let k = c.post(0, 24, T_OUT, 24, &[(buf(4), 4096)], place(4));
+
+    // The next daemon; the client reconnects and does not kick.
+    let daemon = fx.start();
+    c.reconnect(&socket).expect("reconnect");
+    for (want, what) in [(h, "H, from the inflight log"), (k, "K, from the ring")] {
+        let (id, _) = c
+            .wait_used(0, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{what}: {e}\n{}", daemon.stderr()));
+        assert_eq!(id, want, "{what}");
+        let status = place(if want == h { 2 } else { 4 }).1;
+        assert_eq!(c.read(status, 1)[0], S_OK, "{what}");
+    }
+    // `request` takes the next used entry: a duplicate would come first.
+    for (sector, want) in [
+        (8, pattern(2, 4096)),
+        (24, pattern(4, 4096)),
+        (16, vec![0; 4096]),
+    ] {
+        let (status, _) = c.request(0, T_IN, sector, &[(buf(5), 4096)]).unwrap();
+        assert_eq!(status, S_OK);
+        assert_eq!(c.read(buf(5), 4096), want, "sector {sector}");
+    }
+    assert!(daemon.stderr().contains("resubmitting 1 requests"));
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}
+
+/// The VMM hands the inflight region back on every reconnect, so it is
+/// untrusted input: the daemon's region is sealed against resizing, and
+/// a region that could shrink under the daemon's mapping (SIGBUS), one
+/// smaller than its queues need, or one for more queues than the device
+/// has, ends that connection and nothing else.
+#[test]
+fn an_inflight_region_the_frontend_could_shrink_is_refused() {
+    use ::vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserInflight};
+    use ::vhost::vhost_user::VhostUserFrontend;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (_fx, daemon, socket, _) = setup("");
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("set-up, INFLIGHT_SHMFD");
+    let (file, info) = c
+        .inflight
+        .as_ref()
+        .map(|(f, i)| (f.try_clone().unwrap(), *i))
+        .unwrap();
+    // SAFETY: fcntl on an fd this test owns.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    assert!(
+        seals & libc::F_SEAL_SHRINK != 0 && seals & libc::F_SEAL_GROW != 0,
+        "{seals:#x}"
+    );
+    assert!(file.set_len(0).is_err(), "the region could be shrunk");
+    // SAFETY: memfd_create with a valid C string; the fd is checked.
+    let fd = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh fd this test owns.
+    let plain = unsafe { std::fs::File::from_raw_fd(fd) };
+    plain.set_len(1 << 20).unwrap();
+    // Asking for the reply (REPLY_ACK) turns the refusal into this call's error.
+    c.frontend().set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert!(
+        c.frontend()
+            .set_inflight_fd(&info, plain.as_raw_fd())
+            .is_err(),
+        "unsealed region"
+    );
+    drop(c);
+    let small = VhostUserInflight::new(64, 0, info.num_queues, info.queue_size);
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("set-up");
+    c.frontend().set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert!(
+        c.frontend()
+            .set_inflight_fd(&small, file.as_raw_fd())
+            .is_err(),
+        "small region"
+    );
+    drop(c);
+    let many = VhostUserInflight::new(0, 0, 65, info.queue_size);
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("set-up");
+    assert!(c.frontend().get_inflight_fd(&many).is_err(), "65 queues");
+    drop(c);
+    // The daemon lives, and serves the next client.
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("a client after");
+    c.write(BUFFERS + 4096, &[0x5a; 4096]);
+    assert_eq!(
+        c.request(0, T_OUT, 0, &[(BUFFERS + 4096, 4096)]).unwrap().0,
+        S_OK
+    );
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}

@@ -10,16 +10,20 @@
 //! queue `q`'s descriptor table, available and used rings in the first
 //! 64 KiB at `q * 16 KiB`, then buffers. The libblkio driver
 //! (`e2e/vhost_user.rs`) is the well-behaved client; this one is for what
-//! a well-behaved client never sends.
+//! a well-behaved client never sends, and for what qemu does across a
+//! daemon restart (INFLIGHT_SHMFD: it keeps the inflight region and
+//! reconnects with each queue based at its used index), where the test
+//! can also write the state a killed daemon leaves behind.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+    VhostUserConfigFlags, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -60,14 +64,16 @@ struct Queue {
 
 /// A connected, started vhost-user-blk device.
 pub struct BlkClient {
-    frontend: Frontend,
-    _memfd: File,
+    frontend: Option<Frontend>,
+    memfd: File,
     base: *mut u8,
     len: usize,
     queues: Vec<Queue>,
     pub features: u64,
     /// The configuration space as the device reported it (60 bytes).
     pub config: Vec<u8>,
+    /// With INFLIGHT_SHMFD: the region the device made, as a VMM keeps it.
+    pub inflight: Option<(File, VhostUserInflight)>,
 }
 
 // SAFETY: `base` points at a shared mapping this client owns for its
@@ -97,27 +103,22 @@ impl BlkClient {
         memory: usize,
         file_len: usize,
     ) -> Result<Self, Error> {
-        let mut frontend = Frontend::connect(socket, queues as u64).map_err(text)?;
-        let offered = frontend.get_features().map_err(text)?;
-        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if offered & protocol == 0 {
-            return Err("no PROTOCOL_FEATURES".into());
-        }
-        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
-        let offered_protocol = frontend.get_protocol_features().map_err(text)?;
-        frontend
-            .set_protocol_features(offered_protocol & wanted)
-            .map_err(text)?;
-        let device_queues = frontend.get_queue_num().map_err(text)? as usize;
-        if device_queues < queues {
-            return Err(format!("the device has {device_queues} queues"));
-        }
-        frontend.set_owner().map_err(text)?;
-        frontend.set_features(offered).map_err(text)?;
-        let (_, config) = frontend
-            .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
-            .map_err(text)?;
+        Self::connect_with(socket, queues, memory, file_len, false)
+    }
 
+    /// As `connect`, with INFLIGHT_SHMFD (and REPLY_ACK) negotiated: the
+    /// device's inflight region is asked for and kept, as qemu does.
+    pub fn connect_inflight(socket: &Path, queues: usize, memory: usize) -> Result<Self, Error> {
+        Self::connect_with(socket, queues, memory, memory, true)
+    }
+
+    fn connect_with(
+        socket: &Path,
+        queues: usize,
+        memory: usize,
+        file_len: usize,
+        inflight: bool,
+    ) -> Result<Self, Error> {
         // SAFETY: memfd_create with a valid C string; the fd is checked.
         let fd = unsafe { libc::memfd_create(c"vhost-test".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -140,18 +141,82 @@ impl BlkClient {
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error().to_string());
         }
-        let base = base.cast::<u8>();
+        let mut client = BlkClient {
+            frontend: None,
+            memfd,
+            base: base.cast::<u8>(),
+            len: memory,
+            queues: Vec::new(),
+            features: 0,
+            config: Vec::new(),
+            inflight: None,
+        };
+        client.session(socket, queues, inflight)?;
+        Ok(client)
+    }
+
+    /// Connects again after the device went away (a daemon restart), as
+    /// qemu's reconnecting chardev does: the same memory and rings, the
+    /// inflight region handed back, each queue based at its used index
+    /// (what qemu restores when it could not ask a lost backend).
+    pub fn reconnect(&mut self, socket: &Path) -> Result<(), Error> {
+        self.frontend = None;
+        let inflight = self.inflight.is_some();
+        self.session(socket, self.queues.len(), inflight)
+    }
+
+    fn session(&mut self, socket: &Path, queues: usize, inflight: bool) -> Result<(), Error> {
+        let mut frontend = Frontend::connect(socket, queues as u64).map_err(text)?;
+        let offered = frontend.get_features().map_err(text)?;
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if offered & protocol == 0 {
+            return Err("no PROTOCOL_FEATURES".into());
+        }
+        let mut wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        if inflight {
+            wanted |=
+                VhostUserProtocolFeatures::INFLIGHT_SHMFD | VhostUserProtocolFeatures::REPLY_ACK;
+        }
+        let offered_protocol = frontend.get_protocol_features().map_err(text)?;
+        if !offered_protocol.contains(wanted) {
+            return Err(format!(
+                "protocol features {offered_protocol:?}, wanted {wanted:?}"
+            ));
+        }
+        frontend.set_protocol_features(wanted).map_err(text)?;
+        let device_queues = frontend.get_queue_num().map_err(text)? as usize;
+        if device_queues < queues {
+            return Err(format!("the device has {device_queues} queues"));
+        }
+        frontend.set_owner().map_err(text)?;
+        frontend.set_features(offered).map_err(text)?;
+        let (_, config) = frontend
+            .get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+            .map_err(text)?;
+        if inflight {
+            if self.inflight.is_none() {
+                let ask = VhostUserInflight::new(0, 0, queues as u16, QUEUE_SIZE);
+                let (info, file) = frontend.get_inflight_fd(&ask).map_err(text)?;
+                self.inflight = Some((file, info));
+            }
+            if let Some((file, info)) = &self.inflight {
+                frontend
+                    .set_inflight_fd(info, file.as_raw_fd())
+                    .map_err(text)?;
+            }
+        }
+        let base = self.base;
         let region = VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
-            memory_size: memory as u64,
+            memory_size: self.len as u64,
             userspace_addr: base as u64,
             mmap_offset: 0,
-            mmap_handle: memfd.as_raw_fd(),
+            mmap_handle: self.memfd.as_raw_fd(),
         };
         frontend.set_mem_table(&[region]).map_err(text)?;
-        let mut list = Vec::new();
         for q in 0..queues {
             let (desc, avail, used) = Self::rings(q);
+            let used_idx = self.read_u16(used + 2);
             frontend.set_vring_num(q, QUEUE_SIZE).map_err(text)?;
             frontend
                 .set_vring_addr(
@@ -167,28 +232,67 @@ impl BlkClient {
                     },
                 )
                 .map_err(text)?;
-            frontend.set_vring_base(q, 0).map_err(text)?;
+            frontend.set_vring_base(q, used_idx).map_err(text)?;
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(text)?;
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(text)?;
             frontend.set_vring_call(q, &call).map_err(text)?;
             frontend.set_vring_kick(q, &kick).map_err(text)?;
             frontend.set_vring_enable(q, true).map_err(text)?;
-            list.push(Queue {
-                next_avail: 0,
-                last_used: 0,
-                kick,
-                _call: call,
-            });
+            match self.queues.get_mut(q) {
+                Some(queue) => {
+                    queue.kick = kick;
+                    queue._call = call;
+                }
+                None => self.queues.push(Queue {
+                    next_avail: 0,
+                    last_used: 0,
+                    kick,
+                    _call: call,
+                }),
+            }
         }
-        Ok(BlkClient {
-            frontend,
-            _memfd: memfd,
-            base,
-            len: memory,
-            queues: list,
-            features: offered,
-            config,
-        })
+        self.frontend = Some(frontend);
+        self.features = offered;
+        self.config = config;
+        Ok(())
+    }
+
+    /// Byte offset of `head`'s entry for queue `q` in the inflight region
+    /// (the split-ring layout libvhost-user defines: per queue a 16-byte
+    /// header, then 16 bytes per descriptor, rounded up to 64 bytes).
+    fn inflight_entry(q: usize, head: u16) -> u64 {
+        let area = (16 + 16 * u64::from(QUEUE_SIZE)).next_multiple_of(64);
+        q as u64 * area + 16 + 16 * u64::from(head)
+    }
+
+    fn inflight_write(&self, at: u64, bytes: &[u8]) {
+        let (file, _) = self.inflight.as_ref().expect("no inflight region");
+        file.write_all_at(bytes, at).expect("inflight region write");
+    }
+
+    /// As a device records a head it took off queue `q` (the `counter`
+    /// orders resubmission).
+    pub fn log_pending(&self, q: usize, head: u16, counter: u64) {
+        let at = Self::inflight_entry(q, head);
+        self.inflight_write(at + 8, &counter.to_le_bytes());
+        self.inflight_write(at, &[1]);
+    }
+
+    /// As a device that completed `head` on queue `q`: the used entry
+    /// written and the used index advanced (as the device it plays, not
+    /// as the driver: `wait_used` then returns it), its log entry cleared.
+    pub fn complete_as_device(&mut self, q: usize, head: u16) {
+        let (_, _, used) = Self::rings(q);
+        let idx = self.read_u16(used + 2);
+        let slot = u64::from(idx % QUEUE_SIZE);
+        let mut entry = [0u8; 8];
+        entry[0..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        self.write(used + 4 + 8 * slot, &entry);
+        self.write_u16(used + 2, idx.wrapping_add(1));
+        let area = Self::inflight_entry(q, 0) - 16;
+        self.inflight_write(area + 12, &head.to_le_bytes());
+        self.inflight_write(Self::inflight_entry(q, head), &[0]);
+        self.inflight_write(area + 14, &idx.wrapping_add(1).to_le_bytes());
     }
 
     /// Guest-physical addresses of queue `q`'s descriptor table, available
@@ -242,6 +346,12 @@ impl BlkClient {
     /// available ring, then kicks once: with `times` over 1, a driver that
     /// reuses a head still in flight.
     pub fn submit_repeated(&mut self, q: usize, first: u16, chain: &[Desc], times: u16) {
+        self.post_repeated(q, first, chain, times);
+        let _ = self.queues[q].kick.write(1);
+    }
+
+    /// As `submit_repeated`, without the kick.
+    fn post_repeated(&mut self, q: usize, first: u16, chain: &[Desc], times: u16) {
         let (desc, avail, _) = Self::rings(q);
         for (i, d) in chain.iter().enumerate() {
             let index = (first as usize + i) % QUEUE_SIZE as usize;
@@ -260,7 +370,6 @@ impl BlkClient {
             self.write_u16(avail + 4 + 2 * slot as u64, first);
             self.write_u16(avail + 2, next_avail);
         }
-        let _ = self.queues[q].kick.write(1);
     }
 
     /// Waits for the next used entry of queue `q`: (head, length written).
@@ -296,8 +405,36 @@ impl BlkClient {
         kind: u32,
         sector: u64,
         data: &[(u64, u32)],
-        (header, status): (u64, u64),
+        place: (u64, u64),
     ) -> u16 {
+        let chain = self.request_chain(first, kind, sector, data, place);
+        self.submit_raw(q, first, &chain);
+        first
+    }
+
+    /// As `submit`, without the kick: the request waits on the ring.
+    pub fn post(
+        &mut self,
+        q: usize,
+        first: u16,
+        kind: u32,
+        sector: u64,
+        data: &[(u64, u32)],
+        place: (u64, u64),
+    ) -> u16 {
+        let chain = self.request_chain(first, kind, sector, data, place);
+        self.post_repeated(q, first, &chain, 1);
+        first
+    }
+
+    fn request_chain(
+        &mut self,
+        first: u16,
+        kind: u32,
+        sector: u64,
+        data: &[(u64, u32)],
+        (header, status): (u64, u64),
+    ) -> Vec<Desc> {
         let mut h = [0u8; 16];
         h[0..4].copy_from_slice(&kind.to_le_bytes());
         h[8..16].copy_from_slice(&sector.to_le_bytes());
@@ -331,8 +468,7 @@ impl BlkClient {
                 d.next = (first + i as u16 + 1) % QUEUE_SIZE;
             }
         }
-        self.submit_raw(q, first, &chain);
-        first
+        chain
     }
 
     /// One request, waited for: (status byte, used length).
@@ -370,7 +506,7 @@ impl BlkClient {
 
     /// The vhost-user connection, for protocol-level checks.
     pub fn frontend(&mut self) -> &mut Frontend {
-        &mut self.frontend
+        self.frontend.as_mut().expect("connected")
     }
 }
 

@@ -144,7 +144,7 @@ impl InflightLog {
         }
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-        if shape.mmap_offset % page != 0 {
+        if !shape.mmap_offset.is_multiple_of(page) {
             return Err(refuse("offset not page-aligned"));
         }
         // SAFETY: fcntl on an fd the caller owns.
@@ -222,14 +222,14 @@ impl InflightLog {
     }
 
     fn u16_at(&self, at: usize) -> &AtomicU16 {
-        assert!(at + 2 <= self.len && at % 2 == 0);
+        assert!(at + 2 <= self.len && at.is_multiple_of(2));
         // SAFETY: in the mapping and aligned (checked above; the mapping
         // is page-aligned).
         unsafe { &*self.base.add(at).cast::<AtomicU16>() }
     }
 
     fn u64_at(&self, at: usize) -> &AtomicU64 {
-        assert!(at + 8 <= self.len && at % 8 == 0);
+        assert!(at + 8 <= self.len && at.is_multiple_of(8));
         // SAFETY: as `u16_at`.
         unsafe { &*self.base.add(at).cast::<AtomicU64>() }
     }

@@ -57,7 +57,7 @@ impl<M: GuestMemory> Iterator for Walk<'_, M> {
             let desc: Descriptor = self.memory.read_obj(at).ok()?;
             if desc.refers_to_indirect_table() {
                 // One level only, and only whole descriptors.
-                if self.indirect || u64::from(desc.len()) % DESCRIPTOR != 0 {
+                if self.indirect || !u64::from(desc.len()).is_multiple_of(DESCRIPTOR) {
                     return None;
                 }
                 let entries = u16::try_from(u64::from(desc.len()) / DESCRIPTOR).ok()?;
