@@ -136,6 +136,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Attach a volume as a block device on this host and print its
+    /// stable name (/dev/hostcrypt/VOLUME), to mount like a dm-crypt
+    /// device. It survives a restart of hostcryptd, kill -9 included.
+    Attach {
+        volume: String,
+        /// How the kernel reaches it: the kernel's NBD client (module nbd).
+        #[arg(long, value_enum)]
+        via: Option<AttachVia>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach an attached volume: flushed, then the device goes away.
+    /// Refused while it is mounted or held (dm, LVM), unless --force.
+    Detach {
+        volume: String,
+        /// Detach even while mounted: the filesystem then gets I/O errors.
+        #[arg(long)]
+        force: bool,
+    },
+    /// The attached volumes: device, stable name, and what uses each.
+    Attached {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The volumes the running daemon serves.
     Volumes {
         /// Print JSON.
@@ -302,6 +328,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             take_over,
         } => commands::header::erase(&cli.config, &volume, yes, take_over),
         Command::Volumes { json } => commands::status::volumes(&cli.config, json),
+        Command::Attach { volume, via, json } => {
+            commands::attach::attach(&cli.config, volume, via.map(AttachVia::into), json)
+        }
+        Command::Detach { volume, force } => commands::attach::detach(&cli.config, volume, force),
+        Command::Attached { json } => commands::attach::attached(&cli.config, json),
         Command::Reload { json } => commands::reload::reload(&cli.config, json),
         Command::Reencrypt {
             volume,
@@ -480,6 +511,22 @@ mod tests {
                 on_disk == completions(shell),
                 "docs/completions/{file} is stale: run scripts/gen-docs"
             );
+        }
+    }
+}
+
+/// `--via` for `attach`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AttachVia {
+    Nbd,
+    Ublk,
+}
+
+impl From<AttachVia> for hostcryptd::frontend::attach::Via {
+    fn from(via: AttachVia) -> Self {
+        match via {
+            AttachVia::Nbd => hostcryptd::frontend::attach::Via::Nbd,
+            AttachVia::Ublk => hostcryptd::frontend::attach::Via::Ublk,
         }
     }
 }

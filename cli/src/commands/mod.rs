@@ -1,6 +1,7 @@
 //! One module per command group, each with the functions `main.rs`
 //! dispatches to; `main.rs` only parses arguments and dispatches.
 
+pub mod attach;
 pub mod audit;
 pub mod create;
 pub mod header;

@@ -43,6 +43,19 @@ pub enum ControlRequest {
         #[serde(default)]
         layer: Layer,
     },
+    /// Attach a volume as a kernel block device on this host.
+    Attach {
+        volume: String,
+        via: Option<crate::frontend::attach::Via>,
+    },
+    /// Detach an attached volume (refused while mounted, unless forced).
+    Detach {
+        volume: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// The attached volumes.
+    Attached,
 }
 
 impl ControlRequest {
@@ -52,6 +65,7 @@ impl ControlRequest {
         matches!(
             self,
             ControlRequest::Status
+                | ControlRequest::Attached
                 | ControlRequest::CheckKey { .. }
                 | ControlRequest::Reencrypt {
                     action: ReencryptAction::Status,
@@ -99,6 +113,7 @@ pub enum ControlReply {
     KeyChange(KeyChange),
     Reload(crate::service::reload::ReloadReport),
     Reencrypt(crate::volume::ReencryptStatus),
+    Attached(Vec<crate::frontend::attach::Attached>),
 }
 
 impl ControlReply {
@@ -110,6 +125,7 @@ impl ControlReply {
             ControlReply::KeyChange(_) => "key-change",
             ControlReply::Reload(_) => "reload",
             ControlReply::Reencrypt(_) => "reencrypt",
+            ControlReply::Attached(_) => "attached",
         }
     }
 }
@@ -135,6 +151,7 @@ macro_rules! reply_variants {
 }
 
 reply_variants!(
+    Attached(Vec<crate::frontend::attach::Attached>),
     Status(Status),
     Checks(Vec<CheckResult>),
     KeyChange(KeyChange),

@@ -38,6 +38,8 @@ pub struct ControlState {
     pub read_gid: Option<u32>,
     pub gate: Arc<crate::frontend::nbd::gate::Gate>,
     pub listeners: Vec<super::protocol::ListenerStatus>,
+    /// Volumes attached as kernel block devices.
+    pub attacher: Arc<crate::frontend::attach::Attacher>,
 }
 
 /// Binds the control socket, replacing a stale one, mode 0600 (0660 and
@@ -215,6 +217,15 @@ pub fn handle(state: &ControlState, request: ControlRequest, uid: u32) -> Contro
     let uid = Some(uid);
     match request {
         ControlRequest::Status => ControlResponse::ok(status(state)),
+        ControlRequest::Attach { volume, via } => match state.attacher.attach(&volume, via) {
+            Ok(attached) => ControlResponse::ok(vec![attached]),
+            Err(e) => ControlResponse::error(e),
+        },
+        ControlRequest::Detach { volume, force } => match state.attacher.detach(&volume, force) {
+            Ok(detached) => ControlResponse::ok(vec![detached]),
+            Err(e) => ControlResponse::error(e),
+        },
+        ControlRequest::Attached => ControlResponse::ok(state.attacher.list()),
         ControlRequest::CheckKey { volume } => check_key(state, volume, |export, keys| {
             // A key that unwraps says nothing of a backing that is gone.
             export

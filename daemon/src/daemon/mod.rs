@@ -38,6 +38,12 @@ use signals::StopSignals;
 pub use nbd::check_activated_tcp;
 pub use service::load_tls;
 
+/// Seconds the kernel holds an attached device's I/O while no daemon
+/// serves it (a restart): long enough for a restart that waits on a key
+/// server, short enough that a daemon gone for good fails the I/O
+/// instead of hanging it.
+const ATTACH_DEAD_CONN_TIMEOUT: u64 = 120;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
@@ -214,6 +220,25 @@ impl Daemon {
                 retry.retry_waiting()
             })
             .map_err(DaemonError::KeyChecks)?;
+        // Volumes attached as kernel block devices: served like NBD
+        // connections, through the same gate.
+        let attacher = frontend::attach::Attacher::new(
+            registry.exports().clone(),
+            frontend::attach::Plumbing {
+                server: Arc::new(frontend::nbd::Server {
+                    exports: registry.exports().clone(),
+                    gate: gate.clone(),
+                    engine: engine.clone(),
+                }),
+                runtime: tokio::runtime::Handle::current(),
+                shutdown: shutdown.signal().watch(),
+                connections: std::thread::available_parallelism().map_or(1, |n| n.get().min(16)),
+                dead_conn_timeout: ATTACH_DEAD_CONN_TIMEOUT,
+                dev: "/dev".into(),
+                sys_block: "/sys/block".into(),
+            },
+            "/dev/hostcrypt".into(),
+        );
         let control = control_socket.map(|(listener, path, owned)| {
             tracing::info!(control = %path.display(), "control socket ready");
             let state = Arc::new(control::server::ControlState {
@@ -225,6 +250,7 @@ impl Daemon {
                 read_gid,
                 gate: gate.clone(),
                 listeners: listener_status,
+                attacher: attacher.clone(),
             });
             let task = tokio::spawn(control::server::run(
                 listener,
@@ -253,6 +279,7 @@ impl Daemon {
         if !vhost.is_empty() {
             configured.push(Box::new(vhost));
         }
+        configured.push(Box::new(frontend::attach::AttachFrontend(attacher)));
         let frontends = configured
             .into_iter()
             .map(|f| {

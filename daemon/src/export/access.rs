@@ -148,7 +148,13 @@ impl AllowList {
     /// client certificate TLS verified. A bare TCP address, loopback
     /// included, is not a trust boundary (every local user can reach
     /// 127.0.0.1): such peers need an entry that names them.
+    /// A device the daemon attached itself (the kernel's NBD client) is
+    /// let in whatever the list says: the operator asked for it on the
+    /// control socket.
     pub fn permits(&self, peer: &Peer) -> bool {
+        if peer.transport == Transport::Kernel {
+            return true;
+        }
         match &self.0 {
             None => matches!(peer.transport, Transport::Unix { .. }) || peer.dn.is_some(),
             Some(rules) => rules.iter().any(|r| r.matches(peer)),

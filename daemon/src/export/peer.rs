@@ -17,6 +17,10 @@ pub enum Transport {
         groups: Vec<u32>,
     },
     Tcp(SocketAddr),
+    /// The kernel's NBD client on a device the daemon attached
+    /// (`frontend/attach/`), asked for on the control socket: the
+    /// control socket's permissions decided, not the volume's list.
+    Kernel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,9 +35,18 @@ pub struct Peer {
 pub enum PeerKey {
     Uid(u32),
     Ip(IpAddr),
+    Kernel,
 }
 
 impl Peer {
+    /// The kernel's NBD client on a device the daemon attached.
+    pub fn kernel() -> Self {
+        Peer {
+            transport: Transport::Kernel,
+            dn: None,
+        }
+    }
+
     pub fn tcp(addr: SocketAddr) -> Self {
         Peer {
             transport: Transport::Tcp(addr),
@@ -72,6 +85,7 @@ impl Peer {
     pub fn key(&self) -> PeerKey {
         match &self.transport {
             Transport::Unix { uid, .. } => PeerKey::Uid(*uid),
+            Transport::Kernel => PeerKey::Kernel,
             Transport::Tcp(addr) => PeerKey::Ip(match addr.ip() {
                 IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                     Some(v4) => IpAddr::V4(v4),
@@ -100,6 +114,7 @@ impl fmt::Display for Peer {
                 }
             }
             Transport::Tcp(addr) => write!(f, "tcp {addr}")?,
+            Transport::Kernel => write!(f, "kernel (attached)")?,
         }
         if let Some(dn) = &self.dn {
             write!(f, " dn={dn:?}")?;

@@ -14,6 +14,7 @@
 //! A new frontend (ublk, say) is a folder here with a type that
 //! implements [`Frontend`], and a config section the daemon maps to it.
 
+pub mod attach;
 pub mod nbd;
 pub mod tls;
 pub mod vhost_user;

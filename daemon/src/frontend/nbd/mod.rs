@@ -23,5 +23,6 @@ mod ring_reader;
 mod server;
 pub(crate) mod transmission;
 
+pub use connection::Server;
 pub(crate) use replies::ReplyRoute;
-pub use server::{run, Listener, NbdFrontend};
+pub use server::{run, serve_kernel, Listener, NbdFrontend};

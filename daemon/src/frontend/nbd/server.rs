@@ -184,6 +184,27 @@ async fn accept_loop(listener: Listener, server: Arc<Server>, mut shutdown: watc
     }
 }
 
+/// Serves one end of a socketpair whose other end the daemon hands to the
+/// kernel's NBD client (`frontend/attach/`), as a Unix connection from
+/// [`Peer::kernel`], admitted through the same gate. Returns when the
+/// connection ends (the kernel or the daemon closed it) or at shutdown.
+pub async fn serve_kernel(
+    server: Arc<Server>,
+    stream: std::os::unix::net::UnixStream,
+    shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let stream = tokio::net::UnixStream::from_std(stream)?;
+    widen_send_buffer(&stream);
+    let peer = Peer::kernel();
+    let slot = server
+        .gate
+        .admit(peer.key(), super::gate::Transport::Unix)
+        .map_err(|refusal| std::io::Error::other(refusal.to_string()))?;
+    connection::run(Accepted::Unix(stream), peer, server, shutdown, slot).await;
+    Ok(())
+}
+
 async fn accept(listener: &Listener) -> std::io::Result<(Accepted, Peer)> {
     match listener {
         Listener::Unix { listener, .. } => {

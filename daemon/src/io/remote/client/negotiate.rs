@@ -118,9 +118,22 @@ pub fn greet<S: Read + Write>(stream: &mut S) -> Result<(), NegotiateError> {
 /// Options after the greeting (and after TLS, if any): structured
 /// replies, then NBD_OPT_GO for `export`.
 pub fn choose<S: Read + Write>(stream: &mut S, export: &str) -> Result<ExportInfo, NegotiateError> {
-    send_option(stream, OPT_STRUCTURED_REPLY, &[])?;
-    let (kind, _) = read_option_reply(stream, OPT_STRUCTURED_REPLY)?;
-    let structured = kind == REP_ACK;
+    choose_replies(stream, export, true)
+}
+
+/// As `choose`, asking for structured replies only when `structured`:
+/// the kernel's NBD client, which gets the socket afterwards, reads
+/// simple replies only.
+pub fn choose_replies<S: Read + Write>(
+    stream: &mut S,
+    export: &str,
+    structured: bool,
+) -> Result<ExportInfo, NegotiateError> {
+    let structured = structured && {
+        send_option(stream, OPT_STRUCTURED_REPLY, &[])?;
+        let (kind, _) = read_option_reply(stream, OPT_STRUCTURED_REPLY)?;
+        kind == REP_ACK
+    };
 
     let mut go = Vec::with_capacity(8 + export.len());
     go.extend_from_slice(&(export.len() as u32).to_be_bytes());

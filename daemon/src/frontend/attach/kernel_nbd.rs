@@ -1,0 +1,166 @@
+//! A volume on the kernel's NBD client, as `nbd-client -N` would set it
+//! up, without a client process: the daemon makes one socketpair per
+//! connection, serves one end like any NBD connection (`frontend/nbd/`,
+//! peer [`Peer::kernel`](crate::export::peer::Peer::kernel)), runs the
+//! client's side of the handshake on the other end itself (simple
+//! replies: the kernel reads no structured ones), and hands those ends to
+//! the kernel over netlink (`netlink.rs`).
+//!
+//! The device carries the backend identifier `hostcrypt:VOLUME`
+//! (/sys/block/nbdN/backend). After a restart the daemon finds its
+//! devices by it and gives them fresh sockets (NBD_CMD_RECONFIGURE): the
+//! kernel held their I/O for the dead-connection timeout, so a mounted
+//! filesystem carries on. A reconfigure must name the identifier again,
+//! so the daemon never takes over a device it did not attach.
+//!
+//! Here: sockets, handshake, connect, reconfigure, disconnect, finding
+//! devices. Not here: which volumes are attached and the control verbs
+//! (`mod.rs`), device names and mounts (`device.rs`).
+
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+use super::netlink::{Connect, NbdNetlink};
+use super::AttachError;
+use crate::frontend::nbd::{serve_kernel, Server};
+use crate::io::remote::client::negotiate::{choose_replies, greet, ExportInfo};
+
+/// How long the daemon's own handshake on a socketpair may take.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// What the NBD attachments of one daemon share.
+pub struct Plumbing {
+    pub server: Arc<Server>,
+    pub runtime: Handle,
+    pub shutdown: watch::Receiver<bool>,
+    /// Connections per device (the kernel spreads its queues over them).
+    pub connections: usize,
+    /// Seconds the kernel holds I/O while the daemon is away.
+    pub dead_conn_timeout: u64,
+    /// Where block devices appear (`/dev`; a test may point elsewhere).
+    pub dev: PathBuf,
+    /// Where the kernel describes them (`/sys/block`).
+    pub sys_block: PathBuf,
+}
+
+/// The identifier a device attached for `volume` carries.
+pub fn backend_identifier(volume: &str) -> String {
+    format!("hostcrypt:{volume}")
+}
+
+impl Plumbing {
+    /// `connections` socketpairs: each server end served, each client end
+    /// through the handshake for `volume` and ready for the kernel.
+    fn negotiated(&self, volume: &str) -> Result<(Vec<UnixStream>, ExportInfo), AttachError> {
+        let mut sockets = Vec::with_capacity(self.connections);
+        let mut agreed: Option<ExportInfo> = None;
+        for _ in 0..self.connections.max(1) {
+            let (ours, theirs) = UnixStream::pair()?;
+            let server = self.server.clone();
+            let shutdown = self.shutdown.clone();
+            let name = volume.to_owned();
+            self.runtime.spawn(async move {
+                if let Err(e) = serve_kernel(server, ours, shutdown).await {
+                    tracing::warn!(volume = name, "attached NBD connection refused: {e}");
+                }
+            });
+            theirs.set_read_timeout(Some(HANDSHAKE))?;
+            theirs.set_write_timeout(Some(HANDSHAKE))?;
+            let mut stream = &theirs;
+            greet(&mut stream).map_err(|e| AttachError::Handshake(e.to_string()))?;
+            let info = choose_replies(&mut stream, volume, false)
+                .map_err(|e| AttachError::Handshake(e.to_string()))?;
+            // The kernel reads and writes this socket from now on, with
+            // its own timeouts.
+            theirs.set_read_timeout(None)?;
+            theirs.set_write_timeout(None)?;
+            if agreed.is_some_and(|a| a != info) {
+                return Err(AttachError::Handshake(
+                    "connections of one device disagree on the export".into(),
+                ));
+            }
+            agreed = Some(info);
+            sockets.push(theirs);
+        }
+        let info = agreed.ok_or_else(|| AttachError::Handshake("no connection".into()))?;
+        Ok((sockets, info))
+    }
+
+    /// The device attached for `volume`: connected anew, or, when one
+    /// with its identifier exists (left by an earlier daemon; the caller
+    /// knows what this one attached), given fresh sockets. Returns its
+    /// index.
+    pub fn attach(&self, volume: &str) -> Result<u32, AttachError> {
+        if let Some(index) = self.resume(volume)? {
+            return Ok(index);
+        }
+        let backend = backend_identifier(volume);
+        let (sockets, info) = self.negotiated(volume)?;
+        let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
+        let request = Connect {
+            size: info.size,
+            // The volume's sector size, which the server prefers: the
+            // device's logical block size.
+            block_size: u64::from(info.preferred_block.clamp(512, 65536)),
+            server_flags: info.flags,
+            timeout: 0,
+            dead_conn_timeout: self.dead_conn_timeout,
+            backend: &backend,
+        };
+        Ok(NbdNetlink::open()?.connect(None, &fds, &request)?)
+    }
+
+    /// Gives an attached device whose daemon went away fresh sockets;
+    /// `None` when no device carries the volume's identifier.
+    pub fn resume(&self, volume: &str) -> Result<Option<u32>, AttachError> {
+        let backend = backend_identifier(volume);
+        let Some(index) = self.find(&backend) else {
+            return Ok(None);
+        };
+        let (sockets, _) = self.negotiated(volume)?;
+        let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
+        NbdNetlink::open()?.reconfigure(index, &fds, &backend, self.dead_conn_timeout)?;
+        Ok(Some(index))
+    }
+
+    /// NBD_CMD_DISCONNECT for the device at `index`.
+    pub fn disconnect(&self, index: u32) -> Result<(), AttachError> {
+        NbdNetlink::open()?.disconnect(index)?;
+        Ok(())
+    }
+
+    /// `/dev/nbdN`.
+    pub fn device(&self, index: u32) -> PathBuf {
+        self.dev.join(format!("nbd{index}"))
+    }
+
+    /// The index of the device whose backend identifier is `backend`.
+    pub fn find(&self, backend: &str) -> Option<u32> {
+        let entries = std::fs::read_dir(&self.sys_block).ok()?;
+        entries.flatten().find_map(|entry| {
+            let name = entry.file_name();
+            let index = name.to_str()?.strip_prefix("nbd")?.parse::<u32>().ok()?;
+            let text = std::fs::read_to_string(entry.path().join("backend")).ok()?;
+            (text.trim_end() == backend).then_some(index)
+        })
+    }
+}
+
+impl From<super::netlink::NetlinkError> for AttachError {
+    fn from(e: super::netlink::NetlinkError) -> Self {
+        AttachError::Netlink(e.to_string())
+    }
+}
+
+impl From<io::Error> for AttachError {
+    fn from(e: io::Error) -> Self {
+        AttachError::Io(e.to_string())
+    }
+}
