@@ -543,14 +543,16 @@ impl VhostUserBackend for BlockBackend {
     }
 
     /// GET_VRING_BASE (the frontend stops the queue, e.g. to migrate or
-    /// reset): the connection's requests complete first, so the
-    /// used ring the frontend reads back is final.
+    /// reset): the queue's own requests complete first, so the used ring
+    /// the frontend reads back is final; the other queues' requests do
+    /// not hold it up (they write into their own rings).
     /// Either way the queue is retired: what completes later writes
     /// nothing into the ring the frontend may set up next.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let drained = self.drain(STOP_TIMEOUT);
-        self.in_flight.retire_queue(queue_index as usize);
-        if let Some(broken) = self.broken.get(queue_index as usize) {
+        let queue = queue_index as usize;
+        let drained = self.in_flight.wait_queue_idle(queue, STOP_TIMEOUT);
+        self.in_flight.retire_queue(queue);
+        if let Some(broken) = self.broken.get(queue) {
             broken.store(false, Ordering::Relaxed);
         }
         if drained {
