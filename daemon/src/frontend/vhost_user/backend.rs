@@ -565,6 +565,23 @@ impl VhostUserBackend for BlockBackend {
         }
     }
 
+    /// RESET_DEVICE (vhost-user-backend has disabled the rings first):
+    /// every queue is retired and none is left stopped as broken, so
+    /// requests from before the reset write nothing into the rings the
+    /// frontend sets up next, and those rings start served. Nothing
+    /// waits: a reset discards what was in flight. Features return to
+    /// what they are before the first SET_FEATURES, as the handler's do.
+    /// Unreachable while `device.rs` does not offer the RESET_DEVICE
+    /// protocol feature (vhost refuses the message then): ready if it does.
+    fn reset_device(&self) {
+        for (queue, broken) in self.broken.iter().enumerate() {
+            self.in_flight.retire_queue(queue);
+            broken.store(false, Ordering::Relaxed);
+        }
+        self.acked.store(0, Ordering::Relaxed);
+        self.event_idx.store(false, Ordering::Relaxed);
+    }
+
     fn update_memory(&self, _memory: Memory) -> io::Result<()> {
         // `self.memory` is the same GuestMemoryAtomic, already updated.
         Ok(())
