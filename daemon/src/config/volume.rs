@@ -165,6 +165,7 @@ pub struct VolumeConfig {
     /// and libblkio connect here and share guest memory with the daemon.
     /// Clients pass the volume's `allow` list like NBD clients; one client
     /// at a time. Bound at start: a reload that changes it needs a restart.
+    /// Its directory must not itself be a symbolic link.
     #[schemars(with = "Option<PathBuf>", extend("examples" = ["/run/hostcrypt/cache0.vhost"]))]
     pub vhost_user: Option<Spanned<PathBuf>>,
     /// Virtqueues the vhost-user-blk device offers, 1 to 64 (default: one

@@ -18,13 +18,13 @@ pub fn specs(config: &Config) -> Result<Vec<SocketSpec>, VhostUserError> {
         .iter()
         .filter_map(|v| {
             v.vhost_user_socket().map(|spec| {
-                spec.map_err(|message| VhostUserError::Bind {
+                spec.map_err(|message| VhostUserError::Config {
                     path: v
                         .vhost_user
                         .as_ref()
                         .map(|p| p.get_ref().clone())
                         .unwrap_or_default(),
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, message),
+                    message,
                 })
             })
         })

@@ -644,14 +644,16 @@ impl VhostUserBackend for BlockBackend {
     }
 
     /// GET_VRING_BASE (the frontend stops the queue, e.g. to migrate or
-    /// reset): the connection's requests complete first, so the
-    /// used ring the frontend reads back is final.
+    /// reset): the queue's own requests complete first, so the used ring
+    /// the frontend reads back is final; the other queues' requests do
+    /// not hold it up (they write into their own rings).
     /// Either way the queue is retired: what completes later writes
     /// nothing into the ring the frontend may set up next.
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        let drained = self.drain(STOP_TIMEOUT);
-        self.in_flight.retire_queue(queue_index as usize);
-        if let Some(broken) = self.broken.get(queue_index as usize) {
+        let queue = queue_index as usize;
+        let drained = self.in_flight.wait_queue_idle(queue, STOP_TIMEOUT);
+        self.in_flight.retire_queue(queue);
+        if let Some(broken) = self.broken.get(queue) {
             broken.store(false, Ordering::Relaxed);
         }
         if drained {
@@ -761,6 +763,23 @@ impl VhostUserBackend for BlockBackend {
             let _ = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         }
         Ok(())
+    }
+
+    /// RESET_DEVICE (vhost-user-backend has disabled the rings first):
+    /// every queue is retired and none is left stopped as broken, so
+    /// requests from before the reset write nothing into the rings the
+    /// frontend sets up next, and those rings start served. Nothing
+    /// waits: a reset discards what was in flight. Features return to
+    /// what they are before the first SET_FEATURES, as the handler's do.
+    /// Unreachable while `device.rs` does not offer the RESET_DEVICE
+    /// protocol feature (vhost refuses the message then): ready if it does.
+    fn reset_device(&self) {
+        for (queue, broken) in self.broken.iter().enumerate() {
+            self.in_flight.retire_queue(queue);
+            broken.store(false, Ordering::Relaxed);
+        }
+        self.acked.store(0, Ordering::Relaxed);
+        self.event_idx.store(false, Ordering::Relaxed);
     }
 
     fn update_memory(&self, _memory: Memory) -> io::Result<()> {

@@ -1,5 +1,6 @@
 //! What one vhost-user connection has in flight, and the rules that bound
-//! it: how many requests run (so closing can wait for them), how many
+//! it: how many requests run, on each queue and in all (so stopping a
+//! queue can wait for its own, and closing for every one), how many
 //! bytes of bounce buffers and read results they pin (a budget the queue
 //! workers wait on), which descriptor heads of each queue are taken (a
 //! head the guest posts again while it is in flight is a broken or
@@ -44,6 +45,9 @@ pub struct InFlight {
 
 struct State {
     running: usize,
+    /// `running` by queue: GET_VRING_BASE on one queue waits for its own
+    /// requests only, not for a busy neighbour's.
+    queue_running: Box<[usize]>,
     bytes: u64,
     closing: bool,
 }
@@ -71,6 +75,7 @@ impl InFlight {
         Arc::new(InFlight {
             state: Mutex::new(State {
                 running: 0,
+                queue_running: vec![0; queues].into_boxed_slice(),
                 bytes: 0,
                 closing: false,
             }),
@@ -148,6 +153,10 @@ impl InFlight {
             return Err(Refusal::Retired);
         }
         state.running += 1;
+        // In range: `queue` was found among the queues above.
+        if let Some(n) = state.queue_running.get_mut(queue) {
+            *n += 1;
+        }
         state.bytes = state.bytes.saturating_add(bytes);
         ticket.admitted = true;
         ticket.bytes = bytes;
@@ -187,6 +196,19 @@ impl InFlight {
         state.running == 0
     }
 
+    /// Waits up to `limit` for the requests admitted on `queue` to
+    /// finish, whatever the other queues have running; whether they all
+    /// did (a queue that does not exist has none).
+    pub fn wait_queue_idle(&self, queue: usize, limit: Duration) -> bool {
+        let busy = |s: &State| s.queue_running.get(queue).is_some_and(|n| *n > 0);
+        let state = lock(&self.state);
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, limit, |s| busy(s))
+            .unwrap_or_else(|p| p.into_inner());
+        !busy(&state)
+    }
+
     #[cfg(test)]
     fn admit0(self: &Arc<Self>, queue: usize, head: u16, bytes: u64) -> Result<Ticket, Refusal> {
         self.admit(queue, head, bytes, self.generation(queue))
@@ -207,7 +229,8 @@ pub struct Ticket {
     head: u16,
     generation: u64,
     bytes: u64,
-    /// Counted in `State::running` and `State::bytes`.
+    /// Counted in `State::running`, its queue's `State::queue_running`
+    /// and `State::bytes`.
     admitted: bool,
     /// Its bit in the queue's heads is still set by it.
     holds_head: bool,
@@ -255,6 +278,9 @@ impl Drop for Ticket {
         }
         let mut state = lock(&self.owner.state);
         state.running -= 1;
+        if let Some(n) = state.queue_running.get_mut(self.queue) {
+            *n -= 1;
+        }
         state.bytes -= self.bytes;
         drop(state);
         self.owner.changed.notify_all();
@@ -344,6 +370,33 @@ mod tests {
         );
         // ...and its head is not left taken.
         assert!(inflight.admit0(0, 1, 512).is_ok());
+    }
+
+    #[test]
+    fn stopping_a_queue_waits_for_its_own_requests_only() {
+        let inflight = InFlight::new(2, 256, BUDGET);
+        let other = inflight.admit0(1, 0, 4096).unwrap();
+        // A request on queue 1 does not hold up queue 0's stop...
+        assert!(inflight.wait_queue_idle(0, Duration::ZERO));
+        assert!(!inflight.wait_queue_idle(1, Duration::ZERO));
+        // ...but one on queue 0 does, until it completes.
+        let own = inflight.admit0(0, 0, 4096).unwrap();
+        assert!(!inflight.wait_queue_idle(0, Duration::from_millis(20)));
+        let stop = {
+            let inflight = inflight.clone();
+            std::thread::spawn(move || inflight.wait_queue_idle(0, Duration::from_secs(30)))
+        };
+        // Most likely waiting by now: the completion must wake it.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(own.complete(|| {}));
+        assert!(stop.join().unwrap());
+        // A dropped ticket counts as finished too; the connection's wait
+        // still sees queue 1's request.
+        assert!(!inflight.wait_idle(Duration::ZERO));
+        drop(other);
+        assert!(inflight.wait_queue_idle(1, Duration::ZERO));
+        assert!(inflight.wait_idle(Duration::ZERO));
+        assert!(inflight.wait_queue_idle(7, Duration::ZERO));
     }
 
     #[test]

@@ -7,12 +7,13 @@
 //!
 //! Here: the frontend contract ([`VhostUserFrontend`]); what the daemon
 //! hands it and the errors (`spec.rs`); the socket, the peer check and a
-//! connection's life (`socket.rs`); the device on one connection, from
-//! descriptor chain to `volume::Op` and back (`backend.rs`); the request
-//! parser, without I/O (`request.rs`); features and configuration space
-//! (`device.rs`); what a connection has in flight (`inflight.rs`); the
-//! inflight log the VMM keeps across a daemon restart
-//! (`inflight_log.rs`) and the chains resubmitted from it
+//! connection's life (`socket.rs`); putting the socket file in place,
+//! relative to its directory's fd (`bind.rs`); the device on one
+//! connection, from descriptor chain to `volume::Op` and back
+//! (`backend.rs`); the request parser, without I/O (`request.rs`);
+//! features and configuration space (`device.rs`); what a connection has
+//! in flight (`inflight.rs`); the inflight log the VMM keeps across a
+//! daemon restart (`inflight_log.rs`) and the chains resubmitted from it
 //! (`resubmit.rs`); interrupts (`notify.rs`). Shared with other frontends: exports, access rules,
 //! peer identity and metrics (`export/`). The daemon builds the specs from
 //! the config (`daemon/vhost_user.rs`); this folder never reads it.
@@ -33,6 +34,7 @@
 //! its socket refuses clients, and serves them again once it is.
 
 mod backend;
+mod bind;
 mod device;
 mod guest;
 mod inflight;
@@ -45,6 +47,7 @@ mod spec;
 
 use crate::frontend::{Context, Frontend, Running};
 
+pub use bind::BindError;
 pub use device::MAX_QUEUES;
 pub use spec::{SocketSpec, VhostUserError};
 

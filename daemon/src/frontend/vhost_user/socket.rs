@@ -1,9 +1,10 @@
-//! One export's vhost-user socket: binding it (its group and mode), the
-//! accept loop, the peer check, and one connection's life. A connection
-//! is admitted only when its volume is served and its peer (SO_PEERCRED,
-//! SO_PEERGROUPS) passes the volume's `allow` list, the same rules as the
-//! NBD Unix listener; only then does vhost-user-backend read a message
-//! from it (`VhostUserDaemon::start_stream`, see
+//! One export's vhost-user socket: binding it (its group and mode; the
+//! file is put in place by `bind.rs`), the accept loop, the peer check,
+//! and one connection's life. A connection is admitted only when its
+//! volume is served and its peer (SO_PEERCRED, SO_PEERGROUPS) passes the
+//! volume's `allow` list, the same rules as the NBD Unix listener; only
+//! then does vhost-user-backend read a message from it
+//! (`VhostUserDaemon::start_stream`, see
 //! third_party/vhost-user-backend/HOSTCRYPT.md). One client at a time: a
 //! vhost-user-blk device belongs to one VMM; a second connection is closed
 //! at once while the first lasts.
@@ -13,7 +14,6 @@
 //! client hangs up, the daemon stops, or a reload removes the volume
 //! (its retirement), each of which shuts the socket down.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,62 +39,16 @@ pub(super) struct Bound {
     pub listener: std::os::unix::net::UnixListener,
 }
 
-/// Binds `spec.path`, replacing a stale socket file left by a crash but
-/// nothing else, and gives it the configured group and mode.
+/// Binds `spec.path` with the configured group and mode (`bind.rs`:
+/// a stale socket file left by a crash is replaced, nothing else).
 pub(super) fn bind(spec: SocketSpec) -> Result<Bound, VhostUserError> {
-    use std::os::unix::fs::FileTypeExt;
-    let path = spec.path.clone();
-    let failed = |source| VhostUserError::Bind {
-        path: path.clone(),
-        source,
-    };
-    if let Ok(meta) = std::fs::symlink_metadata(&path) {
-        if !meta.file_type().is_socket() {
-            return Err(failed(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )));
-        }
-        if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-            return Err(failed(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "in use by a running server",
-            )));
-        }
-        std::fs::remove_file(&path).map_err(failed)?;
+    match super::bind::listen(&spec.path, spec.mode, spec.group) {
+        Ok(listener) => Ok(Bound { spec, listener }),
+        Err(source) => Err(VhostUserError::Bind {
+            path: spec.path,
+            source,
+        }),
     }
-    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => dir.to_path_buf(),
-        None => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(failed)?;
-    // Bound in a private directory, given its group and mode there, then
-    // moved into place: the socket is never reachable with the umask's
-    // permissions instead of the configured ones.
-    let staging = dir.join(format!(".hostcryptd-bind-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&staging)
-            .map_err(failed)?;
-    }
-    let staged = staging.join("socket");
-    let bound = (|| {
-        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
-        if let Some(gid) = spec.group {
-            std::os::unix::fs::chown(&staged, None, Some(gid))?;
-        }
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(spec.mode))?;
-        listener.set_nonblocking(true)?;
-        std::fs::rename(&staged, &path)?;
-        Ok(listener)
-    })();
-    let _ = std::fs::remove_file(&staged);
-    let _ = std::fs::remove_dir(&staging);
-    let listener = bound.map_err(failed)?;
-    Ok(Bound { spec, listener })
 }
 
 /// Accepts on one socket until `shutdown`, then ends the connection and

@@ -5,6 +5,8 @@
 
 use std::path::PathBuf;
 
+use super::bind::BindError;
+
 /// One volume's vhost-user socket, as the daemon configures it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SocketSpec {
@@ -23,11 +25,13 @@ pub struct SocketSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserError {
+    #[error("vhost-user socket {path}: {message}")]
+    Config { path: PathBuf, message: String },
     #[error("vhost-user socket {path}: {source}")]
     Bind {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: BindError,
     },
     #[error("vhost-user session: {0}")]
     Session(String),
