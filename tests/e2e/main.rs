@@ -3,6 +3,7 @@
 //! `hostcryptd`, plus the break-glass oracle (OpenSSL decrypts the data
 //! area given the DEK) and fault cases. One test binary, one module per area.
 
+mod attach;
 mod azure;
 mod bad_input;
 mod blockdev;

@@ -42,7 +42,7 @@ for tool in hostcryptd hostcrypt volume-dek; do
 done
 vm_add_tool "$root" "$work/bin/hostcryptd" "$work/bin/hostcrypt" "$work/bin/volume-dek" \
   "$(command -v mke2fs)" "$(command -v fio)" "$(command -v cryptsetup)"
-vm_add_modules "$root" nbd dm_crypt loop
+vm_add_modules "$root" nbd dm_crypt loop xts aesni_intel
 
 cat > "$root/init" <<'EOF'
 #!/bin/busybox sh
@@ -50,7 +50,7 @@ cat > "$root/init" <<'EOF'
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /tmp /run/cryptsetup /mnt /hc
 fail() { echo "HOSTCRYPT-ATTACH-VM: FAIL: $*"; tail -5 /hc/d.log 2>/dev/null; poweroff -f; }
-vm-load nbd dm_crypt loop || fail "modules"
+vm-load nbd dm_crypt loop xts aesni_intel || fail "modules"
 cd /hc
 head -c 32 /dev/urandom > kek; chmod 600 kek
 cat > c.toml <<'TOML'
