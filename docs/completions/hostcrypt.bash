@@ -16,6 +16,12 @@ _hostcrypt() {
             ",$1")
                 cmd="hostcrypt"
                 ;;
+            hostcrypt,attach)
+                cmd="hostcrypt__subcmd__attach"
+                ;;
+            hostcrypt,attached)
+                cmd="hostcrypt__subcmd__attached"
+                ;;
             hostcrypt,audit)
                 cmd="hostcrypt__subcmd__audit"
                 ;;
@@ -27,6 +33,9 @@ _hostcrypt() {
                 ;;
             hostcrypt,create)
                 cmd="hostcrypt__subcmd__create"
+                ;;
+            hostcrypt,detach)
+                cmd="hostcrypt__subcmd__detach"
                 ;;
             hostcrypt,erase)
                 cmd="hostcrypt__subcmd__erase"
@@ -94,6 +103,12 @@ _hostcrypt() {
             hostcrypt__subcmd__header__subcmd__help,restore)
                 cmd="hostcrypt__subcmd__header__subcmd__help__subcmd__restore"
                 ;;
+            hostcrypt__subcmd__help,attach)
+                cmd="hostcrypt__subcmd__help__subcmd__attach"
+                ;;
+            hostcrypt__subcmd__help,attached)
+                cmd="hostcrypt__subcmd__help__subcmd__attached"
+                ;;
             hostcrypt__subcmd__help,audit)
                 cmd="hostcrypt__subcmd__help__subcmd__audit"
                 ;;
@@ -105,6 +120,9 @@ _hostcrypt() {
                 ;;
             hostcrypt__subcmd__help,create)
                 cmd="hostcrypt__subcmd__help__subcmd__create"
+                ;;
+            hostcrypt__subcmd__help,detach)
+                cmd="hostcrypt__subcmd__help__subcmd__detach"
                 ;;
             hostcrypt__subcmd__help,erase)
                 cmd="hostcrypt__subcmd__help__subcmd__erase"
@@ -173,8 +191,56 @@ _hostcrypt() {
 
     case "${cmd}" in
         hostcrypt)
-            opts="-c -h -V --config --help --version kek create status check-key rotate-kek rekey reencrypt reload volumes audit completions man header erase inspect help"
+            opts="-c -h -V --config --help --version kek create status check-key rotate-kek rekey reencrypt reload attach detach attached volumes audit completions man header erase inspect help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hostcrypt__subcmd__attach)
+            opts="-c -h --via --json --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --via)
+                    COMPREPLY=($(compgen -W "nbd ublk" -- "${cur}"))
+                    return 0
+                    ;;
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hostcrypt__subcmd__attached)
+            opts="-c -h --json --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -362,6 +428,28 @@ _hostcrypt() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hostcrypt__subcmd__detach)
+            opts="-c -h --force --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hostcrypt__subcmd__erase)
             opts="-c -h --yes --take-over --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
@@ -507,8 +595,36 @@ _hostcrypt() {
             return 0
             ;;
         hostcrypt__subcmd__help)
-            opts="kek create status check-key rotate-kek rekey reencrypt reload volumes audit completions man header erase inspect help"
+            opts="kek create status check-key rotate-kek rekey reencrypt reload attach detach attached volumes audit completions man header erase inspect help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hostcrypt__subcmd__help__subcmd__attach)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hostcrypt__subcmd__help__subcmd__attached)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -577,6 +693,20 @@ _hostcrypt() {
             return 0
             ;;
         hostcrypt__subcmd__help__subcmd__create)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hostcrypt__subcmd__help__subcmd__detach)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
