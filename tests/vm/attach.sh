@@ -12,6 +12,8 @@
 #   the backing → dm-crypt: cryptsetup open --type plain with the
 #   break-glass parameters (docs/operating.md) on the same backing through
 #   a loop device, mount, every file verifies.
+# A temp volume with `attach = "nbd"` is attached at start and detached
+# at stop.
 # Prints "attach VM: PASS" and exits 0, or says what failed. The e2e suite
 # runs it as root (tests/e2e/attach.rs).
 #   tests/vm/attach.sh [--bin target/debug]
@@ -67,6 +69,12 @@ name = "v"
 backing = "/hc/v.img"
 role = "cache"
 kek = "main"
+[[volume]]
+name = "t"
+backing = "/hc/t.img"
+role = "temp"
+size = "16M"
+attach = "nbd"
 TOML
 hc() { /opt/hostcrypt --config /hc/c.toml "$@"; }
 hc create v --size 96M --sector-size 4096 >/dev/null || fail "create"
@@ -79,6 +87,11 @@ start_daemon() {
   done
 }
 start_daemon
+# The temp volume is attached by the config (attach = "nbd") at start.
+i=0
+until [ -b /dev/hostcrypt/t ]; do i=$((i + 1)); [ $i -gt 300 ] && fail "attach = nbd: no /dev/hostcrypt/t"; sleep 0.1; done
+tnbd=$(basename "$(readlink /dev/hostcrypt/t)")
+echo "guest: temp volume attached at start as $tnbd"
 dev=$(hc attach v) || fail "attach"
 [ "$dev" = /dev/hostcrypt/v ] && [ -b "$dev" ] || fail "attach printed $dev"
 nbd=$(basename "$(readlink "$dev")")
@@ -108,6 +121,7 @@ wait $fio || { cat /tmp/fio.log; fail "fio (verify) across the restart"; }
 grep -q "err= 0" /tmp/fio.log || { cat /tmp/fio.log; fail "fio reported errors"; }
 echo "guest: fio verified across the restart: $(grep -o 'WRITE: bw=[^,]*' /tmp/fio.log)"
 hc attached | grep -q "mounted on /mnt" || fail "attached does not show the mount"
+hc status | grep -q "attached v as /dev/hostcrypt/v" || fail "status does not show the attachment"
 hc detach v 2>/tmp/detach.err && fail "detach of a mounted device succeeded"
 grep -q "in use" /tmp/detach.err || fail "detach refused without saying why: $(cat /tmp/detach.err)"
 umount /mnt || fail "umount"
@@ -117,7 +131,15 @@ mount -t ext4 "$dev" /mnt || fail "mount again"
 umount /mnt
 hc detach v || fail "detach"
 [ -e /dev/hostcrypt/v ] && fail "/dev/hostcrypt/v is still there"
+# At stop the temp volume's device goes with it (its data is erased).
 kill $pid; wait $pid 2>/dev/null
+[ -e /dev/hostcrypt/t ] && fail "/dev/hostcrypt/t outlived the daemon"
+# The temp volume's device from before the kill -9 was disconnected by
+# the next daemon (a new temp volume is another disk), and the one it
+# attached at start is gone with the stop.
+for b in /sys/block/nbd*/backend; do
+  grep -q "^hostcrypt:t:" "$b" 2>/dev/null && fail "$b: a temp volume's device is still connected"
+done
 grep -q HOSTCRYPT-PLAINTEXT-MARKER /hc/v.img && fail "plaintext in the backing"
 # Break-glass: the same backing with dm-crypt, no hostcrypt.
 /opt/volume-dek /hc/v.img /hc/kek /tmp/dek.bin || fail "unwrap the DEK"

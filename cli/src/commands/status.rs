@@ -55,6 +55,20 @@ pub fn status(config_path: &Path, json: bool) -> anyhow::Result<()> {
         c.tls_failures,
         c.handshake_failures
     );
+    for a in &status.attached {
+        let users = if a.users.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", a.users.join(", "))
+        };
+        println!(
+            "  attached {} as {} → {} via {}{users}",
+            a.volume,
+            a.name.display(),
+            a.device.display(),
+            a.via
+        );
+    }
     for v in &status.volumes {
         if let Some(u) = &v.unavailable {
             println!("  {:<16} {:<17} {}", v.name, u.state, u.error);

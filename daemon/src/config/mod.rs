@@ -256,6 +256,9 @@ impl Config {
                     }
                 }
             }
+            if let (Some(Err(e)), Some(key)) = (v.attach_via(), &v.attach) {
+                return Err(invalid(key.span(), "attach", e));
+            }
             match &v.vhost_user {
                 Some(socket) => {
                     let path = socket.get_ref();

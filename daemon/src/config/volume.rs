@@ -184,6 +184,15 @@ pub struct VolumeConfig {
     /// writes, discards and write-zeroes from it fail. NBD is unaffected.
     #[schemars(with = "Option<bool>", extend("examples" = [true]))]
     pub vhost_user_read_only: Option<Spanned<bool>>,
+    /// Attach the volume as a block device on this host when the daemon
+    /// starts (`hostcrypt attach` does it by hand): `"nbd"` through the
+    /// kernel's NBD client (module `nbd`), `"auto"` the best available
+    /// (ublk once built, else nbd); `"ublk"` is not built yet. The device
+    /// is /dev/hostcrypt/NAME. It stays across a restart of the daemon (a
+    /// mounted filesystem pauses and carries on); at stop it is detached
+    /// if nothing uses it, and a temp volume's always is.
+    #[schemars(with = "Option<String>", extend("examples" = ["auto"]))]
+    pub attach: Option<Spanned<String>>,
     /// Remote backings: serve it even though another daemon's owner record
     /// (not released) is in its header, after waiting out that daemon's
     /// write lease (`volume/claim.rs`). Only for a daemon that is stopped
@@ -260,6 +269,17 @@ impl VolumeConfig {
                 .as_ref()
                 .map(|d| d.get_ref().clone()),
         }
+    }
+
+    /// How the volume is attached at start (`attach`); `None` without it.
+    pub fn attach_via(&self) -> Option<Result<crate::frontend::attach::Via, String>> {
+        use crate::frontend::attach::Via;
+        let text = self.attach.as_ref()?.get_ref();
+        Some(match text.as_str() {
+            "nbd" | "auto" => Ok(Via::Nbd),
+            "ublk" => Err("attach = \"ublk\" is not built yet; use \"nbd\" or \"auto\"".into()),
+            other => Err(format!("attach is \"nbd\" or \"auto\", not {other:?}")),
+        })
     }
 
     /// The vhost-user socket's settings; `None` without `vhost_user`.

@@ -172,6 +172,9 @@ pub struct Status {
     #[serde(default)]
     pub connections: ConnectionStatus,
     pub volumes: Vec<VolumeStatus>,
+    /// Volumes attached as block devices on this host.
+    #[serde(default)]
+    pub attached: Vec<crate::frontend::attach::Attached>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -313,6 +313,7 @@ fn status(state: &ControlState) -> Status {
         listeners: state.listeners.clone(),
         tls: state.gate.tls().map(|t| t.info.clone()),
         connections: connection_status(&state.gate),
+        attached: state.attacher.list(),
         volumes: state
             .registry
             .iter()

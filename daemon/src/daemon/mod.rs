@@ -101,6 +101,7 @@ pub struct Daemon {
     reloader: Arc<Reloader>,
     engine: Arc<Engine>,
     frontends: Vec<frontend::Running>,
+    attacher: Arc<frontend::attach::Attacher>,
     control: Option<(tokio::task::JoinHandle<()>, PathBuf, bool)>,
     metrics: Option<std::thread::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
@@ -279,7 +280,14 @@ impl Daemon {
         if !vhost.is_empty() {
             configured.push(Box::new(vhost));
         }
-        configured.push(Box::new(frontend::attach::AttachFrontend(attacher)));
+        attacher.set_configured(
+            config
+                .volumes
+                .iter()
+                .filter_map(|v| Some((v.name.get_ref().clone(), v.attach_via()?.ok()?)))
+                .collect(),
+        );
+        configured.push(Box::new(frontend::attach::AttachFrontend(attacher.clone())));
         let frontends = configured
             .into_iter()
             .map(|f| {
@@ -312,6 +320,7 @@ impl Daemon {
             reloader,
             engine,
             frontends,
+            attacher,
             control,
             metrics,
             watchdog,
@@ -363,6 +372,10 @@ impl Daemon {
     pub async fn drain(self) -> Result<(), DaemonError> {
         tracing::info!("stopping: draining in-flight requests");
         service::systemd::stopping();
+        // While the volumes still serve: attached devices that should not
+        // outlive the daemon are flushed and detached.
+        let attacher = self.attacher.clone();
+        let _ = tokio::task::spawn_blocking(move || attacher.before_stop()).await;
         self.shutdown.trigger();
         // No volume joins the registry from here on: one still opening
         // is flushed and released by whoever opened it (`Reloader`).

@@ -183,6 +183,9 @@ impl Geometry {
 #[derive(Debug)]
 pub struct Volume {
     pub name: String,
+    /// The header's UUID (a temp volume's is new at every open): what
+    /// names this volume's data, whatever its config name.
+    pub uuid: Uuid,
     pub role: Role,
     pub data: std::sync::Arc<DataArea>,
     /// The owner record this instance wrote, on a remote backing
@@ -685,6 +688,7 @@ fn ready(
     }
     Ok(Volume {
         name: name.to_owned(),
+        uuid: header.uuid,
         role: header.role,
         data,
         claim,

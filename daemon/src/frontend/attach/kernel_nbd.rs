@@ -6,12 +6,16 @@
 //! replies: the kernel reads no structured ones), and hands those ends to
 //! the kernel over netlink (`netlink.rs`).
 //!
-//! The device carries the backend identifier `hostcrypt:VOLUME`
+//! The device carries the backend identifier `hostcrypt:VOLUME:UUID`
 //! (/sys/block/nbdN/backend). After a restart the daemon finds its
 //! devices by it and gives them fresh sockets (NBD_CMD_RECONFIGURE): the
 //! kernel held their I/O for the dead-connection timeout, so a mounted
-//! filesystem carries on. A reconfigure must name the identifier again,
-//! so the daemon never takes over a device it did not attach.
+//! filesystem carries on. The UUID is the volume header's: a device is
+//! only ever given the data it was attached to, never that of another
+//! volume that took the name since (a temp volume is new at every start,
+//! so its device is never resumed). A reconfigure must name the
+//! identifier again, so the daemon never takes over a device it did not
+//! attach.
 //!
 //! Here: sockets, handshake, connect, reconfigure, disconnect, finding
 //! devices. Not here: which volumes are attached and the control verbs
@@ -51,8 +55,8 @@ pub struct Plumbing {
 }
 
 /// The identifier a device attached for `volume` carries.
-pub fn backend_identifier(volume: &str) -> String {
-    format!("hostcrypt:{volume}")
+pub fn backend_identifier(volume: &str, uuid: &uuid::Uuid) -> String {
+    format!("hostcrypt:{volume}:{uuid}")
 }
 
 impl Plumbing {
@@ -97,11 +101,11 @@ impl Plumbing {
     /// with its identifier exists (left by an earlier daemon; the caller
     /// knows what this one attached), given fresh sockets. Returns its
     /// index.
-    pub fn attach(&self, volume: &str) -> Result<u32, AttachError> {
-        if let Some(index) = self.resume(volume)? {
+    pub fn attach(&self, volume: &str, uuid: &uuid::Uuid) -> Result<u32, AttachError> {
+        if let Some(index) = self.resume(volume, uuid)? {
             return Ok(index);
         }
-        let backend = backend_identifier(volume);
+        let backend = backend_identifier(volume, uuid);
         let (sockets, info) = self.negotiated(volume)?;
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
         let request = Connect {
@@ -119,8 +123,8 @@ impl Plumbing {
 
     /// Gives an attached device whose daemon went away fresh sockets;
     /// `None` when no device carries the volume's identifier.
-    pub fn resume(&self, volume: &str) -> Result<Option<u32>, AttachError> {
-        let backend = backend_identifier(volume);
+    pub fn resume(&self, volume: &str, uuid: &uuid::Uuid) -> Result<Option<u32>, AttachError> {
+        let backend = backend_identifier(volume, uuid);
         let Some(index) = self.find(&backend) else {
             return Ok(None);
         };
@@ -128,6 +132,45 @@ impl Plumbing {
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
         NbdNetlink::open()?.reconfigure(index, &fds, &backend, self.dead_conn_timeout)?;
         Ok(Some(index))
+    }
+
+    /// Devices attached for an earlier volume named `volume` (another
+    /// UUID: a temp volume before a restart) by a process that is gone:
+    /// nothing will ever serve them, so they are disconnected now rather
+    /// than fail their I/O when the dead-connection timeout ends. A device
+    /// whose process lives (another daemon's) is left alone.
+    pub fn disconnect_orphans(&self, volume: &str, uuid: &uuid::Uuid) -> Vec<u32> {
+        let prefix = format!("hostcrypt:{volume}:");
+        let current = backend_identifier(volume, uuid);
+        let Ok(entries) = std::fs::read_dir(&self.sys_block) else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for entry in entries.flatten() {
+            let Some(index) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("nbd"))
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(backend) = std::fs::read_to_string(entry.path().join("backend")) else {
+                continue;
+            };
+            let backend = backend.trim_end();
+            if !backend.starts_with(&prefix) || backend == current {
+                continue;
+            }
+            let alive = std::fs::read_to_string(entry.path().join("pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+            if !alive && self.disconnect(index).is_ok() {
+                gone.push(index);
+            }
+        }
+        gone
     }
 
     /// NBD_CMD_DISCONNECT for the device at `index`.

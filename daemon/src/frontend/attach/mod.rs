@@ -91,6 +91,9 @@ pub struct Attacher {
     /// Where the stable names go (`/dev/hostcrypt`).
     names: PathBuf,
     attached: Mutex<BTreeMap<String, Attached>>,
+    /// Volumes whose config says `attach`: attached at start, detached
+    /// at stop when nothing uses them.
+    configured: Mutex<Vec<(String, Via)>>,
 }
 
 impl Attacher {
@@ -100,7 +103,72 @@ impl Attacher {
             plumbing,
             names,
             attached: Mutex::new(BTreeMap::new()),
+            configured: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The volumes the config attaches (`attach = ...`).
+    pub fn set_configured(&self, volumes: Vec<(String, Via)>) {
+        *self
+            .configured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = volumes;
+    }
+
+    fn configured(&self) -> Vec<(String, Via)> {
+        self.configured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// At start: resumes what an earlier daemon left attached, then
+    /// attaches what the config asks for and is not attached yet.
+    pub fn start(&self) {
+        self.resume_all();
+        for (volume, via) in self.configured() {
+            if self.lock().contains_key(&volume) {
+                continue;
+            }
+            if let Err(e) = self.attach(&volume, Some(via)) {
+                tracing::error!(volume, "attach = {via}: {e}");
+            }
+        }
+    }
+
+    /// Before the daemon stops (while it still serves): a temp volume's
+    /// device is detached (its data is erased at stop and a new temp
+    /// volume is a different disk: a filesystem must not carry on onto
+    /// it); so is a configured one that nothing uses. A device in use
+    /// stays, and the next daemon resumes it.
+    pub fn before_stop(&self) {
+        let configured: Vec<String> = self.configured().into_iter().map(|(v, _)| v).collect();
+        let attached: Vec<Attached> = self.lock().values().cloned().collect();
+        for a in attached {
+            let temp = self
+                .exports
+                .find(&a.volume)
+                .is_some_and(|e| e.volume.role == crate::volume::Role::Temp);
+            let result = if temp {
+                self.detach(&a.volume, true)
+            } else if configured.contains(&a.volume) {
+                match self.detach(&a.volume, false) {
+                    Err(AttachError::InUse(device, users)) => {
+                        tracing::info!(
+                            volume = a.volume,
+                            "{device} stays attached ({users}); the next daemon resumes it"
+                        );
+                        continue;
+                    }
+                    other => other,
+                }
+            } else {
+                continue;
+            };
+            if let Err(e) = result {
+                tracing::warn!(volume = a.volume, "detach at stop: {e}");
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Attached>> {
@@ -113,16 +181,17 @@ impl Attacher {
         if via == Via::Ublk {
             return Err(AttachError::UblkUnavailable);
         }
-        if self.exports.find(volume).is_none() {
-            return Err(AttachError::NoVolume(volume.to_owned()));
-        }
+        let export = self
+            .exports
+            .find(volume)
+            .ok_or_else(|| AttachError::NoVolume(volume.to_owned()))?;
         if let Some(a) = self.lock().get(volume) {
             return Err(AttachError::Already(
                 volume.to_owned(),
                 a.device.display().to_string(),
             ));
         }
-        let index = self.plumbing.attach(volume)?;
+        let index = self.plumbing.attach(volume, &export.volume.uuid)?;
         self.record(volume, index)
     }
 
@@ -203,7 +272,17 @@ impl Attacher {
     pub fn resume_all(&self) {
         for export in self.exports.iter() {
             let volume = export.name();
-            match self.plumbing.resume(volume) {
+            for index in self
+                .plumbing
+                .disconnect_orphans(volume, &export.volume.uuid)
+            {
+                tracing::warn!(
+                    volume,
+                    "disconnected /dev/nbd{index}: attached for an earlier volume of this name \
+                     (a temp volume before a restart); its data is gone"
+                );
+            }
+            match self.plumbing.resume(volume, &export.volume.uuid) {
                 Ok(Some(index)) => match self.record(volume, index) {
                     Ok(_) => tracing::info!(volume, "attachment resumed with fresh sockets"),
                     Err(e) => tracing::warn!(volume, "attachment resumed, but: {e}"),
@@ -230,9 +309,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The frontend: at start, takes over what an earlier daemon attached.
-/// At stop the devices stay: their connections close with the daemon and
-/// the kernel waits for the next one (`hostcrypt detach` removes one).
+/// The frontend: at start, takes over what an earlier daemon attached and
+/// attaches what the config asks for ([`Attacher::start`]). What happens
+/// at stop runs before the connections drain ([`Attacher::before_stop`],
+/// called by the daemon); devices left attached keep their I/O waiting
+/// for the next daemon, within the dead-connection timeout.
 pub struct AttachFrontend(pub Arc<Attacher>);
 
 impl Frontend for AttachFrontend {
@@ -242,7 +323,7 @@ impl Frontend for AttachFrontend {
 
     fn start(self: Box<Self>, _context: Context) -> Running {
         let attacher = self.0;
-        let task = tokio::task::spawn_blocking(move || attacher.resume_all());
+        let task = tokio::task::spawn_blocking(move || attacher.start());
         Running::new(
             "attach",
             tokio::spawn(async move {
