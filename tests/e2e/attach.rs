@@ -23,3 +23,39 @@ fn a_guest_mounts_an_attached_volume_across_a_kill_9_and_dm_crypt_reads_it() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("attach VM: PASS"), "{text}");
 }
+
+/// Where the kernel has no NBD client (this machine's), attach says so
+/// plainly and leaves nothing behind; a name that cannot be a device
+/// name and a volume that is not served are refused before the kernel
+/// is asked; detach of what is not attached says so.
+#[test]
+fn attach_without_the_nbd_module_says_so_and_leaves_nothing() {
+    // With the module loaded (not on this machine) attach may succeed
+    // or fail for other reasons (not root): the refusals below still hold.
+    let nbd_missing = !std::path::Path::new("/sys/module/nbd").exists();
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    fx.write_config(&fx.control_and_audit());
+    fx.create("v", "8M", 4096);
+    let daemon = fx.start();
+    if nbd_missing {
+        let out = fx.cli(&["attach", "v"]);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("modprobe nbd"), "{text}");
+    }
+    for (args, want) in [
+        (&["attach", "nope"][..], "no volume named"),
+        (&["detach", "v"][..], "not attached"),
+    ] {
+        let out = fx.cli(args);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(text.contains(want), "{args:?}: {text}");
+    }
+    let out = fx.cli(&["attached"]);
+    assert!(output_text(&out).contains("no volume is attached"));
+    // The daemon serves on.
+    assert!(fx.cli(&["status"]).status.success());
+    assert_eq!(daemon.stop(), 0);
+}

@@ -217,6 +217,11 @@ pub fn handle(state: &ControlState, request: ControlRequest, uid: u32) -> Contro
     let uid = Some(uid);
     match request {
         ControlRequest::Status => ControlResponse::ok(status(state)),
+        ControlRequest::Attach { .. } | ControlRequest::Detach { .. } if uid != Some(0) => {
+            ControlResponse::error(
+                "attach and detach are root's: the device they make holds the plaintext",
+            )
+        }
         ControlRequest::Attach { volume, via } => match state.attacher.attach(&volume, via) {
             Ok(attached) => ControlResponse::ok(vec![attached]),
             Err(e) => ControlResponse::error(e),

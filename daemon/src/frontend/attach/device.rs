@@ -83,6 +83,19 @@ pub fn users(device: &Path, sys: &Path) -> Vec<String> {
     found
 }
 
+/// Opens the device exclusively (O_EXCL on a block device): EBUSY while
+/// anything has it mounted, as swap, under dm/md/LVM or claims a
+/// partition, in any mount namespace. Held through flush and disconnect,
+/// so nothing claims it in between.
+pub fn claim(device: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL)
+        .open(device)
+}
+
 /// Writes back what the kernel caches for the device and flushes it to
 /// the daemon (fsync on the block device issues a FLUSH).
 pub fn flush(device: &Path) -> io::Result<()> {
@@ -90,6 +103,17 @@ pub fn flush(device: &Path) -> io::Result<()> {
         .write(true)
         .open(device)?
         .sync_all()
+}
+
+/// Whether `name` may name a volume's device: `[A-Za-z0-9_.-]`, not
+/// starting with a dot, at most 64 bytes (a path component of its own).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 fn major(dev: u64) -> u32 {
@@ -118,6 +142,16 @@ mod tests {
         assert!(link(&names, "file", Path::new("/dev/nbd1")).is_err());
         unlink(&names, "file");
         assert!(names.join("file").exists());
+    }
+
+    #[test]
+    fn names_are_one_plain_path_component() {
+        for good in ["cache0", "a.b-c_d", "V"] {
+            assert!(valid_name(good), "{good}");
+        }
+        for bad in ["", ".hidden", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -106,6 +106,8 @@ impl Plumbing {
             return Ok(index);
         }
         let backend = backend_identifier(volume, uuid);
+        // First: without the nbd module there is nothing to negotiate for.
+        let mut link = NbdNetlink::open()?;
         let (sockets, info) = self.negotiated(volume)?;
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
         let request = Connect {
@@ -118,7 +120,7 @@ impl Plumbing {
             dead_conn_timeout: self.dead_conn_timeout,
             backend: &backend,
         };
-        Ok(NbdNetlink::open()?.connect(None, &fds, &request)?)
+        Ok(link.connect(None, &fds, &request)?)
     }
 
     /// Gives an attached device whose daemon went away fresh sockets;
@@ -128,9 +130,10 @@ impl Plumbing {
         let Some(index) = self.find(&backend) else {
             return Ok(None);
         };
+        let mut link = NbdNetlink::open()?;
         let (sockets, _) = self.negotiated(volume)?;
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
-        NbdNetlink::open()?.reconfigure(index, &fds, &backend, self.dead_conn_timeout)?;
+        link.reconfigure(index, &fds, &backend, self.dead_conn_timeout)?;
         Ok(Some(index))
     }
 

@@ -74,6 +74,10 @@ pub enum AttachError {
     NotAttached(String),
     #[error("{0} is in use ({1}); unmount it first, or detach --force")]
     InUse(String, String),
+    #[error("{0:?} cannot name a device: use letters, digits, '_', '.', '-' (64 at most)")]
+    BadName(String),
+    #[error("flushing {0} failed ({1}); nothing was detached (detach --force drops what it held)")]
+    Flush(String, String),
     #[error("ublk is not built yet; use --via nbd")]
     UblkUnavailable,
     #[error("the handshake on the daemon's own socket failed: {0}")]
@@ -94,6 +98,12 @@ pub struct Attacher {
     /// Volumes whose config says `attach`: attached at start, detached
     /// at stop when nothing uses them.
     configured: Mutex<Vec<(String, Via)>>,
+    /// Held through each attach, detach and resume: two at once would
+    /// connect one volume twice, or detach what is being attached.
+    operation: Mutex<()>,
+    /// Volumes detached here: a device still configured after a forced
+    /// detach (held open) is not resumed behind the operator's back.
+    detached: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Attacher {
@@ -104,7 +114,15 @@ impl Attacher {
             names,
             attached: Mutex::new(BTreeMap::new()),
             configured: Mutex::new(Vec::new()),
+            operation: Mutex::new(()),
+            detached: Mutex::default(),
         })
+    }
+
+    fn exclusive(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.operation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The volumes the config attaches (`attach = ...`).
@@ -122,9 +140,11 @@ impl Attacher {
             .clone()
     }
 
-    /// At start: resumes what an earlier daemon left attached, then
-    /// attaches what the config asks for and is not attached yet.
+    /// At start: drops names left pointing at devices that are not this
+    /// daemon's volumes any more, resumes what an earlier daemon left
+    /// attached, then attaches what the config asks for.
     pub fn start(&self) {
+        self.prune_names();
         self.resume_all();
         for (volume, via) in self.configured() {
             if self.lock().contains_key(&volume) {
@@ -177,7 +197,11 @@ impl Attacher {
 
     /// Attaches `volume` (blocking: handshakes and netlink) and names it.
     pub fn attach(&self, volume: &str, via: Option<Via>) -> Result<Attached, AttachError> {
+        let _one_at_a_time = self.exclusive();
         let via = via.unwrap_or(Via::Nbd);
+        if !device::valid_name(volume) {
+            return Err(AttachError::BadName(volume.to_owned()));
+        }
         if via == Via::Ublk {
             return Err(AttachError::UblkUnavailable);
         }
@@ -191,8 +215,15 @@ impl Attacher {
                 a.device.display().to_string(),
             ));
         }
+        self.detached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(volume);
         let index = self.plumbing.attach(volume, &export.volume.uuid)?;
-        self.record(volume, index)
+        self.record(volume, index).inspect_err(|_| {
+            // Connected but not named or recorded: nobody could detach it.
+            let _ = self.plumbing.disconnect(index);
+        })
     }
 
     fn record(&self, volume: &str, index: u32) -> Result<Attached, AttachError> {
@@ -219,28 +250,47 @@ impl Attacher {
     /// Detaches `volume`: refused while it is mounted or held, unless
     /// `force`; flushed, disconnected, its name removed.
     pub fn detach(&self, volume: &str, force: bool) -> Result<Attached, AttachError> {
+        let _one_at_a_time = self.exclusive();
         let attached = self
             .lock()
             .get(volume)
             .cloned()
             .ok_or_else(|| AttachError::NotAttached(volume.to_owned()))?;
-        let users = self.users(&attached);
-        if !users.is_empty() && !force {
-            return Err(AttachError::InUse(
-                attached.device.display().to_string(),
-                users.join(", "),
-            ));
-        }
-        if let Err(e) = device::flush(&attached.device) {
-            tracing::warn!(
-                volume,
-                "flushing {} before detach: {e}",
-                attached.device.display()
-            );
+        let shown = attached.device.display().to_string();
+        // Exclusive: refused while anything has it mounted or held, and
+        // nothing can claim it between the flush and the disconnect.
+        let claim = match device::claim(&attached.device) {
+            Ok(file) => Some(file),
+            Err(_) if force => None,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let users = self.users(&attached);
+                let why = if users.is_empty() {
+                    "open exclusively elsewhere".to_string()
+                } else {
+                    users.join(", ")
+                };
+                return Err(AttachError::InUse(shown, why));
+            }
+            Err(e) => return Err(AttachError::Io(format!("{shown}: {e}"))),
+        };
+        let flushed = match &claim {
+            Some(file) => file.sync_all(),
+            None => device::flush(&attached.device),
+        };
+        if let Err(e) = flushed {
+            if !force {
+                return Err(AttachError::Flush(shown, e.to_string()));
+            }
+            tracing::warn!(volume, "flushing {shown} before a forced detach: {e}");
         }
         let index = index_of(&attached.device)
             .ok_or_else(|| AttachError::Io(format!("{}: no index", attached.device.display())))?;
         self.plumbing.disconnect(index)?;
+        drop(claim);
+        self.detached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(volume.to_owned());
         device::unlink(&self.names, volume);
         self.lock().remove(volume);
         tracing::info!(volume, device = %attached.device.display(), "detached");
@@ -258,6 +308,42 @@ impl Attacher {
             .collect()
     }
 
+    /// Removes each symlink in the names directory whose device does not
+    /// carry the identifier of the served volume of that name (a daemon
+    /// killed between disconnect and unlink, or a device released while
+    /// none ran): the kernel may give that index to another volume.
+    fn prune_names(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.names) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let is_link = entry.file_type().is_ok_and(|t| t.is_symlink());
+            if !is_link || name.starts_with('.') {
+                continue;
+            }
+            let current = self.exports.find(&name).map(|e| e.volume.uuid);
+            let device = std::fs::read_link(entry.path()).ok();
+            let backend = device
+                .as_ref()
+                .and_then(|d| d.file_name())
+                .map(|n| self.plumbing.sys_block.join(n).join("backend"))
+                .and_then(|p| std::fs::read_to_string(p).ok());
+            let ours = match (current, backend) {
+                (Some(uuid), Some(b)) => {
+                    b.trim_end() == kernel_nbd::backend_identifier(&name, &uuid)
+                }
+                _ => false,
+            };
+            if !ours {
+                device::unlink(&self.names, &name);
+                tracing::info!(volume = name, "removed a stale /dev/hostcrypt name");
+            }
+        }
+    }
+
     fn users(&self, attached: &Attached) -> Vec<String> {
         let sys = attached
             .device
@@ -267,11 +353,23 @@ impl Attacher {
         device::users(&attached.device, &sys)
     }
 
-    /// At start: every served volume whose device an earlier daemon left
-    /// attached gets fresh sockets and its name back.
+    /// Every served volume not attached here whose device an earlier
+    /// daemon left attached gets fresh sockets and its name back. Run at
+    /// start and then every few seconds: a volume that opens late (its
+    /// key server was slow, a reload added it back) is resumed as soon as
+    /// it serves, within the kernel's dead-connection timeout.
     pub fn resume_all(&self) {
+        let _one_at_a_time = self.exclusive();
         for export in self.exports.iter() {
             let volume = export.name();
+            let detached_here = self
+                .detached
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(volume);
+            if detached_here || self.lock().contains_key(volume) {
+                continue;
+            }
             for index in self
                 .plumbing
                 .disconnect_orphans(volume, &export.volume.uuid)
@@ -309,6 +407,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// How often volumes that opened late are looked for among the devices
+/// an earlier daemon left: a few seconds of the kernel's dead-connection
+/// timeout at most.
+const RESUME_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The frontend: at start, takes over what an earlier daemon attached and
 /// attaches what the config asks for ([`Attacher::start`]). What happens
 /// at stop runs before the connections drain ([`Attacher::before_stop`],
@@ -321,13 +424,24 @@ impl Frontend for AttachFrontend {
         "attach"
     }
 
-    fn start(self: Box<Self>, _context: Context) -> Running {
+    fn start(self: Box<Self>, context: Context) -> Running {
         let attacher = self.0;
-        let task = tokio::task::spawn_blocking(move || attacher.start());
+        let mut shutdown = context.shutdown;
         Running::new(
             "attach",
             tokio::spawn(async move {
-                let _ = task.await;
+                let first = attacher.clone();
+                let _ = tokio::task::spawn_blocking(move || first.start()).await;
+                let mut tick = tokio::time::interval(RESUME_EVERY);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tick.tick() => {
+                            let again = attacher.clone();
+                            let _ = tokio::task::spawn_blocking(move || again.resume_all()).await;
+                        }
+                    }
+                }
             }),
         )
     }

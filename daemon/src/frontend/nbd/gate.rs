@@ -179,6 +179,17 @@ impl Gate {
         peer: PeerKey,
         transport: Transport,
     ) -> Result<Admitted, Refusal> {
+        // The kernel's connections to devices the daemon attached are not
+        // clients: no limit refuses them (a refused resume after a restart
+        // fails a mounted filesystem's I/O), and they count in none.
+        if peer == PeerKey::Kernel {
+            return Ok(Admitted {
+                gate: self.clone(),
+                peer,
+                transport,
+                handshaking: false,
+            });
+        }
         let max = self.settings.max_connections;
         let mut open = self.lock();
         if open.total >= max {
@@ -248,6 +259,9 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
+        if self.peer == PeerKey::Kernel {
+            return; // never counted (`admit`)
+        }
         let mut open = self.gate.lock();
         open.total = open.total.saturating_sub(1);
         if self.handshaking {
