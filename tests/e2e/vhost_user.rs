@@ -6,7 +6,10 @@
 //! against an in-memory model, and the data area on disk then decrypts
 //! with OpenSSL exactly as for NBD; hostile descriptor chains get error
 //! statuses from a daemon that lives on; a peer outside the volume's
-//! `allow` list is refused.
+//! `allow` list is refused. Across a restart (INFLIGHT_SHMFD) what the
+//! inflight region names is answered; a hostile region, a region changed
+//! under running queues or kick fds made to block end at most the
+//! connection that sent them.
 
 use std::time::Duration;
 
@@ -752,6 +755,79 @@ fn an_inflight_region_the_frontend_could_shrink_is_refused() {
         c.request(0, T_OUT, 0, &[(BUFFERS + 4096, 4096)]).unwrap().0,
         S_OK
     );
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}
+
+/// The inflight region belongs to the queues it was started with: a
+/// SET_INFLIGHT_FD (or GET_INFLIGHT_FD) while a queue runs is refused,
+/// and the daemon serves the next client.
+#[test]
+fn the_inflight_region_cannot_change_under_a_running_queue() {
+    use ::vhost::vhost_user::message::VhostUserHeaderFlag;
+    use ::vhost::vhost_user::VhostUserFrontend;
+    use std::os::fd::AsRawFd;
+    let (_fx, daemon, socket, _) = setup("");
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("set-up, INFLIGHT_SHMFD");
+    assert_eq!(c.request(0, T_FLUSH, 0, &[]).unwrap().0, S_OK);
+    let (file, info) = c
+        .inflight
+        .as_ref()
+        .map(|(f, i)| (f.try_clone().unwrap(), *i))
+        .unwrap();
+    // Asking for the reply (REPLY_ACK) turns the refusal into this call's error.
+    c.frontend().set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    assert!(
+        c.frontend()
+            .set_inflight_fd(&info, file.as_raw_fd())
+            .is_err(),
+        "SET_INFLIGHT_FD with queue 0 running"
+    );
+    drop(c);
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("a client after");
+    assert_eq!(c.request(0, T_FLUSH, 0, &[]).unwrap().0, S_OK);
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}
+
+/// A frontend can clear O_NONBLOCK on the kick fd it shares and fill its
+/// counter, so that a write to it blocks forever. The daemon never writes
+/// a kick fd: a queue that starts with requests to resubmit wakes its
+/// worker through an eventfd of its own. Here the reconnecting client's
+/// kick fds are hostile while the queue starts: the request the log
+/// names is answered, and the next client is served.
+#[test]
+fn a_kick_fd_made_blocking_and_full_does_not_wedge_the_daemon() {
+    let (_fx, daemon, socket, _) = setup("");
+    let mut c = BlkClient::connect_inflight(&socket, 1, 4 << 20).expect("set-up, INFLIGHT_SHMFD");
+    let buf = |n: u64| BUFFERS + 4096 * n;
+    c.write(buf(1), &pattern(1, 4096));
+    assert_eq!(c.request(0, T_OUT, 0, &[(buf(1), 4096)]).unwrap().0, S_OK);
+    // H posted, not kicked, and recorded as taken: pending for the next
+    // session, as if this one had ended with H running.
+    c.write(buf(2), &pattern(2, 4096));
+    let h = c.post(
+        0,
+        8,
+        T_OUT,
+        8,
+        &[(buf(2), 4096)],
+        (BUFFERS + 256, BUFFERS + 2048),
+    );
+    c.log_pending(0, h, 10);
+    c.hostile_kicks = true;
+    c.reconnect(&socket).expect("reconnect");
+    let (id, _) = c
+        .wait_used(0, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("H: {e}\n{}", daemon.stderr()));
+    assert_eq!(id, h);
+    assert_eq!(c.read(BUFFERS + 2048, 1)[0], S_OK);
+    drop(c);
+    let mut c = BlkClient::connect(&socket, 1, 4 << 20)
+        .unwrap_or_else(|e| panic!("a client after: {e}\n{}", daemon.stderr()));
+    let (status, _) = c.request(0, T_IN, 8, &[(buf(3), 4096)]).unwrap();
+    assert_eq!(status, S_OK);
+    assert_eq!(c.read(buf(3), 4096), pattern(2, 4096));
     drop(c);
     assert_eq!(daemon.stop(), 0);
 }

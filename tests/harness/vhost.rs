@@ -13,13 +13,17 @@
 //! a well-behaved client never sends, and for what qemu does across a
 //! daemon restart (INFLIGHT_SHMFD: it keeps the inflight region and
 //! reconnects with each queue based at its used index), where the test
-//! can also write the state a killed daemon leaves behind.
+//! can also write the state a killed daemon leaves behind. With
+//! `hostile_kicks`, each kick fd is handed over with its counter full
+//! while a thread keeps clearing O_NONBLOCK on it, so a device that
+//! writes its kick fd blocks.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -74,6 +78,9 @@ pub struct BlkClient {
     pub config: Vec<u8>,
     /// With INFLIGHT_SHMFD: the region the device made, as a VMM keeps it.
     pub inflight: Option<(File, VhostUserInflight)>,
+    /// The next session's kick fds are hostile (see the module doc); its
+    /// kicks must then not be written by the test either.
+    pub hostile_kicks: bool,
 }
 
 // SAFETY: `base` points at a shared mapping this client owns for its
@@ -150,6 +157,7 @@ impl BlkClient {
             features: 0,
             config: Vec::new(),
             inflight: None,
+            hostile_kicks: false,
         };
         client.session(socket, queues, inflight)?;
         Ok(client)
@@ -214,6 +222,7 @@ impl BlkClient {
             mmap_handle: self.memfd.as_raw_fd(),
         };
         frontend.set_mem_table(&[region]).map_err(text)?;
+        let mut hostile = Vec::new();
         for q in 0..queues {
             let (desc, avail, used) = Self::rings(q);
             let used_idx = self.read_u16(used + 2);
@@ -235,6 +244,9 @@ impl BlkClient {
             frontend.set_vring_base(q, used_idx).map_err(text)?;
             let call = EventFd::new(libc::EFD_NONBLOCK).map_err(text)?;
             let kick = EventFd::new(libc::EFD_NONBLOCK).map_err(text)?;
+            if self.hostile_kicks {
+                hostile.push(Blocker::start(&kick)?);
+            }
             frontend.set_vring_call(q, &call).map_err(text)?;
             frontend.set_vring_kick(q, &kick).map_err(text)?;
             frontend.set_vring_enable(q, true).map_err(text)?;
@@ -251,6 +263,12 @@ impl BlkClient {
                 }),
             }
         }
+        if !hostile.is_empty() {
+            // The messages are not acknowledged: give the device time to
+            // start the queues while the kick fds stay blocking.
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        drop(hostile);
         self.frontend = Some(frontend);
         self.features = offered;
         self.config = config;
@@ -507,6 +525,50 @@ impl BlkClient {
     /// The vhost-user connection, for protocol-level checks.
     pub fn frontend(&mut self) -> &mut Frontend {
         self.frontend.as_mut().expect("connected")
+    }
+}
+
+/// Keeps a kick fd hostile: its counter filled to the most an eventfd
+/// holds, O_NONBLOCK cleared again and again (the device sets it on the
+/// description it shares) until dropped.
+struct Blocker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Blocker {
+    fn start(kick: &EventFd) -> Result<Self, Error> {
+        kick.write(0xffff_ffff_ffff_fffe).map_err(text)?;
+        // The same file description, on an fd of the thread's own.
+        let own = kick.try_clone().map_err(text)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let fd = own.as_raw_fd();
+            while !stopped.load(Ordering::Relaxed) {
+                // SAFETY: fcntl on an fd this thread owns (`own`), with
+                // no pointer argument.
+                unsafe {
+                    let flags = libc::fcntl(fd, libc::F_GETFL);
+                    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+                        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+                    }
+                }
+            }
+        });
+        Ok(Blocker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Blocker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -267,10 +267,13 @@ where
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         vring.set_queue_ready(true);
         // hostcrypt: the backend takes the ring up (used index, requests
-        // to resubmit) before its kick fd is watched.
-        self.backend
-            .start_vring(u32::from(index), vring)
-            .map_err(VhostUserError::ReqHandlerError)?;
+        // to resubmit) before its kick fd is watched. A queue it could
+        // not take up is not ready: never watched, started again by the
+        // next SET_VRING_KICK or SET_VRING_CALL.
+        if let Err(e) = self.backend.start_vring(u32::from(index), vring) {
+            vring.set_queue_ready(false);
+            return Err(VhostUserError::ReqHandlerError(e));
+        }
         self.update_vring_registration(vring, index)
     }
 

@@ -17,7 +17,12 @@
 //! used index stands and what the log says is pending is resubmitted
 //! first, oldest first (`resubmit.rs` finds those chains), so a guest
 //! whose requests were running when the daemon died gets them answered
-//! by the next one.
+//! by the next one. Not before the requests an earlier connection or an
+//! earlier start of the queue left running have finished: a resubmitted
+//! write must not race its own stale original. The queue's worker is
+//! then woken through an eventfd of the daemon's own (`restarts`), never
+//! by writing the frontend's kick fd, whose writes the frontend can make
+//! block. The inflight region cannot be replaced while a queue runs.
 //!
 //! Copies: a read's decrypted data is copied once, from the data area's
 //! result into the guest's buffers; a write is copied once, from guest
@@ -39,7 +44,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
-use vhost_user_backend::{VhostUserBackend, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -47,6 +52,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Device, QUEUE_SIZE};
 use super::guest::{GuestMemory, Memory, Vring};
@@ -78,8 +84,20 @@ pub struct BlockBackend {
     /// The inflight log, once the frontend set one up (INFLIGHT_SHMFD).
     log: RwLock<Option<Arc<InflightLog>>>,
     /// Per queue: heads the log said were pending when it started,
-    /// resubmitted before anything new is taken off the ring.
+    /// resubmitted before anything new is taken off the ring; emptied
+    /// when the queue stops.
     resubmit: Box<[Mutex<VecDeque<u16>>]>,
+    /// Per queue: started (its kick fd set) and not stopped since. The
+    /// inflight region is not replaced under a running queue.
+    started: Box<[AtomicBool]>,
+    /// Per queue: wakes its worker when the queue starts (on each
+    /// worker's epoll, `register_restarts`). Ours, non-blocking: a write
+    /// from the message thread can never block, as one to the
+    /// frontend's kick fd could.
+    restarts: Box<[EventFd]>,
+    /// Earlier connections to this socket whose requests may still run:
+    /// a queue resubmits nothing before they have finished.
+    earlier: Vec<Arc<InFlight>>,
     /// For log lines: the peer, as `socket.rs` identified it.
     peer: String,
 }
@@ -96,12 +114,18 @@ enum Taken<C> {
 }
 
 impl BlockBackend {
+    /// The device for one connection; `earlier` are the connections
+    /// before it whose requests may still be running.
     pub fn new(
         export: Arc<Export>,
         device: Device,
         memory: Memory,
         peer: String,
+        earlier: Vec<Arc<InFlight>>,
     ) -> io::Result<Self> {
+        let restarts = (0..device.queues)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+            .collect::<io::Result<_>>()?;
         Ok(BlockBackend {
             export,
             memory,
@@ -112,6 +136,9 @@ impl BlockBackend {
             notifier: Notifier::start(usize::from(device.queues))?,
             log: RwLock::new(None),
             resubmit: (0..device.queues).map(|_| Mutex::default()).collect(),
+            started: (0..device.queues).map(|_| AtomicBool::new(false)).collect(),
+            restarts,
+            earlier,
             device,
             peer,
         })
@@ -124,11 +151,98 @@ impl BlockBackend {
         self.in_flight.wait_idle(limit)
     }
 
-    /// The connection has ended: nothing more is admitted, and requests
-    /// still running complete without writing into guest memory.
+    /// What this connection has in flight, for the connections after it
+    /// (`socket.rs` hands it on).
+    pub fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
+    }
+
+    /// Puts each queue's restart eventfd on the epoll of the worker that
+    /// serves the queue (`handlers`, one per queue, as
+    /// `queues_per_thread` asks), where `handle_event` sees it as event
+    /// `restart_event()`.
+    pub fn register_restarts<T: VhostUserBackend>(
+        &self,
+        handlers: &[Arc<VringEpollHandler<T>>],
+    ) -> io::Result<()> {
+        if handlers.len() != self.restarts.len() {
+            return Err(io::Error::other(format!(
+                "{} queue workers for {} queues",
+                handlers.len(),
+                self.restarts.len()
+            )));
+        }
+        for (handler, restart) in handlers.iter().zip(self.restarts.iter()) {
+            handler.register_listener(
+                restart.as_raw_fd(),
+                EventSet::IN,
+                u64::from(self.restart_event()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The epoll data of the restart events: past the queues and the
+    /// exit event, which vhost-user-backend reserves (0..=queues).
+    fn restart_event(&self) -> u16 {
+        self.device.queues + 1
+    }
+
+    /// The connection has ended: nothing more is admitted, requests
+    /// still running complete without writing into guest memory, and
+    /// nothing is left to resubmit.
     pub fn close(&self) {
         self.in_flight.close();
         self.notifier.stop();
+        for queue in 0..self.resubmit.len() {
+            self.stopped(queue);
+        }
+    }
+
+    /// Queue `queue` no longer runs: no resubmission is left for it.
+    fn stopped(&self, queue: usize) {
+        if let Some(started) = self.started.get(queue) {
+            started.store(false, Ordering::Release);
+        }
+        self.set_resubmit(queue, VecDeque::new());
+    }
+
+    fn set_resubmit(&self, queue: usize, heads: VecDeque<u16>) {
+        if let Some(slot) = self.resubmit.get(queue) {
+            *slot.lock().unwrap_or_else(PoisonError::into_inner) = heads;
+        }
+    }
+
+    /// Refuses a new inflight region while a queue runs: its requests
+    /// are recorded in the region it started with.
+    fn check_no_queue_started(&self) -> io::Result<()> {
+        match self.started.iter().position(|s| s.load(Ordering::Acquire)) {
+            Some(queue) => Err(io::Error::other(format!(
+                "the inflight region cannot change while queue {queue} runs"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits (up to STOP_TIMEOUT in all) until no request an earlier
+    /// start of queue `index`, or an earlier connection, left running is
+    /// still running: a resubmitted write must not be overtaken by its
+    /// stale original landing later.
+    fn wait_for_earlier(&self, index: usize) -> io::Result<()> {
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let idle = self.in_flight.wait_queue_idle(index, left())
+            && self.earlier.iter().all(|earlier| earlier.wait_idle(left()));
+        if idle {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "requests of an earlier connection or queue start still running after {STOP_TIMEOUT:?}; nothing resubmitted"
+                ),
+            ))
+        }
     }
 
     /// Writes reach the backing before they complete when the driver did
@@ -150,6 +264,53 @@ impl BlockBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop_front()
+    }
+
+    /// `start_vring`'s work on the ring: its indices, and the heads to
+    /// resubmit, set under the vring's lock so a worker sees both or
+    /// neither.
+    fn take_up(&self, index: usize, vring: &Vring) -> io::Result<()> {
+        let log = self.inflight_log();
+        if log.is_some() {
+            self.wait_for_earlier(index)?;
+        }
+        let memory = self.memory.memory();
+        let mut state = vring.get_mut();
+        let used = state
+            .get_queue()
+            .used_idx(&*memory, Ordering::Acquire)
+            .map_err(io::Error::other)?
+            .0;
+        state.get_queue_mut().set_next_used(used);
+        let mut pending = VecDeque::new();
+        if let Some(queue) = log.as_ref().and_then(|l| l.queue(index)) {
+            match queue.recover(used, state.get_queue().size()) {
+                Ok(recovery) => {
+                    let taken = u16::try_from(recovery.pending.len()).unwrap_or(u16::MAX);
+                    state
+                        .get_queue_mut()
+                        .set_next_avail(used.wrapping_add(taken));
+                    pending = recovery.pending.into();
+                }
+                Err(why) => tracing::warn!(
+                    export = self.export.name(),
+                    peer = self.peer,
+                    queue = index,
+                    "vhost-user inflight log: {why}"
+                ),
+            }
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                export = self.export.name(),
+                peer = self.peer,
+                queue = index,
+                "vhost-user: resubmitting {} requests left pending by an earlier connection",
+                pending.len()
+            );
+        }
+        self.set_resubmit(index, pending);
+        Ok(())
     }
 
     /// Takes the available chains off queue `index` one at a time,
@@ -183,7 +344,14 @@ impl BlockBackend {
                 if event_idx {
                     let _ = state.disable_notification();
                 }
-                match self.next_resubmitted(index) {
+                // Resubmitted only while the queue runs, as
+                // pop_descriptor_chain only pops then.
+                let again = if state.get_queue().ready() {
+                    self.next_resubmitted(index)
+                } else {
+                    None
+                };
+                match again {
                     Some(head) => Some(Taken::Again {
                         head,
                         table: GuestAddress(state.get_queue().desc_table()),
@@ -648,9 +816,11 @@ impl VhostUserBackend for BlockBackend {
     /// the frontend reads back is final; the other queues' requests do
     /// not hold it up (they write into their own rings).
     /// Either way the queue is retired: what completes later writes
-    /// nothing into the ring the frontend may set up next.
+    /// nothing into the ring the frontend may set up next, and what it
+    /// had left to resubmit is dropped (the next start reads the log).
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let queue = queue_index as usize;
+        self.stopped(queue);
         let drained = self.in_flight.wait_queue_idle(queue, STOP_TIMEOUT);
         self.in_flight.retire_queue(queue);
         if let Some(broken) = self.broken.get(queue) {
@@ -667,8 +837,10 @@ impl VhostUserBackend for BlockBackend {
     }
 
     /// GET_INFLIGHT_FD: a new log for the frontend's queues, in use from
-    /// now on (the frontend hands it back with SET_INFLIGHT_FD).
+    /// now on (the frontend hands it back with SET_INFLIGHT_FD). Refused
+    /// while a queue runs.
     fn get_inflight_fd(&self, asked: &VhostUserInflight) -> io::Result<(VhostUserInflight, File)> {
+        self.check_no_queue_started()?;
         if asked.num_queues > self.device.queues {
             return Err(io::Error::other(format!(
                 "inflight region for {} queues; the device has {}",
@@ -688,8 +860,9 @@ impl VhostUserBackend for BlockBackend {
     }
 
     /// SET_INFLIGHT_FD: the log to record in, perhaps one an earlier
-    /// daemon filled.
+    /// daemon filled. Refused while a queue runs.
     fn set_inflight_fd(&self, given: &VhostUserInflight, file: File) -> io::Result<()> {
+        self.check_no_queue_started()?;
         if given.num_queues > self.device.queues {
             return Err(io::Error::other(format!(
                 "inflight region for {} queues; the device has {}",
@@ -710,57 +883,24 @@ impl VhostUserBackend for BlockBackend {
     /// A queue starts: it carries on from the used index in guest memory
     /// (a restarted daemon's ring stands where the last one left it, not
     /// at 0), and with an inflight log, after the requests still pending
-    /// there, which are resubmitted first. Then a kick of its own: the
+    /// there, which are resubmitted first once what earlier connections
+    /// or an earlier start of the queue left running has finished (past
+    /// STOP_TIMEOUT, an error: the connection ends, the VMM reconnects).
+    /// Then its worker is woken through the queue's restart eventfd: the
     /// guest may be waiting for those and post nothing new.
     fn start_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
         let index = queue_index as usize;
-        let memory = self.memory.memory();
-        let mut pending = VecDeque::new();
-        {
-            let mut state = vring.get_mut();
-            let used = state
-                .get_queue()
-                .used_idx(&*memory, Ordering::Acquire)
-                .map_err(io::Error::other)?
-                .0;
-            state.get_queue_mut().set_next_used(used);
-            if let Some(queue) = self.inflight_log().as_ref().and_then(|l| l.queue(index)) {
-                match queue.recover(used, state.get_queue().size()) {
-                    Ok(recovery) => {
-                        let taken = u16::try_from(recovery.pending.len()).unwrap_or(u16::MAX);
-                        state
-                            .get_queue_mut()
-                            .set_next_avail(used.wrapping_add(taken));
-                        pending = recovery.pending.into();
-                    }
-                    Err(why) => tracing::warn!(
-                        export = self.export.name(),
-                        peer = self.peer,
-                        queue = index,
-                        "vhost-user inflight log: {why}"
-                    ),
-                }
-            }
+        if let Err(e) = self.take_up(index, vring) {
+            self.stopped(index);
+            return Err(e);
         }
-        if !pending.is_empty() {
-            tracing::info!(
-                export = self.export.name(),
-                peer = self.peer,
-                queue = index,
-                "vhost-user: resubmitting {} requests left pending by an earlier connection",
-                pending.len()
-            );
+        if let Some(started) = self.started.get(index) {
+            started.store(true, Ordering::Release);
         }
-        if let Some(slot) = self.resubmit.get(index) {
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = pending;
-        }
-        if let Some(kick) = vring.get_ref().get_kick() {
-            // The kick fd is an eventfd (the handler checked) we may only
-            // consume through its type; adding 1 is what the guest does.
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to an fd the vring
-            // keeps open while its state is borrowed.
-            let _ = unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if let Some(restart) = self.restarts.get(index) {
+            // Never blocks (ours, non-blocking); a full counter already
+            // wakes the worker.
+            let _ = restart.write(1);
         }
         Ok(())
     }
@@ -769,7 +909,8 @@ impl VhostUserBackend for BlockBackend {
     /// every queue is retired and none is left stopped as broken, so
     /// requests from before the reset write nothing into the rings the
     /// frontend sets up next, and those rings start served. Nothing
-    /// waits: a reset discards what was in flight. Features return to
+    /// waits: a reset discards what was in flight, and what was left to
+    /// resubmit; the queues count as stopped. Features return to
     /// what they are before the first SET_FEATURES, as the handler's do.
     /// Unreachable while `device.rs` does not offer the RESET_DEVICE
     /// protocol feature (vhost refuses the message then): ready if it does.
@@ -777,6 +918,7 @@ impl VhostUserBackend for BlockBackend {
         for (queue, broken) in self.broken.iter().enumerate() {
             self.in_flight.retire_queue(queue);
             broken.store(false, Ordering::Relaxed);
+            self.stopped(queue);
         }
         self.acked.store(0, Ordering::Relaxed);
         self.event_idx.store(false, Ordering::Relaxed);
@@ -811,8 +953,23 @@ impl VhostUserBackend for BlockBackend {
             )));
         }
         // Each thread serves one queue (`queues_per_thread`): `vrings` is
-        // that queue alone, `device_event` its index there (0), and the
-        // thread's number is the queue's.
+        // that queue alone, `device_event` its index there (0) or its
+        // restart event, and the thread's number is the queue's.
+        if device_event == self.restart_event() {
+            if let Some(restart) = self.restarts.get(thread_id) {
+                // Nothing to read (EAGAIN): woken already.
+                let _ = restart.read();
+            }
+            // As for a kick, which vhost-user-backend ignores on a
+            // disabled ring: enabling it later runs the queue anyway.
+            return match vrings.first() {
+                Some(vring) if vring.get_ref().is_enabled() => {
+                    self.process(thread_id, vring);
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+        }
         match vrings.get(usize::from(device_event)) {
             Some(vring) => {
                 self.process(thread_id, vring);

@@ -1,6 +1,6 @@
 //! The guest memory and vring types as vhost-user-backend instantiates
 //! them for this device, named once for the files that handle them
-//! (`backend.rs`, `notify.rs`). No dirty-page bitmap: no live migration
+//! (`backend.rs`, `notify.rs`, `socket.rs`). No dirty-page bitmap: no live migration
 //! through this backend.
 
 use vhost_user_backend::VringMutex;

@@ -23,9 +23,13 @@
 //! Untrusted: the VMM can write the region at any time and can hand back
 //! any fd. Every field is read with atomics and bounds-checked; what a
 //! hostile VMM can achieve is a wrong list of heads to resubmit, each of
-//! which is then parsed like any other chain. The fd must carry
-//! F_SEAL_SHRINK, so nobody can shrink the file under the mapping (which
-//! would kill the daemon with SIGBUS on the next write).
+//! which is then parsed like any other chain. The fd must be a tmpfs file
+//! (a memfd, as the daemon makes them) carrying F_SEAL_SHRINK, so nobody
+//! can shrink the file under the mapping, nor punch a hugetlbfs hole in
+//! it, either of which would kill the daemon with SIGBUS on the next
+//! write. A region whose used index is neither the ring's nor one behind
+//! it (that crash window) is not this ring's (reused across a driver
+//! reset, say): it is started afresh and nothing is resubmitted from it.
 //!
 //! Hand-written: vhost-user-backend 0.24 has no inflight support, and the
 //! region is small (≤ 64 queues × 4 KiB).
@@ -33,7 +37,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 
 use super::device::{MAX_QUEUES, QUEUE_SIZE};
 
@@ -128,9 +132,9 @@ impl InflightLog {
         Ok((log, file, shape))
     }
 
-    /// Takes up the region the frontend hands back: it must be sealed
-    /// against shrinking, at least as long as `shape` says, and as large
-    /// as the queues it describes need.
+    /// Takes up the region the frontend hands back: it must be a tmpfs
+    /// file sealed against shrinking, at least as long as `shape` says,
+    /// and as large as the queues it describes need.
     pub fn open(file: &File, shape: Shape) -> Result<Self, LogError> {
         check_shape(shape.queues, shape.queue_size)?;
         let refuse = |why| LogError::Region {
@@ -146,6 +150,18 @@ impl InflightLog {
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
         if !shape.mmap_offset.is_multiple_of(page) {
             return Err(refuse("offset not page-aligned"));
+        }
+        // Only tmpfs, what `create` makes: hugetlbfs can be sealed too,
+        // but a hole punched in it faults on the next write (SIGBUS).
+        // SAFETY: fstatfs fills the zeroed struct it is given, for an fd
+        // the caller owns.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        if fs.f_type != libc::TMPFS_MAGIC {
+            return Err(refuse("not a tmpfs file (a memfd)"));
         }
         // SAFETY: fcntl on an fd the caller owns.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
@@ -277,9 +293,10 @@ impl QueueLog<'_> {
 
     /// The queue starts with the guest's used ring at `used_idx` and
     /// `size` descriptors: initializes a new (or reset) region, or reads
-    /// what a previous backend left pending. A region whose size does not
-    /// match the ring is started afresh (logged by the caller): its heads
-    /// would name other descriptors.
+    /// what a previous backend left pending. A region whose size or used
+    /// index does not match the ring is started afresh (logged by the
+    /// caller): its heads would name other descriptors, or requests the
+    /// guest no longer waits for.
     pub fn recover(&self, used_idx: u16, size: u16) -> Result<Recovery, &'static str> {
         let fresh = Recovery {
             used_idx,
@@ -300,7 +317,16 @@ impl QueueLog<'_> {
         }
         // A crash between putting the last head on the used ring and
         // clearing its entry: the guest has it, so it is not pending.
-        if self.used_idx().load(Ordering::Acquire) != used_idx {
+        // That leaves the ring exactly one ahead of the log; any other
+        // gap means the region is not this ring's.
+        let logged = self.used_idx().load(Ordering::Acquire);
+        if logged != used_idx && logged.wrapping_add(1) != used_idx {
+            self.reset(used_idx, size);
+            return Err(
+                "the inflight region's used index is not the ring's (a region from before a driver reset?); started afresh",
+            );
+        }
+        if logged != used_idx {
             if let Some(at) = self.entry(self.last_batch_head().load(Ordering::Acquire)) {
                 self.log.u8_at(at).store(0, Ordering::Release);
             }
@@ -323,7 +349,14 @@ impl QueueLog<'_> {
         })
     }
 
+    /// Zeroes the queue's records and marks them valid for a ring of
+    /// `size` at `used_idx`. Invalid first, valid last: a daemon killed
+    /// midway leaves version 0, which the next one starts afresh, never
+    /// half-old entries under a valid header.
     fn reset(&self, used_idx: u16, size: u16) {
+        self.version().store(0, Ordering::Release);
+        // Keeps the stores below from moving before it.
+        fence(Ordering::Release);
         let end = self.area + HEADER + ENTRY * usize::from(self.log.queue_size);
         for at in (self.area + HEADER..end).step_by(ENTRY) {
             self.log.u8_at(at).store(0, Ordering::Relaxed);
@@ -409,6 +442,53 @@ mod tests {
     }
 
     #[test]
+    fn a_used_index_more_than_one_off_is_a_foreign_region() {
+        let (log, _file, _) = InflightLog::create(1, 128).unwrap();
+        let q = log.queue(0).unwrap();
+        q.recover(0, 128).unwrap();
+        q.taken(4);
+        q.taken(6);
+        q.completing(6);
+        q.completed(6, 1);
+        // Ahead by 2, behind by 1, or far off (a driver reset took the
+        // ring back to 0 at 5): refused, nothing resubmitted, the region
+        // started afresh at the ring's index.
+        for guest in [3u16, 0, 5] {
+            q.taken(4);
+            q.completed(6, 1);
+            assert!(q.recover(guest, 128).is_err(), "guest at {guest}");
+            assert_eq!(q.used_idx().load(Ordering::Relaxed), guest);
+            assert!(q.recover(guest, 128).unwrap().pending.is_empty());
+        }
+        // Wrapping: the log at 65535, the guest at 0, is one ahead.
+        q.taken(9);
+        q.completing(2);
+        q.completed(2, u16::MAX);
+        assert_eq!(q.recover(0, 128).unwrap().pending, vec![9]);
+    }
+
+    #[test]
+    fn a_reset_marks_the_region_invalid_until_it_is_done() {
+        let (log, _file, _) = InflightLog::create(1, 128).unwrap();
+        let q = log.queue(0).unwrap();
+        q.recover(0, 128).unwrap();
+        q.taken(4);
+        q.taken(6);
+        // A daemon killed right after a reset's first store: version 0
+        // over the old entries. The next one starts afresh.
+        q.version().store(0, Ordering::Relaxed);
+        assert!(q.recover(0, 128).unwrap().pending.is_empty());
+        // A finished reset: valid, every entry cleared.
+        assert_eq!(q.version().load(Ordering::Relaxed), VERSION);
+        assert_eq!(q.desc_num().load(Ordering::Relaxed), 128);
+        for head in [4, 6] {
+            let at = q.entry(head).unwrap();
+            assert_eq!(log.u8_at(at).load(Ordering::Relaxed), 0);
+            assert_eq!(log.u64_at(at + 8).load(Ordering::Relaxed), 0);
+        }
+    }
+
+    #[test]
     fn hostile_regions_are_refused_or_started_afresh() {
         // Not sealed against shrinking: a plain memfd.
         let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
@@ -422,6 +502,22 @@ mod tests {
             queue_size: 128,
         };
         assert!(InflightLog::open(&plain, shape).is_err());
+        // Sealed, but on hugetlbfs (where the machine allows one).
+        let fd = unsafe {
+            libc::memfd_create(
+                c"t".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING | libc::MFD_HUGETLB,
+            )
+        };
+        if fd >= 0 {
+            let huge = unsafe { File::from_raw_fd(fd) };
+            let sealed = huge.set_len(2 << 20).is_ok()
+                && unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0;
+            if sealed {
+                let err = InflightLog::open(&huge, shape).err().unwrap().to_string();
+                assert!(err.contains("not a tmpfs file"), "{err}");
+            }
+        }
         let (_log, file, good) = InflightLog::create(1, 128).unwrap();
         // Too small, past the end, unaligned, too many queues or descriptors.
         for bad in [

@@ -12,7 +12,9 @@
 //! A connection runs on its own threads: vhost-user-backend's message
 //! loop and one worker per virtqueue (`backend.rs`). It ends when the
 //! client hangs up, the daemon stops, or a reload removes the volume
-//! (its retirement), each of which shuts the socket down.
+//! (its retirement), each of which shuts the socket down. Requests it
+//! leaves running (past DRAIN_TIMEOUT) are handed on: the next
+//! connection resubmits nothing until they have finished.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::backend::BlockBackend;
 use super::device::Device;
+use super::guest::Memory;
+use super::inflight::InFlight;
 use super::spec::{SocketSpec, VhostUserError};
 use crate::export::peer::{may_log_refusal, Peer};
 use crate::export::{Export, Exports};
@@ -63,6 +67,8 @@ pub(super) async fn serve(bound: Bound, exports: Exports, mut shutdown: watch::R
         }
     };
     let mut current: Option<tokio::task::JoinHandle<()>> = None;
+    // Earlier connections' requests that may still be running.
+    let mut earlier: Vec<Arc<InFlight>> = Vec::new();
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -89,7 +95,8 @@ pub(super) async fn serve(bound: Bound, exports: Exports, mut shutdown: watch::R
                     let Some((export, peer)) = admit(&spec, &exports, &stream) else {
                         continue;
                     };
-                    match start(stream, export, &spec, peer, shutdown.clone()) {
+                    earlier.retain(|e| !e.wait_idle(Duration::ZERO));
+                    match start(stream, export, &spec, peer, shutdown.clone(), &mut earlier) {
                         Ok(session) => current = Some(session),
                         Err(e) => tracing::warn!(volume = spec.volume, "vhost-user client: {e}"),
                     }
@@ -152,12 +159,15 @@ fn admit(
 
 /// Starts serving an admitted client on threads of its own; the task
 /// returned ends when the connection has ended and its requests drained.
+/// `earlier`: the connections before it whose requests may still run;
+/// this one is added.
 fn start(
     stream: tokio::net::UnixStream,
     export: Arc<Export>,
     spec: &SocketSpec,
     peer: Peer,
     mut shutdown: watch::Receiver<bool>,
+    earlier: &mut Vec<Arc<InFlight>>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
@@ -173,22 +183,34 @@ fn start(
     let mut retired = export.retirement.watch();
     let (ended, mut has_ended) = oneshot::channel();
     let peer = peer.to_string();
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let backend = Arc::new(BlockBackend::new(
+        export.clone(),
+        device,
+        memory.clone(),
+        peer.clone(),
+        earlier.clone(),
+    )?);
+    earlier.push(backend.in_flight());
+    let queues = spec.queues;
     tracing::info!(
         volume = export.name(),
         peer,
         queues = spec.queues,
         "vhost-user client connected"
     );
+    let closing = backend.clone();
     let thread = std::thread::Builder::new()
         .name("vhost-user".into())
         .spawn(move || {
             let name = export.name().to_owned();
-            match run(stream, export, device, &peer) {
+            match run(stream, export, backend, memory, queues, &peer) {
                 Ok(()) => tracing::info!(volume = name, peer, "vhost-user client disconnected"),
                 Err(e) => tracing::warn!(volume = name, peer, "vhost-user client ended: {e}"),
             }
             let _ = ended.send(());
-        })?;
+        })
+        .inspect_err(|_| closing.close())?;
     Ok(tokio::spawn(async move {
         // A closed watch (its sender gone) is no reason to close.
         let close = tokio::select! {
@@ -211,25 +233,35 @@ fn start(
 fn run(
     stream: std::os::unix::net::UnixStream,
     export: Arc<Export>,
-    device: Device,
+    backend: Arc<BlockBackend>,
+    memory: Memory,
+    queues: u16,
     peer: &str,
 ) -> Result<(), VhostUserError> {
     use vhost::vhost_user::Error as Protocol;
     use vhost_user_backend::Error as Daemon;
     let counted = export.clone();
     let _connected = counted.metrics.connect();
-    let _listed = counted
-        .clients
-        .register("vhost-user", peer, Some(device.queues));
-    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let _listed = counted.clients.register("vhost-user", peer, Some(queues));
     let session = |e: Daemon| VhostUserError::Session(e.to_string());
-    let backend = Arc::new(
-        BlockBackend::new(export, device, memory.clone(), peer.to_owned())
-            .map_err(|e| VhostUserError::Session(format!("notifier thread: {e}")))?,
-    );
-    let mut daemon =
-        VhostUserDaemon::new("vhost-user".into(), backend.clone(), memory).map_err(session)?;
-    daemon.start_stream(stream).map_err(session)?;
+    let started = VhostUserDaemon::new("vhost-user".into(), backend.clone(), memory)
+        .map_err(session)
+        .and_then(|mut daemon| {
+            // Before any message: a queue may start with the first ones.
+            backend
+                .register_restarts(&daemon.get_epoll_handlers())
+                .map_err(|e| VhostUserError::Session(format!("queue restart events: {e}")))?;
+            daemon.start_stream(stream).map_err(session)?;
+            Ok(daemon)
+        });
+    let mut daemon = match started {
+        Ok(daemon) => daemon,
+        Err(e) => {
+            // Ends the backend's notifier thread.
+            backend.close();
+            return Err(e);
+        }
+    };
     let result = daemon.wait();
     // Before the workers are told to exit: one waiting for the budget
     // gives up, and late completions write nothing (the frontend may
