@@ -180,3 +180,67 @@ fn socket_activation_serves_nbd_and_control_on_passed_sockets() {
     // The sockets belong to the activator: the daemon leaves them in place.
     assert!(fx.socket.exists() && control.exists());
 }
+
+/// The README's fstab line for an attached volume, through the real
+/// systemd-fstab-generator: the mount requires hostcryptd.service and is
+/// ordered after it, waits up to 2 min for /dev/hostcrypt/NAME, and is
+/// only wanted (not required) by local-fs.target, so a boot whose key
+/// server is down goes on without it.
+#[test]
+fn the_readme_fstab_line_orders_the_mount_after_the_daemon_without_blocking_boot() {
+    let generator = Path::new("/usr/lib/systemd/system-generators/systemd-fstab-generator");
+    if !generator.exists() {
+        skip("no systemd-fstab-generator here");
+        return;
+    }
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("/dev/hostcrypt/"))
+        .expect("an fstab line in the README");
+    let dir = tempfile::tempdir().unwrap();
+    let fstab = dir.path().join("fstab");
+    std::fs::write(&fstab, format!("{line}\n")).unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let run = Command::new(generator)
+        .args([&out, &out, &out])
+        .env("SYSTEMD_FSTAB", &fstab)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", output_text(&run));
+    let mount = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "mount"))
+        .expect("a .mount unit");
+    let unit = std::fs::read_to_string(&mount).unwrap();
+    for want in ["Requires=hostcryptd.service", "After=hostcryptd.service"] {
+        assert!(unit.lines().any(|l| l == want), "{want} missing:\n{unit}");
+    }
+    assert!(
+        !unit.contains("Before=local-fs.target"),
+        "blocks boot:\n{unit}"
+    );
+    let name = mount.file_name().unwrap();
+    assert!(
+        out.join("local-fs.target.wants").join(name).exists(),
+        "not wanted by local-fs.target"
+    );
+    assert!(
+        !out.join("local-fs.target.requires").join(name).exists(),
+        "required by local-fs.target"
+    );
+    let timeout = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".device.d"))
+        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().flatten())
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect::<String>();
+    assert!(
+        timeout.contains("JobRunningTimeoutSec=2min"),
+        "device timeout: {timeout}"
+    );
+}
