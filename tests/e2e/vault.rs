@@ -750,3 +750,51 @@ fn control_commands_report_unknown_volumes_and_missing_daemon() {
     assert!(out.status.success(), "{}", output_text(&out));
     assert_eq!(d.stop(), 0);
 }
+
+/// The vhost-user-blk export under the same key rules as NBD: a revoked
+/// token fails the guest's requests with VIRTIO_BLK_S_IOERR (not a hang,
+/// not a reset), and a fresh token brings them back with the data
+/// written before, without a restart or a new connection.
+#[test]
+fn vault_revoked_token_fails_vhost_user_requests_and_a_new_token_resumes_them() {
+    use hostcrypt_e2e::vhost::{BlkClient, BUFFERS, S_IOERR, S_OK, T_IN, T_OUT};
+    let mut vf = VaultFixture::new("aes256-gcm96", "bao", "key_check_interval = \"1s\"");
+    let socket = vf.fx.path("v.vhost");
+    vf.fx.clear_volumes();
+    vf.fx.volume(
+        "v",
+        "cache",
+        &format!(
+            "key_check_interval = \"1s\"\nvhost_user = \"{}\"\nvhost_user_queues = 1\n",
+            socket.display()
+        ),
+    );
+    vf.write_config();
+    let d = vf.fx.start();
+    let mut c = BlkClient::connect(&socket, 1, 4 << 20).expect("vhost-user-blk set-up");
+    let (data, back) = (BUFFERS + 4096, BUFFERS + 8192);
+    c.write(data, &[0x5c; 4096]);
+    assert_eq!(c.request(0, T_OUT, 8, &[(data, 4096)]).unwrap().0, S_OK);
+
+    vf.bao.ok(&["token", "revoke", &vf.token]);
+    vf.wait_state("key-lost");
+    for kind in [T_IN, T_OUT] {
+        let (status, _) = c
+            .request(0, kind, 8, &[(back, 4096)])
+            .expect("an answer, not a hang");
+        assert_eq!(status, S_IOERR, "request type {kind} with the key lost");
+    }
+
+    let new_token = vf.bao.key_token(&vf.key, &vf.token_file);
+    vf.wait_state("serving");
+    c.write(back, &[0; 4096]);
+    assert_eq!(c.request(0, T_IN, 8, &[(back, 4096)]).unwrap().0, S_OK);
+    assert_eq!(c.read(back, 4096), vec![0x5c; 4096]);
+    drop(c);
+    let log = d.stderr();
+    assert_eq!(d.stop(), 0);
+    assert!(
+        !log.contains(new_token.as_str()),
+        "a token reached the daemon log"
+    );
+}

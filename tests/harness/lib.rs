@@ -153,6 +153,12 @@ impl Fixture {
         backing
     }
 
+    /// Forgets the configured volumes (their backings stay), so a test
+    /// can configure them again with other settings.
+    pub fn clear_volumes(&mut self) {
+        self.volumes.clear();
+    }
+
     /// Like [`Fixture::volume`] with the backing at `backing`.
     pub fn volume_at(&mut self, name: &str, role: &str, backing: &Path, extra: &str) {
         let kek = if role == "cache" {
