@@ -175,6 +175,10 @@ enum Command {
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
+    /// For udev (systemd/60-hostcrypt.rules): the volume and UUID an
+    /// attached device's backend identifier names, as KEY=value lines.
+    #[command(hide = true)]
+    UdevEnv { backend: String },
     /// Write the man pages into DIR: hostcrypt.8, one per command
     /// (hostcrypt-create.8, ...) and the config reference hostcryptd.toml.5.
     Man { dir: PathBuf },
@@ -365,6 +369,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => commands::audit::audit_tail(&cli.config, lines, follow, json),
+        Command::UdevEnv { backend } => {
+            // Nothing for a device that is not ours: udev imports no keys.
+            if let Some((volume, uuid)) =
+                hostcryptd::frontend::attach::parse_backend_identifier(&backend)
+            {
+                println!("HOSTCRYPT_VOLUME={volume}\nHOSTCRYPT_UUID={uuid}");
+            }
+            Ok(())
+        }
         Command::Completions { shell } => {
             use std::io::Write;
             std::io::stdout().write_all(&completions(shell))?;

@@ -70,6 +70,9 @@ _hostcrypt() {
             hostcrypt,status)
                 cmd="hostcrypt__subcmd__status"
                 ;;
+            hostcrypt,udev-env)
+                cmd="hostcrypt__subcmd__udev__subcmd__env"
+                ;;
             hostcrypt,volumes)
                 cmd="hostcrypt__subcmd__volumes"
                 ;;
@@ -157,6 +160,9 @@ _hostcrypt() {
             hostcrypt__subcmd__help,status)
                 cmd="hostcrypt__subcmd__help__subcmd__status"
                 ;;
+            hostcrypt__subcmd__help,udev-env)
+                cmd="hostcrypt__subcmd__help__subcmd__udev__subcmd__env"
+                ;;
             hostcrypt__subcmd__help,volumes)
                 cmd="hostcrypt__subcmd__help__subcmd__volumes"
                 ;;
@@ -191,7 +197,7 @@ _hostcrypt() {
 
     case "${cmd}" in
         hostcrypt)
-            opts="-c -h -V --config --help --version kek create status check-key rotate-kek rekey reencrypt reload attach detach attached volumes audit completions man header erase inspect help"
+            opts="-c -h -V --config --help --version kek create status check-key rotate-kek rekey reencrypt reload attach detach attached volumes audit completions udev-env man header erase inspect help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -595,7 +601,7 @@ _hostcrypt() {
             return 0
             ;;
         hostcrypt__subcmd__help)
-            opts="kek create status check-key rotate-kek rekey reencrypt reload attach detach attached volumes audit completions man header erase inspect help"
+            opts="kek create status check-key rotate-kek rekey reencrypt reload attach detach attached volumes audit completions udev-env man header erase inspect help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -916,6 +922,20 @@ _hostcrypt() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
+        hostcrypt__subcmd__help__subcmd__udev__subcmd__env)
+            opts=""
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
         hostcrypt__subcmd__help__subcmd__volumes)
             opts=""
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
@@ -1162,6 +1182,28 @@ _hostcrypt() {
             ;;
         hostcrypt__subcmd__status)
             opts="-c -h --json --config --help"
+            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
+                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+                return 0
+            fi
+            case "${prev}" in
+                --config)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                -c)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                *)
+                    COMPREPLY=()
+                    ;;
+            esac
+            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
+            return 0
+            ;;
+        hostcrypt__subcmd__udev__subcmd__env)
+            opts="-c -h --config --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0

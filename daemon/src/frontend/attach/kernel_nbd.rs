@@ -54,6 +54,15 @@ pub struct Plumbing {
     pub sys_block: PathBuf,
 }
 
+/// The volume name and UUID an identifier names, if it is one of ours
+/// (for udev: `hostcrypt udev-env`).
+pub fn parse_backend_identifier(text: &str) -> Option<(String, uuid::Uuid)> {
+    let rest = text.trim_end().strip_prefix("hostcrypt:")?;
+    let (name, uuid) = rest.rsplit_once(':')?;
+    let uuid = uuid::Uuid::parse_str(uuid).ok()?;
+    super::device::valid_name(name).then(|| (name.to_owned(), uuid))
+}
+
 /// The identifier a device attached for `volume` carries.
 pub fn backend_identifier(volume: &str, uuid: &uuid::Uuid) -> String {
     format!("hostcrypt:{volume}:{uuid}")
@@ -208,5 +217,30 @@ impl From<super::netlink::NetlinkError> for AttachError {
 impl From<io::Error> for AttachError {
     fn from(e: io::Error) -> Self {
         AttachError::Io(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_round_trip_and_foreign_ones_are_not_ours() {
+        let uuid = uuid::Uuid::new_v4();
+        let id = backend_identifier("cache0", &uuid);
+        assert_eq!(
+            parse_backend_identifier(&format!("{id}\n")),
+            Some(("cache0".to_owned(), uuid))
+        );
+        for foreign in [
+            "",
+            "nbd-client",
+            "hostcrypt:cache0",
+            "hostcrypt::00000000-0000-0000-0000-000000000000",
+            "hostcrypt:a/b:00000000-0000-0000-0000-000000000000",
+            "hostcrypt:x:not-a-uuid",
+        ] {
+            assert_eq!(parse_backend_identifier(foreign), None, "{foreign}");
+        }
     }
 }

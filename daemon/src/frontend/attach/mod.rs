@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-pub use kernel_nbd::Plumbing;
+pub use kernel_nbd::{parse_backend_identifier, Plumbing};
 
 use crate::export::Exports;
 use crate::frontend::{Context, Frontend, Running};
