@@ -181,9 +181,11 @@ impl Daemon {
             )),
             (None, None) => None,
         };
+        // vhost-user sockets first: once an NBD listener answers (what
+        // clients and tests wait for), every socket is in place.
+        let vhost = vhost_user::frontend(&config)?;
         let listeners = nbd::listeners(&config, &mut activated).await?;
         let mut listener_status = nbd::log_listeners(&config, &listeners);
-        let vhost = vhost_user::frontend(&config)?;
         for socket in vhost.describe() {
             tracing::info!(listener = socket, "listening");
             listener_status.push(control::protocol::ListenerStatus {
