@@ -425,8 +425,8 @@ impl BlkClient {
         data: &[(u64, u32)],
         place: (u64, u64),
     ) -> u16 {
-        let chain = self.request_chain(first, kind, sector, data, place);
-        self.submit_raw(q, first, &chain);
+        self.post(q, first, kind, sector, data, place);
+        let _ = self.queues[q].kick.write(1);
         first
     }
 

@@ -154,27 +154,12 @@ impl Plumbing {
     pub fn disconnect_orphans(&self, volume: &str, uuid: &uuid::Uuid) -> Vec<u32> {
         let prefix = format!("hostcrypt:{volume}:");
         let current = backend_identifier(volume, uuid);
-        let Ok(entries) = std::fs::read_dir(&self.sys_block) else {
-            return Vec::new();
-        };
         let mut gone = Vec::new();
-        for entry in entries.flatten() {
-            let Some(index) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("nbd"))
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Ok(backend) = std::fs::read_to_string(entry.path().join("backend")) else {
-                continue;
-            };
-            let backend = backend.trim_end();
+        for (index, backend) in self.devices() {
             if !backend.starts_with(&prefix) || backend == current {
                 continue;
             }
-            let alive = std::fs::read_to_string(entry.path().join("pid"))
+            let alive = std::fs::read_to_string(self.sys_dir(index).join("pid"))
                 .ok()
                 .and_then(|p| p.trim().parse::<u32>().ok())
                 .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
@@ -198,13 +183,40 @@ impl Plumbing {
 
     /// The index of the device whose backend identifier is `backend`.
     pub fn find(&self, backend: &str) -> Option<u32> {
-        let entries = std::fs::read_dir(&self.sys_block).ok()?;
-        entries.flatten().find_map(|entry| {
-            let name = entry.file_name();
-            let index = name.to_str()?.strip_prefix("nbd")?.parse::<u32>().ok()?;
-            let text = std::fs::read_to_string(entry.path().join("backend")).ok()?;
-            (text.trim_end() == backend).then_some(index)
-        })
+        self.devices()
+            .into_iter()
+            .find_map(|(index, b)| (b == backend).then_some(index))
+    }
+
+    /// `/sys/block/nbdN`.
+    pub fn sys_dir(&self, index: u32) -> PathBuf {
+        self.sys_block.join(format!("nbd{index}"))
+    }
+
+    /// The backend identifier of the device at `index` (none while it is
+    /// not connected).
+    pub fn backend_of(&self, index: u32) -> Option<String> {
+        let text = std::fs::read_to_string(self.sys_dir(index).join("backend")).ok()?;
+        Some(text.trim_end().to_owned())
+    }
+
+    /// Every connected NBD device with its backend identifier.
+    fn devices(&self) -> Vec<(u32, String)> {
+        let Ok(entries) = std::fs::read_dir(&self.sys_block) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let index = entry
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("nbd")?
+                    .parse()
+                    .ok()?;
+                Some((index, self.backend_of(index)?))
+            })
+            .collect()
     }
 }
 

@@ -53,8 +53,9 @@ impl std::fmt::Display for Via {
 pub struct Attached {
     pub volume: String,
     pub via: Via,
-    /// The kernel's device (`/dev/nbd0`).
+    /// The kernel's device (`/dev/nbd0`) and its index.
     pub device: PathBuf,
+    pub index: u32,
     /// Its stable name (`/dev/hostcrypt/VOLUME`).
     pub name: PathBuf,
     /// Unix seconds when this daemon attached (or resumed) it.
@@ -233,6 +234,7 @@ impl Attacher {
             volume: volume.to_owned(),
             via: Via::Nbd,
             device,
+            index,
             name,
             since: unix_now(),
             users: Vec::new(),
@@ -283,9 +285,7 @@ impl Attacher {
             }
             tracing::warn!(volume, "flushing {shown} before a forced detach: {e}");
         }
-        let index = index_of(&attached.device)
-            .ok_or_else(|| AttachError::Io(format!("{}: no index", attached.device.display())))?;
-        self.plumbing.disconnect(index)?;
+        self.plumbing.disconnect(attached.index)?;
         drop(claim);
         self.detached
             .lock()
@@ -325,16 +325,12 @@ impl Attacher {
                 continue;
             }
             let current = self.exports.find(&name).map(|e| e.volume.uuid);
-            let device = std::fs::read_link(entry.path()).ok();
-            let backend = device
-                .as_ref()
-                .and_then(|d| d.file_name())
-                .map(|n| self.plumbing.sys_block.join(n).join("backend"))
-                .and_then(|p| std::fs::read_to_string(p).ok());
+            let backend = std::fs::read_link(entry.path())
+                .ok()
+                .and_then(|target| index_of(&target))
+                .and_then(|index| self.plumbing.backend_of(index));
             let ours = match (current, backend) {
-                (Some(uuid), Some(b)) => {
-                    b.trim_end() == kernel_nbd::backend_identifier(&name, &uuid)
-                }
+                (Some(uuid), Some(b)) => b == kernel_nbd::backend_identifier(&name, &uuid),
                 _ => false,
             };
             if !ours {
@@ -345,12 +341,7 @@ impl Attacher {
     }
 
     fn users(&self, attached: &Attached) -> Vec<String> {
-        let sys = attached
-            .device
-            .file_name()
-            .map(|n| self.plumbing.sys_block.join(n))
-            .unwrap_or_default();
-        device::users(&attached.device, &sys)
+        device::users(&attached.device, &self.plumbing.sys_dir(attached.index))
     }
 
     /// Every served volume not attached here whose device an earlier
@@ -392,6 +383,7 @@ impl Attacher {
     }
 }
 
+/// The index a `/dev/hostcrypt` link's target names (`/dev/nbdN`).
 fn index_of(device: &std::path::Path) -> Option<u32> {
     device
         .file_name()?
