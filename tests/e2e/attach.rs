@@ -59,3 +59,88 @@ fn attach_without_the_nbd_module_says_so_and_leaves_nothing() {
     assert!(fx.cli(&["status"]).status.success());
     assert_eq!(daemon.stop(), 0);
 }
+
+/// The control socket is the attach door. A member of `control_group`
+/// that is not root (the device would hold the plaintext) is refused
+/// attach and detach but may list; raw requests that lie (a name that
+/// climbs out of /dev/hostcrypt, an unknown `via`, a string for a bool,
+/// fields not in the protocol, a line cut short) get an error and leave
+/// the daemon serving.
+#[test]
+fn attach_is_root_s_and_hostile_requests_are_refused() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    require_tool("setpriv");
+    if !require_root("running a client as nobody") {
+        return;
+    }
+    let mut fx = Fixture::new();
+    fx.volume("v", "cache", "");
+    let control = fx.path("control.sock");
+    fx.write_config(&format!(
+        "control = \"{}\"\ncontrol_group = \"nogroup\"",
+        control.display()
+    ));
+    fx.create("v", "8M", 4096);
+    let d = fx.start();
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&fx.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cli = fx.path("hostcrypt");
+    std::fs::copy(bin("hostcrypt"), &cli).unwrap();
+    std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        output_when_not_busy(
+            std::process::Command::new("setpriv")
+                .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .arg(&cli)
+                .arg("--config")
+                .arg(&fx.config)
+                .args(args),
+        )
+    };
+    for args in [&["attach", "v"][..], &["detach", "v"][..]] {
+        let out = as_nobody(args);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{args:?}: {text}");
+        assert!(text.contains("root's"), "{args:?}: {text}");
+    }
+    let out = as_nobody(&["attached"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+
+    let ask = |line: &[u8]| -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(&control).unwrap();
+        s.write_all(line).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    };
+    for (line, want) in [
+        (
+            &b"{\"op\":\"attach\",\"volume\":\"../../etc\",\"via\":\"nbd\"}\n"[..],
+            "cannot name a device",
+        ),
+        (
+            b"{\"op\":\"attach\",\"volume\":\"v\",\"via\":\"floppy\"}\n",
+            "\"ok\":false",
+        ),
+        (
+            b"{\"op\":\"detach\",\"volume\":\"v\",\"force\":\"yes\"}\n",
+            "\"ok\":false",
+        ),
+        (
+            b"{\"op\":\"attach\",\"volume\":\"v\",\"index\":3}\n",
+            "\"ok\":false",
+        ),
+        (b"{\"op\":\"detach\",\"volu", "\"ok\":false"),
+    ] {
+        let reply = ask(line);
+        assert!(
+            reply.contains(want),
+            "{}: {reply}",
+            String::from_utf8_lossy(line)
+        );
+    }
+    assert!(fx.cli(&["status"]).status.success());
+    assert_eq!(d.stop(), 0);
+}

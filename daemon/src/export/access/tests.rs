@@ -96,3 +96,21 @@ fn no_list_never_admits_a_bare_tcp_address() {
     let all = AllowList::parse(Some(&["all"])).unwrap();
     assert!(all.permits(&tcp("127.0.0.1:1")));
 }
+
+#[test]
+fn only_the_kernel_peer_the_daemon_made_passes_every_list() {
+    // The kernel's connections to an attached device pass any list, an
+    // empty one included; the same uid over a Unix socket, root, or a
+    // TCP peer claiming a certificate subject, do not.
+    let none: &[&str] = &[];
+    for list in [
+        AllowList::parse(Some(none)).unwrap(),
+        AllowList::parse(Some(&["uid:4242"])).unwrap(),
+    ] {
+        assert!(list.permits(&Peer::kernel()));
+        assert!(!list.permits(&unix(0, 0, vec![])));
+        let mut claims = tcp("127.0.0.1:10809");
+        claims.dn = Some("CN=kernel".into());
+        assert!(!list.permits(&claims));
+    }
+}
