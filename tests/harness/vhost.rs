@@ -249,7 +249,6 @@ impl BlkClient {
             }
             frontend.set_vring_call(q, &call).map_err(text)?;
             frontend.set_vring_kick(q, &kick).map_err(text)?;
-            frontend.set_vring_enable(q, true).map_err(text)?;
             match self.queues.get_mut(q) {
                 Some(queue) => {
                     queue.kick = kick;
@@ -262,6 +261,11 @@ impl BlkClient {
                     _call: call,
                 }),
             }
+        }
+        // As qemu does: every queue is set up before any is enabled, so a
+        // device that looks at a started queue only once finds it off.
+        for q in 0..queues {
+            frontend.set_vring_enable(q, true).map_err(text)?;
         }
         if !hostile.is_empty() {
             // The messages are not acknowledged: give the device time to

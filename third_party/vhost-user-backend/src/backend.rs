@@ -168,6 +168,18 @@ pub trait VhostUserBackend: Send + Sync {
         Ok(())
     }
 
+    /// hostcrypt: SET_VRING_ENABLE turned the vring on or off (its kick
+    /// fd is watched or not from now on). A backend that started a ring
+    /// before it was enabled may look at it again now: a guest that
+    /// posted requests while no backend served it kicks nobody again.
+    fn enable_vring(&self, _queue_index: u32, _enabled: bool) {}
+
+    /// hostcrypt: SET_VRING_CALL gave the vring a new call fd. After a
+    /// reconnect, completions the backend made before it arrived
+    /// interrupted nobody; the backend may interrupt the guest once now
+    /// (libvhost-user always does).
+    fn vring_call_set(&self, _queue_index: u32, _vring: &Self::Vring) {}
+
     /// Handle IO events for backend registered file descriptors.
     ///
     /// This function gets called if the backend registered some additional listeners onto specific
@@ -456,6 +468,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
         self.deref().start_vring(queue_index, vring)
+    }
+
+    fn enable_vring(&self, queue_index: u32, enabled: bool) {
+        self.deref().enable_vring(queue_index, enabled)
+    }
+
+    fn vring_call_set(&self, queue_index: u32, vring: &Self::Vring) {
+        self.deref().vring_call_set(queue_index, vring)
     }
 
     fn handle_event(

@@ -597,6 +597,9 @@ where
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
         }
+        // hostcrypt: completions made before this call fd arrived
+        // (a reconnect) interrupted nobody.
+        self.backend.vring_call_set(u32::from(index), vring);
 
         Ok(())
     }
@@ -646,6 +649,8 @@ where
         // with parameter 0.
         vring.set_enabled(enable);
         self.update_vring_registration(vring, index as u8)?;
+        // hostcrypt: the backend may look at the ring again now.
+        self.backend.enable_vring(index, enable);
 
         Ok(())
     }

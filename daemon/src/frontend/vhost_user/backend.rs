@@ -300,6 +300,14 @@ impl BlockBackend {
                 ),
             }
         }
+        tracing::debug!(
+            export = self.export.name(),
+            peer = self.peer,
+            queue = index,
+            used,
+            pending = pending.len(),
+            "vhost-user queue taken up"
+        );
         if !pending.is_empty() {
             tracing::info!(
                 export = self.export.name(),
@@ -905,6 +913,42 @@ impl VhostUserBackend for BlockBackend {
         Ok(())
     }
 
+    /// SET_VRING_ENABLE: a started queue turned on is looked at again
+    /// (its restart eventfd). qemu enables a queue after setting its kick
+    /// fd, so the look `start_vring` asked for may have found it still
+    /// off; what the guest posted while no daemon served it was kicked
+    /// into qemu and would otherwise wait for the guest's next kick,
+    /// which never comes while it waits for those requests.
+    fn enable_vring(&self, queue_index: u32, enabled: bool) {
+        let index = queue_index as usize;
+        let started = self
+            .started
+            .get(index)
+            .is_some_and(|s| s.load(Ordering::Acquire));
+        if enabled && started {
+            if let Some(restart) = self.restarts.get(index) {
+                let _ = restart.write(1);
+            }
+        }
+    }
+
+    /// SET_VRING_CALL: a started queue's guest is interrupted once on
+    /// its new call fd. After a reconnect qemu may set a queue's call fd
+    /// after its kick fd; what was completed in between (resubmitted
+    /// requests, or ones the guest posted while no daemon ran)
+    /// interrupted nobody. A spurious interrupt costs the guest a look
+    /// at its used ring.
+    fn vring_call_set(&self, queue_index: u32, vring: &Vring) {
+        let index = queue_index as usize;
+        if self
+            .started
+            .get(index)
+            .is_some_and(|s| s.load(Ordering::Acquire))
+        {
+            self.notifier.signal(index, vring);
+        }
+    }
+
     /// RESET_DEVICE (vhost-user-backend has disabled the rings first):
     /// every queue is retired and none is left stopped as broken, so
     /// requests from before the reset write nothing into the rings the
@@ -961,7 +1005,7 @@ impl VhostUserBackend for BlockBackend {
                 let _ = restart.read();
             }
             // As for a kick, which vhost-user-backend ignores on a
-            // disabled ring: enabling it later runs the queue anyway.
+            // disabled ring: enabling it looks again (`enable_vring`).
             return match vrings.first() {
                 Some(vring) if vring.get_ref().is_enabled() => {
                     self.process(thread_id, vring);
