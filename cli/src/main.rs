@@ -141,7 +141,9 @@ enum Command {
     /// device. It survives a restart of hostcryptd, kill -9 included.
     Attach {
         volume: String,
-        /// How the kernel reaches it: the kernel's NBD client (module nbd).
+        /// How the kernel reaches it: ublk (module ublk_drv, Linux 6.0 and
+        /// later) or the kernel's NBD client (module nbd). Default: ublk
+        /// where the kernel has it, else nbd.
         #[arg(long, value_enum)]
         via: Option<AttachVia>,
         /// Print JSON.

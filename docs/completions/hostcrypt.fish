@@ -88,7 +88,7 @@ complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand reencrypt" -s h -l h
 complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand reload" -s c -l config -d 'Daemon configuration file' -r -F
 complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand reload" -l json -d 'Print JSON'
 complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand reload" -s h -l help -d 'Print help'
-complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand attach" -l via -d 'How the kernel reaches it: the kernel\'s NBD client (module nbd)' -r -f -a "nbd\t''
+complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand attach" -l via -d 'How the kernel reaches it: ublk (module ublk_drv, Linux 6.0 and later) or the kernel\'s NBD client (module nbd). Default: ublk where the kernel has it, else nbd' -r -f -a "nbd\t''
 ublk\t''"
 complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand attach" -s c -l config -d 'Daemon configuration file' -r -F
 complete -c hostcrypt -n "__fish_hostcrypt_using_subcommand attach" -l json -d 'Print JSON'

@@ -1,7 +1,8 @@
 //! `hostcrypt attach`: a volume as a kernel block device. This machine's
-//! kernel has no nbd module, so the whole check runs in a guest
-//! (tests/vm/attach.sh): attach through the kernel's NBD client, a
-//! filesystem on /dev/hostcrypt/v, fio with verify while hostcryptd is
+//! kernel has neither the ublk_drv nor the nbd module, so the whole check
+//! runs in a guest (tests/vm/attach.sh): for each of ublk and the
+//! kernel's NBD client, attach, a filesystem on /dev/hostcrypt/NAME,
+//! fio with verify while hostcryptd is
 //! killed with -9 and restarted, detach refused while mounted, and
 //! cryptsetup's plain mode reading the same files from the backing
 //! (the dm-crypt compatibility docs/operating.md claims).
@@ -24,7 +25,7 @@ fn a_guest_mounts_an_attached_volume_across_a_kill_9_and_dm_crypt_reads_it() {
     assert!(text.contains("attach VM: PASS"), "{text}");
 }
 
-/// Where the kernel has no NBD client (this machine's), attach says so
+/// Where the kernel has no NBD client and no ublk (this machine), attach says so
 /// plainly and leaves nothing behind; a name that cannot be a device
 /// name and a volume that is not served are refused before the kernel
 /// is asked; detach of what is not attached says so.
@@ -43,6 +44,12 @@ fn attach_without_the_nbd_module_says_so_and_leaves_nothing() {
         let text = output_text(&out);
         assert!(!out.status.success(), "{text}");
         assert!(text.contains("modprobe nbd"), "{text}");
+    }
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        let out = fx.cli(&["attach", "v", "--via", "ublk"]);
+        let text = output_text(&out);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("modprobe ublk_drv"), "{text}");
     }
     for (args, want) in [
         (&["attach", "nope"][..], "no volume named"),

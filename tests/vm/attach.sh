@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # `hostcrypt attach` in a guest: a Debian 6.12 cloud kernel under
 # qemu-system-x86_64 (TCG) runs hostcryptd and hostcrypt from a busybox
-# initramfs, with the kernel's NBD client (module nbd):
-#   create a volume → hostcryptd → attach → /dev/hostcrypt/v is the
-#   kernel's /dev/nbdN with the volume's sector size as its logical block
-#   size → mkfs.ext4, mount, files + SHA-256 → fio with verify writes
+# initramfs; for each of ublk (module ublk_drv) and the kernel's NBD
+# client (module nbd):
+#   create a volume → hostcryptd → attach --via ublk|nbd → /dev/hostcrypt/V
+#   is the kernel's /dev/ublkbN or /dev/nbdN with the volume's sector size
+#   as its logical block size → mkfs.ext4, mount, files + SHA-256 → fio with verify writes
 #   while hostcryptd is killed with -9 and started again (the new daemon
-#   gives the device fresh sockets; the filesystem stays mounted; fio's
-#   verify passes) → detach refused while mounted → umount, mount again,
+#   recovers the ublk device, or gives the NBD device fresh sockets; the
+#   filesystem stays mounted; fio's verify passes) → detach refused while mounted → umount, mount again,
 #   every file verifies → detach (the name goes away) → no plaintext in
 #   the backing → dm-crypt: cryptsetup open --type plain with the
 #   break-glass parameters (docs/operating.md) on the same backing through
 #   a loop device, mount, every file verifies.
-# A temp volume with `attach = "nbd"` is attached at start and detached
-# at stop.
+# Temp volumes with `attach = "nbd"` and `attach = "auto"` (ublk) are
+# attached at start and detached at stop.
 # Prints "attach VM: PASS" and exits 0, or says what failed. The e2e suite
 # runs it as root (tests/e2e/attach.rs).
 #   tests/vm/attach.sh [--bin target/debug]
-# Not here yet (issue 27): ublk.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=target/release
@@ -44,15 +44,15 @@ for tool in hostcryptd hostcrypt volume-dek; do
 done
 vm_add_tool "$root" "$work/bin/hostcryptd" "$work/bin/hostcrypt" "$work/bin/volume-dek" \
   "$(command -v mke2fs)" "$(command -v fio)" "$(command -v cryptsetup)"
-vm_add_modules "$root" nbd dm_crypt loop xts aesni_intel
+vm_add_modules "$root" ublk_drv nbd dm_crypt loop xts aesni_intel
 
 cat > "$root/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /tmp /run/cryptsetup /mnt /hc
-fail() { echo "HOSTCRYPT-ATTACH-VM: FAIL: $*"; tail -5 /hc/d.log 2>/dev/null; poweroff -f; }
-vm-load nbd dm_crypt loop xts aesni_intel || fail "modules"
+fail() { echo "HOSTCRYPT-ATTACH-VM: FAIL: $*"; grep -v audit /hc/d.log 2>/dev/null | tail -25; poweroff -f; }
+vm-load ublk_drv nbd dm_crypt loop xts aesni_intel || fail "modules"
 cd /hc
 head -c 32 /dev/urandom > kek; chmod 600 kek
 cat > c.toml <<'TOML'
@@ -65,6 +65,11 @@ unix = "/hc/nbd.sock"
 provider = "local"
 path = "/hc/kek"
 [[volume]]
+name = "u"
+backing = "/hc/u.img"
+role = "cache"
+kek = "main"
+[[volume]]
 name = "v"
 backing = "/hc/v.img"
 role = "cache"
@@ -75,9 +80,16 @@ backing = "/hc/t.img"
 role = "temp"
 size = "16M"
 attach = "nbd"
+[[volume]]
+name = "a"
+backing = "/hc/a.img"
+role = "temp"
+size = "16M"
+attach = "auto"
 TOML
 hc() { /opt/hostcrypt --config /hc/c.toml "$@"; }
-hc create v --size 96M --sector-size 4096 >/dev/null || fail "create"
+hc create u --size 64M --sector-size 4096 >/dev/null || fail "create u"
+hc create v --size 64M --sector-size 4096 >/dev/null || fail "create v"
 start_daemon() {
   /opt/hostcryptd --config /hc/c.toml >> /hc/d.log 2>&1 &
   pid=$!
@@ -86,71 +98,92 @@ start_daemon() {
     i=$((i + 1)); [ $i -gt 300 ] && fail "hostcryptd did not start"; sleep 0.1
   done
 }
+await_link() {
+  i=0
+  until [ -b "/dev/hostcrypt/$1" ]; do i=$((i + 1)); [ $i -gt 300 ] && fail "$2: no /dev/hostcrypt/$1"; sleep 0.1; done
+}
 start_daemon
-# The temp volume is attached by the config (attach = "nbd") at start.
-i=0
-until [ -b /dev/hostcrypt/t ]; do i=$((i + 1)); [ $i -gt 300 ] && fail "attach = nbd: no /dev/hostcrypt/t"; sleep 0.1; done
-tnbd=$(basename "$(readlink /dev/hostcrypt/t)")
-echo "guest: temp volume attached at start as $tnbd"
-dev=$(hc attach v) || fail "attach"
-[ "$dev" = /dev/hostcrypt/v ] && [ -b "$dev" ] || fail "attach printed $dev"
-nbd=$(basename "$(readlink "$dev")")
-echo "guest: attached as $nbd, logical block $(cat /sys/block/$nbd/queue/logical_block_size), backend $(cat /sys/block/$nbd/backend)"
-[ "$(cat /sys/block/$nbd/queue/logical_block_size)" = 4096 ] || fail "logical block size"
-hc attach v >/dev/null 2>&1 && fail "a second attach succeeded"
-/opt/mke2fs -q -F -t ext4 "$dev" || fail "mkfs.ext4"
-mount -t ext4 "$dev" /mnt || fail "mount"
-dd if=/dev/urandom of=/mnt/random.bin bs=1M count=8 2>/dev/null || fail "write a file"
-i=0; while [ $i -lt 2000 ]; do echo "HOSTCRYPT-PLAINTEXT-MARKER-$i"; i=$((i + 1)); done > /mnt/marker.txt
-(cd /mnt && sha256sum random.bin marker.txt) > /tmp/sums
-sync
-# fio writes and verifies while the daemon dies and comes back.
-/opt/fio --name=attach --filename=/mnt/fio.dat --size=24M --bs=4k --rw=randwrite \
-  --ioengine=psync --direct=1 --fsync=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
-  --randrepeat=0 > /tmp/fio.log 2>&1 &
-fio=$!
-i=0
-until [ "$(stat -c %s /mnt/fio.dat 2>/dev/null || echo 0)" -gt 0 ] && grep -q . /proc/$fio/io 2>/dev/null; do
-  i=$((i + 1)); [ $i -gt 600 ] && fail "fio did not start"; sleep 0.05
-done
-kill -9 $pid; wait $pid 2>/dev/null
-kill -0 $fio 2>/dev/null || fail "fio ended before the kill"
-echo "guest: hostcryptd killed with -9 while fio writes"
-start_daemon
-wait $fio || { cat /tmp/fio.log; fail "fio (verify) across the restart"; }
-grep -q "err= 0" /tmp/fio.log || { cat /tmp/fio.log; fail "fio reported errors"; }
-echo "guest: fio verified across the restart: $(grep -o 'WRITE: bw=[^,]*' /tmp/fio.log)"
-hc attached | grep -q "mounted on /mnt" || fail "attached does not show the mount"
-hc status | grep -q "attached v as /dev/hostcrypt/v" || fail "status does not show the attachment"
-hc detach v 2>/tmp/detach.err && fail "detach of a mounted device succeeded"
-grep -q "in use" /tmp/detach.err || fail "detach refused without saying why: $(cat /tmp/detach.err)"
-umount /mnt || fail "umount"
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 "$dev" /mnt || fail "mount again"
-(cd /mnt && sha256sum -c /tmp/sums >/dev/null) || fail "files differ after the restart"
-umount /mnt
-hc detach v || fail "detach"
-[ -e /dev/hostcrypt/v ] && fail "/dev/hostcrypt/v is still there"
-# At stop the temp volume's device goes with it (its data is erased).
+# The temp volumes are attached by the config at start: t with
+# attach = "nbd", a with attach = "auto" (ublk: the module is loaded).
+await_link t 'attach = "nbd"'
+await_link a 'attach = "auto"'
+echo "guest: temp volumes attached at start: t as $(basename "$(readlink /dev/hostcrypt/t)"), a as $(basename "$(readlink /dev/hostcrypt/a)")"
+case "$(readlink /dev/hostcrypt/t)" in /dev/nbd*) ;; *) fail "attach = nbd made $(readlink /dev/hostcrypt/t)" ;; esac
+case "$(readlink /dev/hostcrypt/a)" in /dev/ublkb*) ;; *) fail "attach = auto made $(readlink /dev/hostcrypt/a), not ublk" ;; esac
+
+# One volume through each way in: attach, mkfs.ext4, files, fio with
+# verify across a kill -9 restart, detach refused while mounted, files
+# verify, detach, then dm-crypt reads the same files from the backing.
+exercise() {
+  via=$1 vol=$2
+  dev=$(hc attach "$vol" --via "$via") || fail "attach --via $via"
+  [ "$dev" = "/dev/hostcrypt/$vol" ] && [ -b "$dev" ] || fail "attach printed $dev"
+  kdev=$(basename "$(readlink "$dev")")
+  case "$via:$kdev" in nbd:nbd*|ublk:ublkb*) ;; *) fail "--via $via made $kdev" ;; esac
+  echo "guest: $via: attached as $kdev, logical block $(cat /sys/block/$kdev/queue/logical_block_size)"
+  [ "$(cat /sys/block/$kdev/queue/logical_block_size)" = 4096 ] || fail "$via: logical block size"
+  hc attach "$vol" >/dev/null 2>&1 && fail "$via: a second attach succeeded"
+  /opt/mke2fs -q -F -t ext4 "$dev" || fail "$via: mkfs.ext4"
+  mount -t ext4 "$dev" /mnt || fail "$via: mount"
+  dd if=/dev/urandom of=/mnt/random.bin bs=1M count=8 2>/dev/null || fail "$via: write a file"
+  i=0; while [ $i -lt 2000 ]; do echo "HOSTCRYPT-PLAINTEXT-MARKER-$i"; i=$((i + 1)); done > /mnt/marker.txt
+  (cd /mnt && sha256sum random.bin marker.txt) > /tmp/sums
+  sync
+  # fio writes and verifies while the daemon dies and comes back.
+  /opt/fio --name=attach --filename=/mnt/fio.dat --size=16M --bs=4k --rw=randwrite \
+    --ioengine=psync --direct=1 --fsync=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --randrepeat=0 > /tmp/fio.log 2>&1 &
+  fio=$!
+  i=0
+  until [ "$(stat -c %s /mnt/fio.dat 2>/dev/null || echo 0)" -gt 0 ] && grep -q . /proc/$fio/io 2>/dev/null; do
+    i=$((i + 1)); [ $i -gt 600 ] && fail "$via: fio did not start"; sleep 0.05
+  done
+  kill -9 $pid; wait $pid 2>/dev/null
+  kill -0 $fio 2>/dev/null || fail "$via: fio ended before the kill"
+  echo "guest: $via: hostcryptd killed with -9 while fio writes"
+  start_daemon
+  wait $fio || { cat /tmp/fio.log; fail "$via: fio (verify) across the restart"; }
+  grep -q "err= 0" /tmp/fio.log || { cat /tmp/fio.log; fail "$via: fio reported errors"; }
+  echo "guest: $via: fio verified across the restart: $(grep -o 'WRITE: bw=[^,]*' /tmp/fio.log)"
+  hc attached | grep "^$vol " | grep -q "mounted on /mnt" || fail "$via: attached does not show the mount"
+  hc status | grep -q "attached $vol as /dev/hostcrypt/$vol" || fail "$via: status does not show the attachment"
+  hc detach "$vol" 2>/tmp/detach.err && fail "$via: detach of a mounted device succeeded"
+  grep -q "in use" /tmp/detach.err || fail "$via: detach refused without saying why: $(cat /tmp/detach.err)"
+  umount /mnt || fail "$via: umount"
+  echo 3 > /proc/sys/vm/drop_caches
+  mount -t ext4 "$dev" /mnt || fail "$via: mount again"
+  (cd /mnt && sha256sum -c /tmp/sums >/dev/null) || fail "$via: files differ after the restart"
+  umount /mnt
+  hc detach "$vol" || fail "$via: detach"
+  [ -e "/dev/hostcrypt/$vol" ] && fail "$via: /dev/hostcrypt/$vol is still there"
+  [ -e "/sys/block/$kdev/size" ] && [ "$(cat /sys/block/$kdev/size)" != 0 ] && fail "$via: $kdev outlived detach"
+  grep -q HOSTCRYPT-PLAINTEXT-MARKER "/hc/$vol.img" && fail "$via: plaintext in the backing"
+  # Break-glass: the same backing with dm-crypt, no hostcrypt.
+  /opt/volume-dek "/hc/$vol.img" /hc/kek /tmp/dek.bin || fail "$via: unwrap the DEK"
+  loop=$(losetup -f)
+  losetup "$loop" "/hc/$vol.img" || fail "$via: losetup"
+  /opt/cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \
+    --iv-large-sectors --offset 2048 --key-file /tmp/dek.bin "$loop" hc || fail "$via: cryptsetup open"
+  rm -f /tmp/dek.bin
+  mount -t ext4 -o ro /dev/mapper/hc /mnt || fail "$via: mount through dm-crypt"
+  (cd /mnt && sha256sum -c /tmp/sums >/dev/null) || fail "$via: files differ through dm-crypt"
+  echo "guest: $via: dm-crypt (plain, aes-xts-plain64, 4096-byte sectors) reads the same files"
+  umount /mnt; /opt/cryptsetup close hc; losetup -d "$loop"
+}
+exercise ublk u
+exercise nbd v
+# At stop the temp volumes' devices go with them (their data is erased).
 kill $pid; wait $pid 2>/dev/null
 [ -e /dev/hostcrypt/t ] && fail "/dev/hostcrypt/t outlived the daemon"
-# The temp volume's device from before the kill -9 was disconnected by
-# the next daemon (a new temp volume is another disk), and the one it
-# attached at start is gone with the stop.
+[ -e /dev/hostcrypt/a ] && fail "/dev/hostcrypt/a outlived the daemon"
+# The temp volumes' devices from before each kill -9 were removed by the
+# next daemon (a new temp volume is another disk), and the ones it
+# attached at start are gone with the stop.
 for b in /sys/block/nbd*/backend; do
   grep -q "^hostcrypt:t:" "$b" 2>/dev/null && fail "$b: a temp volume's device is still connected"
 done
-grep -q HOSTCRYPT-PLAINTEXT-MARKER /hc/v.img && fail "plaintext in the backing"
-# Break-glass: the same backing with dm-crypt, no hostcrypt.
-/opt/volume-dek /hc/v.img /hc/kek /tmp/dek.bin || fail "unwrap the DEK"
-loop=$(losetup -f)
-losetup "$loop" /hc/v.img || fail "losetup"
-/opt/cryptsetup open --type plain --cipher aes-xts-plain64 --key-size 512 --sector-size 4096 \
-  --iv-large-sectors --offset 2048 --key-file /tmp/dek.bin "$loop" hc || fail "cryptsetup open"
-mount -t ext4 -o ro /dev/mapper/hc /mnt || fail "mount through dm-crypt"
-(cd /mnt && sha256sum -c /tmp/sums >/dev/null) || fail "files differ through dm-crypt"
-echo "guest: dm-crypt (plain, aes-xts-plain64, 4096-byte sectors) reads the same files"
-umount /mnt; /opt/cryptsetup close hc; losetup -d "$loop"
+left=$(ls /sys/class/ublk-char 2>/dev/null | tr '\n' ' ')
+[ -z "$left" ] || fail "ublk devices left after the stop: $left"
 if dmesg | grep -iE "I/O error|blk_update"; then fail "I/O errors"; fi
 echo "HOSTCRYPT-ATTACH-VM: PASS"
 poweroff -f
@@ -164,7 +197,7 @@ vm_boot "$console" "$work/initrd.gz" ""
 if grep -q "HOSTCRYPT-ATTACH-VM: PASS" "$console"; then
   grep "guest:" "$console" | tr -d '\r'
   passed=1
-  echo "attach VM: PASS ($vm_kernel, accel $accel; attach via nbd, mkfs.ext4, fio verify across a kill -9 restart, detach refused while mounted, files verified, dm-crypt plain reads the same files)"
+  echo "attach VM: PASS ($vm_kernel, accel $accel; for ublk and nbd: attach, mkfs.ext4, fio verify across a kill -9 restart, detach refused while mounted, files verified, dm-crypt plain reads the same files)"
 else
   echo "attach VM: FAIL; guest console:" >&2
   tr -d '\r' < "$console" | tail -60 >&2

@@ -185,10 +185,10 @@ pub struct VolumeConfig {
     #[schemars(with = "Option<bool>", extend("examples" = [true]))]
     pub vhost_user_read_only: Option<Spanned<bool>>,
     /// Attach the volume as a block device on this host when the daemon
-    /// starts (`hostcrypt attach` does it by hand): `"nbd"` through the
-    /// kernel's NBD client (module `nbd`), `"auto"` the best available
-    /// (ublk once built, else nbd); `"ublk"` is not built yet. The device
-    /// is /dev/hostcrypt/NAME. It stays across a restart of the daemon (a
+    /// starts (`hostcrypt attach` does it by hand): `"ublk"` through ublk
+    /// (module `ublk_drv`, Linux 6.0 and later), `"nbd"` through the
+    /// kernel's NBD client (module `nbd`), `"auto"` ublk where the kernel
+    /// has it, else nbd. The device is /dev/hostcrypt/NAME. It stays across a restart of the daemon (a
     /// mounted filesystem pauses and carries on); at stop it is detached
     /// if nothing uses it, and a temp volume's always is.
     #[schemars(with = "Option<String>", extend("examples" = ["auto"]))]
@@ -271,14 +271,18 @@ impl VolumeConfig {
         }
     }
 
-    /// How the volume is attached at start (`attach`); `None` without it.
-    pub fn attach_via(&self) -> Option<Result<crate::frontend::attach::Via, String>> {
+    /// How the volume is attached at start (`attach`); `None` without it,
+    /// `Some(Ok(None))` for `auto` (the best available when it starts).
+    pub fn attach_via(&self) -> Option<Result<Option<crate::frontend::attach::Via>, String>> {
         use crate::frontend::attach::Via;
         let text = self.attach.as_ref()?.get_ref();
         Some(match text.as_str() {
-            "nbd" | "auto" => Ok(Via::Nbd),
-            "ublk" => Err("attach = \"ublk\" is not built yet; use \"nbd\" or \"auto\"".into()),
-            other => Err(format!("attach is \"nbd\" or \"auto\", not {other:?}")),
+            "nbd" => Ok(Some(Via::Nbd)),
+            "ublk" => Ok(Some(Via::Ublk)),
+            "auto" => Ok(None),
+            other => Err(format!(
+                "attach is \"ublk\", \"nbd\" or \"auto\", not {other:?}"
+            )),
         })
     }
 

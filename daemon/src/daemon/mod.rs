@@ -240,6 +240,12 @@ impl Daemon {
                 dev: "/dev".into(),
                 sys_block: "/sys/block".into(),
             },
+            frontend::attach::UblkPlumbing::new(
+                registry.exports().clone(),
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                "/dev".into(),
+                "/sys/block".into(),
+            ),
             "/dev/hostcrypt".into(),
         );
         let control = control_socket.map(|(listener, path, owned)| {

@@ -1,14 +1,16 @@
 //! Attachments: a volume as a kernel block device on this host, made by
 //! the daemon itself (`hostcrypt attach`), so an operator mounts
 //! `/dev/hostcrypt/VOLUME` as a dm-crypt user mounts `/dev/mapper/NAME`.
-//! Today through the kernel's NBD client (`kernel_nbd.rs` over
-//! `netlink.rs`); the device's name and users are `device.rs`.
+//! Through ublk (`ublk.rs`, over the `libublk` crate) or the kernel's
+//! NBD client (`kernel_nbd.rs` over `netlink.rs`); the device's name and
+//! users are `device.rs`.
 //!
 //! A restart of the daemon, kill -9 included, leaves the device in place:
-//! its connections die with the old process, the kernel holds the I/O
-//! for the dead-connection timeout, and the new daemon finds the device
-//! by its backend identifier at start ([`Attacher::resume_all`]) and gives
-//! it fresh sockets. A mounted filesystem pauses, then carries on.
+//! the kernel holds its I/O (ublk: the device is quiesced until a daemon
+//! recovers it; NBD: for the dead-connection timeout), and the new daemon
+//! finds the device by the identifier it carries at start
+//! ([`Attacher::resume_all`]) and serves it again. A mounted filesystem
+//! pauses, then carries on.
 //!
 //! Here: the attachments of this daemon, the verbs (attach, detach, list)
 //! and the frontend contract. The control socket calls the verbs
@@ -17,6 +19,7 @@
 mod device;
 mod kernel_nbd;
 mod netlink;
+mod ublk;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 
 pub use kernel_nbd::{parse_backend_identifier, Plumbing};
+pub use ublk::UblkPlumbing;
 
 use crate::export::Exports;
 use crate::frontend::{Context, Frontend, Running};
@@ -35,8 +39,20 @@ use crate::frontend::{Context, Frontend, Running};
 pub enum Via {
     /// The kernel's NBD client (module `nbd`).
     Nbd,
-    /// ublk (module `ublk_drv`): not built yet.
+    /// ublk (module `ublk_drv`, Linux 6.0 and later).
     Ublk,
+}
+
+impl Via {
+    /// What `auto` (or no choice) means here: ublk where the kernel has
+    /// it, else the kernel's NBD client.
+    pub fn best_available() -> Via {
+        if UblkPlumbing::available() {
+            Via::Ublk
+        } else {
+            Via::Nbd
+        }
+    }
 }
 
 impl std::fmt::Display for Via {
@@ -79,8 +95,6 @@ pub enum AttachError {
     BadName(String),
     #[error("flushing {0} failed ({1}); nothing was detached (detach --force drops what it held)")]
     Flush(String, String),
-    #[error("ublk is not built yet; use --via nbd")]
-    UblkUnavailable,
     #[error("the handshake on the daemon's own socket failed: {0}")]
     Handshake(String),
     #[error("{0}")]
@@ -93,12 +107,13 @@ pub enum AttachError {
 pub struct Attacher {
     exports: Exports,
     plumbing: Plumbing,
+    ublk: UblkPlumbing,
     /// Where the stable names go (`/dev/hostcrypt`).
     names: PathBuf,
     attached: Mutex<BTreeMap<String, Attached>>,
-    /// Volumes whose config says `attach`: attached at start, detached
-    /// at stop when nothing uses them.
-    configured: Mutex<Vec<(String, Via)>>,
+    /// Volumes whose config says `attach` (`None`: auto): attached at
+    /// start, detached at stop when nothing uses them.
+    configured: Mutex<Vec<(String, Option<Via>)>>,
     /// Held through each attach, detach and resume: two at once would
     /// connect one volume twice, or detach what is being attached.
     operation: Mutex<()>,
@@ -108,10 +123,16 @@ pub struct Attacher {
 }
 
 impl Attacher {
-    pub fn new(exports: Exports, plumbing: Plumbing, names: PathBuf) -> Arc<Self> {
+    pub fn new(
+        exports: Exports,
+        plumbing: Plumbing,
+        ublk: UblkPlumbing,
+        names: PathBuf,
+    ) -> Arc<Self> {
         Arc::new(Attacher {
             exports,
             plumbing,
+            ublk,
             names,
             attached: Mutex::new(BTreeMap::new()),
             configured: Mutex::new(Vec::new()),
@@ -127,14 +148,14 @@ impl Attacher {
     }
 
     /// The volumes the config attaches (`attach = ...`).
-    pub fn set_configured(&self, volumes: Vec<(String, Via)>) {
+    pub fn set_configured(&self, volumes: Vec<(String, Option<Via>)>) {
         *self
             .configured
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = volumes;
     }
 
-    fn configured(&self) -> Vec<(String, Via)> {
+    fn configured(&self) -> Vec<(String, Option<Via>)> {
         self.configured
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -151,7 +172,8 @@ impl Attacher {
             if self.lock().contains_key(&volume) {
                 continue;
             }
-            if let Err(e) = self.attach(&volume, Some(via)) {
+            if let Err(e) = self.attach(&volume, via) {
+                let via = via.map_or("auto".to_string(), |v| v.to_string());
                 tracing::error!(volume, "attach = {via}: {e}");
             }
         }
@@ -196,15 +218,13 @@ impl Attacher {
         self.attached.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Attaches `volume` (blocking: handshakes and netlink) and names it.
+    /// Attaches `volume` (blocking: handshakes, netlink, ublk's control
+    /// commands) `via` one way (`None`: the best available) and names it.
     pub fn attach(&self, volume: &str, via: Option<Via>) -> Result<Attached, AttachError> {
         let _one_at_a_time = self.exclusive();
-        let via = via.unwrap_or(Via::Nbd);
+        let via = via.unwrap_or_else(Via::best_available);
         if !device::valid_name(volume) {
             return Err(AttachError::BadName(volume.to_owned()));
-        }
-        if via == Via::Ublk {
-            return Err(AttachError::UblkUnavailable);
         }
         let export = self
             .exports
@@ -220,19 +240,36 @@ impl Attacher {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(volume);
-        let index = self.plumbing.attach(volume, &export.volume.uuid)?;
-        self.record(volume, index).inspect_err(|_| {
+        let index = match via {
+            Via::Nbd => self.plumbing.attach(volume, &export.volume.uuid)?,
+            Via::Ublk => self.ublk.attach(volume, &export.volume.uuid)?,
+        };
+        self.record(volume, via, index).inspect_err(|_| {
             // Connected but not named or recorded: nobody could detach it.
-            let _ = self.plumbing.disconnect(index);
+            let _ = self.disconnect(via, index);
         })
     }
 
-    fn record(&self, volume: &str, index: u32) -> Result<Attached, AttachError> {
-        let device = self.plumbing.device(index);
+    fn disconnect(&self, via: Via, index: u32) -> Result<(), AttachError> {
+        match via {
+            Via::Nbd => self.plumbing.disconnect(index),
+            Via::Ublk => self.ublk.disconnect(index),
+        }
+    }
+
+    fn device(&self, via: Via, index: u32) -> PathBuf {
+        match via {
+            Via::Nbd => self.plumbing.device(index),
+            Via::Ublk => self.ublk.device(index),
+        }
+    }
+
+    fn record(&self, volume: &str, via: Via, index: u32) -> Result<Attached, AttachError> {
+        let device = self.device(via, index);
         let name = device::link(&self.names, volume, &device)?;
         let attached = Attached {
             volume: volume.to_owned(),
-            via: Via::Nbd,
+            via,
             device,
             index,
             name,
@@ -285,7 +322,7 @@ impl Attacher {
             }
             tracing::warn!(volume, "flushing {shown} before a forced detach: {e}");
         }
-        self.plumbing.disconnect(attached.index)?;
+        self.disconnect(attached.via, attached.index)?;
         drop(claim);
         self.detached
             .lock()
@@ -328,7 +365,10 @@ impl Attacher {
             let backend = std::fs::read_link(entry.path())
                 .ok()
                 .and_then(|target| index_of(&target))
-                .and_then(|index| self.plumbing.backend_of(index));
+                .and_then(|(via, index)| match via {
+                    Via::Nbd => self.plumbing.backend_of(index),
+                    Via::Ublk => self.ublk.backend_of(index),
+                });
             let ours = match (current, backend) {
                 (Some(uuid), Some(b)) => b == kernel_nbd::backend_identifier(&name, &uuid),
                 _ => false,
@@ -341,11 +381,16 @@ impl Attacher {
     }
 
     fn users(&self, attached: &Attached) -> Vec<String> {
-        device::users(&attached.device, &self.plumbing.sys_dir(attached.index))
+        let sys = match attached.via {
+            Via::Nbd => self.plumbing.sys_dir(attached.index),
+            Via::Ublk => self.ublk.sys_dir(attached.index),
+        };
+        device::users(&attached.device, &sys)
     }
 
     /// Every served volume not attached here whose device an earlier
-    /// daemon left attached gets fresh sockets and its name back. Run at
+    /// daemon left attached is served again (NBD: fresh sockets; ublk:
+    /// user recovery) and gets its name back. Run at
     /// start and then every few seconds: a volume that opens late (its
     /// key server was slow, a reload added it back) is resumed as soon as
     /// it serves, within the kernel's dead-connection timeout.
@@ -361,36 +406,53 @@ impl Attacher {
             if detached_here || self.lock().contains_key(volume) {
                 continue;
             }
-            for index in self
-                .plumbing
-                .disconnect_orphans(volume, &export.volume.uuid)
+            let uuid = &export.volume.uuid;
+            let orphans = [
+                (Via::Nbd, self.plumbing.disconnect_orphans(volume, uuid)),
+                (Via::Ublk, self.ublk.disconnect_orphans(volume, uuid)),
+            ];
+            for (via, index) in orphans
+                .into_iter()
+                .flat_map(|(via, list)| list.into_iter().map(move |i| (via, i)))
             {
                 tracing::warn!(
                     volume,
-                    "disconnected /dev/nbd{index}: attached for an earlier volume of this name \
-                     (a temp volume before a restart); its data is gone"
+                    "removed {}: attached for an earlier volume of this name \
+                     (a temp volume before a restart); its data is gone",
+                    self.device(via, index).display()
                 );
             }
-            match self.plumbing.resume(volume, &export.volume.uuid) {
-                Ok(Some(index)) => match self.record(volume, index) {
-                    Ok(_) => tracing::info!(volume, "attachment resumed with fresh sockets"),
-                    Err(e) => tracing::warn!(volume, "attachment resumed, but: {e}"),
-                },
-                Ok(None) => {}
-                Err(e) => tracing::warn!(volume, "an attachment left by an earlier daemon: {e}"),
+            for via in [Via::Ublk, Via::Nbd] {
+                let resumed = match via {
+                    Via::Nbd => self.plumbing.resume(volume, uuid),
+                    Via::Ublk => self.ublk.resume(volume, uuid),
+                };
+                match resumed {
+                    Ok(Some(index)) => {
+                        match self.record(volume, via, index) {
+                            Ok(_) => tracing::info!(volume, "{via} attachment resumed"),
+                            Err(e) => tracing::warn!(volume, "{via} attachment resumed, but: {e}"),
+                        }
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(volume, "a {via} attachment left by an earlier daemon: {e}")
+                    }
+                }
             }
         }
     }
 }
 
-/// The index a `/dev/hostcrypt` link's target names (`/dev/nbdN`).
-fn index_of(device: &std::path::Path) -> Option<u32> {
-    device
-        .file_name()?
-        .to_str()?
-        .strip_prefix("nbd")?
-        .parse()
-        .ok()
+/// The kind and index a `/dev/hostcrypt` link's target names
+/// (`/dev/nbdN`, `/dev/ublkbN`).
+fn index_of(device: &std::path::Path) -> Option<(Via, u32)> {
+    let name = device.file_name()?.to_str()?;
+    match name.strip_prefix("ublkb") {
+        Some(n) => Some((Via::Ublk, n.parse().ok()?)),
+        None => Some((Via::Nbd, name.strip_prefix("nbd")?.parse().ok()?)),
+    }
 }
 
 fn unix_now() -> u64 {

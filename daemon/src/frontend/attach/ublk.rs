@@ -1,0 +1,640 @@
+//! ublk attachments (module `ublk_drv`, Linux 6.0 and later) through the
+//! `libublk` crate: the kernel hands each request of `/dev/ublkbN` to a
+//! queue thread of this daemon over io_uring, and the answer goes back
+//! the same way. One queue per core; each queue thread parses the
+//! kernel's descriptor and submits to the volume's data area, the same
+//! submit point NBD and vhost-user use; completions come back to the
+//! queue's own ring through an eventfd (libublk's rings are the queue
+//! thread's own and cannot be completed from elsewhere).
+//!
+//! Restarts: devices are added with `UBLK_F_USER_RECOVERY_REISSUE`. When
+//! the daemon goes away, kill -9 included, the kernel keeps the device
+//! and its queued I/O (quiesced) and reissues what the dead daemon had
+//! taken; the next daemon finds the device by the identifier it left in
+//! libublk's run file (`/run/ublksrvd/N.json`, target data `hostcrypt`)
+//! and serves it again (START/END_USER_RECOVERY). A mounted filesystem
+//! pauses, then carries on.
+//!
+//! Copies: a read's decrypted data is copied once into the request's
+//! buffer (the kernel copies it into the page cache); a write is copied
+//! once from it into the buffer that is encrypted. Zero copy
+//! (`UBLK_F_AUTO_BUF_REG`) would lend the kernel's pages to an io_uring
+//! the backing is read on; the engine's rings are not the queue's, so it
+//! is not used (see BENCHMARKS.md for what is measured where).
+//!
+//! What lives elsewhere: the verbs and names (`mod.rs`, `device.rs`), the
+//! kernel's NBD client (`kernel_nbd.rs`).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::kernel_nbd::backend_identifier;
+use super::AttachError;
+use crate::export::metrics::RequestKind;
+use crate::export::{Export, Exports};
+use crate::io::IoBuf;
+use crate::volume::{Op, OpKind, Outcome};
+
+/// The ublk driver's control device: there when the module is loaded.
+const CONTROL: &str = "/dev/ublk-control";
+/// Requests in flight per queue.
+const DEPTH: u16 = 128;
+/// Largest request, bytes: the device's max_sectors.
+const MAX_IO: u32 = 512 * 1024;
+/// The tag of the queue's wake-up read (past every request tag).
+const WAKE_TAG: u16 = u16::MAX;
+/// How long a new or recovered device may take to start serving.
+const START_WITHIN: Duration = Duration::from_secs(30);
+/// The key of this daemon's identifier in libublk's run file.
+const TARGET_KEY: &str = "hostcrypt";
+
+/// What the ublk attachments of one daemon share.
+pub struct UblkPlumbing {
+    pub exports: Exports,
+    /// Queues per device.
+    pub queues: usize,
+    /// Where block devices appear (`/dev`).
+    pub dev: PathBuf,
+    /// Where the kernel describes them (`/sys/block`).
+    pub sys_block: PathBuf,
+    served: Mutex<BTreeMap<u32, Served>>,
+}
+
+/// A device this daemon serves: its control handle (never dropped by
+/// accident: libublk deletes a device it added when the handle drops,
+/// and a device must outlive a daemon that stops while it is mounted)
+/// and the thread that runs its queues.
+struct Served {
+    ctrl: Arc<ManuallyDrop<UblkCtrl>>,
+    thread: JoinHandle<()>,
+}
+
+fn ublk_error(what: &str, e: impl std::fmt::Display) -> AttachError {
+    AttachError::Io(format!("ublk {what}: {e}"))
+}
+
+/// libublk sends control commands on a ring of the calling thread's own,
+/// made by the thread that built the control handle; any other thread
+/// that sends one (the queue runner, a later detach) needs its own.
+fn ensure_control_ring() -> Result<(), AttachError> {
+    libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {
+        if ring.is_none() {
+            let made = io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                .build(16)
+                .map_err(libublk::UblkError::IOError)?;
+            *ring = Some(made);
+        }
+        Ok(())
+    })
+    .map_err(|e| ublk_error("control ring", e))
+}
+
+impl UblkPlumbing {
+    pub fn new(exports: Exports, queues: usize, dev: PathBuf, sys_block: PathBuf) -> Self {
+        UblkPlumbing {
+            exports,
+            queues: queues.clamp(1, 64),
+            dev,
+            sys_block,
+            served: Mutex::default(),
+        }
+    }
+
+    fn served(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Served>> {
+        self.served.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the kernel can make ublk devices here.
+    pub fn available() -> bool {
+        Path::new(CONTROL).exists()
+    }
+
+    /// A new device for `volume`, or the one an earlier daemon left for
+    /// it, served. Returns its number.
+    pub fn attach(&self, volume: &str, uuid: &uuid::Uuid) -> Result<u32, AttachError> {
+        if let Some(id) = self.resume(volume, uuid)? {
+            return Ok(id);
+        }
+        if !Self::available() {
+            return Err(AttachError::Io(format!(
+                "no {CONTROL}: load the ublk_drv module (modprobe ublk_drv; Linux 6.0 or later), \
+                 or use --via nbd"
+            )));
+        }
+        let export = self
+            .exports
+            .find(volume)
+            .ok_or_else(|| AttachError::NoVolume(volume.to_owned()))?;
+        let ctrl = UblkCtrlBuilder::default()
+            .name("hostcrypt")
+            .id(-1)
+            .nr_queues(self.queues as u16)
+            .depth(DEPTH)
+            .io_buf_bytes(MAX_IO)
+            .ctrl_flags(u64::from(
+                sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
+            ))
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(|e| ublk_error("add", e))?;
+        self.serve(ctrl, export, backend_identifier(volume, uuid))
+    }
+
+    /// Serves the device behind `ctrl` on a thread of its own (libublk
+    /// runs one thread per queue under it) and waits until it serves.
+    fn serve(
+        &self,
+        ctrl: UblkCtrl,
+        export: Arc<Export>,
+        identifier: String,
+    ) -> Result<u32, AttachError> {
+        let id = ctrl.dev_info().dev_id;
+        let ctrl = Arc::new(ManuallyDrop::new(ctrl));
+        let (started_tx, started_rx) = mpsc::channel::<Result<u32, String>>();
+        let failed_tx = started_tx.clone();
+        let runner = ctrl.clone();
+        let params = Params::of(&export);
+        let queue_export = export.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ublk{id}"))
+            .spawn(move || {
+                if let Err(e) = ensure_control_ring() {
+                    let _ = failed_tx.send(Err(e.to_string()));
+                    return;
+                }
+                let result = runner.run_target(
+                    move |dev: &mut UblkDev| {
+                        params.apply(dev);
+                        dev.set_target_json(serde_json::json!({ TARGET_KEY: identifier }));
+                        Ok(())
+                    },
+                    move |queue: u16, dev: &UblkDev| serve_queue(queue, dev, &queue_export),
+                    move |ctrl: &UblkCtrl| {
+                        let _ = started_tx.send(Ok(ctrl.dev_info().dev_id));
+                    },
+                );
+                if let Err(e) = result {
+                    let _ = failed_tx.send(Err(e.to_string()));
+                }
+            })
+            .map_err(|e| ublk_error("queue thread", e))?;
+        let outcome = match started_rx.recv_timeout(START_WITHIN) {
+            Ok(Ok(id)) => Ok(id),
+            Ok(Err(e)) => Err(ublk_error("start", e)),
+            Err(_) => Err(AttachError::Io(format!(
+                "ublk device {id} did not start within {START_WITHIN:?}"
+            ))),
+        };
+        match outcome {
+            Ok(id) => {
+                tracing::info!(volume = export.name(), device = id, "ublk device serving");
+                self.served().insert(id, Served { ctrl, thread });
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = ctrl.kill_dev();
+                let _ = ctrl.del_dev();
+                Err(e)
+            }
+        }
+    }
+
+    /// Serves again the device an earlier daemon left for `volume` (the
+    /// kernel holds its I/O meanwhile); `None` when there is none.
+    pub fn resume(&self, volume: &str, uuid: &uuid::Uuid) -> Result<Option<u32>, AttachError> {
+        let identifier = backend_identifier(volume, uuid);
+        let Some(id) = self.find(&identifier) else {
+            return Ok(None);
+        };
+        if self.served().contains_key(&id) {
+            return Ok(Some(id));
+        }
+        let export = self
+            .exports
+            .find(volume)
+            .ok_or_else(|| AttachError::NoVolume(volume.to_owned()))?;
+        let state = UblkCtrl::new_simple(id as i32)
+            .map_err(|e| ublk_error("open", e))?
+            .dev_info()
+            .state;
+        if u32::from(state) != sys::UBLK_S_DEV_QUIESCED {
+            return Err(AttachError::Io(format!(
+                "ublk device {id} carries {identifier} but is not waiting for a daemon (state {state})"
+            )));
+        }
+        UblkCtrl::new_simple(id as i32)
+            .and_then(|c| c.start_user_recover())
+            .map_err(|e| ublk_error("start recovery", e))?;
+        let ctrl = UblkCtrlBuilder::default()
+            .name("hostcrypt")
+            .id(id as i32)
+            .nr_queues(self.queues as u16)
+            .depth(DEPTH)
+            .io_buf_bytes(MAX_IO)
+            .ctrl_flags(u64::from(
+                sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
+            ))
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .build()
+            .map_err(|e| ublk_error("recover", e))?;
+        self.serve(ctrl, export, identifier).map(Some)
+    }
+
+    /// Stops and deletes device `id`: its queues end, the kernel fails
+    /// what is still queued, `/dev/ublkbN` goes.
+    pub fn disconnect(&self, id: u32) -> Result<(), AttachError> {
+        ensure_control_ring()?;
+        let served = self.served().remove(&id);
+        match served {
+            Some(Served { ctrl, thread }) => {
+                let begun = Instant::now();
+                ctrl.kill_dev().map_err(|e| ublk_error("stop", e))?;
+                tracing::debug!(device = id, "ublk stopped after {:?}", begun.elapsed());
+                let _ = thread.join();
+                tracing::debug!(device = id, "ublk queues ended after {:?}", begun.elapsed());
+                if delete(&ctrl, id) {
+                    // Deleted: dropping the handle now deletes nothing more.
+                    if let Ok(ctrl) = Arc::try_unwrap(ctrl) {
+                        drop(ManuallyDrop::into_inner(ctrl));
+                    }
+                }
+                tracing::debug!(device = id, "ublk deleted after {:?}", begun.elapsed());
+                Ok(())
+            }
+            None => {
+                let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_error("open", e))?;
+                let _ = ctrl.kill_dev();
+                delete(&ctrl, id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Devices left for an earlier volume named `volume` (another UUID:
+    /// a temp volume before a restart) that no daemon serves: deleted,
+    /// rather than left holding their I/O forever.
+    pub fn disconnect_orphans(&self, volume: &str, uuid: &uuid::Uuid) -> Vec<u32> {
+        let prefix = format!("hostcrypt:{volume}:");
+        let current = backend_identifier(volume, uuid);
+        let mut gone = Vec::new();
+        for (id, identifier) in self.devices() {
+            if !identifier.starts_with(&prefix) || identifier == current {
+                continue;
+            }
+            let waiting = UblkCtrl::new_simple(id as i32)
+                .is_ok_and(|c| u32::from(c.dev_info().state) == sys::UBLK_S_DEV_QUIESCED);
+            if waiting && !self.served().contains_key(&id) && self.disconnect(id).is_ok() {
+                gone.push(id);
+            }
+        }
+        gone
+    }
+
+    /// `/dev/ublkbN`.
+    pub fn device(&self, id: u32) -> PathBuf {
+        self.dev.join(format!("ublkb{id}"))
+    }
+
+    /// `/sys/block/ublkbN`.
+    pub fn sys_dir(&self, id: u32) -> PathBuf {
+        self.sys_block.join(format!("ublkb{id}"))
+    }
+
+    /// The device carrying `identifier`.
+    pub fn find(&self, identifier: &str) -> Option<u32> {
+        self.devices()
+            .into_iter()
+            .find_map(|(id, i)| (i == identifier).then_some(id))
+    }
+
+    /// The identifier device `id` carries, if one of ours.
+    /// Read from libublk's run file (what `get_target_data_from_json`
+    /// reads), without a control command: this runs every few seconds.
+    pub fn backend_of(&self, id: u32) -> Option<String> {
+        let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
+        let text = std::fs::read_to_string(path).ok()?;
+        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+        let identifier = json.get("target_data")?.get(TARGET_KEY)?.as_str()?;
+        Some(identifier.to_owned())
+    }
+
+    /// Every ublk device with its identifier, where it has one of ours.
+    fn devices(&self) -> Vec<(u32, String)> {
+        let Ok(entries) = std::fs::read_dir("/sys/class/ublk-char") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                let id = e
+                    .file_name()
+                    .to_str()?
+                    .strip_prefix("ublkc")?
+                    .parse()
+                    .ok()?;
+                Some((id, self.backend_of(id)?))
+            })
+            .collect()
+    }
+}
+
+/// Deletes a stopped device without waiting for its last opener (the
+/// detach's own claim, a forced detach's mount): DEL_DEV_ASYNC. A kernel
+/// without it gets the waiting DEL_DEV, on a thread of its own. Returns
+/// whether `ctrl` itself deleted it.
+fn delete(ctrl: &UblkCtrl, id: u32) -> bool {
+    if ctrl.del_dev_async().is_ok() {
+        return true;
+    }
+    let spawned = std::thread::Builder::new()
+        .name(format!("ublk{id}-del"))
+        .spawn(move || {
+            let deleted = ensure_control_ring()
+                .and_then(|()| UblkCtrl::new_simple(id as i32).map_err(|e| ublk_error("open", e)))
+                .and_then(|c| c.del_dev().map_err(|e| ublk_error("delete", e)));
+            if let Err(e) = deleted {
+                tracing::warn!(device = id, "{e}");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(device = id, "ublk delete: {e}");
+    }
+    false
+}
+
+/// The device's shape, from the volume: its sector size is the logical
+/// block size; discards where the volume allows them.
+#[derive(Clone, Copy)]
+struct Params {
+    size: u64,
+    sector_shift: u8,
+    discards: bool,
+}
+
+impl Params {
+    fn of(export: &Export) -> Self {
+        let sector = export.volume.data.sector_size().max(512);
+        Params {
+            size: export.size(),
+            sector_shift: sector.trailing_zeros() as u8,
+            discards: export.allow_discards,
+        }
+    }
+
+    fn apply(self, dev: &mut UblkDev) {
+        let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
+        dev.tgt.dev_size = self.size;
+        let mut params = sys::ublk_params {
+            types: sys::UBLK_PARAM_TYPE_BASIC,
+            basic: sys::ublk_param_basic {
+                attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+                logical_bs_shift: self.sector_shift,
+                physical_bs_shift: self.sector_shift.max(12),
+                io_opt_shift: self.sector_shift.max(12),
+                io_min_shift: self.sector_shift,
+                max_sectors,
+                dev_sectors: self.size >> 9,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        if self.discards {
+            params.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+            params.discard = sys::ublk_param_discard {
+                discard_granularity: 1 << self.sector_shift,
+                max_discard_sectors: max_sectors,
+                max_write_zeroes_sectors: max_sectors,
+                max_discard_segments: 1,
+                ..Default::default()
+            };
+        }
+        dev.tgt.params = params;
+    }
+}
+
+/// A request's answer, on its way back to the queue's thread.
+struct Completion {
+    tag: u16,
+    kind: RequestKind,
+    len: u64,
+    started: Instant,
+    result: io::Result<Option<IoBuf>>,
+}
+
+/// One queue: fetch commands for every tag, then parse, submit and
+/// answer until the device stops (the queue's commands come back
+/// aborted and libublk returns).
+fn serve_queue(queue: u16, dev: &UblkDev, export: &Arc<Export>) {
+    let mut bufs = dev.alloc_queue_io_bufs();
+    let ring = match UblkQueue::new(queue, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
+    {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!(volume = export.name(), queue, "ublk queue set-up: {e}");
+            return;
+        }
+    };
+    let wake = match EventFd::new(0) {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => {
+            tracing::error!(volume = export.name(), queue, "ublk queue eventfd: {e}");
+            return;
+        }
+    };
+    let (done_tx, done_rx) = mpsc::channel::<Completion>();
+    let mut counter = Box::new([0u8; 8]);
+    arm_wake(&ring, &wake, &mut counter);
+    ring.wait_and_handle_io(|q, tag, ctx| {
+        if ctx.is_tgt_io() {
+            while let Ok(done) = done_rx.try_recv() {
+                answer(q, &mut bufs, export, done);
+            }
+            if ctx.result() >= 0 || ctx.result() == -libc::EINTR {
+                arm_wake(q, &wake, &mut counter);
+            } else {
+                tracing::error!(
+                    volume = export.name(),
+                    "ublk queue wake-up read failed ({}): requests of this queue stall",
+                    ctx.result()
+                );
+            }
+            return;
+        }
+        let Some(buf) = bufs.get(usize::from(tag)) else {
+            return;
+        };
+        start(q, tag, buf, export, &done_tx, &wake);
+    });
+}
+
+/// Queues a read of the wake-up eventfd on the queue's ring.
+fn arm_wake(q: &UblkQueue, wake: &EventFd, counter: &mut [u8; 8]) {
+    use std::os::fd::AsRawFd;
+    let sqe = io_uring::opcode::Read::new(
+        io_uring::types::Fd(wake.as_raw_fd()),
+        counter.as_mut_ptr(),
+        8,
+    )
+    .build()
+    .user_data(UblkIOCtx::build_user_data(WAKE_TAG, 0, 0, true));
+    if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+        tracing::error!("ublk queue wake-up read: {e}");
+    }
+}
+
+/// Parses the kernel's descriptor for `tag` and submits it; the answer
+/// comes back through `done` and `wake`.
+fn start(
+    q: &UblkQueue,
+    tag: u16,
+    buf: &libublk::helpers::IoBuf<u8>,
+    export: &Arc<Export>,
+    done: &mpsc::Sender<Completion>,
+    wake: &Arc<EventFd>,
+) {
+    let iod = q.get_iod(tag);
+    let op = iod.op_flags & 0xff;
+    let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+    let no_unmap = iod.op_flags & sys::UBLK_IO_F_NOUNMAP != 0;
+    let len = u64::from(iod.nr_sectors) << 9;
+    let range = iod
+        .start_sector
+        .checked_mul(512)
+        .and_then(|offset| Some((offset, offset.checked_add(len)?)));
+    let kind = match op {
+        sys::UBLK_IO_OP_READ => Some(OpKind::Read),
+        sys::UBLK_IO_OP_WRITE => Some(OpKind::Write),
+        sys::UBLK_IO_OP_FLUSH => Some(OpKind::Flush),
+        sys::UBLK_IO_OP_DISCARD => Some(OpKind::Trim),
+        sys::UBLK_IO_OP_WRITE_ZEROES => Some(OpKind::WriteZeroes),
+        _ => None,
+    };
+    let started = Instant::now();
+    export.metrics.begin();
+    let reply = {
+        let done = done.clone();
+        let wake = wake.clone();
+        move |result: io::Result<Option<IoBuf>>| {
+            let _ = done.send(Completion {
+                tag,
+                kind: kind.map_or(RequestKind::Other, RequestKind::Op),
+                len,
+                started,
+                result,
+            });
+            // Never fails but at a counter's end, which still wakes.
+            let _ = wake.write(1);
+        }
+    };
+    let refuse =
+        |errno: i32| -> io::Result<Option<IoBuf>> { Err(io::Error::from_raw_os_error(errno)) };
+    let area = export.volume.data.clone();
+    if kind == Some(OpKind::Flush) {
+        // A flush names no range (its sector may be anything).
+        return area.submit(Op::Flush, move |o| reply(o.map(|_| None)));
+    }
+    // The kernel keeps requests within the device; checked all the same.
+    let Some((offset, _)) = range.filter(|(_, end)| *end <= export.size()) else {
+        return reply(refuse(libc::EIO));
+    };
+    if len == 0 {
+        return reply(refuse(libc::EINVAL));
+    }
+    match kind {
+        Some(OpKind::Read) => area.submit(
+            Op::Read {
+                offset,
+                len: len as usize,
+            },
+            move |outcome| {
+                reply(match outcome {
+                    Ok(Outcome::Data(data)) => Ok(Some(data)),
+                    Ok(_) => Err(io::Error::other("a read returned no data")),
+                    Err(e) => Err(e),
+                })
+            },
+        ),
+        Some(OpKind::Write) => {
+            let Some(source) = buf.as_slice().get(..len as usize) else {
+                return reply(refuse(libc::EINVAL));
+            };
+            let mut data = IoBuf::new(source.len());
+            data.copy_from_slice(source);
+            area.submit(Op::Write { offset, data, fua }, move |o| {
+                reply(o.map(|_| None))
+            })
+        }
+        Some(OpKind::Trim) if export.allow_discards => area
+            .submit(Op::Trim { offset, len, fua }, move |o| {
+                reply(o.map(|_| None))
+            }),
+        Some(OpKind::WriteZeroes) => area.submit(
+            Op::WriteZeroes {
+                offset,
+                len,
+                punch: !no_unmap && export.allow_discards,
+                fua,
+            },
+            move |o| reply(o.map(|_| None)),
+        ),
+        _ => reply(refuse(libc::EOPNOTSUPP)),
+    }
+}
+
+/// Answers one request on the queue's thread: a read's data into the
+/// request's buffer, then the result (bytes done, or -errno).
+fn answer(
+    q: &UblkQueue,
+    bufs: &mut [libublk::helpers::IoBuf<u8>],
+    export: &Export,
+    done: Completion,
+) {
+    let Completion {
+        tag,
+        kind,
+        len,
+        started,
+        result,
+    } = done;
+    let Some(buf) = bufs.get_mut(usize::from(tag)) else {
+        return;
+    };
+    let res = match result {
+        Ok(Some(data)) => match buf.as_mut_slice().get_mut(..data.len()) {
+            Some(target) if data.len() as u64 == len => {
+                target.copy_from_slice(&data);
+                len as i32
+            }
+            _ => -libc::EIO,
+        },
+        Ok(None) if kind == RequestKind::Op(OpKind::Flush) => 0,
+        Ok(None) => len as i32,
+        Err(e) => {
+            tracing::debug!(volume = export.name(), tag, "ublk request failed: {e}");
+            -e.raw_os_error().filter(|&n| n > 0).unwrap_or(libc::EIO)
+        }
+    };
+    export
+        .metrics
+        .complete(kind, len, res < 0, started.elapsed());
+    export.metrics.end();
+    if let Err(e) = q.complete_io_cmd_unified(
+        tag,
+        BufDesc::Slice(buf.as_slice()),
+        Ok(UblkIORes::Result(res)),
+    ) {
+        tracing::warn!(volume = export.name(), tag, "ublk completion: {e}");
+    }
+}
