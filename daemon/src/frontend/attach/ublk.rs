@@ -494,7 +494,91 @@ fn arm_wake(q: &UblkQueue, wake: &EventFd, counter: &mut [u8; 8]) {
     }
 }
 
-/// Parses the kernel's descriptor for `tag` and submits it; the answer
+/// A request as the kernel's descriptor gives it, checked.
+#[derive(Debug, PartialEq, Eq)]
+enum Decoded {
+    Flush,
+    Read {
+        offset: u64,
+        len: u64,
+    },
+    Write {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        punch: bool,
+    },
+}
+
+/// The kind a descriptor's op counts as (`None`: not one we serve).
+fn kind_of(op_flags: u32) -> Option<OpKind> {
+    match op_flags & 0xff {
+        sys::UBLK_IO_OP_READ => Some(OpKind::Read),
+        sys::UBLK_IO_OP_WRITE => Some(OpKind::Write),
+        sys::UBLK_IO_OP_FLUSH => Some(OpKind::Flush),
+        sys::UBLK_IO_OP_DISCARD => Some(OpKind::Trim),
+        sys::UBLK_IO_OP_WRITE_ZEROES => Some(OpKind::WriteZeroes),
+        _ => None,
+    }
+}
+
+/// Checks a descriptor against the device: the kernel keeps requests
+/// within it, but its fields are read from shared memory, so the range
+/// is checked with checked arithmetic, data fits the request's buffer
+/// (`max_data`), and what the device did not offer is refused. A flush
+/// names no range (its sector may be anything). Errors are errnos.
+fn decode(
+    op_flags: u32,
+    start_sector: u64,
+    nr_sectors: u32,
+    size: u64,
+    allow_discards: bool,
+    max_data: usize,
+) -> Result<Decoded, i32> {
+    let kind = kind_of(op_flags).ok_or(libc::EOPNOTSUPP)?;
+    if kind == OpKind::Flush {
+        return Ok(Decoded::Flush);
+    }
+    let fua = op_flags & sys::UBLK_IO_F_FUA != 0;
+    let len = u64::from(nr_sectors) << 9;
+    let offset = start_sector.checked_mul(512).ok_or(libc::EIO)?;
+    let end = offset.checked_add(len).ok_or(libc::EIO)?;
+    if end > size {
+        return Err(libc::EIO);
+    }
+    if len == 0 {
+        return Err(libc::EINVAL);
+    }
+    let carries_data = matches!(kind, OpKind::Read | OpKind::Write);
+    if carries_data && len > max_data as u64 {
+        return Err(libc::EINVAL);
+    }
+    Ok(match kind {
+        OpKind::Read => Decoded::Read { offset, len },
+        OpKind::Write => Decoded::Write { offset, len, fua },
+        OpKind::Trim if allow_discards => Decoded::Trim { offset, len, fua },
+        OpKind::WriteZeroes => Decoded::WriteZeroes {
+            offset,
+            len,
+            fua,
+            // Holes only where the volume allows discards, as NBD.
+            punch: op_flags & sys::UBLK_IO_F_NOUNMAP == 0 && allow_discards,
+        },
+        _ => return Err(libc::EOPNOTSUPP),
+    })
+}
+
+/// Decodes the kernel's descriptor for `tag` and submits it; the answer
 /// comes back through `done` and `wake`.
 fn start(
     q: &UblkQueue,
@@ -505,22 +589,16 @@ fn start(
     wake: &Arc<EventFd>,
 ) {
     let iod = q.get_iod(tag);
-    let op = iod.op_flags & 0xff;
-    let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-    let no_unmap = iod.op_flags & sys::UBLK_IO_F_NOUNMAP != 0;
+    let kind = kind_of(iod.op_flags);
+    let decoded = decode(
+        iod.op_flags,
+        iod.start_sector,
+        iod.nr_sectors,
+        export.size(),
+        export.allow_discards,
+        buf.len(),
+    );
     let len = u64::from(iod.nr_sectors) << 9;
-    let range = iod
-        .start_sector
-        .checked_mul(512)
-        .and_then(|offset| Some((offset, offset.checked_add(len)?)));
-    let kind = match op {
-        sys::UBLK_IO_OP_READ => Some(OpKind::Read),
-        sys::UBLK_IO_OP_WRITE => Some(OpKind::Write),
-        sys::UBLK_IO_OP_FLUSH => Some(OpKind::Flush),
-        sys::UBLK_IO_OP_DISCARD => Some(OpKind::Trim),
-        sys::UBLK_IO_OP_WRITE_ZEROES => Some(OpKind::WriteZeroes),
-        _ => None,
-    };
     let started = Instant::now();
     export.metrics.begin();
     let reply = {
@@ -538,22 +616,14 @@ fn start(
             let _ = wake.write(1);
         }
     };
-    let refuse =
-        |errno: i32| -> io::Result<Option<IoBuf>> { Err(io::Error::from_raw_os_error(errno)) };
-    let area = export.volume.data.clone();
-    if kind == Some(OpKind::Flush) {
-        // A flush names no range (its sector may be anything).
-        return area.submit(Op::Flush, move |o| reply(o.map(|_| None)));
-    }
-    // The kernel keeps requests within the device; checked all the same.
-    let Some((offset, _)) = range.filter(|(_, end)| *end <= export.size()) else {
-        return reply(refuse(libc::EIO));
+    let decoded = match decoded {
+        Ok(decoded) => decoded,
+        Err(errno) => return reply(Err(io::Error::from_raw_os_error(errno))),
     };
-    if len == 0 {
-        return reply(refuse(libc::EINVAL));
-    }
-    match kind {
-        Some(OpKind::Read) => area.submit(
+    let area = export.volume.data.clone();
+    match decoded {
+        Decoded::Flush => area.submit(Op::Flush, move |o| reply(o.map(|_| None))),
+        Decoded::Read { offset, len } => area.submit(
             Op::Read {
                 offset,
                 len: len as usize,
@@ -566,30 +636,33 @@ fn start(
                 })
             },
         ),
-        Some(OpKind::Write) => {
-            let Some(source) = buf.as_slice().get(..len as usize) else {
-                return reply(refuse(libc::EINVAL));
-            };
+        Decoded::Write { offset, len, fua } => {
+            // `decode` kept `len` within the buffer.
+            let source = &buf.as_slice()[..len as usize];
             let mut data = IoBuf::new(source.len());
             data.copy_from_slice(source);
             area.submit(Op::Write { offset, data, fua }, move |o| {
                 reply(o.map(|_| None))
             })
         }
-        Some(OpKind::Trim) if export.allow_discards => area
+        Decoded::Trim { offset, len, fua } => area
             .submit(Op::Trim { offset, len, fua }, move |o| {
                 reply(o.map(|_| None))
             }),
-        Some(OpKind::WriteZeroes) => area.submit(
+        Decoded::WriteZeroes {
+            offset,
+            len,
+            fua,
+            punch,
+        } => area.submit(
             Op::WriteZeroes {
                 offset,
                 len,
-                punch: !no_unmap && export.allow_discards,
+                punch,
                 fua,
             },
             move |o| reply(o.map(|_| None)),
         ),
-        _ => reply(refuse(libc::EOPNOTSUPP)),
     }
 }
 
@@ -636,5 +709,112 @@ fn answer(
         Ok(UblkIORes::Result(res)),
     ) {
         tracing::warn!(volume = export.name(), tag, "ublk completion: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const BUF: usize = 512 * 1024;
+
+    #[test]
+    fn reads_and_writes_within_the_device_decode() {
+        assert_eq!(
+            decode(sys::UBLK_IO_OP_READ, 8, 8, MIB, false, BUF),
+            Ok(Decoded::Read {
+                offset: 4096,
+                len: 4096
+            })
+        );
+        assert_eq!(
+            decode(
+                sys::UBLK_IO_OP_WRITE | sys::UBLK_IO_F_FUA,
+                2040,
+                8,
+                MIB,
+                false,
+                BUF
+            ),
+            Ok(Decoded::Write {
+                offset: MIB - 4096,
+                len: 4096,
+                fua: true
+            })
+        );
+    }
+
+    #[test]
+    fn ranges_past_the_end_or_overflowing_are_refused() {
+        let read = sys::UBLK_IO_OP_READ;
+        assert_eq!(decode(read, 2041, 8, MIB, false, BUF), Err(libc::EIO));
+        assert_eq!(decode(read, u64::MAX, 8, MIB, false, BUF), Err(libc::EIO));
+        assert_eq!(
+            decode(read, u64::MAX / 512, u32::MAX, MIB, false, BUF),
+            Err(libc::EIO)
+        );
+        assert_eq!(decode(read, 0, 0, MIB, false, BUF), Err(libc::EINVAL));
+    }
+
+    #[test]
+    fn data_larger_than_the_request_buffer_is_refused() {
+        let sectors = (BUF / 512) as u32;
+        for o in [sys::UBLK_IO_OP_READ, sys::UBLK_IO_OP_WRITE] {
+            assert!(decode(o, 0, sectors, 1 << 30, false, BUF).is_ok());
+            assert_eq!(
+                decode(o, 0, sectors + 1, 1 << 30, false, BUF),
+                Err(libc::EINVAL)
+            );
+        }
+        // Discards and write-zeroes carry no data.
+        assert!(decode(
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+            0,
+            sectors * 4,
+            1 << 30,
+            false,
+            BUF
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn a_flush_names_no_range() {
+        assert_eq!(
+            decode(sys::UBLK_IO_OP_FLUSH, u64::MAX, 0, MIB, false, BUF),
+            Ok(Decoded::Flush)
+        );
+    }
+
+    #[test]
+    fn discards_follow_allow_discards_and_unknown_ops_are_refused() {
+        let discard = sys::UBLK_IO_OP_DISCARD;
+        assert_eq!(
+            decode(discard, 0, 8, MIB, false, BUF),
+            Err(libc::EOPNOTSUPP)
+        );
+        assert!(matches!(
+            decode(discard, 0, 8, MIB, true, BUF),
+            Ok(Decoded::Trim { .. })
+        ));
+        let zeroes = sys::UBLK_IO_OP_WRITE_ZEROES;
+        for (flags, allow, punch) in [
+            (0, true, true),
+            (sys::UBLK_IO_F_NOUNMAP, true, false),
+            (0, false, false),
+        ] {
+            assert!(matches!(
+                decode(zeroes | flags, 0, 8, MIB, allow, BUF),
+                Ok(Decoded::WriteZeroes { punch: p, .. }) if p == punch
+            ));
+        }
+        for unknown in [
+            sys::UBLK_IO_OP_WRITE_SAME,
+            sys::UBLK_IO_OP_ZONE_APPEND,
+            0xff,
+        ] {
+            assert_eq!(decode(unknown, 0, 8, MIB, true, BUF), Err(libc::EOPNOTSUPP));
+        }
     }
 }
