@@ -164,7 +164,8 @@ pub struct VolumeConfig {
     /// `vhost-user-blk-pci`, cloud-hypervisor `--disk vhost_user=true`)
     /// and libblkio connect here and share guest memory with the daemon.
     /// Clients pass the volume's `allow` list like NBD clients; one client
-    /// at a time. Bound at start: a reload that changes it needs a restart.
+    /// at a time. A reload adds, removes or rebinds it (a removed or changed
+    /// socket's client is disconnected).
     /// Its directory must not itself be a symbolic link.
     #[schemars(with = "Option<PathBuf>", extend("examples" = ["/run/hostcrypt/cache0.vhost"]))]
     pub vhost_user: Option<Spanned<PathBuf>>,

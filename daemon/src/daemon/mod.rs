@@ -214,6 +214,7 @@ impl Daemon {
             audit,
             failed,
             engine: engine.clone(),
+            sockets: Some(vhost_user::reload_hook(vhost.sockets())),
         }));
         let retry = reloader.clone();
         let checked = registry.clone();
@@ -285,9 +286,8 @@ impl Daemon {
         };
         let mut configured: Vec<Box<dyn Frontend>> =
             vec![Box::new(frontend::nbd::NbdFrontend { listeners, gate })];
-        if !vhost.is_empty() {
-            configured.push(Box::new(vhost));
-        }
+        // Even without sockets: a reload may add one.
+        configured.push(Box::new(vhost));
         attacher.set_configured(
             config
                 .volumes

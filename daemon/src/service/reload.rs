@@ -46,6 +46,11 @@ pub struct ReloadReport {
     pub waiting: Vec<String>,
 }
 
+/// Frontends whose sockets follow the config (vhost-user): called with
+/// the config before and after a reload commits; returns what it could
+/// not apply, each with what to do.
+pub type SocketsHook = Box<dyn Fn(&Config, &Config) -> Vec<String> + Send + Sync>;
+
 /// What a [`Reloader`] starts from: the daemon's state after start-up.
 pub struct Started {
     pub config_path: PathBuf,
@@ -58,6 +63,9 @@ pub struct Started {
     pub failed: Vec<(String, ServiceError)>,
     /// The engine volumes opened later (retried, added) run on.
     pub engine: Arc<Engine>,
+    /// The vhost-user sockets' reload, if the daemon serves any frontend
+    /// with per-volume sockets.
+    pub sockets: Option<SocketsHook>,
 }
 
 /// The running daemon's view of its config, for reloads.
@@ -67,6 +75,7 @@ pub struct Reloader {
     gate: Arc<Gate>,
     audit: AuditLog,
     engine: Arc<Engine>,
+    sockets: Option<SocketsHook>,
     state: Mutex<State>,
     /// Configured volumes that are not open yet.
     waiting: super::waiting::Waiting,
@@ -91,6 +100,7 @@ impl Reloader {
             audit,
             failed,
             engine,
+            sockets,
         } = started;
         let waiting = super::waiting::Waiting::default();
         for (name, error) in &failed {
@@ -105,6 +115,7 @@ impl Reloader {
             gate,
             audit,
             engine,
+            sockets,
             state: Mutex::new(State { config, providers }),
             waiting,
             stopping: std::sync::atomic::AtomicBool::new(false),
@@ -221,20 +232,6 @@ impl Reloader {
             report
                 .not_applied
                 .push("[daemon] or [nbd] changed: restart hostcryptd to apply it".into());
-        }
-        // vhost-user sockets are bound at start (frontend/vhost_user/).
-        let vhost_sockets = |c: &Config| {
-            c.volumes
-                .iter()
-                .map(|v| format!("{:?}", v.vhost_user_socket()))
-                .filter(|s| s != "None")
-                .collect::<std::collections::BTreeSet<_>>()
-        };
-        if vhost_sockets(&state.config) != vhost_sockets(&new) {
-            report.not_applied.push(
-                "vhost_user sockets changed: restart hostcryptd to add, remove or change them"
-                    .into(),
-            );
         }
 
         // Providers: keep the live object for an unchanged [kek.NAME] table
@@ -358,7 +355,12 @@ impl Reloader {
         }
         config.daemon = std::mem::replace(&mut state.config.daemon, config.daemon);
         config.nbd = std::mem::replace(&mut state.config.nbd, config.nbd);
-        state.config = config;
+        let before = std::mem::replace(&mut state.config, config);
+        // Sockets follow the committed config (a changed volume kept its
+        // old settings above, and so keeps its socket).
+        if let Some(sockets) = &self.sockets {
+            report.not_applied.extend(sockets(&before, &state.config));
+        }
         state.providers = providers;
         self.waiting.retain_configured(&state.config);
         self.waiting.publish(&self.registry, &state.config);

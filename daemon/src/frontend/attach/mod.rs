@@ -212,6 +212,12 @@ impl Attacher {
                 tracing::warn!(volume = a.volume, "detach at stop: {e}");
             }
         }
+        // ublk devices left attached: from here on their requests wait in
+        // the kernel for the next daemon, and none is served after the
+        // final flush.
+        if !self.ublk.park(PARK_WITHIN) {
+            tracing::warn!("ublk requests still being served after {PARK_WITHIN:?}");
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Attached>> {
@@ -460,6 +466,9 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// How long the daemon's stop waits for ublk requests being served.
+const PARK_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// How often volumes that opened late are looked for among the devices
 /// an earlier daemon left: a few seconds of the kernel's dead-connection

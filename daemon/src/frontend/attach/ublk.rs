@@ -48,8 +48,10 @@ use crate::volume::{Op, OpKind, Outcome};
 
 /// The ublk driver's control device: there when the module is loaded.
 const CONTROL: &str = "/dev/ublk-control";
-/// Requests in flight per queue.
-const DEPTH: u16 = 128;
+/// Requests in flight per queue (each has a MAX_IO buffer).
+const DEPTH: u16 = 64;
+/// Queues per device, at most.
+const MAX_QUEUES: usize = 8;
 /// Largest request, bytes: the device's max_sectors.
 const MAX_IO: u32 = 512 * 1024;
 /// The tag of the queue's wake-up read (past every request tag).
@@ -62,13 +64,23 @@ const TARGET_KEY: &str = "hostcrypt";
 /// What the ublk attachments of one daemon share.
 pub struct UblkPlumbing {
     pub exports: Exports,
-    /// Queues per device.
+    /// Queues per new device.
     pub queues: usize,
     /// Where block devices appear (`/dev`).
     pub dev: PathBuf,
     /// Where the kernel describes them (`/sys/block`).
     pub sys_block: PathBuf,
     served: Mutex<BTreeMap<u32, Served>>,
+    gate: Arc<Gate>,
+}
+
+/// What every queue thread of this daemon checks: parked once the daemon
+/// stops (requests are then left to the kernel, which reissues them to
+/// the next daemon), and how many requests are being served.
+#[derive(Default)]
+struct Gate {
+    parked: std::sync::atomic::AtomicBool,
+    serving: std::sync::atomic::AtomicUsize,
 }
 
 /// A device this daemon serves: its control handle (never dropped by
@@ -100,14 +112,114 @@ fn ensure_control_ring() -> Result<(), AttachError> {
     .map_err(|e| ublk_error("control ring", e))
 }
 
+/// The tag a device added for `identifier` carries in the kernel: its
+/// `ublksrv_flags`, set at ADD_DEV and never changed after. The run file
+/// libublk keeps under /run/ublksrvd is only a hint to which identifier
+/// to check: the kernel's copy is what proves a device ours.
+fn identity_tag(identifier: &str) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(identifier.as_bytes());
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(tag)
+}
+
+/// What the kernel says of device `id`.
+struct Known {
+    state: u32,
+    tag: u64,
+    /// Made by root, not as an unprivileged device.
+    root_made: bool,
+    /// The process serving it, or the last one (`-1`: none).
+    server_pid: i32,
+    queues: u16,
+    depth: u16,
+}
+
+fn known(id: u32) -> Option<Known> {
+    let info = UblkCtrl::new_simple(i32::try_from(id).ok()?)
+        .ok()?
+        .dev_info();
+    Some(Known {
+        state: u32::from(info.state),
+        tag: info.ublksrv_flags,
+        root_made: info.owner_uid == 0 && info.flags & u64::from(sys::UBLK_F_UNPRIVILEGED_DEV) == 0,
+        server_pid: info.ublksrv_pid,
+        queues: info.nr_hw_queues,
+        depth: info.queue_depth,
+    })
+}
+
+fn alive(pid: i32) -> bool {
+    pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The identifier libublk's run file for device `id` names: opened
+/// without following links or blocking, a regular file of root's, at
+/// most 64 KiB. Only a hint (see [`identity_tag`]).
+fn run_file_identifier(id: u32) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.uid() != 0 || meta.len() > 64 * 1024 {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(64 * 1024).read_to_string(&mut text).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let identifier = json.get("target_data")?.get(TARGET_KEY)?.as_str()?;
+    Some(identifier.to_owned())
+}
+
+/// libublk's run directory, made root's and private before libublk
+/// writes to it (libublk makes it world-writable): entries that are not
+/// regular files of root's are removed.
+fn secure_run_dir() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = PathBuf::from(UblkCtrl::run_dir());
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let Ok(meta) = dir.symlink_metadata() else {
+        return;
+    };
+    if !meta.is_dir() {
+        tracing::warn!(
+            "{} is not a directory: ublk attachments cannot recover",
+            dir.display()
+        );
+        return;
+    }
+    if meta.uid() != 0 {
+        let _ = std::os::unix::fs::lchown(&dir, Some(0), Some(0));
+    }
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let ours = entry
+                .path()
+                .symlink_metadata()
+                .is_ok_and(|m| m.is_file() && m.uid() == 0);
+            if !ours {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 impl UblkPlumbing {
     pub fn new(exports: Exports, queues: usize, dev: PathBuf, sys_block: PathBuf) -> Self {
         UblkPlumbing {
             exports,
-            queues: queues.clamp(1, 64),
+            queues: queues.clamp(1, MAX_QUEUES),
             dev,
             sys_block,
             served: Mutex::default(),
+            gate: Arc::default(),
         }
     }
 
@@ -136,6 +248,8 @@ impl UblkPlumbing {
             .exports
             .find(volume)
             .ok_or_else(|| AttachError::NoVolume(volume.to_owned()))?;
+        secure_run_dir();
+        let identifier = backend_identifier(volume, uuid);
         let ctrl = UblkCtrlBuilder::default()
             .name("hostcrypt")
             .id(-1)
@@ -145,19 +259,24 @@ impl UblkPlumbing {
             .ctrl_flags(u64::from(
                 sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
             ))
+            .ctrl_target_flags(identity_tag(&identifier))
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(|e| ublk_error("add", e))?;
-        self.serve(ctrl, export, backend_identifier(volume, uuid))
+        self.serve(ctrl, export, identifier, true)
     }
 
     /// Serves the device behind `ctrl` on a thread of its own (libublk
-    /// runs one thread per queue under it) and waits until it serves.
+    /// runs one thread per queue under it) and waits until it serves. A
+    /// device this call `added` that does not start is deleted; one being
+    /// recovered is left as the kernel holds it (a later resume tries
+    /// again; deleting it would fail a mounted filesystem's I/O).
     fn serve(
         &self,
         ctrl: UblkCtrl,
         export: Arc<Export>,
         identifier: String,
+        added: bool,
     ) -> Result<u32, AttachError> {
         let id = ctrl.dev_info().dev_id;
         let ctrl = Arc::new(ManuallyDrop::new(ctrl));
@@ -166,6 +285,7 @@ impl UblkPlumbing {
         let runner = ctrl.clone();
         let params = Params::of(&export);
         let queue_export = export.clone();
+        let gate = self.gate.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ublk{id}"))
             .spawn(move || {
@@ -179,7 +299,7 @@ impl UblkPlumbing {
                         dev.set_target_json(serde_json::json!({ TARGET_KEY: identifier }));
                         Ok(())
                     },
-                    move |queue: u16, dev: &UblkDev| serve_queue(queue, dev, &queue_export),
+                    move |queue: u16, dev: &UblkDev| serve_queue(queue, dev, &queue_export, &gate),
                     move |ctrl: &UblkCtrl| {
                         let _ = started_tx.send(Ok(ctrl.dev_info().dev_id));
                     },
@@ -203,15 +323,23 @@ impl UblkPlumbing {
                 Ok(id)
             }
             Err(e) => {
-                let _ = ctrl.kill_dev();
-                let _ = ctrl.del_dev();
+                // Through a handle of this thread's own: the runner may
+                // still hold `ctrl`'s lock. Its threads are left to end
+                // with the device.
+                if added {
+                    if let Ok(fresh) = UblkCtrl::new_simple(id as i32) {
+                        let _ = fresh.kill_dev();
+                        delete(&fresh, id);
+                    }
+                }
                 Err(e)
             }
         }
     }
 
     /// Serves again the device an earlier daemon left for `volume` (the
-    /// kernel holds its I/O meanwhile); `None` when there is none.
+    /// kernel holds its I/O meanwhile); `None` when there is none, or
+    /// when another live process serves it.
     pub fn resume(&self, volume: &str, uuid: &uuid::Uuid) -> Result<Option<u32>, AttachError> {
         let identifier = backend_identifier(volume, uuid);
         let Some(id) = self.find(&identifier) else {
@@ -224,23 +352,27 @@ impl UblkPlumbing {
             .exports
             .find(volume)
             .ok_or_else(|| AttachError::NoVolume(volume.to_owned()))?;
-        let state = UblkCtrl::new_simple(id as i32)
-            .map_err(|e| ublk_error("open", e))?
-            .dev_info()
-            .state;
-        if u32::from(state) != sys::UBLK_S_DEV_QUIESCED {
-            return Err(AttachError::Io(format!(
-                "ublk device {id} carries {identifier} but is not waiting for a daemon (state {state})"
-            )));
+        let Some(device) = known(id) else {
+            return Ok(None);
+        };
+        if device.state != sys::UBLK_S_DEV_QUIESCED {
+            // Live under another process, or not yet quiesced after its
+            // server died (the kernel notices within seconds): not ours
+            // to take now; the resume loop looks again.
+            return Ok(None);
         }
+        secure_run_dir();
+        ensure_control_ring()?;
         UblkCtrl::new_simple(id as i32)
             .and_then(|c| c.start_user_recover())
             .map_err(|e| ublk_error("start recovery", e))?;
+        // The kernel's shape, not this host's core count: the queues are
+        // the device's.
         let ctrl = UblkCtrlBuilder::default()
             .name("hostcrypt")
             .id(id as i32)
-            .nr_queues(self.queues as u16)
-            .depth(DEPTH)
+            .nr_queues(device.queues)
+            .depth(device.depth)
             .io_buf_bytes(MAX_IO)
             .ctrl_flags(u64::from(
                 sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
@@ -248,7 +380,7 @@ impl UblkPlumbing {
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
             .map_err(|e| ublk_error("recover", e))?;
-        self.serve(ctrl, export, identifier).map(Some)
+        self.serve(ctrl, export, identifier, false).map(Some)
     }
 
     /// Stops and deletes device `id`: its queues end, the kernel fails
@@ -282,23 +414,39 @@ impl UblkPlumbing {
     }
 
     /// Devices left for an earlier volume named `volume` (another UUID:
-    /// a temp volume before a restart) that no daemon serves: deleted,
-    /// rather than left holding their I/O forever.
+    /// a temp volume before a restart) whose server is gone: deleted,
+    /// rather than left holding their I/O forever. A device another live
+    /// process serves, or one caught in its own restart, is left alone.
     pub fn disconnect_orphans(&self, volume: &str, uuid: &uuid::Uuid) -> Vec<u32> {
         let prefix = format!("hostcrypt:{volume}:");
         let current = backend_identifier(volume, uuid);
         let mut gone = Vec::new();
-        for (id, identifier) in self.devices() {
+        for (id, identifier, device) in self.devices() {
             if !identifier.starts_with(&prefix) || identifier == current {
                 continue;
             }
-            let waiting = UblkCtrl::new_simple(id as i32)
-                .is_ok_and(|c| u32::from(c.dev_info().state) == sys::UBLK_S_DEV_QUIESCED);
-            if waiting && !self.served().contains_key(&id) && self.disconnect(id).is_ok() {
+            let orphaned = device.state == sys::UBLK_S_DEV_QUIESCED && !alive(device.server_pid);
+            if orphaned && !self.served().contains_key(&id) && self.disconnect(id).is_ok() {
                 gone.push(id);
             }
         }
         gone
+    }
+
+    /// Before the daemon's final flush: new requests are left to the
+    /// kernel (parked; it reissues them to the next daemon), and those
+    /// being served finish, within `limit`. Returns whether they did.
+    pub fn park(&self, limit: Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        self.gate.parked.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        while self.gate.serving.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
     }
 
     /// `/dev/ublkbN`.
@@ -315,22 +463,19 @@ impl UblkPlumbing {
     pub fn find(&self, identifier: &str) -> Option<u32> {
         self.devices()
             .into_iter()
-            .find_map(|(id, i)| (i == identifier).then_some(id))
+            .find_map(|(id, i, _)| (i == identifier).then_some(id))
     }
 
-    /// The identifier device `id` carries, if one of ours.
-    /// Read from libublk's run file (what `get_target_data_from_json`
-    /// reads), without a control command: this runs every few seconds.
+    /// The identifier device `id` carries, if it is one of ours.
     pub fn backend_of(&self, id: u32) -> Option<String> {
-        let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
-        let text = std::fs::read_to_string(path).ok()?;
-        let json: serde_json::Value = serde_json::from_str(&text).ok()?;
-        let identifier = json.get("target_data")?.get(TARGET_KEY)?.as_str()?;
-        Some(identifier.to_owned())
+        let identifier = run_file_identifier(id)?;
+        let device = known(id)?;
+        (device.root_made && device.tag == identity_tag(&identifier)).then_some(identifier)
     }
 
-    /// Every ublk device with its identifier, where it has one of ours.
-    fn devices(&self) -> Vec<(u32, String)> {
+    /// Every ublk device proven ours (root made it, its kernel tag
+    /// matches the identifier its run file names), with that identifier.
+    fn devices(&self) -> Vec<(u32, String, Known)> {
         let Ok(entries) = std::fs::read_dir("/sys/class/ublk-char") else {
             return Vec::new();
         };
@@ -343,7 +488,10 @@ impl UblkPlumbing {
                     .strip_prefix("ublkc")?
                     .parse()
                     .ok()?;
-                Some((id, self.backend_of(id)?))
+                let identifier = run_file_identifier(id)?;
+                let device = known(id)?;
+                let ours = device.root_made && device.tag == identity_tag(&identifier);
+                ours.then_some((id, identifier, device))
             })
             .collect()
     }
@@ -435,34 +583,39 @@ struct Completion {
 /// One queue: fetch commands for every tag, then parse, submit and
 /// answer until the device stops (the queue's commands come back
 /// aborted and libublk returns).
-fn serve_queue(queue: u16, dev: &UblkDev, export: &Arc<Export>) {
+fn serve_queue(queue: u16, dev: &UblkDev, export: &Arc<Export>, gate: &Arc<Gate>) {
+    // A queue that cannot start must say so, or libublk's start waits
+    // for its buffers forever (holding the control handle's lock).
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        tracing::error!(volume = export.name(), queue, "ublk queue {what}: {e}");
+        dev.notify_buffer_registration_complete(true);
+    };
+    let wake = match EventFd::new(0) {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => return failed("eventfd", &e),
+    };
     let mut bufs = dev.alloc_queue_io_bufs();
     let ring = match UblkQueue::new(queue, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
     {
         Ok(q) => q,
-        Err(e) => {
-            tracing::error!(volume = export.name(), queue, "ublk queue set-up: {e}");
-            return;
-        }
-    };
-    let wake = match EventFd::new(0) {
-        Ok(fd) => Arc::new(fd),
-        Err(e) => {
-            tracing::error!(volume = export.name(), queue, "ublk queue eventfd: {e}");
-            return;
-        }
+        Err(e) => return failed("set-up", &e),
     };
     let (done_tx, done_rx) = mpsc::channel::<Completion>();
-    let mut counter = Box::new([0u8; 8]);
-    arm_wake(&ring, &wake, &mut counter);
+    // The wake-up read may still be pending in the queue's ring (which
+    // lives as long as this thread) after this function returns: its
+    // target outlives both.
+    let counter: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
+    arm_wake(&ring, &wake, counter);
     ring.wait_and_handle_io(|q, tag, ctx| {
         if ctx.is_tgt_io() {
             while let Ok(done) = done_rx.try_recv() {
                 answer(q, &mut bufs, export, done);
+                gate.serving
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
             }
             if ctx.result() >= 0 || ctx.result() == -libc::EINTR {
-                arm_wake(q, &wake, &mut counter);
+                arm_wake(q, &wake, counter);
             } else {
                 tracing::error!(
                     volume = export.name(),
@@ -475,6 +628,16 @@ fn serve_queue(queue: u16, dev: &UblkDev, export: &Arc<Export>) {
         let Some(buf) = bufs.get(usize::from(tag)) else {
             return;
         };
+        // Counted before the check: `park` then waits for this one, or
+        // this one sees the gate parked and leaves the request to the
+        // kernel (never answered here; reissued to the next daemon).
+        gate.serving
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if gate.parked.load(std::sync::atomic::Ordering::SeqCst) {
+            gate.serving
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
         start(q, tag, buf, export, &done_tx, &wake);
     });
 }

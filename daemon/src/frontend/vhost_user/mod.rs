@@ -27,9 +27,10 @@
 //! vhost-user-backend (third_party/vhost-user-backend/HOSTCRYPT.md) so the
 //! daemon can check the peer before the session starts.
 //!
-//! Sockets are bound at start from the config; a reload that adds or
-//! removes a volume's socket is reported as needing a restart. A reload
-//! that removes a volume ends its client's connection (the export's
+//! Sockets are bound at start from the config; a reload adds, removes
+//! and replaces them through [`VhostUserSockets`] (a removed socket's
+//! file goes at once, and its client's connection ends). A reload that
+//! removes a volume ends its client's connection (the export's
 //! retirement); while a volume is not served (waiting for its key, say)
 //! its socket refuses clients, and serves them again once it is.
 
@@ -45,6 +46,11 @@ mod resubmit;
 mod socket;
 mod spec;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tokio::sync::{mpsc, watch};
+
 use crate::frontend::{Context, Frontend, Running};
 
 pub use bind::BindError;
@@ -55,6 +61,48 @@ pub use spec::{SocketSpec, VhostUserError};
 /// bound.
 pub struct VhostUserFrontend {
     sockets: Vec<socket::Bound>,
+    changes: mpsc::UnboundedReceiver<Change>,
+    handle: VhostUserSockets,
+}
+
+/// Adds and removes sockets while the frontend runs (a reload).
+#[derive(Clone)]
+pub struct VhostUserSockets {
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+enum Change {
+    Add(socket::Bound),
+    Remove(PathBuf),
+}
+
+impl VhostUserSockets {
+    /// Binds `spec`'s socket now and serves it.
+    pub fn add(&self, spec: SocketSpec) -> Result<(), VhostUserError> {
+        let bound = socket::bind(spec)?;
+        let path = bound.spec.path.clone();
+        self.changes.send(Change::Add(bound)).map_err(|_| {
+            let _ = std::fs::remove_file(&path);
+            VhostUserError::Session("the vhost-user frontend has stopped".into())
+        })
+    }
+
+    /// Stops serving the socket at `path` (its client's connection ends)
+    /// and waits, up to `within`, for its file to go, so the path can be
+    /// bound again. Returns whether it went.
+    pub fn remove(&self, path: &Path, within: std::time::Duration) -> bool {
+        if self.changes.send(Change::Remove(path.to_owned())).is_err() {
+            return false;
+        }
+        let deadline = std::time::Instant::now() + within;
+        while path.symlink_metadata().is_ok() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
 }
 
 impl VhostUserFrontend {
@@ -72,7 +120,17 @@ impl VhostUserFrontend {
                 }
             }
         }
-        Ok(VhostUserFrontend { sockets })
+        let (tx, changes) = mpsc::unbounded_channel();
+        Ok(VhostUserFrontend {
+            sockets,
+            changes,
+            handle: VhostUserSockets { changes: tx },
+        })
+    }
+
+    /// The handle a reload changes the sockets through.
+    pub fn sockets(&self) -> VhostUserSockets {
+        self.handle.clone()
     }
 
     /// `vhost-user:PATH (VOLUME)` for each socket, for the log and status.
@@ -88,22 +146,70 @@ impl VhostUserFrontend {
     }
 }
 
+/// Serves `bound` with a stop signal of its own (a socket served at its
+/// path before is stopped).
+fn serve(
+    bound: socket::Bound,
+    exports: &crate::export::Exports,
+    tasks: &mut tokio::task::JoinSet<()>,
+    stops: &mut BTreeMap<PathBuf, watch::Sender<bool>>,
+) {
+    let (stop, stopped) = watch::channel(false);
+    if let Some(earlier) = stops.insert(bound.spec.path.clone(), stop) {
+        let _ = earlier.send(true);
+    }
+    tasks.spawn(socket::serve(bound, exports.clone(), stopped));
+}
+
 impl Frontend for VhostUserFrontend {
     fn name(&self) -> &'static str {
         "vhost-user"
     }
 
+    /// Serves each socket until the daemon stops or a reload removes it
+    /// (each has a stop signal of its own); takes sockets a reload adds.
     fn start(self: Box<Self>, context: Context) -> Running {
+        let VhostUserFrontend {
+            sockets,
+            mut changes,
+            handle,
+        } = *self;
         let task = tokio::spawn(async move {
-            let mut sockets = tokio::task::JoinSet::new();
-            for bound in self.sockets {
-                sockets.spawn(socket::serve(
-                    bound,
-                    context.exports.clone(),
-                    context.shutdown.clone(),
-                ));
+            // Kept so `changes` never reports every sender gone.
+            let _handle = handle;
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut stops: BTreeMap<PathBuf, watch::Sender<bool>> = BTreeMap::new();
+            let exports = context.exports;
+            for bound in sockets {
+                serve(bound, &exports, &mut tasks, &mut stops);
             }
-            while sockets.join_next().await.is_some() {}
+            let mut shutdown = context.shutdown;
+            loop {
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => break,
+                    change = changes.recv() => match change {
+                        Some(Change::Add(bound)) => {
+                            tracing::info!(
+                                listener = format!("vhost-user:{} ({})", bound.spec.path.display(), bound.spec.volume),
+                                "listening (added by a reload)"
+                            );
+                            serve(bound, &exports, &mut tasks, &mut stops);
+                        }
+                        Some(Change::Remove(path)) => {
+                            if let Some(stop) = stops.remove(&path) {
+                                tracing::info!(socket = %path.display(), "vhost-user socket removed by a reload");
+                                let _ = stop.send(true);
+                            }
+                        }
+                        None => break,
+                    },
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                }
+            }
+            for stop in stops.values() {
+                let _ = stop.send(true);
+            }
+            while tasks.join_next().await.is_some() {}
         });
         Running::new("vhost-user", task)
     }
