@@ -112,6 +112,20 @@ fn ensure_control_ring() -> Result<(), AttachError> {
     .map_err(|e| ublk_error("control ring", e))
 }
 
+/// What every device of ours is made or recovered with: recovery with
+/// reissue, so a daemon's death never fails the device's I/O.
+fn builder(id: i32, queues: u16, depth: u16) -> UblkCtrlBuilder<'static> {
+    UblkCtrlBuilder::default()
+        .name("hostcrypt")
+        .id(id)
+        .nr_queues(queues)
+        .depth(depth)
+        .io_buf_bytes(MAX_IO)
+        .ctrl_flags(u64::from(
+            sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
+        ))
+}
+
 /// The tag a device added for `identifier` carries in the kernel: its
 /// `ublksrv_flags`, set at ADD_DEV and never changed after. The run file
 /// libublk keeps under /run/ublksrvd is only a hint to which identifier
@@ -150,6 +164,14 @@ fn known(id: u32) -> Option<Known> {
     })
 }
 
+/// Device `id`'s identifier and record, if it is proven ours: root made
+/// it and its kernel tag matches the identifier its run file names.
+fn proven(id: u32) -> Option<(String, Known)> {
+    let identifier = run_file_identifier(id)?;
+    let device = known(id)?;
+    (device.root_made && device.tag == identity_tag(&identifier)).then_some((identifier, device))
+}
+
 fn alive(pid: i32) -> bool {
     pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -158,16 +180,23 @@ fn alive(pid: i32) -> bool {
 /// without following links or blocking, a regular file of root's, at
 /// most 64 KiB. Only a hint (see [`identity_tag`]).
 fn run_file_identifier(id: u32) -> Option<String> {
+    read_identifier(
+        Path::new(&format!("{}/{id:04}.json", UblkCtrl::run_dir())),
+        0,
+    )
+}
+
+/// [`run_file_identifier`] on `path`, which must belong to `owner`.
+fn read_identifier(path: &Path, owner: u32) -> Option<String> {
     use std::io::Read;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let path = format!("{}/{id:04}.json", UblkCtrl::run_dir());
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .ok()?;
     let meta = file.metadata().ok()?;
-    if !meta.is_file() || meta.uid() != 0 || meta.len() > 64 * 1024 {
+    if !meta.is_file() || meta.uid() != owner || meta.len() > 64 * 1024 {
         return None;
     }
     let mut text = String::new();
@@ -250,15 +279,7 @@ impl UblkPlumbing {
             .ok_or_else(|| AttachError::NoVolume(volume.to_owned()))?;
         secure_run_dir();
         let identifier = backend_identifier(volume, uuid);
-        let ctrl = UblkCtrlBuilder::default()
-            .name("hostcrypt")
-            .id(-1)
-            .nr_queues(self.queues as u16)
-            .depth(DEPTH)
-            .io_buf_bytes(MAX_IO)
-            .ctrl_flags(u64::from(
-                sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
-            ))
+        let ctrl = builder(-1, self.queues as u16, DEPTH)
             .ctrl_target_flags(identity_tag(&identifier))
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
@@ -368,15 +389,7 @@ impl UblkPlumbing {
             .map_err(|e| ublk_error("start recovery", e))?;
         // The kernel's shape, not this host's core count: the queues are
         // the device's.
-        let ctrl = UblkCtrlBuilder::default()
-            .name("hostcrypt")
-            .id(id as i32)
-            .nr_queues(device.queues)
-            .depth(device.depth)
-            .io_buf_bytes(MAX_IO)
-            .ctrl_flags(u64::from(
-                sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
-            ))
+        let ctrl = builder(id as i32, device.queues, device.depth)
             .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
             .build()
             .map_err(|e| ublk_error("recover", e))?;
@@ -468,9 +481,7 @@ impl UblkPlumbing {
 
     /// The identifier device `id` carries, if it is one of ours.
     pub fn backend_of(&self, id: u32) -> Option<String> {
-        let identifier = run_file_identifier(id)?;
-        let device = known(id)?;
-        (device.root_made && device.tag == identity_tag(&identifier)).then_some(identifier)
+        proven(id).map(|(identifier, _)| identifier)
     }
 
     /// Every ublk device proven ours (root made it, its kernel tag
@@ -488,10 +499,8 @@ impl UblkPlumbing {
                     .strip_prefix("ublkc")?
                     .parse()
                     .ok()?;
-                let identifier = run_file_identifier(id)?;
-                let device = known(id)?;
-                let ours = device.root_made && device.tag == identity_tag(&identifier);
-                ours.then_some((id, identifier, device))
+                let (identifier, device) = proven(id)?;
+                Some((id, identifier, device))
             })
             .collect()
     }
@@ -940,6 +949,45 @@ mod tests {
             BUF
         )
         .is_ok());
+    }
+
+    /// The run file is a hint a local user may have planted: a link, a
+    /// FIFO (which would block an open), another owner's file or a huge
+    /// one is not read; a well-formed one of the right owner is.
+    #[test]
+    fn a_planted_run_file_is_not_read() {
+        let dir = std::env::temp_dir().join(format!("hc-ublk-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = unsafe { libc::geteuid() };
+        let good = dir.join("good.json");
+        std::fs::write(&good, r#"{"target_data":{"hostcrypt":"hostcrypt:v:x"}}"#).unwrap();
+        assert_eq!(read_identifier(&good, me).as_deref(), Some("hostcrypt:v:x"));
+        assert_eq!(
+            read_identifier(&good, me.wrapping_add(1)),
+            None,
+            "another owner's"
+        );
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert_eq!(read_identifier(&link, me), None, "a symbolic link");
+        let fifo = dir.join("fifo.json");
+        let name = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        assert_eq!(read_identifier(&fifo, me), None, "a FIFO");
+        let huge = dir.join("huge.json");
+        let padding = " ".repeat(70 * 1024);
+        std::fs::write(
+            &huge,
+            format!(r#"{{"target_data":{{"hostcrypt":"hostcrypt:v:x"}}}}{padding}"#),
+        )
+        .unwrap();
+        assert_eq!(read_identifier(&huge, me), None, "past 64 KiB");
+        for bad in ["not json", r#"{"target_data":{"hostcrypt":7}}"#, r#"{}"#] {
+            std::fs::write(&good, bad).unwrap();
+            assert_eq!(read_identifier(&good, me), None, "{bad}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
