@@ -167,6 +167,48 @@ impl SectorCipher {
         self.apply(buf, first_sector, Direction::Decrypt);
     }
 
+    /// Decrypts `source` (a whole number of sectors) into `target`, of
+    /// the same length, leaving the ciphertext where it is: a reader's
+    /// destination receives plaintext only, in one pass.
+    pub fn decrypt_to(&self, source: &[u8], target: &mut [u8], first_sector: u64) {
+        assert_eq!(
+            source.len(),
+            target.len(),
+            "source and target differ in length"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if let Some(vaes) = &self.keys.vaes {
+            if super::xts_vaes::VaesKeys::fits(self.sector_size) {
+                let mut initial = [0u8; 16 * TWEAK_BATCH];
+                let group_len = self.sector_size * TWEAK_BATCH;
+                for (c, (from, to)) in source
+                    .chunks(group_len)
+                    .zip(target.chunks_mut(group_len))
+                    .enumerate()
+                {
+                    let first = first_sector.wrapping_add((c * TWEAK_BATCH) as u64);
+                    let n = from.len() / self.sector_size;
+                    let used = &mut initial[..(16 * n).next_multiple_of(64)];
+                    for (i, t) in used.chunks_exact_mut(16).enumerate() {
+                        t.copy_from_slice(&(first.wrapping_add(i as u64) as u128).to_le_bytes());
+                    }
+                    vaes.encrypt_tweaks(used);
+                    for ((src, dst), t) in from
+                        .chunks_exact(self.sector_size)
+                        .zip(to.chunks_exact_mut(self.sector_size))
+                        .zip(used.chunks_exact(16))
+                    {
+                        let tweak = u128::from_le_bytes(t.try_into().expect("16-byte chunk"));
+                        vaes.decrypt_to(src, dst, tweak);
+                    }
+                }
+                return;
+            }
+        }
+        target.copy_from_slice(source);
+        self.decrypt(target, first_sector);
+    }
+
     fn apply(&self, buf: &mut [u8], first_sector: u64, direction: Direction) {
         assert_eq!(
             buf.len() % self.sector_size,

@@ -115,24 +115,45 @@ impl VaesKeys {
     /// initial tweak. `sector.len()` must satisfy [`VaesKeys::fits`].
     pub fn encrypt(&self, sector: &mut [u8], tweak: u128) {
         assert!(Self::fits(sector.len()));
-        // SAFETY: `self` exists only if the CPU has its width's features
-        // (`with_width`).
-        unsafe {
-            match self.width {
-                Width::Avx512 => xts_vaes::<true>(&self.enc, sector, tweak),
-                Width::Avx2 => super::xts_vaes_avx2::xts::<true>(&self.enc, sector, tweak),
-            }
-        }
+        let (ptr, len) = (sector.as_mut_ptr(), sector.len());
+        // SAFETY: one valid range, in place.
+        unsafe { self.apply::<true>(ptr, ptr, len, tweak) }
     }
 
     /// Decrypts one data unit in place (see [`VaesKeys::encrypt`]).
     pub fn decrypt(&self, sector: &mut [u8], tweak: u128) {
         assert!(Self::fits(sector.len()));
-        // SAFETY: as in `encrypt`.
+        let (ptr, len) = (sector.as_mut_ptr(), sector.len());
+        // SAFETY: one valid range, in place.
+        unsafe { self.apply::<false>(ptr, ptr, len, tweak) }
+    }
+
+    /// Decrypts one data unit from `source` into `target` (same length):
+    /// the ciphertext stays where it is.
+    pub fn decrypt_to(&self, source: &[u8], target: &mut [u8], tweak: u128) {
+        assert!(Self::fits(source.len()) && source.len() == target.len());
+        // SAFETY: two valid ranges of the same length; `&` and `&mut`
+        // cannot overlap.
+        unsafe { self.apply::<false>(source.as_ptr(), target.as_mut_ptr(), source.len(), tweak) }
+    }
+
+    /// # Safety
+    /// `len` bytes at `src` valid for reads and at `dst` for writes, the
+    /// two the same range or disjoint.
+    unsafe fn apply<const ENCRYPT: bool>(
+        &self,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        tweak: u128,
+    ) {
+        let keys = if ENCRYPT { &self.enc } else { &self.dec };
+        // SAFETY: `self` exists only if the CPU has its width's features
+        // (`with_width`); the ranges are the caller's contract.
         unsafe {
             match self.width {
-                Width::Avx512 => xts_vaes::<false>(&self.dec, sector, tweak),
-                Width::Avx2 => super::xts_vaes_avx2::xts::<false>(&self.dec, sector, tweak),
+                Width::Avx512 => xts_vaes::<ENCRYPT>(keys, src, dst, len, tweak),
+                Width::Avx2 => super::xts_vaes_avx2::xts::<ENCRYPT>(keys, src, dst, len, tweak),
             }
         }
     }
@@ -278,7 +299,13 @@ unsafe fn ecb_encrypt(keys: &[[u8; 16]; 15], data: &mut [u8]) {
 }
 
 #[target_feature(enable = "avx512f,vaes,aes,sse2")]
-unsafe fn xts_vaes<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], tweak: u128) {
+unsafe fn xts_vaes<const ENCRYPT: bool>(
+    keys: &[[u8; 16]; 15],
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    tweak: u128,
+) {
     let rk = broadcast(keys);
     let mask_lo = _mm512_set_epi64(0, -1, 0, -1, 0, -1, 0, -1);
     let mask_hi = _mm512_set_epi64(-1, 0, -1, 0, -1, 0, -1, 0);
@@ -292,8 +319,6 @@ unsafe fn xts_vaes<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], 
     // SAFETY: `first` is 64 bytes.
     let mut tw = unsafe { _mm512_loadu_si512(first.as_ptr().cast()) };
 
-    let len = data.len();
-    let ptr = data.as_mut_ptr();
     let mut at = 0;
     // WIDE vectors (4 blocks each) per step, round-major so the AES units
     // always have independent work: VAES has ~5 cycles of latency at one
@@ -305,7 +330,7 @@ unsafe fn xts_vaes<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], 
         }
         tw = mul_alpha4(t[WIDE - 1], mask_lo, mask_hi);
         // SAFETY: at + 64 * WIDE <= len, so every 64-byte access is in bounds.
-        let p = unsafe { ptr.add(at) };
+        let (p, q) = unsafe { (src.add(at), dst.add(at)) };
         let mut x = [_mm512_setzero_si512(); WIDE];
         for i in 0..WIDE {
             // SAFETY: see above.
@@ -328,7 +353,7 @@ unsafe fn xts_vaes<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], 
                 _mm512_aesdeclast_epi128(x[i], rk[14])
             };
             // SAFETY: see above.
-            unsafe { _mm512_storeu_si512(p.add(64 * i).cast(), _mm512_xor_si512(y, t[i])) };
+            unsafe { _mm512_storeu_si512(q.add(64 * i).cast(), _mm512_xor_si512(y, t[i])) };
         }
         at += 64 * WIDE;
     }
@@ -337,9 +362,11 @@ unsafe fn xts_vaes<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], 
         tw = mul_alpha4(t0, mask_lo, mask_hi);
         // SAFETY: at + 64 <= len.
         unsafe {
-            let p = ptr.add(at);
-            let x = _mm512_xor_si512(_mm512_loadu_si512(p.cast()), t0);
-            _mm512_storeu_si512(p.cast(), _mm512_xor_si512(rounds::<ENCRYPT>(x, &rk), t0));
+            let x = _mm512_xor_si512(_mm512_loadu_si512(src.add(at).cast()), t0);
+            _mm512_storeu_si512(
+                dst.add(at).cast(),
+                _mm512_xor_si512(rounds::<ENCRYPT>(x, &rk), t0),
+            );
         }
         at += 64;
     }

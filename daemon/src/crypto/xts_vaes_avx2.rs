@@ -164,11 +164,11 @@ middle_rounds!(middle_rounds_8, 8, [x0, x1, x2, x3, x4, x5, x6, x7]);
 ///
 /// # Safety
 /// The CPU must have avx2, vaes and aes; `p .. p + 32 * N` must be valid
-/// for reads and writes.
+/// for reads and `q .. q + 32 * N` for writes (the same range, in place).
 #[inline]
 #[target_feature(enable = "avx2,vaes,aes")]
 unsafe fn step<const N: usize, const ENCRYPT: bool>(
-    p: *mut u8,
+    (p, q): (*const u8, *mut u8),
     t: &[__m256i],
     rk: &[__m256i; 15],
     middle: impl Fn(&mut [__m256i; N]),
@@ -187,7 +187,7 @@ unsafe fn step<const N: usize, const ENCRYPT: bool>(
             _mm256_aesdeclast_epi128(x[i], rk[14])
         };
         // SAFETY: as above.
-        unsafe { _mm256_storeu_si256(p.add(32 * i).cast(), _mm256_xor_si256(y, t[i])) };
+        unsafe { _mm256_storeu_si256(q.add(32 * i).cast(), _mm256_xor_si256(y, t[i])) };
     }
 }
 
@@ -198,12 +198,12 @@ unsafe fn step<const N: usize, const ENCRYPT: bool>(
 /// (benches/results/history.md, "The AVX2 kernel's tweaks by byte shift").
 ///
 /// # Safety
-/// The CPU must have avx2, vaes, aes and vpclmulqdq; `p .. p + 32 * WIDE`
-/// must be valid for reads and writes.
+/// The CPU must have avx2, vaes, aes and vpclmulqdq; the `32 * WIDE`
+/// bytes at `p.0` must be valid for reads and at `p.1` for writes.
 #[inline]
 #[target_feature(enable = "avx2,vaes,aes,vpclmulqdq")]
 unsafe fn wide_step<const ENCRYPT: bool>(
-    p: *mut u8,
+    p: (*const u8, *mut u8),
     t: &mut [__m256i; WIDE],
     rk: &[__m256i; 15],
     poly: __m256i,
@@ -249,13 +249,22 @@ pub(super) unsafe fn ecb_encrypt(keys: &[[u8; 16]; 15], data: &mut [u8]) {
     }
 }
 
-/// XTS over one data unit (a multiple of 32 bytes) in place; `tweak` is the
-/// encrypted initial tweak.
+/// XTS over one data unit of `len` bytes (a multiple of 32) from `src`
+/// into `dst` (the same pointer: in place); `tweak` is the encrypted
+/// initial tweak.
 ///
 /// # Safety
-/// The CPU must have avx2, vaes, aes and vpclmulqdq.
+/// The CPU must have avx2, vaes, aes and vpclmulqdq; `len` bytes at `src`
+/// must be valid for reads and at `dst` for writes, and the two ranges
+/// either the same or disjoint.
 #[target_feature(enable = "avx2,vaes,aes,vpclmulqdq,sse2")]
-pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut [u8], tweak: u128) {
+pub(super) unsafe fn xts<const ENCRYPT: bool>(
+    keys: &[[u8; 16]; 15],
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    tweak: u128,
+) {
     let rk = broadcast(keys);
     let mask_lo = _mm256_set_epi64x(0, -1, 0, -1);
     let mask_hi = _mm256_set_epi64x(-1, 0, -1, 0);
@@ -266,14 +275,13 @@ pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut 
     // SAFETY: `first` is 32 bytes.
     let tw = unsafe { _mm256_loadu_si256(first.as_ptr().cast()) };
 
-    let len = data.len();
-    let ptr = data.as_mut_ptr();
+    let at_ = |at: usize| (src.wrapping_add(at), dst.wrapping_add(at));
     let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     let mut t = wide_tweaks(tw, poly);
     let mut at = 0;
     while at + 32 * WIDE <= len {
         // SAFETY: at + 32 * WIDE <= len; features as this fn's.
-        unsafe { wide_step::<ENCRYPT>(ptr.add(at), &mut t, &rk, poly) };
+        unsafe { wide_step::<ENCRYPT>(at_(at), &mut t, &rk, poly) };
         at += 32 * WIDE;
     }
     // Less than a wide step is left: the rest of a 4 KiB sector (256
@@ -283,7 +291,7 @@ pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut 
     if at + 32 * 8 <= len {
         // SAFETY: at + 256 <= len; features as this fn's.
         unsafe {
-            step::<8, ENCRYPT>(ptr.add(at), &t[..8], &rk, |x| {
+            step::<8, ENCRYPT>(at_(at), &t[..8], &rk, |x| {
                 middle_rounds_8::<ENCRYPT>(x, &rk)
             })
         };
@@ -295,9 +303,11 @@ pub(super) unsafe fn xts<const ENCRYPT: bool>(keys: &[[u8; 16]; 15], data: &mut 
         tw = mul_alpha::<2, 62>(t0, mask_lo, mask_hi);
         // SAFETY: at + 32 <= len.
         unsafe {
-            let p = ptr.add(at);
-            let x = _mm256_xor_si256(_mm256_loadu_si256(p.cast()), t0);
-            _mm256_storeu_si256(p.cast(), _mm256_xor_si256(rounds::<ENCRYPT>(x, &rk), t0));
+            let x = _mm256_xor_si256(_mm256_loadu_si256(src.add(at).cast()), t0);
+            _mm256_storeu_si256(
+                dst.add(at).cast(),
+                _mm256_xor_si256(rounds::<ENCRYPT>(x, &rk), t0),
+            );
         }
         at += 32;
     }
