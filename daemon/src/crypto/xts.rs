@@ -176,64 +176,54 @@ impl SectorCipher {
             target.len(),
             "source and target differ in length"
         );
-        #[cfg(target_arch = "x86_64")]
-        if let Some(vaes) = &self.keys.vaes {
-            if super::xts_vaes::VaesKeys::fits(self.sector_size) {
-                let mut initial = [0u8; 16 * TWEAK_BATCH];
-                let group_len = self.sector_size * TWEAK_BATCH;
-                for (c, (from, to)) in source
-                    .chunks(group_len)
-                    .zip(target.chunks_mut(group_len))
-                    .enumerate()
-                {
-                    let first = first_sector.wrapping_add((c * TWEAK_BATCH) as u64);
-                    let n = from.len() / self.sector_size;
-                    let used = &mut initial[..(16 * n).next_multiple_of(64)];
-                    for (i, t) in used.chunks_exact_mut(16).enumerate() {
-                        t.copy_from_slice(&(first.wrapping_add(i as u64) as u128).to_le_bytes());
-                    }
-                    vaes.encrypt_tweaks(used);
-                    for ((src, dst), t) in from
-                        .chunks_exact(self.sector_size)
-                        .zip(to.chunks_exact_mut(self.sector_size))
-                        .zip(used.chunks_exact(16))
-                    {
-                        let tweak = u128::from_le_bytes(t.try_into().expect("16-byte chunk"));
-                        vaes.decrypt_to(src, dst, tweak);
-                    }
-                }
+        let ss = self.sector_size;
+        self.each_sector_tweak(source.len(), first_sector, |i, tweak| {
+            let (from, to) = (&source[i * ss..][..ss], &mut target[i * ss..][..ss]);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(vaes) = &self.keys.vaes {
+                vaes.decrypt_to(from, to, tweak);
                 return;
             }
-        }
-        target.copy_from_slice(source);
-        self.decrypt(target, first_sector);
+            to.copy_from_slice(from);
+            self.apply_sector(to, tweak, Direction::Decrypt);
+        });
     }
 
     fn apply(&self, buf: &mut [u8], first_sector: u64, direction: Direction) {
+        let ss = self.sector_size;
+        self.each_sector_tweak(buf.len(), first_sector, |i, tweak| {
+            self.apply_sector(&mut buf[i * ss..][..ss], tweak, direction)
+        });
+    }
+
+    /// Calls `each(i, tweak)` for every sector `i` of `len` bytes (a whole
+    /// number of sectors) from `first_sector`, with its encrypted initial
+    /// tweak.
+    fn each_sector_tweak(&self, len: usize, first_sector: u64, mut each: impl FnMut(usize, u128)) {
         assert_eq!(
-            buf.len() % self.sector_size,
+            len % self.sector_size,
             0,
             "buffer is not a whole number of sectors"
         );
+        let sectors = len / self.sector_size;
         // The initial tweaks of up to TWEAK_BATCH sectors are encrypted in
         // one pipelined call: one block per sector, serially, stalls on
         // each block's latency.
         let mut initial = [0u8; 16 * TWEAK_BATCH];
-        for (c, group) in buf.chunks_mut(self.sector_size * TWEAK_BATCH).enumerate() {
-            let first = first_sector.wrapping_add((c * TWEAK_BATCH) as u64);
-            let n = group.len() / self.sector_size;
+        for batch in (0..sectors).step_by(TWEAK_BATCH) {
+            let first = first_sector.wrapping_add(batch as u64);
+            let n = (sectors - batch).min(TWEAK_BATCH);
             // Rounded up to whole 64-byte vectors; the extra tweaks are unused.
             let used = &mut initial[..(16 * n).next_multiple_of(64)];
             for (i, t) in used.chunks_exact_mut(16).enumerate() {
                 t.copy_from_slice(&(first.wrapping_add(i as u64) as u128).to_le_bytes());
             }
             self.encrypt_tweaks(used);
-            for (sector, t) in group
-                .chunks_exact_mut(self.sector_size)
-                .zip(used.chunks_exact(16))
-            {
-                let tweak = u128::from_le_bytes(t.try_into().expect("16-byte chunk"));
-                self.apply_sector(sector, tweak, direction);
+            for (i, t) in used.chunks_exact(16).take(n).enumerate() {
+                each(
+                    batch + i,
+                    u128::from_le_bytes(t.try_into().expect("16-byte chunk")),
+                );
             }
         }
     }

@@ -258,3 +258,10 @@ fn decrypting_into_another_buffer_matches_openssl_and_leaves_the_source() {
         }
     }
 }
+
+#[test]
+#[should_panic(expected = "whole number of sectors")]
+fn decrypting_into_another_buffer_refuses_a_partial_sector() {
+    let xts = SectorCipher::new(&Dek::generate().unwrap(), 512);
+    xts.decrypt_to(&[0u8; 520], &mut [0u8; 520], 0);
+}
