@@ -22,6 +22,10 @@ use super::{Dek, DEK_LEN};
 /// The AES block size; every sector size is a multiple of it.
 pub const XTS_BLOCK: usize = 16;
 
+/// Sectors up to this size are decrypted for `decrypt_to_raw`'s
+/// portable path in a buffer on the stack.
+const STACK_SECTOR: usize = 4096;
+
 /// Largest sector we batch on the stack (4096 bytes = 256 tweaks).
 const MAX_BATCH_BLOCKS: usize = 256;
 
@@ -176,16 +180,47 @@ impl SectorCipher {
             target.len(),
             "source and target differ in length"
         );
+        // SAFETY: `target` is valid for writes of its length, which is
+        // `source`'s; `&` and `&mut` cannot overlap.
+        unsafe { self.decrypt_to_raw(source, target.as_mut_ptr(), first_sector) }
+    }
+
+    /// [`SectorCipher::decrypt_to`] into memory another party may read
+    /// and write meanwhile (a guest's buffer): `target` is only ever
+    /// written, never read back, so what the other party puts there
+    /// never reaches the cipher (no decryption oracle), and it sees
+    /// plaintext only.
+    ///
+    /// # Safety
+    /// `source.len()` bytes at `target` must be valid for writes for the
+    /// whole call and must not overlap `source`.
+    pub unsafe fn decrypt_to_raw(&self, source: &[u8], target: *mut u8, first_sector: u64) {
         let ss = self.sector_size;
         self.each_sector_tweak(source.len(), first_sector, |i, tweak| {
-            let (from, to) = (&source[i * ss..][..ss], &mut target[i * ss..][..ss]);
+            let from = &source[i * ss..][..ss];
+            // SAFETY: sector `i` lies inside the `source.len()` bytes the
+            // caller vouches for.
+            let to = unsafe { target.add(i * ss) };
             #[cfg(target_arch = "x86_64")]
             if let Some(vaes) = &self.keys.vaes {
-                vaes.decrypt_to(from, to, tweak);
+                // SAFETY: as above; the kernel only stores to `to`.
+                unsafe { vaes.decrypt_to_raw(from, to, tweak) };
                 return;
             }
-            to.copy_from_slice(from);
-            self.apply_sector(to, tweak, Direction::Decrypt);
+            // The portable kernel works in place: on a sector of our own,
+            // copied out whole once it is plaintext.
+            let (mut stack, mut heap) = ([0u8; STACK_SECTOR], Vec::new());
+            let sector = if ss <= STACK_SECTOR {
+                &mut stack[..ss]
+            } else {
+                heap.resize(ss, 0);
+                &mut heap[..]
+            };
+            sector.copy_from_slice(from);
+            self.apply_sector(sector, tweak, Direction::Decrypt);
+            // SAFETY: `ss` bytes at `to` are the caller's to write; a
+            // local buffer cannot overlap them.
+            unsafe { std::ptr::copy_nonoverlapping(sector.as_ptr(), to, ss) };
         });
     }
 

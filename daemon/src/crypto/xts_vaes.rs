@@ -129,12 +129,15 @@ impl VaesKeys {
     }
 
     /// Decrypts one data unit from `source` into `target` (same length):
-    /// the ciphertext stays where it is.
-    pub fn decrypt_to(&self, source: &[u8], target: &mut [u8], tweak: u128) {
-        assert!(Self::fits(source.len()) && source.len() == target.len());
-        // SAFETY: two valid ranges of the same length; `&` and `&mut`
-        // cannot overlap.
-        unsafe { self.apply::<false>(source.as_ptr(), target.as_mut_ptr(), source.len(), tweak) }
+    /// the ciphertext stays where it is, and `target` is only stored to.
+    ///
+    /// # Safety
+    /// `source.len()` bytes at `target` valid for writes, not overlapping
+    /// `source`.
+    pub unsafe fn decrypt_to_raw(&self, source: &[u8], target: *mut u8, tweak: u128) {
+        assert!(Self::fits(source.len()));
+        // SAFETY: the caller's contract.
+        unsafe { self.apply::<false>(source.as_ptr(), target, source.len(), tweak) }
     }
 
     /// # Safety

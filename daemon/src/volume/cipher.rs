@@ -80,6 +80,27 @@ impl VolumeCipher {
             None => {}
         }
     }
+
+    /// Decrypts whole sectors from `source` into memory another party
+    /// may read and write meanwhile (a guest's buffer), only ever storing
+    /// to it (see `SectorCipher::decrypt_to_raw`). With two layers the
+    /// inner one works in place, so both run on a buffer of our own and
+    /// the plaintext is copied out.
+    ///
+    /// # Safety
+    /// `source.len()` bytes at `target` valid for writes for the whole
+    /// call, not overlapping `source`.
+    pub unsafe fn decrypt_to_raw(&self, source: &[u8], target: *mut u8, first_sector: u64) {
+        if self.inner.is_none() {
+            // SAFETY: the caller's contract.
+            unsafe { self.outer.decrypt_to_raw(source, target, first_sector) };
+            return;
+        }
+        let mut plain = source.to_vec();
+        self.decrypt(&mut plain, first_sector);
+        // SAFETY: the caller's contract; `plain` is ours.
+        unsafe { std::ptr::copy_nonoverlapping(plain.as_ptr(), target, plain.len()) };
+    }
 }
 
 #[cfg(test)]
@@ -114,6 +135,26 @@ mod tests {
             VolumeCipher::new(&a, None, InnerCipher::AesXts, 4096).layers(),
             1
         );
+    }
+
+    /// Into another buffer, with one layer or two, the plaintext is what
+    /// decrypting in place gives, and the source stays ciphertext.
+    #[test]
+    fn decrypting_into_another_buffer_matches_in_place_with_either_layering() {
+        let (a, b) = (Dek::generate().unwrap(), Dek::generate().unwrap());
+        let mut plain = vec![0u8; 5 * 4096];
+        getrandom::fill(&mut plain).unwrap();
+        for inner in [None, Some(&b)] {
+            let cipher = VolumeCipher::new(&a, inner, InnerCipher::Adiantum, 4096);
+            let mut sealed = plain.clone();
+            cipher.encrypt(&mut sealed, 40);
+            let source = sealed.clone();
+            let mut target = vec![0u8; sealed.len()];
+            // SAFETY: `target` is ours and as long as `source`.
+            unsafe { cipher.decrypt_to_raw(&source, target.as_mut_ptr(), 40) };
+            assert_eq!(target, plain, "{} layers", cipher.layers());
+            assert_eq!(source, sealed);
+        }
     }
 
     #[test]

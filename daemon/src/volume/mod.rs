@@ -35,7 +35,7 @@ pub use allocation::Allocation;
 pub use auth::{AuthError, GenerationKeys, HeaderKeys};
 pub use cipher::VolumeCipher;
 pub use claim::{ClaimError, Claimant};
-pub use data::DataArea;
+pub use data::{DataArea, SealedRead};
 pub use header::{Header, HeaderError, InnerCipher, Keyslot, Layer, Role};
 pub use keys::{
     InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, OnKeyUnreachable, VolumeKeys,

@@ -393,6 +393,7 @@ impl Ctx {
             let outcome = outcome.map(|done| match done {
                 Outcome::Done => Body::Empty,
                 Outcome::Data(data) => Body::Data(data),
+                Outcome::Sealed(read) => Body::Data(read.into_plaintext()),
                 Outcome::Runs(runs) => Body::Extents(
                     runs.into_iter()
                         .map(|(len, kind)| {

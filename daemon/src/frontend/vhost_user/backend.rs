@@ -24,11 +24,15 @@
 //! by writing the frontend's kick fd, whose writes the frontend can make
 //! block. The inflight region cannot be replaced while a queue runs.
 //!
-//! Copies: a read's decrypted data is copied once, from the data area's
-//! result into the guest's buffers; a write is copied once, from guest
-//! memory into a bounce buffer that is encrypted and written (the guest may
-//! change its buffer while the write is in flight, and XTS needs the whole
-//! sector at once).
+//! Copies: a read asks for its sectors sealed (`Op::ReadSealed`) and
+//! decrypts them from the data area's buffer straight into the guest's
+//! buffers when it completes, under the request's `Ticket` like every
+//! other write into guest memory: no copy of plaintext, and the guest
+//! never sees ciphertext nor gets bytes of its own decrypted (XTS only
+//! stores to guest memory). A write is copied once, from guest memory
+//! into a bounce buffer that is encrypted and written (the guest may
+//! change its buffer while the write is in flight, and XTS needs the
+//! whole sector at once).
 //!
 //! What lives elsewhere: the socket, the peer check and the connection's
 //! life (`socket.rs`); features and configuration space (`device.rs`);
@@ -47,7 +51,7 @@ use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -64,7 +68,7 @@ use super::resubmit;
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
 use crate::io::IoBuf;
-use crate::volume::{Op, OpKind, Outcome};
+use crate::volume::{Op, OpKind, Outcome, SealedRead};
 
 /// How long stopping a queue waits for its requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -474,32 +478,27 @@ impl BlockBackend {
         match command {
             Command::Read { offset } => {
                 area.submit(
-                    Op::Read {
+                    Op::ReadSealed {
                         offset,
                         len: len as usize,
                     },
                     move |outcome| {
-                        let buf = match outcome {
-                            Ok(Outcome::Data(buf)) => Ok(buf),
-                            Ok(_) => Err(io::Error::other("a read returned no data")),
-                            Err(e) => Err(e),
-                        };
                         let used = len as u32 + 1;
-                        match buf {
-                            Ok(buf) => done.finish_io(
-                                RequestKind::Op(OpKind::Read),
-                                len,
-                                Ok(Some((&data[..], &buf[..]))),
-                                status,
-                                used,
-                            ),
-                            Err(e) => done.finish_io(
-                                RequestKind::Op(OpKind::Read),
-                                len,
-                                Err(e),
-                                status,
-                                used,
-                            ),
+                        let kind = RequestKind::Op(OpKind::Read);
+                        match outcome {
+                            Ok(Outcome::Sealed(read)) => {
+                                let fill = Some((&data[..], Source::Read(&read)));
+                                done.finish_io(kind, len, Ok(fill), status, used)
+                            }
+                            Ok(Outcome::Data(buf)) => {
+                                let fill = Some((&data[..], Source::Bytes(&buf[..])));
+                                done.finish_io(kind, len, Ok(fill), status, used)
+                            }
+                            Ok(_) => {
+                                let e = io::Error::other("a read returned no data");
+                                done.finish_io(kind, len, Err(e), status, used)
+                            }
+                            Err(e) => done.finish_io(kind, len, Err(e), status, used),
                         }
                     },
                 );
@@ -541,7 +540,7 @@ impl BlockBackend {
                 done.finish_io(
                     RequestKind::Other,
                     0,
-                    Ok(Some((&data[..], &serial[..]))),
+                    Ok(Some((&data[..], Source::Bytes(&serial[..])))),
                     status,
                     written + 1,
                 )
@@ -612,6 +611,32 @@ fn scatter(memory: &GuestMemory, data: &[Segment], source: &[u8]) -> io::Result<
     Ok(())
 }
 
+/// Opens `read` into the guest buffers `data`, in order, as far as both
+/// go: its sectors are decrypted straight into guest memory, which is
+/// only ever stored to (`SealedRead::open_to`), so the guest sees
+/// plaintext only, and bytes it puts there meanwhile never reach the
+/// cipher. No dirty-page bitmap to mark (`guest.rs`).
+fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) -> io::Result<()> {
+    let mut at = 0usize;
+    for segment in data {
+        if at >= read.len() {
+            break;
+        }
+        let n = (segment.len as usize).min(read.len() - at);
+        // One slice per guest memory region the segment crosses.
+        for slice in memory.get_slices(segment.addr, n) {
+            let slice = slice.map_err(io::Error::other)?;
+            let target = slice.ptr_guard_mut();
+            // SAFETY: `slice.len()` bytes of guest memory that `memory`
+            // keeps mapped for this call, written only; the slices
+            // together are `n` bytes, so `at + slice.len() <= read.len()`.
+            unsafe { read.open_to(at, target.as_ptr(), slice.len()) };
+            at += slice.len();
+        }
+    }
+    Ok(())
+}
+
 /// Copies the guest buffers `data` into `target` (their total length).
 fn gather(memory: &GuestMemory, data: &[Segment], target: &mut [u8]) -> io::Result<()> {
     let mut at = 0usize;
@@ -648,8 +673,16 @@ struct Done {
     started: Instant,
 }
 
-/// Data a completion copies into guest buffers: the buffers, the bytes.
-type Fill<'a> = Option<(&'a [Segment], &'a [u8])>;
+/// Data a completion writes into guest buffers: the buffers, and what
+/// goes into them.
+type Fill<'a> = Option<(&'a [Segment], Source<'a>)>;
+
+/// What a completion writes into the guest's buffers.
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    /// A read, opened straight into them.
+    Read(&'a SealedRead),
+}
 
 impl Done {
     /// Completes with an I/O result (and data for the guest's buffers):
@@ -699,10 +732,16 @@ impl Done {
         let mut ok = result.is_ok();
         ticket.complete(|| {
             let code = match result {
-                Ok(Some((segments, data))) => match scatter(&memory, segments, data) {
-                    Ok(()) => Ok(used),
-                    Err(e) => Err(failed(e)),
-                },
+                Ok(Some((segments, source))) => {
+                    let written = match source {
+                        Source::Bytes(bytes) => scatter(&memory, segments, bytes),
+                        Source::Read(read) => open_into_guest(&memory, segments, read),
+                    };
+                    match written {
+                        Ok(()) => Ok(used),
+                        Err(e) => Err(failed(e)),
+                    }
+                }
                 Ok(None) => Ok(used),
                 Err(code) => Err(code),
             };

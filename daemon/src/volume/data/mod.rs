@@ -39,9 +39,11 @@ use std::time::Instant;
 use arc_swap::ArcSwapOption;
 
 mod keys;
+mod sealed;
 mod window;
 
 pub use keys::DataKeys;
+pub use sealed::SealedRead;
 pub use window::PreparedWindow;
 
 use super::cipher::VolumeCipher;
@@ -255,19 +257,21 @@ impl DataArea {
     }
 
     /// Fills `buf` with the sectors from `start` and decrypts them with
-    /// `keys`, if the page cache holds every byte; `false` (and `buf`
-    /// unspecified) if not. The caller checks that `keys` is still in
-    /// place afterwards.
+    /// `keys` (`None`: leaves them encrypted, for a `SealedRead`), if the
+    /// page cache holds every byte; `false` (and `buf` unspecified) if
+    /// not. The caller checks that the keys are still in place afterwards.
     pub(in crate::volume) fn read_cached_sectors(
         &self,
-        keys: &DataKeys,
+        keys: Option<&DataKeys>,
         buf: &mut [u8],
         start: u64,
     ) -> bool {
         if !self.backing.read_cached(buf, self.data_offset + start) {
             return false;
         }
-        self.timed(|| decrypt_sectors(&keys.current, self.sector, buf, start));
+        if let Some(keys) = keys {
+            self.timed(|| decrypt_sectors(&keys.current, self.sector, buf, start));
+        }
         true
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::io::IoBuf;
 use crate::volume::data::trim_to;
-use crate::volume::DataArea;
+use crate::volume::{DataArea, SealedRead};
 
 /// Reads up to this size are tried from the page cache on the caller's
 /// thread (`read_cached`): there the hand-off to an engine thread costs
@@ -39,13 +39,14 @@ impl DataArea {
     /// `lend` starts may share: `shared_read.rs`). `None` when the read is larger than
     /// `INLINE_READ_MAX`, the backing bypasses the page cache (O_DIRECT),
     /// a re-encryption is under way, or the data is not all cached; the
-    /// caller then submits it to an engine.
+    /// caller then submits it to an engine. With `seal` the sectors are
+    /// handed back still encrypted, with the key to open them.
     pub fn read_cached(
         self: &Arc<Self>,
-        offset: u64,
-        len: usize,
+        (offset, len): (u64, usize),
+        seal: bool,
         lend: impl FnOnce(super::shared_read::HelperJob) -> bool,
-    ) -> Option<io::Result<IoBuf>> {
+    ) -> Option<io::Result<SealedRead>> {
         // O_DIRECT is known before any work: its reads would only be
         // checked, keyed and allocated twice.
         if len > INLINE_READ_MAX || len == 0 || self.backing.is_direct() {
@@ -63,17 +64,27 @@ impl DataArea {
         }
         let (start, end) = self.aligned(offset, len as u64);
         let mut buf = IoBuf::new((end - start) as usize);
+        let open = (!seal).then_some(&keys);
         let cached = if buf.len() >= SHARED_READ_MIN {
-            super::shared_read::read_shared(self, &keys, &mut buf, start, lend)
+            super::shared_read::read_shared(self, open, &mut buf, start, lend)
         } else {
-            self.read_cached_sectors(&keys, &mut buf, start)
+            self.read_cached_sectors(open.map(|k| &**k), &mut buf, start)
         };
         // As for ring reads: a re-encryption that began meanwhile may have
         // rewritten these sectors (and the decryption was then wasted).
         if !cached || !self.still_in_place(&keys) {
             return None;
         }
-        Some(Ok(trim_to(buf, (offset - start) as usize, len)))
+        if seal {
+            let cipher = keys.current.clone();
+            let read = SealedRead::sealed(self.clone(), cipher, buf, start, (offset, len));
+            return Some(Ok(read));
+        }
+        Some(Ok(SealedRead::open(trim_to(
+            buf,
+            (offset - start) as usize,
+            len,
+        ))))
     }
 
     /// `write` on the caller's thread, for a whole-sector write of up to

@@ -21,6 +21,12 @@
 //!   (the inode lock may block), which costs random writes dearly;
 //! - everything else on the thread pool (`io/workers.rs`).
 //!
+//! A read comes back decrypted (`Op::Read`) or sealed (`Op::ReadSealed`):
+//! its sectors as read, with the key that opens them, for a frontend that
+//! decrypts straight into its client's memory (`volume/data/sealed.rs`).
+//! The cached, ring and remote paths seal; the thread pool, and a re-read
+//! after a re-encryption moved the checkpoint, hand back plaintext.
+//!
 //! The paths themselves live beside this file: the caller's-thread fast
 //! paths (`inline.rs`, `shared_read.rs`), ring reads and writes
 //! (`ring.rs`), remote reads and writes (`remote.rs`), and the checks and
@@ -38,7 +44,7 @@ mod unlocked;
 use std::io;
 use std::sync::Arc;
 
-use super::{Allocation, DataArea};
+use super::{Allocation, DataArea, SealedRead};
 use crate::io::engine::Engine;
 use crate::io::IoBuf;
 
@@ -51,6 +57,14 @@ const INLINE_ENCRYPT_MAX: usize = 64 * 1024;
 #[derive(Debug)]
 pub enum Op {
     Read {
+        offset: u64,
+        len: usize,
+    },
+    /// A read whose sectors come back still encrypted, with the key that
+    /// opens them (`Outcome::Sealed`), for a frontend that decrypts into
+    /// its client's memory itself; paths that must decrypt hand back
+    /// plaintext in the same type.
+    ReadSealed {
         offset: u64,
         len: usize,
     },
@@ -93,7 +107,7 @@ pub enum OpKind {
 impl Op {
     pub fn kind(&self) -> OpKind {
         match self {
-            Op::Read { .. } => OpKind::Read,
+            Op::Read { .. } | Op::ReadSealed { .. } => OpKind::Read,
             Op::Write { .. } => OpKind::Write,
             Op::Flush => OpKind::Flush,
             Op::WriteZeroes { .. } => OpKind::WriteZeroes,
@@ -108,6 +122,8 @@ impl Op {
 pub enum Outcome {
     Done,
     Data(IoBuf),
+    /// What `Op::ReadSealed` produced.
+    Sealed(SealedRead),
     /// Block-status runs from the op's offset.
     Runs(Vec<(u64, Allocation)>),
 }
@@ -121,17 +137,11 @@ impl DataArea {
     {
         let remote = self.backing().remote().is_some();
         match op {
-            Op::Read { offset, len } if remote => {
-                self.read_remote(offset, len, move |r| done(r.map(Outcome::Data)))
-            }
-            Op::Read { offset, len } => {
-                // Borrows the engine: no reference count on every read.
-                let cached =
-                    self.read_cached(offset, len, |job| lend_an_idle_ring(&self.engine, job));
-                match cached {
-                    Some(result) => done(result.map(Outcome::Data)),
-                    None => self.read_on_engine(offset, len, done),
-                }
+            Op::Read { offset, len } => self.read_any((offset, len), false, move |r| {
+                done(r.map(|read| Outcome::Data(read.into_plaintext())))
+            }),
+            Op::ReadSealed { offset, len } => {
+                self.read_any((offset, len), true, move |r| done(r.map(Outcome::Sealed)))
             }
             Op::Write { offset, data, fua } if remote => {
                 let small = data.len() <= INLINE_ENCRYPT_MAX;
@@ -178,17 +188,30 @@ impl DataArea {
         }
     }
 
-    /// A local read the page cache could not serve at once: on a ring
-    /// (decrypted where it completes) or on the thread pool.
-    fn read_on_engine<F>(self: Arc<Self>, offset: u64, len: usize, done: F)
+    /// A read, sealed where the path allows (`seal`) and plaintext where
+    /// it does not: from a remote backing, from the page cache on this
+    /// thread, or on an engine.
+    fn read_any<F>(self: Arc<Self>, (offset, len): (u64, usize), seal: bool, done: F)
     where
-        F: FnOnce(io::Result<Outcome>) + Send + 'static,
+        F: FnOnce(io::Result<SealedRead>) + Send + 'static,
     {
+        if self.backing().remote().is_some() {
+            return self.read_remote((offset, len), seal, done);
+        }
+        // Borrows the engine: no reference count on every read.
+        let cached = self.read_cached((offset, len), seal, |job| {
+            lend_an_idle_ring(&self.engine, job)
+        });
+        if let Some(result) = cached {
+            return done(result);
+        }
         match self.engine.clone().as_ref() {
-            Engine::Uring(ring) => ring.submit(move |ring| {
-                self.read_on_ring(ring, offset, len, move |r| done(r.map(Outcome::Data)))
+            Engine::Uring(ring) => {
+                ring.submit(move |ring| self.read_on_ring(ring, (offset, len), seal, done))
+            }
+            _ => crate::io::workers::spawn(move || {
+                done(self.read(offset, len).map(SealedRead::open))
             }),
-            _ => crate::io::workers::spawn(move || done(self.read(offset, len).map(Outcome::Data))),
         }
     }
 

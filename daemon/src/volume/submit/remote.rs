@@ -7,17 +7,17 @@ use std::sync::Arc;
 
 use super::unlocked::UnlockedRead;
 use crate::io::IoBuf;
-use crate::volume::DataArea;
+use crate::volume::{DataArea, SealedRead};
 
 impl DataArea {
     /// `read` from a remote backing without a thread per request: the
     /// read goes out at once and is decrypted on the NBD connection's
-    /// thread when its reply arrives. Anything else (a re-encryption under
-    /// way, a read the backend needs split or aligned) takes the thread
-    /// pool.
-    pub fn read_remote<F>(self: Arc<Self>, offset: u64, len: usize, done: F)
+    /// thread when its reply arrives (with `seal`, wherever the caller
+    /// opens the `SealedRead`). Anything else (a re-encryption under way,
+    /// a read the backend needs split or aligned) takes the thread pool.
+    pub fn read_remote<F>(self: Arc<Self>, (offset, len): (u64, usize), seal: bool, done: F)
     where
-        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+        F: FnOnce(io::Result<SealedRead>) + Send + 'static,
     {
         let direct = |at, len| self.backing.remote().filter(|r| r.reads_directly(at, len));
         let Some(read) = self.begin_unlocked_read(offset, len, direct, done) else {
@@ -35,7 +35,7 @@ impl DataArea {
             self.data_offset + start,
             (end - start) as usize,
             Box::new(move |result| {
-                area.finish_unlocked_read(&keys, (offset, len, start), result, done)
+                area.finish_unlocked_read(&keys, (offset, len, start), result, seal, done)
             }),
         );
     }

@@ -7,14 +7,20 @@ use std::sync::Arc;
 use super::unlocked::UnlockedRead;
 use crate::io::uring::Ring;
 use crate::io::IoBuf;
-use crate::volume::DataArea;
+use crate::volume::{DataArea, SealedRead};
 
 impl DataArea {
     /// `read` through an io_uring worker: the read is submitted to `ring`,
-    /// and decryption runs on the ring's thread when it completes.
-    pub fn read_on_ring<F>(self: Arc<Self>, ring: &mut Ring, offset: u64, len: usize, done: F)
-    where
-        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+    /// and decryption runs on the ring's thread when it completes (with
+    /// `seal`, wherever the caller opens the `SealedRead`).
+    pub fn read_on_ring<F>(
+        self: Arc<Self>,
+        ring: &mut Ring,
+        (offset, len): (u64, usize),
+        seal: bool,
+        done: F,
+    ) where
+        F: FnOnce(io::Result<SealedRead>) + Send + 'static,
     {
         let fd = self.backing.data_fd();
         let Some(read) = self.begin_unlocked_read(offset, len, |_, _| fd, done) else {
@@ -33,7 +39,7 @@ impl DataArea {
             buf,
             self.data_offset + start,
             Box::new(move |_, result| {
-                self.finish_unlocked_read(&keys, (offset, len, start), result, done)
+                self.finish_unlocked_read(&keys, (offset, len, start), result, seal, done)
             }),
         );
     }

@@ -36,7 +36,8 @@ const PIECE: usize = 128 * 1024;
 /// buffer alive and untouched until every claimed piece is `done`.
 struct Pieces {
     area: Arc<DataArea>,
-    keys: Arc<DataKeys>,
+    /// `None`: the pieces are only read, and stay encrypted.
+    keys: Option<Arc<DataKeys>>,
     base: *mut u8,
     len: usize,
     piece: usize,
@@ -76,9 +77,11 @@ impl Pieces {
             // After a miss the read goes to an engine whole; the rest of
             // the pieces need not be read.
             if !self.missed.load(Ordering::Relaxed)
-                && !self
-                    .area
-                    .read_cached_sectors(&self.keys, part, self.start + from as u64)
+                && !self.area.read_cached_sectors(
+                    self.keys.as_deref(),
+                    part,
+                    self.start + from as u64,
+                )
             {
                 self.missed.store(true, Ordering::Relaxed);
             }
@@ -124,13 +127,14 @@ impl Drop for HelpersOut<'_> {
     }
 }
 
-/// Fills `buf` with the sectors from `start`, decrypted, if the page cache
-/// holds them all (`false` otherwise), sharing the pieces with a thread
-/// `lend` starts when it can (`false`: nobody to share with, and the read
-/// is done whole on this thread).
+/// Fills `buf` with the sectors from `start`, decrypted with `keys` (or
+/// left encrypted: `None`), if the page cache holds them all (`false`
+/// otherwise), sharing the pieces with a thread `lend` starts when it can
+/// (`false`: nobody to share with, and the read is done whole on this
+/// thread).
 pub(super) fn read_shared(
     area: &Arc<DataArea>,
-    keys: &Arc<DataKeys>,
+    keys: Option<&Arc<DataKeys>>,
     buf: &mut [u8],
     start: u64,
     lend: impl FnOnce(HelperJob) -> bool,
@@ -138,7 +142,7 @@ pub(super) fn read_shared(
     let piece = PIECE.next_multiple_of(area.sector_size() as usize);
     let pieces = Arc::new(Pieces {
         area: area.clone(),
-        keys: keys.clone(),
+        keys: keys.cloned(),
         base: buf.as_mut_ptr(),
         len: buf.len(),
         piece,
@@ -150,7 +154,7 @@ pub(super) fn read_shared(
     });
     let helper = pieces.clone();
     if !lend(Box::new(move || helper.claim())) {
-        return area.read_cached_sectors(keys, buf, start);
+        return area.read_cached_sectors(keys.map(|k| &**k), buf, start);
     }
     {
         let _out = HelpersOut(&pieces);
@@ -187,7 +191,7 @@ mod tests {
         ];
         for lend in helpers {
             let mut buf = vec![0u8; text.len()];
-            assert!(read_shared(&a, &keys, &mut buf, 4096, lend));
+            assert!(read_shared(&a, Some(&keys), &mut buf, 4096, lend));
             assert!(buf == text, "a shared read returned other bytes");
         }
     }
@@ -212,6 +216,6 @@ mod tests {
             std::thread::spawn(job);
             true
         };
-        assert!(!read_shared(&a, &keys, &mut buf, 0, lend));
+        assert!(!read_shared(&a, Some(&keys), &mut buf, 0, lend));
     }
 }

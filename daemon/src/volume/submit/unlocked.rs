@@ -8,7 +8,7 @@ use std::io;
 use std::sync::Arc;
 
 use crate::io::IoBuf;
-use crate::volume::data::{decrypt_sectors, trim_to, DataKeys};
+use crate::volume::data::{decrypt_sectors, trim_to, DataKeys, SealedRead};
 use crate::volume::DataArea;
 
 impl DataArea {
@@ -39,7 +39,7 @@ impl DataArea {
         done: F,
     ) -> Option<UnlockedRead<T, F>>
     where
-        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+        F: FnOnce(io::Result<SealedRead>) + Send + 'static,
     {
         let keys = match self
             .check_range(offset, len as u64)
@@ -56,7 +56,9 @@ impl DataArea {
             Some(target) if keys.target.is_none() => target,
             _ => {
                 let area = self.clone();
-                crate::io::workers::spawn(move || done(area.read(offset, len)));
+                crate::io::workers::spawn(move || {
+                    done(area.read(offset, len).map(SealedRead::open))
+                });
                 return None;
             }
         };
@@ -69,23 +71,34 @@ impl DataArea {
         })
     }
 
-    /// Completes an unlocked read on the thread its data arrived on.
+    /// Completes an unlocked read on the thread its data arrived on:
+    /// decrypted here, or with `seal` handed back still encrypted with
+    /// the key to open it (`SealedRead`).
     pub(in crate::volume) fn finish_unlocked_read<F>(
         self: Arc<Self>,
         keys: &Arc<DataKeys>,
         (offset, len, start): (u64, usize, u64),
         result: io::Result<IoBuf>,
+        seal: bool,
         done: F,
     ) where
-        F: FnOnce(io::Result<IoBuf>) + Send + 'static,
+        F: FnOnce(io::Result<SealedRead>) + Send + 'static,
     {
         // A re-encryption that began while this read was in flight may
         // have rewritten these sectors: read again, locked.
         if !self.still_in_place(keys) {
-            crate::io::workers::spawn(move || done(self.read(offset, len)));
+            crate::io::workers::spawn(move || done(self.read(offset, len).map(SealedRead::open)));
             return;
         }
-        done(result.map(|buf| self.plaintext(keys, buf, start, (offset, len))))
+        let read = result.map(|buf| {
+            if seal {
+                let cipher = keys.current.clone();
+                SealedRead::sealed(self.clone(), cipher, buf, start, (offset, len))
+            } else {
+                SealedRead::open(self.plaintext(keys, buf, start, (offset, len)))
+            }
+        });
+        done(read)
     }
 
     /// The start shared by the writes an engine submits itself
