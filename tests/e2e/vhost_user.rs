@@ -740,6 +740,40 @@ fn a_restarted_daemon_answers_what_its_predecessor_left_pending() {
     assert_eq!(daemon.stop(), 0);
 }
 
+/// A daemon that put a request on the used ring and died (or was cut
+/// off) before its interrupt got out leaves a guest that waits for it
+/// and posts nothing new; the request is in no inflight log. The next
+/// daemon interrupts every queue once when it starts it.
+#[test]
+fn a_restarted_daemon_interrupts_for_completions_its_predecessor_did_not_announce() {
+    let (fx, mut daemon, socket, _) = setup("");
+    let mut c = BlkClient::connect_inflight(&socket, 2, 4 << 20).expect("set-up, INFLIGHT_SHMFD");
+    let buf = BUFFERS + 4096;
+    let place = (BUFFERS + 256, BUFFERS + 2048);
+    c.write(buf, &pattern(1, 4096));
+    assert_eq!(c.request(0, T_OUT, 0, &[(buf, 4096)]).unwrap().0, S_OK);
+    daemon.child.kill().expect("kill -9");
+    daemon.child.wait().expect("reap");
+    // Completed, as the dead daemon would have, with no interrupt.
+    let h = c.post(1, 0, T_OUT, 8, &[(buf, 4096)], place);
+    c.log_pending(1, h, 1);
+    c.complete_as_device(1, h);
+
+    let daemon = fx.start();
+    c.reconnect(&socket).expect("reconnect");
+    for q in 0..2 {
+        assert!(
+            c.take_interrupt(q, Duration::from_secs(30)),
+            "queue {q} was not interrupted after the restart\n{}",
+            daemon.stderr()
+        );
+    }
+    assert_eq!(c.wait_used(1, Duration::from_secs(1)).unwrap().0, h);
+    assert!(!daemon.stderr().contains("resubmitting"));
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}
+
 /// The VMM hands the inflight region back on every reconnect, so it is
 /// untrusted input: the daemon's region is sealed against resizing, and
 /// a region that could shrink under the daemon's mapping (SIGBUS), one

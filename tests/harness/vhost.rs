@@ -63,7 +63,7 @@ struct Queue {
     next_avail: u16,
     last_used: u16,
     kick: EventFd,
-    _call: EventFd,
+    call: EventFd,
 }
 
 /// A connected, started vhost-user-blk device.
@@ -252,13 +252,13 @@ impl BlkClient {
             match self.queues.get_mut(q) {
                 Some(queue) => {
                     queue.kick = kick;
-                    queue._call = call;
+                    queue.call = call;
                 }
                 None => self.queues.push(Queue {
                     next_avail: 0,
                     last_used: 0,
                     kick,
-                    _call: call,
+                    call,
                 }),
             }
         }
@@ -395,6 +395,22 @@ impl BlkClient {
     }
 
     /// Waits for the next used entry of queue `q`: (head, length written).
+    /// Whether the device interrupted queue `q` (wrote its call fd)
+    /// within `deadline`; takes the interrupt.
+    pub fn take_interrupt(&self, q: usize, deadline: Duration) -> bool {
+        use std::os::fd::AsRawFd;
+        let call = &self.queues[q].call;
+        let mut poll = libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(deadline.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one pollfd this function owns, for one fd `call` keeps open.
+        let ready = unsafe { libc::poll(&mut poll, 1, ms) };
+        ready == 1 && call.read().is_ok()
+    }
+
     pub fn wait_used(&mut self, q: usize, deadline: Duration) -> Result<(u16, u32), Error> {
         let (_, _, used) = Self::rings(q);
         let start = Instant::now();

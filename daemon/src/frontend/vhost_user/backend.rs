@@ -934,7 +934,12 @@ impl VhostUserBackend for BlockBackend {
     /// or an earlier start of the queue left running has finished (past
     /// STOP_TIMEOUT, an error: the connection ends, the VMM reconnects).
     /// Then its worker is woken through the queue's restart eventfd: the
-    /// guest may be waiting for those and post nothing new.
+    /// guest may be waiting for those and post nothing new. And the guest
+    /// is interrupted once (if its call fd is set; `vring_call_set`
+    /// otherwise): an earlier daemon may have put requests on the used
+    /// ring and died, or been disconnected, before their interrupt got
+    /// out. Those are in no inflight log, so nothing else would tell the
+    /// guest, which waits for them and posts nothing new.
     fn start_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
         let index = queue_index as usize;
         if let Err(e) = self.take_up(index, vring) {
@@ -949,6 +954,7 @@ impl VhostUserBackend for BlockBackend {
             // wakes the worker.
             let _ = restart.write(1);
         }
+        self.notifier.signal(index, vring);
         Ok(())
     }
 
