@@ -394,7 +394,6 @@ impl BlkClient {
         }
     }
 
-    /// Waits for the next used entry of queue `q`: (head, length written).
     /// Whether the device interrupted queue `q` (wrote its call fd)
     /// within `deadline`; takes the interrupt.
     pub fn take_interrupt(&self, q: usize, deadline: Duration) -> bool {
@@ -411,6 +410,7 @@ impl BlkClient {
         ready == 1 && call.read().is_ok()
     }
 
+    /// Waits for the next used entry of queue `q`: (head, length written).
     pub fn wait_used(&mut self, q: usize, deadline: Duration) -> Result<(u16, u32), Error> {
         let (_, _, used) = Self::rings(q);
         let start = Instant::now();

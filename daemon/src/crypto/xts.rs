@@ -18,13 +18,10 @@ use aes::Aes256;
 
 use super::arena::Locked;
 use super::{Dek, DEK_LEN};
+use zeroize::Zeroizing;
 
 /// The AES block size; every sector size is a multiple of it.
 pub const XTS_BLOCK: usize = 16;
-
-/// Sectors up to this size are decrypted for `decrypt_to_raw`'s
-/// portable path in a buffer on the stack.
-const STACK_SECTOR: usize = 4096;
 
 /// Largest sector we batch on the stack (4096 bytes = 256 tweaks).
 const MAX_BATCH_BLOCKS: usize = 256;
@@ -196,6 +193,9 @@ impl SectorCipher {
     /// whole call and must not overlap `source`.
     pub unsafe fn decrypt_to_raw(&self, source: &[u8], target: *mut u8, first_sector: u64) {
         let ss = self.sector_size;
+        // The portable kernel's sector of our own (unused by the VAES
+        // kernels): allocated once per call, wiped after.
+        let mut own = Zeroizing::new(Vec::new());
         self.each_sector_tweak(source.len(), first_sector, |i, tweak| {
             let from = &source[i * ss..][..ss];
             // SAFETY: sector `i` lies inside the `source.len()` bytes the
@@ -209,13 +209,8 @@ impl SectorCipher {
             }
             // The portable kernel works in place: on a sector of our own,
             // copied out whole once it is plaintext.
-            let (mut stack, mut heap) = ([0u8; STACK_SECTOR], Vec::new());
-            let sector = if ss <= STACK_SECTOR {
-                &mut stack[..ss]
-            } else {
-                heap.resize(ss, 0);
-                &mut heap[..]
-            };
+            own.resize(ss, 0);
+            let sector = &mut own[..];
             sector.copy_from_slice(from);
             self.apply_sector(sector, tweak, Direction::Decrypt);
             // SAFETY: `ss` bytes at `to` are the caller's to write; a

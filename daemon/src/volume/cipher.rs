@@ -96,7 +96,7 @@ impl VolumeCipher {
             unsafe { self.outer.decrypt_to_raw(source, target, first_sector) };
             return;
         }
-        let mut plain = source.to_vec();
+        let mut plain = zeroize::Zeroizing::new(source.to_vec());
         self.decrypt(&mut plain, first_sector);
         // SAFETY: the caller's contract; `plain` is ours.
         unsafe { std::ptr::copy_nonoverlapping(plain.as_ptr(), target, plain.len()) };
