@@ -50,6 +50,10 @@ pub struct FileBacking {
     /// Large buffered writes use RWF_DONTCACHE; cleared for good once
     /// the kernel refuses the flag.
     uncached_large_writes: AtomicBool,
+    /// `read_cached` tries RWF_NOWAIT; cleared for good once the
+    /// filesystem refuses it (tmpfs does), so a read there costs no
+    /// failing syscall before it takes its engine.
+    nowait_reads: AtomicBool,
 }
 
 /// Buffered writes from this size up skip the page cache once written
@@ -86,6 +90,7 @@ impl FileBacking {
             is_block_device: meta.file_type().is_block_device(),
             identity: (meta.dev(), meta.ino()),
             uncached_large_writes: AtomicBool::new(false),
+            nowait_reads: AtomicBool::new(true),
         })
     }
 
@@ -263,7 +268,7 @@ impl FileBacking {
     /// `false` when it is not, on an O_DIRECT backing, or on any error
     /// (the caller then takes its usual path, which reports errors).
     pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
-        if self.direct.is_some() || buf.is_empty() {
+        if self.direct.is_some() || buf.is_empty() || !self.nowait_reads.load(Ordering::Relaxed) {
             return false;
         }
         let Ok(at) = libc::off_t::try_from(offset) else {
@@ -277,6 +282,9 @@ impl FileBacking {
         // descriptor `self.file` keeps open; the kernel writes at most
         // `buf.len()` bytes into it.
         let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            self.nowait_reads.store(false, Ordering::Relaxed);
+        }
         // A short read (part cached, or the end of the file) counts as a
         // miss: the usual path zero-fills past the end.
         n >= 0 && n as usize == buf.len()
@@ -459,6 +467,26 @@ mod tests {
         assert_eq!(buf, data[8192..8192 + buf.len()]);
         let mut past_end = vec![0u8; 8192];
         assert!(!backing.read_cached(&mut past_end, 60 * 1024));
+    }
+
+    /// A filesystem that refuses RWF_NOWAIT (tmpfs on recent kernels)
+    /// is asked once: reads there then go to their engine at once.
+    #[test]
+    fn a_filesystem_that_refuses_nowait_reads_is_asked_once() {
+        let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
+            return;
+        };
+        let path = dir.path().join("backing");
+        let backing = FileBacking::open_or_create(&path).unwrap();
+        backing.file.write_all_at(&[7u8; 8192], 0).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let served = backing.read_cached(&mut buf, 0);
+        let asked = backing.nowait_reads.load(Ordering::Relaxed);
+        // Served from the page cache, or refused and never asked again.
+        assert!(served == asked, "served {served}, still asking {asked}");
+        if !asked {
+            assert!(!backing.read_cached(&mut buf, 0));
+        }
     }
 
     fn on_tmpfs(path: &Path) -> bool {
