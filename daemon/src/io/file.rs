@@ -51,9 +51,15 @@ pub struct FileBacking {
     /// the kernel refuses the flag.
     uncached_large_writes: AtomicBool,
     /// `read_cached` tries RWF_NOWAIT; cleared for good once the
-    /// filesystem refuses it (tmpfs does), so a read there costs no
-    /// failing syscall before it takes its engine.
+    /// filesystem refuses it, so a read there costs no failing syscall
+    /// before it takes its engine.
     nowait_reads: AtomicBool,
+    /// A tmpfs file: its pages are memory, so a plain read never waits
+    /// for a disk (only for swap, if the host swaps tmpfs out) and
+    /// `read_cached` serves every read. tmpfs refuses RWF_NOWAIT, and
+    /// io_uring hands every tmpfs read to a kernel worker thread: two
+    /// thread hand-offs for a memory copy.
+    in_memory: bool,
 }
 
 /// Buffered writes from this size up skip the page cache once written
@@ -83,6 +89,7 @@ impl FileBacking {
     fn from_file(file: File, path: &Path) -> io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let meta = file.metadata()?;
+        let in_memory = is_tmpfs(&file);
         Ok(FileBacking {
             file,
             direct: None,
@@ -91,6 +98,7 @@ impl FileBacking {
             identity: (meta.dev(), meta.ino()),
             uncached_large_writes: AtomicBool::new(false),
             nowait_reads: AtomicBool::new(true),
+            in_memory,
         })
     }
 
@@ -281,7 +289,8 @@ impl FileBacking {
         // SAFETY: one iovec over a live, exclusively borrowed slice, on a
         // descriptor `self.file` keeps open; the kernel writes at most
         // `buf.len()` bytes into it.
-        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        let flags = if self.in_memory { 0 } else { libc::RWF_NOWAIT };
+        let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, flags) };
         if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
             self.nowait_reads.store(false, Ordering::Relaxed);
         }
@@ -431,6 +440,17 @@ fn read_full(file: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()>
     Ok(())
 }
 
+/// Whether `file` lives on tmpfs (or ramfs-like shmem: the same magic).
+fn is_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    // SAFETY: fstatfs fills the zeroed struct we pass, for a descriptor
+    // `file` keeps open.
+    unsafe {
+        let mut s: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut s) == 0 && s.f_type as libc::c_long == TMPFS_MAGIC
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,10 +489,11 @@ mod tests {
         assert!(!backing.read_cached(&mut past_end, 60 * 1024));
     }
 
-    /// A filesystem that refuses RWF_NOWAIT (tmpfs on recent kernels)
+    /// tmpfs pages are memory: every read is served at once. A
+    /// filesystem that refuses RWF_NOWAIT (tmpfs does, on recent kernels)
     /// is asked once: reads there then go to their engine at once.
     #[test]
-    fn a_filesystem_that_refuses_nowait_reads_is_asked_once() {
+    fn tmpfs_reads_are_served_and_a_refused_nowait_is_asked_once() {
         let Ok(dir) = tempfile::tempdir_in("/dev/shm") else {
             return;
         };
@@ -480,12 +501,21 @@ mod tests {
         let backing = FileBacking::open_or_create(&path).unwrap();
         backing.file.write_all_at(&[7u8; 8192], 0).unwrap();
         let mut buf = vec![0u8; 4096];
-        let served = backing.read_cached(&mut buf, 0);
-        let asked = backing.nowait_reads.load(Ordering::Relaxed);
-        // Served from the page cache, or refused and never asked again.
+        // tmpfs: memory, served by a plain read.
+        assert!(backing.in_memory);
+        assert!(backing.read_cached(&mut buf, 0));
+        assert_eq!(buf, [7u8; 4096]);
+        drop(backing);
+        // Elsewhere, a filesystem that refuses RWF_NOWAIT is asked once.
+        let other = FileBacking {
+            in_memory: false,
+            ..FileBacking::open(&path).unwrap()
+        };
+        let served = other.read_cached(&mut buf, 0);
+        let asked = other.nowait_reads.load(Ordering::Relaxed);
         assert!(served == asked, "served {served}, still asking {asked}");
         if !asked {
-            assert!(!backing.read_cached(&mut buf, 0));
+            assert!(!other.read_cached(&mut buf, 0));
         }
     }
 

@@ -9,7 +9,8 @@
 //!   connection (small writes encrypted on the caller's thread, large ones
 //!   on a worker); the rest on the thread pool;
 //! - a local read of up to `INLINE_READ_MAX` whose data is all in the host
-//!   page cache: on the caller's thread, at once (`DataArea::read_cached`;
+//!   page cache (on tmpfs, every read: its pages are memory,
+//!   `io/file.rs`): on the caller's thread, at once (`DataArea::read_cached`;
 //!   from 256 KiB on, a ring no connection lives on may share the pieces:
 //!   `lend_an_idle_ring`);
 //! - a local whole-sector write of up to `INLINE_WRITE_MAX` to a buffered
