@@ -59,6 +59,16 @@ thread_local! {
     /// On a ring's thread: jobs submitted from that thread, run before it
     /// next sleeps. `None` on every other thread.
     static LOCAL_JOBS: RefCell<Option<VecDeque<Job>>> = const { RefCell::new(None) };
+    /// A thread that serves requests of its own as a ring's thread does
+    /// (`serves_requests`): it may lend an idle ring too.
+    static SERVES_REQUESTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the calling thread as one that serves requests of its own, as a
+/// ring's thread does (a vhost-user queue's worker): `lend_idle_ring`
+/// then lends it a ring no connection lives on.
+pub fn serves_requests() {
+    SERVES_REQUESTS.set(true);
 }
 
 const RING_ENTRIES: u32 = 512;
@@ -466,11 +476,12 @@ impl UringEngine {
     }
 
     /// Runs `job` on a ring that no connection lives on, when the calling
-    /// thread is itself a ring thread and such a ring exists: a connection
+    /// thread is itself a ring thread (or `serves_requests`) and such a
+    /// ring exists: a connection
     /// borrowing a core no other connection uses (`volume/submit/shared_read.rs`).
     /// `false`, with `job` dropped unrun, otherwise.
     pub fn lend_idle_ring(&self, job: impl FnOnce(&mut Ring) + Send + 'static) -> bool {
-        let on_a_ring = LOCAL_JOBS.with_borrow(|local| local.is_some());
+        let on_a_ring = LOCAL_JOBS.with_borrow(|local| local.is_some()) || SERVES_REQUESTS.get();
         let idle = self
             .workers
             .iter()

@@ -35,7 +35,7 @@ pub use allocation::Allocation;
 pub use auth::{AuthError, GenerationKeys, HeaderKeys};
 pub use cipher::VolumeCipher;
 pub use claim::{ClaimError, Claimant};
-pub use data::{DataArea, SealedRead};
+pub use data::DataArea;
 pub use header::{Header, HeaderError, InnerCipher, Keyslot, Layer, Role};
 pub use keys::{
     InnerStatus, KeyPolicy, KeyStatus, LayerKek, OnKeyLoss, OnKeyUnreachable, VolumeKeys,
@@ -43,7 +43,7 @@ pub use keys::{
 pub use record::{RecordError, Records, VolumeRecord};
 pub use reencrypt_status::{ReencryptAction, ReencryptState, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
-pub use submit::{Op, OpKind, Outcome};
+pub use submit::{Destination, Op, OpKind, Outcome, SealedRead};
 
 use crate::crypto::Dek;
 use crate::io::engine::Engine;

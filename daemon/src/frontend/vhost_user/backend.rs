@@ -68,7 +68,7 @@ use super::resubmit;
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
 use crate::io::IoBuf;
-use crate::volume::{Op, OpKind, Outcome, SealedRead};
+use crate::volume::{Destination, Op, OpKind, Outcome, SealedRead};
 
 /// How long stopping a queue waits for its requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -617,6 +617,10 @@ fn scatter(memory: &GuestMemory, data: &[Segment], source: &[u8]) -> io::Result<
 /// plaintext only, and bytes it puts there meanwhile never reach the
 /// cipher. No dirty-page bitmap to mark (`guest.rs`).
 fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) -> io::Result<()> {
+    let mut destinations = Vec::with_capacity(data.len());
+    // Keep each slice mapped until the read is open (with the `xen`
+    // mappings vm-memory can have; plain mmap regions stay anyway).
+    let mut guards = Vec::with_capacity(data.len());
     let mut at = 0usize;
     for segment in data {
         if at >= read.len() {
@@ -626,14 +630,21 @@ fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) ->
         // One slice per guest memory region the segment crosses.
         for slice in memory.get_slices(segment.addr, n) {
             let slice = slice.map_err(io::Error::other)?;
-            let target = slice.ptr_guard_mut();
-            // SAFETY: `slice.len()` bytes of guest memory that `memory`
-            // keeps mapped for this call, written only; the slices
-            // together are `n` bytes, so `at + slice.len() <= read.len()`.
-            unsafe { read.open_to(at, target.as_ptr(), slice.len()) };
+            let guard = slice.ptr_guard_mut();
+            destinations.push(Destination {
+                at,
+                ptr: guard.as_ptr(),
+                len: slice.len(),
+            });
+            guards.push(guard);
             at += slice.len();
         }
     }
+    // SAFETY: each destination is `len` bytes of guest memory that
+    // `memory` and `guards` keep mapped for this call, written only;
+    // together they are the read's first `at <= len()` bytes, in order.
+    unsafe { read.open_to_all(&destinations) };
+    drop(guards);
     Ok(())
 }
 
@@ -1041,6 +1052,8 @@ impl VhostUserBackend for BlockBackend {
                 "unexpected epoll event {evset:?} on vhost-user queue event {device_event}"
             )));
         }
+        // This queue's own thread: a large read may borrow an idle core.
+        crate::io::uring::serves_requests();
         // Each thread serves one queue (`queues_per_thread`): `vrings` is
         // that queue alone, `device_event` its index there (0) or its
         // restart event, and the thread's number is the queue's.

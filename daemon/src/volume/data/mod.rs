@@ -39,11 +39,9 @@ use std::time::Instant;
 use arc_swap::ArcSwapOption;
 
 mod keys;
-mod sealed;
 mod window;
 
 pub use keys::DataKeys;
-pub use sealed::SealedRead;
 pub use window::PreparedWindow;
 
 use super::cipher::VolumeCipher;

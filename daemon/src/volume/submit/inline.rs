@@ -21,7 +21,7 @@ use crate::volume::{DataArea, SealedRead};
 const INLINE_READ_MAX: usize = 1024 * 1024;
 /// Cached reads from this size on share their pieces with a ring no
 /// connection lives on, when there is one (`shared_read.rs`).
-const SHARED_READ_MIN: usize = 256 * 1024;
+pub(super) const SHARED_READ_MIN: usize = 256 * 1024;
 /// Whole-sector writes up to this size to a buffered backing are written
 /// on the caller's thread (`write_inline`); larger ones split their
 /// encryption across the pool's threads.

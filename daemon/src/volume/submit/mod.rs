@@ -24,7 +24,8 @@
 //!
 //! A read comes back decrypted (`Op::Read`) or sealed (`Op::ReadSealed`):
 //! its sectors as read, with the key that opens them, for a frontend that
-//! decrypts straight into its client's memory (`volume/data/sealed.rs`).
+//! decrypts straight into its client's memory (`sealed.rs`; a large one
+//! opened in pieces shared with an idle ring, as a large cached read is).
 //! The cached, ring and remote paths seal; the thread pool, and a re-read
 //! after a re-encryption moved the checkpoint, hand back plaintext.
 //!
@@ -39,15 +40,17 @@
 mod inline;
 mod remote;
 mod ring;
+mod sealed;
 mod shared_read;
 mod unlocked;
 
 use std::io;
 use std::sync::Arc;
 
-use super::{Allocation, DataArea, SealedRead};
+use super::{Allocation, DataArea};
 use crate::io::engine::Engine;
 use crate::io::IoBuf;
+pub use sealed::{Destination, SealedRead};
 
 /// Remote-backing writes up to this size are encrypted on the caller's
 /// thread: well under the cost of a thread hand-off.

@@ -1,8 +1,9 @@
 //! A large read from the page cache shared with an idle core: the read is
 //! cut into pieces (a `preadv2(RWF_NOWAIT)` and the decryption of each),
 //! and the connection's thread and one borrowed thread claim pieces until
-//! none is left. Only the claiming is here; what a piece does is
-//! `DataArea::read_cached_sectors`, and when a read is shared is
+//! none is left. Only the claiming is here (`share`, which the opening of
+//! a large sealed read uses too: `sealed.rs`); what a piece of a read
+//! does is `DataArea::read_cached_sectors`, and when a read is shared is
 //! `DataArea::read_cached`'s choice.
 //!
 //! Why: one connection's sequential 1 MiB reads keep its ring thread busy
@@ -10,7 +11,9 @@
 //! other) while the second core is half idle (benches/results/history.md, "Large
 //! cached reads shared with an idle ring"). The borrowed thread is a ring no connection lives on
 //! (`UringEngine::lend_idle_ring`), so two busy connections never take
-//! each other's core. Pieces are claimed, never handed out: the
+//! each other's core (a vhost-user queue's worker lends one too; its
+//! queues are not ring connections, so two busy queues may share a
+//! core with a helper, which then does fewer pieces). Pieces are claimed, never handed out: the
 //! connection's thread does every piece nobody else took, so a helper that
 //! wakes late (a halted vCPU) or never costs at most its own pieces, and
 //! the connection's thread waits only for pieces the helper is working on.
@@ -29,38 +32,19 @@ pub(super) type HelperJob = Box<dyn FnOnce() + Send>;
 /// Bytes per piece: eight per 1 MiB read, so a helper that arrives some
 /// tens of microseconds late still finds most of the pieces unclaimed,
 /// while the extra `preadv2` calls stay a small part of the read's time.
-const PIECE: usize = 128 * 1024;
+pub(super) const PIECE: usize = 128 * 1024;
 
-/// One shared read. The buffer is the reader's; the pointer into it is
-/// used only for a piece claimed through `next`, and the reader keeps the
-/// buffer alive and untouched until every claimed piece is `done`.
-struct Pieces {
-    area: Arc<DataArea>,
-    /// `None`: the pieces are only read, and stay encrypted.
-    keys: Option<Arc<DataKeys>>,
-    base: *mut u8,
-    len: usize,
-    piece: usize,
+/// Work cut into `count` pieces; `work(i)` does piece `i` and says
+/// whether it succeeded (`false`: a miss, and the rest need not be done).
+struct Pieces<W> {
+    work: W,
     count: usize,
-    /// Volume byte offset of the buffer's first byte (sector-aligned).
-    start: u64,
     next: AtomicUsize,
     done: AtomicUsize,
     missed: AtomicBool,
 }
 
-// SAFETY: `base` is written only through `claim`, which hands each piece
-// index to exactly one thread (`fetch_add`), so no two threads touch the
-// same bytes; the owner of the buffer waits in `read_shared` until every
-// claimed piece is done (Release/Acquire on `done`) before it reads the
-// buffer or lets it go (`HelpersOut`, which also runs while unwinding),
-// and a claim made after that finds `next >= count` and touches nothing.
-// The rest of the struct is `Send + Sync` already.
-unsafe impl Send for Pieces {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for Pieces {}
-
-impl Pieces {
+impl<W: Fn(usize) -> bool> Pieces<W> {
     /// Claims and does pieces until none is left.
     fn claim(&self) {
         loop {
@@ -68,21 +52,9 @@ impl Pieces {
             if i >= self.count {
                 return;
             }
-            let from = i * self.piece;
-            let to = (from + self.piece).min(self.len);
-            // SAFETY: piece `i` is this thread's alone (see `Send`), and
-            // `from < to <= len` lies inside the live buffer.
-            let part = unsafe { std::slice::from_raw_parts_mut(self.base.add(from), to - from) };
-            let _done = PieceDone(self);
-            // After a miss the read goes to an engine whole; the rest of
-            // the pieces need not be read.
-            if !self.missed.load(Ordering::Relaxed)
-                && !self.area.read_cached_sectors(
-                    self.keys.as_deref(),
-                    part,
-                    self.start + from as u64,
-                )
-            {
+            let _done = PieceDone(&self.done, &self.missed);
+            // After a miss the rest of the pieces need not be done.
+            if !self.missed.load(Ordering::Relaxed) && !(self.work)(i) {
                 self.missed.store(true, Ordering::Relaxed);
             }
         }
@@ -90,24 +62,24 @@ impl Pieces {
 }
 
 /// Counts a claimed piece done when it is, or when its thread unwinds
-/// (then the read is a miss: the piece may be half written).
-struct PieceDone<'a>(&'a Pieces);
+/// (then the work is a miss: the piece may be half done).
+struct PieceDone<'a>(&'a AtomicUsize, &'a AtomicBool);
 
 impl Drop for PieceDone<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.missed.store(true, Ordering::Relaxed);
+            self.1.store(true, Ordering::Relaxed);
         }
-        self.0.done.fetch_add(1, Ordering::Release);
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
-/// Held by the buffer's owner: when dropped, also while unwinding, it
+/// Held by the caller of `share`: when dropped, also while unwinding, it
 /// ends the claiming and waits until every claimed piece is done, so no
-/// other thread is inside the buffer when it is read or freed.
-struct HelpersOut<'a>(&'a Pieces);
+/// other thread is inside the caller's buffers when `share` returns.
+struct HelpersOut<'a, W>(&'a Pieces<W>);
 
-impl Drop for HelpersOut<'_> {
+impl<W> Drop for HelpersOut<'_, W> {
     fn drop(&mut self) {
         let claimed = self
             .0
@@ -127,6 +99,58 @@ impl Drop for HelpersOut<'_> {
     }
 }
 
+/// Does `count` pieces of `work` on this thread, sharing them with a
+/// thread `lend` starts when it can; whether every piece succeeded.
+/// Returns only once no other thread is in a piece, so `work` may
+/// point into the caller's buffers (`SendPtr`).
+pub(super) fn share<W>(count: usize, lend: impl FnOnce(HelperJob) -> bool, work: W) -> bool
+where
+    W: Fn(usize) -> bool + Send + Sync + 'static,
+{
+    let pieces = Arc::new(Pieces {
+        work,
+        count,
+        next: AtomicUsize::new(0),
+        done: AtomicUsize::new(0),
+        missed: AtomicBool::new(false),
+    });
+    let helper = pieces.clone();
+    if count > 1 && lend(Box::new(move || helper.claim())) {
+        let _out = HelpersOut(&*pieces);
+        pieces.claim();
+    } else {
+        pieces.claim();
+    }
+    !pieces.missed.load(Ordering::Relaxed)
+}
+
+/// A pointer into a buffer the caller of `share` owns, for its pieces.
+pub(super) struct SendPtr<T>(pub(super) *mut T);
+
+// By hand: a derive would ask `T: Copy`.
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so a closure captures the whole `SendPtr`).
+    pub(super) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+// SAFETY: `share` hands each piece index to exactly one thread
+// (`fetch_add`), pieces touch disjoint bytes, and `share` returns only
+// when every claimed piece is done (Release/Acquire on `done`), so the
+// pointee outlives every use on another thread; a claim made after that
+// finds `next >= count` and touches nothing.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for `Send`.
+unsafe impl<T> Sync for SendPtr<T> {}
+
 /// Fills `buf` with the sectors from `start`, decrypted with `keys` (or
 /// left encrypted: `None`), if the page cache holds them all (`false`
 /// otherwise), sharing the pieces with a thread `lend` starts when it can
@@ -140,27 +164,16 @@ pub(super) fn read_shared(
     lend: impl FnOnce(HelperJob) -> bool,
 ) -> bool {
     let piece = PIECE.next_multiple_of(area.sector_size() as usize);
-    let pieces = Arc::new(Pieces {
-        area: area.clone(),
-        keys: keys.cloned(),
-        base: buf.as_mut_ptr(),
-        len: buf.len(),
-        piece,
-        count: buf.len().div_ceil(piece),
-        start,
-        next: AtomicUsize::new(0),
-        done: AtomicUsize::new(0),
-        missed: AtomicBool::new(false),
-    });
-    let helper = pieces.clone();
-    if !lend(Box::new(move || helper.claim())) {
-        return area.read_cached_sectors(keys.map(|k| &**k), buf, start);
-    }
-    {
-        let _out = HelpersOut(&pieces);
-        pieces.claim();
-    }
-    !pieces.missed.load(Ordering::Relaxed)
+    let (area, keys) = (area.clone(), keys.cloned());
+    let (base, len) = (SendPtr(buf.as_mut_ptr()), buf.len());
+    share(len.div_ceil(piece), lend, move |i| {
+        let from = i * piece;
+        let to = (from + piece).min(len);
+        // SAFETY: piece `i` is this thread's alone and `from < to <= len`
+        // lies inside the buffer, live until `share` returns (`SendPtr`).
+        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(from), to - from) };
+        area.read_cached_sectors(keys.as_deref(), part, start + from as u64)
+    })
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 use std::io;
 use std::sync::Arc;
 
+use super::SealedRead;
 use crate::io::IoBuf;
-use crate::volume::data::{decrypt_sectors, trim_to, DataKeys, SealedRead};
+use crate::volume::data::{decrypt_sectors, trim_to, DataKeys};
 use crate::volume::DataArea;
 
 impl DataArea {

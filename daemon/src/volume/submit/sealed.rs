@@ -8,14 +8,17 @@
 //!
 //! Paths that had to decrypt already (the thread pool, a re-read after a
 //! moved checkpoint) hand back plaintext in the same type, and opening
-//! it is a copy. Which paths seal is `volume/submit/`'s to decide; where
-//! the plaintext goes is the frontend's.
+//! it is a copy. A large read opens in pieces that an idle ring may
+//! share (`open_to_all`, `shared_read::share`). Which paths seal is
+//! `mod.rs`'s to decide; where the plaintext goes is the frontend's.
 
 use std::sync::Arc;
 
-use super::{decrypt_sectors, is_zero, trim_to, DataArea};
+use super::shared_read::{share, SendPtr, PIECE};
 use crate::io::IoBuf;
 use crate::volume::cipher::VolumeCipher;
+use crate::volume::data::{decrypt_sectors, is_zero, trim_to};
+use crate::volume::DataArea;
 
 /// The result of a read: `len()` bytes of plaintext, sealed or open.
 pub struct SealedRead {
@@ -75,7 +78,7 @@ impl SealedRead {
         start: u64,
         (offset, len): (u64, usize),
     ) -> Self {
-        let sector = area.sector as usize;
+        let sector = area.sector_size() as usize;
         let skip = (offset - start) as usize;
         assert!(
             ciphertext.len().is_multiple_of(sector) && skip + len <= ciphertext.len(),
@@ -84,7 +87,7 @@ impl SealedRead {
         SealedRead {
             len,
             form: Form::Sealed(Sealed {
-                first_sector: start / area.sector,
+                first_sector: start / area.sector_size(),
                 area,
                 cipher,
                 ciphertext,
@@ -149,6 +152,63 @@ impl SealedRead {
             // SAFETY: as above.
             Form::Sealed(s) => unsafe { s.open_to(at + s.skip, target, n) },
         }
+    }
+}
+
+/// One stretch of a reader's destination: plaintext bytes `[at, at +
+/// len)` of the read go to the `len` bytes at `ptr`.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination {
+    pub at: usize,
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+impl SealedRead {
+    /// Opens the read into `destinations`, each as `open_to` would; a
+    /// large sealed read in pieces of `PIECE` bytes that a ring no
+    /// connection lives on may share (`shared_read::share`), as a large
+    /// cached read shares its reading.
+    ///
+    /// # Safety
+    /// Each destination valid for writes of its `len` bytes for the whole
+    /// call, and inside the read (`at + len <= len()`).
+    pub unsafe fn open_to_all(&self, destinations: &[Destination]) {
+        let total = destinations.iter().map(|d| d.len).sum::<usize>();
+        let area = match &self.form {
+            Form::Sealed(s) if total >= super::inline::SHARED_READ_MIN => s.area.clone(),
+            _ => {
+                for d in destinations {
+                    // SAFETY: the caller's contract.
+                    unsafe { self.open_to(d.at, d.ptr, d.len) };
+                }
+                return;
+            }
+        };
+        let end = destinations.iter().map(|d| d.at + d.len).max().unwrap_or(0);
+        let read = SendPtr(self as *const Self as *mut Self);
+        let (list, count) = (
+            SendPtr(destinations.as_ptr() as *mut Destination),
+            destinations.len(),
+        );
+        let lend = |job| super::lend_an_idle_ring(&area.engine, job);
+        share(end.div_ceil(PIECE), lend, move |i| {
+            let (from, to) = (i * PIECE, ((i + 1) * PIECE).min(end));
+            // SAFETY: `self` and `destinations` outlive `share`, which
+            // waits for every piece (`SendPtr`); both are only read.
+            let (read, list) =
+                unsafe { (&*read.get(), std::slice::from_raw_parts(list.get(), count)) };
+            for d in list {
+                let (lo, hi) = (from.max(d.at), to.min(d.at + d.len));
+                if lo < hi {
+                    // SAFETY: `[lo, hi)` lies in this destination (the
+                    // caller's contract); pieces are disjoint, so no two
+                    // threads write the same bytes.
+                    unsafe { read.open_to(lo, d.ptr.add(lo - d.at), hi - lo) };
+                }
+            }
+            true
+        });
     }
 }
 
@@ -217,7 +277,7 @@ mod tests {
             // Sectors 1..7 written; 0 and 7 stay holes.
             a.write(sector as u64, &mut text.clone()).unwrap();
             let mut raw = vec![0u8; 8 * sector];
-            a.backing.read_at(&mut raw, a.data_offset).unwrap();
+            a.backing().read_at(&mut raw, a.data_offset()).unwrap();
             let cipher = a.cipher().unwrap().current.clone();
             for (offset, len) in [(0, 8 * sector), (100, 5 * sector + 7), (sector, sector)] {
                 let seal = || {
@@ -244,6 +304,42 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A large read opened into several destinations, in pieces, gives
+    /// what a plain read gives.
+    #[test]
+    fn a_large_read_opens_into_many_destinations() {
+        let a = Arc::new(area(4096, 4 << 20));
+        let len: usize = (1 << 20) + 3 * 4096 + 100;
+        let text: Vec<u8> = (0..len).map(|i| (i * 31 % 253) as u8).collect();
+        a.write(8192 + 50, &mut text.clone()).unwrap();
+        let span = (len + 50).next_multiple_of(4096);
+        let mut raw = IoBuf::new(span);
+        a.backing()
+            .read_at(&mut raw, a.data_offset() + 8192)
+            .unwrap();
+        let cipher = a.cipher().unwrap().current.clone();
+        let read = SealedRead::sealed(a.clone(), cipher, raw, 8192, (8192 + 50, len));
+        let mut out = vec![0u8; len];
+        let mut destinations = Vec::new();
+        let mut at = 0;
+        for size in [1000, 300_000, 4096, 7, 500_000] {
+            destinations.push(Destination {
+                at,
+                ptr: out[at..].as_mut_ptr(),
+                len: size,
+            });
+            at += size;
+        }
+        destinations.push(Destination {
+            at,
+            ptr: out[at..].as_mut_ptr(),
+            len: len - at,
+        });
+        // SAFETY: every destination lies in `out`, which outlives the call.
+        unsafe { read.open_to_all(&destinations) };
+        assert!(out == text);
     }
 
     #[test]
