@@ -145,9 +145,11 @@ impl Writer {
                 exited || self.text().ends_with("\nH\n")
             });
             let text = self.text();
+            // The exit status tells a signal from a finished order or a stop.
+            let status = self.child.try_wait().ok().flatten();
             assert!(
                 !exited,
-                "the writer exited before it held:\n{}",
+                "the writer exited ({status:?}) before it held:\n{}",
                 tail(&text, usize::MAX)
             );
             let lines: Vec<&str> = text.lines().collect();
