@@ -26,8 +26,10 @@ pub struct DaemonConfig {
     pub io_engine: crate::io::engine::EngineKind,
     /// With the io_uring engine, how long a ring keeps polling for work
     /// after its last before it sleeps, e.g. `"50us"`; `"0s"` sleeps at
-    /// once. Waking a sleeping core (on a VM, a halted vCPU) is most of a
-    /// QD1 read's latency (benches/results/history.md, "Idle polling on the rings"); the
+    /// once. A vhost-user queue's worker looks at its virtqueue for as
+    /// long before it asks the guest to kick. Waking a sleeping core (on
+    /// a VM, a halted vCPU) is most of a QD1 read's latency
+    /// (benches/results/history.md, "Idle polling on the rings"); the
     /// price is up to this much CPU time after each burst of requests.
     #[serde(
         default = "default_ring_idle_poll",

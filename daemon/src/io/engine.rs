@@ -45,6 +45,16 @@ impl Engine {
             Engine::Threads => "threads",
         }
     }
+
+    /// How long a thread that serves requests polls for more before it
+    /// sleeps (`ring_idle_poll`): the rings', which a frontend's own
+    /// queue threads follow; zero on the thread pool, which never polls.
+    pub fn idle_poll(&self) -> std::time::Duration {
+        match self {
+            Engine::Uring(rings) => rings.idle_poll(),
+            Engine::Threads => std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// Starts the engine `kind` asks for, its rings polling for up to

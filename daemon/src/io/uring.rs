@@ -380,6 +380,7 @@ pub struct UringEngine {
     /// (IORING_FEAT_FAST_POLL, 5.7); before that a receive on a
     /// non-blocking socket failed with EAGAIN.
     fast_poll: bool,
+    idle_poll: std::time::Duration,
 }
 
 impl UringEngine {
@@ -427,6 +428,7 @@ impl UringEngine {
             workers,
             next: AtomicUsize::new(0),
             fast_poll,
+            idle_poll,
         })
     }
 
@@ -434,6 +436,11 @@ impl UringEngine {
     /// live on them (`frontend/nbd/ring_reader.rs`).
     pub fn receives_sockets(&self) -> bool {
         self.fast_poll
+    }
+
+    /// How long a ring polls for work before it sleeps.
+    pub fn idle_poll(&self) -> std::time::Duration {
+        self.idle_poll
     }
 
     /// Runs `job` on a ring: the calling thread's own when it is a ring

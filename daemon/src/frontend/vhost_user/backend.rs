@@ -104,6 +104,9 @@ pub struct BlockBackend {
     earlier: Vec<Arc<InFlight>>,
     /// For log lines: the peer, as `socket.rs` identified it.
     peer: String,
+    /// How long a queue's worker looks at its available ring for more
+    /// before it asks the guest to kick (`idle_poll`).
+    idle_poll: Duration,
 }
 
 /// A chain to run: taken off the available ring, or named by the
@@ -126,6 +129,7 @@ impl BlockBackend {
         memory: Memory,
         peer: String,
         earlier: Vec<Arc<InFlight>>,
+        idle_poll: Duration,
     ) -> io::Result<Self> {
         let restarts = (0..device.queues)
             .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
@@ -137,7 +141,7 @@ impl BlockBackend {
             acked: AtomicU64::new(0),
             in_flight: InFlight::new(usize::from(device.queues), QUEUE_SIZE, BUDGET),
             broken: (0..device.queues).map(|_| AtomicBool::new(false)).collect(),
-            notifier: Notifier::start(usize::from(device.queues))?,
+            notifier: Notifier::start(usize::from(device.queues), idle_poll)?,
             log: RwLock::new(None),
             resubmit: (0..device.queues).map(|_| Mutex::default()).collect(),
             started: (0..device.queues).map(|_| AtomicBool::new(false)).collect(),
@@ -145,6 +149,7 @@ impl BlockBackend {
             earlier,
             device,
             peer,
+            idle_poll,
         })
     }
 
@@ -330,15 +335,54 @@ impl BlockBackend {
     /// connection's budget is spent. With EVENT_IDX, notifications stay
     /// off while it drains the ring and it goes again if the guest added
     /// chains before they were back on.
+    /// Looks at the queue's available index for up to `idle_poll`, with
+    /// notifications off; whether the guest posted something meanwhile.
+    /// As a ring's `poll_for_work`: the clock and a yield (to a client
+    /// sharing this core) every few dozen turns.
+    fn idle_poll_avail(&self, index: usize, vring: &Vring, memory: &GuestMemory) -> bool {
+        if self.idle_poll.is_zero() {
+            return false;
+        }
+        let deadline = Instant::now() + self.idle_poll;
+        let broken = self.broken.get(index);
+        let mut turns: u32 = 0;
+        loop {
+            {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if !queue.ready() || broken.is_none_or(|b| b.load(Ordering::Relaxed)) {
+                    return false;
+                }
+                match queue.avail_idx(memory, Ordering::Acquire) {
+                    Ok(avail) if avail.0 != queue.next_avail() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(64) {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     fn process(&self, index: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let Some(broken) = self.broken.get(index) else {
             return;
         };
-        // Pops that found nothing although the guest's index said more:
-        // a queue that is stopped, or an avail index the guest set past
-        // the ring (virtio-queue refuses both and returns nothing).
-        let mut empty_pops = 0;
+        // Since the last chain taken: whether the ring was polled, and
+        // whether notifications were turned back on and the ring looked
+        // at again. Each happens once: a pop may find nothing although
+        // the guest's index says more (a queue that is stopped, or an
+        // avail index the guest set past the ring, which virtio-queue
+        // refuses).
+        let mut polled = false;
+        let mut rechecked = false;
         let log = self.inflight_log();
         let limits = self.device.limits();
         loop {
@@ -376,16 +420,26 @@ impl BlockBackend {
                 }
             };
             let Some(taken) = taken else {
-                if !event_idx || empty_pops > 0 {
+                if !event_idx || rechecked {
                     return;
                 }
-                empty_pops += 1;
+                // The guest does not kick while notifications stay off:
+                // a request posted within the window costs it no
+                // syscall and us no wake-up.
+                if !polled {
+                    polled = true;
+                    if self.idle_poll_avail(index, vring, &memory) {
+                        continue;
+                    }
+                }
+                rechecked = true;
                 match vring.get_mut().enable_notification() {
                     Ok(true) => continue,
                     _ => return,
                 }
             };
-            empty_pops = 0;
+            polled = false;
+            rechecked = false;
             let (head, parsed) = match taken {
                 Taken::Popped(chain) => {
                     let head = chain.head_index();

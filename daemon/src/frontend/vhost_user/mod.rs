@@ -153,12 +153,13 @@ fn serve(
     exports: &crate::export::Exports,
     tasks: &mut tokio::task::JoinSet<()>,
     stops: &mut BTreeMap<PathBuf, watch::Sender<bool>>,
+    idle_poll: std::time::Duration,
 ) {
     let (stop, stopped) = watch::channel(false);
     if let Some(earlier) = stops.insert(bound.spec.path.clone(), stop) {
         let _ = earlier.send(true);
     }
-    tasks.spawn(socket::serve(bound, exports.clone(), stopped));
+    tasks.spawn(socket::serve(bound, exports.clone(), stopped, idle_poll));
 }
 
 impl Frontend for VhostUserFrontend {
@@ -180,8 +181,10 @@ impl Frontend for VhostUserFrontend {
             let mut tasks = tokio::task::JoinSet::new();
             let mut stops: BTreeMap<PathBuf, watch::Sender<bool>> = BTreeMap::new();
             let exports = context.exports;
+            // A queue's worker polls its ring as long as the engine's rings do.
+            let idle_poll = context.engine.idle_poll();
             for bound in sockets {
-                serve(bound, &exports, &mut tasks, &mut stops);
+                serve(bound, &exports, &mut tasks, &mut stops, idle_poll);
             }
             let mut shutdown = context.shutdown;
             loop {
@@ -193,7 +196,7 @@ impl Frontend for VhostUserFrontend {
                                 listener = format!("vhost-user:{} ({})", bound.spec.path.display(), bound.spec.volume),
                                 "listening (added by a reload)"
                             );
-                            serve(bound, &exports, &mut tasks, &mut stops);
+                            serve(bound, &exports, &mut tasks, &mut stops, idle_poll);
                         }
                         Some(Change::Remove(path)) => {
                             if let Some(stop) = stops.remove(&path) {

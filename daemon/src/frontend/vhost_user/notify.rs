@@ -6,8 +6,16 @@
 //! this thread can be blocked, and only this connection's interrupts
 //! with it. A queue asked for twice before the thread gets to it is
 //! signalled once (the guest reads the whole used ring either way).
+//!
+//! The thread looks for more work for `idle_poll` (the rings' window)
+//! before it sleeps: waking it is otherwise a wake-up in every QD1
+//! request's path. Writing the interrupt on the completing thread would
+//! save the hand-off too, but a frontend that clears O_NONBLOCK and
+//! fills its counter could then block that thread for good.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
 
@@ -17,6 +25,9 @@ use super::guest::Vring;
 pub struct Notifier {
     state: Mutex<State>,
     wake: Condvar,
+    /// Something is pending or the thread is to stop: what its idle
+    /// poll looks at without the lock.
+    due: AtomicBool,
 }
 
 struct State {
@@ -26,19 +37,21 @@ struct State {
 }
 
 impl Notifier {
-    /// Starts the thread for `queues` queues.
-    pub fn start(queues: usize) -> std::io::Result<Arc<Self>> {
+    /// Starts the thread for `queues` queues, polling for `idle_poll`
+    /// after each round of interrupts.
+    pub fn start(queues: usize, idle_poll: Duration) -> std::io::Result<Arc<Self>> {
         let notifier = Arc::new(Notifier {
             state: Mutex::new(State {
                 pending: (0..queues).map(|_| None).collect(),
                 stop: false,
             }),
             wake: Condvar::new(),
+            due: AtomicBool::new(false),
         });
         let worker = notifier.clone();
         std::thread::Builder::new()
             .name("vhost-user-irq".into())
-            .spawn(move || worker.run())?;
+            .spawn(move || worker.run(idle_poll))?;
         Ok(notifier)
     }
 
@@ -48,6 +61,7 @@ impl Notifier {
         if let Some(slot) = state.pending.get_mut(queue) {
             if slot.is_none() {
                 *slot = Some(vring.clone());
+                self.due.store(true, Ordering::Release);
                 self.wake.notify_one();
             }
         }
@@ -56,11 +70,33 @@ impl Notifier {
     /// Ends the thread once it has sent what is pending.
     pub fn stop(&self) {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
+        self.due.store(true, Ordering::Release);
         self.wake.notify_one();
     }
 
-    fn run(&self) {
+    /// Spins up to `idle_poll` for something due, as a ring's
+    /// `poll_for_work` does: the clock and a yield every few dozen turns.
+    fn idle_poll(&self, idle_poll: Duration) {
+        if idle_poll.is_zero() {
+            return;
+        }
+        let deadline = Instant::now() + idle_poll;
+        let mut turns: u32 = 0;
+        while !self.due.load(Ordering::Acquire) {
+            turns = turns.wrapping_add(1);
+            if turns.is_multiple_of(64) {
+                if Instant::now() >= deadline {
+                    return;
+                }
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn run(&self, idle_poll: Duration) {
         loop {
+            self.idle_poll(idle_poll);
             let due: Vec<Vring> = {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 let mut state = self
@@ -68,6 +104,7 @@ impl Notifier {
                     .wait_while(state, |s| !s.stop && s.pending.iter().all(Option::is_none))
                     .unwrap_or_else(|p| p.into_inner());
                 let due: Vec<Vring> = state.pending.iter_mut().filter_map(Option::take).collect();
+                self.due.store(state.stop, Ordering::Release);
                 if due.is_empty() && state.stop {
                     return;
                 }

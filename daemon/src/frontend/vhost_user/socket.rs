@@ -57,7 +57,12 @@ pub(super) fn bind(spec: SocketSpec) -> Result<Bound, VhostUserError> {
 
 /// Accepts on one socket until `shutdown`, then ends the connection and
 /// removes the socket file.
-pub(super) async fn serve(bound: Bound, exports: Exports, mut shutdown: watch::Receiver<bool>) {
+pub(super) async fn serve(
+    bound: Bound,
+    exports: Exports,
+    mut shutdown: watch::Receiver<bool>,
+    idle_poll: Duration,
+) {
     let Bound { spec, listener } = bound;
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(l) => l,
@@ -96,7 +101,7 @@ pub(super) async fn serve(bound: Bound, exports: Exports, mut shutdown: watch::R
                         continue;
                     };
                     earlier.retain(|e| !e.wait_idle(Duration::ZERO));
-                    match start(stream, export, &spec, peer, shutdown.clone(), &mut earlier) {
+                    match start(stream, export, &spec, peer, shutdown.clone(), &mut earlier, idle_poll) {
                         Ok(session) => current = Some(session),
                         Err(e) => tracing::warn!(volume = spec.volume, "vhost-user client: {e}"),
                     }
@@ -168,6 +173,7 @@ fn start(
     peer: Peer,
     mut shutdown: watch::Receiver<bool>,
     earlier: &mut Vec<Arc<InFlight>>,
+    idle_poll: Duration,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let stream = stream.into_std()?;
     stream.set_nonblocking(false)?;
@@ -190,6 +196,7 @@ fn start(
         memory.clone(),
         peer.clone(),
         earlier.clone(),
+        idle_poll,
     )?);
     earlier.push(backend.in_flight());
     let queues = spec.queues;
