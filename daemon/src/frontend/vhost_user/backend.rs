@@ -330,11 +330,6 @@ impl BlockBackend {
         Ok(())
     }
 
-    /// Takes the available chains off queue `index` one at a time,
-    /// parses and submits each; waits in `InFlight::admit` while the
-    /// connection's budget is spent. With EVENT_IDX, notifications stay
-    /// off while it drains the ring and it goes again if the guest added
-    /// chains before they were back on.
     /// Looks at the queue's available index for up to `idle_poll`, with
     /// notifications off; whether the guest posted something meanwhile.
     /// As a ring's `poll_for_work`: the clock and a yield (to a client
@@ -370,6 +365,11 @@ impl BlockBackend {
         }
     }
 
+    /// Takes the available chains off queue `index` one at a time,
+    /// parses and submits each; waits in `InFlight::admit` while the
+    /// connection's budget is spent. With EVENT_IDX, notifications stay
+    /// off while it drains the ring and it goes again if the guest added
+    /// chains before they were back on, or while it polled.
     fn process(&self, index: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let Some(broken) = self.broken.get(index) else {

@@ -125,3 +125,57 @@ impl Notifier {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+    use super::*;
+    use crate::frontend::vhost_user::guest::GuestMemory;
+
+    /// Whether `call` is written within `deadline`; takes what was.
+    fn interrupted(call: &std::fs::File, deadline: Duration) -> bool {
+        let mut poll = libc::pollfd {
+            fd: call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(deadline.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one pollfd over a descriptor `call` keeps open.
+        if unsafe { libc::poll(&mut poll, 1, ms) } != 1 {
+            return false;
+        }
+        let mut counter = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live array from our descriptor.
+        unsafe { libc::read(call.as_raw_fd(), counter.as_mut_ptr().cast(), 8) == 8 }
+    }
+
+    #[test]
+    fn every_signal_reaches_the_call_fd_whether_the_thread_polls_or_sleeps() {
+        for idle_poll in [Duration::ZERO, Duration::from_millis(1)] {
+            let memory = GuestMemoryAtomic::new(
+                GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+            );
+            let vring = Vring::new(memory, 8).unwrap();
+            // SAFETY: eventfd takes integers and returns a new descriptor or -1.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            assert!(raw >= 0);
+            // SAFETY: a fresh descriptor we own.
+            let call = unsafe { std::fs::File::from_raw_fd(raw) };
+            vring.set_call(Some(call.try_clone().unwrap()));
+            let notifier = Notifier::start(1, idle_poll).unwrap();
+            for round in 0..3 {
+                notifier.signal(0, &vring);
+                assert!(
+                    interrupted(&call, Duration::from_secs(10)),
+                    "round {round} with a {idle_poll:?} poll: no interrupt"
+                );
+            }
+            // Nothing more is written for nothing asked.
+            assert!(!interrupted(&call, Duration::ZERO));
+            notifier.stop();
+        }
+    }
+}
