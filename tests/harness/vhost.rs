@@ -394,6 +394,14 @@ impl BlkClient {
         }
     }
 
+    /// Sets queue `q`'s available index to `index` (what a hostile
+    /// driver may write, however far past the ring) and kicks.
+    pub fn set_avail_index(&mut self, q: usize, index: u16) {
+        let (_, avail, _) = Self::rings(q);
+        self.write_u16(avail + 2, index);
+        let _ = self.queues[q].kick.write(1);
+    }
+
     /// Whether the device interrupted queue `q` (wrote its call fd)
     /// within `deadline`; takes the interrupt.
     pub fn take_interrupt(&self, q: usize, deadline: Duration) -> bool {

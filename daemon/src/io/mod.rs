@@ -3,7 +3,8 @@
 //! that run I/O (`uring.rs`, `workers.rs`, chosen in `engine.rs`), pooled
 //! and registered buffers, the range lock that serialises writers on
 //! overlapping sectors, and the claim that gives a local backing one owner
-//! (`owner.rs`).
+//! (`owner.rs`), and the idle polling of threads that serve requests
+//! (`idle.rs`).
 //!
 //! Encryption does not happen here; `volume/` encrypts, this module moves
 //! ciphertext.
@@ -13,6 +14,7 @@ mod buffers;
 pub mod engine;
 mod file;
 mod fixed;
+pub mod idle;
 mod memory;
 mod owner;
 mod page;

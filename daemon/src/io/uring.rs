@@ -38,6 +38,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
@@ -540,38 +541,26 @@ fn poll_for_work(ring: &mut Ring, jobs: &Receiver<Job>, window: std::time::Durat
     if window.is_zero() || ring.ring.submit().is_err() {
         return false;
     }
-    let deadline = std::time::Instant::now() + window;
-    let mut turns = 0u32;
-    loop {
+    super::idle::poll_for(window, || {
         // A failed enter is met again, and reported, by the sleeping wait.
         if ring.ring.submission().taskrun() && ring.ring.submit().is_err() {
-            return false;
+            return ControlFlow::Break(false);
         }
         if !ring.ring.completion().is_empty() {
-            return true;
+            return ControlFlow::Break(true);
         }
         if LOCAL_JOBS.with_borrow(|local| local.as_ref().is_some_and(|q| !q.is_empty())) {
-            return true;
+            return ControlFlow::Break(true);
         }
         match jobs.try_recv() {
             Ok(job) => {
                 job(ring);
-                return true;
+                ControlFlow::Break(true)
             }
-            Err(TryRecvError::Disconnected) => return true,
-            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => ControlFlow::Break(true),
+            Err(TryRecvError::Empty) => ControlFlow::Continue(()),
         }
-        turns = turns.wrapping_add(1);
-        // The clock and a yield (to a client sharing this core) every few
-        // dozen turns: each costs more than a turn.
-        if turns.is_multiple_of(64) {
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::yield_now();
-        }
-        std::hint::spin_loop();
-    }
+    })
 }
 
 fn worker_loop(

@@ -42,6 +42,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -332,37 +333,20 @@ impl BlockBackend {
 
     /// Looks at the queue's available index for up to `idle_poll`, with
     /// notifications off; whether the guest posted something meanwhile.
-    /// As a ring's `poll_for_work`: the clock and a yield (to a client
-    /// sharing this core) every few dozen turns.
     fn idle_poll_avail(&self, index: usize, vring: &Vring, memory: &GuestMemory) -> bool {
-        if self.idle_poll.is_zero() {
-            return false;
-        }
-        let deadline = Instant::now() + self.idle_poll;
         let broken = self.broken.get(index);
-        let mut turns: u32 = 0;
-        loop {
-            {
-                let state = vring.get_ref();
-                let queue = state.get_queue();
-                if !queue.ready() || broken.is_none_or(|b| b.load(Ordering::Relaxed)) {
-                    return false;
-                }
-                match queue.avail_idx(memory, Ordering::Acquire) {
-                    Ok(avail) if avail.0 != queue.next_avail() => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
-                }
+        crate::io::idle::poll_for(self.idle_poll, || {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            if !queue.ready() || broken.is_none_or(|b| b.load(Ordering::Relaxed)) {
+                return ControlFlow::Break(false);
             }
-            turns = turns.wrapping_add(1);
-            if turns.is_multiple_of(64) {
-                if Instant::now() >= deadline {
-                    return false;
-                }
-                std::thread::yield_now();
+            match queue.avail_idx(memory, Ordering::Acquire) {
+                Ok(avail) if avail.0 != queue.next_avail() => ControlFlow::Break(true),
+                Ok(_) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(false),
             }
-            std::hint::spin_loop();
-        }
+        })
     }
 
     /// Takes the available chains off queue `index` one at a time,

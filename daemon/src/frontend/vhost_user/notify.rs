@@ -13,9 +13,10 @@
 //! save the hand-off too, but a frontend that clears O_NONBLOCK and
 //! fills its counter could then block that thread for good.
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost_user_backend::VringT;
 
@@ -74,29 +75,15 @@ impl Notifier {
         self.wake.notify_one();
     }
 
-    /// Spins up to `idle_poll` for something due, as a ring's
-    /// `poll_for_work` does: the clock and a yield every few dozen turns.
-    fn idle_poll(&self, idle_poll: Duration) {
-        if idle_poll.is_zero() {
-            return;
-        }
-        let deadline = Instant::now() + idle_poll;
-        let mut turns: u32 = 0;
-        while !self.due.load(Ordering::Acquire) {
-            turns = turns.wrapping_add(1);
-            if turns.is_multiple_of(64) {
-                if Instant::now() >= deadline {
-                    return;
-                }
-                std::thread::yield_now();
-            }
-            std::hint::spin_loop();
-        }
-    }
-
     fn run(&self, idle_poll: Duration) {
         loop {
-            self.idle_poll(idle_poll);
+            crate::io::idle::poll_for(idle_poll, || {
+                if self.due.load(Ordering::Acquire) {
+                    ControlFlow::Break(true)
+                } else {
+                    ControlFlow::Continue(())
+                }
+            });
             let due: Vec<Vring> = {
                 let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 let mut state = self
