@@ -911,6 +911,68 @@ fn a_kick_fd_made_blocking_and_full_does_not_wedge_the_daemon() {
     assert_eq!(daemon.stop(), 0);
 }
 
+/// The threads of process `pid` named `name`, each with the number of
+/// the system call it is in (None when it runs).
+fn threads_named(pid: u32, name: &str) -> Vec<Option<i64>> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .map(|task| {
+            std::fs::read_to_string(task.path().join("syscall"))
+                .ok()
+                .and_then(|s| s.split(' ').next()?.parse().ok())
+        })
+        .collect()
+}
+
+/// A frontend that makes a call fd blocking and fills its counter blocks
+/// the interrupt write of its connection's notifier thread. Once that
+/// frontend has gone, the thread must have gone too: one thread leaked
+/// per such connection otherwise, for as long as the daemon runs. Three
+/// connections in turn, and the daemon still serves after them.
+#[test]
+fn a_call_fd_made_blocking_and_full_leaks_no_thread() {
+    let (_fx, daemon, socket, _) = setup("");
+    let pid = daemon.child.id();
+    // The daemon is not dumpable: only root reads its threads' syscalls.
+    if std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_err() {
+        skip("reading the daemon's /proc/PID/task/*/syscall needs root");
+        return;
+    }
+    let data = BUFFERS + 4096;
+    for round in 0..3 {
+        let mut c = BlkClient::connect(&socket, 2, 4 << 20).expect("vhost-user-blk set-up");
+        c.block_call(0);
+        let (status, _) = c
+            .request(0, T_IN, 0, &[(data, 4096)])
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", daemon.stderr()));
+        assert_eq!(status, S_OK);
+        // The completion's interrupt is the write that blocks.
+        wait_until(
+            "a notifier thread blocked in write",
+            Duration::from_secs(30),
+            || threads_named(pid, "vhost-user-irq").contains(&Some(libc::SYS_write)),
+        );
+        drop(c);
+        wait_until(
+            "no notifier thread left after the frontend went",
+            Duration::from_secs(30),
+            || threads_named(pid, "vhost-user-irq").is_empty(),
+        );
+    }
+    let mut c = BlkClient::connect(&socket, 2, 4 << 20)
+        .unwrap_or_else(|e| panic!("a client after: {e}\n{}", daemon.stderr()));
+    let (status, _) = c.request(1, T_IN, 0, &[(data, 4096)]).unwrap();
+    assert_eq!(status, S_OK);
+    drop(c);
+    assert_eq!(daemon.stop(), 0);
+}
+
 /// CPU seconds the process `pid` has used (user + system).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");

@@ -402,6 +402,28 @@ impl BlkClient {
         let _ = self.queues[q].kick.write(1);
     }
 
+    /// Makes queue `q`'s call fd hostile: blocking (on the file
+    /// description the device shares) with its counter as full as an
+    /// eventfd's gets, so the device's next interrupt write blocks.
+    pub fn block_call(&mut self, q: usize) {
+        // A message with a reply: the device has handled the set-up
+        // before it, SET_VRING_CALL included (which makes the fd
+        // non-blocking again).
+        self.frontend().get_features().expect("GET_FEATURES");
+        let call = &self.queues[q].call;
+        // Filled while no write can block: any interrupt the device sends
+        // from here on finds the counter full.
+        let _ = call.read();
+        call.write(0xffff_ffff_ffff_fffe).expect("fill the call fd");
+        let fd = call.as_raw_fd();
+        // SAFETY: fcntl on an fd `call` keeps open, no pointer argument.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            assert!(flags >= 0, "F_GETFL on a call fd");
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+
     /// Whether the device interrupted queue `q` (wrote its call fd)
     /// within `deadline`; takes the interrupt.
     pub fn take_interrupt(&self, q: usize, deadline: Duration) -> bool {

@@ -779,7 +779,7 @@ impl Done {
             started,
         } = self;
         let mut ok = result.is_ok();
-        ticket.complete(|| {
+        ticket.complete(|release_head| {
             let code = match result {
                 Ok(Some((segments, source))) => {
                     let written = match source {
@@ -804,9 +804,14 @@ impl Done {
             };
             // In range: the parser checked the status byte's address.
             let _ = memory.write_slice(&[code], status);
-            put_used(&vring, head, used, pending(&log, queue), || {
-                notifier.signal(queue, &vring)
-            });
+            put_used(
+                &vring,
+                head,
+                used,
+                pending(&log, queue),
+                release_head,
+                || notifier.signal(queue, &vring),
+            );
         });
         let metrics = &export.metrics;
         metrics.complete(kind, len, !ok, started.elapsed());
@@ -828,8 +833,8 @@ impl Done {
             ticket,
             ..
         } = self;
-        ticket.complete(|| {
-            put_used(&vring, head, 0, pending(&log, queue), || {
+        ticket.complete(|release_head| {
+            put_used(&vring, head, 0, pending(&log, queue), release_head, || {
                 notifier.signal(queue, &vring)
             })
         });
@@ -844,16 +849,19 @@ fn pending(log: &Option<Arc<InflightLog>>, queue: usize) -> Option<QueueLog<'_>>
 /// Puts `head` on the used ring (clearing its record in the inflight
 /// log, if any, in the order a restart can tell apart) and, if the guest
 /// wants an interrupt, asks for one (`notify.rs` sends it, off this
-/// thread).
+/// thread). `release_head` frees the head for the guest to post again,
+/// under the vring's lock, just before the entry that tells it so.
 fn put_used(
     vring: &Vring,
     head: u16,
     used: u32,
     log: Option<QueueLog<'_>>,
+    release_head: &dyn Fn(),
     interrupt: impl FnOnce(),
 ) {
     let wanted = {
         let mut state = vring.get_mut();
+        release_head();
         if let Some(log) = &log {
             log.completing(head);
         }

@@ -12,6 +12,7 @@
 //! No I/O and no vhost-user types: `backend.rs` asks for a [`Ticket`]
 //! before it submits a request and completes through it.
 
+use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,6 +41,9 @@ pub struct InFlight {
     state: Mutex<State>,
     changed: Condvar,
     queues: Vec<Mutex<Queue>>,
+    /// By queue, with its mutex: told when the last completion writing
+    /// into that queue's ring has finished.
+    writes_done: Vec<Condvar>,
     budget: u64,
 }
 
@@ -55,6 +59,9 @@ struct State {
 struct Queue {
     generation: u64,
     heads: Box<[u64]>,
+    /// Completions past their generation check, writing into guest
+    /// memory and the ring without this lock: retirement waits for them.
+    writing: usize,
 }
 
 impl Queue {
@@ -85,9 +92,11 @@ impl InFlight {
                     Mutex::new(Queue {
                         generation: 0,
                         heads: vec![0; words].into_boxed_slice(),
+                        writing: 0,
                     })
                 })
                 .collect(),
+            writes_done: (0..queues).map(|_| Condvar::new()).collect(),
             budget,
         })
     }
@@ -129,7 +138,7 @@ impl InFlight {
             generation,
             bytes: 0,
             admitted: false,
-            holds_head: true,
+            holds_head: Cell::new(true),
         };
         let mut state = lock(&self.state);
         // Another request holds part of the budget: wait for it. Alone, a
@@ -165,13 +174,19 @@ impl InFlight {
 
     /// The queue was stopped (GET_VRING_BASE) or reset: requests still in
     /// flight on it write nothing when they complete, and its heads are
-    /// free for the ring the frontend sets up next.
+    /// free for the ring the frontend sets up next. Returns once the
+    /// completions already writing into its ring have finished.
     pub fn retire_queue(&self, queue: usize) {
-        if let Some(q) = self.queues.get(queue) {
-            let mut q = lock(q);
-            q.generation += 1;
-            q.heads.fill(0);
-        }
+        let (Some(q), Some(done)) = (self.queues.get(queue), self.writes_done.get(queue)) else {
+            return;
+        };
+        let mut q = lock(q);
+        q.generation += 1;
+        q.heads.fill(0);
+        drop(
+            done.wait_while(q, |q| q.writing > 0)
+                .unwrap_or_else(|p| p.into_inner()),
+        );
     }
 
     /// The connection ended: no request is admitted any more (a worker
@@ -233,46 +248,87 @@ pub struct Ticket {
     /// and `State::bytes`.
     admitted: bool,
     /// Its bit in the queue's heads is still set by it.
-    holds_head: bool,
+    holds_head: Cell<bool>,
 }
 
 impl Ticket {
     /// Runs `write` (data, status byte, used ring) if the request's queue
     /// has not been retired since it was admitted; whether `write` ran.
-    /// The head is freed first, under the queue's lock, so the guest may
-    /// post it again as soon as it sees the used entry; a queue is
-    /// retired under the same lock, so no retirement slips in between the
-    /// check and the writes.
-    pub fn complete(mut self, write: impl FnOnce()) -> bool {
+    /// `write` runs without the queue's lock (a read's decryption into
+    /// guest memory is part of it, and the other completions of the
+    /// queue need not wait for it), counted as writing: a retirement that
+    /// comes after the check waits for it, so nothing is written into a
+    /// retired ring once `retire_queue` has returned. `write` is handed
+    /// the release of the request's head, to call just before the used
+    /// entry is written, under the vring's lock: the guest may post the
+    /// head again as soon as it sees that entry, and not before (a guest
+    /// that does is refused, as while the request ran). If `write` does
+    /// not call it, the head is freed after.
+    pub fn complete(self, write: impl FnOnce(&dyn Fn())) -> bool {
         let Some(q) = self.owner.queues.get(self.queue) else {
             return false;
         };
-        let mut q = lock(q);
-        self.holds_head = false;
-        if q.generation != self.generation {
-            return false;
+        {
+            let mut q = lock(q);
+            if q.generation != self.generation {
+                // The retirement freed every head of the queue.
+                self.holds_head.set(false);
+                return false;
+            }
+            q.writing += 1;
         }
-        if let Some((word, bit)) = q.slot(self.head) {
-            q.heads[word] &= !bit;
-        }
-        write();
+        let _writing = Writing {
+            owner: &self.owner,
+            queue: self.queue,
+        };
+        write(&|| self.release_head());
         true
+    }
+
+    /// Frees the request's head, once, unless its queue was retired
+    /// since (which freed every head, and may have a new ring's).
+    fn release_head(&self) {
+        if !self.holds_head.replace(false) {
+            return;
+        }
+        if let Some(q) = self.owner.queues.get(self.queue) {
+            let mut q = lock(q);
+            if q.generation == self.generation {
+                if let Some((word, bit)) = q.slot(self.head) {
+                    q.heads[word] &= !bit;
+                }
+            }
+        }
+    }
+}
+
+/// A completion writing into its queue's ring: uncounted when dropped,
+/// `write` panicking included.
+struct Writing<'a> {
+    owner: &'a InFlight,
+    queue: usize,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let (Some(q), Some(done)) = (
+            self.owner.queues.get(self.queue),
+            self.owner.writes_done.get(self.queue),
+        ) {
+            let mut q = lock(q);
+            q.writing -= 1;
+            if q.writing == 0 {
+                done.notify_all();
+            }
+        }
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if self.holds_head {
-            // Refused, or dropped on a path that never completed it.
-            if let Some(q) = self.owner.queues.get(self.queue) {
-                let mut q = lock(q);
-                if q.generation == self.generation {
-                    if let Some((word, bit)) = q.slot(self.head) {
-                        q.heads[word] &= !bit;
-                    }
-                }
-            }
-        }
+        // Refused, completed without releasing it, or dropped on a path
+        // that never completed it.
+        self.release_head();
         if !self.admitted {
             return;
         }
@@ -306,7 +362,7 @@ mod tests {
             Some(Refusal::HeadOutside(256))
         );
         assert_eq!(inflight.admit0(2, 0, 0).err(), Some(Refusal::NoQueue(2)));
-        assert!(first.complete(|| {}));
+        assert!(first.complete(|_| {}));
         let again = inflight.admit0(0, 7, 4096).unwrap();
         drop((again, other));
         assert!(inflight.wait_idle(Duration::ZERO));
@@ -336,7 +392,7 @@ mod tests {
         // The waiter cannot be admitted while `big` holds the budget.
         assert!(!inflight.wait_idle(Duration::from_millis(50)));
         assert_eq!(inflight.bytes(), 1 << 20);
-        assert!(big.complete(|| {}));
+        assert!(big.complete(|_| {}));
         assert_eq!(waiter.join().unwrap(), Ok(()));
         assert_eq!(inflight.bytes(), 0);
         // Alone, a request larger than the budget still runs.
@@ -355,7 +411,7 @@ mod tests {
         inflight.close();
         assert_eq!(waiter.join().unwrap(), Err(Refusal::Closing));
         // A request admitted before the close completes without writing.
-        assert!(!big.complete(|| panic!("wrote after the close")));
+        assert!(!big.complete(|_| panic!("wrote after the close")));
         assert!(inflight.wait_idle(Duration::ZERO));
     }
 
@@ -388,7 +444,7 @@ mod tests {
         };
         // Most likely waiting by now: the completion must wake it.
         std::thread::sleep(Duration::from_millis(20));
-        assert!(own.complete(|| {}));
+        assert!(own.complete(|_| {}));
         assert!(stop.join().unwrap());
         // A dropped ticket counts as finished too; the connection's wait
         // still sees queue 1's request.
@@ -407,16 +463,75 @@ mod tests {
         inflight.retire_queue(0);
         // The new ring may reuse the head at once.
         let fresh = inflight.admit0(0, 5, 4096).unwrap();
-        assert!(!late.complete(|| panic!("a late completion wrote")));
+        assert!(!late.complete(|_| panic!("a late completion wrote")));
         // ...and the late one did not free the fresh one's head.
         assert_eq!(
             inflight.admit0(0, 5, 0).err(),
             Some(Refusal::HeadInFlight(5))
         );
         let mut wrote = false;
-        assert!(fresh.complete(|| wrote = true));
+        assert!(fresh.complete(|_| wrote = true));
         assert!(wrote);
-        assert!(kept.complete(|| {}));
+        assert!(kept.complete(|_| {}));
+        assert!(inflight.wait_idle(Duration::ZERO));
+    }
+
+    #[test]
+    fn completions_of_one_queue_write_at_once_and_retiring_waits_for_them() {
+        let inflight = InFlight::new(1, 256, BUDGET);
+        let first = inflight.admit0(0, 1, 4096).unwrap();
+        let second = inflight.admit0(0, 2, 4096).unwrap();
+        let (entered, inside) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            first.complete(|_| {
+                entered.send(()).unwrap();
+                released.recv().unwrap();
+            })
+        });
+        inside.recv_timeout(Duration::from_secs(30)).unwrap();
+        // The first is still writing: the second completes meanwhile.
+        let mut wrote = false;
+        assert!(second.complete(|_| wrote = true));
+        assert!(wrote);
+        // A stop now must wait for the first's writes to end.
+        let (retired, retiring) = std::sync::mpsc::channel();
+        let stopper = {
+            let inflight = inflight.clone();
+            std::thread::spawn(move || {
+                inflight.retire_queue(0);
+                retired.send(()).unwrap();
+            })
+        };
+        assert!(retiring.recv_timeout(Duration::from_millis(100)).is_err());
+        release.send(()).unwrap();
+        assert!(writer.join().unwrap());
+        retiring.recv_timeout(Duration::from_secs(30)).unwrap();
+        stopper.join().unwrap();
+        // A write that panics is no longer counted either.
+        let third = inflight.admit0(0, 3, 4096).unwrap();
+        let panicked = std::thread::spawn(move || third.complete(|_| panic!("a failed write")));
+        assert!(panicked.join().is_err());
+        inflight.retire_queue(0);
+        assert!(inflight.wait_idle(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_head_stays_taken_until_its_completion_releases_it() {
+        let inflight = InFlight::new(1, 256, BUDGET);
+        let ticket = inflight.admit0(0, 9, 4096).unwrap();
+        assert!(ticket.complete(|release| {
+            // Its data and status are being written: the guest posting
+            // the head again now is refused.
+            assert_eq!(
+                inflight.admit0(0, 9, 0).err(),
+                Some(Refusal::HeadInFlight(9))
+            );
+            release();
+            // The used entry comes next: from here the guest may.
+            drop(inflight.admit0(0, 9, 0).unwrap());
+            release();
+        }));
         assert!(inflight.wait_idle(Duration::ZERO));
     }
 }
