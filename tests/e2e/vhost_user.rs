@@ -911,6 +911,63 @@ fn a_kick_fd_made_blocking_and_full_does_not_wedge_the_daemon() {
     assert_eq!(daemon.stop(), 0);
 }
 
+/// A frontend that clears O_NONBLOCK on its kick fds and takes their
+/// counts in blocking reads of its own, racing the daemon for each: a
+/// queue worker that read a kick in blocking mode after losing that race
+/// would sleep in read(2) until the next count, holding its vring's lock
+/// (which completions on threads shared by every volume take); left
+/// there when the frontend goes, its connection never ends and the
+/// volume takes no other client. Twelve such sessions, each thousands of
+/// kicks long, with another volume served meanwhile; after each, a new
+/// client of the volume is served.
+#[test]
+fn kick_fds_whose_counts_the_frontend_takes_first_block_no_thread() {
+    let mut fx = Fixture::new();
+    let socket = fx.path("v.vhost");
+    let other = fx.path("w.vhost");
+    for (name, path) in [("v", &socket), ("w", &other)] {
+        fx.volume(
+            name,
+            "cache",
+            &format!("vhost_user = \"{}\"\nvhost_user_queues = 2", path.display()),
+        );
+    }
+    fx.write_config(&fx.control_and_audit());
+    fx.create("v", "16M", 4096);
+    fx.create("w", "16M", 4096);
+    let daemon = fx.start();
+    let data = BUFFERS + 4096;
+    let mut w = BlkClient::connect(&other, 1, 4 << 20).expect("the other volume's client");
+    for session in 0..12u64 {
+        let mut c = BlkClient::connect(&socket, 2, 4 << 20).expect("vhost-user-blk set-up");
+        c.write(data, &pattern(session, 4096));
+        let (status, _) = c
+            .request(0, T_OUT, session * 8, &[(data, 4096)])
+            .unwrap_or_else(|e| panic!("session {session}: {e}\n{}", daemon.stderr()));
+        assert_eq!(status, S_OK);
+        c.steal_kicks().expect("kick stealers");
+        for kick in 0..5000 {
+            c.kick(kick % 2);
+        }
+        assert_eq!(w.request(0, T_IN, 0, &[(data, 4096)]).unwrap().0, S_OK);
+        drop(c);
+        // The hostile session has ended: the volume takes a client again.
+        let mut c = BlkClient::connect(&socket, 2, 4 << 20).unwrap_or_else(|e| {
+            panic!(
+                "a client after hostile session {session}: {e}\n{}",
+                daemon.stderr()
+            )
+        });
+        let (status, _) = c
+            .request(1, T_IN, session * 8, &[(data, 4096)])
+            .unwrap_or_else(|e| panic!("after session {session}: {e}\n{}", daemon.stderr()));
+        assert_eq!(status, S_OK);
+        assert_eq!(c.read(data, 4096), pattern(session, 4096));
+    }
+    drop(w);
+    assert_eq!(daemon.stop(), 0);
+}
+
 /// The threads of process `pid` named `name`, each with the number of
 /// the system call it is in (None when it runs).
 fn threads_named(pid: u32, name: &str) -> Vec<Option<i64>> {

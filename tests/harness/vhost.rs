@@ -81,6 +81,8 @@ pub struct BlkClient {
     /// The next session's kick fds are hostile (see the module doc); its
     /// kicks must then not be written by the test either.
     pub hostile_kicks: bool,
+    /// Threads taking this session's kick counts (`steal_kicks`).
+    stealers: Vec<Stealer>,
 }
 
 // SAFETY: `base` points at a shared mapping this client owns for its
@@ -158,6 +160,7 @@ impl BlkClient {
             config: Vec::new(),
             inflight: None,
             hostile_kicks: false,
+            stealers: Vec::new(),
         };
         client.session(socket, queues, inflight)?;
         Ok(client)
@@ -412,9 +415,16 @@ impl BlkClient {
         self.frontend().get_features().expect("GET_FEATURES");
         let call = &self.queues[q].call;
         // Filled while no write can block: any interrupt the device sends
-        // from here on finds the counter full.
-        let _ = call.read();
-        call.write(0xffff_ffff_ffff_fffe).expect("fill the call fd");
+        // from here on finds the counter full. One it sends between the
+        // read and the fill makes the fill fail: empty it and try again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = call.read();
+            if call.write(0xffff_ffff_ffff_fffe).is_ok() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "could not fill the call fd");
+        }
         let fd = call.as_raw_fd();
         // SAFETY: fcntl on an fd `call` keeps open, no pointer argument.
         unsafe {
@@ -422,6 +432,23 @@ impl BlkClient {
             assert!(flags >= 0, "F_GETFL on a call fd");
             libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
+    }
+
+    /// Makes every kick fd hostile another way: O_NONBLOCK cleared again
+    /// and again, and a thread of the test blocked in read(2) on it, so
+    /// it takes most counts before the device's queue worker can. A
+    /// device that reads a kick fd in blocking mode then sleeps in read
+    /// for good. The threads end when the client is dropped.
+    pub fn steal_kicks(&mut self) -> Result<(), Error> {
+        for queue in &self.queues {
+            self.stealers.push(Stealer::start(&queue.kick)?);
+        }
+        Ok(())
+    }
+
+    /// Kicks queue `q` with nothing new on it.
+    pub fn kick(&self, q: usize) {
+        let _ = self.queues[q].kick.write(1);
     }
 
     /// Whether the device interrupted queue `q` (wrote its call fd)
@@ -617,6 +644,83 @@ impl Drop for Blocker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A thread that takes a kick fd's counts in blocking reads (see
+/// `BlkClient::steal_kicks`).
+struct Stealer {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The signal that ends a stealer's blocked read: a count written to wake
+/// it could be taken by a device whose queue worker is stuck in its own
+/// read, and would hide that.
+fn stealer_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 3
+}
+
+extern "C" fn ignore_signal(_signal: libc::c_int) {}
+
+impl Stealer {
+    fn start(kick: &EventFd) -> Result<Self, Error> {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // SAFETY: a zeroed sigaction is "no flags (no SA_RESTART), empty
+            // mask"; the handler does nothing.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = ignore_signal as extern "C" fn(libc::c_int) as usize;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(stealer_signal(), &action, std::ptr::null_mut());
+            }
+        });
+        let own = kick.try_clone().map_err(text)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let fd = own.as_raw_fd();
+            let mut count = [0u8; 8];
+            while !stopped.load(Ordering::Relaxed) {
+                // SAFETY: fcntl on an fd this thread owns (`own`), with no
+                // pointer argument; a read into a live 8-byte array.
+                unsafe {
+                    let flags = libc::fcntl(fd, libc::F_GETFL);
+                    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+                        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+                    }
+                    libc::read(fd, count.as_mut_ptr().cast(), count.len());
+                }
+            }
+        });
+        Ok(Stealer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Stealer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        // Its read may be blocked: interrupted (EINTR), again and again
+        // in case a signal comes just before the read, until it has seen
+        // `stop`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !thread.is_finished() && Instant::now() < deadline {
+            use std::os::unix::thread::JoinHandleExt;
+            // SAFETY: the thread is not joined (we hold its handle); the
+            // signal's handler does nothing.
+            unsafe { libc::pthread_kill(thread.as_pthread_t(), stealer_signal()) };
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+        if thread.is_finished() {
             let _ = thread.join();
         }
     }

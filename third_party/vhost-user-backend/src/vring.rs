@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::ops::{Deref, DerefMut};
-use std::os::unix::io::{FromRawFd, IntoRawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::result::Result;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -248,7 +248,8 @@ impl<M: GuestAddressSpace> VringState<M> {
     /// Read event from the kick `EventFd`.
     fn read_kick(&self) -> io::Result<bool> {
         if let Some(kick) = &self.kick {
-            kick.consume()?;
+            // hostcrypt: a read that cannot block (see `consume_kick`).
+            consume_kick(kick.as_raw_fd())?;
         }
 
         Ok(self.enabled)
@@ -499,6 +500,46 @@ impl<M: 'static + GuestAddressSpace> VringT<M> for VringRwLock<M> {
 
     fn set_err(&self, file: Option<File>) {
         self.write_lock().set_err(file)
+    }
+}
+
+/// hostcrypt: takes a kick fd's count without ever blocking, whatever
+/// O_NONBLOCK says. The frontend shares the file description: it can
+/// clear O_NONBLOCK and take the count before us (a read of its own
+/// blocked on the same eventfd), and a blocking read would then keep the
+/// queue's worker in read(2) for good, holding this vring's lock, which
+/// completions on threads shared with other volumes take. RWF_NOWAIT
+/// makes this one read non-blocking (eventfds take it since Linux 5.12;
+/// older kernels get a plain read, non-blocking unless the frontend
+/// cleared the flag). An empty counter is no error: the worker looks at
+/// the queue anyway.
+fn consume_kick(fd: RawFd) -> io::Result<()> {
+    let mut count = [0u8; 8];
+    let iov = libc::iovec {
+        iov_base: count.as_mut_ptr().cast(),
+        iov_len: count.len(),
+    };
+    // SAFETY: one iovec over a live 8-byte array, on a descriptor the
+    // caller keeps open; offset -1 is the file position, which an
+    // eventfd ignores.
+    if unsafe { libc::preadv2(fd, &iov, 1, -1, libc::RWF_NOWAIT) } >= 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(()),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+            // SAFETY: as above, 8 bytes into the live array.
+            if unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) } >= 0 {
+                return Ok(());
+            }
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EAGAIN) => Ok(()),
+                _ => Err(error),
+            }
+        }
+        _ => Err(error),
     }
 }
 

@@ -476,6 +476,20 @@ mod tests {
         assert!(inflight.wait_idle(Duration::ZERO));
     }
 
+    /// Runs `f` on a thread of its own: a regression that blocks fails
+    /// the test after `limit` instead of hanging it.
+    fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)));
+        });
+        match result.recv_timeout(limit) {
+            Ok(Ok(value)) => value,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => panic!("still blocked after {limit:?}"),
+        }
+    }
+
     #[test]
     fn completions_of_one_queue_write_at_once_and_retiring_waits_for_them() {
         let inflight = InFlight::new(1, 256, BUDGET);
@@ -491,28 +505,37 @@ mod tests {
         });
         inside.recv_timeout(Duration::from_secs(30)).unwrap();
         // The first is still writing: the second completes meanwhile.
-        let mut wrote = false;
-        assert!(second.complete(|_| wrote = true));
-        assert!(wrote);
+        assert!(within(Duration::from_secs(30), move || {
+            let mut wrote = false;
+            second.complete(|_| wrote = true) && wrote
+        }));
         // A stop now must wait for the first's writes to end.
+        let writes_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (retired, retiring) = std::sync::mpsc::channel();
         let stopper = {
             let inflight = inflight.clone();
+            let writes_ended = writes_ended.clone();
             std::thread::spawn(move || {
                 inflight.retire_queue(0);
-                retired.send(()).unwrap();
+                let _ = retired.send(writes_ended.load(std::sync::atomic::Ordering::SeqCst));
             })
         };
+        // Most likely waiting by now; if not, the flag below still tells.
         assert!(retiring.recv_timeout(Duration::from_millis(100)).is_err());
+        writes_ended.store(true, std::sync::atomic::Ordering::SeqCst);
         release.send(()).unwrap();
         assert!(writer.join().unwrap());
-        retiring.recv_timeout(Duration::from_secs(30)).unwrap();
+        assert!(
+            retiring.recv_timeout(Duration::from_secs(30)).unwrap(),
+            "retire_queue returned while a completion was writing"
+        );
         stopper.join().unwrap();
         // A write that panics is no longer counted either.
         let third = inflight.admit0(0, 3, 4096).unwrap();
         let panicked = std::thread::spawn(move || third.complete(|_| panic!("a failed write")));
         assert!(panicked.join().is_err());
-        inflight.retire_queue(0);
+        let retiring = inflight.clone();
+        within(Duration::from_secs(30), move || retiring.retire_queue(0));
         assert!(inflight.wait_idle(Duration::ZERO));
     }
 
@@ -520,17 +543,17 @@ mod tests {
     fn a_head_stays_taken_until_its_completion_releases_it() {
         let inflight = InFlight::new(1, 256, BUDGET);
         let ticket = inflight.admit0(0, 9, 4096).unwrap();
-        assert!(ticket.complete(|release| {
-            // Its data and status are being written: the guest posting
-            // the head again now is refused.
-            assert_eq!(
-                inflight.admit0(0, 9, 0).err(),
-                Some(Refusal::HeadInFlight(9))
-            );
-            release();
-            // The used entry comes next: from here the guest may.
-            drop(inflight.admit0(0, 9, 0).unwrap());
-            release();
+        let guest = inflight.clone();
+        assert!(within(Duration::from_secs(30), move || {
+            ticket.complete(|release| {
+                // Its data and status are being written: the guest
+                // posting the head again now is refused.
+                assert_eq!(guest.admit0(0, 9, 0).err(), Some(Refusal::HeadInFlight(9)));
+                release();
+                // The used entry comes next: from here the guest may.
+                drop(guest.admit0(0, 9, 0).unwrap());
+                release();
+            })
         }));
         assert!(inflight.wait_idle(Duration::ZERO));
     }
