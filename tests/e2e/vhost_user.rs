@@ -946,9 +946,20 @@ fn kick_fds_whose_counts_the_frontend_takes_first_block_no_thread() {
             .unwrap_or_else(|e| panic!("session {session}: {e}\n{}", daemon.stderr()));
         assert_eq!(status, S_OK);
         c.steal_kicks().expect("kick stealers");
-        for kick in 0..5000 {
-            c.kick(kick % 2);
-        }
+        // Thousands of kicks, and on until the frontend has taken some of
+        // their counts: the race was run.
+        let mut kicks = 0usize;
+        wait_until(
+            "a kick count the frontend took",
+            Duration::from_secs(30),
+            || {
+                for _ in 0..5000 {
+                    c.kick(kicks % 2);
+                    kicks += 1;
+                }
+                c.stolen_kicks() > 0
+            },
+        );
         assert_eq!(w.request(0, T_IN, 0, &[(data, 4096)]).unwrap().0, S_OK);
         drop(c);
         // The hostile session has ended: the volume takes a client again.
@@ -965,6 +976,53 @@ fn kick_fds_whose_counts_the_frontend_takes_first_block_no_thread() {
         assert_eq!(c.read(data, 4096), pattern(session, 4096));
     }
     drop(w);
+    assert_eq!(daemon.stop(), 0);
+}
+
+/// Two ways a frontend could keep a queue's worker awake for nothing.
+/// A kick fd replaced on a running queue: the frontend still holds the
+/// old one, and a count written to it must not wake the worker on every
+/// wait. A semaphore eventfd as a kick: filled once, each read would take
+/// one count and leave it readable. The first is stopped from being
+/// watched, the second refused; the daemon serves a new client after.
+#[test]
+fn a_replaced_or_semaphore_kick_does_not_keep_a_queue_worker_busy() {
+    let (_fx, daemon, socket, _) = setup("");
+    let pid = daemon.child.id();
+    let data = BUFFERS + 4096;
+    let mut c = BlkClient::connect(&socket, 2, 4 << 20).expect("vhost-user-blk set-up");
+    assert_eq!(c.request(0, T_IN, 0, &[(data, 4096)]).unwrap().0, S_OK);
+    let old = c.replace_kick(0, false);
+    old.write(1).expect("a count on the old kick");
+    // Served through the new kick.
+    let (status, _) = c
+        .request(0, T_IN, 8, &[(data, 4096)])
+        .unwrap_or_else(|e| panic!("a read after the new kick: {e}\n{}", daemon.stderr()));
+    assert_eq!(status, S_OK);
+    let before = cpu_seconds(pid);
+    // A window to measure CPU time over, not a wait for an event.
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "the daemon used {used:.2} s of CPU in 1 s after a count on a replaced kick\n{}",
+        daemon.stderr()
+    );
+    let replaced = c.replace_kick(1, true);
+    c.kick_with(1, 0xffff_ffff_ffff_fffe);
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 0.5,
+        "the daemon used {used:.2} s of CPU in 1 s after a filled semaphore kick\n{}",
+        daemon.stderr()
+    );
+    drop((c, old, replaced));
+    let mut c = BlkClient::connect(&socket, 2, 4 << 20)
+        .unwrap_or_else(|e| panic!("a client after: {e}\n{}", daemon.stderr()));
+    assert_eq!(c.request(1, T_IN, 0, &[(data, 4096)]).unwrap().0, S_OK);
+    drop(c);
     assert_eq!(daemon.stop(), 0);
 }
 

@@ -446,9 +446,33 @@ impl BlkClient {
         Ok(())
     }
 
+    /// Gives queue `q` a new kick fd (a semaphore eventfd if
+    /// `semaphore`) while it runs, as SET_VRING_KICK on a started queue;
+    /// returns the old one, which the frontend still holds. The device
+    /// may refuse it and end the connection.
+    pub fn replace_kick(&mut self, q: usize, semaphore: bool) -> EventFd {
+        let flags = libc::EFD_NONBLOCK | if semaphore { libc::EFD_SEMAPHORE } else { 0 };
+        let kick = EventFd::new(flags).expect("eventfd");
+        let _ = self.frontend().set_vring_kick(q, &kick);
+        std::mem::replace(&mut self.queues[q].kick, kick)
+    }
+
+    /// Kick counts `steal_kicks`'s threads took.
+    pub fn stolen_kicks(&self) -> u64 {
+        self.stealers
+            .iter()
+            .map(|s| s.stolen.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Kicks queue `q` with nothing new on it.
     pub fn kick(&self, q: usize) {
-        let _ = self.queues[q].kick.write(1);
+        self.kick_with(q, 1);
+    }
+
+    /// Adds `count` to queue `q`'s kick counter (what fits).
+    pub fn kick_with(&self, q: usize, count: u64) {
+        let _ = self.queues[q].kick.write(count);
     }
 
     /// Whether the device interrupted queue `q` (wrote its call fd)
@@ -653,6 +677,8 @@ impl Drop for Blocker {
 /// `BlkClient::steal_kicks`).
 struct Stealer {
     stop: Arc<AtomicBool>,
+    /// Counts it took.
+    stolen: Arc<std::sync::atomic::AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -681,6 +707,8 @@ impl Stealer {
         let own = kick.try_clone().map_err(text)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let stolen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let taken = stolen.clone();
         let thread = std::thread::spawn(move || {
             let fd = own.as_raw_fd();
             let mut count = [0u8; 8];
@@ -692,12 +720,15 @@ impl Stealer {
                     if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
                         libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
                     }
-                    libc::read(fd, count.as_mut_ptr().cast(), count.len());
+                    if libc::read(fd, count.as_mut_ptr().cast(), count.len()) == 8 {
+                        taken.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         });
         Ok(Stealer {
             stop,
+            stolen,
             thread: Some(thread),
         })
     }
@@ -722,6 +753,8 @@ impl Drop for Stealer {
         }
         if thread.is_finished() {
             let _ = thread.join();
+        } else if !std::thread::panicking() {
+            panic!("a kick stealer did not end");
         }
     }
 }

@@ -277,6 +277,26 @@ where
         self.update_vring_registration(vring, index)
     }
 
+    /// hostcrypt: removes the vring's kick fd, if any, from its worker's
+    /// epoll instance, whatever the vring's state (not watched: nothing).
+    fn unwatch_kick(&self, vring: &T::Vring, index: u8) {
+        let vring_state = vring.get_ref();
+        if let Some(fd) = vring_state.get_kick() {
+            for (thread_index, queues_mask) in self.queues_per_thread.iter().enumerate() {
+                let shifted_queues_mask = queues_mask >> index;
+                if shifted_queues_mask & 1u64 == 1u64 {
+                    let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
+                    let _ = self.handlers[thread_index].unregister_event(
+                        fd.as_raw_fd(),
+                        EventSet::IN,
+                        u64::from(evt_idx),
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
     /// Adds or removes the vring's kick fd to the epoll instance based on the vring status.
     /// Ensures that notifications are handled only while the vring is both started and enabled
     /// and that no notifications are lost.
@@ -576,10 +596,18 @@ where
         // Ideally, we'd have a generic way to refer to a uniquely-owned fd,
         // such as that proposed by Rust RFC #3128.
         let file = file.map(event_fd).transpose()?;
+        // hostcrypt: the old kick out of epoll before it is replaced.
+        // Closing our copy would not remove it (the frontend holds the
+        // same file), and one count written to it would then wake the
+        // queue's worker on every wait, for good.
+        self.unwatch_kick(vring, index);
         vring.set_kick(file);
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
+        } else {
+            // hostcrypt: a running queue watches its new kick.
+            self.update_vring_registration(vring, index)?;
         }
 
         Ok(())
@@ -1169,7 +1197,7 @@ fn check_region_file(file: &File, region: &VhostUserMemoryRegion) -> VhostUserRe
 
 /// hostcrypt: a kick, call or error fd must be an eventfd (a pipe could
 /// be filled or drained by the frontend to block a thread that serves
-/// requests), and is made non-blocking. The frontend shares the file
+/// requests), not a semaphore one, and is made non-blocking. The frontend shares the file
 /// description and may clear O_NONBLOCK again: the backend writes call
 /// fds from a notifier thread of the connection's own, never from
 /// threads shared with other volumes (daemon/src/frontend/vhost_user/).
@@ -1181,6 +1209,19 @@ fn event_fd(file: File) -> VhostUserResult<File> {
             "a vring fd that is not an eventfd was refused: {}",
             link.display()
         );
+        return Err(VhostUserError::InvalidParam);
+    }
+    // A semaphore eventfd's reads take one count each: a kick filled once
+    // would stay readable, and the queue's worker would wake for good at
+    // no cost to the frontend. Kernels before 6.3 do not say; there the
+    // flag goes unseen.
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", file.as_raw_fd()))
+        .map_err(VhostUserError::ReqHandlerError)?;
+    if info
+        .lines()
+        .any(|line| line.split_whitespace().eq(["eventfd-semaphore:", "1"]))
+    {
+        log::error!("a vring fd that is a semaphore eventfd was refused");
         return Err(VhostUserError::InvalidParam);
     }
     // SAFETY: fcntl on an fd this function owns, with no pointer argument.

@@ -535,7 +535,7 @@ fn consume_kick(fd: RawFd) -> io::Result<()> {
             }
             let error = io::Error::last_os_error();
             match error.raw_os_error() {
-                Some(libc::EAGAIN) => Ok(()),
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
                 _ => Err(error),
             }
         }
