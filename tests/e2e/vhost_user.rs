@@ -999,10 +999,7 @@ fn a_replaced_or_semaphore_kick_does_not_keep_a_queue_worker_busy() {
         .request(0, T_IN, 8, &[(data, 4096)])
         .unwrap_or_else(|e| panic!("a read after the new kick: {e}\n{}", daemon.stderr()));
     assert_eq!(status, S_OK);
-    let before = cpu_seconds(pid);
-    // A window to measure CPU time over, not a wait for an event.
-    std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_seconds(pid) - before;
+    let used = cpu_seconds_in_the_next_second(pid);
     assert!(
         used < 0.5,
         "the daemon used {used:.2} s of CPU in 1 s after a count on a replaced kick\n{}",
@@ -1010,9 +1007,7 @@ fn a_replaced_or_semaphore_kick_does_not_keep_a_queue_worker_busy() {
     );
     let replaced = c.replace_kick(1, true);
     c.kick_with(1, 0xffff_ffff_ffff_fffe);
-    let before = cpu_seconds(pid);
-    std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_seconds(pid) - before;
+    let used = cpu_seconds_in_the_next_second(pid);
     assert!(
         used < 0.5,
         "the daemon used {used:.2} s of CPU in 1 s after a filled semaphore kick\n{}",
@@ -1098,6 +1093,14 @@ fn cpu_seconds(pid: u32) -> f64 {
     (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap()) / ticks
 }
 
+/// CPU seconds the process `pid` uses in the next second: a window to
+/// measure over, not a wait for an event.
+fn cpu_seconds_in_the_next_second(pid: u32) -> f64 {
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    cpu_seconds(pid) - before
+}
+
 /// A guest that sets a queue's available index far past the ring: pops
 /// find nothing while the index says more, which must not keep the
 /// queue's worker polling (it polls once, looks once with notifications
@@ -1115,10 +1118,7 @@ fn an_avail_index_past_the_ring_does_not_keep_a_queue_worker_busy() {
     // feature the device offers.
     assert_ne!(c.features & (1 << 29), 0, "EVENT_IDX not negotiated");
     c.set_avail_index(0, 1000);
-    let before = cpu_seconds(daemon.child.id());
-    // A window to measure CPU time over, not a wait for an event.
-    std::thread::sleep(Duration::from_secs(1));
-    let used = cpu_seconds(daemon.child.id()) - before;
+    let used = cpu_seconds_in_the_next_second(daemon.child.id());
     assert!(
         used < 0.5,
         "the daemon used {used:.2} s of CPU in 1 s after a bogus avail index\n{}",

@@ -402,7 +402,7 @@ impl BlkClient {
     pub fn set_avail_index(&mut self, q: usize, index: u16) {
         let (_, avail, _) = Self::rings(q);
         self.write_u16(avail + 2, index);
-        let _ = self.queues[q].kick.write(1);
+        self.kick(q);
     }
 
     /// Makes queue `q`'s call fd hostile: blocking (on the file
@@ -425,13 +425,7 @@ impl BlkClient {
             }
             assert!(Instant::now() < deadline, "could not fill the call fd");
         }
-        let fd = call.as_raw_fd();
-        // SAFETY: fcntl on an fd `call` keeps open, no pointer argument.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            assert!(flags >= 0, "F_GETFL on a call fd");
-            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-        }
+        clear_nonblock(call.as_raw_fd());
     }
 
     /// Makes every kick fd hostile another way: O_NONBLOCK cleared again
@@ -645,16 +639,8 @@ impl Blocker {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
-            let fd = own.as_raw_fd();
             while !stopped.load(Ordering::Relaxed) {
-                // SAFETY: fcntl on an fd this thread owns (`own`), with
-                // no pointer argument.
-                unsafe {
-                    let flags = libc::fcntl(fd, libc::F_GETFL);
-                    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
-                        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-                    }
-                }
+                clear_nonblock(own.as_raw_fd());
             }
         });
         Ok(Blocker {
@@ -669,6 +655,18 @@ impl Drop for Blocker {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Clears O_NONBLOCK on `fd`'s file description (which the device
+/// shares, and may set it on again), if it is set.
+fn clear_nonblock(fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl with no pointer argument; a closed fd only fails.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
     }
 }
@@ -713,16 +711,11 @@ impl Stealer {
             let fd = own.as_raw_fd();
             let mut count = [0u8; 8];
             while !stopped.load(Ordering::Relaxed) {
-                // SAFETY: fcntl on an fd this thread owns (`own`), with no
-                // pointer argument; a read into a live 8-byte array.
-                unsafe {
-                    let flags = libc::fcntl(fd, libc::F_GETFL);
-                    if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
-                        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
-                    }
-                    if libc::read(fd, count.as_mut_ptr().cast(), count.len()) == 8 {
-                        taken.fetch_add(1, Ordering::Relaxed);
-                    }
+                clear_nonblock(fd);
+                // SAFETY: a read into a live 8-byte array from an fd this
+                // thread owns (`own`).
+                if unsafe { libc::read(fd, count.as_mut_ptr().cast(), count.len()) } == 8 {
+                    taken.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });

@@ -277,23 +277,31 @@ where
         self.update_vring_registration(vring, index)
     }
 
+    /// hostcrypt: the worker thread that watches vring `index`, and the
+    /// vring's event index on it (what `update_vring_registration` looked
+    /// up inline).
+    fn kick_watcher(&self, index: u8) -> Option<(usize, u64)> {
+        self.queues_per_thread
+            .iter()
+            .enumerate()
+            .find_map(|(thread_index, queues_mask)| {
+                let shifted_queues_mask = queues_mask >> index;
+                (shifted_queues_mask & 1u64 == 1u64).then(|| {
+                    let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
+                    (thread_index, u64::from(evt_idx))
+                })
+            })
+    }
+
     /// hostcrypt: removes the vring's kick fd, if any, from its worker's
     /// epoll instance, whatever the vring's state (not watched: nothing).
     fn unwatch_kick(&self, vring: &T::Vring, index: u8) {
         let vring_state = vring.get_ref();
-        if let Some(fd) = vring_state.get_kick() {
-            for (thread_index, queues_mask) in self.queues_per_thread.iter().enumerate() {
-                let shifted_queues_mask = queues_mask >> index;
-                if shifted_queues_mask & 1u64 == 1u64 {
-                    let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
-                    let _ = self.handlers[thread_index].unregister_event(
-                        fd.as_raw_fd(),
-                        EventSet::IN,
-                        u64::from(evt_idx),
-                    );
-                    break;
-                }
-            }
+        if let (Some(fd), Some((thread_index, evt_idx))) =
+            (vring_state.get_kick(), self.kick_watcher(index))
+        {
+            let _ =
+                self.handlers[thread_index].unregister_event(fd.as_raw_fd(), EventSet::IN, evt_idx);
         }
     }
 
@@ -302,32 +310,27 @@ where
     /// and that no notifications are lost.
     fn update_vring_registration(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         let vring_state = vring.get_ref();
-        if let Some(fd) = vring_state.get_kick() {
-            for (thread_index, queues_mask) in self.queues_per_thread.iter().enumerate() {
-                let shifted_queues_mask = queues_mask >> index;
-                if shifted_queues_mask & 1u64 == 1u64 {
-                    let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
-                    if vring_state.get_queue().ready() && vring_state.is_enabled() {
-                        if let Err(e) = self.handlers[thread_index].register_event(
-                            fd.as_raw_fd(),
-                            EventSet::IN,
-                            u64::from(evt_idx),
-                        ) {
-                            if e.kind() != io::ErrorKind::AlreadyExists {
-                                // This could happen if we're asked by the frontend to enable an
-                                // already enabled queue, don't fail in that case.
-                                return Err(VhostUserError::ReqHandlerError(e));
-                            }
-                        }
-                    } else {
-                        let _ = self.handlers[thread_index].unregister_event(
-                            fd.as_raw_fd(),
-                            EventSet::IN,
-                            u64::from(evt_idx),
-                        );
+        if let (Some(fd), Some((thread_index, evt_idx))) =
+            (vring_state.get_kick(), self.kick_watcher(index))
+        {
+            if vring_state.get_queue().ready() && vring_state.is_enabled() {
+                if let Err(e) = self.handlers[thread_index].register_event(
+                    fd.as_raw_fd(),
+                    EventSet::IN,
+                    evt_idx,
+                ) {
+                    if e.kind() != io::ErrorKind::AlreadyExists {
+                        // This could happen if we're asked by the frontend to enable an
+                        // already enabled queue, don't fail in that case.
+                        return Err(VhostUserError::ReqHandlerError(e));
                     }
-                    break;
                 }
+            } else {
+                let _ = self.handlers[thread_index].unregister_event(
+                    fd.as_raw_fd(),
+                    EventSet::IN,
+                    evt_idx,
+                );
             }
         }
         Ok(())
@@ -1197,10 +1200,12 @@ fn check_region_file(file: &File, region: &VhostUserMemoryRegion) -> VhostUserRe
 
 /// hostcrypt: a kick, call or error fd must be an eventfd (a pipe could
 /// be filled or drained by the frontend to block a thread that serves
-/// requests), not a semaphore one, and is made non-blocking. The frontend shares the file
-/// description and may clear O_NONBLOCK again: the backend writes call
-/// fds from a notifier thread of the connection's own, never from
-/// threads shared with other volumes (daemon/src/frontend/vhost_user/).
+/// requests), not a semaphore one, and is made non-blocking. The
+/// frontend shares the file description and may clear O_NONBLOCK again:
+/// the backend writes call fds from a notifier thread of the
+/// connection's own, never from threads shared with other volumes
+/// (daemon/src/frontend/vhost_user/), and reads kicks with RWF_NOWAIT
+/// (`vring.rs`).
 fn event_fd(file: File) -> VhostUserResult<File> {
     let link = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .map_err(VhostUserError::ReqHandlerError)?;

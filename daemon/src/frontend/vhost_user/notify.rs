@@ -41,9 +41,6 @@ pub struct Notifier {
     /// Something is pending or the thread is to stop: what its idle
     /// poll looks at without the lock.
     due: AtomicBool,
-    /// Set by `stop` before its first signal: an interrupted write then
-    /// ends the thread instead of being tried again.
-    stopping: AtomicBool,
     /// The thread, until `stop` has seen it end.
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Told when the thread ends.
@@ -67,7 +64,6 @@ impl Notifier {
             }),
             wake: Condvar::new(),
             due: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
             thread: Mutex::new(None),
             ended: Condvar::new(),
         });
@@ -107,7 +103,6 @@ impl Notifier {
         };
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.stop = true;
-        self.stopping.store(true, Ordering::Release);
         self.due.store(true, Ordering::Release);
         self.wake.notify_one();
         if thread.thread().id() == std::thread::current().id() {
@@ -190,7 +185,8 @@ impl Notifier {
             if !interrupted {
                 return ControlFlow::Continue(());
             }
-            if self.stopping.load(Ordering::Acquire) {
+            // Only `stop` signals, after it set `stop`.
+            if self.state.lock().unwrap_or_else(|p| p.into_inner()).stop {
                 return ControlFlow::Break(());
             }
         }
