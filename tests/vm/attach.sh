@@ -51,7 +51,9 @@ cat > "$root/init" <<'EOF'
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /tmp /run/cryptsetup /mnt /hc
-fail() { echo "HOSTCRYPT-ATTACH-VM: FAIL: $*"; grep -v audit /hc/d.log 2>/dev/null | tail -25; poweroff -f; }
+fail() { echo "HOSTCRYPT-ATTACH-VM: FAIL at $(cut -d" " -f1 /proc/uptime) s: $*"; grep -v audit /hc/d.log 2>/dev/null | tail -25; dmesg | tail -15; poweroff -f; }
+# Each step says when (seconds since boot): a slow step shows how slow.
+say() { echo "guest: [$(cut -d" " -f1 /proc/uptime) s] $*"; }
 vm-load ublk_drv nbd dm_crypt loop xts aesni_intel || fail "modules"
 cd /hc
 head -c 32 /dev/urandom > kek; chmod 600 kek
@@ -107,7 +109,7 @@ start_daemon
 # attach = "nbd", a with attach = "auto" (ublk: the module is loaded).
 await_link t 'attach = "nbd"'
 await_link a 'attach = "auto"'
-echo "guest: temp volumes attached at start: t as $(basename "$(readlink /dev/hostcrypt/t)"), a as $(basename "$(readlink /dev/hostcrypt/a)")"
+say "temp volumes attached at start: t as $(basename "$(readlink /dev/hostcrypt/t)"), a as $(basename "$(readlink /dev/hostcrypt/a)")"
 case "$(readlink /dev/hostcrypt/t)" in /dev/nbd*) ;; *) fail "attach = nbd made $(readlink /dev/hostcrypt/t)" ;; esac
 case "$(readlink /dev/hostcrypt/a)" in /dev/ublkb*) ;; *) fail "attach = auto made $(readlink /dev/hostcrypt/a), not ublk" ;; esac
 
@@ -120,7 +122,7 @@ exercise() {
   [ "$dev" = "/dev/hostcrypt/$vol" ] && [ -b "$dev" ] || fail "attach printed $dev"
   kdev=$(basename "$(readlink "$dev")")
   case "$via:$kdev" in nbd:nbd*|ublk:ublkb*) ;; *) fail "--via $via made $kdev" ;; esac
-  echo "guest: $via: attached as $kdev, logical block $(cat /sys/block/$kdev/queue/logical_block_size)"
+  say "$via: attached as $kdev, logical block $(cat /sys/block/$kdev/queue/logical_block_size)"
   [ "$(cat /sys/block/$kdev/queue/logical_block_size)" = 4096 ] || fail "$via: logical block size"
   hc attach "$vol" >/dev/null 2>&1 && fail "$via: a second attach succeeded"
   /opt/mke2fs -q -F -t ext4 "$dev" || fail "$via: mkfs.ext4"
@@ -140,11 +142,12 @@ exercise() {
   done
   kill -9 $pid; wait $pid 2>/dev/null
   kill -0 $fio 2>/dev/null || fail "$via: fio ended before the kill"
-  echo "guest: $via: hostcryptd killed with -9 while fio writes"
+  say "$via: hostcryptd killed with -9 while fio writes"
   start_daemon
+  say "$via: hostcryptd serves again"
   wait $fio || { cat /tmp/fio.log; fail "$via: fio (verify) across the restart"; }
   grep -q "err= 0" /tmp/fio.log || { cat /tmp/fio.log; fail "$via: fio reported errors"; }
-  echo "guest: $via: fio verified across the restart: $(grep -o 'WRITE: bw=[^,]*' /tmp/fio.log)"
+  say "$via: fio verified across the restart: $(grep -o 'WRITE: bw=[^,]*' /tmp/fio.log)"
   hc attached | grep "^$vol " | grep -q "mounted on /mnt" || fail "$via: attached does not show the mount"
   hc status | grep -q "attached $vol as /dev/hostcrypt/$vol" || fail "$via: status does not show the attachment"
   hc detach "$vol" 2>/tmp/detach.err && fail "$via: detach of a mounted device succeeded"
@@ -167,7 +170,7 @@ exercise() {
   rm -f /tmp/dek.bin
   mount -t ext4 -o ro /dev/mapper/hc /mnt || fail "$via: mount through dm-crypt"
   (cd /mnt && sha256sum -c /tmp/sums >/dev/null) || fail "$via: files differ through dm-crypt"
-  echo "guest: $via: dm-crypt (plain, aes-xts-plain64, 4096-byte sectors) reads the same files"
+  say "$via: dm-crypt (plain, aes-xts-plain64, 4096-byte sectors) reads the same files"
   umount /mnt; /opt/cryptsetup close hc; losetup -d "$loop"
 }
 exercise ublk u
@@ -199,7 +202,8 @@ if grep -q "HOSTCRYPT-ATTACH-VM: PASS" "$console"; then
   passed=1
   echo "attach VM: PASS ($vm_kernel, accel $accel; for ublk and nbd: attach, mkfs.ext4, fio verify across a kill -9 restart, detach refused while mounted, files verified, dm-crypt plain reads the same files)"
 else
-  echo "attach VM: FAIL; guest console:" >&2
+  echo "attach VM: FAIL; the guest's steps, then the end of its console:" >&2
+  grep "guest:" "$console" | tr -d '\r' >&2
   tr -d '\r' < "$console" | tail -60 >&2
   exit 1
 fi

@@ -22,7 +22,7 @@
 //! (`mod.rs`), device names and mounts (`device.rs`).
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -68,14 +68,38 @@ pub fn backend_identifier(volume: &str, uuid: &uuid::Uuid) -> String {
     format!("hostcrypt:{volume}:{uuid}")
 }
 
+/// Negotiated client ends for the kernel, what they agreed on, and a
+/// handle on each server end.
+struct Negotiated {
+    sockets: Vec<UnixStream>,
+    info: ExportInfo,
+    servers: Vec<UnixStream>,
+}
+
+/// Whether the other end of `socket` is closed (POLLHUP now).
+fn peer_closed(socket: &UnixStream) -> bool {
+    let mut poll = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call; no wait.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLRDHUP) != 0
+}
+
 impl Plumbing {
     /// `connections` socketpairs: each server end served, each client end
     /// through the handshake for `volume` and ready for the kernel.
-    fn negotiated(&self, volume: &str) -> Result<(Vec<UnixStream>, ExportInfo), AttachError> {
+    /// Also returns a handle on each server end, to see whether the
+    /// kernel kept the client end (`resume`).
+    fn negotiated(&self, volume: &str) -> Result<Negotiated, AttachError> {
         let mut sockets = Vec::with_capacity(self.connections);
+        let mut servers = Vec::with_capacity(self.connections);
         let mut agreed: Option<ExportInfo> = None;
         for _ in 0..self.connections.max(1) {
             let (ours, theirs) = UnixStream::pair()?;
+            servers.push(ours.try_clone()?);
             let server = self.server.clone();
             let shutdown = self.shutdown.clone();
             let name = volume.to_owned();
@@ -103,7 +127,11 @@ impl Plumbing {
             sockets.push(theirs);
         }
         let info = agreed.ok_or_else(|| AttachError::Handshake("no connection".into()))?;
-        Ok((sockets, info))
+        Ok(Negotiated {
+            sockets,
+            info,
+            servers,
+        })
     }
 
     /// The device attached for `volume`: connected anew, or, when one
@@ -117,7 +145,7 @@ impl Plumbing {
         let backend = backend_identifier(volume, uuid);
         // First: without the nbd module there is nothing to negotiate for.
         let mut link = NbdNetlink::open()?;
-        let (sockets, info) = self.negotiated(volume)?;
+        let Negotiated { sockets, info, .. } = self.negotiated(volume)?;
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
         let request = Connect {
             size: info.size,
@@ -140,9 +168,25 @@ impl Plumbing {
             return Ok(None);
         };
         let mut link = NbdNetlink::open()?;
-        let (sockets, _) = self.negotiated(volume)?;
+        let Negotiated {
+            sockets, servers, ..
+        } = self.negotiated(volume)?;
         let fds: Vec<_> = sockets.iter().map(|s| s.as_fd()).collect();
         link.reconfigure(index, &fds, &backend, self.dead_conn_timeout)?;
+        // The kernel takes a socket only in place of one it has already
+        // found dead, and says nothing of those it did not take (its
+        // workers notice a dead server's sockets a little after it died).
+        // Once our own handles are gone, a socket it did not take is
+        // closed: if it took none, the device still waits, and the next
+        // resume tries again.
+        drop(fds);
+        drop(sockets);
+        if servers.iter().all(peer_closed) {
+            return Err(AttachError::Io(format!(
+                "/dev/nbd{index} took none of the new sockets (its old ones are not yet \
+                 found dead); trying again"
+            )));
+        }
         Ok(Some(index))
     }
 

@@ -212,6 +212,13 @@ impl Attacher {
                 tracing::warn!(volume = a.volume, "detach at stop: {e}");
             }
         }
+        // A last look for orphans the ticks have not removed yet.
+        {
+            let _one_at_a_time = self.exclusive();
+            for export in self.exports.iter() {
+                self.remove_orphans(export.name(), &export.volume.uuid);
+            }
+        }
         // ublk devices left attached: from here on their requests wait in
         // the kernel for the next daemon, and none is served after the
         // final flush.
@@ -394,6 +401,29 @@ impl Attacher {
         device::users(&attached.device, &sys)
     }
 
+    /// Removes the devices left attached for an earlier volume named
+    /// `volume` (another UUID: a temp volume before a restart) whose
+    /// server is gone. A ublk device counts once the kernel has quiesced
+    /// it, which may take a while after its server died: `resume_all`
+    /// looks again on every tick, and `before_stop` once more.
+    fn remove_orphans(&self, volume: &str, uuid: &uuid::Uuid) {
+        let orphans = [
+            (Via::Nbd, self.plumbing.disconnect_orphans(volume, uuid)),
+            (Via::Ublk, self.ublk.disconnect_orphans(volume, uuid)),
+        ];
+        for (via, index) in orphans
+            .into_iter()
+            .flat_map(|(via, list)| list.into_iter().map(move |i| (via, i)))
+        {
+            tracing::warn!(
+                volume,
+                "removed {}: attached for an earlier volume of this name \
+                 (a temp volume before a restart); its data is gone",
+                self.device(via, index).display()
+            );
+        }
+    }
+
     /// Every served volume not attached here whose device an earlier
     /// daemon left attached is served again (NBD: fresh sockets; ublk:
     /// user recovery) and gets its name back. Run at
@@ -409,24 +439,13 @@ impl Attacher {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .contains(volume);
+            let uuid = &export.volume.uuid;
+            // Whether or not the volume is attached here: an orphan's
+            // ublk device may only quiesce after this daemon attached the
+            // volume anew (its dead server's io_uring is torn down late).
+            self.remove_orphans(volume, uuid);
             if detached_here || self.lock().contains_key(volume) {
                 continue;
-            }
-            let uuid = &export.volume.uuid;
-            let orphans = [
-                (Via::Nbd, self.plumbing.disconnect_orphans(volume, uuid)),
-                (Via::Ublk, self.ublk.disconnect_orphans(volume, uuid)),
-            ];
-            for (via, index) in orphans
-                .into_iter()
-                .flat_map(|(via, list)| list.into_iter().map(move |i| (via, i)))
-            {
-                tracing::warn!(
-                    volume,
-                    "removed {}: attached for an earlier volume of this name \
-                     (a temp volume before a restart); its data is gone",
-                    self.device(via, index).display()
-                );
             }
             for via in [Via::Ublk, Via::Nbd] {
                 let resumed = match via {

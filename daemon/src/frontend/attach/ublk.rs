@@ -384,9 +384,17 @@ impl UblkPlumbing {
         }
         secure_run_dir();
         ensure_control_ring()?;
-        UblkCtrl::new_simple(id as i32)
+        // libublk hands a refusal back as a negative errno in `Ok` (an
+        // EBUSY it has retried for 30 s, among others).
+        let begun = UblkCtrl::new_simple(id as i32)
             .and_then(|c| c.start_user_recover())
             .map_err(|e| ublk_error("start recovery", e))?;
+        if begun < 0 {
+            return Err(ublk_error(
+                "start recovery",
+                io::Error::from_raw_os_error(-begun),
+            ));
+        }
         // The kernel's shape, not this host's core count: the queues are
         // the device's.
         let ctrl = builder(id as i32, device.queues, device.depth)
@@ -813,9 +821,14 @@ fn start(
             let source = &buf.as_slice()[..len as usize];
             let mut data = IoBuf::new(source.len());
             data.copy_from_slice(source);
-            area.submit(Op::Write { offset, data, fua }, move |o| {
-                reply(o.map(|_| None))
-            })
+            area.submit(
+                Op::Write {
+                    offset,
+                    data: data.into(),
+                    fua,
+                },
+                move |o| reply(o.map(|_| None)),
+            )
         }
         Decoded::Trim { offset, len, fua } => area
             .submit(Op::Trim { offset, len, fua }, move |o| {
