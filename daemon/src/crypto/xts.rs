@@ -219,6 +219,37 @@ impl SectorCipher {
         });
     }
 
+    /// Encrypts the plaintext at `source` into `target` (a whole number
+    /// of sectors), for plaintext in memory another party may write
+    /// meanwhile (a guest's buffer): `source` is only ever read, each
+    /// byte once, and the ciphertext goes to `target` alone, so no
+    /// bounce copy of the plaintext is needed.
+    ///
+    /// # Safety
+    /// `target.len()` bytes at `source` must be valid for reads for the
+    /// whole call and must not overlap `target`.
+    pub unsafe fn encrypt_from_raw(&self, source: *const u8, target: &mut [u8], first_sector: u64) {
+        let ss = self.sector_size;
+        self.each_sector_tweak(target.len(), first_sector, |i, tweak| {
+            // SAFETY: sector `i` lies inside the `target.len()` bytes the
+            // caller vouches for.
+            let from = unsafe { source.add(i * ss) };
+            let to = &mut target[i * ss..][..ss];
+            #[cfg(target_arch = "x86_64")]
+            if let Some(vaes) = &self.keys.vaes {
+                // SAFETY: as above; the kernel only loads from `from`.
+                unsafe { vaes.encrypt_from_raw(from, to, tweak) };
+                return;
+            }
+            // The portable kernel works in place: the plaintext is copied
+            // into `target` first.
+            // SAFETY: `ss` bytes at `from` are readable (as above) and
+            // cannot overlap `to` (the caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(from, to.as_mut_ptr(), ss) };
+            self.apply_sector(to, tweak, Direction::Encrypt);
+        });
+    }
+
     fn apply(&self, buf: &mut [u8], first_sector: u64, direction: Direction) {
         let ss = self.sector_size;
         self.each_sector_tweak(buf.len(), first_sector, |i, tweak| {

@@ -140,6 +140,18 @@ impl VaesKeys {
         unsafe { self.apply::<false>(source.as_ptr(), target, source.len(), tweak) }
     }
 
+    /// Encrypts one data unit from `source` (same length as `target`)
+    /// into `target`: `source` is only loaded from, once per block.
+    ///
+    /// # Safety
+    /// `target.len()` bytes at `source` valid for reads, not overlapping
+    /// `target`.
+    pub unsafe fn encrypt_from_raw(&self, source: *const u8, target: &mut [u8], tweak: u128) {
+        assert!(Self::fits(target.len()));
+        // SAFETY: the caller's contract.
+        unsafe { self.apply::<true>(source, target.as_mut_ptr(), target.len(), tweak) }
+    }
+
     /// # Safety
     /// `len` bytes at `src` valid for reads and at `dst` for writes, the
     /// two the same range or disjoint.

@@ -101,6 +101,25 @@ impl VolumeCipher {
         // SAFETY: the caller's contract; `plain` is ours.
         unsafe { std::ptr::copy_nonoverlapping(plain.as_ptr(), target, plain.len()) };
     }
+
+    /// Encrypts whole sectors of plaintext at `source` into `target`,
+    /// only ever reading `source` (see `SectorCipher::encrypt_from_raw`).
+    /// With two layers the inner one works in place: the plaintext is
+    /// copied into `target` and both layers run there.
+    ///
+    /// # Safety
+    /// `target.len()` bytes at `source` valid for reads for the whole
+    /// call, not overlapping `target`.
+    pub unsafe fn encrypt_from_raw(&self, source: *const u8, target: &mut [u8], first_sector: u64) {
+        if self.inner.is_none() {
+            // SAFETY: the caller's contract.
+            unsafe { self.outer.encrypt_from_raw(source, target, first_sector) };
+            return;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(source, target.as_mut_ptr(), target.len()) };
+        self.encrypt(target, first_sector);
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +173,26 @@ mod tests {
             unsafe { cipher.decrypt_to_raw(&source, target.as_mut_ptr(), 40) };
             assert_eq!(target, plain, "{} layers", cipher.layers());
             assert_eq!(source, sealed);
+        }
+    }
+
+    /// From another buffer, with one layer or two, the ciphertext is
+    /// what encrypting in place gives, and the source stays plaintext.
+    #[test]
+    fn encrypting_from_another_buffer_matches_in_place_with_either_layering() {
+        let (a, b) = (Dek::generate().unwrap(), Dek::generate().unwrap());
+        let mut plain = vec![0u8; 5 * 4096];
+        getrandom::fill(&mut plain).unwrap();
+        for inner in [None, Some(&b)] {
+            let cipher = VolumeCipher::new(&a, inner, InnerCipher::AesXts, 4096);
+            let mut sealed = plain.clone();
+            cipher.encrypt(&mut sealed, 40);
+            let source = plain.clone();
+            let mut target = vec![0u8; plain.len()];
+            // SAFETY: `source` is ours and as long as `target`.
+            unsafe { cipher.encrypt_from_raw(source.as_ptr(), &mut target, 40) };
+            assert_eq!(target, sealed, "{} layers", cipher.layers());
+            assert_eq!(source, plain);
         }
     }
 

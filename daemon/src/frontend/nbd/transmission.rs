@@ -434,7 +434,14 @@ pub(super) fn handle_write(ctx: Ctx, data: IoBuf, budget: Permit) {
         return ctx.fail(ENOSPC, budget);
     }
     let (offset, fua) = (ctx.req.offset, ctx.fua());
-    ctx.submit(Op::Write { offset, data, fua }, budget);
+    ctx.submit(
+        Op::Write {
+            offset,
+            data: data.into(),
+            fua,
+        },
+        budget,
+    );
 }
 
 pub(super) fn handle(ctx: Ctx, budget: Permit) {

@@ -68,8 +68,7 @@ use super::request::{self, Command, Rejection, Request, Segment};
 use super::resubmit;
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
-use crate::io::IoBuf;
-use crate::volume::{Destination, Op, OpKind, Outcome, SealedRead};
+use crate::volume::{ClientPlaintext, Destination, Op, OpKind, Outcome, SealedRead, WriteData};
 
 /// How long stopping a queue waits for its requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -542,14 +541,22 @@ impl BlockBackend {
                 );
             }
             Command::Write { offset } => {
-                let mut buf = IoBuf::new(len as usize);
-                if let Err(e) = gather(&done.memory, &data, &mut buf[..]) {
-                    return done.finish_io(RequestKind::Op(OpKind::Write), len, Err(e), status, 1);
-                }
+                let plaintext = match in_guest(&done.memory, &data, len as usize) {
+                    Ok(plaintext) => plaintext,
+                    Err(e) => {
+                        return done.finish_io(
+                            RequestKind::Op(OpKind::Write),
+                            len,
+                            Err(e),
+                            status,
+                            1,
+                        )
+                    }
+                };
                 area.submit(
                     Op::Write {
                         offset,
-                        data: buf,
+                        data: WriteData::Client(plaintext),
                         fua: self.write_through(),
                     },
                     move |outcome| {
@@ -686,21 +693,40 @@ fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) ->
     Ok(())
 }
 
-/// Copies the guest buffers `data` into `target` (their total length).
-fn gather(memory: &GuestMemory, data: &[Segment], target: &mut [u8]) -> io::Result<()> {
-    let mut at = 0usize;
+/// The guest buffers `data` (`len` bytes in all) as a write's
+/// plaintext, left where it is: the volume encrypts it from guest memory
+/// into a buffer of its own in one pass (`WriteData::Client`), so the
+/// guest's later changes to its buffers never reach the backing, and no
+/// copy of the plaintext is made first. An address outside guest memory
+/// is an error here, before anything is submitted.
+fn in_guest(
+    memory: &Arc<GuestMemory>,
+    data: &[Segment],
+    len: usize,
+) -> io::Result<ClientPlaintext> {
+    let mut pieces = Vec::with_capacity(data.len());
+    let mut total = 0usize;
     for segment in data {
-        let n = segment.len as usize;
-        let end = at
-            .checked_add(n)
-            .filter(|end| *end <= target.len())
-            .ok_or_else(|| io::Error::other("guest buffers longer than the request"))?;
-        memory
-            .read_slice(&mut target[at..end], segment.addr)
-            .map_err(io::Error::other)?;
-        at = end;
+        // One slice per guest memory region the segment crosses.
+        for slice in memory.get_slices(segment.addr, segment.len as usize) {
+            let slice = slice.map_err(io::Error::other)?;
+            pieces.push((slice.ptr_guard().as_ptr(), slice.len()));
+            total = total
+                .checked_add(slice.len())
+                .filter(|total| *total <= len)
+                .ok_or_else(|| io::Error::other("guest buffers longer than the request"))?;
+        }
     }
-    Ok(())
+    if total != len {
+        return Err(io::Error::other("guest buffers shorter than the request"));
+    }
+    let mapped: Arc<dyn std::any::Any + Send + Sync> = memory.clone();
+    // SAFETY: each piece lies in a region of `memory` (`get_slices`
+    // checked it), which `mapped` keeps mapped (plain mmap regions: no
+    // `xen` mappings, whose pointers only last as long as a guard); this
+    // process never writes guest memory through a reference.
+    unsafe { ClientPlaintext::new(pieces, mapped) }
+        .ok_or_else(|| io::Error::other("guest buffers longer than the request"))
 }
 
 /// What completing one request needs, on whichever thread it finishes.
@@ -1135,29 +1161,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scatter_and_gather_follow_the_segments() {
-        let memory =
-            GuestMemory::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).expect("guest memory");
-        let segments = [
-            Segment {
-                addr: GuestAddress(0x1000),
-                len: 3,
-            },
-            Segment {
-                addr: GuestAddress(0x3000),
-                len: 5,
-            },
-        ];
-        scatter(&memory, &segments, b"abcdefgh").unwrap();
-        let mut back = [0u8; 8];
-        gather(&memory, &segments, &mut back).unwrap();
-        assert_eq!(&back, b"abcdefgh");
+    fn scatter_and_the_guest_plaintext_follow_the_segments() {
+        // Two regions, adjacent in guest addresses: a segment may cross.
+        let memory = Arc::new(
+            GuestMemory::from_ranges(&[
+                (GuestAddress(0x1000), 0x4000),
+                (GuestAddress(0x5000), 0x1000),
+            ])
+            .expect("guest memory"),
+        );
+        let segment = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        let segments = [segment(0x1000, 3), segment(0x3000, 5), segment(0x4ffe, 4)];
+        scatter(&memory, &segments, b"abcdefghijkl").unwrap();
+        let plaintext = in_guest(&memory, &segments, 12).unwrap();
+        assert_eq!(
+            &WriteData::Client(plaintext).into_plaintext()[..],
+            b"abcdefghijkl"
+        );
+        // Buffers that do not add up to the request fail.
+        assert!(in_guest(&memory, &segments, 11).is_err());
+        assert!(in_guest(&memory, &segments, 13).is_err());
         // A buffer outside guest memory fails, never panics.
-        let outside = [Segment {
-            addr: GuestAddress(0x4ffe),
-            len: 4,
-        }];
+        let outside = [segment(0x5ffe, 4)];
         assert!(scatter(&memory, &outside, b"abcd").is_err());
-        assert!(gather(&memory, &outside, &mut back[..4]).is_err());
+        assert!(in_guest(&memory, &outside, 4).is_err());
+        let huge = [segment(0x1000, u32::MAX)];
+        assert!(in_guest(&memory, &huge, 4).is_err());
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::io::IoBuf;
 use crate::volume::data::trim_to;
-use crate::volume::{DataArea, SealedRead};
+use crate::volume::{DataArea, SealedRead, WriteData};
 
 /// Reads up to this size are tried from the page cache on the caller's
 /// thread (`read_cached`): there the hand-off to an engine thread costs
@@ -92,7 +92,7 @@ impl DataArea {
     /// writer holds: the encryption and one `pwrite` into the page cache
     /// cost less than handing the write to a pool thread
     /// (benches/results/history.md, "small writes on the connection's
-    /// thread"). `None`
+    /// thread"). `Err(data)`
     /// (nothing done) otherwise, or while inline writes are paused; the
     /// caller then submits the write to an engine.
     ///
@@ -101,26 +101,26 @@ impl DataArea {
     /// that takes longer than `SLOW_INLINE_WRITE` pauses inline writes on
     /// this volume for `INLINE_WRITE_PAUSE`, so a throttled disk stalls
     /// the pool's threads, not the connections' own.
-    pub fn write_inline(&self, offset: u64, data: &mut [u8]) -> Option<io::Result<()>> {
+    pub fn write_inline(&self, offset: u64, data: WriteData) -> Result<io::Result<()>, WriteData> {
         let len = data.len() as u64;
         if data.len() > INLINE_WRITE_MAX || len == 0 || self.backing.is_direct() {
-            return None;
+            return Err(data);
         }
         if let Err(e) = self.check_range(offset, len) {
-            return Some(Err(e));
+            return Ok(Err(e));
         }
         let (start, end) = self.aligned(offset, len);
         if start != offset || end != offset + len {
-            return None;
+            return Err(data);
         }
         let now = self.clock.elapsed();
         if now < Duration::from_nanos(self.inline_writes_paused_until.load(Ordering::Relaxed)) {
-            return None;
+            return Err(data);
         }
         if !self.writers.try_acquire(start, end) {
-            return None;
+            return Err(data);
         }
-        let result = self.write_sectors(data, start);
+        let result = self.write_sealed(data, start);
         self.writers.release(start, end);
         let took = self.clock.elapsed().saturating_sub(now);
         if took > SLOW_INLINE_WRITE {
@@ -132,7 +132,7 @@ impl DataArea {
                 "a write blocked its connection; inline writes paused"
             );
         }
-        Some(result)
+        Ok(result)
     }
 }
 
@@ -141,38 +141,42 @@ mod tests {
     use super::*;
     use crate::volume::data::tests::area;
 
+    /// Plaintext of ours as a write's data.
+    fn data(bytes: &[u8]) -> WriteData {
+        let mut buf = IoBuf::new(bytes.len());
+        buf.copy_from_slice(bytes);
+        WriteData::Buffer(buf)
+    }
+
     #[test]
     fn inline_writes_take_free_whole_sectors_and_pause_after_a_slow_one() {
         let a = area(4096, 1 << 20);
         let text = b"inline!!".repeat(512);
-        assert!(matches!(
-            a.write_inline(8192, &mut text.clone()),
-            Some(Ok(()))
-        ));
+        assert!(matches!(a.write_inline(8192, data(&text)), Ok(Ok(()))));
         assert_eq!(&a.read(8192, 4096).unwrap()[..], &text[..]);
         let mut raw = vec![0u8; 4096];
         a.backing.read_at(&mut raw, 4096 + 8192).unwrap();
         assert_ne!(raw, text, "written encrypted");
         // Partial sectors need a read-modify-write, which may wait.
-        assert!(a.write_inline(100, &mut [1; 512]).is_none());
+        assert!(a.write_inline(100, data(&[1; 512])).is_err());
         // Too large for one thread's turn.
         assert!(a
-            .write_inline(0, &mut vec![1; INLINE_WRITE_MAX + 4096])
-            .is_none());
+            .write_inline(0, data(&vec![1; INLINE_WRITE_MAX + 4096]))
+            .is_err());
         // Beyond the end: the error, at once.
         assert!(matches!(
-            a.write_inline(1 << 20, &mut [1; 4096]),
-            Some(Err(_))
+            a.write_inline(1 << 20, data(&[1; 4096])),
+            Ok(Err(_))
         ));
         // Sectors another writer holds.
         assert!(a.writers.try_acquire(0, 4096));
-        assert!(a.write_inline(0, &mut [2; 4096]).is_none());
+        assert!(a.write_inline(0, data(&[2; 4096])).is_err());
         a.writers.release(0, 4096);
-        assert!(a.write_inline(0, &mut [2; 4096]).is_some());
+        assert!(a.write_inline(0, data(&[2; 4096])).is_ok());
         // After a write that blocked, inline writes pause.
         let later = (a.clock.elapsed() + INLINE_WRITE_PAUSE).as_nanos() as u64;
         a.inline_writes_paused_until.store(later, Ordering::Relaxed);
-        assert!(a.write_inline(0, &mut [3; 4096]).is_none());
+        assert!(a.write_inline(0, data(&[3; 4096])).is_err());
         assert_eq!(a.read(0, 1).unwrap()[0], 2);
     }
 }

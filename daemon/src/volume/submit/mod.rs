@@ -38,6 +38,7 @@
 //! engines (`io/`).
 
 mod inline;
+mod plaintext;
 mod remote;
 mod ring;
 mod sealed;
@@ -50,6 +51,7 @@ use std::sync::Arc;
 use super::{Allocation, DataArea};
 use crate::io::engine::Engine;
 use crate::io::IoBuf;
+pub use plaintext::{ClientPlaintext, WriteData};
 pub use sealed::{Destination, SealedRead};
 
 /// Remote-backing writes up to this size are encrypted on the caller's
@@ -74,7 +76,7 @@ pub enum Op {
     },
     Write {
         offset: u64,
-        data: IoBuf,
+        data: WriteData,
         fua: bool,
     },
     Flush,
@@ -222,17 +224,17 @@ impl DataArea {
     /// A write to a buffered backing (or O_DIRECT without a ring): small
     /// whole-sector writes on this thread (`write_inline`), the rest, and
     /// every FUA's flush, on the thread pool.
-    fn write_locally<F>(self: Arc<Self>, offset: u64, mut data: IoBuf, fua: bool, done: F)
+    fn write_locally<F>(self: Arc<Self>, offset: u64, data: WriteData, fua: bool, done: F)
     where
         F: FnOnce(io::Result<Outcome>) + Send + 'static,
     {
-        match self.write_inline(offset, &mut data) {
-            Some(Ok(())) if fua => {
+        match self.write_inline(offset, data) {
+            Ok(Ok(())) if fua => {
                 crate::io::workers::spawn(move || done(self.flush().map(|()| Outcome::Done)))
             }
-            Some(result) => done(result.map(|()| Outcome::Done)),
-            None => crate::io::workers::spawn(move || {
-                let result = self.write(offset, &mut data);
+            Ok(result) => done(result.map(|()| Outcome::Done)),
+            Err(data) => crate::io::workers::spawn(move || {
+                let result = self.write_data(offset, data);
                 done(self.then_flush(result, fua))
             }),
         }

@@ -6,8 +6,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::unlocked::UnlockedRead;
-use crate::io::IoBuf;
-use crate::volume::{DataArea, SealedRead};
+use crate::volume::{DataArea, SealedRead, WriteData};
 
 impl DataArea {
     /// `read` from a remote backing without a thread per request: the
@@ -44,7 +43,7 @@ impl DataArea {
     /// encrypted on the calling thread, then sent; the reply completes it
     /// (see `begin_async_write` for what goes to the thread pool instead,
     /// which here includes writes the backend needs merged).
-    pub fn write_remote<F>(self: Arc<Self>, offset: u64, data: IoBuf, fua: bool, done: F)
+    pub fn write_remote<F>(self: Arc<Self>, offset: u64, data: WriteData, fua: bool, done: F)
     where
         F: FnOnce(io::Result<()>) + Send + 'static,
     {

@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use super::unlocked::UnlockedRead;
 use crate::io::uring::Ring;
-use crate::io::IoBuf;
-use crate::volume::{DataArea, SealedRead};
+use crate::volume::{DataArea, SealedRead, WriteData};
 
 impl DataArea {
     /// `read` through an io_uring worker: the read is submitted to `ring`,
@@ -51,7 +50,7 @@ impl DataArea {
         self: Arc<Self>,
         ring: &mut Ring,
         offset: u64,
-        data: IoBuf,
+        data: WriteData,
         fua: bool,
         done: F,
     ) where

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::SealedRead;
 use crate::io::IoBuf;
 use crate::volume::data::{decrypt_sectors, trim_to, DataKeys};
-use crate::volume::DataArea;
+use crate::volume::{DataArea, WriteData};
 
 impl DataArea {
     /// An unlocked read's sectors from `start`, decrypted with the current
@@ -104,8 +104,8 @@ impl DataArea {
 
     /// The start shared by the writes an engine submits itself
     /// (`write_on_ring`, `write_remote`): whole sectors on a free range
-    /// that `target` says the engine takes as one request are encrypted in
-    /// place here and returned with their sectors locked (the caller
+    /// that `target` says the engine takes as one request are encrypted
+    /// here (`seal`) and returned with their sectors locked (the caller
     /// releases them when the write completes). Partial sectors
     /// (read-modify-write) and ranges another writer holds must wait,
     /// which an engine's thread never does, so they go to the thread pool
@@ -114,7 +114,7 @@ impl DataArea {
     pub(in crate::volume) fn begin_async_write<T, F>(
         self: &Arc<Self>,
         offset: u64,
-        mut data: IoBuf,
+        data: WriteData,
         fua: bool,
         target: impl FnOnce(u64, u64) -> Option<T>,
         done: F,
@@ -146,7 +146,7 @@ impl DataArea {
             let area = self.clone();
             crate::io::workers::spawn(move || {
                 let result =
-                    area.write(offset, &mut data)
+                    area.write_data(offset, data)
                         .and_then(|()| if fua { area.flush() } else { Ok(()) });
                 done(result)
             });
@@ -162,7 +162,7 @@ impl DataArea {
                 return None;
             }
         };
-        self.timed(|| self.encrypt_range(&keys, &mut data, start));
+        let data = self.seal(&keys, data, start);
         Some(AsyncWrite {
             data,
             start,
