@@ -43,7 +43,10 @@ pub use keys::{
 pub use record::{RecordError, Records, VolumeRecord};
 pub use reencrypt_status::{ReencryptAction, ReencryptState, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
-pub use submit::{ClientPlaintext, Destination, Op, OpKind, Outcome, SealedRead, WriteData};
+pub use submit::{
+    AlwaysReadable, ClientPlaintext, Destination, MemoryGate, Op, OpKind, Outcome, SealedRead,
+    WriteData,
+};
 
 use crate::crypto::Dek;
 use crate::io::engine::Engine;

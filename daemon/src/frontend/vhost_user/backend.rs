@@ -29,10 +29,13 @@
 //! buffers when it completes, under the request's `Ticket` like every
 //! other write into guest memory: no copy of plaintext, and the guest
 //! never sees ciphertext nor gets bytes of its own decrypted (XTS only
-//! stores to guest memory). A write is copied once, from guest memory
-//! into a bounce buffer that is encrypted and written (the guest may
-//! change its buffer while the write is in flight, and XTS needs the
-//! whole sector at once).
+//! stores to guest memory). A write is encrypted straight from guest
+//! memory into a bounce buffer of the volume's, when the volume runs it
+//! (`WriteData::Client`): no copy of the plaintext first, and each guest
+//! byte is read once, so a guest that changes its buffer meanwhile only
+//! changes what it wrote. The read goes through the request's
+//! `QueueGate`: never once its queue was stopped (the guest's memory may
+//! then hold anything), and a stop waits for a read under way.
 //!
 //! What lives elsewhere: the socket, the peer check and the connection's
 //! life (`socket.rs`); features and configuration space (`device.rs`);
@@ -61,14 +64,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::device::{Device, QUEUE_SIZE};
 use super::guest::{GuestMemory, Memory, Vring};
-use super::inflight::{InFlight, Refusal, Ticket, BUDGET};
+use super::inflight::{InFlight, QueueGate, Refusal, Ticket, BUDGET};
 use super::inflight_log::{InflightLog, QueueLog, Shape};
 use super::notify::Notifier;
 use super::request::{self, Command, Rejection, Request, Segment};
 use super::resubmit;
 use crate::export::metrics::RequestKind;
 use crate::export::Export;
-use crate::volume::{ClientPlaintext, Destination, Op, OpKind, Outcome, SealedRead, WriteData};
+use crate::volume::{
+    ClientPlaintext, Destination, MemoryGate, Op, OpKind, Outcome, SealedRead, WriteData,
+};
 
 /// How long stopping a queue waits for its requests.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -541,7 +546,8 @@ impl BlockBackend {
                 );
             }
             Command::Write { offset } => {
-                let plaintext = match in_guest(&done.memory, &data, len as usize) {
+                let gate = Box::new(done.ticket.gate());
+                let plaintext = match in_guest(&done.memory, &data, len as usize, gate) {
                     Ok(plaintext) => plaintext,
                     Err(e) => {
                         return done.finish_io(
@@ -693,16 +699,25 @@ fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) ->
     Ok(())
 }
 
+/// A write's guest buffers are read only while its queue is current
+/// (`inflight.rs`).
+impl MemoryGate for QueueGate {
+    fn read(&self, read: &mut dyn FnMut()) -> bool {
+        QueueGate::read(self, read)
+    }
+}
+
 /// The guest buffers `data` (`len` bytes in all) as a write's
 /// plaintext, left where it is: the volume encrypts it from guest memory
-/// into a buffer of its own in one pass (`WriteData::Client`), so the
-/// guest's later changes to its buffers never reach the backing, and no
-/// copy of the plaintext is made first. An address outside guest memory
-/// is an error here, before anything is submitted.
+/// into a buffer of its own in one pass (`WriteData::Client`) when it
+/// runs the write, through `gate`; no copy of the plaintext is made
+/// first. An address outside guest memory is an error here, before
+/// anything is submitted.
 fn in_guest(
     memory: &Arc<GuestMemory>,
     data: &[Segment],
     len: usize,
+    gate: Box<dyn MemoryGate>,
 ) -> io::Result<ClientPlaintext> {
     let mut pieces = Vec::with_capacity(data.len());
     let mut total = 0usize;
@@ -725,7 +740,7 @@ fn in_guest(
     // checked it), which `mapped` keeps mapped (plain mmap regions: no
     // `xen` mappings, whose pointers only last as long as a guard); this
     // process never writes guest memory through a reference.
-    unsafe { ClientPlaintext::new(pieces, mapped) }
+    unsafe { ClientPlaintext::new(pieces, mapped, gate) }
         .ok_or_else(|| io::Error::other("guest buffers longer than the request"))
 }
 
@@ -1170,25 +1185,26 @@ mod tests {
             ])
             .expect("guest memory"),
         );
+        let open = || Box::new(crate::volume::AlwaysReadable);
         let segment = |addr, len| Segment {
             addr: GuestAddress(addr),
             len,
         };
         let segments = [segment(0x1000, 3), segment(0x3000, 5), segment(0x4ffe, 4)];
         scatter(&memory, &segments, b"abcdefghijkl").unwrap();
-        let plaintext = in_guest(&memory, &segments, 12).unwrap();
+        let plaintext = in_guest(&memory, &segments, 12, open()).unwrap();
         assert_eq!(
-            &WriteData::Client(plaintext).into_plaintext()[..],
+            &WriteData::Client(plaintext).into_plaintext().unwrap()[..],
             b"abcdefghijkl"
         );
         // Buffers that do not add up to the request fail.
-        assert!(in_guest(&memory, &segments, 11).is_err());
-        assert!(in_guest(&memory, &segments, 13).is_err());
+        assert!(in_guest(&memory, &segments, 11, open()).is_err());
+        assert!(in_guest(&memory, &segments, 13, open()).is_err());
         // A buffer outside guest memory fails, never panics.
         let outside = [segment(0x5ffe, 4)];
         assert!(scatter(&memory, &outside, b"abcd").is_err());
-        assert!(in_guest(&memory, &outside, 4).is_err());
+        assert!(in_guest(&memory, &outside, 4, open()).is_err());
         let huge = [segment(0x1000, u32::MAX)];
-        assert!(in_guest(&memory, &huge, 4).is_err());
+        assert!(in_guest(&memory, &huge, 4, open()).is_err());
     }
 }

@@ -285,6 +285,16 @@ impl Ticket {
         true
     }
 
+    /// What lets the request's data be read from guest memory later, on
+    /// whichever thread runs it, only while its queue is current.
+    pub fn gate(&self) -> QueueGate {
+        QueueGate {
+            owner: self.owner.clone(),
+            queue: self.queue,
+            generation: self.generation,
+        }
+    }
+
     /// Frees the request's head, once, unless its queue was retired
     /// since (which freed every head, and may have a new ring's).
     fn release_head(&self) {
@@ -299,6 +309,40 @@ impl Ticket {
                 }
             }
         }
+    }
+}
+
+/// Reads of a request's guest buffers after it was submitted (a write
+/// encrypted straight from guest memory): only while the request's
+/// queue has not been retired, and counted as writing meanwhile, so a
+/// retirement waits for a read under way. Once the frontend has stopped
+/// the queue or the connection ended, the guest's memory may hold
+/// something else entirely, and none of it may reach the backing.
+pub struct QueueGate {
+    owner: Arc<InFlight>,
+    queue: usize,
+    generation: u64,
+}
+
+impl QueueGate {
+    /// Runs `read` if the queue is still the request's; whether it ran.
+    pub fn read(&self, read: impl FnOnce()) -> bool {
+        let Some(q) = self.owner.queues.get(self.queue) else {
+            return false;
+        };
+        {
+            let mut q = lock(q);
+            if q.generation != self.generation {
+                return false;
+            }
+            q.writing += 1;
+        }
+        let _reading = Writing {
+            owner: &self.owner,
+            queue: self.queue,
+        };
+        read();
+        true
     }
 }
 
@@ -536,6 +580,52 @@ mod tests {
         assert!(panicked.join().is_err());
         let retiring = inflight.clone();
         within(Duration::from_secs(30), move || retiring.retire_queue(0));
+        assert!(inflight.wait_idle(Duration::ZERO));
+    }
+
+    /// A request's guest buffers are read only while its queue is
+    /// current, and a retirement waits for a read under way.
+    #[test]
+    fn a_gate_reads_only_while_the_queue_is_current_and_retiring_waits() {
+        let inflight = InFlight::new(1, 256, BUDGET);
+        let ticket = inflight.admit0(0, 4, 4096).unwrap();
+        let gate = ticket.gate();
+        let mut read = false;
+        assert!(gate.read(|| read = true));
+        assert!(read);
+        let (entered, inside) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            gate.read(|| {
+                entered.send(()).unwrap();
+                released.recv().unwrap();
+            })
+        });
+        inside.recv_timeout(Duration::from_secs(30)).unwrap();
+        let read_ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (retired, retiring) = std::sync::mpsc::channel();
+        let stopper = {
+            let inflight = inflight.clone();
+            let read_ended = read_ended.clone();
+            std::thread::spawn(move || {
+                inflight.retire_queue(0);
+                let _ = retired.send(read_ended.load(std::sync::atomic::Ordering::SeqCst));
+            })
+        };
+        assert!(retiring.recv_timeout(Duration::from_millis(100)).is_err());
+        read_ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        release.send(()).unwrap();
+        assert!(reader.join().unwrap());
+        assert!(
+            retiring.recv_timeout(Duration::from_secs(30)).unwrap(),
+            "retire_queue returned while a read was under way"
+        );
+        stopper.join().unwrap();
+        // Retired: the guest's memory is not read any more.
+        assert!(!ticket
+            .gate()
+            .read(|| panic!("read after the queue was retired")));
+        drop(ticket);
         assert!(inflight.wait_idle(Duration::ZERO));
     }
 

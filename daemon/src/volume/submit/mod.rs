@@ -51,7 +51,7 @@ use std::sync::Arc;
 use super::{Allocation, DataArea};
 use crate::io::engine::Engine;
 use crate::io::IoBuf;
-pub use plaintext::{ClientPlaintext, WriteData};
+pub use plaintext::{AlwaysReadable, ClientPlaintext, MemoryGate, WriteData};
 pub use sealed::{Destination, SealedRead};
 
 /// Remote-backing writes up to this size are encrypted on the caller's

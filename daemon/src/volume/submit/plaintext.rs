@@ -29,6 +29,27 @@ pub struct ClientPlaintext {
     pieces: Vec<Piece>,
     len: usize,
     _mapped: Arc<dyn Any + Send + Sync>,
+    gate: Box<dyn MemoryGate>,
+}
+
+/// Whether a client's memory may still be read for a request. A guest's
+/// memory may be handed to another ring or connection once the frontend
+/// stops the request's queue; nothing read from it then may reach the
+/// backing.
+pub trait MemoryGate: Send {
+    /// Runs `read` unless the memory may no longer be read for this
+    /// request, holding it readable meanwhile; whether `read` ran.
+    fn read(&self, read: &mut dyn FnMut()) -> bool;
+}
+
+/// A gate that is always open: memory whose owner never hands it on.
+pub struct AlwaysReadable;
+
+impl MemoryGate for AlwaysReadable {
+    fn read(&self, read: &mut dyn FnMut()) -> bool {
+        read();
+        true
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -51,8 +72,8 @@ impl fmt::Debug for ClientPlaintext {
 }
 
 impl ClientPlaintext {
-    /// The plaintext in `pieces` (address, length), in order; `None` if
-    /// their total length overflows.
+    /// The plaintext in `pieces` (address, length), in order, read only
+    /// through `gate`; `None` if their total length overflows.
     ///
     /// # Safety
     /// Each piece's bytes must stay valid for reads for as long as
@@ -61,6 +82,7 @@ impl ClientPlaintext {
     pub unsafe fn new(
         pieces: impl IntoIterator<Item = (*const u8, usize)>,
         mapped: Arc<dyn Any + Send + Sync>,
+        gate: Box<dyn MemoryGate>,
     ) -> Option<Self> {
         let pieces: Vec<Piece> = pieces
             .into_iter()
@@ -74,6 +96,7 @@ impl ClientPlaintext {
             pieces,
             len,
             _mapped: mapped,
+            gate,
         })
     }
 
@@ -83,6 +106,18 @@ impl ClientPlaintext {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Runs `read` through the gate, or fails: the request's queue was
+    /// stopped before its data was read.
+    fn through_gate(&self, mut read: impl FnMut()) -> io::Result<()> {
+        if self.gate.read(&mut read) {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "the request's queue was stopped before its data was read",
+            ))
+        }
     }
 
     /// Copies the plaintext into `target`, of its length.
@@ -114,6 +149,11 @@ impl ClientPlaintext {
         first_sector: u64,
     ) {
         let ss = cipher.sector_size();
+        // A part that is not whole sectors would leave plaintext behind.
+        assert!(
+            from.is_multiple_of(ss) && target.len().is_multiple_of(ss),
+            "a part that is not whole sectors"
+        );
         let to = from + target.len();
         let mut at = 0usize;
         let mut piece_start = 0usize;
@@ -187,14 +227,15 @@ impl WriteData {
     }
 
     /// The plaintext in a buffer of ours, copied out of the client's
-    /// memory if it is still there.
-    pub fn into_plaintext(self) -> IoBuf {
+    /// memory if it is still there (an error if it may no longer be
+    /// read).
+    pub fn into_plaintext(self) -> io::Result<IoBuf> {
         match self {
-            WriteData::Buffer(buf) => buf,
+            WriteData::Buffer(buf) => Ok(buf),
             WriteData::Client(plain) => {
                 let mut buf = IoBuf::new(plain.len());
-                plain.copy_to(&mut buf);
-                buf
+                plain.through_gate(|| plain.copy_to(&mut buf))?;
+                Ok(buf)
             }
         }
     }
@@ -206,25 +247,32 @@ impl DataArea {
     /// current one's from it. Every byte of the returned buffer is
     /// ciphertext written here (a pooled buffer's old contents never
     /// survive).
-    pub(in crate::volume) fn seal(&self, keys: &DataKeys, data: WriteData, start: u64) -> IoBuf {
+    pub(in crate::volume) fn seal(
+        &self,
+        keys: &DataKeys,
+        data: WriteData,
+        start: u64,
+    ) -> io::Result<IoBuf> {
         match data {
             WriteData::Buffer(mut buf) => {
                 self.timed(|| self.encrypt_range(keys, &mut buf, start));
-                buf
+                Ok(buf)
             }
             WriteData::Client(plain) => {
                 let mut buf = IoBuf::new(plain.len());
                 let split = self.target_part(keys, start, buf.len());
                 let sector = self.sector;
-                self.timed(|| {
-                    let (low, high) = buf.split_at_mut(split);
-                    if let Some(target) = &keys.target {
-                        plain.encrypt_part(target, 0, low, start / sector);
-                    }
-                    let first = (start + split as u64) / sector;
-                    plain.encrypt_part(&keys.current, split, high, first);
-                });
-                buf
+                plain.through_gate(|| {
+                    self.timed(|| {
+                        let (low, high) = buf.split_at_mut(split);
+                        if let Some(target) = &keys.target {
+                            plain.encrypt_part(target, 0, low, start / sector);
+                        }
+                        let first = (start + split as u64) / sector;
+                        plain.encrypt_part(&keys.current, split, high, first);
+                    })
+                })?;
+                Ok(buf)
             }
         }
     }
@@ -237,7 +285,7 @@ impl DataArea {
         self.check_range(offset, len)?;
         let (start, end) = self.aligned(offset, len);
         if start != offset || end != offset + len {
-            return self.write(offset, &mut data.into_plaintext());
+            return self.write(offset, &mut data.into_plaintext()?);
         }
         let _guard = self.writers.lock(start, end);
         self.write_sealed(data, start)
@@ -247,7 +295,7 @@ impl DataArea {
     /// holds their range.
     pub(in crate::volume) fn write_sealed(&self, data: WriteData, start: u64) -> io::Result<()> {
         let keys = self.cipher()?;
-        let sealed = self.seal(&keys, data, start);
+        let sealed = self.seal(&keys, data, start)?;
         self.backing.write_data(&sealed, self.data_offset + start)
     }
 }
@@ -288,7 +336,10 @@ mod tests {
                         last = cut;
                     }
                     // SAFETY: `plain` outlives the plaintext and is only read.
-                    let client = unsafe { ClientPlaintext::new(pieces, Arc::new(())) }.unwrap();
+                    let client = unsafe {
+                        ClientPlaintext::new(pieces, Arc::new(()), Box::new(AlwaysReadable))
+                    }
+                    .unwrap();
                     assert_eq!(client.len(), plain.len());
                     for (from, to) in [(0, 6 * ss), (0, 2 * ss), (2 * ss, 6 * ss), (ss, 4 * ss)] {
                         let mut target = vec![0xa5u8; to - from];
@@ -329,7 +380,10 @@ mod tests {
                 last = cut;
             }
             // SAFETY: `bytes` outlives the write and is only read.
-            WriteData::Client(unsafe { ClientPlaintext::new(pieces, Arc::new(())) }.unwrap())
+            WriteData::Client(
+                unsafe { ClientPlaintext::new(pieces, Arc::new(()), Box::new(AlwaysReadable)) }
+                    .unwrap(),
+            )
         };
         // Sectors 8..40, the checkpoint at sector 16.
         a.write_data(4096, cut(&plain, &[700, 701, 4096, 9000]))
@@ -349,6 +403,9 @@ mod tests {
     fn an_overflowing_length_is_refused() {
         let pieces = [(std::ptr::null::<u8>(), usize::MAX), (std::ptr::null(), 1)];
         // SAFETY: refused before anything is read.
-        assert!(unsafe { ClientPlaintext::new(pieces, Arc::new(())) }.is_none());
+        assert!(
+            unsafe { ClientPlaintext::new(pieces, Arc::new(()), Box::new(AlwaysReadable)) }
+                .is_none()
+        );
     }
 }

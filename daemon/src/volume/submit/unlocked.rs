@@ -162,7 +162,14 @@ impl DataArea {
                 return None;
             }
         };
-        let data = self.seal(&keys, data, start);
+        let data = match self.seal(&keys, data, start) {
+            Ok(data) => data,
+            Err(e) => {
+                self.writers.release(start, end);
+                done(Err(e));
+                return None;
+            }
+        };
         Some(AsyncWrite {
             data,
             start,
