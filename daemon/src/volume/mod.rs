@@ -43,9 +43,10 @@ pub use keys::{
 pub use record::{RecordError, Records, VolumeRecord};
 pub use reencrypt_status::{ReencryptAction, ReencryptState, ReencryptStatus};
 pub use store::{HeaderCopies, BACKUP_AT, DATA_OFFSET, PRIMARY_AT};
+#[cfg(test)]
+pub use submit::AlwaysReadable;
 pub use submit::{
-    AlwaysReadable, ClientPlaintext, Destination, MemoryGate, Op, OpKind, Outcome, SealedRead,
-    WriteData,
+    ClientPlaintext, Destination, MemoryGate, Op, OpKind, Outcome, SealedRead, WriteData,
 };
 
 use crate::crypto::Dek;

@@ -81,7 +81,9 @@ use crate::volume::{
 /// Writes up to this size are copied out of guest memory on the queue's
 /// worker, as they are taken (`gather`); larger ones are encrypted
 /// straight from it (`in_guest`). For a small write the copy costs less
-/// than reading guest memory later through the queue's gate.
+/// than reading guest memory later through the queue's gate. At most the
+/// volume's inline write size (`INLINE_WRITE_MAX`), so that a write
+/// encrypted from guest memory never runs on the queue's worker itself.
 const GATHER_MAX: usize = 64 * 1024;
 
 /// How long stopping a queue waits for its requests.
@@ -557,7 +559,13 @@ impl BlockBackend {
             Command::Write { offset } => {
                 let plaintext = if len as usize <= GATHER_MAX {
                     let mut buf = IoBuf::new(len as usize);
-                    gather(&done.memory, &data, &mut buf).map(|()| WriteData::Buffer(buf))
+                    let mut gathered = Err(io::Error::other(
+                        "the request's queue was stopped before its data was read",
+                    ));
+                    done.ticket.read_guest(|| {
+                        gathered = gather(&done.memory, &data, &mut buf);
+                    });
+                    gathered.map(|()| WriteData::Buffer(buf))
                 } else {
                     let gate = Box::new(done.ticket.gate());
                     in_guest(&done.memory, &data, len as usize, gate).map(WriteData::Client)

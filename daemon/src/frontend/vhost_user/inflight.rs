@@ -60,7 +60,9 @@ struct Queue {
     generation: u64,
     heads: Box<[u64]>,
     /// Completions past their generation check, writing into guest
-    /// memory and the ring without this lock: retirement waits for them.
+    /// memory and the ring without this lock, and reads of a request's
+    /// guest buffers (`Ticket::read_guest`, `QueueGate`): retirement
+    /// waits for them.
     writing: usize,
 }
 
@@ -285,6 +287,12 @@ impl Ticket {
         true
     }
 
+    /// Runs `read` (of the request's guest buffers, now) if its queue
+    /// has not been retired since it was admitted; whether it ran.
+    pub fn read_guest(&self, read: impl FnOnce()) -> bool {
+        self.owner.while_current(self.queue, self.generation, read)
+    }
+
     /// What lets the request's data be read from guest memory later, on
     /// whichever thread runs it, only while its queue is current.
     pub fn gate(&self) -> QueueGate {
@@ -327,27 +335,32 @@ pub struct QueueGate {
 impl QueueGate {
     /// Runs `read` if the queue is still the request's; whether it ran.
     pub fn read(&self, read: impl FnOnce()) -> bool {
-        let Some(q) = self.owner.queues.get(self.queue) else {
+        self.owner.while_current(self.queue, self.generation, read)
+    }
+}
+
+impl InFlight {
+    /// Runs `f` if `queue` is still at `generation`, counted as writing
+    /// (a retirement waits for it); whether it ran.
+    fn while_current(&self, queue: usize, generation: u64, f: impl FnOnce()) -> bool {
+        let Some(q) = self.queues.get(queue) else {
             return false;
         };
         {
             let mut q = lock(q);
-            if q.generation != self.generation {
+            if q.generation != generation {
                 return false;
             }
             q.writing += 1;
         }
-        let _reading = Writing {
-            owner: &self.owner,
-            queue: self.queue,
-        };
-        read();
+        let _counted = Writing { owner: self, queue };
+        f();
         true
     }
 }
 
-/// A completion writing into its queue's ring: uncounted when dropped,
-/// `write` panicking included.
+/// A completion writing into its queue's ring, or a read of a request's
+/// guest buffers: uncounted when dropped, a panic included.
 struct Writing<'a> {
     owner: &'a InFlight,
     queue: usize,
@@ -593,6 +606,9 @@ mod tests {
         let mut read = false;
         assert!(gate.read(|| read = true));
         assert!(read);
+        let mut read_now = false;
+        assert!(ticket.read_guest(|| read_now = true));
+        assert!(read_now);
         let (entered, inside) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let reader = std::thread::spawn(move || {

@@ -51,7 +51,9 @@ use std::sync::Arc;
 use super::{Allocation, DataArea};
 use crate::io::engine::Engine;
 use crate::io::IoBuf;
-pub use plaintext::{AlwaysReadable, ClientPlaintext, MemoryGate, WriteData};
+#[cfg(test)]
+pub use plaintext::AlwaysReadable;
+pub use plaintext::{ClientPlaintext, MemoryGate, WriteData};
 pub use sealed::{Destination, SealedRead};
 
 /// Remote-backing writes up to this size are encrypted on the caller's
