@@ -16,7 +16,8 @@
 //! can also write the state a killed daemon leaves behind. With
 //! `hostile_kicks`, each kick fd is handed over with its counter full
 //! while a thread keeps clearing O_NONBLOCK on it, so a device that
-//! writes its kick fd blocks.
+//! writes its kick fd blocks. `scribble` rewrites a buffer from another
+//! thread while the device works on it.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -620,6 +621,78 @@ impl BlkClient {
     /// The vhost-user connection, for protocol-level checks.
     pub fn frontend(&mut self) -> &mut Frontend {
         self.frontend.as_mut().expect("connected")
+    }
+}
+
+/// A guest changing a buffer while the device works on it: a thread that
+/// fills `len` bytes at a guest-physical address with one byte value,
+/// then the other, again and again until dropped, through a mapping of
+/// its own of the shared memory (so it needs no borrow of the client).
+pub struct Scribbler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl BlkClient {
+    /// Starts a `Scribbler` over `len` bytes at `gpa`, alternating `bytes`.
+    pub fn scribble(&self, gpa: u64, len: usize, bytes: [u8; 2]) -> Result<Scribbler, Error> {
+        assert!(gpa as usize + len <= self.len);
+        let memfd = self.memfd.try_clone().map_err(text)?;
+        let map_len = self.len;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        // SAFETY: a new shared mapping of the whole memfd, which is at
+        // least `map_len` long for a client made by `connect`.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let base = base as usize;
+        let thread = std::thread::spawn(move || {
+            let at = (base + gpa as usize) as *mut u8;
+            let mut rounds = 0u64;
+            while !stopped.load(Ordering::SeqCst) {
+                // SAFETY: in bounds of this thread's own mapping (asserted
+                // above), unmapped only below, after the loop.
+                unsafe { std::ptr::write_bytes(at, bytes[(rounds % 2) as usize], len) };
+                std::hint::black_box(at);
+                rounds += 1;
+            }
+            // SAFETY: the mapping made above, no longer used.
+            unsafe { libc::munmap(base as *mut libc::c_void, map_len) };
+            drop(memfd);
+            rounds
+        });
+        Ok(Scribbler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Scribbler {
+    /// Stops the thread; how many times it filled the buffer.
+    pub fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
+    }
+}
+
+impl Drop for Scribbler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
