@@ -33,11 +33,13 @@
 //! encrypted straight from guest memory into a bounce buffer of the
 //! volume's, when the volume runs it (`WriteData::Client`): no copy of
 //! the plaintext first (a smaller one is copied into the bounce buffer
-//! as it is taken and encrypted there: cheaper), and each guest
-//! byte is read once, so a guest that changes its buffer meanwhile only
-//! changes what it wrote. The read goes through the request's
-//! `QueueGate`: never once its queue was stopped (the guest's memory may
-//! then hold anything), and a stop waits for a read under way.
+//! as it is taken, before its admission, and encrypted there: cheaper),
+//! and each guest byte is read once, so a guest that changes its buffer
+//! meanwhile only changes what it wrote. No write stores guest memory
+//! read after its queue was stopped (the guest's memory may then hold
+//! anything): a large write reads through its request's `QueueGate`,
+//! and a stop waits for a read under way; a small one is dropped at its
+//! admission when its queue was stopped since it was taken.
 //!
 //! What lives elsewhere: the socket, the peer check and the connection's
 //! life (`socket.rs`); features and configuration space (`device.rs`);
@@ -460,6 +462,14 @@ impl BlockBackend {
                 },
                 Err(_) => 0,
             };
+            // Between the generation read above and the admission's check
+            // of it: a small write admitted was read while its queue was
+            // current, at no cost of the queue's lock (a read that a stop
+            // overtakes is dropped with its request).
+            let gathered = match &parsed {
+                Ok(request) if small_write(request) => Some(gather_write(&memory, request)),
+                _ => None,
+            };
             let ticket = match self.in_flight.admit(index, head, bytes, generation) {
                 Ok(ticket) => ticket,
                 // The connection ends, or the queue was stopped while the
@@ -490,7 +500,7 @@ impl BlockBackend {
                 started: Instant::now(),
             };
             match parsed {
-                Ok(request) => self.run(request, done),
+                Ok(request) => self.run(request, gathered, done),
                 Err(rejection) => self.reject(rejection, done),
             }
         }
@@ -519,7 +529,9 @@ impl BlockBackend {
         }
     }
 
-    fn run(&self, request: Request, done: Done) {
+    /// Runs `request`; `gathered`: a small write's data, read as it was
+    /// taken (`gather_write`).
+    fn run(&self, request: Request, gathered: Option<io::Result<IoBuf>>, done: Done) {
         self.export.metrics.begin();
         let Request {
             command,
@@ -557,18 +569,12 @@ impl BlockBackend {
                 );
             }
             Command::Write { offset } => {
-                let plaintext = if len as usize <= GATHER_MAX {
-                    let mut buf = IoBuf::new(len as usize);
-                    let mut gathered = Err(io::Error::other(
-                        "the request's queue was stopped before its data was read",
-                    ));
-                    done.ticket.read_guest(|| {
-                        gathered = gather(&done.memory, &data, &mut buf);
-                    });
-                    gathered.map(|()| WriteData::Buffer(buf))
-                } else {
-                    let gate = Box::new(done.ticket.gate());
-                    in_guest(&done.memory, &data, len as usize, gate).map(WriteData::Client)
+                let plaintext = match gathered {
+                    Some(gathered) => gathered.map(WriteData::Buffer),
+                    None => {
+                        let gate = Box::new(done.ticket.gate());
+                        in_guest(&done.memory, &data, len as usize, gate).map(WriteData::Client)
+                    }
                 };
                 let plaintext = match plaintext {
                     Ok(plaintext) => plaintext,
@@ -720,6 +726,19 @@ fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) ->
     unsafe { read.open_to_all(&destinations) };
     drop(guards);
     Ok(())
+}
+
+/// Whether `request` is a write small enough to be gathered as it is
+/// taken (`GATHER_MAX`).
+fn small_write(request: &Request) -> bool {
+    matches!(request.command, Command::Write { .. }) && request.len <= GATHER_MAX as u64
+}
+
+/// A small write's data, copied out of guest memory.
+fn gather_write(memory: &GuestMemory, request: &Request) -> io::Result<IoBuf> {
+    let mut buf = IoBuf::new(request.len as usize);
+    gather(memory, &request.data, &mut buf)?;
+    Ok(buf)
 }
 
 /// Copies the guest buffers `data` into `target` (their total length).

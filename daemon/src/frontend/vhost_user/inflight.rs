@@ -61,7 +61,7 @@ struct Queue {
     heads: Box<[u64]>,
     /// Completions past their generation check, writing into guest
     /// memory and the ring without this lock, and reads of a request's
-    /// guest buffers (`Ticket::read_guest`, `QueueGate`): retirement
+    /// guest buffers (`QueueGate`): retirement
     /// waits for them.
     writing: usize,
 }
@@ -285,12 +285,6 @@ impl Ticket {
         };
         write(&|| self.release_head());
         true
-    }
-
-    /// Runs `read` (of the request's guest buffers, now) if its queue
-    /// has not been retired since it was admitted; whether it ran.
-    pub fn read_guest(&self, read: impl FnOnce()) -> bool {
-        self.owner.while_current(self.queue, self.generation, read)
     }
 
     /// What lets the request's data be read from guest memory later, on
@@ -606,9 +600,6 @@ mod tests {
         let mut read = false;
         assert!(gate.read(|| read = true));
         assert!(read);
-        let mut read_now = false;
-        assert!(ticket.read_guest(|| read_now = true));
-        assert!(read_now);
         let (entered, inside) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let reader = std::thread::spawn(move || {
