@@ -390,14 +390,16 @@ impl BlockBackend {
             if broken.load(Ordering::Relaxed) {
                 return;
             }
-            // Read before the pop: a GET_VRING_BASE that stops the queue
-            // after it retires the chain, which then runs no I/O.
-            let generation = self.in_flight.generation(index);
             let memory = self.memory.memory();
             // The lock is not held while submitting: a request that
             // completes at once (a cached read) takes it to add_used.
-            let taken = {
+            let (taking, taken) = {
                 let mut state = vring.get_mut();
+                // Under the vring's lock, before the pop: the generation
+                // is that of the ring the chain comes from (a chain of a
+                // ring started since is not refused as retired), and a
+                // GET_VRING_BASE waits for the chain until it is admitted.
+                let taking = self.in_flight.begin_take(index);
                 if event_idx {
                     let _ = state.disable_notification();
                 }
@@ -408,7 +410,7 @@ impl BlockBackend {
                 } else {
                     None
                 };
-                match again {
+                let taken = match again {
                     Some(head) => Some(Taken::Again {
                         head,
                         table: GuestAddress(state.get_queue().desc_table()),
@@ -418,9 +420,11 @@ impl BlockBackend {
                         .get_queue_mut()
                         .pop_descriptor_chain(memory.clone())
                         .map(Taken::Popped),
-                }
+                };
+                (taking, taken)
             };
             let Some(taken) = taken else {
+                drop(taking);
                 if !event_idx || rechecked {
                     return;
                 }
@@ -462,7 +466,7 @@ impl BlockBackend {
                 },
                 Err(_) => 0,
             };
-            // Between the generation read above and the admission's check
+            // Between the generation read with the pop and the admission's check
             // of it: a small write admitted was read while its queue was
             // current, at no cost of the queue's lock (a read that a stop
             // overtakes is dropped with its request).
@@ -470,7 +474,11 @@ impl BlockBackend {
                 Ok(request) if small_write(request) => Some(gather_write(&memory, request)),
                 _ => None,
             };
-            let ticket = match self.in_flight.admit(index, head, bytes, generation) {
+            let admitted = self
+                .in_flight
+                .admit(index, head, bytes, taking.generation());
+            drop(taking);
+            let ticket = match admitted {
                 Ok(ticket) => ticket,
                 // The connection ends, or the queue was stopped while the
                 // chain was parsed: no I/O for it.
@@ -1028,7 +1036,11 @@ impl VhostUserBackend for BlockBackend {
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         let queue = queue_index as usize;
         self.stopped(queue);
-        let drained = self.in_flight.wait_queue_idle(queue, STOP_TIMEOUT);
+        // The handler cleared the ring's ready flag first: no chain is
+        // taken any more, and one taken already is admitted (then waited
+        // for as running) or refused before the queue is retired.
+        let drained = self.in_flight.wait_queue_taken(queue, STOP_TIMEOUT)
+            && self.in_flight.wait_queue_idle(queue, STOP_TIMEOUT);
         self.in_flight.retire_queue(queue);
         if let Some(broken) = self.broken.get(queue) {
             broken.store(false, Ordering::Relaxed);

@@ -42,7 +42,8 @@ pub struct InFlight {
     changed: Condvar,
     queues: Vec<Mutex<Queue>>,
     /// By queue, with its mutex: told when the last completion writing
-    /// into that queue's ring has finished.
+    /// into that queue's ring has finished, and when the last chain being
+    /// taken off it was admitted or refused.
     writes_done: Vec<Condvar>,
     budget: u64,
 }
@@ -64,6 +65,10 @@ struct Queue {
     /// guest buffers (`QueueGate`): retirement
     /// waits for them.
     writing: usize,
+    /// Chains taken off the queue and not yet through their admission
+    /// (`Taking`): a stop waits for them, so that a chain the frontend
+    /// counts as taken is answered.
+    taking: usize,
 }
 
 impl Queue {
@@ -95,6 +100,7 @@ impl InFlight {
                         generation: 0,
                         heads: vec![0; words].into_boxed_slice(),
                         writing: 0,
+                        taking: 0,
                     })
                 })
                 .collect(),
@@ -103,9 +109,9 @@ impl InFlight {
         })
     }
 
-    /// The generation of `queue` now: read it before taking a chain off
-    /// the queue and hand it to [`InFlight::admit`].
-    pub fn generation(&self, queue: usize) -> u64 {
+    /// The generation of `queue` now (a queue's worker has it from
+    /// `begin_take`).
+    fn generation(&self, queue: usize) -> u64 {
         self.queues.get(queue).map_or(0, |q| lock(q).generation)
     }
 
@@ -172,6 +178,38 @@ impl InFlight {
         ticket.admitted = true;
         ticket.bytes = bytes;
         Ok(ticket)
+    }
+
+    /// A chain is about to be taken off `queue`: call it under the vring's
+    /// lock, before the pop, so that the generation is that of the ring
+    /// the chain comes from (a stop clears the ring's ready flag under
+    /// that lock before it retires the queue). Hold the `Taking` until
+    /// the chain's admission returned.
+    pub fn begin_take(&self, queue: usize) -> Taking<'_> {
+        let generation = self.queues.get(queue).map_or(0, |q| {
+            let mut q = lock(q);
+            q.taking += 1;
+            q.generation
+        });
+        Taking {
+            owner: self,
+            queue,
+            generation,
+        }
+    }
+
+    /// Waits up to `limit` for the chains being taken off `queue` to be
+    /// admitted or refused; whether they were. With the queue no longer
+    /// ready no new one starts, and one admitted is then counted among
+    /// the queue's running requests (`wait_queue_idle`).
+    pub fn wait_queue_taken(&self, queue: usize, limit: Duration) -> bool {
+        let (Some(q), Some(done)) = (self.queues.get(queue), self.writes_done.get(queue)) else {
+            return true;
+        };
+        let (q, _) = done
+            .wait_timeout_while(lock(q), limit, |q| q.taking > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        q.taking == 0
     }
 
     /// The queue was stopped (GET_VRING_BASE) or reset: requests still in
@@ -353,6 +391,36 @@ impl InFlight {
     }
 }
 
+/// A chain being taken off a queue, from before its pop until its
+/// admission returned (`InFlight::begin_take`): uncounted when dropped.
+pub struct Taking<'a> {
+    owner: &'a InFlight,
+    queue: usize,
+    generation: u64,
+}
+
+impl Taking<'_> {
+    /// The queue's generation when the chain was taken, for `admit`.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+impl Drop for Taking<'_> {
+    fn drop(&mut self) {
+        if let (Some(q), Some(done)) = (
+            self.owner.queues.get(self.queue),
+            self.owner.writes_done.get(self.queue),
+        ) {
+            let mut q = lock(q);
+            q.taking -= 1;
+            if q.taking == 0 {
+                done.notify_all();
+            }
+        }
+    }
+}
+
 /// A completion writing into its queue's ring, or a read of a request's
 /// guest buffers: uncounted when dropped, a panic included.
 struct Writing<'a> {
@@ -469,14 +537,43 @@ mod tests {
     #[test]
     fn a_chain_taken_before_its_queue_was_stopped_is_not_admitted() {
         let inflight = InFlight::new(1, 256, BUDGET);
-        let taken = inflight.generation(0);
+        let taken = inflight.begin_take(0);
         inflight.retire_queue(0);
         assert_eq!(
-            inflight.admit(0, 1, 512, taken).err(),
+            inflight.admit(0, 1, 512, taken.generation()).err(),
             Some(Refusal::Retired)
         );
+        drop(taken);
         // ...and its head is not left taken.
         assert!(inflight.admit0(0, 1, 512).is_ok());
+    }
+
+    /// A stop waits for a chain taken off its queue (not another
+    /// queue's) until the chain's admission; admitted in the generation
+    /// it was taken in, the chain is then waited for as running, not
+    /// retired unanswered.
+    #[test]
+    fn a_stop_waits_for_a_chain_being_taken_until_it_is_admitted() {
+        let inflight = InFlight::new(2, 256, BUDGET);
+        let other = inflight.begin_take(1);
+        assert!(inflight.wait_queue_taken(0, Duration::ZERO));
+        let taking = inflight.begin_take(0);
+        assert!(!inflight.wait_queue_taken(0, Duration::from_millis(20)));
+        let stopper = {
+            let inflight = inflight.clone();
+            std::thread::spawn(move || inflight.wait_queue_taken(0, Duration::from_secs(30)))
+        };
+        let ticket = inflight.admit(0, 3, 4096, taking.generation()).unwrap();
+        drop(taking);
+        assert!(within(Duration::from_secs(30), move || stopper
+            .join()
+            .unwrap()));
+        assert!(!inflight.wait_queue_idle(0, Duration::ZERO));
+        drop(ticket);
+        assert!(inflight.wait_queue_idle(0, Duration::ZERO));
+        assert!(!inflight.wait_queue_taken(1, Duration::ZERO));
+        drop(other);
+        assert!(inflight.wait_queue_taken(1, Duration::ZERO));
     }
 
     #[test]
