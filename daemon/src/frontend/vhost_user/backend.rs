@@ -466,10 +466,11 @@ impl BlockBackend {
                 },
                 Err(_) => 0,
             };
-            // Between the generation read with the pop and the admission's check
-            // of it: a small write admitted was read while its queue was
-            // current, at no cost of the queue's lock (a read that a stop
-            // overtakes is dropped with its request).
+            // Between the generation read with the pop and the admission's
+            // check of it: a small write admitted was read while its queue
+            // was current, at no cost of the queue's lock (a read that a
+            // retirement overtakes, after a stop's timeout, a reset or the
+            // connection's end, is dropped with its request).
             let gathered = match &parsed {
                 Ok(request) if small_write(request) => Some(gather_write(&memory, request)),
                 _ => None,
@@ -480,8 +481,9 @@ impl BlockBackend {
             drop(taking);
             let ticket = match admitted {
                 Ok(ticket) => ticket,
-                // The connection ends, or the queue was stopped while the
-                // chain was parsed: no I/O for it.
+                // The connection ends, or the queue was retired since the
+                // chain was taken (a reset, or a stop that timed out): no
+                // I/O for it.
                 Err(Refusal::Closing | Refusal::Retired) => return,
                 Err(refusal) => {
                     // The ring can no longer be trusted: answering this
@@ -1039,19 +1041,24 @@ impl VhostUserBackend for BlockBackend {
         // The handler cleared the ring's ready flag first: no chain is
         // taken any more, and one taken already is admitted (then waited
         // for as running) or refused before the queue is retired.
-        let drained = self.in_flight.wait_queue_taken(queue, STOP_TIMEOUT)
-            && self.in_flight.wait_queue_idle(queue, STOP_TIMEOUT);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let taken = self.in_flight.wait_queue_taken(queue, STOP_TIMEOUT);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let drained = self.in_flight.wait_queue_idle(queue, left);
         self.in_flight.retire_queue(queue);
         if let Some(broken) = self.broken.get(queue) {
             broken.store(false, Ordering::Relaxed);
         }
-        if drained {
-            Ok(())
-        } else {
-            Err(io::Error::new(
+        match (taken, drained) {
+            (true, true) => Ok(()),
+            (false, _) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("a request still being taken off the queue after {STOP_TIMEOUT:?}"),
+            )),
+            (true, false) => Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("requests still running after {STOP_TIMEOUT:?}"),
-            ))
+            )),
         }
     }
 

@@ -53,6 +53,11 @@ struct State {
     /// `running` by queue: GET_VRING_BASE on one queue waits for its own
     /// requests only, not for a busy neighbour's.
     queue_running: Box<[usize]>,
+    /// By queue: a stop waits for the chain being taken off it, which is
+    /// then admitted without waiting for the budget (other queues' I/O
+    /// must not hold up this queue's stop; one request over the budget
+    /// per queue at most, as the queue takes no more).
+    queue_stopping: Box<[bool]>,
     bytes: u64,
     closing: bool,
 }
@@ -90,6 +95,7 @@ impl InFlight {
             state: Mutex::new(State {
                 running: 0,
                 queue_running: vec![0; queues].into_boxed_slice(),
+                queue_stopping: vec![false; queues].into_boxed_slice(),
                 bytes: 0,
                 closing: false,
             }),
@@ -154,7 +160,14 @@ impl InFlight {
         state = self
             .changed
             .wait_while(state, |s| {
-                !s.closing && s.bytes > 0 && s.bytes.saturating_add(bytes) > self.budget
+                let stopping = s
+                    .queue_stopping
+                    .get(queue)
+                    .is_some_and(|stopping| *stopping);
+                !s.closing
+                    && !stopping
+                    && s.bytes > 0
+                    && s.bytes.saturating_add(bytes) > self.budget
             })
             .unwrap_or_else(|p| p.into_inner());
         if state.closing {
@@ -182,9 +195,10 @@ impl InFlight {
 
     /// A chain is about to be taken off `queue`: call it under the vring's
     /// lock, before the pop, so that the generation is that of the ring
-    /// the chain comes from (a stop clears the ring's ready flag under
-    /// that lock before it retires the queue). Hold the `Taking` until
-    /// the chain's admission returned.
+    /// the chain comes from (GET_VRING_BASE clears the ring's ready flag
+    /// under that lock before it retires the queue; RESET_DEVICE, not
+    /// offered, does not). Hold the `Taking` until the chain's admission
+    /// returned.
     pub fn begin_take(&self, queue: usize) -> Taking<'_> {
         let generation = self.queues.get(queue).map_or(0, |q| {
             let mut q = lock(q);
@@ -198,14 +212,20 @@ impl InFlight {
         }
     }
 
-    /// Waits up to `limit` for the chains being taken off `queue` to be
-    /// admitted or refused; whether they were. With the queue no longer
-    /// ready no new one starts, and one admitted is then counted among
-    /// the queue's running requests (`wait_queue_idle`).
+    /// The first step of stopping `queue` once it is no longer ready (no
+    /// chain is taken off it any more): waits up to `limit` for the
+    /// chains being taken to be admitted or refused, whether they were;
+    /// one waiting for the budget is admitted at once. One admitted is
+    /// then counted among the queue's running requests
+    /// (`wait_queue_idle`). `retire_queue` ends the stop.
     pub fn wait_queue_taken(&self, queue: usize, limit: Duration) -> bool {
         let (Some(q), Some(done)) = (self.queues.get(queue), self.writes_done.get(queue)) else {
             return true;
         };
+        if let Some(stopping) = lock(&self.state).queue_stopping.get_mut(queue) {
+            *stopping = true;
+        }
+        self.changed.notify_all();
         let (q, _) = done
             .wait_timeout_while(lock(q), limit, |q| q.taking > 0)
             .unwrap_or_else(|p| p.into_inner());
@@ -227,6 +247,9 @@ impl InFlight {
             done.wait_while(q, |q| q.writing > 0)
                 .unwrap_or_else(|p| p.into_inner()),
         );
+        if let Some(stopping) = lock(&self.state).queue_stopping.get_mut(queue) {
+            *stopping = false;
+        }
     }
 
     /// The connection ended: no request is admitted any more (a worker
@@ -574,6 +597,30 @@ mod tests {
         assert!(!inflight.wait_queue_taken(1, Duration::ZERO));
         drop(other);
         assert!(inflight.wait_queue_taken(1, Duration::ZERO));
+    }
+
+    /// A chain waiting for the budget that another queue's requests hold
+    /// is admitted once its own queue's stop begins: the stop does not
+    /// wait on the other queue's I/O.
+    #[test]
+    fn a_stop_admits_its_queues_chain_waiting_for_the_budget() {
+        let inflight = InFlight::new(2, 256, BUDGET);
+        let hog = inflight.admit0(1, 0, BUDGET).unwrap();
+        let waiter = {
+            let inflight = inflight.clone();
+            std::thread::spawn(move || {
+                let taking = inflight.begin_take(0);
+                inflight.admit(0, 5, 4096, taking.generation()).is_ok()
+            })
+        };
+        let stopping = inflight.clone();
+        assert!(within(Duration::from_secs(30), move || {
+            stopping.wait_queue_taken(0, Duration::from_secs(20))
+        }));
+        assert!(within(Duration::from_secs(30), move || waiter
+            .join()
+            .unwrap()));
+        drop(hog);
     }
 
     #[test]
