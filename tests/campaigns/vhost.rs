@@ -1,6 +1,8 @@
 //! (vhost) kill -9 during two-queue writes over vhost-user-blk. A libblkio
 //! client (`virtio-blk-vhost-user`, one thread per queue, in this process)
-//! keeps 8 writes of 4 KiB to 64 KiB in flight on each queue, with a FLUSH
+//! keeps 8 writes of 4 KiB to 256 KiB in flight on each queue (those over
+//! 64 KiB encrypted straight from the client's memory, the smaller ones copied
+//! first: both of the backend's write paths), with a FLUSH
 //! after every 64 writes, and records every completion it reaps; the
 //! daemon is killed once a random number of writes completed. After the
 //! restart a new libblkio client reads the whole volume back.
@@ -17,7 +19,7 @@
 //! FLUSH reached the disk (`powerloss.rs` does, over NBD).
 //!
 //! Writes to one sector never overlap in flight: each queue owns half the
-//! volume in 64 KiB slots, and a slot has at most one write in flight, so
+//! volume in 256 KiB slots, and a slot has at most one write in flight, so
 //! a sector's writes complete in the order they were sent.
 
 use std::collections::HashMap;
@@ -32,7 +34,7 @@ use crate::{both_headers_valid, kill_9, random_u64, trials, Figures};
 
 const SIZE: u64 = 32 << 20;
 const SECTOR: u64 = 4096;
-const SLOT: u64 = 64 << 10;
+const SLOT: u64 = 256 << 10;
 const QUEUES: usize = 2;
 /// Writes in flight per queue.
 const DEPTH: usize = 8;

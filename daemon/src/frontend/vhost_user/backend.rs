@@ -390,10 +390,10 @@ impl BlockBackend {
             if broken.load(Ordering::Relaxed) {
                 return;
             }
-            let memory = self.memory.memory();
+            let mut memory = self.memory.memory();
             // The lock is not held while submitting: a request that
             // completes at once (a cached read) takes it to add_used.
-            let (taking, taken) = {
+            let (taking, taken, table, size) = {
                 let mut state = vring.get_mut();
                 // Under the vring's lock, before the pop: the generation
                 // is that of the ring the chain comes from (a chain of a
@@ -410,18 +410,16 @@ impl BlockBackend {
                 } else {
                     None
                 };
+                let table = GuestAddress(state.get_queue().desc_table());
+                let size = state.get_queue().size();
                 let taken = match again {
-                    Some(head) => Some(Taken::Again {
-                        head,
-                        table: GuestAddress(state.get_queue().desc_table()),
-                        size: state.get_queue().size(),
-                    }),
+                    Some(head) => Some(Taken::Again { head, table, size }),
                     None => state
                         .get_queue_mut()
                         .pop_descriptor_chain(memory.clone())
                         .map(Taken::Popped),
                 };
-                (taking, taken)
+                (taking, taken, table, size)
             };
             let Some(taken) = taken else {
                 drop(taking);
@@ -445,7 +443,7 @@ impl BlockBackend {
             };
             polled = false;
             rechecked = false;
-            let (head, parsed) = match taken {
+            let (head, mut parsed) = match taken {
                 Taken::Popped(chain) => {
                     let head = chain.head_index();
                     // Pending from here until it is on the used ring.
@@ -459,6 +457,19 @@ impl BlockBackend {
                     (head, request::parse(chain, &*memory, &limits))
                 }
             };
+            // A region the frontend added while the queue ran (libblkio
+            // maps its buffers after it started the device, qemu on memory
+            // hotplug) may be newer than the memory the chain was read in,
+            // and the chain posted after the region was acknowledged: a
+            // chain refused is read again in the memory of now.
+            if parsed.is_err() {
+                let now = self.memory.memory();
+                if !std::ptr::eq::<GuestMemory>(&*now, &*memory) {
+                    memory = now;
+                    let chain = resubmit::chain_at(&*memory, table, size, head);
+                    parsed = request::parse(chain, &*memory, &limits);
+                }
+            }
             let bytes = match &parsed {
                 Ok(request) => match request.command {
                     Command::Read { .. } | Command::Write { .. } => request.len,
