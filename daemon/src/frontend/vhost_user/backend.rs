@@ -59,7 +59,7 @@ use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryLoadGuard};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -457,18 +457,9 @@ impl BlockBackend {
                     (head, request::parse(chain, &*memory, &limits))
                 }
             };
-            // A region the frontend added while the queue ran (libblkio
-            // maps its buffers after it started the device, qemu on memory
-            // hotplug) may be newer than the memory the chain was read in,
-            // and the chain posted after the region was acknowledged: a
-            // chain refused is read again in the memory of now.
             if parsed.is_err() {
-                let now = self.memory.memory();
-                if !std::ptr::eq::<GuestMemory>(&*now, &*memory) {
-                    memory = now;
-                    let chain = resubmit::chain_at(&*memory, table, size, head);
-                    parsed = request::parse(chain, &*memory, &limits);
-                }
+                let place = (table, size, head);
+                parsed = read_again_if_moved(parsed, &mut memory, &self.memory, place, &limits);
             }
             let bytes = match &parsed {
                 Ok(request) => match request.command {
@@ -747,6 +738,33 @@ fn open_into_guest(memory: &GuestMemory, data: &[Segment], read: &SealedRead) ->
     unsafe { read.open_to_all(&destinations) };
     drop(guards);
     Ok(())
+}
+
+/// A chain refused in `memory`, the snapshot it was taken in (its
+/// descriptor table, the table's size and its head in `place`), read
+/// again in the memory of now if the frontend's memory changed since; then
+/// `memory` is that of now. A region the frontend added while the queue
+/// ran (libblkio maps its buffers after it started the device, qemu on
+/// memory hotplug) may be newer than the snapshot, and the chain posted
+/// after the region was acknowledged. A chain whose status byte was in a
+/// region removed since is then refused without one.
+fn read_again_if_moved(
+    parsed: Result<Request, Rejection>,
+    memory: &mut GuestMemoryLoadGuard<GuestMemory>,
+    current: &Memory,
+    (table, size, head): (GuestAddress, u16, u16),
+    limits: &request::Limits,
+) -> Result<Request, Rejection> {
+    let now = current.memory();
+    if parsed.is_ok() || std::ptr::eq::<GuestMemory>(&*now, &**memory) {
+        return parsed;
+    }
+    *memory = now;
+    request::parse(
+        resubmit::chain_at(&**memory, table, size, head),
+        &**memory,
+        limits,
+    )
 }
 
 /// Whether `request` is a write small enough to be gathered as it is
@@ -1266,6 +1284,67 @@ impl VhostUserBackend for BlockBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chain refused in the snapshot it was taken in, its data in a
+    /// region the frontend added since, is read again in the memory of
+    /// now and accepted; in unchanged memory the refusal stands.
+    #[test]
+    fn a_chain_refused_in_older_memory_is_read_again_in_the_memory_of_now() {
+        use virtio_bindings::virtio_blk::VIRTIO_BLK_T_OUT;
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        use virtio_queue::desc::split::Descriptor;
+
+        let (table, header, status, data) = (0x1000u64, 0x2000u64, 0x3000u64, 0x10_0000u64);
+        let first = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let next = VRING_DESC_F_NEXT as u16;
+        let chain = [
+            Descriptor::new(header, 16, next, 1),
+            Descriptor::new(data, 4096, next, 2),
+            Descriptor::new(status, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (i, desc) in chain.iter().enumerate() {
+            first
+                .write_obj(*desc, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+        first.write_slice(&h, GuestAddress(header)).unwrap();
+        let limits = request::Limits {
+            capacity: 1 << 20,
+            max_data: 1 << 20,
+            read_only: false,
+            discard: false,
+            max_segments: 4,
+            max_zero_sectors: 1 << 10,
+        };
+        let place = (GuestAddress(table), 8, 0);
+        let parse = |memory: &GuestMemory| {
+            request::parse(
+                resubmit::chain_at(memory, GuestAddress(table), 8, 0),
+                memory,
+                &limits,
+            )
+        };
+        let current = Memory::new(first);
+        let mut snapshot = current.memory();
+        let refused = parse(&snapshot);
+        assert!(refused.is_err(), "the data lies outside the first memory");
+        // Unchanged memory: refused again, not re-read.
+        let again = read_again_if_moved(refused.clone(), &mut snapshot, &current, place, &limits);
+        assert!(again.is_err());
+        // The frontend adds the region holding the data.
+        let added = Arc::new(
+            vm_memory::GuestRegionMmap::from_range(GuestAddress(data), 0x1_0000, None).unwrap(),
+        );
+        let grown = snapshot.insert_region(added).unwrap();
+        current.lock().unwrap().replace(grown);
+        let read = read_again_if_moved(refused, &mut snapshot, &current, place, &limits);
+        let request = read.expect("accepted in the memory of now");
+        assert!(matches!(request.command, Command::Write { .. }));
+        assert_eq!(request.len, 4096);
+        assert_eq!(snapshot.num_regions(), 2, "the snapshot is that of now");
+    }
 
     #[test]
     fn scatter_gather_and_the_guest_plaintext_follow_the_segments() {
