@@ -137,24 +137,11 @@ impl BlkClient {
         // SAFETY: a fresh fd we own.
         let memfd = unsafe { File::from_raw_fd(fd) };
         memfd.set_len(file_len as u64).map_err(text)?;
-        // SAFETY: maps `memory` bytes of the memfd, shared; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                memory,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
+        let base = map_shared(&memfd, memory)?;
         let mut client = BlkClient {
             frontend: None,
             memfd,
-            base: base.cast::<u8>(),
+            base,
             len: memory,
             queues: Vec::new(),
             features: 0,
@@ -637,26 +624,11 @@ impl BlkClient {
     /// Starts a `Scribbler` over `len` bytes at `gpa`, alternating `bytes`.
     pub fn scribble(&self, gpa: u64, len: usize, bytes: [u8; 2]) -> Result<Scribbler, Error> {
         assert!(gpa as usize + len <= self.len);
-        let memfd = self.memfd.try_clone().map_err(text)?;
         let map_len = self.len;
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
-        // SAFETY: a new shared mapping of the whole memfd, which is at
-        // least `map_len` long for a client made by `connect`.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                memfd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        let base = base as usize;
+        // The mapping outlives the client's fd, if need be.
+        let base = map_shared(&self.memfd, map_len)? as usize;
         let thread = std::thread::spawn(move || {
             let at = (base + gpa as usize) as *mut u8;
             let mut rounds = 0u64;
@@ -669,7 +641,6 @@ impl BlkClient {
             }
             // SAFETY: the mapping made above, no longer used.
             unsafe { libc::munmap(base as *mut libc::c_void, map_len) };
-            drop(memfd);
             rounds
         });
         Ok(Scribbler {
@@ -682,6 +653,10 @@ impl BlkClient {
 impl Scribbler {
     /// Stops the thread; how many times it filled the buffer.
     pub fn stop(mut self) -> u64 {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> u64 {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.take().map_or(0, |t| t.join().unwrap_or(0))
     }
@@ -689,11 +664,27 @@ impl Scribbler {
 
 impl Drop for Scribbler {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.finish();
     }
+}
+
+/// A shared, writable mapping of the first `len` bytes of `file`.
+fn map_shared(file: &File, len: usize) -> Result<*mut u8, Error> {
+    // SAFETY: a new mapping, no pointer of ours passed in; checked below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(base.cast::<u8>())
 }
 
 /// Keeps a kick fd hostile: its counter filled to the most an eventfd

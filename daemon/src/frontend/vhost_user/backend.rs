@@ -457,10 +457,8 @@ impl BlockBackend {
                     (head, request::parse(chain, &*memory, &limits))
                 }
             };
-            if parsed.is_err() {
-                let place = (table, size, head);
-                parsed = read_again_if_moved(parsed, &mut memory, &self.memory, place, &limits);
-            }
+            let place = (table, size, head);
+            parsed = read_again_if_moved(parsed, &mut memory, &self.memory, place, &limits);
             let bytes = match &parsed {
                 Ok(request) => match request.command {
                     Command::Read { .. } | Command::Write { .. } => request.len,
@@ -755,8 +753,11 @@ fn read_again_if_moved(
     (table, size, head): (GuestAddress, u16, u16),
     limits: &request::Limits,
 ) -> Result<Request, Rejection> {
+    if parsed.is_ok() {
+        return parsed;
+    }
     let now = current.memory();
-    if parsed.is_ok() || std::ptr::eq::<GuestMemory>(&*now, &**memory) {
+    if std::ptr::eq::<GuestMemory>(&*now, &**memory) {
         return parsed;
     }
     *memory = now;

@@ -414,6 +414,21 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// One less of what `counter` counts on `queue` (a write, or a chain
+    /// being taken); the last one tells those waiting on `writes_done`.
+    fn uncount(&self, queue: usize, counter: impl FnOnce(&mut Queue) -> &mut usize) {
+        if let (Some(q), Some(done)) = (self.queues.get(queue), self.writes_done.get(queue)) {
+            let mut q = lock(q);
+            let count = counter(&mut q);
+            *count -= 1;
+            if *count == 0 {
+                done.notify_all();
+            }
+        }
+    }
+}
+
 /// A chain being taken off a queue, from before its pop until its
 /// admission returned (`InFlight::begin_take`): uncounted when dropped.
 pub struct Taking<'a> {
@@ -431,16 +446,7 @@ impl Taking<'_> {
 
 impl Drop for Taking<'_> {
     fn drop(&mut self) {
-        if let (Some(q), Some(done)) = (
-            self.owner.queues.get(self.queue),
-            self.owner.writes_done.get(self.queue),
-        ) {
-            let mut q = lock(q);
-            q.taking -= 1;
-            if q.taking == 0 {
-                done.notify_all();
-            }
-        }
+        self.owner.uncount(self.queue, |q| &mut q.taking);
     }
 }
 
@@ -453,16 +459,7 @@ struct Writing<'a> {
 
 impl Drop for Writing<'_> {
     fn drop(&mut self) {
-        if let (Some(q), Some(done)) = (
-            self.owner.queues.get(self.queue),
-            self.owner.writes_done.get(self.queue),
-        ) {
-            let mut q = lock(q);
-            q.writing -= 1;
-            if q.writing == 0 {
-                done.notify_all();
-            }
-        }
+        self.owner.uncount(self.queue, |q| &mut q.writing);
     }
 }
 
